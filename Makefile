@@ -1,0 +1,43 @@
+# make test / make demo build .venv by themselves (once; again when requirements.txt or
+# pyproject.toml change). GPU machines: install your CUDA torch into .venv first, or pick one
+# with TORCH_SPEC; torch is only installed when the venv lacks it.
+
+PYTHON       ?= python3
+VENV         := .venv
+PY           := $(VENV)/bin/python
+PIP          := $(PY) -m pip --disable-pip-version-check -q
+STAMP        := $(VENV)/.installed
+TORCH_SPEC   ?= torch==2.13.0
+MOSHI_SPEC   ?= moshi==0.2.13
+WHISPER_SPEC ?= openai-whisper==20250625
+WHISPER_DEPS ?= tiktoken more-itertools numba
+
+.PHONY: test demo venv clean
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(PY) -m vendor_dia2 generate --checkpoint tiny "[S1] Hello there, this is a demo." -o demo.wav
+
+venv: $(STAMP)
+
+# moshi and openai-whisper go in with --no-deps: their pins would replace torch/numpy.
+$(STAMP): requirements.txt pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@if ! $(PY) -c "import torch" 2>/dev/null; then \
+	  if [ -z "$(TORCH_SPEC)" ]; then \
+	    echo "torch is missing from $(VENV) and TORCH_SPEC is empty: install torch into $(VENV) first" >&2; exit 1; \
+	  fi; \
+	  echo "installing $(TORCH_SPEC) into $(VENV)"; \
+	  $(PIP) install "$(TORCH_SPEC)"; \
+	fi
+	@echo "installing requirements into $(VENV)"
+	@$(PIP) install -r requirements.txt
+	@$(PIP) install --no-deps "$(MOSHI_SPEC)" "$(WHISPER_SPEC)"
+	@$(PIP) install $(WHISPER_DEPS)
+	@touch $@
+
+clean:
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info demo.wav
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
