@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Speak a text through a running dia2stream server and report latency; write the audio as WAV.
+
+    python test_client.py "[S1] Hello there." [--url ws://127.0.0.1:8765/]
+        [--inject TEXT --inject-at SECONDS] [--pause-at SECONDS] [--resume-at SECONDS]
+        [--voice NAME] [--seed N] [--stream-words [--word-interval S]]
+        [-o out.wav] [--timeout S] [--quiet]
+
+Times given to --inject-at/--pause-at/--resume-at are seconds after `start` was sent.
+The client stops at the `done` that covers the last text it sent (see docs/protocol.md, ids),
+or, when the last scheduled command is a pause, half a second after `paused` (checking that no
+audio frame arrives after it). Exit status: 0 ok, 1 error event / protocol violation / closed
+connection, 2 timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import soundfile as sf
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from dia2stream import protocol as p
+
+START_ID = "turn-1"
+INJECT_ID = "inject-1"
+PAUSE_GRACE_S = 0.5  # after a final pause: how long to watch for (forbidden) late frames
+
+
+@dataclass(frozen=True)
+class Action:
+    """A command to send `at_s` seconds after `start`."""
+
+    at_s: float
+    command: p.Command
+
+
+@dataclass
+class Run:
+    """What the client has seen so far."""
+
+    sample_rate: int = p.SAMPLE_RATE
+    frame_samples: int = p.FRAME_SAMPLES
+    t_start: float | None = None  # perf_counter when `start` was sent
+    t_first_audio: float | None = None
+    t_end: float | None = None
+    frames: list[np.ndarray] = field(default_factory=list)
+    odd_frames: int = 0  # frames whose size is not frame_samples
+    sent: int = 0  # actions sent so far
+    paused: bool = False
+    frames_after_pause: int = 0
+    finish_at: float | None = None  # perf_counter at which to stop without a done
+    dones: list[p.Done] = field(default_factory=list)
+    failure: str | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Main flow
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return asyncio.run(run(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+async def run(args: argparse.Namespace) -> int:
+    actions = build_actions(args)
+    state = Run()
+    deadline = time.perf_counter() + args.timeout
+    try:
+        async with connect(args.url, open_timeout=args.timeout, close_timeout=2) as ws:
+            ready = await receive_ready(ws, deadline)
+            if ready is None:
+                return fail(f"no 'ready' within {args.timeout:g} s", code=2)
+            if isinstance(ready, p.ErrorEvent):
+                return fail(f"server refused: {ready.code}: {ready.message}")
+            state.sample_rate, state.frame_samples = ready.sample_rate, ready.frame_samples
+            say(args, f"ready: model={ready.model} protocol={ready.protocol} device={ready.device} "
+                      f"{ready.sample_rate} Hz, {ready.frame_samples} samples/frame, "
+                      f"voices={ready.voices}, max_lead_ms={ready.max_lead_ms}", always=True)
+            if ready.protocol != p.PROTOCOL_VERSION:
+                print(f"warning: server speaks protocol {ready.protocol}, "
+                      f"client {p.PROTOCOL_VERSION}", file=sys.stderr)
+            sender = asyncio.create_task(send_actions(ws, actions, state, args))
+            try:
+                status = await receive_until_finished(ws, actions, state, deadline, args)
+            finally:
+                sender.cancel()
+    except ConnectionClosed as e:
+        return fail(f"connection closed: code={e.rcvd.code if e.rcvd else None} "
+                    f"reason={e.rcvd.reason if e.rcvd else ''!r}")
+    except (OSError, asyncio.TimeoutError) as e:
+        return fail(f"cannot connect to {args.url}: {e!r}", code=2 if isinstance(e, TimeoutError) else 1)
+    if status == 2:
+        write_wav(args.output, state)
+        return fail(f"timeout after {args.timeout:g} s ({state.failure})", code=2)
+    write_wav(args.output, state)
+    print_summary(state, args)
+    if state.failure:
+        return fail(state.failure)
+    return 0
+
+
+def build_actions(args: argparse.Namespace) -> list[Action]:
+    """Every command the client sends, with its time after `start`, in sending order."""
+    tuning = dict(voice=args.voice, seed=args.seed)
+    actions: list[Action] = []
+    if args.stream_words:
+        fragments = text_fragments(args.text)
+        actions.append(Action(0.0, p.Start(text=fragments[0], final=False, id=START_ID, **tuning)))
+        for i, fragment in enumerate(fragments[1:], start=1):
+            actions.append(Action(i * args.word_interval, p.Inject(text=fragment, final=False)))
+        actions.append(Action(len(fragments) * args.word_interval, p.Flush()))
+    else:
+        actions.append(Action(0.0, p.Start(text=args.text, id=START_ID, **tuning)))
+    if args.inject is not None:
+        actions.append(Action(args.inject_at, p.Inject(text=args.inject, id=INJECT_ID)))
+    if args.pause_at is not None:
+        actions.append(Action(args.pause_at, p.Pause(id="pause-1")))
+    if args.resume_at is not None:
+        actions.append(Action(args.resume_at, p.Resume(id="resume-1")))
+    actions.sort(key=lambda a: a.at_s)  # stable: equal times keep the order above
+    return actions
+
+
+def text_fragments(text: str) -> list[str]:
+    """Split into word fragments as an LLM would stream them; a speaker tag stays with its word."""
+    words = re.findall(r"(?:\[S\d\]\s*)*\S+", text.strip())
+    return [w if i == 0 else " " + w for i, w in enumerate(words)] or [text]
+
+
+def expected_done_id(actions: list[Action]) -> str | int | None:
+    """The id the final `done` carries: that of the last id-bearing start/inject sent."""
+    ids = [a.command.id for a in actions
+           if isinstance(a.command, (p.Start, p.Inject)) and a.command.id is not None]
+    return ids[-1] if ids else None
+
+
+async def receive_ready(ws, deadline: float) -> p.Ready | p.ErrorEvent | None:
+    """The server's first message: `ready`, or an `error` (busy); None on timeout."""
+    try:
+        message = await asyncio.wait_for(ws.recv(),
+                                         timeout=max(0.0, deadline - time.perf_counter()))
+    except asyncio.TimeoutError:
+        return None
+    event = p.parse_event(message)
+    if not isinstance(event, (p.Ready, p.ErrorEvent)):
+        raise RuntimeError(f"expected 'ready', got {event.event!r}")
+    return event
+
+
+async def send_actions(ws, actions: list[Action], state: Run, args: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    for action in actions:
+        delay = t0 + action.at_s - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        message = p.command_to_json(action.command)
+        if isinstance(action.command, p.Start):
+            state.t_start = time.perf_counter()
+        await ws.send(message)
+        state.sent += 1
+        say(args, f"[{elapsed(state):7.3f}s] -> {short(message)}")
+
+
+async def receive_until_finished(ws, actions: list[Action], state: Run, deadline: float,
+                                 args: argparse.Namespace) -> int:
+    """Handle messages until finished (0), an error (1) or the deadline (2)."""
+    final_id = expected_done_id(actions)
+    last_is_pause = isinstance(actions[-1].command, p.Pause)
+    while True:
+        now = time.perf_counter()
+        stop_at = min(deadline, state.finish_at or deadline)
+        try:
+            message = await asyncio.wait_for(ws.recv(), timeout=max(0.0, stop_at - now))
+        except asyncio.TimeoutError:
+            if state.finish_at is not None and time.perf_counter() < deadline:
+                state.t_end = state.t_end or time.perf_counter()
+                return 0
+            state.failure = "no final 'done'" if state.sent == len(actions) else "commands unsent"
+            return 2
+        if isinstance(message, bytes):
+            handle_audio(message, state)
+            continue
+        event = p.parse_event(message)
+        say(args, f"[{elapsed(state):7.3f}s] <- {describe(event)}",
+            always=isinstance(event, p.ErrorEvent))
+        all_sent = state.sent == len(actions)
+        if isinstance(event, p.ErrorEvent):
+            state.failure = f"error event: {event.code}: {event.message}"
+            state.t_end = time.perf_counter()
+            return 1
+        if isinstance(event, p.Paused):
+            state.paused = True
+            if all_sent and last_is_pause:
+                state.t_end = time.perf_counter()
+                state.finish_at = state.t_end + PAUSE_GRACE_S
+        elif isinstance(event, (p.Resumed, p.Started)):
+            state.paused = False
+        elif isinstance(event, p.Done):
+            state.dones.append(event)
+            if all_sent and (event.id == final_id or event.id is None):
+                state.t_end = time.perf_counter()
+                return 0
+
+
+def handle_audio(message: bytes, state: Run) -> None:
+    samples = p.decode_audio_frame(message)
+    if state.t_first_audio is None:
+        state.t_first_audio = time.perf_counter()
+    if state.paused:
+        state.frames_after_pause += 1
+        state.failure = f"protocol violation: {state.frames_after_pause} audio frame(s) after 'paused'"
+    if samples.shape[0] != state.frame_samples:
+        state.odd_frames += 1
+    state.frames.append(samples)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def print_summary(state: Run, args: argparse.Namespace) -> None:
+    samples = sum(f.shape[0] for f in state.frames)
+    audio_s = samples / state.sample_rate
+    wall_s = (state.t_end or time.perf_counter()) - (state.t_start or time.perf_counter())
+    ttfa = ("n/a" if state.t_first_audio is None or state.t_start is None
+            else f"{(state.t_first_audio - state.t_start) * 1000:.0f} ms")
+    rtf = f"{wall_s / audio_s:.3f}" if audio_s > 0 else "n/a"
+    print(f"time to first audio: {ttfa}")
+    print(f"frames: {len(state.frames)}" + (f" ({state.odd_frames} not {state.frame_samples} samples)"
+                                            if state.odd_frames else ""))
+    print(f"audio: {audio_s:.2f} s   wall: {wall_s:.2f} s   real-time factor (wall/audio): {rtf}")
+    for done in state.dones:
+        ttfa_ms = "n/a" if done.ttfa_ms is None else f"{done.ttfa_ms:.0f} ms"
+        print(f"server done id={done.id}: frames={done.frames} audio={done.audio_s:.2f} s "
+              f"wall={done.wall_s:.2f} s ttfa={ttfa_ms}")
+    if args.output and state.frames:
+        print(f"wrote {args.output}")
+
+
+def write_wav(path: str | None, state: Run) -> None:
+    if not path or not state.frames:
+        return
+    audio = np.concatenate(state.frames).astype(np.int16)
+    sf.write(path, audio, state.sample_rate, subtype="PCM_16")
+
+
+def describe(event: p.Event) -> str:
+    """One short line per event (words are compact)."""
+    if isinstance(event, p.Word):
+        return f"word {event.word!r} @{event.start_s:.2f}s"
+    fields = {k: v for k, v in event.to_dict().items() if k != "event"}
+    return f"{event.event} {json.dumps(fields, ensure_ascii=False)}"
+
+
+def short(message: str, limit: int = 120) -> str:
+    return message if len(message) <= limit else message[: limit - 3] + "..."
+
+
+def elapsed(state: Run) -> float:
+    return 0.0 if state.t_start is None else time.perf_counter() - state.t_start
+
+
+def say(args: argparse.Namespace, line: str, always: bool = False) -> None:
+    if always or not args.quiet:
+        print(line, flush=True)
+
+
+def fail(reason: str, code: int = 1) -> int:
+    print(f"FAILED: {reason}", file=sys.stderr)
+    return code
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("text", help='text to speak, e.g. "[S1] Hello there."')
+    ap.add_argument("--url", default="ws://127.0.0.1:8765/")
+    ap.add_argument("--inject", metavar="TEXT", help="text to inject (continues the turn)")
+    ap.add_argument("--inject-at", type=float, default=1.0, metavar="SECONDS",
+                    help="when to send --inject, seconds after start (default 1.0)")
+    ap.add_argument("--pause-at", type=float, metavar="SECONDS")
+    ap.add_argument("--resume-at", type=float, metavar="SECONDS")
+    ap.add_argument("--voice", help="prepared voice name for start")
+    ap.add_argument("--seed", type=int)
+    ap.add_argument("--stream-words", action="store_true",
+                    help="send the text word by word with final:false, then flush")
+    ap.add_argument("--word-interval", type=float, default=0.15, metavar="S",
+                    help="seconds between streamed words (default 0.15)")
+    ap.add_argument("-o", "--output", default="out.wav", help="WAV to write ('' for none)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="overall limit in seconds")
+    ap.add_argument("--quiet", action="store_true", help="print only ready, errors and summary")
+    args = ap.parse_args(argv)
+    if args.resume_at is not None and (args.pause_at is None or args.resume_at <= args.pause_at):
+        ap.error("--resume-at needs an earlier --pause-at")
+    return args
+
+
+if __name__ == "__main__":
+    sys.exit(main())
