@@ -1,0 +1,115 @@
+"""Script parsing: text with speaker tags and break tags → one `ScriptEntry` per word (spec §7).
+
+    parse_script('[S1] Hi there. <break time="0.5s"/> [S2] Hello!', tok) gives four entries:
+    "Hi" (tokens of "[S1] Hi"), "there." (tokens of "there."), a break of 6 frames,
+    "Hello!" (tokens of "[S2] Hello!").
+
+Rules:
+- `’` → `'` and `:` → space; words are split on whitespace and on break tags;
+- `[S1]`/`[S2]` are not words: they are tokenised together with the next word ("[S1] word");
+  a tag with no word after it is dropped;
+- a word's padding is its token count; a break `<break time="1.5s"/>` (or `500ms`, single
+  quotes, no space before `/>`) is an entry with no tokens and `round(seconds · 12.5)` padding.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+FRAME_RATE_HZ = 12.5
+MAX_BREAK_SECONDS = 30.0
+SPEAKER_TAGS = ("[S1]", "[S2]")
+
+
+@dataclass(frozen=True)
+class ScriptEntry:
+    """One word (or one break) of a script, as the state machine consumes it."""
+
+    text: str  # the word as written, without its speaker tag; "" for a break
+    tokens: tuple[int, ...]  # token ids, speaker tag included; () for a break
+    padding: int  # frames forced to pad after the word starts (break: the break's length)
+
+    @property
+    def is_break(self) -> bool:
+        return not self.tokens
+
+
+class ScriptError(ValueError):
+    """The script text cannot be parsed (a malformed or out-of-range break tag)."""
+
+    code = "bad_script"
+
+
+# Any tag starting with "<break" is a break tag; it must then match _BREAK_TAG exactly.
+_ANY_BREAK_TAG = re.compile(r"<\s*break\b[^>]*>?", re.IGNORECASE)
+_BREAK_TAG = re.compile(
+    r"""<\s*break\s+time\s*=\s*(?P<q>["'])\s*(?P<value>[+-]?\d*\.?\d+)\s*(?P<unit>ms|s)\s*(?P=q)\s*/\s*>""",
+    re.IGNORECASE,
+)
+_SPEAKER_SPLIT = re.compile(r"(\[S[12]\])")
+
+
+def parse_script(text: str, tokenizer, *, leading_speaker: str | None = "[S1]") -> list[ScriptEntry]:
+    """Parse `text` into entries. `tokenizer` needs `encode(str) -> list[int]` (no specials added).
+
+    `leading_speaker`: tag given to the first word when it has none. Use None when the text
+    continues a turn that is already being spoken (text injected mid-utterance).
+    """
+    if leading_speaker is not None and leading_speaker not in SPEAKER_TAGS:
+        raise ValueError(f"leading_speaker must be one of {SPEAKER_TAGS} or None, got {leading_speaker!r}")
+    text = text.replace("\u2019", "'").replace(":", " ")
+
+    entries: list[ScriptEntry] = []
+    speaker: str | None = None  # tag waiting for the next word
+    first_word = True
+    for kind, value in _pieces(text):
+        if kind == "break":
+            entries.append(ScriptEntry(text="", tokens=(), padding=value))
+            continue
+        if value in SPEAKER_TAGS:
+            speaker = value
+            continue
+        # Upstream prepends the speaker of the script's "line parity" to the first word when
+        # its tokens do not already start with it, so a script starting with "[S2]" became
+        # "[S1] [S2] …". We deliberately only add the leading speaker when the first word has
+        # no tag of its own.
+        if first_word and speaker is None and leading_speaker is not None:
+            speaker = leading_speaker
+        first_word = False
+        tokens = tuple(int(t) for t in tokenizer.encode(f"{speaker} {value}" if speaker else value))
+        entries.append(ScriptEntry(text=value, tokens=tokens, padding=len(tokens)))
+        speaker = None
+    return entries
+
+
+def break_padding(tag: str) -> int:
+    """Frames of pad for one break tag; raises ScriptError if malformed or out of range."""
+    match = _BREAK_TAG.fullmatch(tag.strip())
+    if match is None:
+        raise ScriptError(f'malformed break tag {tag}; expected e.g. <break time="1.5s"/> or <break time="500ms"/>')
+    seconds = float(match["value"])
+    if match["unit"].lower() == "ms":
+        seconds /= 1000.0
+    if seconds < 0:
+        raise ScriptError(f"negative break time in {tag}")
+    if seconds > MAX_BREAK_SECONDS:
+        raise ScriptError(f"break time in {tag} is longer than {MAX_BREAK_SECONDS:g} s")
+    return round(seconds * FRAME_RATE_HZ)
+
+
+def _pieces(text: str):
+    """Yield ("word", str) for words and speaker tags, ("break", padding) for break tags."""
+    pos = 0
+    for match in _ANY_BREAK_TAG.finditer(text):
+        yield from _words(text[pos : match.start()])
+        yield "break", break_padding(match.group(0))
+        pos = match.end()
+    yield from _words(text[pos:])
+
+
+def _words(text: str):
+    for chunk in text.split():
+        for part in _SPEAKER_SPLIT.split(chunk):
+            if part:
+                yield "word", part
