@@ -5,7 +5,8 @@
 PYTHON       ?= python3
 VENV         := .venv
 PY           := $(VENV)/bin/python
-PIP          := $(PY) -m pip --disable-pip-version-check -q
+# -qq: errors only (this machine's pip config warns about every index dir it skips).
+PIP          := $(PY) -m pip --disable-pip-version-check -qq
 STAMP        := $(VENV)/.installed
 TORCH_SPEC   ?= torch==2.13.0
 MOSHI_SPEC   ?= moshi==0.2.13
@@ -22,7 +23,8 @@ demo: $(STAMP)
 
 venv: $(STAMP)
 
-# moshi and openai-whisper go in with --no-deps: their pins would replace torch/numpy.
+# moshi and openai-whisper go in last, with --no-deps: their pins would replace torch/numpy
+# (and whisper's triton is not needed). pip checks no conflicts under --no-deps.
 $(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
@@ -33,9 +35,8 @@ $(STAMP): requirements.txt pyproject.toml
 	  $(PIP) install "$(TORCH_SPEC)"; \
 	fi
 	@echo "installing requirements into $(VENV)"
-	@$(PIP) install -r requirements.txt
+	@$(PIP) install -r requirements.txt $(WHISPER_DEPS)
 	@$(PIP) install --no-deps "$(MOSHI_SPEC)" "$(WHISPER_SPEC)"
-	@$(PIP) install $(WHISPER_DEPS)
 	@touch $@
 
 clean:
