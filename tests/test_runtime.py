@@ -1,0 +1,285 @@
+"""The frame step against an independent, naive reference, and seeded sampling behaviour."""
+
+import math
+
+import pytest
+import torch
+
+from vendor_dia2.config import preset
+from vendor_dia2.runtime import FrameStepper, SamplingParams
+
+SCRIPT = "[S1] Hello there, how are you today?"
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tiny_tts):
+    a = tiny_tts.generate(SCRIPT, seed=1, temperature=1.0, max_frames=20, decode=False)
+    b = tiny_tts.generate(SCRIPT, seed=1, temperature=1.0, max_frames=20, decode=False)
+    c = tiny_tts.generate(SCRIPT, seed=2, temperature=1.0, max_frames=20, decode=False)
+    assert a.audio_tokens.shape[1] > 5
+    assert torch.equal(a.audio_tokens, b.audio_tokens)
+    assert not torch.equal(a.audio_tokens, c.audio_tokens)
+
+
+def test_greedy_ignores_seed(tiny_tts):
+    a = tiny_tts.generate(SCRIPT, seed=1, temperature=0.0, max_frames=15, decode=False)
+    b = tiny_tts.generate(SCRIPT, seed=99, temperature=0.0, max_frames=15, decode=False)
+    assert torch.equal(a.audio_tokens, b.audio_tokens)
+
+
+def test_generate_speaks_all_words_and_ends(tiny_tts):
+    result = tiny_tts.generate("[S1] one two three", seed=0, max_frames=200)
+    assert [w for w, _ in result.timestamps] == ["one", "two", "three"]
+    assert result.frames < 200  # ended by itself after the tail
+    stamps = [s for _, s in result.timestamps]
+    assert stamps == sorted(stamps) and stamps[0] == 0.0
+    assert result.waveform.shape[0] == result.audio_tokens.shape[1] * 1920
+    assert result.audio_tokens.shape[0] == 32 and int(result.audio_tokens.max()) < 2048
+
+
+# -- naive reference ---------------------------------------------------------------------------
+
+def _rms(x, w, eps):
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * w
+
+
+def _rope(x, pos, cfg):
+    """x [Dh] at integer position pos, rotate-half layout, computed element by element."""
+    dh = x.shape[-1]
+    half = dh // 2
+    out = torch.empty_like(x)
+    for i in range(half):
+        tau = cfg.model.rope_min_timescale * (cfg.model.rope_max_timescale / cfg.model.rope_min_timescale) ** (2 * i / dh)
+        theta = pos / tau
+        c, s = math.cos(theta), math.sin(theta)
+        out[i] = x[i] * c - x[i + half] * s
+        out[i + half] = x[i + half] * c + x[i] * s
+    return out
+
+
+def _attend(q_heads, keys, values, group):
+    """Per query head: softmax over all given positions, scale 1.0."""
+    outs = []
+    for h, q in enumerate(q_heads):
+        k, v = keys[h // group], values[h // group]  # [P, Dh]
+        w = torch.softmax(k @ q, dim=0)
+        outs.append(w @ v)
+    return torch.cat(outs)
+
+
+def _mlp(x, wi, wo):
+    hidden = wo.shape[1]
+    u = wi @ x
+    return wo @ (torch.nn.functional.silu(u[:hidden]) * u[hidden:])
+
+
+def _text_embed(sd, prefix, main, second, pad):
+    e = sd[f"{prefix}.embedding.weight"]
+    out = sd[f"{prefix}.main_proj.weight"] @ e[main]
+    if second != pad:
+        out = out + sd[f"{prefix}.second_proj.weight"] @ e[second]
+    return out
+
+
+def reference_decoder(sd, cfg, history):
+    """Decoder outputs for the LAST row of `history` (list of token lists), recomputed from scratch."""
+    d, dec, eps = cfg.data, cfg.model.decoder, cfg.model.normalization_layer_epsilon
+    xs = []
+    for toks in history:
+        h = _text_embed(sd, "transformer.text_embed", toks[0], toks[1], d.text_pad_token_id)
+        for k in range(d.num_codebooks):
+            h = h + sd[f"transformer.audio_embeds.{k}.weight"][toks[2 + k]]
+        xs.append(h)
+    for layer in range(dec.n_layer):
+        p = f"transformer.layers.{layer}"
+        keys, values, queries = [], [], []
+        for pos, x in enumerate(xs):
+            hn = _rms(x, sd[f"{p}.pre_norm.weight"], eps)
+            q = (sd[f"{p}.attn.q_proj.weight"] @ hn).view(dec.gqa_query_heads, dec.gqa_head_dim)
+            k = (sd[f"{p}.attn.k_proj.weight"] @ hn).view(dec.kv_heads, dec.gqa_head_dim)
+            v = (sd[f"{p}.attn.v_proj.weight"] @ hn).view(dec.kv_heads, dec.gqa_head_dim)
+            q = torch.stack([_rope(_rms(qh, sd[f"{p}.attn.q_norm.weight"], eps), pos, cfg) for qh in q])
+            k = torch.stack([_rope(_rms(kh, sd[f"{p}.attn.k_norm.weight"], eps), pos, cfg) for kh in k])
+            queries.append(q), keys.append(k), values.append(v)
+        new = []
+        for pos, x in enumerate(xs):
+            ks = [torch.stack([keys[j][g] for j in range(pos + 1)]) for g in range(dec.kv_heads)]
+            vs = [torch.stack([values[j][g] for j in range(pos + 1)]) for g in range(dec.kv_heads)]
+            att = _attend(queries[pos], ks, vs, dec.gqa_query_heads // dec.kv_heads)
+            x = x + sd[f"{p}.attn.o_proj.weight"] @ att
+            x = x + _mlp(_rms(x, sd[f"{p}.post_norm.weight"], eps), sd[f"{p}.mlp.wi.weight"], sd[f"{p}.mlp.wo.weight"])
+            new.append(x)
+        xs = new
+    hn = _rms(xs[-1], sd["transformer.norm.weight"], eps)
+    return sd["transformer.action_head.weight"] @ hn, sd["transformer.cb0_head.weight"] @ hn, hn
+
+
+def reference_depformer(sd, cfg, hidden_rows, first_code, text_rows, pick):
+    """Codebooks 1..Q-1 for each row set; `pick(stage_logits_per_row) -> code` (shared by rows)."""
+    d, dep, eps = cfg.data, cfg.model.depformer, cfg.model.normalization_layer_epsilon
+    schedule = cfg.runtime.weights_schedule
+    keys = [[[] for _ in range(dep.n_layer)] for _ in hidden_rows]
+    values = [[[] for _ in range(dep.n_layer)] for _ in hidden_rows]
+    prev, codes = first_code, []
+    for s in range(cfg.num_stages):
+        w = schedule[s]
+        stage_logits = []
+        for r, hidden in enumerate(hidden_rows):
+            x = sd[f"depformer.depformer_in.{w}.weight"] @ hidden + sd[f"depformer.audio_embeds.{s}.weight"][prev]
+            if s == 0:
+                x = x + _text_embed(sd, "depformer.text_embed", text_rows[r][0], text_rows[r][1], d.text_pad_token_id)
+            for layer in range(dep.n_layer):
+                p = f"depformer.layers.{layer}"
+                hn = _rms(x, sd[f"{p}.pre_norm.weight"], eps)
+                qkv = (sd[f"{p}.self_attention.in_proj.{w}.weight"] @ hn).view(3, dep.gqa_query_heads, dep.gqa_head_dim)
+                q = torch.stack([_rope(_rms(h, sd[f"{p}.self_attention.q_norm.weight"], eps), s, cfg) for h in qkv[0]])
+                k = torch.stack([_rope(_rms(h, sd[f"{p}.self_attention.k_norm.weight"], eps), s, cfg) for h in qkv[1]])
+                keys[r][layer].append(k), values[r][layer].append(qkv[2])
+                ks = [torch.stack([kk[h] for kk in keys[r][layer]]) for h in range(dep.gqa_query_heads)]
+                vs = [torch.stack([vv[h] for vv in values[r][layer]]) for h in range(dep.gqa_query_heads)]
+                x = x + sd[f"{p}.self_attention.out_proj.{w}.weight"] @ _attend(q, ks, vs, 1)
+                x = x + _mlp(_rms(x, sd[f"{p}.post_norm.weight"], eps), sd[f"{p}.mlp.wi.weight"], sd[f"{p}.mlp.wo.weight"])
+            logits = sd[f"depformer.logits.{s}.weight"] @ _rms(x, sd["depformer.norm.weight"], eps)
+            stage_logits.append(logits[:2048])
+        prev = pick(stage_logits)
+        codes.append(prev)
+    return codes
+
+
+def _greedy_pick(cfg_scale):
+    def pick(rows):
+        if len(rows) == 1:
+            return int(rows[0].argmax())
+        cond, uncond = rows
+        guided = uncond + cfg_scale * (cond - uncond)
+        keep = guided.topk(min(50, guided.numel())).indices
+        return int(keep[cond[keep].argmax()])
+    return pick
+
+
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_frame_step_matches_naive_reference(tiny_tts, cfg_scale):
+    """Greedy steps of the runtime (static cache, batched stages) equal a from-scratch reference that
+    recomputes the whole history each frame with per-head, per-stage loops."""
+    cfg = tiny_tts.config
+    d = cfg.data
+    sd = {k: v.float() for k, v in tiny_tts.model.state_dict().items()}
+    stepper = tiny_tts.stepper(cfg=cfg_scale != 1.0)
+    stepper.reset_call(0)
+    stepper.set_sampling(0, SamplingParams(text_temperature=0, audio_temperature=0, cfg_scale=cfg_scale))
+    # fixed text choices make the text path visible: pad → (pad, pad), new_word → (new_word, 10)
+    choices = ((d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 10))
+    pick = _greedy_pick(cfg_scale)
+    history_cond, history_uncond = [], []
+    inputs = [d.text_pad_token_id, d.text_pad_token_id] + [d.audio_bos] * d.num_codebooks
+    for t in range(6):
+        history_cond.append(list(inputs))
+        history_uncond.append([d.text_zero_token_id, d.text_pad_token_id] + inputs[2:])
+        act_c, cb0_c, hid_c = reference_decoder(sd, cfg, history_cond)
+        rows_act, rows_cb0, hidden_rows = [act_c], [cb0_c], [hid_c]
+        if cfg_scale != 1.0:
+            act_u, cb0_u, hid_u = reference_decoder(sd, cfg, history_uncond)
+            rows_act, rows_cb0, hidden_rows = [act_c, act_u], [cb0_c, cb0_u], [hid_c, hid_u]
+        action = pick(rows_act)
+        text = choices[int(action == 1)]
+        masked = [r.clone().index_fill_(0, torch.tensor([d.audio_pad, d.audio_bos]), float("-inf")) for r in rows_cb0]
+        c0 = pick(masked)
+        text_rows = [text, (d.text_zero_token_id, d.text_pad_token_id)]
+        codes = [c0] + reference_depformer(sd, cfg, hidden_rows, c0, text_rows, pick)
+
+        got_action = stepper.step([choices])[0]
+        assert got_action == int(action == 1), f"frame {t}: action"
+        assert stepper.text_out[0].tolist() == list(text)
+        assert stepper.codes[0].tolist() == codes, f"frame {t}: codes differ"
+        delays = d.delay_pattern
+        inputs = list(text) + [d.audio_bos if delays[k] > t + 1 else codes[k] for k in range(d.num_codebooks)]
+        assert stepper.tokens[0].tolist() == inputs
+
+
+def test_prefill_matches_frame_by_frame(tiny_tts):
+    """Parallel prefill leaves the same cache and next-step outputs as stepping the same frames."""
+    cfg = tiny_tts.config
+    d = cfg.data
+    stepper = tiny_tts.stepper(cfg=True)
+    stepper.set_sampling(0, SamplingParams(text_temperature=0, audio_temperature=0))
+    frames = 7
+    gen = torch.Generator().manual_seed(0)
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=gen)
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    text = torch.full((frames + 1, 2), d.text_pad_token_id)
+    text[2] = torch.tensor([d.text_new_word_token_id, d.text_new_word_token_id])
+
+    stepper.reset_call(0)
+    stepper.prefill(0, delayed, text, frames)
+    caches_parallel = [(c.k[:, :, :frames].clone(), c.v[:, :, :frames].clone()) for c in tiny_tts.model.decoder_caches()]
+    tokens_parallel = stepper.tokens.clone()
+
+    # the same frames through the decoder one at a time
+    stepper.reset_call(0)
+    with torch.inference_mode():
+        for t in range(frames):
+            toks = torch.empty(2, 1, d.channels, dtype=torch.long)
+            toks[:, 0, 2:] = delayed[:, t]
+            toks[0, 0, :2] = text[t]
+            toks[1, 0, :2] = torch.tensor([d.text_zero_token_id, d.text_pad_token_id])
+            tiny_tts.model.transformer(toks, torch.full((2, 1), t))
+    for (k1, v1), cache in zip(caches_parallel, tiny_tts.model.decoder_caches()):
+        torch.testing.assert_close(k1, cache.k[:, :, :frames], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v1, cache.v[:, :, :frames], atol=1e-5, rtol=1e-4)
+    assert tokens_parallel[0, :2].tolist() == text[frames].tolist()
+    assert tokens_parallel[0, 2:].tolist() == delayed[:, frames].tolist()
+
+
+def test_teacher_forcing_keeps_prefix_codes(tiny_tts):
+    d = tiny_tts.config.data
+    stepper = tiny_tts.stepper(cfg=True)
+    stepper.set_sampling(0, SamplingParams(seed=3))
+    frames = 5
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(1))
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    text = torch.full((frames + 1, 2), d.text_pad_token_id)
+    stepper.reset_call(0)
+    stepper.prefill(0, delayed, text, frames)
+    pad = (d.text_pad_token_id, d.text_pad_token_id)
+    for _ in range(d.max_delay):
+        stepper.step([(pad, pad)])
+    buf = stepper.written_codes(0, 0, frames + d.max_delay)
+    for k, delay in enumerate(d.delay_pattern):
+        # aligned frames 0..frames-1 of codebook k sit at delayed columns delay..delay+frames-1
+        assert torch.equal(buf[k, delay: delay + frames], delayed[k, delay: delay + frames])
+
+
+def test_snapshot_restore_replays_identically(tiny_tts):
+    d = tiny_tts.config.data
+    stepper = tiny_tts.stepper(cfg=True)
+    stepper.reset_call(0)
+    stepper.set_sampling(0, SamplingParams(seed=5))
+    pad = (d.text_pad_token_id, d.text_pad_token_id)
+    new = (d.text_new_word_token_id, 20)
+    for _ in range(3):
+        stepper.step([(pad, new)])
+    snap = stepper.snapshot()
+    first = []
+    for _ in range(4):
+        stepper.step([(pad, new)])
+        first.append(stepper.codes.clone())
+    stepper.restore(snap)
+    assert stepper.host_positions == [3]
+    for expected in first:
+        stepper.step([(pad, new)])
+        assert torch.equal(stepper.codes, expected)
+
+
+def test_single_branch_stepper_rejects_cfg(tiny_tts):
+    stepper = FrameStepper(tiny_tts.model, cfg=False, max_positions=32)
+    with pytest.raises(ValueError, match="cfg_scale"):
+        stepper.set_sampling(0, SamplingParams(cfg_scale=2.0))
+    tiny_tts._stepper = None  # the caches now belong to this stepper; let the instance rebuild its own
+
+
+def test_presets_have_published_shapes():
+    cfg = preset("2b")
+    assert cfg.data.channels == 34 and cfg.data.delay_pattern == (16,) + (18,) * 31
+    assert cfg.model.decoder.n_layer == 24 and preset("1b").model.decoder.n_layer == 18
+    assert preset("tiny").runtime.weights_schedule[:4] == (0, 0, 1, 1)

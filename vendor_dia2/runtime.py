@@ -1,0 +1,281 @@
+"""The per-frame step over static buffers: decoder, CFG, sampling, 31 depformer stages, the
+delayed-buffer write and the next step's inputs, all on the device.
+
+The text state machine lives on the host, but the step needs its answer mid-frame (the new text
+tokens condition depformer stage 0). Instead of a round trip, the host previews both possible
+answers (action = pad, action = new_word) before the frame and the device picks one after
+sampling the action. The whole frame is therefore one function over persistent tensors — one
+CUDA graph on GPU, the same code eager on CPU — and the only device-to-host copy per frame is
+the sampled action, read after the frame to advance the state machine.
+
+Rows of the model batch are laid out `[branch, call]`: rows `0..N-1` are the conditional rows of
+the N calls, rows `N..2N-1` (when CFG is on) their unconditional twins.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Dia2Config
+from .model import Dia2Model
+from .sampling import cfg_filter, sample
+
+UNGENERATED = -2  # delayed-buffer cell not written yet
+NEW_WORD_ACTION = 1  # upstream maps action index 1 to new_word and everything else to pad
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Upstream GenerationConfig defaults (DIA2_SPEC.md §8)."""
+
+    text_temperature: float = 0.6
+    text_top_k: int = 50
+    audio_temperature: float = 0.8
+    audio_top_k: int = 50
+    cfg_scale: float = 2.0
+    seed: int = 0
+
+
+@dataclass
+class StepperSnapshot:
+    """Copies of one stepper's device state, restorable with `FrameStepper.restore`."""
+
+    positions: torch.Tensor
+    tokens: torch.Tensor
+    buffer: torch.Tensor
+    prefix_frames: torch.Tensor
+    caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    length: int = 0  # cache slots that hold data (0..length-1); only those are copied
+
+
+class FrameStepper:
+    """Runs frame steps for `n_calls` independent calls sharing one model.
+
+    `cfg` fixes whether an unconditional branch is run (two rows per call); the CFG scale itself
+    is per call. `max_positions` bounds the decoder cache and the delayed buffer.
+    """
+
+    def __init__(self, model: Dia2Model, *, n_calls: int = 1, cfg: bool = True, max_positions: int | None = None,
+                 max_top_k: int = 64, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None):
+        config: Dia2Config = model.config
+        p = next(model.parameters())
+        self.model, self.config = model, config
+        self.device, self.dtype = p.device, p.dtype
+        self.n, self.branches = n_calls, (2 if cfg else 1)
+        self.rows = self.n * self.branches
+        self.max_positions = max_positions or config.runtime.max_context_steps
+        self.max_top_k, self.cfg_filter_k = max_top_k, cfg_filter_k
+        d = config.data
+        self.num_codebooks, self.max_delay = d.num_codebooks, d.max_delay
+        model.setup_caches(self.rows, self.max_positions + 1)
+        if self.device.type == "cpu":
+            # random weights drive softmax tails into denormals, which make CPU matmuls ~10x slower
+            torch.set_flush_denormal(True)
+
+        dev = self.device
+        long = dict(device=dev, dtype=torch.long)
+        self.delays = torch.tensor(d.delay_pattern, **long)  # [Q]
+        self.tokens = torch.zeros(self.rows, d.channels, **long)  # inputs of the current step
+        self.positions = torch.zeros(self.n, **long)
+        self.buffer = torch.full((self.n, self.num_codebooks, self.max_positions + 2), UNGENERATED, **long)
+        self.prefix_frames = torch.zeros(self.n, **long)  # aligned frames teacher-forced from a voice prefix
+        self.text_choices = torch.zeros(self.n, 2, 2, **long)  # [call, action is new_word, (main, second)]
+        self.seeds = torch.zeros(self.n, **long)
+        f32 = dict(device=dev, dtype=torch.float32)
+        self.text_temperature = torch.zeros(self.n, **f32)
+        self.audio_temperature = torch.zeros(self.n, **f32)
+        self.cfg_scale = torch.ones(self.n, **f32)
+        self.text_top_k = torch.ones(self.n, **long)
+        self.audio_top_k = torch.ones(self.n, **long)
+        # outputs of the step
+        self.action = torch.zeros(self.n, **long)
+        self.text_out = torch.zeros(self.n, 2, **long)
+        self.codes = torch.zeros(self.n, self.num_codebooks, **long)
+        self.ready_codes = torch.zeros(self.n, self.num_codebooks, **long)  # aligned frame pos+1-max_delay
+
+        self._host_choices = torch.zeros(self.n, 2, 2, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._host_action = torch.zeros(self.n, dtype=torch.long, pin_memory=dev.type == "cuda")
+        self._uncond_text = torch.tensor([d.text_zero_token_id, d.text_pad_token_id], **long)
+        self.host_positions = [0] * self.n
+        self._graph = None
+        for call in range(self.n):
+            self.set_sampling(call, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
+            self.reset_call(call)
+        if use_cuda_graph is None:
+            use_cuda_graph = dev.type == "cuda"
+        if use_cuda_graph:
+            self._capture()
+
+    # -- host API --------------------------------------------------------------------------------
+
+    def set_sampling(self, call: int, params: SamplingParams) -> None:
+        if params.cfg_scale != 1.0 and self.branches == 1:
+            raise ValueError("this stepper runs without the unconditional branch; cfg_scale must be 1")
+        if max(params.text_top_k, params.audio_top_k) > self.max_top_k:
+            raise ValueError(f"top_k above {self.max_top_k} is not supported by this stepper")
+        self.text_temperature[call] = params.text_temperature
+        self.audio_temperature[call] = params.audio_temperature
+        self.text_top_k[call] = params.text_top_k
+        self.audio_top_k[call] = params.audio_top_k
+        self.cfg_scale[call] = params.cfg_scale
+        self.seeds[call] = params.seed
+
+    def reset_call(self, call: int, position: int = 0) -> None:
+        """Start a call afresh at `position` (its cache past that position is ignored)."""
+        d = self.config.data
+        self.positions[call] = position
+        self.host_positions[call] = position
+        self.buffer[call].fill_(UNGENERATED)
+        self.prefix_frames[call] = 0
+        for branch in range(self.branches):
+            row = branch * self.n + call
+            self.tokens[row, 0] = d.text_pad_token_id if branch == 0 else d.text_zero_token_id
+            self.tokens[row, 1] = d.text_pad_token_id
+            self.tokens[row, 2:] = d.audio_bos
+
+    def step(self, choices: list[tuple[tuple[int, int], tuple[int, int]]]) -> list[int]:
+        """Run one frame for every call. `choices[call]` = ((main, second) if the sampled action is
+        pad, (main, second) if it is new_word). Returns the sampled actions (0 pad / 1 new_word)."""
+        for call, (on_pad, on_new_word) in enumerate(choices):
+            self._host_choices[call, 0, 0], self._host_choices[call, 0, 1] = on_pad
+            self._host_choices[call, 1, 0], self._host_choices[call, 1, 1] = on_new_word
+        self.text_choices.copy_(self._host_choices, non_blocking=True)
+        if self._graph is not None:
+            self._graph.replay()
+        else:
+            with torch.inference_mode():
+                self._frame()
+        self._host_action.copy_(self.action)  # the one device-to-host copy (synchronises)
+        for call in range(self.n):
+            self.host_positions[call] += 1
+        return [int(a == NEW_WORD_ACTION) for a in self._host_action.tolist()]
+
+    def ready_frame_index(self, call: int) -> int:
+        """Aligned frame index whose codes are in `ready_codes[call]` after the last step."""
+        return self.host_positions[call] - self.max_delay
+
+    def written_codes(self, call: int, start: int, stop: int) -> torch.Tensor:
+        """Delayed buffer columns [start, stop) of a call: `[Q, stop-start]`."""
+        return self.buffer[call, :, start:stop]
+
+    # -- snapshots -------------------------------------------------------------------------------
+
+    def snapshot(self) -> StepperSnapshot:
+        length = max(self.host_positions) + 1
+        caches = [(c.k[:, :, :length].clone(), c.v[:, :, :length].clone()) for c in self.model.decoder_caches()]
+        return StepperSnapshot(self.positions.clone(), self.tokens.clone(), self.buffer.clone(),
+                               self.prefix_frames.clone(), caches, length)
+
+    def restore(self, snap: StepperSnapshot) -> None:
+        self.positions.copy_(snap.positions)
+        self.tokens.copy_(snap.tokens)
+        self.buffer.copy_(snap.buffer)
+        self.prefix_frames.copy_(snap.prefix_frames)
+        for cache, (k, v) in zip(self.model.decoder_caches(), snap.caches):
+            cache.k[:, :, : snap.length].copy_(k)
+            cache.v[:, :, : snap.length].copy_(v)
+        self.host_positions = snap.positions.tolist()
+
+    # -- prefill (voice prefix) ------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, call: int, delayed: torch.Tensor, text: torch.Tensor, frames: int, chunk: int = 256) -> None:
+        """Run the decoder over `frames` known steps in parallel, filling the cache, no sampling.
+
+        delayed `[Q, frames + max_delay]`: the delayed grid of the prefix codes, bos in the cells
+        before each codebook starts; text `[frames + 1, 2]`: the text tokens of steps 0..frames.
+        Afterwards the call stands at position `frames`, and the prefix codes that the delay
+        reaches past that position are teacher-forced instead of sampled.
+        """
+        assert self.n == 1, "prefill of one call among several is not supported yet"
+        d = self.config.data
+        delayed, text = delayed.to(self.device), text.to(self.device)
+        tokens = torch.empty(self.branches, frames + 1, d.channels, dtype=torch.long, device=self.device)
+        tokens[:, :, 2:] = delayed[:, : frames + 1].T
+        tokens[0, :, :2] = text
+        if self.branches == 2:
+            tokens[1, :, 0] = d.text_zero_token_id
+            tokens[1, :, 1] = d.text_pad_token_id
+        for start in range(0, frames, chunk):
+            stop = min(frames, start + chunk)
+            pos = torch.arange(start, stop, device=self.device)[None].expand(self.branches, -1)
+            self.model.transformer(tokens[:, start:stop], pos)
+        self.tokens.view(self.branches, self.n, -1)[:, call] = tokens[:, frames]
+        self.buffer[call].fill_(UNGENERATED)
+        self.buffer[call, :, : delayed.shape[1]] = delayed
+        self.prefix_frames[call] = frames
+        self.positions[call] = frames
+        self.host_positions[call] = frames
+
+    # -- the frame, on the device ----------------------------------------------------------------
+
+    def _guided(self, logits: torch.Tensor) -> torch.Tensor:
+        """Rows [R, V] → guided conditional logits [N, V]."""
+        if self.branches == 1:
+            return logits
+        return cfg_filter(logits[: self.n], logits[self.n:], self.cfg_scale, self.cfg_filter_k)
+
+    def _frame(self) -> None:
+        n, br, q = self.n, self.branches, self.num_codebooks
+        d = self.config.data
+        pos = self.positions  # [N]
+        action_logits, cb0_logits, hidden = self.model.transformer(self.tokens[:, None], pos.repeat(br)[:, None])
+        action = sample(self._guided(action_logits[:, 0]), self.text_temperature, self.text_top_k, self.max_top_k,
+                        self.seeds, pos, stream=0)
+        text = self.text_choices[torch.arange(n, device=self.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
+
+        write_pos = pos + 1  # step t fills delayed column t+1
+        known = self.buffer.gather(2, write_pos[:, None, None].expand(n, q, 1))[:, :, 0]  # [N, Q]
+        aligned_index = write_pos[:, None] - self.delays[None, :]  # [N, Q]
+        forced = (aligned_index >= 0) & (aligned_index < self.prefix_frames[:, None])  # teacher forcing
+
+        cb0 = cb0_logits[:, 0]
+        cb0[:, d.audio_pad] = torch.finfo(cb0.dtype).min
+        cb0[:, d.audio_bos] = torch.finfo(cb0.dtype).min
+        code = sample(self._guided(cb0), self.audio_temperature, self.audio_top_k, self.max_top_k,
+                      self.seeds, pos, stream=1)
+        code = torch.where(forced[:, 0], known[:, 0], code)
+        codes = [code]
+        if br == 2:
+            dep_text = torch.cat([text, self._uncond_text.expand(n, 2)])
+        else:
+            dep_text = text
+        for s in range(self.config.num_stages):
+            logits = self.model.depformer.stage(s, hidden, code.repeat(br), dep_text if s == 0 else None)
+            code = sample(self._guided(logits), self.audio_temperature, self.audio_top_k, self.max_top_k,
+                          self.seeds, pos, stream=2 + s)
+            code = torch.where(forced[:, s + 1], known[:, s + 1], code)
+            codes.append(code)
+        codes_t = torch.stack(codes, dim=1)  # [N, Q]
+
+        self.buffer.scatter_(2, write_pos[:, None, None].expand(n, q, 1), codes_t[:, :, None])
+        next_audio = torch.where(self.delays[None, :] > write_pos[:, None], d.audio_bos, codes_t)
+        self.tokens[:n, :2] = text
+        self.tokens[:, 2:] = next_audio.repeat(br, 1)
+        ready = (write_pos - self.max_delay)[:, None] + self.delays[None, :]  # [N, Q] delayed columns
+        self.ready_codes.copy_(self.buffer.gather(2, ready.clamp(min=0)[:, :, None])[:, :, 0])
+        self.action.copy_(action)
+        self.text_out.copy_(text)
+        self.codes.copy_(codes_t)
+        self.positions.add_(1)
+
+    def _capture(self) -> None:
+        """Capture `_frame` as one CUDA graph. Warm-up steps run first (on a side stream, as
+        capture requires); the state they touch is put back afterwards."""
+        saved = (self.positions.clone(), self.tokens.clone(), self.buffer.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(3):
+                self._frame()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            self._frame()
+        self._graph = graph
+        self.positions.copy_(saved[0])
+        self.tokens.copy_(saved[1])
+        self.buffer.copy_(saved[2])
+        torch.cuda.synchronize()
