@@ -1,0 +1,59 @@
+"""Server configuration in one place: every setting is a CLI flag with an environment variable
+(`DIA2_<NAME>`) as its default, so containers can be configured either way."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    checkpoint: str = "tiny"
+    device: str | None = None
+    dtype: str | None = None
+    mimi: str | None = None
+    max_lead_ms: float = 1000.0
+    seed: int = 0
+    cfg_scale: float = 2.0
+    context_frames: int | None = None
+    threads: int | None = None
+    log_level: str = "INFO"
+
+
+_FLAGS = [  # (name, type, help)
+    ("host", str, "address to listen on"),
+    ("port", int, "port to listen on (0 picks a free one)"),
+    ("checkpoint", str, "preset (tiny, 1b, 2b), local directory or Hugging Face repo id"),
+    ("device", str, "cpu, cuda, cuda:N (default: cuda if available)"),
+    ("dtype", str, "bf16 or fp32 (default: bf16 on cuda, fp32 on cpu)"),
+    ("mimi", str, "codec source: random, random-small, a path or repo id (default: the checkpoint's)"),
+    ("max_lead_ms", float, "how far generation may run ahead of real-time playback"),
+    ("seed", int, "default sampling seed"),
+    ("cfg_scale", float, "default CFG scale; 1 runs a single branch (faster, no per-request CFG)"),
+    ("context_frames", int, "frames before context_full (default: the model's limit, 1500)"),
+    ("threads", int, "torch CPU threads (default: torch's choice)"),
+    ("log_level", str, "DEBUG, INFO, WARNING"),
+]
+
+
+def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    environ = os.environ if environ is None else environ
+    defaults = ServerConfig()
+    parser = argparse.ArgumentParser(prog="server.py", description="dia2stream: streaming Dia2 TTS over websockets. "
+                                     "Every flag can also be set by the environment variable DIA2_<FLAG>.")
+    for name, kind, text in _FLAGS:
+        env = "DIA2_" + name.upper()
+        default = getattr(defaults, name)
+        if env in environ:
+            try:
+                default = kind(environ[env])
+            except ValueError:
+                parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
+                            help=f"{text} [env {env}, default {default}]")
+    args = parser.parse_args(argv)
+    return ServerConfig(**vars(args))

@@ -1,0 +1,154 @@
+"""The websockets server: connects the wire protocol to the streaming session.
+
+One handler coroutine per connection parses commands and hands them to the session; one sender
+task per connection writes the session's events and frames in order. No model work happens on
+the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import signal
+import time
+from http import HTTPStatus
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from . import protocol as p
+from .config import ServerConfig
+from .session import AudioFrame, SessionConfig, StreamingSession
+
+log = logging.getLogger("dia2stream")
+
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+class Dia2Server:
+    def __init__(self, session: StreamingSession, model_name: str, device: str, max_lead_ms: float):
+        self.session, self.model_name, self.device, self.max_lead_ms = session, model_name, device, max_lead_ms
+
+    # -- HTTP before the upgrade ----------------------------------------------------------------
+
+    def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path.split("?")[0] != "/health":
+            return None
+        body = json.dumps({"status": "ok", "model": self.model_name, "device": self.device,
+                           "busy": self.session.busy}).encode()
+        headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
+                           ("Cache-Control", "no-store")])
+        return Response(HTTPStatus.OK, "OK", headers, body)
+
+    # -- one connection -------------------------------------------------------------------------
+
+    async def handle(self, ws: ServerConnection) -> None:
+        loop = asyncio.get_running_loop()
+        out: asyncio.Queue = asyncio.Queue()
+
+        def sink(item) -> None:  # called from the generation thread
+            try:
+                loop.call_soon_threadsafe(out.put_nowait, item)
+            except RuntimeError:
+                pass  # loop closed during shutdown
+
+        peer = ws.remote_address
+        if not self.session.attach(sink):
+            log.info("refused %s: busy", peer)
+            await ws.send(p.ErrorEvent(code=p.ErrorCode.BUSY, message="another client holds the session").to_json())
+            await ws.close(CLOSE_TRY_AGAIN_LATER, "busy")
+            return
+        log.info("client %s connected", peer)
+        sender = asyncio.create_task(self._send_loop(ws, out))
+        try:
+            await ws.send(p.Ready(model=self.model_name, device=self.device, voices=[], max_lead_ms=int(self.max_lead_ms),
+                                  context_frames=self.session.context_frames).to_json())
+            async for message in ws:
+                self._dispatch(message, out)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.session.detach(sink)
+            sender.cancel()
+            log.info("client %s disconnected", peer)
+
+    def _dispatch(self, message, out: asyncio.Queue) -> None:
+        try:
+            command = p.parse_command(message)
+        except p.ProtocolError as err:
+            log.info("bad command: %s %s", err.code, err.message)
+            out.put_nowait(err.to_event())
+            return
+        log.info("cmd %s%s", command.cmd, f" id={command.id}" if getattr(command, "id", None) is not None else "")
+        if isinstance(command, p.Ping):
+            out.put_nowait(p.Pong(id=command.id))
+        elif isinstance(command, p.ListVoices):
+            out.put_nowait(p.Voices(voices=[], id=command.id))
+        elif isinstance(command, p.SetVoice):
+            out.put_nowait(p.ErrorEvent(code=p.ErrorCode.VOICE_ERROR, cmd="set_voice", id=command.id,
+                                        message="voice preparation is not available on this server yet"))
+        else:
+            self.session.submit(command)
+
+    async def _send_loop(self, ws: ServerConnection, out: asyncio.Queue) -> None:
+        sent_in_turn = 0  # frames really written for the current utterance (dropped ones excluded)
+        try:
+            while True:
+                item = await out.get()
+                if isinstance(item, AudioFrame):
+                    self.session.frames_acked += 1
+                    if item.epoch < self.session.min_epoch:
+                        continue  # generated before a pause/reset: never play stale audio
+                    await ws.send(p.encode_audio_frame(item.pcm))
+                    sent_in_turn += 1
+                    continue
+                if isinstance(item, p.Started):
+                    sent_in_turn = 0
+                elif isinstance(item, p.Paused) and item.frames_sent:
+                    item = dataclasses.replace(item, frames_sent=sent_in_turn, audio_s=round(sent_in_turn / p.FRAME_RATE, 3))
+                elif isinstance(item, p.Done):
+                    item = dataclasses.replace(item, frames=sent_in_turn, audio_s=round(sent_in_turn / p.FRAME_RATE, 3))
+                await ws.send(item.to_json())
+        except ConnectionClosed:
+            pass
+
+
+def build_session(config: ServerConfig):
+    """Load the model and make the session (warmed up, so the first request pays no first-call cost)."""
+    import torch
+
+    from vendor_dia2 import Dia2
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    t0 = time.perf_counter()
+    tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+    session = StreamingSession(tts, SessionConfig(max_lead_ms=config.max_lead_ms, context_frames=config.context_frames,
+                                                  cfg_scale=config.cfg_scale, seed=config.seed))
+    log.info("loaded %s on %s (%s) in %.1f s", tts.name, tts.device, tts.dtype, time.perf_counter() - t0)
+    return tts, session
+
+
+async def run(config: ServerConfig, ready: asyncio.Future | None = None) -> None:
+    tts, session = await asyncio.to_thread(build_session, config)
+    server = Dia2Server(session, tts.name, str(tts.device), config.max_lead_ms)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread (tests) or no signals on this platform
+    async with serve(server.handle, config.host, config.port, process_request=server.process_request,
+                     max_size=p.MAX_MESSAGE_BYTES) as ws_server:
+        port = ws_server.sockets[0].getsockname()[1]
+        log.info("listening on ws://%s:%d/", config.host, port)
+        print(f"dia2stream ready on ws://{config.host}:{port}/", flush=True)
+        if ready is not None:
+            ready.set_result(port)
+        await stop.wait()
+    session.close()

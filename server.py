@@ -1,0 +1,15 @@
+"""dia2stream server: `python server.py --checkpoint tiny --port 8765` (see --help)."""
+
+import asyncio
+import logging
+
+from dia2stream.config import parse_args
+from dia2stream.server import run
+
+if __name__ == "__main__":
+    config = parse_args()
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run(config))
+    except KeyboardInterrupt:
+        pass
