@@ -28,9 +28,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        if x.dtype == torch.float32:  # CPU's fused rms_norm is a slow composite; five plain ops are not
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fp32 math inside, one kernel
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, min_ts: float, max_ts: float,
@@ -263,21 +263,23 @@ class Depformer(nn.Module):
         x = self.depformer_in[w](hidden) + self.audio_embeds[s](prev)[:, None]  # [B, 1, Dd]
         if s == 0 and self.text_embed is not None:
             x = x + self.text_embed(text[:, None, 0], text[:, None, 1])
-        m = self.config.model
-        dep = m.depformer
-        rope = None
-        if dep.apply_rope:
-            pos = torch.full((x.shape[0], 1), s, device=x.device, dtype=torch.long)
-            rope = rope_cos_sin(pos, dep.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, x.dtype)
+        rope = self._stage_rope[s] if self._stage_rope else None
         mask = self._stage_masks[s]
         for layer in self.layers:
             x = layer(x, w, s, rope, mask)
         return self.logits[s](self.norm(x))[:, 0, : self.real_codes].float()
 
-    def setup_mask(self, device) -> None:
+    def setup_stage_tables(self, device, dtype) -> None:
+        """Masks and RoPE tables of the 31 fixed stage positions, made once, not per frame."""
+        m = self.config.model
         stages = self.config.num_stages
         slots = torch.arange(stages, device=device)
         self._stage_masks = [(slots <= s)[None, None, None, :] for s in range(stages)]
+        self._stage_rope = []
+        if m.depformer.apply_rope:
+            pos = slots[:, None]  # [S, 1]
+            cos, sin = rope_cos_sin(pos, m.depformer.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, dtype)
+            self._stage_rope = [(cos[s:s + 1], sin[s:s + 1]) for s in range(stages)]  # [1, 1, 1, Dh] each
 
 
 class Dia2Model(nn.Module):
@@ -297,7 +299,7 @@ class Dia2Model(nn.Module):
         for layer in self.depformer.layers:
             layer.self_attention.cache = KVCache(batch, dep.gqa_query_heads, self.config.num_stages,
                                                  dep.gqa_head_dim, dtype, p.device)
-        self.depformer.setup_mask(p.device)
+        self.depformer.setup_stage_tables(p.device, dtype)
 
     def decoder_caches(self) -> list[KVCache]:
         return [layer.attn.cache for layer in self.transformer.layers]

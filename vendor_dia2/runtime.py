@@ -20,7 +20,7 @@ import torch
 
 from .config import Dia2Config
 from .model import Dia2Model
-from .sampling import cfg_filter, sample
+from .sampling import cfg_filter, sample, uniform_noise
 
 UNGENERATED = -2  # delayed-buffer cell not written yet
 NEW_WORD_ACTION = 1  # upstream maps action index 1 to new_word and everything else to pad
@@ -222,8 +222,8 @@ class FrameStepper:
         d = self.config.data
         pos = self.positions  # [N]
         action_logits, cb0_logits, hidden = self.model.transformer(self.tokens[:, None], pos.repeat(br)[:, None])
-        action = sample(self._guided(action_logits[:, 0]), self.text_temperature, self.text_top_k, self.max_top_k,
-                        self.seeds, pos, stream=0)
+        noise = uniform_noise(self.seeds, pos, self.num_codebooks + 1, self.max_top_k)  # [N, 1 + Q, K]
+        action = sample(self._guided(action_logits[:, 0]), self.text_temperature, self.text_top_k, noise[:, 0])
         text = self.text_choices[torch.arange(n, device=self.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
 
         write_pos = pos + 1  # step t fills delayed column t+1
@@ -234,8 +234,7 @@ class FrameStepper:
         cb0 = cb0_logits[:, 0]
         cb0[:, d.audio_pad] = torch.finfo(cb0.dtype).min
         cb0[:, d.audio_bos] = torch.finfo(cb0.dtype).min
-        code = sample(self._guided(cb0), self.audio_temperature, self.audio_top_k, self.max_top_k,
-                      self.seeds, pos, stream=1)
+        code = sample(self._guided(cb0), self.audio_temperature, self.audio_top_k, noise[:, 1])
         code = torch.where(forced[:, 0], known[:, 0], code)
         codes = [code]
         if br == 2:
@@ -244,8 +243,7 @@ class FrameStepper:
             dep_text = text
         for s in range(self.config.num_stages):
             logits = self.model.depformer.stage(s, hidden, code.repeat(br), dep_text if s == 0 else None)
-            code = sample(self._guided(logits), self.audio_temperature, self.audio_top_k, self.max_top_k,
-                          self.seeds, pos, stream=2 + s)
+            code = sample(self._guided(logits), self.audio_temperature, self.audio_top_k, noise[:, 2 + s])
             code = torch.where(forced[:, s + 1], known[:, s + 1], code)
             codes.append(code)
         codes_t = torch.stack(codes, dim=1)  # [N, Q]

@@ -32,10 +32,12 @@ def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits) & ((1 << (64 - bits)) - 1)
 
 
-def uniform_noise(seed: torch.Tensor, position: torch.Tensor, stream: int, width: int) -> torch.Tensor:
-    """Uniform (0, 1) floats `[N, width]` from a splitmix64-style hash; seed, position `[N]` int64."""
-    lane = torch.arange(width, device=seed.device, dtype=torch.int64)
-    x = seed[:, None] * _GOLDEN + position[:, None] * _MIX1 + _i64((stream + 1) * _STREAM) + lane[None, :] * _GOLDEN
+def uniform_noise(seed: torch.Tensor, position: torch.Tensor, streams: int, width: int) -> torch.Tensor:
+    """Uniform (0, 1) floats `[N, streams, width]` from a splitmix64-style hash of
+    (seed, position, stream, lane); seed, position `[N]` int64. One call covers a whole frame."""
+    stream = torch.arange(1, streams + 1, device=seed.device, dtype=torch.int64) * _STREAM
+    lane = torch.arange(width, device=seed.device, dtype=torch.int64) * _GOLDEN
+    x = (seed * _GOLDEN + position * _MIX1)[:, None, None] + stream[None, :, None] + lane[None, None, :]
     x = (x ^ _shift_right(x, 30)) * _MIX1
     x = (x ^ _shift_right(x, 27)) * _MIX2
     x = x ^ _shift_right(x, 31)
@@ -51,19 +53,18 @@ def cfg_filter(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, fi
     return cond.masked_fill(~keep, float("-inf"))
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, max_top_k: int,
-           seed: torch.Tensor, position: torch.Tensor, stream: int) -> torch.Tensor:
-    """Draw one id per row. logits `[N, V]` fp32; temperature, top_k, seed, position `[N]`.
+def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Draw one id per row. logits `[N, V]`; temperature, top_k `[N]`; noise `[N, K]` uniform
+    (K = the static candidate count, for graph shapes; a row's own `top_k` masks past it).
 
-    Rows with temperature <= 0 take the argmax. `max_top_k` is static (graph shapes); a row's
-    own `top_k` masks candidates past it.
+    Rows with temperature <= 0 take the argmax.
     """
-    k = min(max_top_k, logits.shape[1])
+    k = min(noise.shape[1], logits.shape[1])
     values, ids = logits.float().topk(k, dim=-1)  # [N, k], sorted descending
     values = torch.nan_to_num(values, nan=float("-inf"))
     rank = torch.arange(k, device=logits.device)
     values = values.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
-    gumbel = -torch.log(-torch.log(uniform_noise(seed, position, stream, k)))
+    gumbel = -torch.log(-torch.log(noise[:, :k]))
     scaled = values / temperature.clamp_min(1e-6)[:, None] + gumbel
     choice = scaled.argmax(dim=-1, keepdim=True)
     drawn = ids.gather(1, choice)[:, 0]
