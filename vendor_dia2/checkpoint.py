@@ -191,7 +191,9 @@ def write_random_checkpoint(config: Dia2Config, out_dir: str | os.PathLike, *, s
         state = random_state_dict(config, seed=seed, dtype=dtype, progress=progress)
         if progress:
             log.info("writing %s", out_dir / WEIGHTS_FILE)
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "generator": f"dia2stream random seed={seed}"})
+        # One metadata key only: safetensors writes the metadata map in hash order, so a second key
+        # made the bytes differ from run to run for the same seed.
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         if out_dir.exists():
             if not overwrite and (out_dir / WEIGHTS_FILE).is_file():
                 shutil.rmtree(tmp)  # another writer finished first

@@ -146,10 +146,14 @@ class Dia2Config:
             problems.append("runtime.weights_schedule: ids must be >= 0")
         if not _is_int(max_ctx) or max_ctx <= 0:
             problems.append("runtime.max_context_steps: must be a positive integer")
-        cfg = None
-        if not problems:
-            cfg = cls(data=data, model=model, runtime=RuntimeConfig(tuple(schedule), max_ctx), assets=assets)
-            problems.extend(cfg._consistency_problems())
+        # The cross-field checks still run when only the runtime block is wrong (a valid placeholder
+        # stands in for it), so e.g. a short weights_schedule and a short delay_pattern are both reported.
+        if problems:
+            runtime = RuntimeConfig(tuple(range(max(stages, 0))))
+        else:
+            runtime = RuntimeConfig(tuple(schedule), max_ctx)
+        cfg = cls(data=data, model=model, runtime=runtime, assets=assets)
+        problems.extend(cfg._consistency_problems())
         if problems:
             raise ConfigError(_format(source, problems))
         return cfg
