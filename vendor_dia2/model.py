@@ -195,31 +195,52 @@ class Decoder(nn.Module):
 # -- depformer -----------------------------------------------------------------------------------
 
 class DepformerAttention(nn.Module):
-    """Self-attention over the stages of one frame; projections per weight set."""
+    """Self-attention over the stages of one frame; projections per weight set.
+
+    Stage positions are fixed (stage s sits at position s), so the q/k norm weights and RoPE of
+    each stage fold into one `[Dh, Dh]` map per stage (`qk_maps[s]`: for q and for k): the
+    normalised heads go through one batched matmul instead of a dozen elementwise kernels.
+    """
 
     def __init__(self, cfg: TransformerConfig, weight_sets: list[int], eps: float):
         super().__init__()
-        self.h, self.dh = cfg.gqa_query_heads, cfg.gqa_head_dim
+        self.h, self.dh, self.eps = cfg.gqa_query_heads, cfg.gqa_head_dim, eps
         inner = self.h * self.dh
         self.in_proj = nn.ModuleDict({str(w): nn.Linear(cfg.n_embd, 3 * inner, bias=False) for w in weight_sets})
         self.out_proj = nn.ModuleDict({str(w): nn.Linear(inner, cfg.n_embd, bias=False) for w in weight_sets})
         self.q_norm = RMSNorm(self.dh, eps)
         self.k_norm = RMSNorm(self.dh, eps)
         self.cache: KVCache | None = None
+        self.qk_maps: torch.Tensor | None = None  # [S, 2, Dh, Dh], see setup_stage_tables
 
-    def forward(self, x, weight_set: str, stage: int, rope, mask):
+    def forward(self, x, weight_set: str, stage: int, mask):
         b = x.shape[0]
-        qkv = self.in_proj[weight_set](x).view(b, 1, 3, self.h, self.dh)  # x [B, 1, Dd]
-        q = self.q_norm(qkv[:, :, 0]).transpose(1, 2)  # [B, H, 1, Dh]
-        k = self.k_norm(qkv[:, :, 1]).transpose(1, 2)
-        v = qkv[:, :, 2].transpose(1, 2)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        qkv = self.in_proj[weight_set](x).view(b, 3, self.h, self.dh)  # x [B, 1, Dd]
+        qk = _unit_rms(qkv[:, :2], self.eps)  # [B, 2, H, Dh]
+        qk = torch.matmul(qk.transpose(0, 1).reshape(2, b * self.h, self.dh), self.qk_maps[stage])  # [2, B*H, Dh]
+        qk = qk.view(2, b, self.h, 1, self.dh)
         # stage s writes slot s; slots past s hold the previous frame's values and are masked
-        self.cache.k[:, :, stage] = k[:, :, 0]
-        self.cache.v[:, :, stage] = v[:, :, 0]
-        out = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=mask, scale=1.0)
+        self.cache.k[:, :, stage] = qk[1, :, :, 0]
+        self.cache.v[:, :, stage] = qkv[:, 2]
+        out = F.scaled_dot_product_attention(qk[0], self.cache.k, self.cache.v, attn_mask=mask, scale=1.0)
         return self.out_proj[weight_set](out.transpose(1, 2).reshape(b, 1, self.h * self.dh))
+
+
+def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+
+
+def rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`[Dh, Dh]` R with `x @ R == apply_rope(x, cos, sin)` for one position (cos, sin `[Dh]`)."""
+    dh = cos.shape[-1]
+    half = dh // 2
+    r = torch.diag(cos)
+    idx = torch.arange(half)
+    r[idx + half, idx] = -sin[:half]
+    r[idx, idx + half] = sin[half:]
+    return r
 
 
 class DepformerLayer(nn.Module):
@@ -230,8 +251,8 @@ class DepformerLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.n_embd, eps)
         self.mlp = MLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
 
-    def forward(self, x, weight_set, stage, rope, mask):
-        x = x + self.self_attention(self.pre_norm(x), weight_set, stage, rope, mask)
+    def forward(self, x, weight_set, stage, mask):
+        x = x + self.self_attention(self.pre_norm(x), weight_set, stage, mask)
         return x + self.mlp(self.post_norm(x))
 
 
@@ -263,23 +284,31 @@ class Depformer(nn.Module):
         x = self.depformer_in[w](hidden) + self.audio_embeds[s](prev)[:, None]  # [B, 1, Dd]
         if s == 0 and self.text_embed is not None:
             x = x + self.text_embed(text[:, None, 0], text[:, None, 1])
-        rope = self._stage_rope[s] if self._stage_rope else None
         mask = self._stage_masks[s]
         for layer in self.layers:
-            x = layer(x, w, s, rope, mask)
+            x = layer(x, w, s, mask)
         return self.logits[s](self.norm(x))[:, 0, : self.real_codes].float()
 
     def setup_stage_tables(self, device, dtype) -> None:
-        """Masks and RoPE tables of the 31 fixed stage positions, made once, not per frame."""
+        """Masks and q/k maps (norm weight x RoPE) of the fixed stage positions, made once after
+        the weights are loaded, not per frame."""
         m = self.config.model
+        dep = m.depformer
         stages = self.config.num_stages
         slots = torch.arange(stages, device=device)
         self._stage_masks = [(slots <= s)[None, None, None, :] for s in range(stages)]
-        self._stage_rope = []
-        if m.depformer.apply_rope:
-            pos = slots[:, None]  # [S, 1]
-            cos, sin = rope_cos_sin(pos, m.depformer.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, dtype)
-            self._stage_rope = [(cos[s:s + 1], sin[s:s + 1]) for s in range(stages)]  # [1, 1, 1, Dh] each
+        if dep.apply_rope:
+            cos, sin = rope_cos_sin(slots.cpu()[:, None], dep.gqa_head_dim, m.rope_min_timescale,
+                                    m.rope_max_timescale, torch.float32)  # [S, 1, 1, Dh]
+            rot = torch.stack([rope_matrix(cos[s, 0, 0], sin[s, 0, 0]) for s in range(stages)])  # [S, Dh, Dh]
+        else:
+            rot = torch.eye(dep.gqa_head_dim).expand(stages, -1, -1)
+        for layer in self.layers:
+            attn = layer.self_attention
+            norms = torch.stack([attn.q_norm.weight, attn.k_norm.weight]).float().cpu()  # [2, Dh]
+            # diag(w) @ R: scale the rows of R by the norm weight
+            maps = norms[None, :, :, None] * rot[:, None]  # [S, 2, Dh, Dh]
+            attn.qk_maps = maps.to(device=device, dtype=dtype)
 
 
 class Dia2Model(nn.Module):

@@ -20,7 +20,7 @@ import torch
 
 from .config import Dia2Config
 from .model import Dia2Model
-from .sampling import cfg_filter, sample, uniform_noise
+from .sampling import draw, guided_candidates, gumbel_noise, top_candidates
 
 UNGENERATED = -2  # delayed-buffer cell not written yet
 NEW_WORD_ACTION = 1  # upstream maps action index 1 to new_word and everything else to pad
@@ -58,7 +58,7 @@ class FrameStepper:
     """
 
     def __init__(self, model: Dia2Model, *, n_calls: int = 1, cfg: bool = True, max_positions: int | None = None,
-                 max_top_k: int = 64, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None):
+                 max_top_k: int = 256, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None):
         config: Dia2Config = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
@@ -211,19 +211,22 @@ class FrameStepper:
 
     # -- the frame, on the device ----------------------------------------------------------------
 
-    def _guided(self, logits: torch.Tensor) -> torch.Tensor:
-        """Rows [R, V] → guided conditional logits [N, V]."""
+    def _pick(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+              gumbel: torch.Tensor) -> torch.Tensor:
+        """Rows [R, V] → one id per call [N]: CFG candidates (two branches) or plain top-k, then a draw."""
         if self.branches == 1:
-            return logits
-        return cfg_filter(logits[: self.n], logits[self.n:], self.cfg_scale, self.cfg_filter_k)
+            values, ids = top_candidates(logits, self.max_top_k)
+        else:
+            values, ids = guided_candidates(logits[: self.n], logits[self.n:], self.cfg_scale, self.cfg_filter_k)
+        return draw(values, ids, temperature, top_k, gumbel)
 
     def _frame(self) -> None:
         n, br, q = self.n, self.branches, self.num_codebooks
         d = self.config.data
         pos = self.positions  # [N]
         action_logits, cb0_logits, hidden = self.model.transformer(self.tokens[:, None], pos.repeat(br)[:, None])
-        noise = uniform_noise(self.seeds, pos, self.num_codebooks + 1, self.max_top_k)  # [N, 1 + Q, K]
-        action = sample(self._guided(action_logits[:, 0]), self.text_temperature, self.text_top_k, noise[:, 0])
+        gumbel = gumbel_noise(self.seeds, pos, self.num_codebooks + 1, self.max_top_k)  # [N, 1 + Q, K]
+        action = self._pick(action_logits[:, 0], self.text_temperature, self.text_top_k, gumbel[:, 0])
         text = self.text_choices[torch.arange(n, device=self.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
 
         write_pos = pos + 1  # step t fills delayed column t+1
@@ -234,7 +237,7 @@ class FrameStepper:
         cb0 = cb0_logits[:, 0]
         cb0[:, d.audio_pad] = torch.finfo(cb0.dtype).min
         cb0[:, d.audio_bos] = torch.finfo(cb0.dtype).min
-        code = sample(self._guided(cb0), self.audio_temperature, self.audio_top_k, noise[:, 1])
+        code = self._pick(cb0, self.audio_temperature, self.audio_top_k, gumbel[:, 1])
         code = torch.where(forced[:, 0], known[:, 0], code)
         codes = [code]
         if br == 2:
@@ -243,7 +246,7 @@ class FrameStepper:
             dep_text = text
         for s in range(self.config.num_stages):
             logits = self.model.depformer.stage(s, hidden, code.repeat(br), dep_text if s == 0 else None)
-            code = sample(self._guided(logits), self.audio_temperature, self.audio_top_k, noise[:, 2 + s])
+            code = self._pick(logits, self.audio_temperature, self.audio_top_k, gumbel[:, 2 + s])
             code = torch.where(forced[:, s + 1], known[:, s + 1], code)
             codes.append(code)
         codes_t = torch.stack(codes, dim=1)  # [N, Q]

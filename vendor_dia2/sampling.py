@@ -5,7 +5,8 @@ of (seed, frame position, stream, candidate), so a seeded run draws the same tok
 graphed, batched or alone, and replays need no generator bookkeeping.
 
 Sampling is "softmax(logits / T), keep the top-k, renormalise, draw one" (DIA2_SPEC.md §8),
-done as a Gumbel-max draw over the top-k candidates, which is the same distribution.
+done as a Gumbel-max draw over the sorted candidates, which is the same distribution.
+CFG picks the candidate set from the guided logits and lets the conditional logits rank it.
 """
 
 from __future__ import annotations
@@ -44,28 +45,34 @@ def uniform_noise(seed: torch.Tensor, position: torch.Tensor, streams: int, widt
     return (_shift_right(x, 40).float() + 0.5) * (1.0 / (1 << 24))
 
 
-def cfg_filter(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor, filter_k: int) -> torch.Tensor:
-    """Guided candidate set, conditional ranking: cond logits with all but the top-k of the
-    guided logits set to -inf. cond, uncond `[N, V]`; scale `[N]`."""
-    guided = uncond + scale[:, None] * (cond - uncond)
-    keep = torch.zeros_like(cond, dtype=torch.bool)
-    keep.scatter_(1, guided.topk(min(filter_k, cond.shape[1]), dim=-1).indices, True)
-    return cond.masked_fill(~keep, float("-inf"))
+def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, streams: int, width: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise `[N, streams, width]` for a frame's draws."""
+    return -torch.log(-torch.log(uniform_noise(seed, position, streams, width)))
 
 
-def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Draw one id per row. logits `[N, V]`; temperature, top_k `[N]`; noise `[N, K]` uniform
-    (K = the static candidate count, for graph shapes; a row's own `top_k` masks past it).
+def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best (values, ids), sorted descending. logits `[N, V]`."""
+    values, ids = logits.float().topk(min(k, logits.shape[1]), dim=-1)
+    return values, ids
 
-    Rows with temperature <= 0 take the argmax.
-    """
-    k = min(noise.shape[1], logits.shape[1])
-    values, ids = logits.float().topk(k, dim=-1)  # [N, k], sorted descending
-    values = torch.nan_to_num(values, nan=float("-inf"))
-    rank = torch.arange(k, device=logits.device)
-    values = values.masked_fill(rank[None, :] >= top_k[:, None], float("-inf"))
-    gumbel = -torch.log(-torch.log(noise[:, :k]))
-    scaled = values / temperature.clamp_min(1e-6)[:, None] + gumbel
-    choice = scaled.argmax(dim=-1, keepdim=True)
-    drawn = ids.gather(1, choice)[:, 0]
+
+def guided_candidates(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor,
+                      filter_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CFG: the top-`filter_k` ids of `uncond + scale * (cond - uncond)`, ranked (sorted) by the
+    conditional logits. cond, uncond `[N, V]`; scale `[N]`."""
+    guided = torch.lerp(uncond.float(), cond.float(), scale[:, None])
+    ids = guided.topk(min(filter_k, cond.shape[1]), dim=-1).indices
+    values, order = cond.float().gather(1, ids).sort(dim=-1, descending=True)
+    return values, ids.gather(1, order)
+
+
+def draw(values: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
+         gumbel: torch.Tensor) -> torch.Tensor:
+    """One id per row from sorted candidates. values, ids `[N, C]`; temperature, top_k `[N]`;
+    gumbel `[N, >= C]`. Rows with temperature <= 0 take the best candidate."""
+    c = values.shape[1]
+    rank = torch.arange(c, device=values.device)
+    values = torch.nan_to_num(values, nan=float("-inf")).masked_fill(rank >= top_k[:, None], float("-inf"))
+    scores = values / temperature.clamp_min(1e-6)[:, None] + gumbel[:, :c]
+    drawn = ids.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
     return torch.where(temperature > 0, drawn, ids[:, 0])
