@@ -10,6 +10,10 @@ Frames carry an *epoch*. Commands that must silence stale audio (pause, reset, s
 epoch the moment they are submitted, so a sender can drop frames generated before them even if
 they are already queued; the thread stamps later frames with the epoch of the last command it
 processed. Nothing here knows JSON or sockets.
+
+The client's sink changes hands through the same command queue (`_Attach`/`_Detach`), so
+everything the thread emits for one connection's commands, and nothing else, reaches that
+connection's sink, whatever the timing of a disconnect and the next connect.
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class Phase(Enum):
 class _Submitted:
     command: object
     epoch: int
+    at: float = 0.0  # time.monotonic() when the command was received
 
 
 @dataclass
@@ -107,7 +112,9 @@ class StreamingSession:
 
         self._commands: queue.Queue[_Submitted] = queue.Queue()
         self._lock = threading.Lock()
-        self._sink: Sink | None = None
+        self._sink: Sink | None = None  # the client holding the session (event-loop side)
+        self._out: Sink | None = None  # where the generation thread emits (thread side)
+        self._received_at = 0.0  # receive time of the command being handled
         self._epoch = 0  # raised by barrier commands at submit time
         self._out_epoch = 0  # stamped on frames by the generation thread
         self.frames_acked = 0  # frames the sender has written to the socket (set by the server)
@@ -138,8 +145,10 @@ class StreamingSession:
                 return False
             self._sink = sink
             self.frames_acked = 0
-            self._frames_emitted = 0
-        return True  # the previous client's detach already queued a clean reset
+        # Queued after the previous client's detach (and its clean reset): the thread only emits
+        # to the new sink once everything of the previous client is over.
+        self.submit(_Attach(sink))
+        return True
 
     def detach(self, sink: Sink) -> None:
         """The client left: stop within one frame and free the session."""
@@ -149,12 +158,16 @@ class StreamingSession:
             self._sink = None
         self.submit(_Detach())
 
+    def reply(self, event: object) -> None:
+        """An event the event loop answers itself (ping, parse errors), sent in command order."""
+        self.submit(_Reply(event))
+
     def submit(self, command: object) -> None:
         # Not start: it is refused while generating, and after `done` the queue may still hold the
         # previous utterance's last frames, which must be heard.
         if isinstance(command, (p.Pause, p.Reset, _Detach)):
             self._epoch += 1  # frames already queued for the client are now stale
-        self._commands.put(_Submitted(command, self._epoch))
+        self._commands.put(_Submitted(command, self._epoch, time.monotonic()))
 
     def close(self) -> None:
         self._closed = True
@@ -175,6 +188,7 @@ class StreamingSession:
                     sub = None
                 if sub is not None:
                     self._out_epoch = max(self._out_epoch, sub.epoch)
+                    self._received_at = sub.at
                     self._handle(sub.command)
                     continue  # drain every pending command before the next frame
                 if self.phase is Phase.GENERATING and self._may_generate():
@@ -213,11 +227,20 @@ class StreamingSession:
 
     def _handle(self, cmd: object) -> None:
         if isinstance(cmd, _Detach):
+            self._out = None
             self._clean_reset()
+            self._last_turn = None  # the next client must not see this client's utterance
             self.phase = Phase.NONE
             return
-        if self._sink is None:
+        if isinstance(cmd, _Attach):
+            self._out = cmd.sink
+            self._frames_emitted = 0
+            return
+        if self._out is None:
             return  # a command that raced with a disconnect
+        if isinstance(cmd, _Reply):
+            self._emit(cmd.event)
+            return
         handler = {p.Start: self._on_start, p.Inject: self._on_inject, p.Flush: self._on_flush,
                    p.Pause: self._on_pause, p.Resume: self._on_resume, p.Reset: self._on_reset}.get(type(cmd))
         if handler is None:
@@ -261,7 +284,9 @@ class StreamingSession:
             raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to flush: send start first", cmd="flush", id=cmd.id)
         self.machine.finish()
         if self.phase is Phase.HOLDING:
-            self.phase = Phase.GENERATING  # speak the tail, then done
+            self._leave_hold()  # speak the tail, then done
+        elif self.phase is Phase.PAUSED and self._resume_phase is Phase.HOLDING:
+            self._resume_phase = Phase.GENERATING  # else resume would hold forever, with no done
 
     def _on_pause(self, cmd: p.Pause) -> None:
         turn = self.turn or self._last_turn
@@ -317,7 +342,7 @@ class StreamingSession:
     def _begin_turn(self, client_id) -> None:
         position = self.stepper.host_positions[0]
         first = max(0, position + 1 - self.stepper.max_delay)  # first aligned frame this turn decodes
-        self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=time.monotonic(),
+        self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=self._received_at,
                          next_frame=first, words_emitted=len(self.machine.transcript))
         self.phase = Phase.GENERATING
         self._emit(p.Started(id=client_id, voice=None, position=position))
@@ -328,11 +353,18 @@ class StreamingSession:
             self.turn.word_ids.append([words, client_id])
         self.machine.push(entries, final=final)
         if self.phase is Phase.HOLDING and (entries or final):
-            self.phase = Phase.GENERATING
+            self._leave_hold()
 
-    def _restart_pacing(self) -> None:
+    def _leave_hold(self) -> None:
+        # The client played on while we held: without re-pacing, the hold's duration would be
+        # credited as lead and the generator could run that far ahead of real time. Keep only
+        # the lead the client still has buffered (none after a long hold).
+        self.phase = Phase.GENERATING
+        self._restart_pacing(lead=max(0.0, self._lead_seconds()))
+
+    def _restart_pacing(self, lead: float = 0.0) -> None:
         turn = self.turn
-        turn.pace_origin, turn.pace_frames = time.monotonic(), turn.frames_sent
+        turn.pace_origin, turn.pace_frames = time.monotonic() + lead, turn.frames_sent
 
     def _clean_reset(self) -> None:
         self.stepper.reset_call(0)
@@ -408,7 +440,7 @@ class StreamingSession:
         self._emit(p.ResetDone(voice=None))
 
     def _emit(self, item: Item) -> None:
-        sink = self._sink
+        sink = self._out
         if sink is not None:
             sink(item)
 
@@ -417,6 +449,22 @@ class _Detach:
     """Internal: the client is gone."""
 
     cmd = "detach"
+
+
+@dataclass(frozen=True)
+class _Attach:
+    """Internal: a client holds the session from now on; emit to its sink."""
+
+    sink: Sink
+    cmd = "attach"
+
+
+@dataclass(frozen=True)
+class _Reply:
+    """Internal: an event answered by the event loop, queued so it keeps command order."""
+
+    event: object
+    cmd = "reply"
 
 
 def _first(*values):
