@@ -8,6 +8,7 @@ the event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -63,34 +64,40 @@ class Dia2Server:
             await ws.close(CLOSE_TRY_AGAIN_LATER, "busy")
             return
         log.info("client %s connected", peer)
-        sender = asyncio.create_task(self._send_loop(ws, out))
+        sender = None
         try:
+            # `ready` goes out before the sender task exists: it is always the first message.
             await ws.send(p.Ready(model=self.model_name, device=self.device, voices=[], max_lead_ms=int(self.max_lead_ms),
                                   context_frames=self.session.context_frames).to_json())
+            sender = asyncio.create_task(self._send_loop(ws, out))
             async for message in ws:
-                self._dispatch(message, out)
+                self._dispatch(message)
         except ConnectionClosed:
             pass
         finally:
             self.session.detach(sink)
-            sender.cancel()
+            if sender is not None:
+                sender.cancel()
             log.info("client %s disconnected", peer)
 
-    def _dispatch(self, message, out: asyncio.Queue) -> None:
+    def _dispatch(self, message) -> None:
+        # Answers made here still go through the session's queue, so events answer commands in the
+        # order the commands were received (an error for a bad message never overtakes the
+        # `started` of the `start` before it).
         try:
             command = p.parse_command(message)
         except p.ProtocolError as err:
             log.info("bad command: %s %s", err.code, err.message)
-            out.put_nowait(err.to_event())
+            self.session.reply(err.to_event())
             return
         log.info("cmd %s%s", command.cmd, f" id={command.id}" if getattr(command, "id", None) is not None else "")
         if isinstance(command, p.Ping):
-            out.put_nowait(p.Pong(id=command.id))
+            self.session.reply(p.Pong(id=command.id))
         elif isinstance(command, p.ListVoices):
-            out.put_nowait(p.Voices(voices=[], id=command.id))
+            self.session.reply(p.Voices(voices=[], id=command.id))
         elif isinstance(command, p.SetVoice):
-            out.put_nowait(p.ErrorEvent(code=p.ErrorCode.VOICE_ERROR, cmd="set_voice", id=command.id,
-                                        message="voice preparation is not available on this server yet"))
+            self.session.reply(p.ErrorEvent(code=p.ErrorCode.VOICE_ERROR, cmd="set_voice", id=command.id,
+                                            message="voice preparation is not available on this server yet"))
         else:
             self.session.submit(command)
 
@@ -118,7 +125,7 @@ class Dia2Server:
 
 
 def build_session(config: ServerConfig):
-    """Load the model and make the session (warmed up, so the first request pays no first-call cost)."""
+    """Load the model and make the session (CUDA graphs, if any, are captured here, not on the first request)."""
     import torch
 
     from vendor_dia2 import Dia2
@@ -133,22 +140,39 @@ def build_session(config: ServerConfig):
     return tts, session
 
 
-async def run(config: ServerConfig, ready: asyncio.Future | None = None) -> None:
-    tts, session = await asyncio.to_thread(build_session, config)
-    server = Dia2Server(session, tts.name, str(tts.device), config.max_lead_ms)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        try:
-            loop.add_signal_handler(sig, stop.set)
-        except (NotImplementedError, RuntimeError, ValueError):
-            pass  # not the main thread (tests) or no signals on this platform
-    async with serve(server.handle, config.host, config.port, process_request=server.process_request,
-                     max_size=p.MAX_MESSAGE_BYTES) as ws_server:
-        port = ws_server.sockets[0].getsockname()[1]
-        log.info("listening on ws://%s:%d/", config.host, port)
-        print(f"dia2stream ready on ws://{config.host}:{port}/", flush=True)
-        if ready is not None:
-            ready.set_result(port)
-        await stop.wait()
-    session.close()
+async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.Future | None = None,
+              stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGINT/SIGTERM or until `stop` is set.
+
+    `ready` receives the listening port (useful with port 0), or the exception if the server
+    could not start; a `concurrent.futures.Future` lets another thread wait for it.
+    """
+    stop = stop or asyncio.Event()
+    session = None
+    try:
+        tts, session = await asyncio.to_thread(build_session, config)
+        server = Dia2Server(session, tts.name, str(tts.device), config.max_lead_ms)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, stop.set)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread (tests) or no signals on this platform
+        async with serve(server.handle, config.host, config.port, process_request=server.process_request,
+                         max_size=p.MAX_MESSAGE_BYTES) as ws_server:
+            port = ws_server.sockets[0].getsockname()[1]
+            log.info("listening on ws://%s:%d/", config.host, port)
+            print(f"dia2stream ready on ws://{config.host}:{port}/", flush=True)
+            if ready is not None:
+                ready.set_result(port)
+            await stop.wait()
+    except BaseException as exc:
+        if ready is not None and not ready.done():
+            if isinstance(exc, Exception):
+                ready.set_exception(exc)
+            else:
+                ready.cancel()
+        raise
+    finally:
+        if session is not None:
+            await asyncio.to_thread(session.close)
