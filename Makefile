@@ -18,8 +18,10 @@ WHISPER_DEPS ?= tiktoken more-itertools numba
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Starts server.py on the tiny checkpoint (free port), waits for /health, runs test_client.py with
+# an inject against it, prints TTFA / frames / real-time factor, writes demo.wav, stops the server.
 demo: $(STAMP)
-	$(PY) -m vendor_dia2 generate --checkpoint tiny "[S1] Hello there, this is a demo." -o demo.wav
+	$(PY) -m dia2stream.demo -o demo.wav
 
 venv: $(STAMP)
 
