@@ -50,13 +50,13 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int) -> dict:
+def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool = False) -> dict:
     """Time `frames` steps (after a warm-up) of a fresh stepper, host state machine included."""
     tts._stepper = None
     if tts.device.type == "cuda":
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    stepper = FrameStepper(tts.model, cfg=cfg, use_cuda_graph=graph)
+    stepper = FrameStepper(tts.model, cfg=cfg, use_cuda_graph=graph, compile=compile)
     build_s = time.perf_counter() - t0
     stepper.set_sampling(0, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
     machine = tts.new_state_machine()
@@ -196,6 +196,14 @@ def run_preset(name: str, args) -> dict:
             frames = args.frames if graph else max(20, args.frames // 4)
             steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames)
             print(f"[{name}] step {key}: {steps[key]}", flush=True)
+    if args.compile and device.type == "cuda":
+        for cfg in (False, True):
+            key = f"graph_compiled_cfg{2 if cfg else 1}"
+            try:
+                steps[key] = bench_steps(tts, cfg=cfg, graph=True, frames=args.frames, compile=True)
+            except Exception as exc:  # compile failures are reported, not fatal to the run
+                steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+            print(f"[{name}] step {key}: {steps[key]}", flush=True)
     result["step_ms"] = steps
     result["mimi_decode_ms"] = bench_mimi(tts, args.frames)
     print(f"[{name}] mimi decode: {result['mimi_decode_ms']}", flush=True)
@@ -220,6 +228,9 @@ def print_table(results: list[dict]) -> None:
     print("|---|---|---|---|---|")
     for r in results:
         for key, s in r["step_ms"].items():
+            if "p50" not in s:
+                print(f"| {r['preset']} | {key} | {s} | | |")
+                continue
             print(f"| {r['preset']} | {key} | {s['p50']} | {s['p95']} | {s['first_decodable_frame_ms']} |")
     for r in results:
         srv = r.get("server", {})
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20, help="server TTFA / inject runs")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="server's CFG scale")
     parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile inside the graph")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     results = [run_preset(name.strip(), args) for name in args.presets.split(",") if name.strip()]
