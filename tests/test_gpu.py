@@ -80,3 +80,17 @@ def test_graphed_mimi_stream_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     codec.reset_stream()
     torch.testing.assert_close(codec.decode_frame(codes[:, :, 0]), eager[0], atol=1e-4, rtol=1e-3)
+
+
+def test_compiled_graph_matches_eager_tokens(gpu_tts):
+    eager = _run(gpu_tts, graph=False, cfg=True, frames=20)
+    gpu_tts._stepper = None
+    stepper = FrameStepper(gpu_tts.model, cfg=True, max_positions=256, use_cuda_graph=True, compile=True)
+    stepper.set_sampling(0, SamplingParams(seed=7, cfg_scale=2.0))
+    machine = gpu_tts.new_state_machine()
+    machine.push(parse_script("[S1] Hello there, how are you doing today?", gpu_tts.tokenizer))
+    codes = []
+    for t in range(20):
+        machine.process(t, stepper.step([machine.preview(t)])[0])
+        codes.append(stepper.codes.clone())
+    assert torch.equal(eager[1], torch.stack(codes))

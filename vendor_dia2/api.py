@@ -59,6 +59,9 @@ class Dia2:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._stepper: FrameStepper | None = None
+        # torch.compile inside the CUDA graph (fewer, fused kernels); costs a minute once, at
+        # stepper creation. Off by default: CPU gains little and tests must start fast.
+        self.compile_steps = False
 
     @classmethod
     def from_pretrained(cls, checkpoint: str = "tiny", *, device: str | torch.device | None = None,
@@ -89,7 +92,8 @@ class Dia2:
         want = max_positions or self.config.runtime.max_context_steps
         if s is None or (s.branches == 2) != cfg or s.max_positions != want:
             self._stepper = None  # drop graphs and caches before allocating new ones
-            self._stepper = FrameStepper(self.model, cfg=cfg, max_positions=want, use_cuda_graph=use_cuda_graph)
+            self._stepper = FrameStepper(self.model, cfg=cfg, max_positions=want, use_cuda_graph=use_cuda_graph,
+                                         compile=self.compile_steps)
         return self._stepper
 
     @property

@@ -15,6 +15,8 @@ RoPE is computed from the positions on the fly, so it is defined for any positio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -28,9 +30,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # CPU's fused rms_norm is a slow composite; five plain ops are not
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
-        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fp32 math inside, one kernel
+        return _rms(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, min_ts: float, max_ts: float,
@@ -61,12 +61,6 @@ class KVCache(nn.Module):
     @property
     def length(self) -> int:
         return self.k.shape[2]
-
-    def write(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        # positions [B, T]; k, v [B, H, T, Dh]
-        index = positions[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
-        self.k.scatter_(2, index, k)
-        self.v.scatter_(2, index, v)
 
 
 def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -119,28 +113,18 @@ class MultiStreamEmbedding(nn.Module):
 # -- decoder -------------------------------------------------------------------------------------
 
 class DecoderAttention(nn.Module):
+    """Parameters of the decoder attention; the math is in `decoder_layer`."""
+
     def __init__(self, cfg: TransformerConfig, eps: float):
         super().__init__()
-        self.hq, self.hkv, self.dh = cfg.gqa_query_heads, cfg.kv_heads, cfg.gqa_head_dim
-        self.q_proj = nn.Linear(cfg.n_embd, self.hq * self.dh, bias=False)
-        self.k_proj = nn.Linear(cfg.n_embd, self.hkv * self.dh, bias=False)
-        self.v_proj = nn.Linear(cfg.n_embd, self.hkv * self.dh, bias=False)
-        self.o_proj = nn.Linear(self.hq * self.dh, cfg.n_embd, bias=False)
-        self.q_norm = RMSNorm(self.dh, eps)
-        self.k_norm = RMSNorm(self.dh, eps)
+        hq, hkv, dh = cfg.gqa_query_heads, cfg.kv_heads, cfg.gqa_head_dim
+        self.q_proj = nn.Linear(cfg.n_embd, hq * dh, bias=False)
+        self.k_proj = nn.Linear(cfg.n_embd, hkv * dh, bias=False)
+        self.v_proj = nn.Linear(cfg.n_embd, hkv * dh, bias=False)
+        self.o_proj = nn.Linear(hq * dh, cfg.n_embd, bias=False)
+        self.q_norm = RMSNorm(dh, eps)
+        self.k_norm = RMSNorm(dh, eps)
         self.cache: KVCache | None = None
-
-    def forward(self, x, cos, sin, positions, mask):
-        b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.hq, self.dh)).transpose(1, 2)  # [B, Hq, T, Dh]
-        k = self.k_norm(self.k_proj(x).view(b, t, self.hkv, self.dh)).transpose(1, 2)  # [B, Hkv, T, Dh]
-        v = self.v_proj(x).view(b, t, self.hkv, self.dh).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        self.cache.write(positions, k, v)
-        # scale 1.0: the q/k norms take the place of 1/sqrt(Dh)
-        out = F.scaled_dot_product_attention(q, self.cache.k, self.cache.v, attn_mask=mask, scale=1.0,
-                                             enable_gqa=self.hq != self.hkv)  # [B, Hq, T, Dh]
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.hq * self.dh))
 
 
 class DecoderLayer(nn.Module):
@@ -151,9 +135,46 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.n_embd, eps)
         self.mlp = MLP(cfg.n_embd, cfg.n_hidden, activations)
 
-    def forward(self, x, cos, sin, positions, mask):
-        x = x + self.attn(self.pre_norm(x), cos, sin, positions, mask)
-        return x + self.mlp(self.post_norm(x))
+    def weights(self) -> tuple:
+        """The layer as plain tensors for `decoder_layer`; q, k and v projections fused into one."""
+        a = self.attn
+        qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
+        return (self.pre_norm.weight.detach(), qkv, a.q_norm.weight.detach(), a.k_norm.weight.detach(),
+                a.o_proj.weight.detach(), self.post_norm.weight.detach(), self.mlp.wi.weight.detach(),
+                self.mlp.wo.weight.detach(), a.cache.k, a.cache.v)
+
+
+@dataclass(frozen=True)
+class DecoderShape:
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    eps: float
+    activations: tuple[str, str]
+
+
+def decoder_layer(x: torch.Tensor, weights: tuple, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+                  mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
+    """One pre-norm decoder layer over x [B, T, D] at positions [B, T], with the static cache."""
+    pre_w, qkv_w, qn_w, kn_w, o_w, post_w, wi_w, wo_w, cache_k, cache_v = weights
+    b, t, _ = x.shape
+    hq, hkv, dh = shape.q_heads, shape.kv_heads, shape.head_dim
+    qkv = F.linear(_rms(x, pre_w, shape.eps), qkv_w)
+    q, k, v = qkv.split([hq * dh, hkv * dh, hkv * dh], dim=-1)
+    q = _rms(q.view(b, t, hq, dh), qn_w, shape.eps).transpose(1, 2)  # [B, Hq, T, Dh]
+    k = _rms(k.view(b, t, hkv, dh), kn_w, shape.eps).transpose(1, 2)  # [B, Hkv, T, Dh]
+    v = v.view(b, t, hkv, dh).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    index = positions[:, None, :, None].expand(-1, hkv, -1, dh)
+    cache_k.scatter_(2, index, k)
+    cache_v.scatter_(2, index, v)
+    # scale 1.0: the q/k norms take the place of 1/sqrt(Dh)
+    att = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=1.0,
+                                         enable_gqa=hq != hkv)  # [B, Hq, T, Dh]
+    x = x + F.linear(att.transpose(1, 2).reshape(b, t, hq * dh), o_w)
+    gate, up = F.linear(_rms(x, post_w, shape.eps), wi_w).split(shape.hidden, dim=-1)
+    return x + F.linear(_activate(gate, shape.activations[0]) * _activate(up, shape.activations[1]), wo_w)
 
 
 class Decoder(nn.Module):
@@ -172,13 +193,21 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(dec.n_embd, eps)
         self.action_head = nn.Linear(dec.n_embd, d.action_vocab_size, bias=False)
         self.cb0_head = nn.Linear(dec.n_embd, d.audio_vocab_size, bias=False)
+        self.shape = DecoderShape(dec.gqa_query_heads, dec.kv_heads, dec.gqa_head_dim, dec.n_hidden, eps,
+                                  tuple(m.decoder_mlp_activations))
+        self.step_layer_fn = decoder_layer  # the runtime may swap in a compiled version for T = 1
+        self.layer_weights: list[tuple] = []
+
+    def setup_tables(self) -> None:
+        """Plain-tensor views of the layers (and one stacked audio table), after caches exist."""
+        self.layer_weights = [layer.weights() for layer in self.layers]
+        self._audio_stack = torch.stack([t.weight.detach() for t in self.audio_embeds])  # [Q, A, D]
+        self._codebook = torch.arange(len(self.audio_embeds), device=self._audio_stack.device)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        # tokens [B, T, 2 + Q] → [B, T, D]
+        # tokens [B, T, 2 + Q] → [B, T, D]: one gather over the stacked audio tables, then a sum
         h = self.text_embed(tokens[..., 0], tokens[..., 1])
-        for k, table in enumerate(self.audio_embeds):
-            h = h + table(tokens[..., 2 + k])
-        return h
+        return h + self._audio_stack[self._codebook, tokens[..., 2:]].sum(dim=-2)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor):
         """tokens [B, T, C], positions [B, T] → action [B, T, Va], cb0 [B, T, A] (fp32), hidden [B, T, D]."""
@@ -186,8 +215,9 @@ class Decoder(nn.Module):
         h = self.embed(tokens)
         cos, sin = rope_cos_sin(positions, m.decoder.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, h.dtype)
         mask = causal_mask(positions, self.layers[0].attn.cache.length)
-        for layer in self.layers:
-            h = layer(h, cos, sin, positions, mask)
+        layer_fn = self.step_layer_fn if tokens.shape[1] == 1 else decoder_layer  # prefill: eager, any length
+        for weights in self.layer_weights:
+            h = layer_fn(h, weights, cos, sin, positions, mask, self.shape)
         hn = self.norm(h)
         return self.action_head(hn).float(), self.cb0_head(hn).float(), hn
 
@@ -195,7 +225,8 @@ class Decoder(nn.Module):
 # -- depformer -----------------------------------------------------------------------------------
 
 class DepformerAttention(nn.Module):
-    """Self-attention over the stages of one frame; projections per weight set.
+    """Parameters of the depformer self-attention (projections per weight set); the math is in
+    `depformer_stage`.
 
     Stage positions are fixed (stage s sits at position s), so the q/k norm weights and RoPE of
     each stage fold into one `[Dh, Dh]` map per stage (`qk_maps[s]`: for q and for k): the
@@ -204,32 +235,73 @@ class DepformerAttention(nn.Module):
 
     def __init__(self, cfg: TransformerConfig, weight_sets: list[int], eps: float):
         super().__init__()
-        self.h, self.dh, self.eps = cfg.gqa_query_heads, cfg.gqa_head_dim, eps
-        inner = self.h * self.dh
+        inner = cfg.gqa_query_heads * cfg.gqa_head_dim
         self.in_proj = nn.ModuleDict({str(w): nn.Linear(cfg.n_embd, 3 * inner, bias=False) for w in weight_sets})
         self.out_proj = nn.ModuleDict({str(w): nn.Linear(inner, cfg.n_embd, bias=False) for w in weight_sets})
-        self.q_norm = RMSNorm(self.dh, eps)
-        self.k_norm = RMSNorm(self.dh, eps)
+        self.q_norm = RMSNorm(cfg.gqa_head_dim, eps)
+        self.k_norm = RMSNorm(cfg.gqa_head_dim, eps)
         self.cache: KVCache | None = None
         self.qk_maps: torch.Tensor | None = None  # [S, 2, Dh, Dh], see setup_stage_tables
 
-    def forward(self, x, weight_set: str, stage: int, mask):
-        b = x.shape[0]
-        qkv = self.in_proj[weight_set](x).view(b, 3, self.h, self.dh)  # x [B, 1, Dd]
-        qk = _unit_rms(qkv[:, :2], self.eps)  # [B, 2, H, Dh]
-        qk = torch.matmul(qk.transpose(0, 1).reshape(2, b * self.h, self.dh), self.qk_maps[stage])  # [2, B*H, Dh]
-        qk = qk.view(2, b, self.h, 1, self.dh)
-        # stage s writes slot s; slots past s hold the previous frame's values and are masked
-        self.cache.k[:, :, stage] = qk[1, :, :, 0]
-        self.cache.v[:, :, stage] = qkv[:, 2]
-        out = F.scaled_dot_product_attention(qk[0], self.cache.k, self.cache.v, attn_mask=mask, scale=1.0)
-        return self.out_proj[weight_set](out.transpose(1, 2).reshape(b, 1, self.h * self.dh))
+
+class DepformerLayer(nn.Module):
+    def __init__(self, cfg: TransformerConfig, weight_sets: list[int], eps: float):
+        super().__init__()
+        self.pre_norm = RMSNorm(cfg.n_embd, eps)
+        self.self_attention = DepformerAttention(cfg, weight_sets, eps)
+        self.post_norm = RMSNorm(cfg.n_embd, eps)
+        self.mlp = MLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
 
 
-def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
-    if x.dtype == torch.float32:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return F.rms_norm(x, (x.shape[-1],), eps=eps)
+@dataclass(frozen=True)
+class StageShape:
+    """The static numbers of a depformer stage (the same for every stage)."""
+
+    heads: int
+    head_dim: int
+    hidden: int
+    eps: float
+    activations: tuple[str, str]
+    real_codes: int
+
+
+@dataclass(frozen=True)
+class StageWeights:
+    """Everything stage s reads, as plain tensors, so one function (and one compiled graph)
+    serves all 31 stages: which weight set, embedding or cache slot is only a different argument."""
+
+    embed: torch.Tensor  # [A, Dd] audio embedding of the previous codebook
+    layers: tuple  # per layer: (pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w, cache_k, cache_v)
+    norm: torch.Tensor
+    logits: torch.Tensor  # [A, Dd]
+    mask: torch.Tensor  # [1, 1, 1, S] slots 0..s
+    slot: torch.Tensor  # [1] long: s
+
+
+def depformer_stage(x: torch.Tensor, layers: tuple, norm: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
+                    slot: torch.Tensor, shape: StageShape) -> torch.Tensor:
+    """One depformer stage (arguments as in `StageWeights`): x [R, 1, Dd] → logits [R, 2048] fp32.
+    Writes the stage's keys/values into cache slot s; later slots hold the previous frame's and
+    are masked."""
+    r, h, dh = x.shape[0], shape.heads, shape.head_dim
+    for pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w, cache_k, cache_v in layers:
+        qkv = F.linear(_rms(x, pre_w, shape.eps), in_w).view(r, 3, h, dh)
+        qk = _rms(qkv[:, :2], None, shape.eps)  # [R, 2, H, Dh]
+        qk = torch.matmul(qk.transpose(0, 1).reshape(2, r * h, dh), qk_map).view(2, r, h, 1, dh)
+        cache_k.index_copy_(2, slot, qk[1])
+        cache_v.index_copy_(2, slot, qkv[:, 2, :, None])
+        att = F.scaled_dot_product_attention(qk[0], cache_k, cache_v, attn_mask=mask, scale=1.0)  # [R, H, 1, Dh]
+        x = x + F.linear(att.transpose(1, 2).reshape(r, 1, h * dh), out_w)
+        gate, up = F.linear(_rms(x, post_w, shape.eps), wi_w).split(shape.hidden, dim=-1)
+        x = x + F.linear(_activate(gate, shape.activations[0]) * _activate(up, shape.activations[1]), wo_w)
+    return F.linear(_rms(x, norm, shape.eps), logits)[:, 0, : shape.real_codes].float()
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # CPU's fused rms_norm is a slow composite; plain ops are not
+        out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+        return out if weight is None else out * weight
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)  # fp32 math inside, one kernel
 
 
 def rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -241,19 +313,6 @@ def rope_matrix(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     r[idx + half, idx] = -sin[:half]
     r[idx, idx + half] = sin[half:]
     return r
-
-
-class DepformerLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, weight_sets: list[int], eps: float):
-        super().__init__()
-        self.pre_norm = RMSNorm(cfg.n_embd, eps)
-        self.self_attention = DepformerAttention(cfg, weight_sets, eps)
-        self.post_norm = RMSNorm(cfg.n_embd, eps)
-        self.mlp = MLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
-
-    def forward(self, x, weight_set, stage, mask):
-        x = x + self.self_attention(self.pre_norm(x), weight_set, stage, mask)
-        return x + self.mlp(self.post_norm(x))
 
 
 class Depformer(nn.Module):
@@ -276,27 +335,31 @@ class Depformer(nn.Module):
         self.layers = nn.ModuleList(DepformerLayer(dep, weight_sets, eps) for _ in range(dep.n_layer))
         self.norm = RMSNorm(dep.n_embd, eps)
         self.logits = nn.ModuleList(nn.Linear(dep.n_embd, d.audio_vocab_size, bias=False) for _ in range(stages))
-        self.real_codes = min(d.audio_pad, d.audio_bos)  # special ids are never sampled
+        self.shape = StageShape(dep.gqa_query_heads, dep.gqa_head_dim, dep.n_hidden, eps, tuple(dep.mlp_activations),
+                                min(d.audio_pad, d.audio_bos))  # special ids are never sampled
+        self.stage_weights: list[StageWeights] = []
 
-    def stage(self, s: int, hidden: torch.Tensor, prev: torch.Tensor, text: torch.Tensor | None) -> torch.Tensor:
-        """One stage: hidden [B, 1, D], prev [B] (codebook s), text [B, 2] at stage 0 → logits [B, 2048] fp32."""
-        w = self.schedule[s]
-        x = self.depformer_in[w](hidden) + self.audio_embeds[s](prev)[:, None]  # [B, 1, Dd]
+    def project_inputs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """depformer_in of every stage at once: hidden [R, 1, D] → [S, R, Dd] (one batched matmul
+        over the weight sets, then a gather by schedule)."""
+        per_set = torch.matmul(hidden[None, :, 0], self._in_stack)  # [W, R, Dd]
+        return per_set[self._schedule_index]
+
+    def stage_input(self, s: int, projected: torch.Tensor, prev: torch.Tensor,
+                    text: torch.Tensor | None) -> torch.Tensor:
+        """x for stage s: projected [S, R, Dd], prev [R] codes of codebook s, text [R, 2] at stage 0."""
+        x = projected[s] + F.embedding(prev, self.stage_weights[s].embed)
         if s == 0 and self.text_embed is not None:
-            x = x + self.text_embed(text[:, None, 0], text[:, None, 1])
-        mask = self._stage_masks[s]
-        for layer in self.layers:
-            x = layer(x, w, s, mask)
-        return self.logits[s](self.norm(x))[:, 0, : self.real_codes].float()
+            x = x + self.text_embed(text[:, 0], text[:, 1])
+        return x[:, None]  # [R, 1, Dd]
 
     def setup_stage_tables(self, device, dtype) -> None:
-        """Masks and q/k maps (norm weight x RoPE) of the fixed stage positions, made once after
-        the weights are loaded, not per frame."""
+        """Per-stage weights, masks and q/k maps (norm weight x RoPE), made once after the weights
+        are loaded and the caches allocated, not per frame."""
         m = self.config.model
         dep = m.depformer
         stages = self.config.num_stages
         slots = torch.arange(stages, device=device)
-        self._stage_masks = [(slots <= s)[None, None, None, :] for s in range(stages)]
         if dep.apply_rope:
             cos, sin = rope_cos_sin(slots.cpu()[:, None], dep.gqa_head_dim, m.rope_min_timescale,
                                     m.rope_max_timescale, torch.float32)  # [S, 1, 1, Dh]
@@ -306,9 +369,23 @@ class Depformer(nn.Module):
         for layer in self.layers:
             attn = layer.self_attention
             norms = torch.stack([attn.q_norm.weight, attn.k_norm.weight]).float().cpu()  # [2, Dh]
-            # diag(w) @ R: scale the rows of R by the norm weight
-            maps = norms[None, :, :, None] * rot[:, None]  # [S, 2, Dh, Dh]
-            attn.qk_maps = maps.to(device=device, dtype=dtype)
+            attn.qk_maps = (norms[None, :, :, None] * rot[:, None]).to(device=device, dtype=dtype)  # diag(w) @ R
+        sets = list(self.depformer_in.keys())
+        self._in_stack = torch.stack([self.depformer_in[k].weight.detach().T for k in sets])  # [W, D, Dd]
+        self._schedule_index = torch.tensor([sets.index(w) for w in self.schedule], device=device)
+        plain = lambda t: t.detach()  # noqa: E731  (parameters as plain tensors: one compiled graph)
+        self.stage_weights = []
+        for s in range(stages):
+            w = self.schedule[s]
+            layers = tuple(
+                (plain(l.pre_norm.weight), plain(l.self_attention.in_proj[w].weight), l.self_attention.qk_maps[s],
+                 plain(l.self_attention.out_proj[w].weight), plain(l.post_norm.weight), plain(l.mlp.wi.weight),
+                 plain(l.mlp.wo.weight), l.self_attention.cache.k, l.self_attention.cache.v)
+                for l in self.layers)
+            self.stage_weights.append(StageWeights(
+                embed=plain(self.audio_embeds[s].weight), layers=layers, norm=plain(self.norm.weight),
+                logits=plain(self.logits[s].weight), mask=(slots <= s)[None, None, None, :],
+                slot=slots[s: s + 1].clone()))
 
 
 class Dia2Model(nn.Module):
@@ -328,6 +405,7 @@ class Dia2Model(nn.Module):
         for layer in self.depformer.layers:
             layer.self_attention.cache = KVCache(batch, dep.gqa_query_heads, self.config.num_stages,
                                                  dep.gqa_head_dim, dtype, p.device)
+        self.transformer.setup_tables()
         self.depformer.setup_stage_tables(p.device, dtype)
 
     def decoder_caches(self) -> list[KVCache]:

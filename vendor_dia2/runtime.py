@@ -14,13 +14,14 @@ the N calls, rows `N..2N-1` (when CFG is on) their unconditional twins.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 
 from .config import Dia2Config
-from .model import Dia2Model
-from .sampling import draw, guided_candidates, gumbel_noise, top_candidates
+from .model import Dia2Model, StageShape, decoder_layer, depformer_stage
+from .sampling import draw, draw_noise, guided_candidates, gumbel_noise, top_candidates
 
 UNGENERATED = -2  # delayed-buffer cell not written yet
 NEW_WORD_ACTION = 1  # upstream maps action index 1 to new_word and everything else to pad
@@ -48,6 +49,24 @@ class StepperSnapshot:
     prefix_frames: torch.Tensor
     caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     length: int = 0  # cache slots that hold data (0..length-1); only those are copied
+
+
+def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_scale: torch.Tensor, *,
+         n: int, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
+    """Rows [R, V] → one id per call [N]: CFG candidates (two branches) or plain top-k, then a draw."""
+    if branches == 1:
+        values, ids = top_candidates(logits, max_top_k)
+    else:
+        values, ids = guided_candidates(logits[:n], logits[n:], cfg_scale, filter_k)
+    return draw(values, ids, inv_temp, noise)
+
+
+def stage_and_pick(x, layers, norm, logits_w, mask, slot, inv_temp, noise, forced, known, cfg_scale, *,
+                   shape: StageShape, n: int, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
+    """A depformer stage and its draw (teacher-forced where the prefix is known): codes [N]."""
+    logits = depformer_stage(x, layers, norm, logits_w, mask, slot, shape)
+    code = pick(logits, inv_temp, noise, cfg_scale, n=n, branches=branches, filter_k=filter_k, max_top_k=max_top_k)
+    return torch.where(forced, known, code)
 
 
 class FrameStepper:
@@ -101,8 +120,17 @@ class FrameStepper:
         self._uncond_text = torch.tensor([d.text_zero_token_id, d.text_pad_token_id], **long)
         self.host_positions = [0] * self.n
         self._graph = None
-        # torch.compile fuses the elementwise work between matmuls; it runs once, at capture time
-        self._frame_fn = torch.compile(self._frame, dynamic=False) if compile else self._frame
+        statics = dict(n=self.n, branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
+        self._pick = functools.partial(pick, **statics)
+        self._stage_fn = functools.partial(stage_and_pick, shape=model.depformer.shape, **statics)
+        if compile:
+            # One compiled graph serves all 31 stages (their weights are arguments), fusing the
+            # elementwise work between matmuls; compiled once, at capture time, never per request.
+            self._stage_fn = torch.compile(self._stage_fn, dynamic=False)
+            model.transformer.step_layer_fn = torch.compile(decoder_layer, dynamic=False)
+        else:
+            model.transformer.step_layer_fn = decoder_layer
+        self._frame_fn = self._frame
         for call in range(self.n):
             self.set_sampling(call, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
             self.reset_call(call)
@@ -214,22 +242,15 @@ class FrameStepper:
 
     # -- the frame, on the device ----------------------------------------------------------------
 
-    def _pick(self, logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-              gumbel: torch.Tensor) -> torch.Tensor:
-        """Rows [R, V] → one id per call [N]: CFG candidates (two branches) or plain top-k, then a draw."""
-        if self.branches == 1:
-            values, ids = top_candidates(logits, self.max_top_k)
-        else:
-            values, ids = guided_candidates(logits[: self.n], logits[self.n:], self.cfg_scale, self.cfg_filter_k)
-        return draw(values, ids, temperature, top_k, gumbel)
-
     def _frame(self) -> None:
         n, br, q = self.n, self.branches, self.num_codebooks
         d = self.config.data
+        dep = self.model.depformer
         pos = self.positions  # [N]
         action_logits, cb0_logits, hidden = self.model.transformer(self.tokens[:, None], pos.repeat(br)[:, None])
-        gumbel = gumbel_noise(self.seeds, pos, self.num_codebooks + 1, self.max_top_k)  # [N, 1 + Q, K]
-        action = self._pick(action_logits[:, 0], self.text_temperature, self.text_top_k, gumbel[:, 0])
+        noise, inv_temp = draw_noise(gumbel_noise(self.seeds, pos, q + 1, self.max_top_k),
+                                     self._stream_temperature(), self._stream_top_k())  # [N, 1 + Q, K], [N, 1 + Q]
+        action = self._pick(action_logits[:, 0], inv_temp[:, 0], noise[:, 0], self.cfg_scale)
         text = self.text_choices[torch.arange(n, device=self.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
 
         write_pos = pos + 1  # step t fills delayed column t+1
@@ -240,17 +261,15 @@ class FrameStepper:
         cb0 = cb0_logits[:, 0]
         cb0[:, d.audio_pad] = torch.finfo(cb0.dtype).min
         cb0[:, d.audio_bos] = torch.finfo(cb0.dtype).min
-        code = self._pick(cb0, self.audio_temperature, self.audio_top_k, gumbel[:, 1])
+        code = self._pick(cb0, inv_temp[:, 1], noise[:, 1], self.cfg_scale)
         code = torch.where(forced[:, 0], known[:, 0], code)
         codes = [code]
-        if br == 2:
-            dep_text = torch.cat([text, self._uncond_text.expand(n, 2)])
-        else:
-            dep_text = text
-        for s in range(self.config.num_stages):
-            logits = self.model.depformer.stage(s, hidden, code.repeat(br), dep_text if s == 0 else None)
-            code = self._pick(logits, self.audio_temperature, self.audio_top_k, gumbel[:, 2 + s])
-            code = torch.where(forced[:, s + 1], known[:, s + 1], code)
+        dep_text = torch.cat([text, self._uncond_text.expand(n, 2)]) if br == 2 else text
+        projected = dep.project_inputs(hidden)  # [S, R, Dd]
+        for s, w in enumerate(dep.stage_weights):
+            x = dep.stage_input(s, projected, code.repeat(br), dep_text)
+            code = self._stage_fn(x, w.layers, w.norm, w.logits, w.mask, w.slot, inv_temp[:, 2 + s],
+                                  noise[:, 2 + s], forced[:, s + 1], known[:, s + 1], self.cfg_scale)
             codes.append(code)
         codes_t = torch.stack(codes, dim=1)  # [N, Q]
 
@@ -264,6 +283,13 @@ class FrameStepper:
         self.text_out.copy_(text)
         self.codes.copy_(codes_t)
         self.positions.add_(1)
+
+    def _stream_temperature(self) -> torch.Tensor:
+        """[N, 1 + Q]: the text temperature for the action draw, the audio one for every codebook."""
+        return torch.cat([self.text_temperature[:, None], self.audio_temperature[:, None].expand(-1, self.num_codebooks)], 1)
+
+    def _stream_top_k(self) -> torch.Tensor:
+        return torch.cat([self.text_top_k[:, None], self.audio_top_k[:, None].expand(-1, self.num_codebooks)], 1)
 
     def _capture(self) -> None:
         """Capture `_frame` as one CUDA graph. Warm-up steps run first (on a side stream, as

@@ -66,13 +66,23 @@ def guided_candidates(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Ten
     return values, ids.gather(1, order)
 
 
-def draw(values: torch.Tensor, ids: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
-         gumbel: torch.Tensor) -> torch.Tensor:
-    """One id per row from sorted candidates. values, ids `[N, C]`; temperature, top_k `[N]`;
-    gumbel `[N, >= C]`. Rows with temperature <= 0 take the best candidate."""
+def draw(values: torch.Tensor, ids: torch.Tensor, inv_temperature: torch.Tensor,
+         noise: torch.Tensor) -> torch.Tensor:
+    """One id per row from sorted candidates. values, ids `[N, C]`; inv_temperature `[N]`;
+    noise `[N, >= C]` from `draw_noise` (Gumbel noise with the top-k mask folded in, zero for
+    greedy rows, whose inverse temperature is 1, so they take the best candidate)."""
     c = values.shape[1]
-    rank = torch.arange(c, device=values.device)
-    values = torch.nan_to_num(values, nan=float("-inf")).masked_fill(rank >= top_k[:, None], float("-inf"))
-    scores = values / temperature.clamp_min(1e-6)[:, None] + gumbel[:, :c]
-    drawn = ids.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
-    return torch.where(temperature > 0, drawn, ids[:, 0])
+    scores = torch.nan_to_num(values, nan=float("-inf")) * inv_temperature[:, None] + noise[:, :c]
+    return ids.gather(1, scores.argmax(dim=-1, keepdim=True))[:, 0]
+
+
+def draw_noise(gumbel: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-frame preparation of every draw: gumbel `[N, streams, K]`, temperature and top_k
+    `[N, streams]` → (noise `[N, streams, K]`, inverse temperature `[N, streams]`). Candidates
+    ranked at or past top_k get -inf; temperature <= 0 (greedy) gets no noise."""
+    rank = torch.arange(gumbel.shape[-1], device=gumbel.device)
+    sampled = temperature > 0
+    noise = torch.where(sampled[..., None], gumbel, 0.0)
+    noise = noise.masked_fill(rank >= top_k[..., None], float("-inf"))
+    inv_temperature = torch.where(sampled, 1.0 / temperature.clamp_min(1e-6), 1.0)
+    return noise, inv_temperature

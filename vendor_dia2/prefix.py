@@ -1,0 +1,120 @@
+"""Voice prefix plan (spec §9): timed words + Mimi codes of one or two speakers → the entries the
+state machine consumes during warm-up, the new-word steps at which it consumes them, and the
+delayed code grid that `FrameStepper.prefill` teacher-forces.
+
+    plan = build_prefix_plan([PrefixSpeaker(codes1, words1, "[S1]"), PrefixSpeaker(codes2, words2, "[S2]")],
+                             tokenizer, delays, audio_bos, audio_pad)
+    text = warm_up_text(machine, plan, pad_id)         # [F + 1, 2], the machine has consumed every prefix word
+    stepper.prefill(0, plan.delayed, text, plan.frames)
+
+Word steps follow upstream: a word starting at `start_s` starts at frame `round(start_s · 12.5)`
+(but never before the previous word's tokens are out); its new-word step is one frame earlier.
+Speaker-1 steps are shifted by +3, speaker-2 steps by speaker 1's frame count. Words whose tokens
+would not be out by the last prefix frame are dropped (they would otherwise leak into the first
+generated turn), as are words that would overlap the previous word after the shifts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .delays import delay_codes
+from .script import FRAME_RATE_HZ, ScriptEntry
+from .state_machine import ACTION_NEW_WORD, ACTION_PAD, TextStateMachine
+
+SPEAKER1_SHIFT = 3  # upstream shifts speaker 1's new-word steps by 3 frames
+
+
+@dataclass(frozen=True)
+class TimedWord:
+    word: str
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class PrefixSpeaker:
+    codes: torch.Tensor  # aligned Mimi codes [Q, F_i]
+    words: Sequence[TimedWord]
+    tag: str  # "[S1]" or "[S2]"
+
+
+@dataclass(frozen=True)
+class PrefixPlan:
+    entries: list[ScriptEntry]
+    steps: list[int]  # new-word step of each entry
+    aligned: torch.Tensor  # [Q, F]
+    delayed: torch.Tensor  # [Q, F + max_delay], bos before each codebook starts
+    speaker_frames: list[int]
+    dropped: list[str]  # words left out of the plan (did not fit)
+
+    @property
+    def frames(self) -> int:
+        return int(self.aligned.shape[1])
+
+
+def speaker_entries(words: Sequence[TimedWord], tokenizer, tag: str, offset: int) -> list[tuple[ScriptEntry, int]]:
+    """Entries of one speaker with their new-word steps (+ `offset`), spec §9."""
+    toks = [tuple(int(t) for t in tokenizer.encode(f"{tag} {w.word}" if i == 0 else w.word)) for i, w in enumerate(words)]
+    starts, ends, prev_end = [], [], -1
+    for w, tk in zip(words, toks):
+        start = max(prev_end + 1, round(w.start_s * FRAME_RATE_HZ))
+        starts.append(start)
+        ends.append(start + len(tk))
+        prev_end = ends[-1]
+    out = []
+    for i, (w, tk) in enumerate(zip(words, toks)):
+        if i + 1 < len(words):
+            next_start = max(ends[i] + 1, round(words[i + 1].start_s * FRAME_RATE_HZ))
+        else:
+            next_start = max(ends[i] + 1, round(w.end_s * FRAME_RATE_HZ))
+        padding = max(0, next_start - starts[i] - 1)
+        out.append((ScriptEntry(text=w.word, tokens=tk, padding=padding), starts[i] - 1 + offset))
+    return out
+
+
+def build_prefix_plan(speakers: Sequence[PrefixSpeaker], tokenizer, delays: Sequence[int], audio_bos: int,
+                      audio_pad: int) -> PrefixPlan:
+    if not speakers:
+        raise ValueError("a prefix needs at least one speaker")
+    codes = [s.codes.long().cpu() for s in speakers]
+    aligned = torch.cat(codes, dim=1)
+    frames = aligned.shape[1]
+    planned: list[tuple[ScriptEntry, int]] = []
+    offset = 0
+    for i, (speaker, c) in enumerate(zip(speakers, codes)):
+        shift = SPEAKER1_SHIFT if i == 0 else offset
+        planned += speaker_entries(speaker.words, tokenizer, speaker.tag, shift)
+        offset += c.shape[1]
+    entries, steps, dropped = [], [], []
+    free_at = 0  # first step at which the previous word's tokens are all out
+    for entry, step in planned:
+        step = max(step, 0)
+        if step < free_at or step + len(entry.tokens) > frames - 1:
+            dropped.append(entry.text)
+            continue
+        entries.append(entry)
+        steps.append(step)
+        free_at = step + len(entry.tokens) + 1
+    delayed = delay_codes(aligned, list(delays), audio_pad)
+    for k, delay in enumerate(delays):
+        delayed[k, :delay] = audio_bos
+    return PrefixPlan(entries, steps, aligned, delayed, [c.shape[1] for c in codes], dropped)
+
+
+def warm_up_text(machine: TextStateMachine, plan: PrefixPlan, pad_id: int) -> torch.Tensor:
+    """Drive `machine` (fresh) through the prefix with forced actions; the text inputs [F + 1, 2]
+    of steps 0..F (step 0 gets pad, step t+1 gets what the machine answered at step t)."""
+    machine.push(plan.entries, final=True)
+    new_word_steps = set(plan.steps)
+    text = torch.full((plan.frames + 1, 2), pad_id, dtype=torch.long)
+    for t in range(plan.frames):
+        action = ACTION_NEW_WORD if t in new_word_steps else ACTION_PAD
+        text[t + 1] = torch.tensor(machine.process(t, action, forced=True))
+    if machine.remaining_entries or machine.state.pending:
+        raise AssertionError("prefix words left in the state machine after warm-up")
+    machine.state.lookahead.clear()  # look-ahead of prefix words must not leak into the turn
+    return text
