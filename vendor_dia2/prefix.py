@@ -9,9 +9,10 @@ delayed code grid that `FrameStepper.prefill` teacher-forces.
 
 Word steps follow upstream: a word starting at `start_s` starts at frame `round(start_s · 12.5)`
 (but never before the previous word's tokens are out); its new-word step is one frame earlier.
-Speaker-1 steps are shifted by +3, speaker-2 steps by speaker 1's frame count. Words whose tokens
-would not be out by the last prefix frame are dropped (they would otherwise leak into the first
-generated turn), as are words that would overlap the previous word after the shifts.
+Speaker-1 steps are shifted by +3, speaker-2 steps by speaker 1's frame count; a word that would
+then start before the previous word's tokens are out is pushed later. Words whose tokens would
+not be out by the last prefix frame are dropped (they would otherwise leak into the first
+generated turn).
 """
 
 from __future__ import annotations
@@ -92,8 +93,8 @@ def build_prefix_plan(speakers: Sequence[PrefixSpeaker], tokenizer, delays: Sequ
     entries, steps, dropped = [], [], []
     free_at = 0  # first step at which the previous word's tokens are all out
     for entry, step in planned:
-        step = max(step, 0)
-        if step < free_at or step + len(entry.tokens) > frames - 1:
+        step = max(step, free_at)  # after the shifts a word may collide with the previous one: push it later
+        if step + len(entry.tokens) > frames - 1:
             dropped.append(entry.text)
             continue
         entries.append(entry)

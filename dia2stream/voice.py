@@ -1,0 +1,434 @@
+"""Voice preparation: prefix audio → a `VoiceState` that a session restores by copy.
+
+    preparer = VoicePreparer(tts, VoiceSettings(voice_dir="/srv/voices"))
+    loaded = preparer.load(VoiceRequest(name="alice", path="/srv/voices/alice.wav", transcript="Hi, I'm Alice."))
+    state = preparer.build(loaded, stepper, machine, codec)   # on the thread that owns the model
+    state.save(directory); VoiceState.load(directory, device)
+
+Steps (DIA2_SPEC.md §9):
+1. **Audio**: soundfile (WAV/FLAC/OGG, MP3 where libsndfile has it), mixed to mono, resampled to
+   24 kHz (antialiased linear interpolation), at most `max_seconds` per speaker. Unreadable,
+   empty, silent or too long audio raises `VoiceError` with code `bad_audio`. Without speaker-2
+   audio the speaker-1 audio is reused for speaker 2: Dia2 needs both prefixes to hold a voice.
+2. **Word timing**: a supplied transcript is aligned *without* a recogniser: the voiced span
+   (first to last 20 ms window whose RMS exceeds 10 % of the loud windows' level) is shared
+   among the words in proportion to their length in characters plus one (a rough stand-in for
+   duration; whole-word accuracy is all the plan needs, since a word only marks the frame where
+   its text tokens enter). Without a transcript, openai-whisper (loaded lazily, word
+   timestamps) transcribes; results are cached on disk by the audio's content hash. Offline
+   with no local weights: `transcript_required`.
+3. **Plan and prefill**: `vendor_dia2.prefix` builds the entries/new-word steps and delayed grid;
+   the state machine consumes the prefix words with forced actions; `FrameStepper.prefill` fills
+   the cache in parallel; Mimi's streaming decoder is warmed with the prefix codes.
+4. **State**: stepper snapshot + state-machine snapshot + codec stream snapshot, saved as
+   safetensors + JSON so a restart skips whisper and prefill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from vendor_dia2.checkpoint import cache_dir
+from vendor_dia2.codec import CodecStreamSnapshot
+from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
+from vendor_dia2.runtime import StepperSnapshot
+from vendor_dia2.script import ScriptEntry
+from vendor_dia2.state_machine import TextState
+
+from .protocol import ErrorCode
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 24_000
+WHISPER_RATE = 16_000
+SILENCE_PEAK = 1e-3  # peak amplitude below which audio counts as silent
+FORMAT_VERSION = 1
+
+
+class VoiceError(Exception):
+    """Voice preparation failed; `code` is the protocol error code."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+@dataclass(frozen=True)
+class VoiceSettings:
+    voice_dir: str | None = None  # server-side paths must lie inside this folder (None: no paths)
+    max_seconds: float = 30.0  # per speaker
+    whisper_model: str = "turbo"  # an openai-whisper model name or a checkpoint path
+    cache_dir: str | None = None  # transcripts and prepared voices; default $DIA2_CACHE/voices
+    allow_download: bool | None = None  # whisper weights; default: not when HF_HUB_OFFLINE=1
+
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir) if self.cache_dir else cache_dir() / "voices"
+
+
+@dataclass(frozen=True)
+class VoiceRequest:
+    name: str
+    audio: bytes | None = None
+    path: str | None = None
+    transcript: str | None = None
+    speaker2_audio: bytes | None = None
+    speaker2_path: str | None = None
+    speaker2_transcript: str | None = None
+    trusted: bool = False  # paths given by the operator (CLI), not subject to voice_dir
+
+    @classmethod
+    def from_command(cls, cmd) -> "VoiceRequest":
+        return cls(name=cmd.name, audio=cmd.audio_bytes(), path=cmd.path, transcript=cmd.transcript,
+                   speaker2_audio=cmd.speaker2_audio_bytes(), speaker2_path=cmd.speaker2_path,
+                   speaker2_transcript=cmd.speaker2_transcript)
+
+
+@dataclass
+class LoadedSpeaker:
+    wav: np.ndarray  # float32 mono 24 kHz
+    words: list[TimedWord]
+    digest: str  # sha256 of the resampled audio
+    transcript: str | None
+
+
+@dataclass
+class LoadedVoice:
+    name: str
+    speakers: list[LoadedSpeaker]  # always two (speaker 2 may be speaker 1 reused)
+    distinct: int  # 1 when speaker 1 was reused for speaker 2
+    load_ms: float
+
+    def key(self, extra: str) -> str:
+        h = hashlib.sha256(f"v{FORMAT_VERSION}|{extra}".encode())
+        for s in self.speakers:
+            h.update(s.digest.encode())
+            h.update(json.dumps([dataclasses.astuple(w) for w in s.words]).encode())
+        return h.hexdigest()
+
+
+@dataclass
+class VoiceState:
+    """A prepared voice: restore `stepper`, `text` and `codec` to stand at the prefix end."""
+
+    name: str
+    stepper: StepperSnapshot
+    text: TextState
+    codec: CodecStreamSnapshot
+    prefix_frames: int
+    prefix_s: float
+    speakers: int
+    prepare_ms: float
+    words: list[str] = field(default_factory=list)  # the prefix words the plan used
+    key: str = ""
+
+    def info(self) -> dict:
+        return {"name": self.name, "prefix_s": self.prefix_s, "speakers": self.speakers}
+
+    # -- disk --------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors: dict[str, torch.Tensor] = {}
+        meta_stepper = {}
+        for f in dataclasses.fields(self.stepper):
+            value = getattr(self.stepper, f.name)
+            if isinstance(value, torch.Tensor):
+                tensors[f"stepper.{f.name}"] = value
+            elif f.name == "caches":
+                for i, (k, v) in enumerate(value):
+                    tensors[f"stepper.caches.{i}.k"], tensors[f"stepper.caches.{i}.v"] = k, v
+                meta_stepper["caches"] = len(value)
+            else:
+                meta_stepper[f.name] = value
+        codec_meta: dict[str, dict] = {}
+        for module, fields in self.codec.states.items():
+            codec_meta[module] = {}
+            for name, value in fields.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"codec.{module}.{name}"] = value
+                    codec_meta[module][name] = {"tensor": True}
+                elif isinstance(value, dict):
+                    for sub, t in value.items():
+                        tensors[f"codec.{module}.{name}.{sub}"] = t
+                    codec_meta[module][name] = {"ring": sorted(value)}
+                else:
+                    codec_meta[module][name] = {"value": value}
+        text = dataclasses.asdict(self.text)
+        text["entries"] = [[e.text, list(e.tokens), e.padding] for e in self.text.entries]
+        meta = {"format": FORMAT_VERSION, "name": self.name, "prefix_frames": self.prefix_frames,
+                "prefix_s": self.prefix_s, "speakers": self.speakers, "prepare_ms": self.prepare_ms,
+                "words": self.words, "key": self.key, "stepper": meta_stepper,
+                "codec": {"batch_size": self.codec.batch_size, "states": codec_meta}, "text": text}
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / "state.safetensors"))
+        (directory / "voice.json").write_text(json.dumps(meta, indent=1))
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, device: torch.device | str = "cpu") -> "VoiceState":
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta = json.loads((directory / "voice.json").read_text())
+        if meta.get("format") != FORMAT_VERSION:
+            raise ValueError(f"voice format {meta.get('format')} is not {FORMAT_VERSION}")
+        tensors = load_file(str(directory / "state.safetensors"), device=str(device))
+        kwargs = {}
+        for f in dataclasses.fields(StepperSnapshot):
+            if f.name == "caches":
+                n = meta["stepper"]["caches"]
+                kwargs["caches"] = [(tensors[f"stepper.caches.{i}.k"], tensors[f"stepper.caches.{i}.v"]) for i in range(n)]
+            elif f"stepper.{f.name}" in tensors:
+                kwargs[f.name] = tensors[f"stepper.{f.name}"]
+            else:
+                kwargs[f.name] = meta["stepper"][f.name]
+        states: dict[str, dict] = {}
+        for module, fields in meta["codec"]["states"].items():
+            states[module] = {}
+            for name, how in fields.items():
+                if "tensor" in how:
+                    states[module][name] = tensors[f"codec.{module}.{name}"]
+                elif "ring" in how:
+                    states[module][name] = {sub: tensors[f"codec.{module}.{name}.{sub}"] for sub in how["ring"]}
+                else:
+                    states[module][name] = how["value"]
+        text = dict(meta["text"])
+        text["entries"] = [ScriptEntry(t, tuple(tokens), padding) for t, tokens, padding in text["entries"]]
+        text["transcript"] = [tuple(x) for x in text["transcript"]]
+        return cls(name=meta["name"], stepper=StepperSnapshot(**kwargs), text=TextState(**text),
+                   codec=CodecStreamSnapshot(meta["codec"]["batch_size"], states), prefix_frames=meta["prefix_frames"],
+                   prefix_s=meta["prefix_s"], speakers=meta["speakers"], prepare_ms=meta["prepare_ms"],
+                   words=meta["words"], key=meta["key"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_path(path: str, voice_dir: str | None) -> Path:
+    """`path` if it lies inside `voice_dir` (symlinks resolved), else `path_not_allowed`."""
+    if not voice_dir:
+        raise VoiceError(ErrorCode.PATH_NOT_ALLOWED, "this server allows no server-side voice paths "
+                         "(start it with --voice-dir); send the audio as base64 'audio' instead")
+    root = Path(voice_dir).resolve()
+    candidate = Path(path)
+    if not candidate.is_absolute():
+        candidate = root / candidate
+    real = candidate.resolve()
+    if real != root and root not in real.parents:
+        raise VoiceError(ErrorCode.PATH_NOT_ALLOWED, f"path {path!r} is outside the allowed voice folder")
+    if not real.is_file():
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"no audio file at {path!r}")
+    return real
+
+
+def read_audio(source: bytes | Path, max_seconds: float, what: str = "audio") -> np.ndarray:
+    """Decode a file (bytes or path) → float32 mono 24 kHz; `bad_audio` for anything unusable."""
+    if isinstance(source, (bytes, bytearray)) and not source:
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: the file is empty")
+    try:
+        data, rate = sf.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source),
+                             dtype="float32", always_2d=True)
+    except Exception as exc:  # libsndfile's errors vary by format and version
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: unreadable or corrupt audio ({exc})") from None
+    if data.shape[0] == 0:
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: the audio has no samples")
+    seconds = data.shape[0] / rate
+    if seconds > max_seconds:
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: {seconds:.1f} s is longer than the {max_seconds:g} s limit")
+    mono = data.mean(axis=1)
+    if not np.all(np.isfinite(mono)):
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: the audio holds NaN or infinite samples")
+    if float(np.abs(mono).max()) < SILENCE_PEAK:
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: the audio is silent")
+    return resample(mono, rate, SAMPLE_RATE)
+
+
+def resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
+    """Antialiased linear resampling (torch's bilinear with antialias on a 1-row image)."""
+    if rate == target:
+        return np.ascontiguousarray(wav, dtype=np.float32)
+    n = max(1, round(len(wav) * target / rate))
+    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None, None, None]
+    y = torch.nn.functional.interpolate(x, size=(1, n), mode="bilinear", antialias=True, align_corners=False)
+    return y[0, 0, 0].numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Transcripts
+# ---------------------------------------------------------------------------------------------
+
+_TAG = re.compile(r"\[S[12]\]")
+
+
+def transcript_words(transcript: str) -> list[str]:
+    return _TAG.sub(" ", transcript.replace("\u2019", "'").replace(":", " ")).split()
+
+
+def voiced_span(wav: np.ndarray, rate: int = SAMPLE_RATE) -> tuple[float, float]:
+    """(start_s, end_s) of the voiced part: first/last 20 ms window above 10 % of the loud level."""
+    win = max(1, rate // 50)
+    n = len(wav) // win
+    if n == 0:
+        return 0.0, len(wav) / rate
+    rms = np.sqrt((wav[: n * win].reshape(n, win) ** 2).mean(axis=1))
+    level = float(np.percentile(rms, 95))
+    voiced = np.nonzero(rms > 0.1 * level)[0]
+    if len(voiced) == 0:
+        return 0.0, len(wav) / rate
+    return voiced[0] * win / rate, (voiced[-1] + 1) * win / rate
+
+
+def align_transcript(transcript: str, wav: np.ndarray, rate: int = SAMPLE_RATE) -> list[TimedWord]:
+    """Spread the words over the voiced span in proportion to len(word) + 1 (no recogniser)."""
+    words = transcript_words(transcript)
+    if not words:
+        raise VoiceError(ErrorCode.VOICE_ERROR, "the transcript has no words")
+    start, end = voiced_span(wav, rate)
+    weights = np.array([len(w) + 1 for w in words], dtype=np.float64)
+    edges = start + (end - start) * np.concatenate([[0.0], np.cumsum(weights)]) / weights.sum()
+    return [TimedWord(w, float(edges[i]), float(edges[i + 1])) for i, w in enumerate(words)]
+
+
+class Transcriber:
+    """openai-whisper with word timestamps, loaded on first use, cached by audio content hash."""
+
+    def __init__(self, settings: VoiceSettings):
+        self.settings = settings
+        self._model = None
+
+    def __call__(self, wav: np.ndarray, digest: str) -> list[TimedWord]:
+        cache = self.settings.cache_path() / "transcripts" / f"{digest}.json"
+        if cache.is_file():
+            return [TimedWord(*w) for w in json.loads(cache.read_text())["words"]]
+        model = self._load()
+        try:
+            result = model.transcribe(resample(wav, SAMPLE_RATE, WHISPER_RATE), word_timestamps=True,
+                                      fp16=next(model.parameters()).device.type == "cuda")
+        except Exception as exc:
+            raise VoiceError(ErrorCode.VOICE_ERROR, f"whisper failed: {exc}") from None
+        words = [TimedWord(w["word"].strip(), float(w["start"]), float(w["end"]))
+                 for seg in result.get("segments", []) for w in seg.get("words", []) if w["word"].strip()]
+        if not words:
+            raise VoiceError(ErrorCode.TRANSCRIPT_REQUIRED, "whisper heard no words in the prefix audio; "
+                             "supply 'transcript'")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps({"model": self.settings.whisper_model, "words": [dataclasses.astuple(w) for w in words]}))
+        return words
+
+    def _load(self):
+        if self._model is not None:
+            return self._model
+        how = ("supply the transcript: 'transcript' in set_voice, or --voice NAME=PATH,TRANSCRIPT on the server")
+        try:
+            import whisper
+        except ImportError:
+            raise VoiceError(ErrorCode.TRANSCRIPT_REQUIRED, f"openai-whisper is not installed; {how}") from None
+        name = self.settings.whisper_model
+        allow = self.settings.allow_download
+        if allow is None:
+            allow = os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false")
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "whisper")
+        local = os.path.isfile(name) or (name in whisper._MODELS
+                                         and os.path.isfile(os.path.join(root, os.path.basename(whisper._MODELS[name]))))
+        if not local and not allow:
+            raise VoiceError(ErrorCode.TRANSCRIPT_REQUIRED, f"whisper weights {name!r} are not available offline; {how}")
+        try:
+            self._model = whisper.load_model(name, device="cuda" if torch.cuda.is_available() else "cpu")
+        except Exception as exc:
+            raise VoiceError(ErrorCode.TRANSCRIPT_REQUIRED, f"whisper model {name!r} could not be loaded ({exc}); {how}") from None
+        return self._model
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparation
+# ---------------------------------------------------------------------------------------------
+
+
+class VoicePreparer:
+    def __init__(self, tts, settings: VoiceSettings = VoiceSettings()):
+        self.tts, self.settings = tts, settings
+        self.transcribe = Transcriber(settings)
+
+    def load(self, request: VoiceRequest) -> LoadedVoice:
+        """Audio and word timings of both speakers (no model work; may run whisper)."""
+        t0 = time.perf_counter()
+        s1 = self._speaker(request.audio, request.path, request.transcript, "speaker-1 audio", request.trusted)
+        if request.speaker2_audio is None and request.speaker2_path is None:
+            log.info("voice %s: no speaker-2 audio, reusing speaker 1's (Dia2 needs both speaker prefixes "
+                     "to hold the voice)", request.name)
+            s2, distinct = s1, 1
+        else:
+            s2 = self._speaker(request.speaker2_audio, request.speaker2_path, request.speaker2_transcript,
+                               "speaker-2 audio", request.trusted)
+            distinct = 2
+        return LoadedVoice(request.name, [s1, s2], distinct, (time.perf_counter() - t0) * 1000)
+
+    def _speaker(self, audio: bytes | None, path: str | None, transcript: str | None, what: str,
+                 trusted: bool = False) -> LoadedSpeaker:
+        if audio is not None:
+            source = audio
+        elif trusted:
+            source = Path(path)
+            if not source.is_file():
+                raise VoiceError(ErrorCode.BAD_AUDIO, f"no audio file at {path!r}")
+        else:
+            source = resolve_path(path, self.settings.voice_dir)
+        wav = read_audio(source, self.settings.max_seconds, what)
+        digest = hashlib.sha256(wav.tobytes()).hexdigest()
+        words = align_transcript(transcript, wav) if transcript is not None else self.transcribe(wav, digest)
+        return LoadedSpeaker(wav, words, digest, transcript)
+
+    def state_key(self, loaded: LoadedVoice, stepper) -> str:
+        return loaded.key(f"{self.tts.name}|{self.tts.dtype}|{stepper.branches}|{stepper.max_positions}|"
+                          f"{self.tts.codec.source}")
+
+    @torch.inference_mode()
+    def build(self, loaded: LoadedVoice, stepper, machine, codec, *, max_frames: int) -> VoiceState:
+        """Prefill `stepper` (call 0), `machine` and `codec`'s stream with the prefix and snapshot them.
+        Clobbers their live state: the caller saves and restores it around this."""
+        t0 = time.perf_counter()
+        d = self.tts.config.data
+        codes = [codec.encode(torch.from_numpy(s.wav))[0].cpu() for s in loaded.speakers]
+        total = sum(c.shape[1] for c in codes)
+        if total > max_frames:
+            raise VoiceError(ErrorCode.BAD_AUDIO, f"the prefix has {total} frames ({total / 12.5:.1f} s); "
+                             f"this session's context allows at most {max_frames}")
+        plan = build_prefix_plan([PrefixSpeaker(c, s.words, tag) for c, s, tag in
+                                  zip(codes, loaded.speakers, ("[S1]", "[S2]"))],
+                                 self.tts.tokenizer, d.delay_pattern, d.audio_bos, d.audio_pad)
+        if plan.dropped:
+            log.warning("voice %s: %d prefix word(s) did not fit the audio and were left out: %s", loaded.name,
+                        len(plan.dropped), " ".join(plan.dropped[:10]))
+        machine.reset()
+        text = warm_up_text(machine, plan, d.text_pad_token_id)
+        stepper.reset_call(0)
+        stepper.prefill(0, plan.delayed, text, plan.frames)
+        codec.reset_stream()
+        codec.warm_stream(plan.aligned[None].to(codec.device))
+        prepare_ms = (time.perf_counter() - t0) * 1000 + loaded.load_ms
+        return VoiceState(name=loaded.name, stepper=stepper.snapshot(), text=machine.snapshot(),
+                          codec=codec.snapshot_stream(), prefix_frames=plan.frames,
+                          prefix_s=round(plan.frames / 12.5, 3), speakers=loaded.distinct,
+                          prepare_ms=round(prepare_ms, 1), words=[e.text for e in plan.entries])
+
+
+def restore_voice(state: VoiceState, stepper, machine, codec) -> None:
+    stepper.restore(state.stepper)
+    machine.restore(state.text)
+    codec.restore_stream(state.codec)
