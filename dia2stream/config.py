@@ -22,6 +22,11 @@ class ServerConfig:
     context_frames: int | None = None
     threads: int | None = None
     log_level: str = "INFO"
+    voice_dir: str | None = None
+    voice_cache: str | None = None
+    max_voice_seconds: float = 30.0
+    whisper_model: str = "turbo"
+    voices: tuple[str, ...] = ()  # NAME=PATH[,TRANSCRIPT], preloaded at start-up
 
 
 _FLAGS = [  # (name, type, help)
@@ -37,6 +42,10 @@ _FLAGS = [  # (name, type, help)
     ("context_frames", int, "frames before context_full (default: the model's limit, 1500)"),
     ("threads", int, "torch CPU threads (default: torch's choice)"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
+    ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
+    ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
+    ("max_voice_seconds", float, "longest prefix audio per speaker, seconds"),
+    ("whisper_model", str, "openai-whisper model name or checkpoint path for voice transcripts"),
 ]
 
 
@@ -55,5 +64,11 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                 parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
                             help=f"{text} [env {env}, default {default}]")
+    env_voices = tuple(v.strip() for v in environ.get("DIA2_VOICE", "").split(";") if v.strip())
+    parser.add_argument("--voice", dest="voices", action="append", default=None, metavar="NAME=PATH[,TRANSCRIPT]",
+                        help="preload a voice at start-up (repeatable; the first is the default voice; the transcript "
+                             "may be @FILE) [env DIA2_VOICE, ';'-separated]")
     args = parser.parse_args(argv)
-    return ServerConfig(**vars(args))
+    values = vars(args)
+    values["voices"] = tuple(values["voices"]) if values["voices"] else env_voices
+    return ServerConfig(**values)

@@ -24,6 +24,7 @@ from websockets.http11 import Request, Response
 from . import protocol as p
 from .config import ServerConfig
 from .session import AudioFrame, SessionConfig, StreamingSession
+from .voice import VoiceRequest, VoiceSettings
 
 log = logging.getLogger("dia2stream")
 
@@ -67,7 +68,8 @@ class Dia2Server:
         sender = None
         try:
             # `ready` goes out before the sender task exists: it is always the first message.
-            await ws.send(p.Ready(model=self.model_name, device=self.device, voices=[], max_lead_ms=int(self.max_lead_ms),
+            await ws.send(p.Ready(model=self.model_name, device=self.device, voices=list(self.session.voices),
+                                  max_lead_ms=int(self.max_lead_ms),
                                   context_frames=self.session.context_frames).to_json())
             sender = asyncio.create_task(self._send_loop(ws, out))
             async for message in ws:
@@ -93,12 +95,7 @@ class Dia2Server:
         log.info("cmd %s%s", command.cmd, f" id={command.id}" if getattr(command, "id", None) is not None else "")
         if isinstance(command, p.Ping):
             self.session.reply(p.Pong(id=command.id))
-        elif isinstance(command, p.ListVoices):
-            self.session.reply(p.Voices(voices=[], id=command.id))
-        elif isinstance(command, p.SetVoice):
-            self.session.reply(p.ErrorEvent(code=p.ErrorCode.VOICE_ERROR, cmd="set_voice", id=command.id,
-                                            message="voice preparation is not available on this server yet"))
-        else:
+        else:  # set_voice and voices too: voices live on the generation thread
             self.session.submit(command)
 
     async def _send_loop(self, ws: ServerConnection, out: asyncio.Queue) -> None:
@@ -134,10 +131,35 @@ def build_session(config: ServerConfig):
         torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
     tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+    voice = VoiceSettings(voice_dir=config.voice_dir, max_seconds=config.max_voice_seconds,
+                          whisper_model=config.whisper_model, cache_dir=config.voice_cache)
     session = StreamingSession(tts, SessionConfig(max_lead_ms=config.max_lead_ms, context_frames=config.context_frames,
-                                                  cfg_scale=config.cfg_scale, seed=config.seed))
+                                                  cfg_scale=config.cfg_scale, seed=config.seed, voice=voice))
     log.info("loaded %s on %s (%s) in %.1f s", tts.name, tts.device, tts.dtype, time.perf_counter() - t0)
+    try:
+        for spec in config.voices:
+            state = session.preload_voice(parse_voice_spec(spec))
+            log.info("voice %s ready (%.2f s prefix, %.0f ms)", state.name, state.prefix_s, state.prepare_ms)
+    except BaseException:
+        session.close()
+        raise
     return tts, session
+
+
+def parse_voice_spec(spec: str) -> VoiceRequest:
+    """`NAME=PATH[,TRANSCRIPT]` (the transcript is everything after the first comma; a transcript
+    starting with @ names a text file)."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--voice {spec!r}: expected NAME=PATH[,TRANSCRIPT]")
+    if not p.VOICE_NAME_RE.match(name):
+        raise ValueError(f"--voice {spec!r}: the name must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    path, _, transcript = rest.partition(",")
+    transcript = transcript.strip() or None
+    if transcript and transcript.startswith("@"):
+        with open(transcript[1:], encoding="utf-8") as f:
+            transcript = f.read().strip()
+    return VoiceRequest(name=name, path=path, transcript=transcript, trusted=True)
 
 
 async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.Future | None = None,

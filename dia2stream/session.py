@@ -37,6 +37,7 @@ from vendor_dia2.script import ScriptError, parse_script
 
 from . import protocol as p
 from .protocol import ErrorCode
+from .voice import VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState, restore_voice
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class SessionConfig:
     seed: int = 0
     max_top_k: int = 256
     max_unsent_frames: int = 250  # frames generated but not yet sent (slow client) before waiting
+    voice: VoiceSettings = VoiceSettings()
+    min_turn_frames: int = 125  # context a voice prefix must leave free for speech
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,11 @@ class StreamingSession:
         self.codec.open_stream(1)
         self.tail_frames = tts.tail_frames
         self.defaults = SamplingParams(cfg_scale=config.cfg_scale, seed=config.seed)
+        self.preparer = VoicePreparer(tts, config.voice)
+        self.voices: dict[str, VoiceState] = {}  # written on the generation thread only
+        self.default_voice: str | None = None  # the first preloaded voice
+        self.current_voice: str | None = None  # per connection: reset to the default on attach
+        self._floor_frame = 0  # aligned frames before this belong to the voice prefix (never decoded)
 
         self._commands: queue.Queue[_Submitted] = queue.Queue()
         self._lock = threading.Lock()
@@ -175,6 +183,19 @@ class StreamingSession:
         self._thread.join(timeout=5)
         self.codec.close_stream()
 
+    def preload_voice(self, request: VoiceRequest, cache: bool = True, timeout: float | None = None) -> VoiceState:
+        """Prepare a voice on the generation thread and wait for it (server start-up). The first
+        preloaded voice becomes the default voice. Raises VoiceError."""
+        import concurrent.futures
+
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(_Submitted(_PrepareVoice(request, done, cache), self._epoch, time.monotonic()))
+        return done.result(timeout=timeout)
+
+    @property
+    def max_prefix_frames(self) -> int:
+        return max(0, self.context_frames - self.config.min_turn_frames)
+
     # -- the generation thread -----------------------------------------------------------------
 
     def _run(self) -> None:
@@ -235,6 +256,17 @@ class StreamingSession:
         if isinstance(cmd, _Attach):
             self._out = cmd.sink
             self._frames_emitted = 0
+            self.current_voice = self.default_voice
+            return
+        if isinstance(cmd, _PrepareVoice):
+            try:
+                state = self._prepare_voice(cmd.request, cache=cmd.cache)
+            except BaseException as exc:
+                cmd.future.set_exception(exc)
+            else:
+                if self.default_voice is None:
+                    self.default_voice = self.current_voice = state.name
+                cmd.future.set_result(state)
             return
         if self._out is None:
             return  # a command that raced with a disconnect
@@ -242,7 +274,8 @@ class StreamingSession:
             self._emit(cmd.event)
             return
         handler = {p.Start: self._on_start, p.Inject: self._on_inject, p.Flush: self._on_flush,
-                   p.Pause: self._on_pause, p.Resume: self._on_resume, p.Reset: self._on_reset}.get(type(cmd))
+                   p.Pause: self._on_pause, p.Resume: self._on_resume, p.Reset: self._on_reset,
+                   p.SetVoice: self._on_set_voice, p.ListVoices: self._on_list_voices}.get(type(cmd))
         if handler is None:
             raise TypeError(f"session cannot handle {type(cmd).__name__}")
         try:
@@ -254,12 +287,12 @@ class StreamingSession:
         if self.phase in (Phase.GENERATING, Phase.HOLDING):
             raise p.ProtocolError(ErrorCode.BUSY, "an utterance is being generated; send pause or reset first",
                                   cmd="start", id=cmd.id)
-        if cmd.voice is not None:
-            raise p.ProtocolError(ErrorCode.UNKNOWN_VOICE, f"no voice named {cmd.voice!r} has been prepared",
-                                  cmd="start", id=cmd.id)
+        self._check_voice(cmd)
         params = self._sampling(cmd)
         entries = self._parse(cmd.text, cmd, leading_speaker="[S1]")
-        self._clean_reset()
+        if cmd.voice is not None:
+            self.current_voice = cmd.voice
+        self._voice_reset()
         self.stepper.set_sampling(0, params)
         self._begin_turn(cmd.id)
         self._push(entries, cmd.final, cmd.id)
@@ -308,12 +341,89 @@ class StreamingSession:
         self._emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
 
     def _on_reset(self, cmd: p.Reset) -> None:
+        self._check_voice(cmd)
         if cmd.voice is not None:
-            raise p.ProtocolError(ErrorCode.UNKNOWN_VOICE, f"no voice named {cmd.voice!r} has been prepared",
-                                  cmd="reset", id=cmd.id)
-        self._clean_reset()
+            self.current_voice = cmd.voice
+        self._voice_reset()
         self.phase = Phase.NONE
-        self._emit(p.ResetDone(voice=None, id=cmd.id))
+        self._emit(p.ResetDone(voice=self.current_voice, id=cmd.id))
+
+    # -- voices --------------------------------------------------------------------------------
+
+    def _check_voice(self, cmd) -> None:
+        if cmd.voice is not None and cmd.voice not in self.voices:
+            known = ", ".join(sorted(self.voices)) or "none"
+            raise p.ProtocolError(ErrorCode.UNKNOWN_VOICE, f"no voice named {cmd.voice!r} has been prepared "
+                                  f"(prepared: {known}); send set_voice first", cmd=cmd.cmd, id=cmd.id)
+
+    def _on_set_voice(self, cmd: p.SetVoice) -> None:
+        if self.phase in (Phase.GENERATING, Phase.HOLDING):
+            raise p.ProtocolError(ErrorCode.BUSY, "an utterance is being generated; set_voice is accepted "
+                                  "when idle or paused", cmd="set_voice", id=cmd.id)
+        try:
+            state = self._prepare_voice(VoiceRequest.from_command(cmd))
+        except VoiceError as err:
+            log.info("set_voice %s failed: %s %s", cmd.name, err.code, err.message)
+            raise p.ProtocolError(err.code, err.message, cmd="set_voice", id=cmd.id) from None
+        self._emit(p.VoiceReady(name=state.name, prefix_s=state.prefix_s, prepare_ms=state.prepare_ms,
+                                speakers=state.speakers, id=cmd.id))
+
+    def _on_list_voices(self, cmd: p.ListVoices) -> None:
+        self._emit(p.Voices(voices=[v.info() for v in self.voices.values()], id=cmd.id))
+
+    def _prepare_voice(self, request: VoiceRequest, cache: bool = True) -> VoiceState:
+        """Build (or load from the disk cache) a voice; the live conversation state is kept."""
+        t0 = time.perf_counter()
+        loaded = self.preparer.load(request)
+        key = self.preparer.state_key(loaded, self.stepper)
+        directory = self.config.voice.cache_path() / "states" / key[:32]
+        state = None
+        if cache and (directory / "voice.json").is_file():
+            try:
+                state = VoiceState.load(directory, self.tts.device)
+                if state.key != key:
+                    state = None
+            except Exception as exc:
+                log.warning("voice cache %s unreadable (%s); preparing again", directory, exc)
+                state = None
+        if state is not None:
+            state.name = request.name
+            state.speakers = loaded.distinct
+            state.prepare_ms = round((time.perf_counter() - t0) * 1000, 1)
+            log.info("voice %s loaded from %s in %.0f ms", request.name, directory, state.prepare_ms)
+        else:
+            live = (self.stepper.snapshot(), self.machine.snapshot(), self.codec.snapshot_stream())
+            try:
+                state = self.preparer.build(loaded, self.stepper, self.machine, self.codec,
+                                            max_frames=self.max_prefix_frames)
+            except VoiceError:
+                raise
+            except Exception as exc:
+                log.exception("voice preparation failed")
+                raise VoiceError(ErrorCode.VOICE_ERROR, f"voice preparation failed: {exc}") from None
+            finally:
+                self.stepper.restore(live[0])
+                self.machine.restore(live[1])
+                self.codec.restore_stream(live[2])
+            state.key = key
+            state.prepare_ms = round((time.perf_counter() - t0) * 1000, 1)
+            if cache:
+                try:
+                    state.save(directory)
+                except OSError as exc:
+                    log.warning("could not save voice %s to %s: %s", request.name, directory, exc)
+            log.info("voice %s prepared: %.2f s prefix (%d frames), %d speaker(s), %.0f ms", request.name,
+                     state.prefix_s, state.prefix_frames, state.speakers, state.prepare_ms)
+        self.voices[request.name] = state
+        return state
+
+    def _voice_reset(self) -> None:
+        """Back to the current voice's prepared state by copy (the clean state without a voice)."""
+        self._clean_reset()
+        state = self.voices.get(self.current_voice) if self.current_voice else None
+        if state is not None:
+            restore_voice(state, self.stepper, self.machine, self.codec)
+            self._floor_frame = state.prefix_frames
 
     # -- turn helpers --------------------------------------------------------------------------
 
@@ -342,10 +452,11 @@ class StreamingSession:
     def _begin_turn(self, client_id) -> None:
         position = self.stepper.host_positions[0]
         first = max(0, position + 1 - self.stepper.max_delay)  # first aligned frame this turn decodes
+        first = max(first, self._floor_frame)  # prefix frames: already in Mimi's stream, never sent
         self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=self._received_at,
                          next_frame=first, words_emitted=len(self.machine.transcript))
         self.phase = Phase.GENERATING
-        self._emit(p.Started(id=client_id, voice=None, position=position))
+        self._emit(p.Started(id=client_id, voice=self.current_voice if self._floor_frame else None, position=position))
 
     def _push(self, entries, final: bool, client_id) -> None:
         words = sum(1 for e in entries if e.tokens)
@@ -367,6 +478,7 @@ class StreamingSession:
         turn.pace_origin, turn.pace_frames = time.monotonic() + lead, turn.frames_sent
 
     def _clean_reset(self) -> None:
+        self._floor_frame = 0
         self.stepper.reset_call(0)
         self.machine.reset()
         self.codec.reset_stream()
@@ -435,9 +547,9 @@ class StreamingSession:
         self._emit(p.ErrorEvent(code=ErrorCode.CONTEXT_FULL, id=turn_id,
                                 message=f"the context limit of {self.context_frames} frames was reached; "
                                         "the session was reset"))
-        self._clean_reset()
+        self._voice_reset()
         self.phase = Phase.NONE
-        self._emit(p.ResetDone(voice=None))
+        self._emit(p.ResetDone(voice=self.current_voice))
 
     def _emit(self, item: Item) -> None:
         sink = self._out
@@ -457,6 +569,16 @@ class _Attach:
 
     sink: Sink
     cmd = "attach"
+
+
+@dataclass(frozen=True)
+class _PrepareVoice:
+    """Internal: prepare a voice for the operator (start-up preload); the future gets the state."""
+
+    request: VoiceRequest
+    future: object
+    cache: bool = True
+    cmd = "prepare_voice"
 
 
 @dataclass(frozen=True)
