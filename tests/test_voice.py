@@ -1,0 +1,367 @@
+"""Voice cloning (issue 5): prefix plan + parallel prefill, the turn boundary, restore by copy,
+save/load, and the set_voice/voices/start-with-voice protocol over a real server.
+
+Everything runs on the tiny random checkpoint with a few hundred ms of synthetic audio written
+with soundfile; transcripts are always supplied (nothing downloads whisper weights)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import queue
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from dia2stream import protocol as p
+from dia2stream.config import ServerConfig, parse_args
+from dia2stream.server import parse_voice_spec
+from dia2stream.session import AudioFrame, SessionConfig, StreamingSession
+from dia2stream.voice import (VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState, align_transcript,
+                              read_audio, resolve_path, restore_voice)
+from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
+from vendor_dia2.runtime import SamplingParams
+
+from test_server import Client, ServerThread
+
+TRANSCRIPT = "[S1] Hi there."
+
+
+def tone(seconds: float = 0.6, rate: int = 16_000, amp: float = 0.3, seed: int = 0, channels: int = 1) -> np.ndarray:
+    """A 'voiced' tone burst with a little noise, short silences at both ends."""
+    n = int(seconds * rate)
+    t = np.arange(n) / rate
+    rng = np.random.default_rng(seed)
+    wav = amp * np.sin(2 * np.pi * (180 + 40 * seed) * t) + 0.02 * rng.standard_normal(n)
+    edge = int(0.08 * rate)
+    wav[:edge] = 0
+    wav[-edge:] = 0
+    wav = wav.astype(np.float32)
+    return np.stack([wav] * channels, axis=1) if channels > 1 else wav
+
+
+def wav_bytes(wav: np.ndarray, rate: int = 16_000, fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, wav, rate, format=fmt)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio and alignment
+# ---------------------------------------------------------------------------------------------
+
+
+def test_read_audio_mono_resample_and_errors(tmp_path):
+    wav = read_audio(wav_bytes(tone(0.5, channels=2)), 30.0)
+    assert wav.dtype == np.float32 and abs(len(wav) - 12_000) <= 1  # 0.5 s at 24 kHz
+    flac = read_audio(wav_bytes(tone(0.5, rate=48_000), rate=48_000, fmt="FLAC"), 30.0)
+    assert abs(len(flac) - 12_000) <= 1
+    cases = {b"": "empty", b"RIFF\x00\x00garbage-not-audio" * 10: "unreadable",
+             wav_bytes(np.zeros(8000, np.float32)): "silent", wav_bytes(np.zeros(0, np.float32)): "no samples",
+             wav_bytes(tone(3.0)): "longer"}
+    for data, words in cases.items():
+        with pytest.raises(VoiceError) as err:
+            read_audio(data, 2.0)
+        assert err.value.code == "bad_audio" and words in err.value.message, err.value.message
+
+
+def test_resolve_path_inside_allowed_folder_only(tmp_path):
+    allowed = tmp_path / "voices"
+    allowed.mkdir()
+    (allowed / "a.wav").write_bytes(wav_bytes(tone()))
+    (tmp_path / "secret.wav").write_bytes(wav_bytes(tone()))
+    assert resolve_path("a.wav", str(allowed)) == (allowed / "a.wav").resolve()
+    assert resolve_path(str(allowed / "a.wav"), str(allowed)) == (allowed / "a.wav").resolve()
+    for bad, folder in [("../secret.wav", str(allowed)), (str(tmp_path / "secret.wav"), str(allowed)),
+                        ("a.wav", None)]:
+        with pytest.raises(VoiceError) as err:
+            resolve_path(bad, folder)
+        assert err.value.code == "path_not_allowed"
+
+
+def test_supplied_transcript_spreads_words_over_the_voiced_span():
+    wav = read_audio(wav_bytes(tone(1.0)), 30.0)
+    words = align_transcript("[S1] Hello there, friend.", wav)
+    assert [w.word for w in words] == ["Hello", "there,", "friend."]
+    assert words[0].start_s == pytest.approx(0.08, abs=0.03) and words[-1].end_s == pytest.approx(0.92, abs=0.03)
+    assert all(a.end_s == pytest.approx(b.start_s) for a, b in zip(words, words[1:]))
+    assert words[1].end_s - words[1].start_s > words[0].end_s - words[0].start_s  # longer word, longer span
+
+
+def test_no_transcript_and_no_whisper_weights_is_transcript_required(tiny_tts, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    prep = VoicePreparer(tiny_tts, VoiceSettings(cache_dir=str(tmp_path)))
+    with pytest.raises(VoiceError) as err:
+        prep.load(VoiceRequest("x", audio=wav_bytes(tone())))
+    assert err.value.code == "transcript_required" and "transcript" in err.value.message
+
+
+def test_server_voice_spec_and_flags(tmp_path):
+    req = parse_voice_spec("alice=/v/a.wav,Hi, I am Alice.")
+    assert (req.name, req.path, req.transcript, req.trusted) == ("alice", "/v/a.wav", "Hi, I am Alice.", True)
+    assert parse_voice_spec("bob=/v/b.wav").transcript is None
+    cfg = parse_args(["--voice", "a=x.wav", "--voice", "b=y.wav,Yo.", "--voice-dir", str(tmp_path)], environ={})
+    assert cfg.voices == ("a=x.wav", "b=y.wav,Yo.") and cfg.voice_dir == str(tmp_path)
+    assert parse_args([], environ={"DIA2_VOICE": "a=x.wav;b=y.wav", "DIA2_VOICE_DIR": "/v"}).voices == ("a=x.wav", "b=y.wav")
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill over a real prefix plan
+# ---------------------------------------------------------------------------------------------
+
+
+def _plan(tts, seconds=(0.5, 0.4)):
+    d = tts.config.data
+    speakers = []
+    for i, (sec, tag) in enumerate(zip(seconds, ("[S1]", "[S2]"))):
+        wav = read_audio(wav_bytes(tone(sec, seed=i)), 30.0)
+        codes = tts.codec.encode(torch.from_numpy(wav))[0].cpu()
+        speakers.append(PrefixSpeaker(codes, align_transcript("Hi there." if i == 0 else "Yes.", wav), tag))
+    return build_prefix_plan(speakers, tts.tokenizer, d.delay_pattern, d.audio_bos, d.audio_pad)
+
+
+def test_prefix_plan_consumes_every_word_during_warm_up(tiny_tts):
+    d = tiny_tts.config.data
+    plan = _plan(tiny_tts)
+    assert plan.frames == sum(plan.speaker_frames) and plan.delayed.shape[1] == plan.frames + d.max_delay
+    for k, delay in enumerate(d.delay_pattern):
+        assert (plan.delayed[k, :delay] == d.audio_bos).all()
+        assert torch.equal(plan.delayed[k, delay:delay + plan.frames], plan.aligned[k])
+    assert plan.steps == sorted(plan.steps) and plan.steps[0] >= 3  # speaker 1 shifted by +3
+    machine = tiny_tts.new_state_machine()
+    text = warm_up_text(machine, plan, d.text_pad_token_id)
+    assert text.shape == (plan.frames + 1, 2)
+    assert machine.remaining_entries == 0 and not machine.state.pending
+    assert [w for w, _ in machine.transcript] == [e.text for e in plan.entries]
+    assert [s for _, s in machine.transcript] == plan.steps
+
+
+def test_prefill_matches_frame_by_frame_warm_up_over_a_prefix_plan(tiny_tts):
+    d = tiny_tts.config.data
+    plan = _plan(tiny_tts)
+    text = warm_up_text(tiny_tts.new_state_machine(), plan, d.text_pad_token_id)
+    frames = plan.frames
+    stepper = tiny_tts.stepper(cfg=True)
+    model = tiny_tts.model
+
+    def next_logits(tokens):
+        with torch.inference_mode():
+            action, cb0, _ = model.transformer(tokens[:, None].clone(), torch.full((2, 1), frames))
+        return action.clone(), cb0.clone()
+
+    stepper.reset_call(0)
+    stepper.prefill(0, plan.delayed, text, frames, chunk=16)  # several chunks
+    caches = [(c.k[:, :, :frames].clone(), c.v[:, :, :frames].clone()) for c in model.decoder_caches()]
+    tokens = stepper.tokens.clone()
+    parallel = next_logits(tokens)
+
+    stepper.reset_call(0)
+    with torch.inference_mode():
+        for t in range(frames):
+            toks = torch.empty(2, 1, d.channels, dtype=torch.long)
+            toks[:, 0, 2:] = plan.delayed[:, t]
+            toks[0, 0, :2] = text[t]
+            toks[1, 0, :2] = torch.tensor([d.text_zero_token_id, d.text_pad_token_id])
+            model.transformer(toks, torch.full((2, 1), t))
+    for (k1, v1), cache in zip(caches, model.decoder_caches()):
+        torch.testing.assert_close(k1, cache.k[:, :, :frames], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v1, cache.v[:, :, :frames], atol=1e-4, rtol=1e-4)
+    sequential = next_logits(tokens)
+    for a, b in zip(parallel, sequential):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The session: turn boundary, restore by copy, save/load
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def voiced_session(tiny_tts, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("voices")
+    session = StreamingSession(tiny_tts, SessionConfig(max_lead_ms=1e6, voice=VoiceSettings(cache_dir=str(cache))))
+    got: queue.Queue = queue.Queue()
+    assert session.attach(got.put)
+    state = session.preload_voice(VoiceRequest("v", audio=wav_bytes(tone(0.8)), transcript="[S1] Hi there."), cache=False)
+    yield session, got, state
+    session.close()
+
+
+def _turn(session, got, text="[S1] Good morning.", seed=7, voice="v"):
+    session.submit(p.Start(text=text, voice=voice, seed=seed, id="t"))
+    items = []
+    while True:
+        item = got.get(timeout=60)
+        items.append(item)
+        assert not isinstance(item, p.ErrorEvent), item
+        if isinstance(item, p.Done):
+            break
+    # the generation thread is idle now; its buffer holds this turn
+    frames = [i.pcm for i in items if isinstance(i, AudioFrame)]
+    words = [i.word for i in items if isinstance(i, p.Word)]
+    started = next(i for i in items if isinstance(i, p.Started))
+    return started, frames, words, session.stepper.buffer[0].clone(), session.stepper.host_positions[0]
+
+
+def test_turn_speaks_only_its_words_and_continues_the_prefix(voiced_session, tiny_tts):
+    session, got, state = voiced_session
+    d = tiny_tts.config.data
+    started, frames, words, buffer, end = _turn(session, got)
+    F = state.prefix_frames
+    assert started.voice == "v" and started.position == F
+    assert words == ["Good", "morning."]  # no prefix word is spoken again
+    assert frames
+    aligned = torch.stack([buffer[k, delay:delay + end + 1 - d.max_delay] for k, delay in enumerate(d.delay_pattern)])
+    prefix = torch.stack([state.stepper.buffer[0, k, delay:delay + F] for k, delay in enumerate(d.delay_pattern)])
+    assert torch.equal(aligned[:, :F], prefix)  # teacher-forced prefix codes kept through the boundary
+    assert (aligned[:, F:F + 8] < 2048).all() and (aligned[:, F:F + 8] >= 0).all()  # no bos/pad burst
+    # the turn's audio starts at the prefix end: one frame per aligned frame from F on
+    assert len(frames) == aligned.shape[1] - F
+
+
+def test_restore_is_a_copy(voiced_session):
+    session, got, state = voiced_session
+    before = [t.clone() for t in (state.stepper.buffer, *state.stepper.caches[0])]
+    _, frames1, words1, buf1, end1 = _turn(session, got, seed=11)
+    _, frames2, words2, buf2, end2 = _turn(session, got, seed=11)
+    assert end1 == end2 and words1 == words2 and torch.equal(buf1[:, :end1 + 1], buf2[:, :end2 + 1])
+    assert len(frames1) == len(frames2) and all(np.array_equal(a, b) for a, b in zip(frames1, frames2))
+    for a, b in zip(before, (state.stepper.buffer, *state.stepper.caches[0])):
+        assert torch.equal(a, b)  # generation never writes into the prepared state
+
+
+def test_restore_time_and_save_load_round_trip(voiced_session, tmp_path, capsys):
+    session, got, state = voiced_session
+    state.save(tmp_path / "v")
+    loaded = VoiceState.load(tmp_path / "v")
+    assert (loaded.name, loaded.prefix_frames, loaded.prefix_s, loaded.speakers, loaded.words) == \
+        (state.name, state.prefix_frames, state.prefix_s, state.speakers, state.words)
+    for f in ("positions", "tokens", "buffer", "prefix_frames"):
+        assert torch.equal(getattr(loaded.stepper, f), getattr(state.stepper, f)), f
+    assert loaded.stepper.length == state.stepper.length
+    for (k1, v1), (k2, v2) in zip(loaded.stepper.caches, state.stepper.caches):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    assert loaded.text == state.text
+    assert loaded.codec.states.keys() == state.codec.states.keys()
+    for module, fields in state.codec.states.items():
+        for name, value in fields.items():
+            other = loaded.codec.states[module][name]
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, other), (module, name)
+            elif isinstance(value, dict):
+                assert all(torch.equal(value[s], other[s]) for s in value)
+            else:
+                assert value == other
+    # restore cost (on the generation thread's objects; the session is idle)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        restore_voice(loaded, session.stepper, session.machine, session.codec)
+    ms = (time.perf_counter() - t0) * 200
+    with capsys.disabled():
+        print(f"\n[voice] prefix {state.prefix_s} s ({state.prefix_frames} frames): prepare {state.prepare_ms} ms, "
+              f"restore {ms:.2f} ms")
+
+
+# ---------------------------------------------------------------------------------------------
+# Over the real server
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def voice_server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("voice-server")
+    allowed = root / "allowed"
+    allowed.mkdir()
+    (allowed / "bob.wav").write_bytes(wav_bytes(tone(0.6, seed=1)))
+    (root / "outside.wav").write_bytes(wav_bytes(tone(0.6, seed=2)))
+    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", log_level="WARNING",
+                                    voice_dir=str(allowed), voice_cache=str(root / "cache"), max_voice_seconds=2.0,
+                                    voices=(f"alice={allowed / 'bob.wav'},[S1] Hello there.",))).start()
+    srv.root = root
+    yield srv
+    srv.stop()
+
+
+async def test_ready_lists_preloaded_voice_and_start_uses_it(voice_server):
+    client, ready = await Client.open(voice_server.url)
+    try:
+        assert ready["voices"] == ["alice"]
+        await client.send(cmd="voices", id=1)
+        listing = await client.until("voices", id=1)
+        assert [v["name"] for v in listing["voices"]] == ["alice"] and listing["voices"][0]["speakers"] == 1
+        await client.send(cmd="start", text="[S1] Hi.", id="a")
+        started = await client.until("started", id="a")
+        assert started["voice"] == "alice" and started["position"] > 0
+        await client.until("done", id="a")
+        words = [e["word"] for e in client.events("word")]
+        assert words == ["Hi."]
+    finally:
+        await client.close()
+
+
+async def test_set_voice_errors_leave_the_current_voice_untouched(voice_server):
+    client, _ = await Client.open(voice_server.url)
+    good = base64.b64encode(wav_bytes(tone(0.5, seed=3))).decode()
+    cases = [
+        (dict(audio=base64.b64encode(b"not audio at all" * 20).decode(), transcript="Hi."), "bad_audio"),
+        (dict(audio=base64.b64encode(wav_bytes(np.zeros(0, np.float32))).decode(), transcript="Hi."), "bad_audio"),
+        (dict(audio=base64.b64encode(wav_bytes(np.zeros(8000, np.float32))).decode(), transcript="Hi."), "bad_audio"),
+        (dict(audio=base64.b64encode(wav_bytes(tone(2.5))).decode(), transcript="Hi."), "bad_audio"),
+        (dict(path=str(voice_server.root / "outside.wav"), transcript="Hi."), "path_not_allowed"),
+        (dict(path="../outside.wav", transcript="Hi."), "path_not_allowed"),
+        (dict(audio=good), "transcript_required"),
+    ]
+    try:
+        for i, (fields, code) in enumerate(cases):
+            await client.send(cmd="set_voice", name="alice", id=i, **fields)
+            err = await client.event()
+            assert err["event"] == "error" and err["code"] == code and err["id"] == i, err
+            assert err["cmd"] == "set_voice"
+        await client.send(cmd="start", text="[S1] Hi.", voice="nobody", id="u")
+        err = await client.event()
+        assert err["code"] == "unknown_voice" and err["id"] == "u"
+        await client.send(cmd="reset", voice="nobody", id="r")
+        assert (await client.event())["code"] == "unknown_voice"
+        await client.send(cmd="voices", id="l")
+        listing = await client.until("voices", id="l")
+        assert [v["name"] for v in listing["voices"]] == ["alice"]
+        # alice is still the voice it was: the same start gives the same audio as before the errors
+        await client.send(cmd="reset", id="r2")
+        assert (await client.until("reset", id="r2"))["voice"] == "alice"
+        await client.send(cmd="start", text="[S1] Hi.", seed=5, id="s")
+        assert (await client.until("started", id="s"))["voice"] == "alice"
+        await client.until("done", id="s")
+    finally:
+        await client.close()
+
+
+async def test_set_voice_then_switch_by_start_and_reset(voice_server):
+    client, _ = await Client.open(voice_server.url)
+    try:
+        audio = base64.b64encode(wav_bytes(tone(0.5, seed=4))).decode()
+        await client.send(cmd="set_voice", name="carol", audio=audio, transcript="[S1] Hey.", id="sv")
+        ready = await client.until("voice_ready", id="sv", timeout=120)
+        assert ready["name"] == "carol" and ready["speakers"] == 1 and ready["prefix_s"] > 0 and ready["prepare_ms"] > 0
+        await client.send(cmd="set_voice", name="dave", path="bob.wav", transcript="Yo.",
+                          speaker2_audio=audio, speaker2_transcript="Hey.", id="sv2")
+        ready2 = await client.until("voice_ready", id="sv2", timeout=120)
+        assert ready2["speakers"] == 2
+        await client.send(cmd="voices", id="l")
+        names = [v["name"] for v in (await client.until("voices", id="l"))["voices"]]
+        assert names == ["alice", "carol", "dave"]
+        await client.send(cmd="start", text="[S1] Hi.", voice="carol", id="c")
+        started = await client.until("started", id="c")
+        assert started["voice"] == "carol" and started["position"] == round(ready["prefix_s"] * 12.5)
+        await client.until("done", id="c")
+        await client.send(cmd="reset", voice="dave", id="r")
+        assert (await client.until("reset", id="r"))["voice"] == "dave"
+        await client.send(cmd="start", text="[S1] Hi.", id="d")
+        assert (await client.until("started", id="d"))["voice"] == "dave"
+        await client.until("done", id="d")
+    finally:
+        await client.close()
