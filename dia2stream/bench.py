@@ -50,7 +50,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool = False) -> dict:
+def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool = False,
+                profile: bool = False) -> dict:
     """Time `frames` steps (after a warm-up) of a fresh stepper, host state machine included."""
     tts._stepper = None
     if tts.device.type == "cuda":
@@ -73,9 +74,32 @@ def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool
             first_decodable = (time.perf_counter() - start) * 1000
     out = stats(times[5:])
     out["build_s"] = round(build_s, 2)
+    if profile:
+        try:
+            out["profile"] = profile_steps(stepper, machine, frames + 5)
+        except Exception as exc:  # the timings above stand without it
+            out["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     out["first_decodable_frame_ms"] = round(first_decodable, 2)
     del stepper
     return out
+
+
+def profile_steps(stepper: FrameStepper, machine, t0: int, steps: int = 5) -> dict:
+    """Kernels per frame and the kernels that take the GPU time (what a missed target is about)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for t in range(t0, t0 + steps):
+            machine.process(t, stepper.step([machine.preview(t)])[0])
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time for e in kernels) if kernels else 0.0
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:60], []).append(e.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    return {"kernels_per_frame": round(len(kernels) / steps), "gpu_busy_ms_per_frame": round(gpu_us / steps / 1000, 3),
+            "top_kernels": [{"name": k, "count_per_frame": round(len(v) / steps), "ms_per_frame": round(sum(v) / steps / 1000, 3)}
+                            for k, v in top]}
 
 
 def bench_mimi(tts: Dia2, frames: int) -> dict:
@@ -200,7 +224,8 @@ def run_preset(name: str, args) -> dict:
         for cfg in (False, True):
             key = f"graph_compiled_cfg{2 if cfg else 1}"
             try:
-                steps[key] = bench_steps(tts, cfg=cfg, graph=True, frames=args.frames, compile=True)
+                steps[key] = bench_steps(tts, cfg=cfg, graph=True, frames=args.frames, compile=True,
+                                         profile=args.profile and cfg)
             except Exception as exc:  # compile failures are reported, not fatal to the run
                 steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(f"[{name}] step {key}: {steps[key]}", flush=True)
@@ -260,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="server's CFG scale")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile inside the graph")
+    parser.add_argument("--profile", action="store_true", help="kernel profile of the compiled cfg 2 step")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     results = [run_preset(name.strip(), args) for name in args.presets.split(",") if name.strip()]

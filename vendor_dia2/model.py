@@ -278,11 +278,13 @@ class StageWeights:
     slot: torch.Tensor  # [1] long: s
 
 
-def depformer_stage(x: torch.Tensor, layers: tuple, norm: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
-                    slot: torch.Tensor, shape: StageShape) -> torch.Tensor:
-    """One depformer stage (arguments as in `StageWeights`): x [R, 1, Dd] → logits [R, 2048] fp32.
-    Writes the stage's keys/values into cache slot s; later slots hold the previous frame's and
-    are masked."""
+def depformer_stage(projected: torch.Tensor, embed: torch.Tensor, prev: torch.Tensor, layers: tuple,
+                    norm: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
+                    shape: StageShape) -> torch.Tensor:
+    """One depformer stage (arguments as in `StageWeights`): its projected input [R, Dd] plus the
+    embedding of the previous codebook's codes prev [R] → logits [R, 2048] fp32. Writes the
+    stage's keys/values into cache slot s; later slots hold the previous frame's and are masked."""
+    x = (projected + F.embedding(prev, embed))[:, None]  # [R, 1, Dd]
     r, h, dh = x.shape[0], shape.heads, shape.head_dim
     for pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w, cache_k, cache_v in layers:
         qkv = F.linear(_rms(x, pre_w, shape.eps), in_w).view(r, 3, h, dh)
@@ -345,13 +347,11 @@ class Depformer(nn.Module):
         per_set = torch.matmul(hidden[None, :, 0], self._in_stack)  # [W, R, Dd]
         return per_set[self._schedule_index]
 
-    def stage_input(self, s: int, projected: torch.Tensor, prev: torch.Tensor,
-                    text: torch.Tensor | None) -> torch.Tensor:
-        """x for stage s: projected [S, R, Dd], prev [R] codes of codebook s, text [R, 2] at stage 0."""
-        x = projected[s] + F.embedding(prev, self.stage_weights[s].embed)
-        if s == 0 and self.text_embed is not None:
-            x = x + self.text_embed(text[:, 0], text[:, 1])
-        return x[:, None]  # [R, 1, Dd]
+    def first_stage_text(self, projected: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Stage 0 also sees this step's new text tokens: projected [S, R, Dd], text [R, 2]."""
+        if self.text_embed is None:
+            return projected
+        return torch.cat([projected[:1] + self.text_embed(text[:, 0], text[:, 1]), projected[1:]])
 
     def setup_stage_tables(self, device, dtype) -> None:
         """Per-stage weights, masks and q/k maps (norm weight x RoPE), made once after the weights

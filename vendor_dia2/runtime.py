@@ -61,10 +61,11 @@ def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_
     return draw(values, ids, inv_temp, noise)
 
 
-def stage_and_pick(x, layers, norm, logits_w, mask, slot, inv_temp, noise, forced, known, cfg_scale, *,
-                   shape: StageShape, n: int, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
-    """A depformer stage and its draw (teacher-forced where the prefix is known): codes [N]."""
-    logits = depformer_stage(x, layers, norm, logits_w, mask, slot, shape)
+def stage_and_pick(projected, embed, prev, layers, norm, logits_w, mask, slot, inv_temp, noise, forced, known,
+                   cfg_scale, *, shape: StageShape, n: int, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
+    """A depformer stage and its draw (teacher-forced where the prefix is known): codes [N];
+    prev [N] are the previous codebook's codes, shared by both CFG branches."""
+    logits = depformer_stage(projected, embed, prev.repeat(branches), layers, norm, logits_w, mask, slot, shape)
     code = pick(logits, inv_temp, noise, cfg_scale, n=n, branches=branches, filter_k=filter_k, max_top_k=max_top_k)
     return torch.where(forced, known, code)
 
@@ -265,11 +266,11 @@ class FrameStepper:
         code = torch.where(forced[:, 0], known[:, 0], code)
         codes = [code]
         dep_text = torch.cat([text, self._uncond_text.expand(n, 2)]) if br == 2 else text
-        projected = dep.project_inputs(hidden)  # [S, R, Dd]
+        projected = dep.first_stage_text(dep.project_inputs(hidden), dep_text)  # [S, R, Dd]
         for s, w in enumerate(dep.stage_weights):
-            x = dep.stage_input(s, projected, code.repeat(br), dep_text)
-            code = self._stage_fn(x, w.layers, w.norm, w.logits, w.mask, w.slot, inv_temp[:, 2 + s],
-                                  noise[:, 2 + s], forced[:, s + 1], known[:, s + 1], self.cfg_scale)
+            code = self._stage_fn(projected[s], w.embed, code, w.layers, w.norm, w.logits, w.mask, w.slot,
+                                  inv_temp[:, 2 + s], noise[:, 2 + s], forced[:, s + 1], known[:, s + 1],
+                                  self.cfg_scale)
             codes.append(code)
         codes_t = torch.stack(codes, dim=1)  # [N, Q]
 
