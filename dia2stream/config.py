@@ -21,6 +21,7 @@ class ServerConfig:
     cfg_scale: float = 2.0
     context_frames: int | None = None
     threads: int | None = None
+    compile: str = "auto"
     log_level: str = "INFO"
     voice_dir: str | None = None
     voice_cache: str | None = None
@@ -41,6 +42,8 @@ _FLAGS = [  # (name, type, help)
     ("cfg_scale", float, "default CFG scale; 1 runs a single branch (faster, no per-request CFG)"),
     ("context_frames", int, "frames before context_full (default: the model's limit, 1500)"),
     ("threads", int, "torch CPU threads (default: torch's choice)"),
+    ("compile", str, "torch.compile inside the frame's CUDA graph: auto (on with cuda), on, off; "
+                     "costs ~30 s once at start-up"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
@@ -71,4 +74,6 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     args = parser.parse_args(argv)
     values = vars(args)
     values["voices"] = tuple(values["voices"]) if values["voices"] else env_voices
+    if values["compile"] not in ("auto", "on", "off"):
+        parser.error(f"--compile must be auto, on or off, not {values['compile']!r}")
     return ServerConfig(**values)

@@ -131,6 +131,7 @@ def build_session(config: ServerConfig):
         torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
     tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+    tts.compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
     voice = VoiceSettings(voice_dir=config.voice_dir, max_seconds=config.max_voice_seconds,
                           whisper_model=config.whisper_model, cache_dir=config.voice_cache)
     session = StreamingSession(tts, SessionConfig(max_lead_ms=config.max_lead_ms, context_frames=config.context_frames,
