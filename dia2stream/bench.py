@@ -117,6 +117,77 @@ def bench_mimi(tts: Dia2, frames: int) -> dict:
     return stats(times[5:])
 
 
+def bench_prefill(tts: Dia2, seconds: float = 10.0, runs: int = 5) -> dict:
+    """Voice prefix warm-up at this shape: parallel (chunked) prefill vs frame by frame, and the
+    restore-by-copy of a prepared state (decoder cache + buffer, Mimi stream)."""
+    d = tts.config.data
+    frames = int(seconds * 12.5)
+    tts._stepper = None
+    stepper = FrameStepper(tts.model, cfg=True, use_cuda_graph=False)
+    gen = torch.Generator().manual_seed(0)
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=gen)
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    text = torch.full((frames + 1, 2), d.text_pad_token_id)
+    parallel = []
+    for i in range(runs + 1):
+        stepper.reset_call(0)
+        _sync(tts.device)
+        t0 = time.perf_counter()
+        stepper.prefill(0, delayed, text, frames)
+        _sync(tts.device)
+        if i:
+            parallel.append((time.perf_counter() - t0) * 1000)
+    tokens = torch.empty(2, frames, d.channels, dtype=torch.long, device=tts.device)
+    tokens[:, :, 2:] = delayed[:, :frames].T.to(tts.device)
+    tokens[:, :, :2] = d.text_pad_token_id
+    stepper.reset_call(0)
+    _sync(tts.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for t in range(frames):  # what upstream does on every request
+            tts.model.transformer(tokens[:, t:t + 1], torch.full((2, 1), t, device=tts.device))
+    _sync(tts.device)
+    sequential = (time.perf_counter() - t0) * 1000
+    snap = stepper.snapshot()
+    restore = []
+    codec = tts.codec
+    codec.open_stream(1)
+    codec.warm_stream(torch.randint(0, 2048, (1, 32, frames), device=codec.device))
+    codec_snap = codec.snapshot_stream()
+    for _ in range(20):
+        _sync(tts.device)
+        t0 = time.perf_counter()
+        stepper.restore(snap)
+        codec.restore_stream(codec_snap)
+        _sync(tts.device)
+        restore.append((time.perf_counter() - t0) * 1000)
+    codec.close_stream()
+    del stepper
+    return {"prefix_frames": frames, "parallel_prefill_ms": stats(parallel),
+            "frame_by_frame_ms": round(sequential, 1), "restore_ms": stats(restore)}
+
+
+def _voice_wav_b64(seconds: float = 10.0) -> str:
+    """A synthetic 24 kHz voice prefix (a wobbling tone with noise): random weights, any audio will do."""
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * 24000)) / 24000
+    wav = 0.3 * np.sin(2 * np.pi * (180 + 40 * np.sin(2 * np.pi * 3 * t)) * t)
+    wav += 0.02 * np.random.default_rng(0).standard_normal(t.shape)
+    buf = io.BytesIO()
+    sf.write(buf, wav.astype(np.float32), 24000, format="WAV", subtype="PCM_16")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+VOICE_TRANSCRIPT = ("[S1] Hello, this is the bench voice speaking for about ten seconds so that the prefix "
+                    "has enough words to align with the audio we made up for it, thank you.")
+
+
 # -- through the real server --------------------------------------------------------------------
 
 def start_server(tts: Dia2, cfg_scale: float):
@@ -128,6 +199,7 @@ def start_server(tts: Dia2, cfg_scale: float):
     from dia2stream.session import SessionConfig, StreamingSession
 
     tts._stepper = None
+    sys.setswitchinterval(0.0005)  # as server.build_session does
     session = StreamingSession(tts, SessionConfig(max_lead_ms=60_000, cfg_scale=cfg_scale))
     server = Dia2Server(session, tts.name, str(tts.device), 60_000)
     ready: "asyncio.Future[int]"
@@ -174,9 +246,27 @@ def _is_audio(m):
 async def bench_server(port: int, runs: int) -> dict:
     from websockets.asyncio.client import connect
 
-    ttfa, inject = [], []
+    ttfa, inject, voice_ttfa = [], [], []
+    voice_info = {}
     async with connect(f"ws://127.0.0.1:{port}/", max_size=None) as ws:
         await _recv_until(ws, _is_event("ready"))
+        await ws.send(json.dumps({"cmd": "set_voice", "name": "bench", "audio": _voice_wav_b64(),
+                                  "transcript": VOICE_TRANSCRIPT}))
+        msg, _ = await _recv_until(ws, lambda m: isinstance(m, str) and json.loads(m).get("event") in ("voice_ready", "error"),
+                                   timeout=300)
+        voice_info = json.loads(msg)
+        if voice_info.get("event") == "voice_ready":
+            for i in range(runs + 2):  # TTFA from a prepared voice (restored by copy at start)
+                t0 = time.perf_counter()
+                await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello, how can I help you today?",
+                                          "voice": "bench"}))
+                _, t1 = await _recv_until(ws, _is_audio)
+                if i >= 2:
+                    voice_ttfa.append((t1 - t0) * 1000)
+                await ws.send(json.dumps({"cmd": "reset", "voice": "bench"}))
+                await _recv_until(ws, _is_event("reset"))
+        await ws.send(json.dumps({"cmd": "reset"}))
+        await _recv_until(ws, _is_event("reset"))
         for i in range(runs + 2):  # cold TTFA: each start from the clean state
             t0 = time.perf_counter()
             await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello, how can I help you today?"}))
@@ -195,7 +285,8 @@ async def bench_server(port: int, runs: int) -> dict:
             if i >= 2:
                 inject.append((t1 - t0) * 1000)
             await _recv_until(ws, _is_event("done"), timeout=120)
-    return {"ttfa_ms": stats(ttfa), "inject_to_new_text_audio_ms": stats(inject)}
+    return {"ttfa_ms": stats(ttfa), "inject_to_new_text_audio_ms": stats(inject),
+            "voice": voice_info, "voice_ttfa_ms": stats(voice_ttfa)}
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -231,6 +322,8 @@ def run_preset(name: str, args) -> dict:
             print(f"[{name}] step {key}: {steps[key]}", flush=True)
     result["step_ms"] = steps
     result["mimi_decode_ms"] = bench_mimi(tts, args.frames)
+    result["voice_prefill"] = bench_prefill(tts)
+    print(f"[{name}] voice prefill: {result['voice_prefill']}", flush=True)
     print(f"[{name}] mimi decode: {result['mimi_decode_ms']}", flush=True)
     if not args.skip_server:
         tts.compile_steps = args.compile and device.type == "cuda"

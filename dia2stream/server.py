@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import signal
+import sys
 import time
 from http import HTTPStatus
 
@@ -129,6 +130,9 @@ def build_session(config: ServerConfig):
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    # The generation thread waits on the GPU once a frame; with the default 5 ms GIL switch
+    # interval the event loop can hold it that long when the frame is done.
+    sys.setswitchinterval(0.0005)
     t0 = time.perf_counter()
     tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
     tts.compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
