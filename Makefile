@@ -13,7 +13,7 @@ MOSHI_SPEC   ?= moshi==0.2.13
 WHISPER_SPEC ?= openai-whisper==20250625
 WHISPER_DEPS ?= tiktoken more-itertools numba
 
-.PHONY: test demo venv clean
+.PHONY: test demo venv clean gpu-wheels
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -44,3 +44,10 @@ $(STAMP): requirements.txt pyproject.toml
 clean:
 	rm -rf $(VENV) .pytest_cache build dist *.egg-info demo.wav
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+
+# Wheels for a CUDA machine with Python 3.12 and torch but no moshi/websockets/soundfile (the lent
+# H100): scripts/gpu_bench.sh installs them from .whl/ (git-ignored).
+gpu-wheels:
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform manylinux1_x86_64 -d .whl $(MOSHI_SPEC) websockets==17.4 soundfile cffi pycparser
