@@ -11,6 +11,11 @@ Caches are static and preallocated (`setup_caches`), with a batch dimension and 
 positions: writing is a scatter at each row's position and attention masks every slot past
 it, so rolling back a row is just reusing an earlier position, and a snapshot is a copy.
 RoPE is computed from the positions on the fly, so it is defined for any position.
+
+Modules only hold parameters (their names are the checkpoint's); the math lives in two plain
+functions, `decoder_layer` and `depformer_stage`, that take a layer's or a stage's tensors as
+arguments. That keeps one code path for CPU, CUDA graphs and torch.compile, and lets one
+compiled graph serve all 24 layers and all 31 stages.
 """
 
 from __future__ import annotations
@@ -70,18 +75,19 @@ def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
 
 
 class MLP(nn.Module):
-    """Gated MLP: `wi` yields [gate | up], `wo(act0(gate) * act1(up))`."""
+    """Parameters of the gated MLP; the math is `gated_mlp`."""
 
-    def __init__(self, dim: int, hidden: int, activations: tuple[str, str]):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.hidden = hidden
-        self.acts = activations
         self.wi = nn.Linear(dim, 2 * hidden, bias=False)
         self.wo = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.wi(x).split(self.hidden, dim=-1)
-        return self.wo(_activate(gate, self.acts[0]) * _activate(up, self.acts[1]))
+
+def gated_mlp(x: torch.Tensor, wi: torch.Tensor, wo: torch.Tensor, hidden: int,
+              activations: tuple[str, str]) -> torch.Tensor:
+    """`wi` yields [gate | up]; `wo(act0(gate) * act1(up))`."""
+    gate, up = F.linear(x, wi).split(hidden, dim=-1)
+    return F.linear(_activate(gate, activations[0]) * _activate(up, activations[1]), wo)
 
 
 def _activate(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -128,12 +134,12 @@ class DecoderAttention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TransformerConfig, activations: tuple[str, str], eps: float):
+    def __init__(self, cfg: TransformerConfig, eps: float):
         super().__init__()
         self.pre_norm = RMSNorm(cfg.n_embd, eps)
         self.attn = DecoderAttention(cfg, eps)
         self.post_norm = RMSNorm(cfg.n_embd, eps)
-        self.mlp = MLP(cfg.n_embd, cfg.n_hidden, activations)
+        self.mlp = MLP(cfg.n_embd, cfg.n_hidden)
 
     def weights(self) -> tuple:
         """The layer as plain tensors for `decoder_layer`; q, k and v projections fused into one."""
@@ -173,8 +179,7 @@ def decoder_layer(x: torch.Tensor, weights: tuple, cos: torch.Tensor, sin: torch
     att = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=1.0,
                                          enable_gqa=hq != hkv)  # [B, Hq, T, Dh]
     x = x + F.linear(att.transpose(1, 2).reshape(b, t, hq * dh), o_w)
-    gate, up = F.linear(_rms(x, post_w, shape.eps), wi_w).split(shape.hidden, dim=-1)
-    return x + F.linear(_activate(gate, shape.activations[0]) * _activate(up, shape.activations[1]), wo_w)
+    return x + gated_mlp(_rms(x, post_w, shape.eps), wi_w, wo_w, shape.hidden, shape.activations)
 
 
 class Decoder(nn.Module):
@@ -189,7 +194,7 @@ class Decoder(nn.Module):
         self.text_embed = MultiStreamEmbedding(d.text_vocab_size, dec.low_rank_dim or dec.n_embd, dec.n_embd,
                                                d.text_pad_token_id)
         self.audio_embeds = nn.ModuleList(nn.Embedding(d.audio_vocab_size, dec.n_embd) for _ in range(d.num_codebooks))
-        self.layers = nn.ModuleList(DecoderLayer(dec, m.decoder_mlp_activations, eps) for _ in range(dec.n_layer))
+        self.layers = nn.ModuleList(DecoderLayer(dec, eps) for _ in range(dec.n_layer))
         self.norm = RMSNorm(dec.n_embd, eps)
         self.action_head = nn.Linear(dec.n_embd, d.action_vocab_size, bias=False)
         self.cb0_head = nn.Linear(dec.n_embd, d.audio_vocab_size, bias=False)
@@ -250,7 +255,7 @@ class DepformerLayer(nn.Module):
         self.pre_norm = RMSNorm(cfg.n_embd, eps)
         self.self_attention = DepformerAttention(cfg, weight_sets, eps)
         self.post_norm = RMSNorm(cfg.n_embd, eps)
-        self.mlp = MLP(cfg.n_embd, cfg.n_hidden, cfg.mlp_activations)
+        self.mlp = MLP(cfg.n_embd, cfg.n_hidden)
 
 
 @dataclass(frozen=True)
@@ -294,8 +299,7 @@ def depformer_stage(projected: torch.Tensor, embed: torch.Tensor, prev: torch.Te
         cache_v.index_copy_(2, slot, qkv[:, 2, :, None])
         att = F.scaled_dot_product_attention(qk[0], cache_k, cache_v, attn_mask=mask, scale=1.0)  # [R, H, 1, Dh]
         x = x + F.linear(att.transpose(1, 2).reshape(r, 1, h * dh), out_w)
-        gate, up = F.linear(_rms(x, post_w, shape.eps), wi_w).split(shape.hidden, dim=-1)
-        x = x + F.linear(_activate(gate, shape.activations[0]) * _activate(up, shape.activations[1]), wo_w)
+        x = x + gated_mlp(_rms(x, post_w, shape.eps), wi_w, wo_w, shape.hidden, shape.activations)
     return F.linear(_rms(x, norm, shape.eps), logits)[:, 0, : shape.real_codes].float()
 
 
