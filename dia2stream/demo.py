@@ -39,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     server = subprocess.Popen(
         [sys.executable, str(ROOT / "server.py"), "--checkpoint", args.checkpoint, "--host", "127.0.0.1",
-         "--port", "0", "--log-level", "WARNING"],
+         "--port", "0", "--log-level", "WARNING",
+         # one torch thread: the client shares this machine's cores, and two spinning OpenMP
+         # threads competing with it made frames several times slower on a 2-core box
+         "--threads", "1"],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         port = wait_for_port(server, args.timeout)
