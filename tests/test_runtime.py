@@ -7,6 +7,7 @@ import torch
 
 from vendor_dia2.config import preset
 from vendor_dia2.runtime import FrameStepper, SamplingParams
+from vendor_dia2.script import parse_script
 
 SCRIPT = "[S1] Hello there, how are you today?"
 
@@ -283,3 +284,39 @@ def test_presets_have_published_shapes():
     assert cfg.data.channels == 34 and cfg.data.delay_pattern == (16,) + (18,) * 31
     assert cfg.model.decoder.n_layer == 24 and preset("1b").model.decoder.n_layer == 18
     assert preset("tiny").runtime.weights_schedule[:4] == (0, 0, 1, 1)
+
+
+def test_real_dia2_delays_generate_and_stream(tmp_path):
+    """The published delay pattern [16] + [18] * 31 (not just the tiny preset's small delays):
+    generation ends after the delay tail, every aligned frame is real codes, and the streamed
+    frames (ready_codes after each step) equal the undelayed grid."""
+    import dataclasses
+
+    from vendor_dia2 import Dia2
+    from vendor_dia2.checkpoint import write_random_checkpoint
+    from vendor_dia2.delays import undelay_codes
+
+    base = preset("tiny")
+    cfg = dataclasses.replace(base, data=dataclasses.replace(base.data, delay_pattern=(16,) + (18,) * 31))
+    tts = Dia2.from_pretrained(str(write_random_checkpoint(cfg, tmp_path / "ckpt")), device="cpu")
+    result = tts.generate("[S1] one two", seed=0, max_frames=120, decode=False)
+    assert [w for w, _ in result.timestamps] == ["one", "two"]
+    assert result.frames < 120
+    assert int(result.audio_tokens.min()) >= 0 and int(result.audio_tokens.max()) < 2048
+
+    stepper = tts.stepper(cfg=True)
+    stepper.reset_call(0)
+    machine = tts.new_state_machine()
+    machine.push(parse_script("[S1] one two", tts.tokenizer))
+    streamed = {}
+    for t in range(40):
+        machine.process(t, stepper.step([machine.preview(t)])[0])
+        if stepper.ready_frame_index(0) >= 0:
+            streamed[stepper.ready_frame_index(0)] = stepper.ready_codes[0].clone()
+    assert min(streamed) == 0 and max(streamed) == 40 - 18  # first frame after 18 steps
+    aligned = undelay_codes(stepper.written_codes(0, 0, 41), cfg.data.delay_pattern)
+    for frame, codes in streamed.items():
+        expected = aligned[:, frame].clone()
+        if frame == 0:
+            expected = torch.where(expected < 0, codes, expected)  # column 0 is never written
+        assert torch.equal(codes, expected)

@@ -77,6 +77,9 @@ class FrameStepper:
     is per call. `max_positions` bounds the decoder cache and the delayed buffer.
     """
 
+    # Buffers must be normal tensors even when the stepper is built inside inference mode (as
+    # `Dia2.generate` does): inference tensors cannot be updated in place outside it later.
+    @torch.inference_mode(False)
     def __init__(self, model: Dia2Model, *, n_calls: int = 1, cfg: bool = True, max_positions: int | None = None,
                  max_top_k: int = 256, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
                  compile: bool = False):
