@@ -41,7 +41,7 @@ _FLAGS = [  # (name, type, help)
     ("seed", int, "default sampling seed"),
     ("cfg_scale", float, "default CFG scale; 1 runs a single branch (faster, no per-request CFG)"),
     ("context_frames", int, "frames before context_full (default: the model's limit, 1500)"),
-    ("threads", int, "torch CPU threads (default: torch's choice)"),
+    ("threads", int, "torch CPU threads (default: 1 on a CPU-only machine with <= 2 cores, else torch's choice)"),
     ("compile", str, "torch.compile inside the frame's CUDA graph: auto (on with cuda), on, off; "
                      "costs ~30 s once at start-up"),
     ("log_level", str, "DEBUG, INFO, WARNING"),

@@ -12,6 +12,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -128,8 +129,12 @@ def build_session(config: ServerConfig):
 
     from vendor_dia2 import Dia2
 
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    threads = config.threads
+    if threads is None and (os.cpu_count() or 1) <= 2 and not (config.device or "").startswith("cuda") \
+            and not torch.cuda.is_available():
+        threads = 1  # two spinning OpenMP threads fight the event loop on a 2-core box (up to 10x slower)
+    if threads:
+        torch.set_num_threads(threads)
     # The generation thread waits on the GPU once a frame; with the default 5 ms GIL switch
     # interval the event loop can hold it that long when the frame is done.
     sys.setswitchinterval(0.0005)
