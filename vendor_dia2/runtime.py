@@ -108,11 +108,10 @@ class FrameStepper:
         self.text_choices = torch.zeros(self.n, 2, 2, **long)  # [call, action is new_word, (main, second)]
         self.seeds = torch.zeros(self.n, **long)
         f32 = dict(device=dev, dtype=torch.float32)
-        self.text_temperature = torch.zeros(self.n, **f32)
-        self.audio_temperature = torch.zeros(self.n, **f32)
+        # per draw stream: column 0 the action (text sampling), columns 1..Q the codebooks (audio)
+        self.stream_temperature = torch.zeros(self.n, 1 + self.num_codebooks, **f32)
+        self.stream_top_k = torch.ones(self.n, 1 + self.num_codebooks, **long)
         self.cfg_scale = torch.ones(self.n, **f32)
-        self.text_top_k = torch.ones(self.n, **long)
-        self.audio_top_k = torch.ones(self.n, **long)
         # outputs of the step
         self.action = torch.zeros(self.n, **long)
         self.text_out = torch.zeros(self.n, 2, **long)
@@ -150,10 +149,10 @@ class FrameStepper:
             raise ValueError("this stepper runs without the unconditional branch; cfg_scale must be 1")
         if max(params.text_top_k, params.audio_top_k) > self.max_top_k:
             raise ValueError(f"top_k above {self.max_top_k} is not supported by this stepper")
-        self.text_temperature[call] = params.text_temperature
-        self.audio_temperature[call] = params.audio_temperature
-        self.text_top_k[call] = params.text_top_k
-        self.audio_top_k[call] = params.audio_top_k
+        self.stream_temperature[call, 0] = params.text_temperature
+        self.stream_temperature[call, 1:] = params.audio_temperature
+        self.stream_top_k[call, 0] = params.text_top_k
+        self.stream_top_k[call, 1:] = params.audio_top_k
         self.cfg_scale[call] = params.cfg_scale
         self.seeds[call] = params.seed
 
@@ -253,7 +252,7 @@ class FrameStepper:
         pos = self.positions  # [N]
         action_logits, cb0_logits, hidden = self.model.transformer(self.tokens[:, None], pos.repeat(br)[:, None])
         noise, inv_temp = draw_noise(gumbel_noise(self.seeds, pos, q + 1, self.max_top_k),
-                                     self._stream_temperature(), self._stream_top_k())  # [N, 1 + Q, K], [N, 1 + Q]
+                                     self.stream_temperature, self.stream_top_k)  # [N, 1 + Q, K], [N, 1 + Q]
         action = self._pick(action_logits[:, 0], inv_temp[:, 0], noise[:, 0], self.cfg_scale)
         text = self.text_choices[torch.arange(n, device=self.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
 
@@ -287,13 +286,6 @@ class FrameStepper:
         self.text_out.copy_(text)
         self.codes.copy_(codes_t)
         self.positions.add_(1)
-
-    def _stream_temperature(self) -> torch.Tensor:
-        """[N, 1 + Q]: the text temperature for the action draw, the audio one for every codebook."""
-        return torch.cat([self.text_temperature[:, None], self.audio_temperature[:, None].expand(-1, self.num_codebooks)], 1)
-
-    def _stream_top_k(self) -> torch.Tensor:
-        return torch.cat([self.text_top_k[:, None], self.audio_top_k[:, None].expand(-1, self.num_codebooks)], 1)
 
     def _capture(self) -> None:
         """Capture `_frame` as one CUDA graph. Warm-up steps run first (on a side stream, as
