@@ -159,6 +159,7 @@ class FrameStepper:
         self.host_positions = [0] * self.n
         self.host_prefix_frames = [0] * self.n
         self.last_batch, self.last_full = 0, True  # what the last step ran (for metrics and tests)
+        self.skip_unread_stages = True  # the decoder-only lane (off only to compare against it)
 
         statics = dict(branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
         self._pick = functools.partial(pick, **statics)
@@ -236,7 +237,7 @@ class FrameStepper:
         if not live:
             return [0] * self.n
         b = self.batch_size_for(live[-1] + 1)
-        full = any(self.needs_depformer(call) for call in live)
+        full = not self.skip_unread_stages or any(self.needs_depformer(call) for call in live)
         self._host_active.zero_()
         for call in live:
             (pad_main, pad_second), (new_main, new_second) = choices[call]
