@@ -50,4 +50,4 @@ clean:
 gpu-wheels:
 	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-	  --platform manylinux1_x86_64 -d .whl $(MOSHI_SPEC) websockets==17.4 soundfile cffi pycparser
+	  --platform manylinux1_x86_64 -d .whl $(MOSHI_SPEC) websockets==17.4 soundfile cffi pycparser soxr prometheus_client

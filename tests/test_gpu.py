@@ -91,3 +91,47 @@ def test_compiled_graph_matches_eager_tokens(gpu_tts):
         machine.process(t, stepper.step([machine.preview(t)])[0])
         codes.append(stepper.codes.clone())
     assert torch.equal(eager[1], torch.stack(codes))
+
+
+def _batched_run(tts, graph: bool, pattern, cfg: bool = True):
+    """Four slots stepped under a changing active pattern (padding to 1, 2 and 4 slots, both lanes)."""
+    stepper = tts.new_stepper(n_calls=4, cfg=cfg, max_positions=128, use_cuda_graph=graph)
+    machines = []
+    for call in range(4):
+        stepper.set_sampling(call, SamplingParams(seed=call, cfg_scale=2.0 if cfg else 1.0))
+        m = tts.new_state_machine()
+        m.push(parse_script("[S1] Hello there, how are you doing today?", tts.tokenizer))
+        machines.append(m)
+    actions = []
+    for active in pattern:
+        choices = [m.preview(stepper.host_positions[i]) if active[i] else None for i, m in enumerate(machines)]
+        got = stepper.step(choices, active)
+        for i, m in enumerate(machines):
+            if active[i]:
+                m.process(stepper.host_positions[i] - 1, got[i])
+        actions.append(got)
+    return actions, stepper.buffer.clone(), list(stepper.host_positions)
+
+
+def test_batched_graphs_match_eager_under_any_active_pattern(gpu_tts):
+    pattern = [[True, False, False, False]] * 6 + [[True, True, False, False]] * 6 + \
+              [[False, True, True, True]] * 20 + [[True, True, True, True]] * 10 + [[False, False, False, True]] * 4
+    eager = _batched_run(gpu_tts, graph=False, pattern=pattern)
+    graph = _batched_run(gpu_tts, graph=True, pattern=pattern)
+    assert eager[0] == graph[0]
+    assert torch.equal(eager[1], graph[1])
+    assert eager[2] == graph[2] == [22, 36, 30, 34]
+
+
+def test_decoder_only_lane_in_graphs_matches_full_steps(gpu_tts):
+    results = []
+    for skip in (True, False):
+        stepper = gpu_tts.new_stepper(cfg=True, max_positions=128, use_cuda_graph=True)
+        stepper.skip_unread_stages = skip
+        stepper.set_sampling(0, SamplingParams(seed=7))
+        machine = gpu_tts.new_state_machine()
+        machine.push(parse_script("[S1] Hello there, how are you doing today?", gpu_tts.tokenizer))
+        for t in range(30):
+            machine.process(t, stepper.step([machine.preview(t)])[0])
+        results.append((stepper.buffer.clone(), machine.transcript))
+    assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
