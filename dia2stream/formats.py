@@ -15,7 +15,9 @@ back a constant amount, where the fixed-rate engine releases output in irregular
 ~73 ms at 8 kHz. The encoder puts exactly that constant amount of silence ahead of the first frame
 after each reset (`latency_samples`: 25 ms at 8 kHz, 10 ms at 16 kHz), so every frame is full
 and the audio runs that much behind the 24 kHz timeline; the last `latency_samples` of audio
-fed before a reset are never sent (an utterance's end is silence).
+fed before a reset are never sent (an utterance's end is silence). Cost on CPU: about 0.1 ms
+per frame for a resampled format (soxr's variable-rate engine is ~10x slower than its fixed-rate
+one), 0.03 ms for G.711, nothing for pcm_24000; keep it off the GPU frame loop's thread.
 
 This module has no dia2stream imports: `protocol.py` validates `format` against `FORMATS`.
 """
