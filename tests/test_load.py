@@ -4,6 +4,7 @@ server on the tiny checkpoint (127.0.0.1)."""
 from __future__ import annotations
 
 import json
+import time
 import urllib.request
 
 import pytest
@@ -94,3 +95,16 @@ def test_calls_beyond_the_servers_slots_are_refused_busy(server, tmp_path):
     assert summary["finished"] == min(calls, slots)
     refused = [c for c in json.loads(out.read_text())["calls"] if c["busy"]]
     assert all(c["close_code"] == 1013 for c in refused)
+
+
+@pytest.mark.slow
+def test_duration_limit_stops_the_run_and_keeps_what_was_measured(server, tmp_path):
+    out = tmp_path / "load.json"
+    t0 = time.perf_counter()
+    status = load.main([server.url, "--calls", "1", "--turns", "50", "--duration-limit", "1.5", "--quiet",
+                        "--text", "[S1] " + " ".join(["word"] * 40), "--json", str(out)])
+    assert time.perf_counter() - t0 < 10
+    report = json.loads(out.read_text())
+    assert status == 1
+    assert any("duration-limit" in e for e in report["summary"]["errors"])
+    assert report["calls"][0]["turns"][0]["frames"] > 0  # the cut-off turn is still reported
