@@ -2,11 +2,15 @@
 """Speak a text through a running dia2stream server and report latency; write the audio as WAV.
 
     python test_client.py "[S1] Hello there." [--url ws://127.0.0.1:8765/]
-        [--inject TEXT --inject-at SECONDS] [--pause-at SECONDS] [--resume-at SECONDS]
-        [--voice NAME] [--seed N] [--stream-words [--word-interval S]]
-        [-o out.wav] [--timeout S] [--quiet]
+        [--inject TEXT --inject-at SECONDS] [--pause-at SECONDS [--played-ms MS|auto]]
+        [--resume-at SECONDS] [--voice NAME] [--seed N] [--stream-words [--word-interval S]]
+        [--format pcm_24000|pcm_16000|pcm_8000|ulaw_8000|alaw_8000] [-o out.wav] [--timeout S] [--quiet]
 
 Times given to --inject-at/--pause-at/--resume-at are seconds after `start` was sent.
+--format asks for that wire format; the WAV is written at its rate (G.711 decoded to 16-bit PCM).
+--played-ms sends `played_ms` with the pause (`auto`: what a player that plays frames back to back
+from the first one has played by then). The summary gives each utterance's speech onset (from the
+command until such a player reaches the first word's frame, dia2stream.playback) and word times.
 The client stops at the `done` that covers the last text it sent (see docs/protocol.md, ids),
 or, when the last scheduled command is a pause, half a second after `paused` (checking that no
 audio frame arrives after it). Exit status: 0 ok, 1 error event / protocol violation / closed
@@ -28,6 +32,7 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from dia2stream import formats, playback
 from dia2stream import protocol as p
 
 START_ID = "turn-1"
@@ -41,12 +46,39 @@ class Action:
 
     at_s: float
     command: p.Command
+    played_ms: float | str | None = None  # a pause's `played_ms` (a number, or "auto")
+
+
+@dataclass
+class Utterance:
+    """One `started` … `done`: arrival times of its frames (split at pauses) and its words."""
+
+    id: str | int | None
+    command_at: float | None  # when the command that began it was sent
+    segments: list[list[float]] = field(default_factory=lambda: [[]])
+    words: list[p.Word] = field(default_factory=list)
+
+    def playback(self) -> playback.Playback | None:
+        """The first segment as a back-to-back player plays it (None without a command time)."""
+        if self.command_at is None:
+            return None
+        onset = self.words[0].frame if self.words else None
+        return playback.simulate(self.segments[0], self.command_at, onset)
+
+    def play_starts(self) -> list[float]:
+        """When each frame starts playing; a segment after a pause restarts at its first frame."""
+        return [t for seg in self.segments for t in playback.simulate(seg, 0.0).play_starts]
+
+    def played_ms(self, at: float) -> float:
+        """Audio of this utterance a back-to-back player has played by `at` (all segments)."""
+        return 1000 * sum(playback.simulate(seg, 0.0).played_s(at) for seg in self.segments if seg)
 
 
 @dataclass
 class Run:
     """What the client has seen so far."""
 
+    format: formats.AudioFormat = formats.FORMATS[formats.DEFAULT_FORMAT]
     sample_rate: int = p.SAMPLE_RATE
     frame_samples: int = p.FRAME_SAMPLES
     t_start: float | None = None  # perf_counter when `start` was sent
@@ -60,6 +92,8 @@ class Run:
     finish_at: float | None = None  # perf_counter at which to stop without a done
     dones: list[p.Done] = field(default_factory=list)
     failure: str | None = None
+    sent_at: dict = field(default_factory=dict)  # command id -> perf_counter when sent
+    utterances: list[Utterance] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
 async def run(args: argparse.Namespace) -> int:
     actions = build_actions(args)
     state = Run()
+    if args.format:
+        state.format = formats.get_format(args.format)
     deadline = time.perf_counter() + args.timeout
     try:
         async with connect(args.url, open_timeout=args.timeout, close_timeout=2) as ws:
@@ -87,6 +123,8 @@ async def run(args: argparse.Namespace) -> int:
             if isinstance(ready, p.ErrorEvent):
                 return fail(f"server refused: {ready.code}: {ready.message}")
             state.sample_rate, state.frame_samples = ready.sample_rate, ready.frame_samples
+            if args.format:  # frames come at the format's rate, not the model's
+                state.sample_rate, state.frame_samples = state.format.sample_rate, state.format.frame_samples
             say(args, f"ready: model={ready.model} protocol={ready.protocol} device={ready.device} "
                       f"{ready.sample_rate} Hz, {ready.frame_samples} samples/frame, "
                       f"voices={ready.voices}, max_lead_ms={ready.max_lead_ms}", always=True)
@@ -115,7 +153,7 @@ async def run(args: argparse.Namespace) -> int:
 
 def build_actions(args: argparse.Namespace) -> list[Action]:
     """Every command the client sends, with its time after `start`, in sending order."""
-    tuning = dict(voice=args.voice, seed=args.seed)
+    tuning = dict(voice=args.voice, seed=args.seed, format=args.format)
     actions: list[Action] = []
     if args.stream_words:
         fragments = text_fragments(args.text)
@@ -128,7 +166,7 @@ def build_actions(args: argparse.Namespace) -> list[Action]:
     if args.inject is not None:
         actions.append(Action(args.inject_at, p.Inject(text=args.inject, id=INJECT_ID)))
     if args.pause_at is not None:
-        actions.append(Action(args.pause_at, p.Pause(id="pause-1")))
+        actions.append(Action(args.pause_at, p.Pause(id="pause-1"), played_ms=args.played_ms))
     if args.resume_at is not None:
         actions.append(Action(args.resume_at, p.Resume(id="resume-1")))
     actions.sort(key=lambda a: a.at_s)  # stable: equal times keep the order above
@@ -168,8 +206,16 @@ async def send_actions(ws, actions: list[Action], state: Run, args: argparse.Nam
         if delay > 0:
             await asyncio.sleep(delay)
         message = p.command_to_json(action.command)
+        if action.played_ms is not None:
+            # the protocol dataclass does not carry played_ms yet: add it to the JSON here
+            played = action.played_ms
+            if played == "auto":
+                played = round(state.utterances[-1].played_ms(time.perf_counter())) if state.utterances else 0
+            message = json.dumps({**json.loads(message), "played_ms": played})
         if isinstance(action.command, p.Start):
             state.t_start = time.perf_counter()
+        if getattr(action.command, "id", None) is not None:
+            state.sent_at[action.command.id] = time.perf_counter()
         await ws.send(message)
         state.sent += 1
         say(args, f"[{elapsed(state):7.3f}s] -> {short(message)}")
@@ -192,7 +238,9 @@ async def receive_until_finished(ws, actions: list[Action], state: Run, deadline
             state.failure = "no final 'done'" if state.sent == len(actions) else "commands unsent"
             return 2
         if isinstance(message, bytes):
-            handle_audio(message, state)
+            if not handle_audio(message, state):
+                state.t_end = time.perf_counter()
+                return 1
             continue
         event = p.parse_event(message)
         say(args, f"[{elapsed(state):7.3f}s] <- {describe(event)}",
@@ -202,6 +250,12 @@ async def receive_until_finished(ws, actions: list[Action], state: Run, deadline
             state.failure = f"error event: {event.code}: {event.message}"
             state.t_end = time.perf_counter()
             return 1
+        if isinstance(event, p.Started):
+            state.utterances.append(Utterance(event.id, state.sent_at.get(event.id)))
+        elif isinstance(event, p.Word) and state.utterances:
+            state.utterances[-1].words.append(event)
+        elif isinstance(event, p.Resumed) and state.utterances:
+            state.utterances[-1].segments.append([])
         if isinstance(event, p.Paused):
             state.paused = True
             if all_sent and last_is_pause:
@@ -216,16 +270,25 @@ async def receive_until_finished(ws, actions: list[Action], state: Run, deadline
                 return 0
 
 
-def handle_audio(message: bytes, state: Run) -> None:
-    samples = p.decode_audio_frame(message)
+def handle_audio(message: bytes, state: Run) -> bool:
+    """Keep one frame; False (with `state.failure`) if it is not a frame of the expected format."""
+    try:
+        samples = formats.decode_frame(message, state.format)
+    except ValueError as e:
+        state.failure = f"audio frame is not {state.format.name}: {e}"
+        return False
+    now = time.perf_counter()
     if state.t_first_audio is None:
-        state.t_first_audio = time.perf_counter()
+        state.t_first_audio = now
+    if state.utterances:
+        state.utterances[-1].segments[-1].append(now)
     if state.paused:
         state.frames_after_pause += 1
         state.failure = f"protocol violation: {state.frames_after_pause} audio frame(s) after 'paused'"
     if samples.shape[0] != state.frame_samples:
         state.odd_frames += 1
     state.frames.append(samples)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,8 +311,28 @@ def print_summary(state: Run, args: argparse.Namespace) -> None:
         ttfa_ms = "n/a" if done.ttfa_ms is None else f"{done.ttfa_ms:.0f} ms"
         print(f"server done id={done.id}: frames={done.frames} audio={done.audio_s:.2f} s "
               f"wall={done.wall_s:.2f} s ttfa={ttfa_ms}")
+    for utterance in state.utterances:
+        print_onset(utterance)
     if args.output and state.frames:
-        print(f"wrote {args.output}")
+        print(f"wrote {args.output} ({state.format.name}, {state.sample_rate} Hz)")
+
+
+def print_onset(utterance: Utterance) -> None:
+    """Speech onset and word times of one utterance, as a back-to-back player hears them."""
+    heard = utterance.playback()
+    onset = "n/a" if heard is None or heard.onset_s is None else f"{heard.onset_s * 1000:.0f} ms"
+    first = "n/a" if heard is None or heard.first_byte_s is None else f"{heard.first_byte_s * 1000:.0f} ms"
+    underruns = "" if heard is None else f", underruns {heard.underruns}"
+    print(f"utterance id={utterance.id}: first byte {first}, speech onset {onset}{underruns}")
+    words = []
+    starts = utterance.play_starts()
+    for word in utterance.words:
+        at = ""
+        if heard is not None and word.frame < len(starts):
+            at = f" heard +{(starts[word.frame] - heard.command_at) * 1000:.0f} ms"
+        words.append(f"{word.word}@{word.start_s:.2f}s{at}")
+    if words:
+        print("  words: " + ", ".join(words))
 
 
 def write_wav(path: str | None, state: Run) -> None:
@@ -293,6 +376,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--inject-at", type=float, default=1.0, metavar="SECONDS",
                     help="when to send --inject, seconds after start (default 1.0)")
     ap.add_argument("--pause-at", type=float, metavar="SECONDS")
+    ap.add_argument("--played-ms", metavar="MS|auto",
+                    help="send played_ms with the pause: a number, or 'auto' (what a back-to-back "
+                         "player has played by then); left out when not given")
+    ap.add_argument("--format", choices=formats.FORMAT_NAMES,
+                    help="wire audio format to ask for in start (default: the server's, pcm_24000)")
     ap.add_argument("--resume-at", type=float, metavar="SECONDS")
     ap.add_argument("--voice", help="prepared voice name for start")
     ap.add_argument("--seed", type=int)
@@ -306,6 +394,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.resume_at is not None and (args.pause_at is None or args.resume_at <= args.pause_at):
         ap.error("--resume-at needs an earlier --pause-at")
+    if args.played_ms is not None:
+        if args.pause_at is None:
+            ap.error("--played-ms needs --pause-at")
+        if args.played_ms != "auto":
+            try:
+                args.played_ms = float(args.played_ms)
+            except ValueError:
+                ap.error("--played-ms must be a number of milliseconds or 'auto'")
+            if args.played_ms.is_integer():
+                args.played_ms = int(args.played_ms)
     return args
 
 

@@ -22,6 +22,8 @@ from typing import Any, Callable, ClassVar, Union
 
 import numpy as np
 
+from dia2stream.formats import FORMAT_NAMES, FORMATS
+
 # ---------------------------------------------------------------------------------------------
 # Constants and limits
 # ---------------------------------------------------------------------------------------------
@@ -121,6 +123,7 @@ class Start:
     text_top_k: int | None = None
     audio_top_k: int | None = None
     cfg_scale: float | None = None
+    format: str | None = None  # audio format of the frames from now on (formats.FORMATS)
 
 
 @dataclass(frozen=True)
@@ -160,6 +163,7 @@ class Reset:
     cmd: ClassVar[str] = "reset"
     voice: str | None = None
     id: ClientId | None = None
+    format: str | None = None  # audio format of the frames from now on (formats.FORMATS)
 
 
 @dataclass(frozen=True)
@@ -248,6 +252,7 @@ class Ready(_Event):
     max_text_chars: int = MAX_TEXT_CHARS
     max_lead_ms: int
     context_frames: int | None = None  # the context limit in frames (1500 for Dia2)
+    formats: list[str] = dataclasses.field(default_factory=lambda: list(FORMAT_NAMES))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -570,6 +575,17 @@ def _check_transcript(key: str, value: Any) -> str:
     return value
 
 
+def _check_format(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _type_error(key, "a string", value)
+    if value not in FORMATS:
+        raise _FieldError(
+            ErrorCode.INVALID_FIELD,
+            f"field {key!r} must be one of {', '.join(FORMAT_NAMES)}, got {value[:64]!r}",
+        )
+    return value
+
+
 def _check_voice_sources(command: SetVoice) -> None:
     if (command.audio_b64 is None) == (command.path is None):
         raise _FieldError(ErrorCode.INVALID_FIELD, "give exactly one of 'audio' or 'path'")
@@ -610,6 +626,7 @@ _COMMANDS: dict[str, tuple[type, _FieldSpec]] = {
             "text_top_k": (False, _top_k),
             "audio_top_k": (False, _top_k),
             "cfg_scale": (False, _float_in(*CFG_SCALE_RANGE)),
+            "format": (False, _check_format),
         },
     ),
     "inject": (
@@ -619,7 +636,7 @@ _COMMANDS: dict[str, tuple[type, _FieldSpec]] = {
     "flush": (Flush, dict(_ID)),
     "pause": (Pause, dict(_ID)),
     "resume": (Resume, dict(_ID)),
-    "reset": (Reset, {"voice": (False, _check_voice_name), **_ID}),
+    "reset": (Reset, {"voice": (False, _check_voice_name), **_ID, "format": (False, _check_format)}),
     "set_voice": (
         SetVoice,
         {

@@ -7,7 +7,7 @@
 
 Steps (DIA2_SPEC.md §9):
 1. **Audio**: soundfile (WAV/FLAC/OGG, MP3 where libsndfile has it), mixed to mono, resampled to
-   24 kHz (antialiased linear interpolation), at most `max_seconds` per speaker. Unreadable,
+   24 kHz (soxr, band-limited), at most `max_seconds` per speaker. Unreadable,
    empty, silent or too long audio raises `VoiceError` with code `bad_audio`. Without speaker-2
    audio the speaker-1 audio is reused for speaker 2: Dia2 needs both prefixes to hold a voice.
 2. **Word timing**: a supplied transcript is aligned *without* a recogniser: the voiced span
@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 
 from vendor_dia2.checkpoint import cache_dir
@@ -260,13 +261,11 @@ def read_audio(source: bytes | Path, max_seconds: float, what: str = "audio") ->
 
 
 def resample(wav: np.ndarray, rate: int, target: int) -> np.ndarray:
-    """Antialiased linear resampling (torch's bilinear with antialias on a 1-row image)."""
+    """Band-limited resampling of a whole clip with soxr (HQ), float32 out."""
+    wav = np.ascontiguousarray(wav, dtype=np.float32)
     if rate == target:
-        return np.ascontiguousarray(wav, dtype=np.float32)
-    n = max(1, round(len(wav) * target / rate))
-    x = torch.from_numpy(np.ascontiguousarray(wav, dtype=np.float32))[None, None, None]
-    y = torch.nn.functional.interpolate(x, size=(1, n), mode="bilinear", antialias=True, align_corners=False)
-    return y[0, 0, 0].numpy()
+        return wav
+    return soxr.resample(wav, rate, target, quality="HQ").astype(np.float32, copy=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -263,6 +263,7 @@ def test_ready_json():
         "event": "ready", "protocol": 1, "model": "tiny", "sample_rate": 24000,
         "frame_samples": 1920, "frame_rate": 12.5, "device": "cpu", "voices": ["alice"],
         "max_text_chars": 4096, "max_lead_ms": 1000,
+        "formats": ["pcm_24000", "pcm_16000", "pcm_8000", "ulaw_8000", "alaw_8000"],
     }
     assert ready.to_json().startswith('{"event": "ready"')
 

@@ -1,0 +1,110 @@
+"""The load script (dia2stream/load.py): its figures on hand-made turns, and real runs against the
+server on the tiny checkpoint (127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+from test_server import ServerThread
+
+from dia2stream import load
+from dia2stream.config import ServerConfig
+
+
+def test_turn_metrics_and_summary_from_a_hand_made_timeline():
+    start = load.Turn("start", "c0-t0", sent_at=1.0, segments=[[1.2, 1.21, 1.22, 1.5]],
+                      words=[("Hi", 2), ("there", 3)], done={"ttfa_ms": 199.0})
+    inject = load.Turn("inject", "c0-t1", sent_at=3.0, segments=[[3.05, 3.06], [4.0, 4.01]],
+                       resumed_at=[3.9], words=[("Bye", 1)], paused=True, done={})
+    m = start.metrics()
+    assert m["ttfb_ms"] == pytest.approx(200) and m["onset_ms"] == pytest.approx(360)
+    assert m["underruns"] == 1 and m["stall_ms"] == pytest.approx(60)  # arrived 1.5 s, due 1.44 s
+    assert m["words"] == ["Hi", "there"] and m["frames"] == 4
+    m = inject.metrics()
+    assert m["onset_ms"] == pytest.approx(130) and m["underruns"] == 0  # the pause is no underrun
+    assert m["gaps_ms"] == pytest.approx([10, 10])  # gaps within segments only
+
+    calls = [load.Call(0, turns=[start, inject], finished=True), load.Call(1, busy=True, close_code=1013)]
+    summary = load.summarize(calls, wall_s=5.0)
+    assert summary["busy_refusals"] == 1 and summary["calls_with_errors"] == 0
+    assert summary["by_kind"]["start"]["onset_ms"]["p50"] == pytest.approx(360)
+    assert summary["by_kind"]["inject"]["ttfb_ms"]["p50"] == pytest.approx(50)
+    assert summary["by_kind"]["all"]["turns"] == 2
+    assert summary["underruns"] == 1
+    assert "speech onset, inject (ms)" in load.format_table(summary)
+
+
+def test_arguments_are_bounded():
+    for bad in (["--calls", "0"], ["--calls", "100000"], ["--turns", "0"], ["http://127.0.0.1:1/"],
+                ["--duration-limit", "0"]):
+        with pytest.raises(SystemExit):
+            load.parse_args(bad)
+    assert load.parse_args([]).url == "ws://127.0.0.1:8765/"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu",
+                                    log_level="WARNING")).start()
+    yield srv
+    srv.stop()
+
+
+def max_calls(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as response:
+        return int(json.loads(response.read()).get("max_calls", 1))
+
+
+SHORT = ["--text", "[S1] Hi there.", "--inject-text", " Bye now.", "--quiet", "--duration-limit", "120"]
+
+
+@pytest.mark.slow
+def test_one_call_two_turns_with_a_pause(server, tmp_path, capsys):
+    out = tmp_path / "load.json"
+    status = load.main([server.url, "--calls", "1", "--turns", "2", "--pause-every", "2", "--json", str(out),
+                        "--text", "[S1] One two three four five six.", *SHORT[2:]])
+    table = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert status == 0, report["summary"]["errors"]
+    assert "speech onset, start (ms)" in table
+    summary = report["summary"]
+    assert (summary["calls"], summary["finished"], summary["busy_refusals"]) == (1, 1, 0)
+    assert summary["by_kind"]["start"]["turns"] == 1 and summary["by_kind"]["inject"]["turns"] == 1
+    first, second = report["calls"][0]["turns"]
+    assert first["kind"] == "start" and second["kind"] == "inject" and second["paused"]
+    assert first["words"] == "One two three four five six.".split() and second["words"] == ["Bye", "now."]
+    for turn in (first, second):
+        assert turn["done"] and turn["frames"] > 0 and turn["error"] is None
+        assert 0 < turn["ttfb_ms"] <= turn["onset_ms"] < 10_000
+        # the server's ttfa cannot exceed what the client saw
+        assert turn["server_ttfa_ms"] <= turn["ttfb_ms"] + 50
+
+
+@pytest.mark.slow
+def test_calls_beyond_the_servers_slots_are_refused_busy(server, tmp_path):
+    out = tmp_path / "load.json"
+    calls = 2
+    status = load.main([server.url, "--calls", str(calls), "--turns", "1", "--json", str(out), *SHORT])
+    summary = json.loads(out.read_text())["summary"]
+    assert status == 0, summary["errors"]
+    slots = max_calls(server.port)
+    assert summary["busy_refusals"] == max(0, calls - slots)
+    assert summary["finished"] == min(calls, slots)
+    refused = [c for c in json.loads(out.read_text())["calls"] if c["busy"]]
+    assert all(c["close_code"] == 1013 for c in refused)
+
+
+@pytest.mark.slow
+def test_duration_limit_stops_the_run_and_keeps_what_was_measured(server, tmp_path):
+    out = tmp_path / "load.json"
+    t0 = time.perf_counter()
+    status = load.main([server.url, "--calls", "1", "--turns", "50", "--duration-limit", "1.5", "--quiet",
+                        "--text", "[S1] " + " ".join(["word"] * 40), "--json", str(out)])
+    assert time.perf_counter() - t0 < 10
+    report = json.loads(out.read_text())
+    assert status == 1
+    assert any("duration-limit" in e for e in report["summary"]["errors"])
+    assert report["calls"][0]["turns"][0]["frames"] > 0  # the cut-off turn is still reported
