@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,21 @@ class ServerConfig:
     max_voice_seconds: float = 30.0
     whisper_model: str = "turbo"
     voices: tuple[str, ...] = ()  # NAME=PATH[,TRANSCRIPT], preloaded at start-up
+    # -- access and limits (issue 13); turned into objects by http.HttpPolicy.from_config and
+    # limits.Limits.from_config, documented in docs/operations.md
+    auth_token: str | None = field(default=None, repr=False)
+    auth_token_file: str | None = None
+    allowed_origins: str | None = None
+    max_command_bytes: int = 64 * 1024
+    max_voice_message_bytes: int = 8 * 1024 * 1024
+    commands_per_second: float = 50.0
+    command_burst: int = 100
+    max_pending_text_chars: int = 16_384
+    idle_timeout_s: float = 300.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    max_voices_per_connection: int = 4
+    voice_cache_mb: int = 2048
 
 
 _FLAGS = [  # (name, type, help)
@@ -49,7 +64,25 @@ _FLAGS = [  # (name, type, help)
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
     ("max_voice_seconds", float, "longest prefix audio per speaker, seconds"),
     ("whisper_model", str, "openai-whisper model name or checkpoint path for voice transcripts"),
+    # -- access and limits (issue 13); see docs/operations.md
+    ("auth_token", str, "token clients must present (Authorization: Bearer, or ?token=) for the websocket and "
+                        "/metrics; /health stays open"),
+    ("auth_token_file", str, "read the token from this file instead (keeps it out of the process list)"),
+    ("allowed_origins", str, "comma list of browser origins allowed to connect, or *; without it browsers are "
+                             "refused when there is no token"),
+    ("max_command_bytes", int, "largest message other than a set_voice with audio, bytes"),
+    ("max_voice_message_bytes", int, "largest set_voice message with base64 audio, bytes; 0 = voices by server "
+                                     "path only"),
+    ("commands_per_second", float, "commands per second a connection may send (excess: rate_limited)"),
+    ("command_burst", int, "commands a connection may send at once before the rate applies"),
+    ("max_pending_text_chars", int, "text queued on a call but not yet spoken (excess: pending_text_full)"),
+    ("idle_timeout_s", float, "close a connection with no command and nothing generating after this; 0 = never"),
+    ("ping_interval_s", float, "websocket keepalive ping interval, seconds; 0 = no pings"),
+    ("ping_timeout_s", float, "drop a connection whose pong is this late, seconds"),
+    ("max_voices_per_connection", int, "distinct voices one connection may create (excess: too_many_voices)"),
+    ("voice_cache_mb", int, "disk for cached prepared voices, MiB; least recently used evicted; 0 = no limit"),
 ]
+_SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
@@ -65,8 +98,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                 default = kind(environ[env])
             except ValueError:
                 parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+        shown = "(set)" if name in _SECRETS and default else default
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
-                            help=f"{text} [env {env}, default {default}]")
+                            help=f"{text} [env {env}, default {shown}]")
     env_voices = tuple(v.strip() for v in environ.get("DIA2_VOICE", "").split(";") if v.strip())
     parser.add_argument("--voice", dest="voices", action="append", default=None, metavar="NAME=PATH[,TRANSCRIPT]",
                         help="preload a voice at start-up (repeatable; the first is the default voice; the transcript "

@@ -58,6 +58,12 @@ class HttpPolicy:
     auth_token: str | None = None
     allowed_origins: tuple[str, ...] | None = None
 
+    @classmethod
+    def from_config(cls, config) -> "HttpPolicy":
+        """From a `ServerConfig`: reads --auth-token-file (OSError/ValueError if unusable)."""
+        return cls(auth_token=load_auth_token(config.auth_token, config.auth_token_file),
+                   allowed_origins=parse_origins(config.allowed_origins))
+
     def origin_allowed(self, origin: str | None) -> bool:
         if origin is None:
             return True  # not a browser: browsers always send Origin on a websocket upgrade

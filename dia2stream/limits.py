@@ -74,6 +74,17 @@ class Limits:
         if self.max_outbox_items < 16:
             raise ValueError("max_outbox_items must be at least 16")
 
+    @classmethod
+    def from_config(cls, config) -> "Limits":
+        """The limits a `ServerConfig` asks for (ValueError if they are inconsistent)."""
+        return cls(max_command_bytes=config.max_command_bytes,
+                   max_voice_message_bytes=config.max_voice_message_bytes,
+                   commands_per_second=config.commands_per_second, command_burst=config.command_burst,
+                   max_pending_text_chars=config.max_pending_text_chars,
+                   max_voices_per_connection=config.max_voices_per_connection,
+                   idle_timeout_s=config.idle_timeout_s, ping_interval_s=config.ping_interval_s,
+                   ping_timeout_s=config.ping_timeout_s)
+
     @property
     def max_message_bytes(self) -> int:
         """websockets' `max_size`: the largest message the transport accepts at all."""
