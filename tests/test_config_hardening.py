@@ -50,3 +50,26 @@ def test_inconsistent_limits_are_refused():
         Limits.from_config(ServerConfig(commands_per_second=0))
     with pytest.raises(ValueError):
         HttpPolicy.from_config(ServerConfig(auth_token="a", auth_token_file="/dev/null"))
+
+
+def test_operations_doc_table_matches_the_flags_and_defaults():
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    section = doc.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `--([a-z-]+)` \| `(DIA2_[A-Z_]+)` \| ([^|]+) \|", section, re.M)
+    defaults = ServerConfig()
+    documented = {}
+    for flag, env, default in rows:
+        name = flag.replace("-", "_")
+        assert env == "DIA2_" + name.upper()
+        documented[name] = default.strip()
+    access_and_limits = ["auth_token", "auth_token_file", "allowed_origins", "max_command_bytes",
+                         "max_voice_message_bytes", "commands_per_second", "command_burst",
+                         "max_pending_text_chars", "idle_timeout_s", "ping_interval_s", "ping_timeout_s",
+                         "max_voices_per_connection", "voice_cache_mb"]
+    assert list(documented) == access_and_limits
+    for name, shown in documented.items():
+        value = getattr(defaults, name)
+        assert shown == ("none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)), name

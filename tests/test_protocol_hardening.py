@@ -206,3 +206,9 @@ def test_any_text_and_id_give_a_command_with_encodable_strings_or_a_coded_error(
     if command is not None:
         assert p.is_encodable(command.text)
         assert not isinstance(command.id, str) or p.is_encodable(command.id)
+
+
+def test_docs_error_code_table_is_the_error_code_enum():
+    section = DOCS.read_text().split("## Error codes", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
+    assert documented == {c.value for c in p.ErrorCode}
