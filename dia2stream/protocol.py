@@ -560,13 +560,19 @@ def _check_voice_name(key: str, value: Any) -> str:
     return value
 
 
+def _shown(value: int | float) -> str:
+    """A number for an error message, cut short: JSON admits integers of thousands of digits."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+
+
 def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
     def check(key: str, value: Any) -> int:
         if not _is_int(value):
             raise _type_error(key, "an integer", value)
         if not lo <= value <= hi:
             raise _FieldError(
-                ErrorCode.INVALID_FIELD, f"field {key!r} must be in [{lo}, {hi}], got {value}"
+                ErrorCode.INVALID_FIELD, f"field {key!r} must be in [{lo}, {hi}], got {_shown(value)}"
             )
         return value
 
@@ -577,10 +583,13 @@ def _float_in(lo: float, hi: float) -> Callable[[str, Any], float]:
     def check(key: str, value: Any) -> float:
         if not (_is_int(value) or isinstance(value, float)):
             raise _type_error(key, "a number", value)
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal of 309+ digits
+            number = math.inf
         if not (math.isfinite(number) and lo <= number <= hi):
             raise _FieldError(
-                ErrorCode.INVALID_FIELD, f"field {key!r} must be in [{lo:g}, {hi:g}], got {value}"
+                ErrorCode.INVALID_FIELD, f"field {key!r} must be in [{lo:g}, {hi:g}], got {_shown(value)}"
             )
         return number
 

@@ -212,3 +212,24 @@ def test_docs_error_code_table_is_the_error_code_enum():
     section = DOCS.read_text().split("## Error codes", 1)[1].split("\n## ", 1)[0]
     documented = set(re.findall(r"^\| `([a-z_]+)` \|", section, re.M))
     assert documented == {c.value for c in p.ErrorCode}
+
+
+NUMBER_TEXT = st.one_of(
+    st.from_regex(r"\A-?(0|[1-9][0-9]{0,30})(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,4})?\Z"),
+    st.integers(min_value=1, max_value=6000).map(lambda n: "9" * n),  # past int-parsing limits
+)
+
+
+@PROPERTY
+@given(st.sampled_from(["seed", "temperature", "top_k", "cfg_scale", "id", "text", "final"]), NUMBER_TEXT)
+def test_any_number_literal_in_any_field_parses_or_raises_a_coded_error(field, number):
+    text = '{"cmd": "start", "text": "a", "%s": %s}' % (field, number) if field != "text" else \
+        '{"cmd": "start", "text": %s}' % number
+    parse_outcome(text)
+
+
+def test_deep_nesting_is_invalid_json_not_a_crash():
+    for depth in (10_000, 200_000):
+        err = error_of('{"cmd": "ping", "id": ' + "[" * depth + "]" * depth + "}")
+        assert err.code in ("invalid_json", "invalid_field")
+        assert_encodes(err)
