@@ -157,7 +157,7 @@ COMMANDS = st.builds(lambda name, fields: {**fields, "cmd": name}, COMMAND_NAMES
                      st.dictionaries(FIELD_NAMES, JUNK, max_size=6))
 
 ERROR_CODES = {c.value for c in p.ErrorCode}
-PROPERTY = settings(max_examples=150, deadline=None, derandomize=True,
+PROPERTY = settings(max_examples=100, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
