@@ -2,12 +2,14 @@
 
 Writes random checkpoints of the requested presets locally (nothing is downloaded), then measures
 and prints a table plus JSON:
-- ms per frame step (p50/p95), CUDA-graph and eager side by side, cfg 1 and cfg 2;
-- compute time of the first decodable frame (max_delay + 1 steps, plus one Mimi decode);
+- ms per frame step (p50/p95), CUDA-graph and eager side by side, cfg 1 and cfg 2, for the full
+  frame and for the decoder-only lane (steps whose depformer codes no output reads);
+- ms per batched step with 1, 8, 16, 32, 64 active calls, and the batched Mimi decode;
+- compute time of the first decodable frame (max_delay steps, the first ones decoder-only);
 - Mimi streaming decode ms per frame;
-- cold TTFA through the real server over loopback (`start` → first PCM byte at the client);
-- inject → first frame whose audio depends on the injected text (inject after `done`: time to
-  the first binary frame that follows the injected first word's `word` event);
+- through the real server over loopback: time to first byte and **speech onset** (the moment a
+  client that plays frames back to back from the first one reaches the first word's frame) for a
+  cold `start`, for an `inject` after `done` (the warm next turn), and for a start from a voice;
 - real-time factor (frame step + decode, over 80 ms) and peak GPU memory.
 Random weights: speed only, never quality.
 """
@@ -52,34 +54,88 @@ def _sync(device: torch.device) -> None:
 
 def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool = False,
                 profile: bool = False) -> dict:
-    """Time `frames` steps (after a warm-up) of a fresh stepper, host state machine included."""
-    tts._stepper = None
+    """Time `frames` steps (after a warm-up) of a fresh one-call stepper, host state machine
+    included; the decoder-only lane is timed over the first steps of fresh calls."""
     if tts.device.type == "cuda":
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    stepper = FrameStepper(tts.model, cfg=cfg, use_cuda_graph=graph, compile=compile)
+    stepper = tts.new_stepper(cfg=cfg, use_cuda_graph=graph, compile=compile)
     build_s = time.perf_counter() - t0
     stepper.set_sampling(0, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
     machine = tts.new_state_machine()
     machine.push(parse_script(SCRIPT * 3, tts.tokenizer))
-    times, first_decodable = [], None
+    times, lite, first_decodable = [], [], None
     start = time.perf_counter()
     for t in range(frames + 5):
         t0 = time.perf_counter()
         action = stepper.step([machine.preview(t)])[0]
         machine.process(t, action)
-        times.append((time.perf_counter() - t0) * 1000)
+        (times if stepper.last_full else lite).append((time.perf_counter() - t0) * 1000)
         if t == stepper.max_delay - 1:
             _sync(tts.device)
             first_decodable = (time.perf_counter() - start) * 1000
+    for _ in range(3):  # more decoder-only steps: fresh calls
+        stepper.reset_call(0)
+        machine = tts.new_state_machine()
+        machine.push(parse_script(SCRIPT, tts.tokenizer))
+        for t in range(stepper.first_stage_delay - 1):
+            t0 = time.perf_counter()
+            machine.process(t, stepper.step([machine.preview(t)])[0])
+            lite.append((time.perf_counter() - t0) * 1000)
     out = stats(times[5:])
+    out["decoder_only"] = stats(lite[2:])
     out["build_s"] = round(build_s, 2)
     if profile:
         try:
-            out["profile"] = profile_steps(stepper, machine, frames + 5)
+            out["profile"] = profile_steps(stepper, machine, stepper.first_stage_delay + 5)
         except Exception as exc:  # the timings above stand without it
             out["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
     out["first_decodable_frame_ms"] = round(first_decodable, 2)
+    del stepper
+    return out
+
+
+def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool) -> dict:
+    """One stepper with max(sizes) slots (as the server builds it); ms per step with the first N
+    slots active, and the batched Mimi decode of N rows."""
+    n_max = max(sizes)
+    if tts.device.type == "cuda":
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    stepper = tts.new_stepper(n_calls=n_max, cfg=True, compile=compile)
+    out: dict = {"build_s": round(time.perf_counter() - t0, 2), "batch_sizes": list(stepper.batch_sizes)}
+    codec = tts.codec
+    codec.open_stream(n_max)
+    machines = []
+    for call in range(n_max):
+        stepper.set_sampling(call, SamplingParams(seed=call))
+        machine = tts.new_state_machine()
+        machine.push(parse_script(SCRIPT * 3, tts.tokenizer))
+        machines.append(machine)
+    for n in sizes:
+        active = [call < n for call in range(n_max)]
+        for call in range(n):  # past the decoder-only stretch: full steps
+            while stepper.needs_depformer(call) is False:
+                stepper.step([machines[c].preview(stepper.host_positions[c]) if active[c] else None
+                              for c in range(n_max)], active)
+        times, decode = [], []
+        rows = torch.tensor(active)
+        for i in range(frames + 3):
+            t0 = time.perf_counter()
+            choices = [machines[c].preview(stepper.host_positions[c]) if active[c] else None for c in range(n_max)]
+            actions = stepper.step(choices, active)
+            for c in range(n):
+                machines[c].process(stepper.host_positions[c] - 1, actions[c])
+            t1 = time.perf_counter()
+            codec.decode_frame(stepper.ready_codes, rows).cpu()
+            t2 = time.perf_counter()
+            if i >= 3:
+                times.append((t1 - t0) * 1000)
+                decode.append((t2 - t1) * 1000)
+        out[str(n)] = {"step_ms": stats(times), "mimi_decode_ms": stats(decode),
+                       "padded_to": stepper.batch_size_for(n)}
+        print(f"  batched {n} calls: step {out[str(n)]['step_ms']}, decode {out[str(n)]['mimi_decode_ms']}", flush=True)
+    codec.close_stream()
     del stepper
     return out
 
@@ -122,8 +178,7 @@ def bench_prefill(tts: Dia2, seconds: float = 10.0, runs: int = 5) -> dict:
     restore-by-copy of a prepared state (decoder cache + buffer, Mimi stream)."""
     d = tts.config.data
     frames = int(seconds * 12.5)
-    tts._stepper = None
-    stepper = FrameStepper(tts.model, cfg=True, use_cuda_graph=False)
+    stepper = tts.new_stepper(cfg=True, use_cuda_graph=False)
     gen = torch.Generator().manual_seed(0)
     delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=gen)
     for k, delay in enumerate(d.delay_pattern):
@@ -146,20 +201,19 @@ def bench_prefill(tts: Dia2, seconds: float = 10.0, runs: int = 5) -> dict:
     t0 = time.perf_counter()
     with torch.inference_mode():
         for t in range(frames):  # what upstream does on every request
-            tts.model.transformer(tokens[:, t:t + 1], torch.full((2, 1), t, device=tts.device))
+            tts.model.transformer(tokens[:, t:t + 1], torch.full((2, 1), t, device=tts.device), stepper.decoder_caches)
     _sync(tts.device)
     sequential = (time.perf_counter() - t0) * 1000
     snap = stepper.snapshot()
     restore = []
     codec = tts.codec
     codec.open_stream(1)
-    codec.warm_stream(torch.randint(0, 2048, (1, 32, frames), device=codec.device))
-    codec_snap = codec.snapshot_stream()
+    codec_snap = codec.warmed_row(torch.randint(0, 2048, (1, 32, frames), device=codec.device))
     for _ in range(20):
         _sync(tts.device)
         t0 = time.perf_counter()
         stepper.restore(snap)
-        codec.restore_stream(codec_snap)
+        codec.restore_row(0, codec_snap)
         _sync(tts.device)
         restore.append((time.perf_counter() - t0) * 1000)
     codec.close_stream()
@@ -190,18 +244,17 @@ VOICE_TRANSCRIPT = ("[S1] Hello, this is the bench voice speaking for about ten 
 
 # -- through the real server --------------------------------------------------------------------
 
-def start_server(tts: Dia2, cfg_scale: float):
+def start_server(tts: Dia2, cfg_scale: float, compile: bool = False):
     """The real server on a free loopback port, in a thread with its own loop."""
     from websockets.asyncio.server import serve
 
     from dia2stream import protocol as p
+    from dia2stream.engine import Engine, EngineConfig
     from dia2stream.server import Dia2Server
-    from dia2stream.session import SessionConfig, StreamingSession
 
-    tts._stepper = None
-    sys.setswitchinterval(0.0005)  # as server.build_session does
-    session = StreamingSession(tts, SessionConfig(max_lead_ms=60_000, cfg_scale=cfg_scale))
-    server = Dia2Server(session, tts.name, str(tts.device), 60_000)
+    sys.setswitchinterval(0.0005)  # as server.build_engine does
+    engine = Engine(tts, EngineConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, compile=compile))
+    server = Dia2Server(engine, tts.name, str(tts.device), 60_000)
     ready: "asyncio.Future[int]"
     holder: dict = {}
     started = threading.Event()
@@ -222,7 +275,7 @@ def start_server(tts: Dia2, cfg_scale: float):
     def stop():
         holder["loop"].call_soon_threadsafe(holder["stop"].set)
         thread.join(10)
-        session.close()
+        engine.close()
 
     return holder["port"], stop
 
@@ -243,36 +296,38 @@ def _is_audio(m):
     return isinstance(m, bytes)
 
 
+async def _first_audio_and_onset(ws, t0: float) -> tuple[float, float]:
+    """(time to first byte, speech onset) in ms for the utterance just commanded at t0: onset is
+    when a client that plays frames back to back from the first one reaches the first word's
+    frame (the `word` event's `frame`)."""
+    first_audio = word_frame = None
+    while first_audio is None or word_frame is None:
+        msg = await asyncio.wait_for(ws.recv(), 60)
+        if isinstance(msg, bytes):
+            first_audio = first_audio or time.perf_counter()
+            continue
+        event = json.loads(msg)
+        if event.get("event") == "word" and word_frame is None:
+            word_frame = event["frame"]
+        elif event.get("event") == "error":
+            raise RuntimeError(event)
+    ttfb = (first_audio - t0) * 1000
+    return ttfb, ttfb + word_frame * 80.0
+
+
 async def bench_server(port: int, runs: int) -> dict:
     from websockets.asyncio.client import connect
 
-    ttfa, inject, voice_ttfa = [], [], []
+    cold, inject, voiced = [], [], []
     voice_info = {}
     async with connect(f"ws://127.0.0.1:{port}/", max_size=None) as ws:
         await _recv_until(ws, _is_event("ready"))
-        await ws.send(json.dumps({"cmd": "set_voice", "name": "bench", "audio": _voice_wav_b64(),
-                                  "transcript": VOICE_TRANSCRIPT}))
-        msg, _ = await _recv_until(ws, lambda m: isinstance(m, str) and json.loads(m).get("event") in ("voice_ready", "error"),
-                                   timeout=300)
-        voice_info = json.loads(msg)
-        if voice_info.get("event") == "voice_ready":
-            for i in range(runs + 2):  # TTFA from a prepared voice (restored by copy at start)
-                t0 = time.perf_counter()
-                await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello, how can I help you today?",
-                                          "voice": "bench"}))
-                _, t1 = await _recv_until(ws, _is_audio)
-                if i >= 2:
-                    voice_ttfa.append((t1 - t0) * 1000)
-                await ws.send(json.dumps({"cmd": "reset", "voice": "bench"}))
-                await _recv_until(ws, _is_event("reset"))
-        await ws.send(json.dumps({"cmd": "reset"}))
-        await _recv_until(ws, _is_event("reset"))
-        for i in range(runs + 2):  # cold TTFA: each start from the clean state
+        for i in range(runs + 2):  # cold: each start from the clean state (no voice yet on this connection)
             t0 = time.perf_counter()
             await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello, how can I help you today?"}))
-            _, t1 = await _recv_until(ws, _is_audio)
+            got = await _first_audio_and_onset(ws, t0)
             if i >= 2:
-                ttfa.append((t1 - t0) * 1000)
+                cold.append(got)
             await ws.send(json.dumps({"cmd": "reset"}))
             await _recv_until(ws, _is_event("reset"))
         await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello there."}))
@@ -280,13 +335,28 @@ async def bench_server(port: int, runs: int) -> dict:
         for i in range(runs + 2):  # inject after done: the next turn from the warm state
             t0 = time.perf_counter()
             await ws.send(json.dumps({"cmd": "inject", "text": " Sure, one moment."}))
-            await _recv_until(ws, lambda m: isinstance(m, str) and json.loads(m).get("word") == "Sure,")
-            _, t1 = await _recv_until(ws, _is_audio)
+            got = await _first_audio_and_onset(ws, t0)
             if i >= 2:
-                inject.append((t1 - t0) * 1000)
+                inject.append(got)
             await _recv_until(ws, _is_event("done"), timeout=120)
-    return {"ttfa_ms": stats(ttfa), "inject_to_new_text_audio_ms": stats(inject),
-            "voice": voice_info, "voice_ttfa_ms": stats(voice_ttfa)}
+        await ws.send(json.dumps({"cmd": "set_voice", "name": "bench", "audio": _voice_wav_b64(),
+                                  "transcript": VOICE_TRANSCRIPT}))
+        msg, _ = await _recv_until(ws, lambda m: isinstance(m, str) and json.loads(m).get("event") in ("voice_ready", "error"),
+                                   timeout=300)
+        voice_info = json.loads(msg)
+        if voice_info.get("event") == "voice_ready":
+            for i in range(runs + 2):  # from a prepared voice (restored by copy at start)
+                t0 = time.perf_counter()
+                await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello, how can I help you today?",
+                                          "voice": "bench"}))
+                got = await _first_audio_and_onset(ws, t0)
+                if i >= 2:
+                    voiced.append(got)
+                await ws.send(json.dumps({"cmd": "reset", "voice": "bench"}))
+                await _recv_until(ws, _is_event("reset"))
+    pair = lambda rows: {"ttfb_ms": stats([r[0] for r in rows]), "onset_ms": stats([r[1] for r in rows])}  # noqa: E731
+    return {"start": pair(cold), "inject_after_done": pair(inject), "start_with_voice": pair(voiced),
+            "voice": voice_info}
 
 
 # -- driver ----------------------------------------------------------------------------------------
@@ -321,19 +391,23 @@ def run_preset(name: str, args) -> dict:
                 steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
             print(f"[{name}] step {key}: {steps[key]}", flush=True)
     result["step_ms"] = steps
+    if args.batched:
+        sizes = [int(s) for s in args.batched.split(",")]
+        result["batched"] = bench_batched(tts, sizes=sizes, frames=max(20, args.frames // 4),
+                                          compile=args.compile and device.type == "cuda")
     result["mimi_decode_ms"] = bench_mimi(tts, args.frames)
     result["voice_prefill"] = bench_prefill(tts)
     print(f"[{name}] voice prefill: {result['voice_prefill']}", flush=True)
     print(f"[{name}] mimi decode: {result['mimi_decode_ms']}", flush=True)
     if not args.skip_server:
-        tts.compile_steps = args.compile and device.type == "cuda"
-        port, stop = start_server(tts, cfg_scale=args.cfg_scale)
+        compiled = args.compile and device.type == "cuda"
+        port, stop = start_server(tts, cfg_scale=args.cfg_scale, compile=compiled)
         try:
             result["server"] = asyncio.run(bench_server(port, args.runs))
         finally:
             stop()
         result["server"]["cfg_scale"] = args.cfg_scale
-        result["server"]["compiled"] = tts.compile_steps
+        result["server"]["compiled"] = compiled
         print(f"[{name}] server: {result['server']}", flush=True)
     cfg_key = 2 if args.cfg_scale != 1 else 1
     best = steps.get(f"graph_compiled_cfg{cfg_key}") if args.compile else None
@@ -346,19 +420,22 @@ def run_preset(name: str, args) -> dict:
 
 
 def print_table(results: list[dict]) -> None:
-    print("\n| preset | variant | p50 ms/frame | p95 | first decodable frame ms |")
-    print("|---|---|---|---|---|")
+    print("\n| preset | variant | p50 ms/frame | p95 | decoder-only p50 | first decodable frame ms |")
+    print("|---|---|---|---|---|---|")
     for r in results:
         for key, s in r["step_ms"].items():
             if "p50" not in s:
-                print(f"| {r['preset']} | {key} | {s} | | |")
+                print(f"| {r['preset']} | {key} | {s} | | | |")
                 continue
-            print(f"| {r['preset']} | {key} | {s['p50']} | {s['p95']} | {s['first_decodable_frame_ms']} |")
+            print(f"| {r['preset']} | {key} | {s['p50']} | {s['p95']} | {s['decoder_only'].get('p50')} | "
+                  f"{s['first_decodable_frame_ms']} |")
     for r in results:
         srv = r.get("server", {})
         print(f"\n{r['preset']} on {r['device']}: mimi decode p50 {r['mimi_decode_ms'].get('p50')} ms, "
-              f"RTF {r['rtf']}, TTFA {srv.get('ttfa_ms')}, inject->new text {srv.get('inject_to_new_text_audio_ms')}, "
-              f"GPU peak {r.get('gpu_peak_memory_gb')} GB")
+              f"RTF {r['rtf']}, GPU peak {r.get('gpu_peak_memory_gb')} GB")
+        for kind in ("start", "inject_after_done", "start_with_voice"):
+            if kind in srv:
+                print(f"  {kind}: first byte {srv[kind]['ttfb_ms']}, speech onset {srv[kind]['onset_ms']}")
         eager = r["step_ms"].get("eager_cfg2")
         for key in ("graph_cfg2", "graph_compiled_cfg2"):
             fast = r["step_ms"].get(key)
@@ -379,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile inside the graph")
     parser.add_argument("--profile", action="store_true", help="kernel profile of the compiled cfg 2 step")
+    parser.add_argument("--batched", default="", help="comma-separated call counts for batched steps, e.g. 1,8,16,32,64")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)
     results = [run_preset(name.strip(), args) for name in args.presets.split(",") if name.strip()]

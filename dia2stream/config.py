@@ -28,6 +28,8 @@ class ServerConfig:
     max_voice_seconds: float = 30.0
     whisper_model: str = "turbo"
     voices: tuple[str, ...] = ()  # NAME=PATH[,TRANSCRIPT], preloaded at start-up
+    max_calls: int | None = None  # concurrent calls (slots); None = 1 on CPU, 64 on a GPU
+    lead_in_frames: int = 1
     # -- access and limits (issue 13); turned into objects by http.HttpPolicy.from_config and
     # limits.Limits.from_config, documented in docs/operations.md
     auth_token: str | None = field(default=None, repr=False)
@@ -64,6 +66,8 @@ _FLAGS = [  # (name, type, help)
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
     ("max_voice_seconds", float, "longest prefix audio per speaker, seconds"),
     ("whisper_model", str, "openai-whisper model name or checkpoint path for voice transcripts"),
+    ("max_calls", int, "concurrent calls, one engine slot each; more get 'busy' (default: 1 on CPU, 64 on a GPU)"),
+    ("lead_in_frames", int, "frames (80 ms each) sent before a turn's first word; silence before them is not sent"),
     # -- access and limits (issue 13); see docs/operations.md
     ("auth_token", str, "token clients must present (Authorization: Bearer, or ?token=) for the websocket and "
                         "/metrics; /health stays open"),
@@ -108,6 +112,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     args = parser.parse_args(argv)
     values = vars(args)
     values["voices"] = tuple(values["voices"]) if values["voices"] else env_voices
+    if values["max_calls"] is not None and values["max_calls"] < 1:
+        parser.error("--max-calls must be at least 1")
+    if values["lead_in_frames"] < 0:
+        parser.error("--lead-in-frames must be 0 or more")
     if values["compile"] not in ("auto", "on", "off"):
         parser.error(f"--compile must be auto, on or off, not {values['compile']!r}")
     return ServerConfig(**values)

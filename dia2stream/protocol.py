@@ -322,6 +322,7 @@ class Done(_Event):
     audio_s: float
     wall_s: float
     ttfa_ms: float | None = None
+    onset_ms: float | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,8 +1,8 @@
-"""The websockets server: connects the wire protocol to the streaming session.
+"""The websockets server: connects the wire protocol to the engine's calls.
 
-One handler coroutine per connection parses commands and hands them to the session; one sender
-task per connection writes the session's events and frames in order. No model work happens on
-the event loop.
+One handler coroutine per connection opens a call on the engine, parses commands and hands them
+to it; one sender task per connection writes the call's events and frames in order. No model
+work happens on the event loop.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ from websockets.http11 import Request, Response
 
 from . import protocol as p
 from .config import ServerConfig
-from .session import AudioFrame, SessionConfig, StreamingSession
+from .call import AudioFrame, Call
+from .engine import Engine, EngineConfig
 from .voice import VoiceRequest, VoiceSettings
 
 log = logging.getLogger("dia2stream")
@@ -34,16 +35,18 @@ CLOSE_TRY_AGAIN_LATER = 1013
 
 
 class Dia2Server:
-    def __init__(self, session: StreamingSession, model_name: str, device: str, max_lead_ms: float):
-        self.session, self.model_name, self.device, self.max_lead_ms = session, model_name, device, max_lead_ms
+    def __init__(self, engine: Engine, model_name: str, device: str, max_lead_ms: float):
+        self.engine, self.model_name, self.device, self.max_lead_ms = engine, model_name, device, max_lead_ms
 
     # -- HTTP before the upgrade ----------------------------------------------------------------
+
+    def health(self) -> dict:
+        return {"status": "ok", "model": self.model_name, "device": self.device, **self.engine.health()}
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path.split("?")[0] != "/health":
             return None
-        body = json.dumps({"status": "ok", "model": self.model_name, "device": self.device,
-                           "busy": self.session.busy}).encode()
+        body = json.dumps(self.health()).encode()
         headers = Headers([("Content-Type", "application/json"), ("Content-Length", str(len(body))),
                            ("Cache-Control", "no-store")])
         return Response(HTTPStatus.OK, "OK", headers, body)
@@ -61,53 +64,57 @@ class Dia2Server:
                 pass  # loop closed during shutdown
 
         peer = ws.remote_address
-        if not self.session.attach(sink):
-            log.info("refused %s: busy", peer)
-            await ws.send(p.ErrorEvent(code=p.ErrorCode.BUSY, message="another client holds the session").to_json())
+        call = self.engine.open_call(sink)
+        if call is None:
+            health = self.engine.health()
+            why = "the server is behind real time" if health["overloaded"] else \
+                f"all {health['max_calls']} call slots are taken"
+            log.info("refused %s: busy (%s)", peer, why)
+            await ws.send(p.ErrorEvent(code=p.ErrorCode.BUSY, message=f"{why}; try again later").to_json())
             await ws.close(CLOSE_TRY_AGAIN_LATER, "busy")
             return
-        log.info("client %s connected", peer)
+        log.info("client %s connected (call %d)", peer, call.slot)
         sender = None
         try:
             # `ready` goes out before the sender task exists: it is always the first message.
-            await ws.send(p.Ready(model=self.model_name, device=self.device, voices=list(self.session.voices),
+            await ws.send(p.Ready(model=self.model_name, device=self.device, voices=list(self.engine.voices),
                                   max_lead_ms=int(self.max_lead_ms),
-                                  context_frames=self.session.context_frames).to_json())
-            sender = asyncio.create_task(self._send_loop(ws, out))
+                                  context_frames=self.engine.context_frames).to_json())
+            sender = asyncio.create_task(self._send_loop(ws, call, out))
             async for message in ws:
-                self._dispatch(message)
+                self._dispatch(call, message)
         except ConnectionClosed:
             pass
         finally:
-            self.session.detach(sink)
+            self.engine.close_call(call)
             if sender is not None:
                 sender.cancel()
-            log.info("client %s disconnected", peer)
+            log.info("client %s disconnected (call %d)", peer, call.slot)
 
-    def _dispatch(self, message) -> None:
-        # Answers made here still go through the session's queue, so events answer commands in the
+    def _dispatch(self, call: Call, message) -> None:
+        # Answers made here still go through the engine's queue, so events answer commands in the
         # order the commands were received (an error for a bad message never overtakes the
         # `started` of the `start` before it).
         try:
             command = p.parse_command(message)
         except p.ProtocolError as err:
-            log.info("bad command: %s %s", err.code, err.message)
-            self.session.reply(err.to_event())
+            log.info("call %d: bad command: %s %s", call.slot, err.code, err.message)
+            self.engine.reply(call, err.to_event())
             return
-        log.info("cmd %s%s", command.cmd, f" id={command.id}" if getattr(command, "id", None) is not None else "")
+        log.debug("call %d: cmd %s", call.slot, command.cmd)
         if isinstance(command, p.Ping):
-            self.session.reply(p.Pong(id=command.id))
+            self.engine.reply(call, p.Pong(id=command.id))
         else:  # set_voice and voices too: voices live on the generation thread
-            self.session.submit(command)
+            self.engine.submit(call, command)
 
-    async def _send_loop(self, ws: ServerConnection, out: asyncio.Queue) -> None:
+    async def _send_loop(self, ws: ServerConnection, call: Call, out: asyncio.Queue) -> None:
         sent_in_turn = 0  # frames really written for the current utterance (dropped ones excluded)
         try:
             while True:
                 item = await out.get()
                 if isinstance(item, AudioFrame):
-                    self.session.frames_acked += 1
-                    if item.epoch < self.session.min_epoch:
+                    call.frames_acked += 1
+                    if item.epoch < call.epoch:
                         continue  # generated before a pause/reset: never play stale audio
                     await ws.send(p.encode_audio_frame(item.pcm))
                     sent_in_turn += 1
@@ -123,8 +130,15 @@ class Dia2Server:
             pass
 
 
-def build_session(config: ServerConfig):
-    """Load the model and make the session (CUDA graphs, if any, are captured here, not on the first request)."""
+def default_max_calls(device) -> int:
+    """One call on CPU; on a GPU, 64: measured on an H100 at the 2b shape, a batched step for 64
+    calls (~25 ms) plus their batched Mimi decode (~4 ms) stays far inside a frame's 80 ms
+    (docs/benchmarks.md). The engine still refuses calls if it ever falls behind."""
+    return 64 if str(device).startswith("cuda") else 1
+
+
+def build_engine(config: ServerConfig):
+    """Load the model and make the engine (CUDA graphs, if any, are captured here, not on the first request)."""
     import torch
 
     from vendor_dia2 import Dia2
@@ -140,20 +154,24 @@ def build_session(config: ServerConfig):
     sys.setswitchinterval(0.0005)
     t0 = time.perf_counter()
     tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
-    tts.compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
+    compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
+    max_calls = config.max_calls or default_max_calls(tts.device)
     voice = VoiceSettings(voice_dir=config.voice_dir, max_seconds=config.max_voice_seconds,
                           whisper_model=config.whisper_model, cache_dir=config.voice_cache)
-    session = StreamingSession(tts, SessionConfig(max_lead_ms=config.max_lead_ms, context_frames=config.context_frames,
-                                                  cfg_scale=config.cfg_scale, seed=config.seed, voice=voice))
-    log.info("loaded %s on %s (%s) in %.1f s", tts.name, tts.device, tts.dtype, time.perf_counter() - t0)
+    engine = Engine(tts, EngineConfig(max_calls=max_calls, max_lead_ms=config.max_lead_ms,
+                                      context_frames=config.context_frames, cfg_scale=config.cfg_scale,
+                                      seed=config.seed, voice=voice, lead_in_frames=config.lead_in_frames,
+                                      compile=compile_steps))
+    log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s", tts.name, tts.device, tts.dtype,
+             time.perf_counter() - t0, max_calls, engine.stepper.batch_sizes)
     try:
         for spec in config.voices:
-            state = session.preload_voice(parse_voice_spec(spec))
+            state = engine.preload_voice(parse_voice_spec(spec))
             log.info("voice %s ready (%.2f s prefix, %.0f ms)", state.name, state.prefix_s, state.prepare_ms)
     except BaseException:
-        session.close()
+        engine.close()
         raise
-    return tts, session
+    return tts, engine
 
 
 def parse_voice_spec(spec: str) -> VoiceRequest:
@@ -180,10 +198,10 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
     could not start; a `concurrent.futures.Future` lets another thread wait for it.
     """
     stop = stop or asyncio.Event()
-    session = None
+    engine = None
     try:
-        tts, session = await asyncio.to_thread(build_session, config)
-        server = Dia2Server(session, tts.name, str(tts.device), config.max_lead_ms)
+        tts, engine = await asyncio.to_thread(build_engine, config)
+        server = Dia2Server(engine, tts.name, str(tts.device), config.max_lead_ms)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -206,5 +224,5 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
                 ready.cancel()
         raise
     finally:
-        if session is not None:
-            await asyncio.to_thread(session.close)
+        if engine is not None:
+            await asyncio.to_thread(engine.close)

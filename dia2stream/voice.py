@@ -537,9 +537,10 @@ class VoicePreparer:
                           f"{self.tts.codec.source}")
 
     @torch.inference_mode()
-    def build(self, loaded: LoadedVoice, stepper, machine, codec, *, max_frames: int) -> VoiceState:
-        """Prefill `stepper` (call 0), `machine` and `codec`'s stream with the prefix and snapshot them.
-        Clobbers their live state: the caller saves and restores it around this."""
+    def build(self, loaded: LoadedVoice, stepper, machine, codec, *, max_frames: int, slot: int = 0) -> VoiceState:
+        """Prefill slot `slot` of `stepper` and a fresh `machine` with the prefix, warm a one-row Mimi
+        decoder state with it, and snapshot all three. Only that slot's rows are touched (an
+        engine keeps a spare slot for this, so live calls are never disturbed)."""
         t0 = time.perf_counter()
         d = self.tts.config.data
         codes = [codec.encode(torch.from_numpy(s.wav))[0].cpu() for s in loaded.speakers]
@@ -555,18 +556,18 @@ class VoicePreparer:
                         len(plan.dropped), " ".join(plan.dropped[:10]))
         machine.reset()
         text = warm_up_text(machine, plan, d.text_pad_token_id)
-        stepper.reset_call(0)
-        stepper.prefill(0, plan.delayed, text, plan.frames)
-        codec.reset_stream()
-        codec.warm_stream(plan.aligned[None].to(codec.device))
+        stepper.reset_call(slot)
+        stepper.prefill(slot, plan.delayed, text, plan.frames)
+        warmed = codec.warmed_row(plan.aligned[None].to(codec.device))
         prepare_ms = (time.perf_counter() - t0) * 1000 + loaded.load_ms
-        return VoiceState(name=loaded.name, stepper=stepper.snapshot(), text=machine.snapshot(),
-                          codec=codec.snapshot_stream(), prefix_frames=plan.frames,
+        return VoiceState(name=loaded.name, stepper=stepper.snapshot(slot), text=machine.snapshot(),
+                          codec=warmed, prefix_frames=plan.frames,
                           prefix_s=round(plan.frames / 12.5, 3), speakers=loaded.distinct,
                           prepare_ms=round(prepare_ms, 1), words=[e.text for e in plan.entries])
 
 
-def restore_voice(state: VoiceState, stepper, machine, codec) -> None:
-    stepper.restore(state.stepper)
+def restore_voice(state: VoiceState, stepper, machine, codec, slot: int = 0) -> None:
+    """Put slot `slot` (its stepper rows and codec row) and `machine` at the voice's prefix end."""
+    stepper.restore(state.stepper, slot)
     machine.restore(state.text)
-    codec.restore_stream(state.codec)
+    codec.restore_row(slot, state.codec)

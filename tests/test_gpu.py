@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vendor_dia2.runtime import FrameStepper, SamplingParams
+from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import parse_script
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -17,8 +17,7 @@ def gpu_tts(tiny_dir):
 
 
 def _run(tts, graph: bool, cfg: bool, frames: int = 40):
-    tts._stepper = None
-    stepper = FrameStepper(tts.model, cfg=cfg, max_positions=256, use_cuda_graph=graph)
+    stepper = tts.new_stepper(cfg=cfg, max_positions=256, use_cuda_graph=graph)
     stepper.set_sampling(0, SamplingParams(seed=7, cfg_scale=2.0 if cfg else 1.0))
     machine = tts.new_state_machine()
     machine.push(parse_script("[S1] Hello there, how are you doing today?", tts.tokenizer))
@@ -41,8 +40,7 @@ def test_graph_path_matches_eager_tokens(gpu_tts, cfg):
 
 
 def test_graph_replay_after_restore_is_deterministic(gpu_tts):
-    gpu_tts._stepper = None
-    stepper = FrameStepper(gpu_tts.model, cfg=True, max_positions=128, use_cuda_graph=True)
+    stepper = gpu_tts.new_stepper(cfg=True, max_positions=128, use_cuda_graph=True)
     d = gpu_tts.config.data
     pad, new = (d.text_pad_token_id,) * 2, (d.text_new_word_token_id, 20)
     for _ in range(4):
@@ -84,8 +82,7 @@ def test_graphed_mimi_stream_matches_eager():
 
 def test_compiled_graph_matches_eager_tokens(gpu_tts):
     eager = _run(gpu_tts, graph=False, cfg=True, frames=20)
-    gpu_tts._stepper = None
-    stepper = FrameStepper(gpu_tts.model, cfg=True, max_positions=256, use_cuda_graph=True, compile=True)
+    stepper = gpu_tts.new_stepper(cfg=True, max_positions=256, use_cuda_graph=True, compile=True)
     stepper.set_sampling(0, SamplingParams(seed=7, cfg_scale=2.0))
     machine = gpu_tts.new_state_machine()
     machine.push(parse_script("[S1] Hello there, how are you doing today?", gpu_tts.tokenizer))

@@ -505,7 +505,10 @@ async def test_health(server):
     await wait_not_busy(server.port)
     status, content_type, body = await asyncio.to_thread(http_get, server.port)
     assert status == 200 and content_type == "application/json"
-    assert body == {"status": "ok", "model": "tiny", "device": "cpu", "busy": False}
+    assert {k: body[k] for k in ("status", "model", "device", "busy", "calls", "max_calls", "overloaded")} == \
+        {"status": "ok", "model": "tiny", "device": "cpu", "busy": False, "calls": 0, "max_calls": 1,
+         "overloaded": False}
+    assert isinstance(body["step_ms"], float)
     client, _ = await Client.open(server.url)
     try:
         status, _, body = await asyncio.to_thread(http_get, server.port)

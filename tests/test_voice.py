@@ -20,7 +20,8 @@ import torch
 from dia2stream import protocol as p
 from dia2stream.config import ServerConfig, parse_args
 from dia2stream.server import parse_voice_spec
-from dia2stream.session import AudioFrame, SessionConfig, StreamingSession
+from dia2stream.call import AudioFrame
+from dia2stream.engine import Engine, EngineConfig
 from dia2stream.voice import (VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState, align_transcript,
                               read_audio, resolve_path, restore_voice)
 from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
@@ -151,12 +152,12 @@ def test_prefill_matches_frame_by_frame_warm_up_over_a_prefix_plan(tiny_tts):
 
     def next_logits(tokens):
         with torch.inference_mode():
-            action, cb0, _ = model.transformer(tokens[:, None].clone(), torch.full((2, 1), frames))
+            action, cb0, _ = model.transformer(tokens[:, None].clone(), torch.full((2, 1), frames), stepper.decoder_caches)
         return action.clone(), cb0.clone()
 
     stepper.reset_call(0)
     stepper.prefill(0, plan.delayed, text, frames, chunk=16)  # several chunks
-    caches = [(c.k[:, :, :frames].clone(), c.v[:, :, :frames].clone()) for c in model.decoder_caches()]
+    caches = [(c.k[:, :, :frames].clone(), c.v[:, :, :frames].clone()) for c in stepper.decoder_caches]
     tokens = stepper.tokens.clone()
     parallel = next_logits(tokens)
 
@@ -167,8 +168,8 @@ def test_prefill_matches_frame_by_frame_warm_up_over_a_prefix_plan(tiny_tts):
             toks[:, 0, 2:] = plan.delayed[:, t]
             toks[0, 0, :2] = text[t]
             toks[1, 0, :2] = torch.tensor([d.text_zero_token_id, d.text_pad_token_id])
-            model.transformer(toks, torch.full((2, 1), t))
-    for (k1, v1), cache in zip(caches, model.decoder_caches()):
+            model.transformer(toks, torch.full((2, 1), t), stepper.decoder_caches)
+    for (k1, v1), cache in zip(caches, stepper.decoder_caches):
         torch.testing.assert_close(k1, cache.k[:, :, :frames], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(v1, cache.v[:, :, :frames], atol=1e-4, rtol=1e-4)
     sequential = next_logits(tokens)
@@ -184,16 +185,18 @@ def test_prefill_matches_frame_by_frame_warm_up_over_a_prefix_plan(tiny_tts):
 @pytest.fixture(scope="module")
 def voiced_session(tiny_tts, tmp_path_factory):
     cache = tmp_path_factory.mktemp("voices")
-    session = StreamingSession(tiny_tts, SessionConfig(max_lead_ms=1e6, voice=VoiceSettings(cache_dir=str(cache))))
+    engine = Engine(tiny_tts, EngineConfig(max_lead_ms=1e6, voice=VoiceSettings(cache_dir=str(cache))))
     got: queue.Queue = queue.Queue()
-    assert session.attach(got.put)
-    state = session.preload_voice(VoiceRequest("v", audio=wav_bytes(tone(0.8)), transcript="[S1] Hi there."), cache=False)
-    yield session, got, state
-    session.close()
+    call = engine.open_call(got.put)
+    assert call is not None
+    state = engine.preload_voice(VoiceRequest("v", audio=wav_bytes(tone(0.8)), transcript="[S1] Hi there."), cache=False)
+    yield (engine, call), got, state
+    engine.close()
 
 
 def _turn(session, got, text="[S1] Good morning.", seed=7, voice="v"):
-    session.submit(p.Start(text=text, voice=voice, seed=seed, id="t"))
+    engine, call = session
+    engine.submit(call, p.Start(text=text, voice=voice, seed=seed, id="t"))
     items = []
     while True:
         item = got.get(timeout=60)
@@ -205,7 +208,10 @@ def _turn(session, got, text="[S1] Good morning.", seed=7, voice="v"):
     frames = [i.pcm for i in items if isinstance(i, AudioFrame)]
     words = [i.word for i in items if isinstance(i, p.Word)]
     started = next(i for i in items if isinstance(i, p.Started))
-    return started, frames, words, session.stepper.buffer[0].clone(), session.stepper.host_positions[0]
+    first_word = next(i for i in items if isinstance(i, p.Word))
+    # silence before the first word is not sent (the lead-in cannot reach back into the prefix)
+    assert first_word.frame <= engine.config.lead_in_frames
+    return started, frames, words, engine.stepper.buffer[call.slot].clone(), engine.stepper.host_positions[call.slot]
 
 
 def test_turn_speaks_only_its_words_and_continues_the_prefix(voiced_session, tiny_tts):
@@ -220,8 +226,11 @@ def test_turn_speaks_only_its_words_and_continues_the_prefix(voiced_session, tin
     prefix = torch.stack([state.stepper.buffer[0, k, delay:delay + F] for k, delay in enumerate(d.delay_pattern)])
     assert torch.equal(aligned[:, :F], prefix)  # teacher-forced prefix codes kept through the boundary
     assert (aligned[:, F:F + 8] < 2048).all() and (aligned[:, F:F + 8] >= 0).all()  # no bos/pad burst
-    # the turn's audio starts at the prefix end: one frame per aligned frame from F on
-    assert len(frames) == aligned.shape[1] - F
+    # the turn's audio starts at its first word less the lead-in, after the prefix end: one frame
+    # per aligned frame from there on
+    send_from = session[1].turn.send_from
+    assert send_from >= F
+    assert len(frames) == aligned.shape[1] - send_from
 
 
 def test_restore_is_a_copy(voiced_session):
@@ -260,7 +269,8 @@ def test_restore_time_and_save_load_round_trip(voiced_session, tmp_path, capsys)
     # restore cost (on the generation thread's objects; the session is idle)
     t0 = time.perf_counter()
     for _ in range(5):
-        restore_voice(loaded, session.stepper, session.machine, session.codec)
+        engine, call = session
+        restore_voice(loaded, engine.stepper, call.machine, engine.codec, call.slot)
     ms = (time.perf_counter() - t0) * 200
     with capsys.disabled():
         print(f"\n[voice] prefix {state.prefix_s} s ({state.prefix_frames} frames): prepare {state.prepare_ms} ms, "

@@ -49,8 +49,8 @@ def default_dtype(device: torch.device) -> torch.dtype:
 class Dia2:
     """A loaded checkpoint: model, tokenizer and codec, with an offline `generate`.
 
-    The model's KV caches belong to one `FrameStepper` at a time; `generate` makes its own, so do
-    not interleave it with a streaming session on the same instance.
+    The model holds weights only; every `FrameStepper` owns its own caches, so `generate` and a
+    streaming engine on the same instance do not disturb each other.
     """
 
     def __init__(self, model: Dia2Model, config: Dia2Config, tokenizer: Dia2Tokenizer, codec: MimiCodec,
@@ -59,9 +59,6 @@ class Dia2:
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
         self._stepper: FrameStepper | None = None
-        # torch.compile inside the CUDA graph (fewer, fused kernels); costs a minute once, at
-        # stepper creation. Off by default: CPU gains little and tests must start fast.
-        self.compile_steps = False
 
     @classmethod
     def from_pretrained(cls, checkpoint: str = "tiny", *, device: str | torch.device | None = None,
@@ -86,14 +83,29 @@ class Dia2:
         return TextStateMachine(d.text_pad_token_id, d.text_new_word_token_id, max_padding=MAX_PADDING,
                                 initial_padding=INITIAL_PADDING, second_stream_ahead=d.second_stream_ahead)
 
+    @property
+    def bos_token_id(self) -> int:
+        """The text id fed at step 0 (DIA2_SPEC.md §5): the tokenizer's BOS, else 1."""
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        return 1 if bos is None else int(bos)
+
+    def new_stepper(self, *, n_calls: int = 1, cfg: bool, max_positions: int | None = None,
+                    use_cuda_graph: bool | None = None, compile: bool = False,
+                    batch_sizes: tuple[int, ...] | None = None, max_top_k: int = 256) -> FrameStepper:
+        """A frame stepper with its own caches for `n_calls` call slots. `compile` runs
+        torch.compile inside the CUDA graphs (fewer, fused kernels; costs time once, here)."""
+        return FrameStepper(self.model, n_calls=n_calls, cfg=cfg, max_positions=max_positions,
+                            use_cuda_graph=use_cuda_graph, compile=compile, bos_token_id=self.bos_token_id,
+                            batch_sizes=batch_sizes, max_top_k=max_top_k)
+
     def stepper(self, *, cfg: bool, max_positions: int | None = None, use_cuda_graph: bool | None = None) -> FrameStepper:
-        """The instance's frame stepper, rebuilt when the CFG mode or size changes."""
+        """The single-call stepper `generate` uses, kept between calls; rebuilt when the CFG mode
+        or size changes."""
         s = self._stepper
         want = max_positions or self.config.runtime.max_context_steps
         if s is None or (s.branches == 2) != cfg or s.max_positions != want:
             self._stepper = None  # drop graphs and caches before allocating new ones
-            self._stepper = FrameStepper(self.model, cfg=cfg, max_positions=want, use_cuda_graph=use_cuda_graph,
-                                         compile=self.compile_steps)
+            self._stepper = self.new_stepper(cfg=cfg, max_positions=want, use_cuda_graph=use_cuda_graph)
         return self._stepper
 
     @property

@@ -132,7 +132,9 @@ def load_model(files: CheckpointFiles, device: torch.device, dtype: torch.dtype)
         for name in expected:
             state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False), config
+    model = model.eval().requires_grad_(False)
+    model.prepare_tables()
+    return model, config
 
 
 def _check_tensors(expected: dict[str, tuple], found: dict[str, tuple], where: Path) -> None:

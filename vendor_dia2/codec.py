@@ -160,6 +160,11 @@ class MimiCodec:
         self.close_stream()
         self._decoder_side.streaming_forever(batch_size)
         self._stream_batch = batch_size
+        # One execution mask shared by every streaming module: rows that do not decode this frame
+        # keep their state (moshi's modules honour it), and setting it is one copy.
+        self._exec_mask = torch.ones(batch_size, dtype=torch.bool, device=self.device)
+        for state in self._decoder_side.get_streaming_state().values():
+            state.exec_mask = self._exec_mask
         if self.device.type == "cuda" and self.use_cuda_graph:
             self._capture_decode(batch_size)
 
@@ -171,13 +176,18 @@ class MimiCodec:
             self._graph = None
 
     @torch.inference_mode()
-    def decode_frame(self, codes: torch.Tensor) -> torch.Tensor:
-        """One frame per row, codes [B, 32] ([32] for B = 1) -> float32 PCM [B, 1920]."""
+    def decode_frame(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One frame per row, codes [B, 32] ([32] for B = 1) -> float32 PCM [B, 1920]. With the
+        bool mask `rows` [B], only those rows advance (the others' output is meaningless)."""
         codes = torch.as_tensor(codes)
         if codes.dim() == 1:
             codes = codes[None]
         codes = self._check_codes(codes, dims=2)
         self._check_stream(codes.shape[0])
+        if rows is None:
+            self._exec_mask.fill_(True)
+        else:
+            self._exec_mask.copy_(torch.as_tensor(rows, dtype=torch.bool), non_blocking=True)
         if self._graph is not None:
             self._graph_codes.copy_(codes[:, :, None])
             self._graph.replay()
@@ -243,6 +253,42 @@ class MimiCodec:
         assert live.keys() == snapshot.states.keys(), "snapshot from another codec"
         for name, state in live.items():
             _restore_fields(state, snapshot.states[name])
+
+    # ---- one row of the stream --------------------------------------------------------------
+
+    @torch.inference_mode()
+    def snapshot_row(self, row: int) -> CodecStreamSnapshot:
+        """Copies of one row's decoder state (a one-row snapshot, restorable into any row)."""
+        self._check_stream(None)
+        states = {name: _row_fields(state, slice(row, row + 1))
+                  for name, state in self._decoder_side.get_streaming_state().items()}
+        return CodecStreamSnapshot(1, states)
+
+    @torch.inference_mode()
+    def restore_row(self, row: int, snapshot: CodecStreamSnapshot) -> None:
+        """Copy a one-row snapshot into row `row` of the open stream; other rows are untouched."""
+        self._check_stream(None)
+        if snapshot.batch_size != 1:
+            raise ValueError(f"restore_row takes a one-row snapshot, got {snapshot.batch_size} rows")
+        live = self._decoder_side.get_streaming_state()
+        assert live.keys() == snapshot.states.keys(), "snapshot from another codec"
+        for name, state in live.items():
+            _restore_row_fields(state, snapshot.states[name], slice(row, row + 1))
+
+    @torch.inference_mode()
+    def warmed_row(self, codes: torch.Tensor) -> CodecStreamSnapshot:
+        """A fresh one-row decoder state warmed with codes [1, 32, F] (a voice prefix), as a
+        snapshot for `restore_row`. Runs on a stream of its own: the open stream is untouched."""
+        codes = self._check_codes(codes, dims=3)
+        with self._stream_detached():
+            self._decoder_side.streaming_forever(1)
+            try:
+                for start in range(0, codes.shape[-1], _WARM_CHUNK_FRAMES):
+                    self.model.decode(codes[:, :, start:start + _WARM_CHUNK_FRAMES])
+                states = {name: _copy_fields(state) for name, state in self._decoder_side.get_streaming_state().items()}
+            finally:
+                self._decoder_side._stop_streaming()
+        return CodecStreamSnapshot(1, states)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -313,6 +359,35 @@ def _copy_fields(state) -> dict[str, tp.Any]:
             out[key] = {"cache": value.cache.clone(), "end_offset": value.end_offset.clone()}
         # Anything else (CUDA graph wrappers, None) is not state.
     return out
+
+
+def _row_fields(state, rows: slice) -> dict[str, tp.Any]:
+    """Like `_copy_fields`, for a range of batch rows. Ring KV caches hold rows on dim 1
+    ([2, B, H, T, D]); every other state tensor on dim 0. The execution mask is not state."""
+    out: dict[str, tp.Any] = {}
+    for key, value in vars(state).items():
+        if key == "exec_mask":
+            continue
+        if isinstance(value, torch.Tensor):
+            out[key] = value[rows].clone()
+        elif isinstance(value, (bool, int, float)):
+            out[key] = value
+        elif value is not None and hasattr(value, "cache") and hasattr(value, "end_offset"):
+            out[key] = {"cache": value.cache[:, rows].clone(), "end_offset": value.end_offset[rows].clone()}
+    return out
+
+
+def _restore_row_fields(state, saved: dict[str, tp.Any], rows: slice) -> None:
+    for key, value in saved.items():
+        if key == "exec_mask":
+            continue
+        current = getattr(state, key)
+        if isinstance(value, torch.Tensor):
+            current[rows] = value
+        elif isinstance(value, dict):
+            current.cache[:, rows] = value["cache"]
+            current.end_offset[rows] = value["end_offset"]
+        # plain ints (moshi's host-side offsets) are shared by all rows and unused by Mimi's decoder
 
 
 def _restore_fields(state, saved: dict[str, tp.Any]) -> None:

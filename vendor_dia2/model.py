@@ -7,7 +7,7 @@ safetensors state dict loads with `load_state_dict(strict=True)`.
 Notation: B rows (calls x CFG branches), T frames in a call of the decoder, L cache length,
 D width, Hq/Hkv heads, Dh head dim, A audio vocab, Q codebooks.
 
-Caches are static and preallocated (`setup_caches`), with a batch dimension and *per-row*
+Caches are static and preallocated (`new_caches`, owned by the runtime), with a batch dimension and *per-row*
 positions: writing is a scatter at each row's position and attention masks every slot past
 it, so rolling back a row is just reusing an earlier position, and a snapshot is a copy.
 RoPE is computed from the positions on the fly, so it is defined for any position.
@@ -21,6 +21,7 @@ compiled graph serve all 24 layers and all 31 stages.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -54,18 +55,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
-class KVCache(nn.Module):
-    """Static `[B, H, L, Dh]` key/value buffers written at per-row positions."""
+class KVCache(NamedTuple):
+    """Static `[B, H, L, Dh]` key/value buffers written at per-row positions. The model owns no
+    cache: the runtime that owns the per-call state passes them in, so one model serves several
+    batch layouts and a row range is just a view (`rows`)."""
 
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device):
-        super().__init__()
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, length: int, head_dim: int, dtype: torch.dtype, device) -> "KVCache":
         shape = (batch, heads, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
 
     @property
     def length(self) -> int:
         return self.k.shape[2]
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        return KVCache(self.k[start:stop], self.v[start:stop])
 
 
 def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -130,7 +138,19 @@ class DecoderAttention(nn.Module):
         self.o_proj = nn.Linear(hq * dh, cfg.n_embd, bias=False)
         self.q_norm = RMSNorm(dh, eps)
         self.k_norm = RMSNorm(dh, eps)
-        self.cache: KVCache | None = None
+
+
+class DecoderLayerWeights(NamedTuple):
+    """One decoder layer as plain tensors (a tuple, so one compiled graph serves every layer)."""
+
+    pre_norm: torch.Tensor
+    qkv: torch.Tensor  # q, k and v projections fused: [(Hq + 2 Hkv) Dh, D]
+    q_norm: torch.Tensor
+    k_norm: torch.Tensor
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    wi: torch.Tensor
+    wo: torch.Tensor
 
 
 class DecoderLayer(nn.Module):
@@ -141,13 +161,12 @@ class DecoderLayer(nn.Module):
         self.post_norm = RMSNorm(cfg.n_embd, eps)
         self.mlp = MLP(cfg.n_embd, cfg.n_hidden)
 
-    def weights(self) -> tuple:
-        """The layer as plain tensors for `decoder_layer`; q, k and v projections fused into one."""
+    def weights(self) -> DecoderLayerWeights:
         a = self.attn
         qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
-        return (self.pre_norm.weight.detach(), qkv, a.q_norm.weight.detach(), a.k_norm.weight.detach(),
-                a.o_proj.weight.detach(), self.post_norm.weight.detach(), self.mlp.wi.weight.detach(),
-                self.mlp.wo.weight.detach(), a.cache.k, a.cache.v)
+        return DecoderLayerWeights(self.pre_norm.weight.detach(), qkv, a.q_norm.weight.detach(),
+                                   a.k_norm.weight.detach(), a.o_proj.weight.detach(), self.post_norm.weight.detach(),
+                                   self.mlp.wi.weight.detach(), self.mlp.wo.weight.detach())
 
 
 @dataclass(frozen=True)
@@ -160,10 +179,11 @@ class DecoderShape:
     activations: tuple[str, str]
 
 
-def decoder_layer(x: torch.Tensor, weights: tuple, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                  mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
+def decoder_layer(x: torch.Tensor, weights: DecoderLayerWeights, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor,
+                  positions: torch.Tensor, mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
     """One pre-norm decoder layer over x [B, T, D] at positions [B, T], with the static cache."""
-    pre_w, qkv_w, qn_w, kn_w, o_w, post_w, wi_w, wo_w, cache_k, cache_v = weights
+    pre_w, qkv_w, qn_w, kn_w, o_w, post_w, wi_w, wo_w = weights
+    cache_k, cache_v = cache
     b, t, _ = x.shape
     hq, hkv, dh = shape.q_heads, shape.kv_heads, shape.head_dim
     qkv = F.linear(_rms(x, pre_w, shape.eps), qkv_w)
@@ -200,11 +220,10 @@ class Decoder(nn.Module):
         self.cb0_head = nn.Linear(dec.n_embd, d.audio_vocab_size, bias=False)
         self.shape = DecoderShape(dec.gqa_query_heads, dec.kv_heads, dec.gqa_head_dim, dec.n_hidden, eps,
                                   tuple(m.decoder_mlp_activations))
-        self.step_layer_fn = decoder_layer  # the runtime may swap in a compiled version for T = 1
-        self.layer_weights: list[tuple] = []
+        self.layer_weights: list[DecoderLayerWeights] = []
 
     def setup_tables(self) -> None:
-        """Plain-tensor views of the layers (and one stacked audio table), after caches exist."""
+        """Plain-tensor views of the layers (and one stacked audio table), after the weights are loaded."""
         self.layer_weights = [layer.weights() for layer in self.layers]
         self._audio_stack = torch.stack([t.weight.detach() for t in self.audio_embeds])  # [Q, A, D]
         self._codebook = torch.arange(len(self.audio_embeds), device=self._audio_stack.device)
@@ -214,15 +233,15 @@ class Decoder(nn.Module):
         h = self.text_embed(tokens[..., 0], tokens[..., 1])
         return h + self._audio_stack[self._codebook, tokens[..., 2:]].sum(dim=-2)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor):
-        """tokens [B, T, C], positions [B, T] → action [B, T, Va], cb0 [B, T, A] (fp32), hidden [B, T, D]."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Sequence[KVCache], layer_fn=decoder_layer):
+        """tokens [B, T, C], positions [B, T], one cache per layer with B rows → action [B, T, Va],
+        cb0 [B, T, A] (fp32), hidden [B, T, D]. `layer_fn` may be a compiled `decoder_layer`."""
         m = self.config.model
         h = self.embed(tokens)
         cos, sin = rope_cos_sin(positions, m.decoder.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, h.dtype)
-        mask = causal_mask(positions, self.layers[0].attn.cache.length)
-        layer_fn = self.step_layer_fn if tokens.shape[1] == 1 else decoder_layer  # prefill: eager, any length
-        for weights in self.layer_weights:
-            h = layer_fn(h, weights, cos, sin, positions, mask, self.shape)
+        mask = causal_mask(positions, caches[0].length)
+        for weights, cache in zip(self.layer_weights, caches):
+            h = layer_fn(h, weights, cache, cos, sin, positions, mask, self.shape)
         hn = self.norm(h)
         return self.action_head(hn).float(), self.cb0_head(hn).float(), hn
 
@@ -245,7 +264,6 @@ class DepformerAttention(nn.Module):
         self.out_proj = nn.ModuleDict({str(w): nn.Linear(inner, cfg.n_embd, bias=False) for w in weight_sets})
         self.q_norm = RMSNorm(cfg.gqa_head_dim, eps)
         self.k_norm = RMSNorm(cfg.gqa_head_dim, eps)
-        self.cache: KVCache | None = None
         self.qk_maps: torch.Tensor | None = None  # [S, 2, Dh, Dh], see setup_stage_tables
 
 
@@ -270,13 +288,25 @@ class StageShape:
     real_codes: int
 
 
+class StageLayerWeights(NamedTuple):
+    """One depformer layer as stage s sees it (its weight set's projections, its q/k map)."""
+
+    pre_norm: torch.Tensor
+    in_proj: torch.Tensor
+    qk_map: torch.Tensor
+    out_proj: torch.Tensor
+    post_norm: torch.Tensor
+    wi: torch.Tensor
+    wo: torch.Tensor
+
+
 @dataclass(frozen=True)
 class StageWeights:
     """Everything stage s reads, as plain tensors, so one function (and one compiled graph)
     serves all 31 stages: which weight set, embedding or cache slot is only a different argument."""
 
     embed: torch.Tensor  # [A, Dd] audio embedding of the previous codebook
-    layers: tuple  # per layer: (pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w, cache_k, cache_v)
+    layers: tuple[StageLayerWeights, ...]
     norm: torch.Tensor
     logits: torch.Tensor  # [A, Dd]
     mask: torch.Tensor  # [1, 1, 1, S] slots 0..s
@@ -284,14 +314,15 @@ class StageWeights:
 
 
 def depformer_stage(projected: torch.Tensor, embed: torch.Tensor, prev: torch.Tensor, layers: tuple,
-                    norm: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
+                    caches: tuple, norm: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
                     shape: StageShape) -> torch.Tensor:
-    """One depformer stage (arguments as in `StageWeights`): its projected input [R, Dd] plus the
-    embedding of the previous codebook's codes prev [R] → logits [R, 2048] fp32. Writes the
-    stage's keys/values into cache slot s; later slots hold the previous frame's and are masked."""
+    """One depformer stage (arguments as in `StageWeights`, plus one `[R, H, S, Dh]` cache per
+    layer): its projected input [R, Dd] plus the embedding of the previous codebook's codes
+    prev [R] → logits [R, 2048] fp32. Writes the stage's keys/values into cache slot s; later
+    slots hold the previous frame's and are masked."""
     x = (projected + F.embedding(prev, embed))[:, None]  # [R, 1, Dd]
     r, h, dh = x.shape[0], shape.heads, shape.head_dim
-    for pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w, cache_k, cache_v in layers:
+    for (pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w), (cache_k, cache_v) in zip(layers, caches):
         qkv = F.linear(_rms(x, pre_w, shape.eps), in_w).view(r, 3, h, dh)
         qk = _rms(qkv[:, :2], None, shape.eps)  # [R, 2, H, Dh]
         qk = torch.matmul(qk.transpose(0, 1).reshape(2, r * h, dh), qk_map).view(2, r, h, 1, dh)
@@ -359,7 +390,7 @@ class Depformer(nn.Module):
 
     def setup_stage_tables(self, device, dtype) -> None:
         """Per-stage weights, masks and q/k maps (norm weight x RoPE), made once after the weights
-        are loaded and the caches allocated, not per frame."""
+        are loaded, not per frame."""
         m = self.config.model
         dep = m.depformer
         stages = self.config.num_stages
@@ -382,9 +413,9 @@ class Depformer(nn.Module):
         for s in range(stages):
             w = self.schedule[s]
             layers = tuple(
-                (plain(l.pre_norm.weight), plain(l.self_attention.in_proj[w].weight), l.self_attention.qk_maps[s],
-                 plain(l.self_attention.out_proj[w].weight), plain(l.post_norm.weight), plain(l.mlp.wi.weight),
-                 plain(l.mlp.wo.weight), l.self_attention.cache.k, l.self_attention.cache.v)
+                StageLayerWeights(plain(l.pre_norm.weight), plain(l.self_attention.in_proj[w].weight),
+                                  l.self_attention.qk_maps[s], plain(l.self_attention.out_proj[w].weight),
+                                  plain(l.post_norm.weight), plain(l.mlp.wi.weight), plain(l.mlp.wo.weight))
                 for l in self.layers)
             self.stage_weights.append(StageWeights(
                 embed=plain(self.audio_embeds[s].weight), layers=layers, norm=plain(self.norm.weight),
@@ -399,18 +430,20 @@ class Dia2Model(nn.Module):
         self.transformer = Decoder(config)
         self.depformer = Depformer(config)
 
-    def setup_caches(self, batch: int, length: int, dtype: torch.dtype | None = None) -> None:
-        """Allocate static caches for `batch` rows and `length` decoder positions."""
+    def prepare_tables(self) -> None:
+        """Plain-tensor tables of the loaded weights for the frame functions (once, after loading)."""
+        p = next(self.parameters())
+        self.transformer.setup_tables()
+        self.depformer.setup_stage_tables(p.device, p.dtype)
+
+    def new_caches(self, rows: int, length: int, dtype: torch.dtype | None = None) -> tuple[list[KVCache], list[KVCache]]:
+        """Empty static caches for `rows` batch rows: (decoder, `length` positions per layer;
+        depformer, one slot per stage per layer)."""
         p = next(self.parameters())
         dtype = dtype or p.dtype
         dec, dep = self.config.model.decoder, self.config.model.depformer
-        for layer in self.transformer.layers:
-            layer.attn.cache = KVCache(batch, dec.kv_heads, length, dec.gqa_head_dim, dtype, p.device)
-        for layer in self.depformer.layers:
-            layer.self_attention.cache = KVCache(batch, dep.gqa_query_heads, self.config.num_stages,
-                                                 dep.gqa_head_dim, dtype, p.device)
-        self.transformer.setup_tables()
-        self.depformer.setup_stage_tables(p.device, dtype)
-
-    def decoder_caches(self) -> list[KVCache]:
-        return [layer.attn.cache for layer in self.transformer.layers]
+        decoder = [KVCache.empty(rows, dec.kv_heads, length, dec.gqa_head_dim, dtype, p.device)
+                   for _ in self.transformer.layers]
+        depformer = [KVCache.empty(rows, dep.gqa_query_heads, self.config.num_stages, dep.gqa_head_dim, dtype, p.device)
+                     for _ in self.depformer.layers]
+        return decoder, depformer

@@ -1,15 +1,26 @@
-"""The per-frame step over static buffers: decoder, CFG, sampling, 31 depformer stages, the
-delayed-buffer write and the next step's inputs, all on the device.
+"""The per-frame step over static buffers, for many calls at once: decoder, CFG, sampling, 31
+depformer stages, the delayed-buffer write and the next step's inputs, all on the device.
 
 The text state machine lives on the host, but the step needs its answer mid-frame (the new text
 tokens condition depformer stage 0). Instead of a round trip, the host previews both possible
 answers (action = pad, action = new_word) before the frame and the device picks one after
 sampling the action. The whole frame is therefore one function over persistent tensors — one
 CUDA graph on GPU, the same code eager on CPU — and the only device-to-host copy per frame is
-the sampled action, read after the frame to advance the state machine.
+the sampled actions, read after the frame to advance the state machines.
 
-Rows of the model batch are laid out `[branch, call]`: rows `0..N-1` are the conditional rows of
-the N calls, rows `N..2N-1` (when CFG is on) their unconditional twins.
+`FrameStepper` owns every piece of per-call device state for `n_calls` *slots* (caches, inputs,
+positions, delayed buffers, sampling parameters, an active mask), the way moshi keeps batched
+streaming state with per-row reset: a slot is reset, snapshotted, restored and prefilled on its
+own rows, and `step(active=...)` advances only the active slots. Rows of the model batch are
+laid out `[slot, branch]` (row `slot * branches + branch`; branch 1 is the unconditional CFG
+twin), so the first `b` slots are one contiguous view: a step runs over the smallest captured
+batch size that covers the highest active slot, and inactive slots inside it are computed but
+never advance (their cache write lands past their position, where their next real step writes
+again).
+
+Two lanes per batch size: the full frame, and a decoder-only frame for steps whose depformer
+codes no output reads (DIA2_SPEC.md §5: before a codebook's delay has passed, or where a prefix
+teacher-forces the codes). Both write the same tokens.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import Dia2Config
-from .model import Dia2Model, StageShape, decoder_layer, depformer_stage
+from .model import Dia2Model, KVCache, StageShape, decoder_layer, depformer_stage
 from .sampling import draw, draw_noise, guided_candidates, gumbel_noise, top_candidates
 
 UNGENERATED = -2  # delayed-buffer cell not written yet
@@ -41,40 +52,53 @@ class SamplingParams:
 
 @dataclass
 class StepperSnapshot:
-    """Copies of one stepper's device state, restorable with `FrameStepper.restore`."""
+    """Copies of one slot's device state (row-sized), restorable into any slot of a stepper with the
+    same CFG mode and context size (`FrameStepper.restore`)."""
 
-    positions: torch.Tensor
-    tokens: torch.Tensor
-    buffer: torch.Tensor
-    prefix_frames: torch.Tensor
-    caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    length: int = 0  # cache slots that hold data (0..length-1); only those are copied
+    positions: torch.Tensor  # [1]
+    tokens: torch.Tensor  # [branches, C]
+    buffer: torch.Tensor  # [1, Q, max_positions + 2]
+    prefix_frames: torch.Tensor  # [1]
+    caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [branches, H, length, Dh]
+    length: int = 0  # cache positions that hold data (0..length-1); only those are copied
 
 
 def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_scale: torch.Tensor, *,
-         n: int, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
-    """Rows [R, V] → one id per call [N]: CFG candidates (two branches) or plain top-k, then a draw."""
+         branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
+    """Rows [N * branches, V] → one id per call [N]: CFG candidates (two branches) or plain top-k, then a draw."""
     if branches == 1:
         values, ids = top_candidates(logits, max_top_k)
     else:
-        values, ids = guided_candidates(logits[:n], logits[n:], cfg_scale, filter_k)
+        pair = logits.view(-1, 2, logits.shape[-1])  # [N, (cond, uncond), V]
+        values, ids = guided_candidates(pair[:, 0], pair[:, 1], cfg_scale, filter_k)
     return draw(values, ids, inv_temp, noise)
 
 
-def stage_and_pick(projected, embed, prev, layers, norm, logits_w, mask, slot, inv_temp, noise, forced, known,
-                   cfg_scale, *, shape: StageShape, n: int, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
+def stage_and_pick(projected, embed, prev, layers, caches, norm, logits_w, mask, slot, inv_temp, noise, forced, known,
+                   cfg_scale, *, shape: StageShape, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
     """A depformer stage and its draw (teacher-forced where the prefix is known): codes [N];
     prev [N] are the previous codebook's codes, shared by both CFG branches."""
-    logits = depformer_stage(projected, embed, prev.repeat(branches), layers, norm, logits_w, mask, slot, shape)
-    code = pick(logits, inv_temp, noise, cfg_scale, n=n, branches=branches, filter_k=filter_k, max_top_k=max_top_k)
+    logits = depformer_stage(projected, embed, prev.repeat_interleave(branches), layers, caches, norm, logits_w, mask,
+                             slot, shape)
+    code = pick(logits, inv_temp, noise, cfg_scale, branches=branches, filter_k=filter_k, max_top_k=max_top_k)
     return torch.where(forced, known, code)
 
 
+def default_batch_sizes(n_calls: int) -> tuple[int, ...]:
+    """Powers of two below `n_calls`, and `n_calls`: a step pads to the next one up."""
+    sizes, b = [], 1
+    while b < n_calls:
+        sizes.append(b)
+        b *= 2
+    return tuple(sizes + [n_calls])
+
+
 class FrameStepper:
-    """Runs frame steps for `n_calls` independent calls sharing one model.
+    """Runs frame steps for up to `n_calls` independent calls (slots) sharing one model.
 
     `cfg` fixes whether an unconditional branch is run (two rows per call); the CFG scale itself
-    is per call. `max_positions` bounds the decoder cache and the delayed buffer.
+    is per call. `max_positions` bounds the decoder cache and the delayed buffer. `batch_sizes`
+    are the padded batch sizes a step may run at (each captured once as CUDA graphs on GPU).
     """
 
     # Buffers must be normal tensors even when the stepper is built inside inference mode (as
@@ -82,7 +106,7 @@ class FrameStepper:
     @torch.inference_mode(False)
     def __init__(self, model: Dia2Model, *, n_calls: int = 1, cfg: bool = True, max_positions: int | None = None,
                  max_top_k: int = 256, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, bos_token_id: int = 1, batch_sizes: tuple[int, ...] | None = None):
         config: Dia2Config = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
@@ -91,9 +115,17 @@ class FrameStepper:
         self.rows = self.n * self.branches
         self.max_positions = max_positions or config.runtime.max_context_steps
         self.max_top_k, self.cfg_filter_k = max_top_k, cfg_filter_k
+        self.bos_token_id = int(bos_token_id)
+        self.batch_sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(n_calls))))
+        if self.batch_sizes[-1] > n_calls or self.batch_sizes[0] < 1:
+            raise ValueError(f"batch sizes {self.batch_sizes} must lie in 1..{n_calls}")
         d = config.data
         self.num_codebooks, self.max_delay = d.num_codebooks, d.max_delay
-        model.setup_caches(self.rows, self.max_positions + 1)
+        # the depformer's codes are read once a codebook other than 0 has started
+        self.first_stage_delay = min(d.delay_pattern[1:], default=d.max_delay)
+        if not model.transformer.layer_weights:
+            model.prepare_tables()
+        self.decoder_caches, self.depformer_caches = model.new_caches(self.rows, self.max_positions + 1)
         if self.device.type == "cpu":
             # random weights drive softmax tails into denormals, which make CPU matmuls ~10x slower
             torch.set_flush_denormal(True)
@@ -104,8 +136,9 @@ class FrameStepper:
         self.tokens = torch.zeros(self.rows, d.channels, **long)  # inputs of the current step
         self.positions = torch.zeros(self.n, **long)
         self.buffer = torch.full((self.n, self.num_codebooks, self.max_positions + 2), UNGENERATED, **long)
-        self.prefix_frames = torch.zeros(self.n, **long)  # aligned frames teacher-forced from a voice prefix
+        self.prefix_frames = torch.zeros(self.n, **long)  # aligned frames teacher-forced (voice prefix, rollback)
         self.text_choices = torch.zeros(self.n, 2, 2, **long)  # [call, action is new_word, (main, second)]
+        self.active = torch.zeros(self.n, device=dev, dtype=torch.bool)
         self.seeds = torch.zeros(self.n, **long)
         f32 = dict(device=dev, dtype=torch.float32)
         # per draw stream: column 0 the action (text sampling), columns 1..Q the codebooks (audio)
@@ -118,29 +151,35 @@ class FrameStepper:
         self.codes = torch.zeros(self.n, self.num_codebooks, **long)
         self.ready_codes = torch.zeros(self.n, self.num_codebooks, **long)  # aligned frame pos+1-max_delay
 
-        self._host_choices = torch.zeros(self.n, 2, 2, dtype=torch.long, pin_memory=dev.type == "cuda")
-        self._host_action = torch.zeros(self.n, dtype=torch.long, pin_memory=dev.type == "cuda")
+        pinned = dev.type == "cuda"
+        self._host_choices = torch.zeros(self.n, 2, 2, dtype=torch.long, pin_memory=pinned)
+        self._host_active = torch.zeros(self.n, dtype=torch.bool, pin_memory=pinned)
+        self._host_action = torch.zeros(self.n, dtype=torch.long, pin_memory=pinned)
         self._uncond_text = torch.tensor([d.text_zero_token_id, d.text_pad_token_id], **long)
         self.host_positions = [0] * self.n
-        self._graph = None
-        statics = dict(n=self.n, branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
+        self.host_prefix_frames = [0] * self.n
+        self.last_batch, self.last_full = 0, True  # what the last step ran (for metrics and tests)
+
+        statics = dict(branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
         self._pick = functools.partial(pick, **statics)
         self._stage_fn = functools.partial(stage_and_pick, shape=model.depformer.shape, **statics)
+        self._layer_fn = decoder_layer
         if compile:
-            # One compiled graph serves all 31 stages (their weights are arguments), fusing the
-            # elementwise work between matmuls; compiled once, at capture time, never per request.
-            self._stage_fn = torch.compile(self._stage_fn, dynamic=False)
-            model.transformer.step_layer_fn = torch.compile(decoder_layer, dynamic=False)
-        else:
-            model.transformer.step_layer_fn = decoder_layer
-        self._frame_fn = self._frame
+            # One compiled graph serves all 31 stages and all layers (their weights are arguments),
+            # fusing the elementwise work between matmuls; compiled at capture time, never per request.
+            # Each batch size is another shape: let dynamo mark the batch dimension dynamic.
+            from torch import _dynamo
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            self._stage_fn = torch.compile(self._stage_fn)
+            self._layer_fn = torch.compile(decoder_layer)
         for call in range(self.n):
             self.set_sampling(call, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
             self.reset_call(call)
+        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         if use_cuda_graph is None:
             use_cuda_graph = dev.type == "cuda"
         if use_cuda_graph:
-            self._capture()
+            self._capture_all()
 
     # -- host API --------------------------------------------------------------------------------
 
@@ -157,34 +196,69 @@ class FrameStepper:
         self.seeds[call] = params.seed
 
     def reset_call(self, call: int, position: int = 0) -> None:
-        """Start a call afresh at `position` (its cache past that position is ignored)."""
+        """Start a call afresh at `position` (its cache past that position is ignored): the step-0
+        inputs of DIA2_SPEC.md §5."""
         d = self.config.data
         self.positions[call] = position
         self.host_positions[call] = position
         self.buffer[call].fill_(UNGENERATED)
         self.prefix_frames[call] = 0
-        for branch in range(self.branches):
-            row = branch * self.n + call
-            self.tokens[row, 0] = d.text_pad_token_id if branch == 0 else d.text_zero_token_id
-            self.tokens[row, 1] = d.text_pad_token_id
-            self.tokens[row, 2:] = d.audio_bos
+        self.host_prefix_frames[call] = 0
+        rows = self.tokens[self._rows(call)]
+        rows[0, 0] = self.bos_token_id
+        rows[0, 1] = d.text_pad_token_id
+        if self.branches == 2:
+            rows[1, 0] = d.text_zero_token_id
+            rows[1, 1] = d.text_pad_token_id
+        rows[:, 2:] = d.audio_bos
 
-    def step(self, choices: list[tuple[tuple[int, int], tuple[int, int]]]) -> list[int]:
-        """Run one frame for every call. `choices[call]` = ((main, second) if the sampled action is
-        pad, (main, second) if it is new_word). Returns the sampled actions (0 pad / 1 new_word)."""
-        for call, (on_pad, on_new_word) in enumerate(choices):
-            self._host_choices[call, 0, 0], self._host_choices[call, 0, 1] = on_pad
-            self._host_choices[call, 1, 0], self._host_choices[call, 1, 1] = on_new_word
+    def needs_depformer(self, call: int) -> bool:
+        """Whether the next step of `call` samples codes that some output reads (else the
+        decoder-only lane gives the same tokens)."""
+        write_pos = self.host_positions[call] + 1
+        return write_pos >= self.first_stage_delay + self.host_prefix_frames[call]
+
+    def batch_size_for(self, slots: int) -> int:
+        """The padded batch size a step over slots 0..slots-1 runs at."""
+        for b in self.batch_sizes:
+            if b >= slots:
+                return b
+        raise ValueError(f"slot {slots - 1} lies past the largest batch size {self.batch_sizes[-1]}: "
+                         "it can be prefilled and snapshotted, not stepped")
+
+    def step(self, choices, active=None) -> list[int]:
+        """Run one frame for every active call. `choices[call]` = ((main, second) if the sampled
+        action is pad, (main, second) if it is new_word); entries of inactive calls are ignored.
+        `active` (default: all) lists which calls advance. Returns the sampled actions (0 pad,
+        1 new_word; 0 for inactive calls)."""
+        active = [True] * self.n if active is None else list(active)
+        live = [call for call, on in enumerate(active) if on]
+        if not live:
+            return [0] * self.n
+        b = self.batch_size_for(live[-1] + 1)
+        full = any(self.needs_depformer(call) for call in live)
+        self._host_active.zero_()
+        for call in live:
+            (pad_main, pad_second), (new_main, new_second) = choices[call]
+            self._host_choices[call, 0, 0], self._host_choices[call, 0, 1] = pad_main, pad_second
+            self._host_choices[call, 1, 0], self._host_choices[call, 1, 1] = new_main, new_second
+            self._host_active[call] = True
         self.text_choices.copy_(self._host_choices, non_blocking=True)
-        if self._graph is not None:
-            self._graph.replay()
+        self.active.copy_(self._host_active, non_blocking=True)
+        graph = self._graphs.get((b, full))
+        if graph is not None:
+            graph.replay()
         else:
             with torch.inference_mode():
-                self._frame_fn()
+                self._frame(b, full)
         self._host_action.copy_(self.action)  # the one device-to-host copy (synchronises)
-        for call in range(self.n):
+        self.last_batch, self.last_full = b, full
+        actions = self._host_action.tolist()
+        out = [0] * self.n
+        for call in live:
             self.host_positions[call] += 1
-        return [int(a == NEW_WORD_ACTION) for a in self._host_action.tolist()]
+            out[call] = int(actions[call] == NEW_WORD_ACTION)
+        return out
 
     def ready_frame_index(self, call: int) -> int:
         """Aligned frame index whose codes are in `ready_codes[call]` after the last step."""
@@ -194,36 +268,40 @@ class FrameStepper:
         """Delayed buffer columns [start, stop) of a call: `[Q, stop-start]`."""
         return self.buffer[call, :, start:stop]
 
-    # -- snapshots -------------------------------------------------------------------------------
+    # -- snapshots (one slot, row-sized copies) ----------------------------------------------------
 
-    def snapshot(self) -> StepperSnapshot:
-        length = max(self.host_positions) + 1
-        caches = [(c.k[:, :, :length].clone(), c.v[:, :, :length].clone()) for c in self.model.decoder_caches()]
-        return StepperSnapshot(self.positions.clone(), self.tokens.clone(), self.buffer.clone(),
-                               self.prefix_frames.clone(), caches, length)
+    def snapshot(self, call: int = 0) -> StepperSnapshot:
+        length = self.host_positions[call] + 1
+        rows = self._rows(call)
+        caches = [(c.k[rows, :, :length].clone(), c.v[rows, :, :length].clone()) for c in self.decoder_caches]
+        return StepperSnapshot(self.positions[call:call + 1].clone(), self.tokens[rows].clone(),
+                               self.buffer[call:call + 1].clone(), self.prefix_frames[call:call + 1].clone(),
+                               caches, length)
 
-    def restore(self, snap: StepperSnapshot) -> None:
-        self.positions.copy_(snap.positions)
-        self.tokens.copy_(snap.tokens)
-        self.buffer.copy_(snap.buffer)
-        self.prefix_frames.copy_(snap.prefix_frames)
-        for cache, (k, v) in zip(self.model.decoder_caches(), snap.caches):
-            cache.k[:, :, : snap.length].copy_(k)
-            cache.v[:, :, : snap.length].copy_(v)
-        self.host_positions = snap.positions.tolist()
+    def restore(self, snap: StepperSnapshot, call: int = 0) -> None:
+        rows = self._rows(call)
+        self.positions[call:call + 1].copy_(snap.positions)
+        self.tokens[rows] = snap.tokens.to(self.device)
+        self.buffer[call:call + 1].copy_(snap.buffer)
+        self.prefix_frames[call:call + 1].copy_(snap.prefix_frames)
+        for cache, (k, v) in zip(self.decoder_caches, snap.caches):
+            cache.k[rows, :, : snap.length].copy_(k)
+            cache.v[rows, :, : snap.length].copy_(v)
+        self.host_positions[call] = int(snap.positions[0])
+        self.host_prefix_frames[call] = int(snap.prefix_frames[0])
 
     # -- prefill (voice prefix) ------------------------------------------------------------------
 
     @torch.inference_mode()
     def prefill(self, call: int, delayed: torch.Tensor, text: torch.Tensor, frames: int, chunk: int = 256) -> None:
-        """Run the decoder over `frames` known steps in parallel, filling the cache, no sampling.
+        """Run the decoder over `frames` known steps of one call in parallel, filling its cache
+        rows, no sampling; the other calls' rows are not touched.
 
         delayed `[Q, frames + max_delay]`: the delayed grid of the prefix codes, bos in the cells
         before each codebook starts; text `[frames + 1, 2]`: the text tokens of steps 0..frames.
         Afterwards the call stands at position `frames`, and the prefix codes that the delay
         reaches past that position are teacher-forced instead of sampled.
         """
-        assert self.n == 1, "prefill of one call among several is not supported yet"
         d = self.config.data
         delayed, text = delayed.to(self.device), text.to(self.device)
         tokens = torch.empty(self.branches, frames + 1, d.channels, dtype=torch.long, device=self.device)
@@ -232,76 +310,104 @@ class FrameStepper:
         if self.branches == 2:
             tokens[1, :, 0] = d.text_zero_token_id
             tokens[1, :, 1] = d.text_pad_token_id
+        rows = self._rows(call)
+        caches = [cache.rows(rows.start, rows.stop) for cache in self.decoder_caches]
         for start in range(0, frames, chunk):
             stop = min(frames, start + chunk)
             pos = torch.arange(start, stop, device=self.device)[None].expand(self.branches, -1)
-            self.model.transformer(tokens[:, start:stop], pos)
-        self.tokens.view(self.branches, self.n, -1)[:, call] = tokens[:, frames]
+            self.model.transformer(tokens[:, start:stop], pos, caches)
+        self.tokens[rows] = tokens[:, frames]
         self.buffer[call].fill_(UNGENERATED)
         self.buffer[call, :, : delayed.shape[1]] = delayed
         self.prefix_frames[call] = frames
         self.positions[call] = frames
         self.host_positions[call] = frames
+        self.host_prefix_frames[call] = frames
 
     # -- the frame, on the device ----------------------------------------------------------------
 
-    def _frame(self) -> None:
-        n, br, q = self.n, self.branches, self.num_codebooks
+    def _rows(self, call: int) -> slice:
+        return slice(call * self.branches, (call + 1) * self.branches)
+
+    def _frame(self, b: int, full: bool) -> None:
+        """One frame for slots 0..b-1 (`full=False`: the decoder-only lane)."""
+        br, q = self.branches, self.num_codebooks
+        rows = b * br
         d = self.config.data
-        dep = self.model.depformer
-        pos = self.positions  # [N]
-        action_logits, cb0_logits, hidden = self.model.transformer(self.tokens[:, None], pos.repeat(br)[:, None])
-        noise, inv_temp = draw_noise(gumbel_noise(self.seeds, pos, q + 1, self.max_top_k),
-                                     self.stream_temperature, self.stream_top_k)  # [N, 1 + Q, K], [N, 1 + Q]
-        action = self._pick(action_logits[:, 0], inv_temp[:, 0], noise[:, 0], self.cfg_scale)
-        text = self.text_choices[torch.arange(n, device=self.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
+        pos, active = self.positions[:b], self.active[:b]
+        tokens, buffer = self.tokens[:rows], self.buffer[:b]
+        caches = [cache.rows(0, rows) for cache in self.decoder_caches]
+        action_logits, cb0_logits, hidden = self.model.transformer(
+            tokens[:, None], pos.repeat_interleave(br)[:, None], caches, layer_fn=self._layer_fn)
+        noise, inv_temp = draw_noise(gumbel_noise(self.seeds[:b], pos, q + 1, self.max_top_k),
+                                     self.stream_temperature[:b], self.stream_top_k[:b])  # [N, 1 + Q, K], [N, 1 + Q]
+        cfg_scale = self.cfg_scale[:b]
+        action = self._pick(action_logits[:, 0], inv_temp[:, 0], noise[:, 0], cfg_scale)
+        text = self.text_choices[:b][torch.arange(b, device=self.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
 
         write_pos = pos + 1  # step t fills delayed column t+1
-        known = self.buffer.gather(2, write_pos[:, None, None].expand(n, q, 1))[:, :, 0]  # [N, Q]
+        write_index = write_pos[:, None, None].expand(b, q, 1)
+        known = buffer.gather(2, write_index)[:, :, 0]  # [N, Q]
         aligned_index = write_pos[:, None] - self.delays[None, :]  # [N, Q]
-        forced = (aligned_index >= 0) & (aligned_index < self.prefix_frames[:, None])  # teacher forcing
+        forced = (aligned_index >= 0) & (aligned_index < self.prefix_frames[:b, None])  # teacher forcing
 
         cb0 = cb0_logits[:, 0]
         cb0[:, d.audio_pad] = torch.finfo(cb0.dtype).min
         cb0[:, d.audio_bos] = torch.finfo(cb0.dtype).min
-        code = self._pick(cb0, inv_temp[:, 1], noise[:, 1], self.cfg_scale)
+        code = self._pick(cb0, inv_temp[:, 1], noise[:, 1], cfg_scale)
         code = torch.where(forced[:, 0], known[:, 0], code)
-        codes = [code]
-        dep_text = torch.cat([text, self._uncond_text.expand(n, 2)]) if br == 2 else text
-        projected = dep.first_stage_text(dep.project_inputs(hidden), dep_text)  # [S, R, Dd]
-        for s, w in enumerate(dep.stage_weights):
-            code = self._stage_fn(projected[s], w.embed, code, w.layers, w.norm, w.logits, w.mask, w.slot,
-                                  inv_temp[:, 2 + s], noise[:, 2 + s], forced[:, s + 1], known[:, s + 1],
-                                  self.cfg_scale)
-            codes.append(code)
-        codes_t = torch.stack(codes, dim=1)  # [N, Q]
+        if full:
+            codes_t = self._depformer_codes(b, hidden, text, code, inv_temp, noise, forced, known, cfg_scale)
+        else:
+            codes_t = torch.cat([code[:, None], known[:, 1:]], dim=1)  # stages skipped: their cells keep what they hold
 
-        self.buffer.scatter_(2, write_pos[:, None, None].expand(n, q, 1), codes_t[:, :, None])
-        next_audio = torch.where(self.delays[None, :] > write_pos[:, None], d.audio_bos, codes_t)
-        self.tokens[:n, :2] = text
-        self.tokens[:, 2:] = next_audio.repeat(br, 1)
+        # Cells before a codebook's first aligned frame are never read: both lanes leave them as they are.
+        written = torch.where((aligned_index >= 0) & active[:, None], codes_t, known)
+        buffer.scatter_(2, write_index, written[:, :, None])
+        next_audio = torch.where(self.delays[None, :] > write_pos[:, None], d.audio_bos, codes_t)  # [N, Q]
+        per_call = tokens.view(b, br, -1)
+        per_call[:, 0, :2] = torch.where(active[:, None], text, per_call[:, 0, :2])
+        per_call[:, :, 2:] = torch.where(active[:, None], next_audio, per_call[:, 0, 2:])[:, None, :]
         ready = (write_pos - self.max_delay)[:, None] + self.delays[None, :]  # [N, Q] delayed columns
-        self.ready_codes.copy_(self.buffer.gather(2, ready.clamp(min=0)[:, :, None])[:, :, 0])
-        self.action.copy_(action)
-        self.text_out.copy_(text)
-        self.codes.copy_(codes_t)
-        self.positions.add_(1)
+        self.ready_codes[:b].copy_(buffer.gather(2, ready.clamp(min=0)[:, :, None])[:, :, 0])
+        self.action[:b].copy_(action)
+        self.text_out[:b].copy_(text)
+        self.codes[:b].copy_(codes_t)
+        self.positions[:b].add_(active.long())
 
-    def _capture(self) -> None:
-        """Capture `_frame` as one CUDA graph. Warm-up steps run first (on a side stream, as
-        capture requires); the state they touch is put back afterwards."""
-        saved = (self.positions.clone(), self.tokens.clone(), self.buffer.clone())
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(3):
-                self._frame_fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
-            self._frame_fn()
-        self._graph = graph
-        self.positions.copy_(saved[0])
-        self.tokens.copy_(saved[1])
-        self.buffer.copy_(saved[2])
+    def _depformer_codes(self, b, hidden, text, code, inv_temp, noise, forced, known, cfg_scale) -> torch.Tensor:
+        """Codebooks 1..Q-1, stage after stage, after codebook 0's `code`: all codes [N, Q]."""
+        dep = self.model.depformer
+        rows = b * self.branches
+        caches = tuple(cache.rows(0, rows) for cache in self.depformer_caches)
+        if self.branches == 2:
+            dep_text = torch.stack([text, self._uncond_text.expand(b, 2)], dim=1).reshape(rows, 2)
+        else:
+            dep_text = text
+        projected = dep.first_stage_text(dep.project_inputs(hidden), dep_text)  # [S, R, Dd]
+        codes = [code]
+        for s, w in enumerate(dep.stage_weights):
+            code = self._stage_fn(projected[s], w.embed, code, w.layers, caches, w.norm, w.logits, w.mask, w.slot,
+                                  inv_temp[:, 2 + s], noise[:, 2 + s], forced[:, s + 1], known[:, s + 1], cfg_scale)
+            codes.append(code)
+        return torch.stack(codes, dim=1)
+
+    def _capture_all(self) -> None:
+        """Capture `_frame` as CUDA graphs, one per (batch size, lane), sharing one memory pool.
+        Warm-up steps run first (on a side stream, as capture requires) with no slot active, so
+        positions, buffers and inputs stay as they are."""
+        self.active.zero_()
+        pool = torch.cuda.graph_pool_handle()
+        for b in self.batch_sizes:
+            for full in (True, False):
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream), torch.inference_mode():
+                    for _ in range(3):
+                        self._frame(b, full)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                    self._frame(b, full)
+                self._graphs[(b, full)] = graph
         torch.cuda.synchronize()

@@ -1,0 +1,412 @@
+"""One call: a connection's conversation, driven frame by frame by the engine.
+
+A `Call` holds everything per conversation that lives on the host: the phase machine (none,
+generating, holding, paused, idle), the turn being spoken and its words, the text state machine,
+the sampling defaults, the current voice, pacing against real time, and the epoch that silences
+stale audio. It has no thread and no model. Its device state is one slot of the engine's
+`FrameStepper` and one row of the engine's Mimi stream; the engine calls its command handlers and
+its per-frame hooks (`preview`, `advance`, `deliver`, `check_end`) on the generation thread.
+
+Speech onset: a turn's first sent frame is the frame where its first word starts, less
+`lead_in_frames`. Frames before it (initial padding, the previous turn's silent tail) are decoded,
+so the codec stays continuous, but never sent: a client that plays what it receives hears the
+first word `lead_in_frames` frames after the first byte.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+
+from vendor_dia2.config import FRAME_RATE
+from vendor_dia2.runtime import SamplingParams
+from vendor_dia2.script import ScriptError, parse_script
+
+from . import protocol as p
+from .protocol import ErrorCode
+from .voice import restore_voice
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+log = logging.getLogger(__name__)
+
+FRAME_SECONDS = 1.0 / FRAME_RATE
+
+
+@dataclass(frozen=True)
+class AudioFrame:
+    pcm: np.ndarray  # float32 [1920] in [-1, 1]
+    epoch: int
+    index: int  # frame index within the utterance
+
+
+Item = object  # an event dataclass from `protocol`, or an AudioFrame
+Sink = Callable[[Item], None]
+
+
+class Phase(Enum):
+    NONE = "none"  # nothing started since connect/reset
+    GENERATING = "generating"
+    HOLDING = "holding"  # words ran out, more text of the turn is expected
+    PAUSED = "paused"
+    IDLE = "idle"  # utterance done, warm
+
+
+@dataclass
+class Turn:
+    """Bookkeeping of the utterance being spoken."""
+
+    id: p.ClientId | None
+    start_position: int
+    first_frame: int  # first aligned frame index this turn may decode
+    started_at: float
+    next_frame: int  # next aligned frame index to decode
+    words_before: int  # transcript entries that belong to earlier turns
+    send_from: int | None = None  # first aligned frame sent (first word less the lead-in), once known
+    first_word_frame: int | None = None  # aligned frame of the turn's first word
+    frames_sent: int = 0
+    first_audio_at: float | None = None
+    word_ids: deque = field(default_factory=deque)  # [count, id] per text command, in order
+    words_emitted: int = 0
+    pace_origin: float = 0.0  # wall time that frame `pace_frames` of playback corresponds to
+    pace_frames: int = 0
+
+
+class Call:
+    """One conversation on one slot of an engine (see module docstring)."""
+
+    def __init__(self, engine: "Engine", slot: int, sink: Sink):
+        self.engine, self.slot, self.sink = engine, slot, sink
+        self.machine = engine.tts.new_state_machine()
+        self.defaults = SamplingParams(cfg_scale=engine.config.cfg_scale, seed=engine.config.seed)
+        self.current_voice: str | None = engine.default_voice
+        self.phase = Phase.NONE
+        self.turn: Turn | None = None
+        self.last_turn: Turn | None = None
+        # Raised by barrier commands (pause, reset) when they are submitted, on the event loop; the
+        # sender drops frames stamped with an older epoch.
+        self.epoch = 0
+        self.out_epoch = 0  # stamped on frames by the generation thread
+        self.frames_acked = 0  # frames the sender has taken off its queue (set by the server)
+        self.frames_emitted = 0
+        self.attached = False  # set on the generation thread once the slot is reset for this call
+        self._resume_phase = Phase.GENERATING
+        self._floor_frame = 0  # aligned frames before this belong to the voice prefix (never decoded)
+        self._received_at = 0.0
+
+    # -- state shared with the engine ----------------------------------------------------------
+
+    @property
+    def position(self) -> int:
+        return self.engine.stepper.host_positions[self.slot]
+
+    @property
+    def generating(self) -> bool:
+        return self.phase is Phase.GENERATING and self.attached
+
+    def lead_seconds(self) -> float:
+        """How far the audio sent so far runs ahead of a client playing it in real time."""
+        turn = self.turn
+        if turn is None or turn.first_audio_at is None:
+            return 0.0
+        played = time.monotonic() - turn.pace_origin
+        return (turn.frames_sent - turn.pace_frames) * FRAME_SECONDS - played
+
+    @property
+    def awaiting_first_audio(self) -> bool:
+        return self.turn is not None and self.turn.first_audio_at is None
+
+    @property
+    def unsent_frames(self) -> int:
+        return self.frames_emitted - self.frames_acked
+
+    # -- lifecycle (generation thread) -----------------------------------------------------------
+
+    def attach(self) -> None:
+        self.voice_reset()
+        self.attached = True
+
+    def detach(self) -> None:
+        self.attached = False
+        self.phase = Phase.NONE
+        self.clean_reset()
+
+    # -- commands (generation thread) ------------------------------------------------------------
+
+    def handle(self, cmd: object, received_at: float, epoch: int) -> None:
+        self.out_epoch = max(self.out_epoch, epoch)
+        self._received_at = received_at
+        handler = {p.Start: self._on_start, p.Inject: self._on_inject, p.Flush: self._on_flush,
+                   p.Pause: self._on_pause, p.Resume: self._on_resume, p.Reset: self._on_reset,
+                   p.ListVoices: self._on_list_voices}.get(type(cmd))
+        if handler is None:
+            raise TypeError(f"a call cannot handle {type(cmd).__name__}")
+        try:
+            handler(cmd)
+        except p.ProtocolError as err:
+            self.emit(err.to_event())
+
+    def _on_start(self, cmd: p.Start) -> None:
+        if self.phase in (Phase.GENERATING, Phase.HOLDING):
+            raise p.ProtocolError(ErrorCode.BUSY, "an utterance is being generated; send pause or reset first",
+                                  cmd="start", id=cmd.id)
+        self._check_voice(cmd)
+        params = self._sampling(cmd)
+        entries = self._parse(cmd.text, cmd, leading_speaker="[S1]")
+        if cmd.voice is not None:
+            self.current_voice = cmd.voice
+        self.voice_reset()
+        self.engine.stepper.set_sampling(self.slot, params)
+        self._begin_turn(cmd.id)
+        self._push(entries, cmd.final, cmd.id)
+
+    def _on_inject(self, cmd: p.Inject) -> None:
+        if self.phase is Phase.NONE:
+            raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to continue: send start first", cmd="inject",
+                                  id=cmd.id)
+        entries = self._parse(cmd.text, cmd, leading_speaker=None)
+        if self.phase is Phase.IDLE:
+            self._begin_turn(cmd.id)  # the next turn, from the warm state
+        elif self.phase is Phase.PAUSED:
+            self.phase = self._resume_phase
+            self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
+            self._restart_pacing()
+        if cmd.id is not None:
+            self.turn.id = cmd.id
+        self._push(entries, cmd.final, cmd.id)
+
+    def _on_flush(self, cmd: p.Flush) -> None:
+        if self.phase is Phase.NONE:
+            raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to flush: send start first", cmd="flush", id=cmd.id)
+        self.machine.finish()
+        if self.phase is Phase.HOLDING:
+            self._leave_hold()  # speak the tail, then done
+        elif self.phase is Phase.PAUSED and self._resume_phase is Phase.HOLDING:
+            self._resume_phase = Phase.GENERATING  # else resume would hold forever, with no done
+
+    def _on_pause(self, cmd: p.Pause) -> None:
+        turn = self.turn or self.last_turn
+        if self.phase in (Phase.GENERATING, Phase.HOLDING):
+            self._resume_phase = self.phase
+            self.phase = Phase.PAUSED
+        frames = turn.frames_sent if turn else 0
+        self.emit(p.Paused(id=cmd.id if cmd.id is not None else (turn.id if turn else None), frames_sent=frames,
+                           position=self.position, audio_s=round(frames * FRAME_SECONDS, 3)))
+
+    def _on_resume(self, cmd: p.Resume) -> None:
+        if self.phase is Phase.NONE:
+            raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to resume: send start first", cmd="resume", id=cmd.id)
+        if self.phase is not Phase.PAUSED:
+            raise p.ProtocolError(ErrorCode.NOT_PAUSED, f"nothing is paused (the call is {self.phase.value})",
+                                  cmd="resume", id=cmd.id)
+        self.phase = self._resume_phase
+        self._restart_pacing()
+        self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
+
+    def _on_reset(self, cmd: p.Reset) -> None:
+        self._check_voice(cmd)
+        if cmd.voice is not None:
+            self.current_voice = cmd.voice
+        self.voice_reset()
+        self.phase = Phase.NONE
+        self.emit(p.ResetDone(voice=self.current_voice, id=cmd.id))
+
+    def _on_list_voices(self, cmd: p.ListVoices) -> None:
+        self.emit(p.Voices(voices=[v.info() for v in self.engine.voices.values()], id=cmd.id))
+
+    def voice_ready(self, state, cmd: p.SetVoice) -> None:
+        self.emit(p.VoiceReady(name=state.name, prefix_s=state.prefix_s, prepare_ms=state.prepare_ms,
+                               speakers=state.speakers, id=cmd.id))
+
+    # -- frames (generation thread) --------------------------------------------------------------
+
+    def context_left(self) -> bool:
+        return self.position + 1 < self.engine.context_frames
+
+    def preview(self):
+        """Both possible text answers of the next step (before it runs)."""
+        return self.machine.preview(self.position)
+
+    def advance(self, action: int) -> bool:
+        """Apply the step's sampled action (the step already advanced the position). True when an
+        aligned frame of this turn is ready to decode."""
+        self.machine.process(self.position - 1, action)
+        ready = self.engine.stepper.ready_frame_index(self.slot)
+        return ready >= self.turn.next_frame
+
+    def deliver(self, pcm: np.ndarray) -> None:
+        """The decoded frame `advance` announced: send it, with its words, unless it lies before
+        the turn's first word (less the lead-in)."""
+        turn = self.turn
+        frame = self.engine.stepper.ready_frame_index(self.slot)
+        turn.next_frame = frame + 1
+        if turn.send_from is None:
+            first_word = self._first_word_frame()
+            if first_word is None or frame < first_word - self.engine.config.lead_in_frames:
+                return  # silence before the first word: decoded for continuity, not sent
+            turn.first_word_frame = first_word
+            turn.send_from = frame
+        self._emit_words_up_to(frame)
+        self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent))
+        if turn.first_audio_at is None:
+            turn.first_audio_at = turn.pace_origin = time.monotonic()
+            turn.pace_frames = 0
+        turn.frames_sent += 1
+        self.frames_emitted += 1
+
+    def check_end(self) -> None:
+        position = self.position
+        m = self.machine
+        if m.end_step is not None and position >= m.end_step + self.engine.tts.tail_frames:
+            turn = self.turn
+            self._emit_words_up_to(1 << 60)
+            now = time.monotonic()
+            ttfa = onset = None
+            if turn.first_audio_at is not None:
+                ttfa = round((turn.first_audio_at - turn.started_at) * 1000, 1)
+                onset = round(ttfa + (turn.first_word_frame - turn.send_from) * FRAME_SECONDS * 1000, 1)
+            self.emit(p.Done(id=turn.id, frames=turn.frames_sent, audio_s=round(turn.frames_sent * FRAME_SECONDS, 3),
+                             wall_s=round(now - turn.started_at, 3), ttfa_ms=ttfa, onset_ms=onset))
+            log.info("call %d: utterance done, %d frames, ttfa %s ms, onset %s ms", self.slot, turn.frames_sent,
+                     ttfa, onset)
+            self.phase = Phase.IDLE
+        elif m.starved and position >= _first(m.last_word_step, self.turn.start_position) + self.engine.tts.tail_frames:
+            self.phase = Phase.HOLDING  # every consumed word is out; wait for more text
+
+    def context_full(self) -> None:
+        turn_id = self.turn.id if self.turn else None
+        self.emit(p.ErrorEvent(code=ErrorCode.CONTEXT_FULL, id=turn_id,
+                               message=f"the context limit of {self.engine.context_frames} frames was reached; "
+                                       "the call was reset"))
+        self.voice_reset()
+        self.phase = Phase.NONE
+        self.emit(p.ResetDone(voice=self.current_voice))
+
+    def fail(self, exc: BaseException) -> None:
+        """A fault in this call's handling or frame: end its utterance, reset it; others go on."""
+        self.emit(p.ErrorEvent(code=ErrorCode.INTERNAL_ERROR, message=f"internal error: {exc}",
+                               id=self.turn.id if self.turn else None))
+        try:
+            self.clean_reset()
+        finally:
+            self.phase = Phase.NONE
+
+    def emit(self, item: Item) -> None:
+        if self.attached:
+            self.sink(item)
+
+    # -- helpers ---------------------------------------------------------------------------------
+
+    def clean_reset(self) -> None:
+        engine = self.engine
+        self._floor_frame = 0
+        engine.stepper.reset_call(self.slot)
+        self.machine.reset()
+        engine.reset_codec_row(self.slot)
+        if self.turn is not None:
+            self.last_turn = self.turn
+        self.turn = None
+
+    def voice_reset(self) -> None:
+        """Back to the current voice's prepared state by copy (the clean state without a voice)."""
+        self.clean_reset()
+        state = self.engine.voices.get(self.current_voice) if self.current_voice else None
+        if state is not None:
+            restore_voice(state, self.engine.stepper, self.machine, self.engine.codec, self.slot)
+            self._floor_frame = state.prefix_frames
+
+    def _check_voice(self, cmd) -> None:
+        if cmd.voice is not None and cmd.voice not in self.engine.voices:
+            known = ", ".join(sorted(self.engine.voices)) or "none"
+            raise p.ProtocolError(ErrorCode.UNKNOWN_VOICE, f"no voice named {cmd.voice!r} has been prepared "
+                                  f"(prepared: {known}); send set_voice first", cmd=cmd.cmd, id=cmd.id)
+
+    def _sampling(self, cmd: p.Start) -> SamplingParams:
+        d = self.defaults
+        params = SamplingParams(
+            text_temperature=_first(cmd.text_temperature, cmd.temperature, d.text_temperature),
+            audio_temperature=_first(cmd.audio_temperature, cmd.temperature, d.audio_temperature),
+            text_top_k=_first(cmd.text_top_k, cmd.top_k, d.text_top_k),
+            audio_top_k=_first(cmd.audio_top_k, cmd.top_k, d.audio_top_k),
+            cfg_scale=_first(cmd.cfg_scale, d.cfg_scale), seed=_first(cmd.seed, d.seed))
+        if params.cfg_scale != 1.0 and self.engine.stepper.branches == 1:
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, "cfg_scale: this server runs without guidance "
+                                  "(started with --cfg-scale 1); only 1.0 is accepted", cmd="start", id=cmd.id)
+        limit = self.engine.stepper.max_top_k
+        if max(params.text_top_k, params.audio_top_k) > limit:
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"top_k: at most {limit} on this server",
+                                  cmd="start", id=cmd.id)
+        return params
+
+    def _parse(self, text: str, cmd, leading_speaker: str | None):
+        try:
+            return parse_script(text, self.engine.tts.tokenizer, leading_speaker=leading_speaker)
+        except ScriptError as exc:
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"text: {exc}", cmd=cmd.cmd, id=cmd.id) from None
+
+    def _begin_turn(self, client_id) -> None:
+        position = self.position
+        first = max(0, position + 1 - self.engine.stepper.max_delay)  # first aligned frame this turn decodes
+        first = max(first, self._floor_frame)  # prefix frames: already in Mimi's stream, never decoded
+        self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=self._received_at,
+                         next_frame=first, words_before=len(self.machine.transcript))
+        self.turn.words_emitted = self.turn.words_before
+        self.phase = Phase.GENERATING
+        self.emit(p.Started(id=client_id, voice=self.current_voice if self._floor_frame else None, position=position))
+
+    def _first_word_frame(self) -> int | None:
+        transcript = self.machine.state.transcript
+        if len(transcript) <= self.turn.words_before:
+            return None
+        return max(transcript[self.turn.words_before][1], self.turn.first_frame)
+
+    def _push(self, entries, final: bool, client_id) -> None:
+        words = sum(1 for e in entries if e.tokens)
+        if words:
+            self.turn.word_ids.append([words, client_id])
+        self.machine.push(entries, final=final)
+        if self.phase is Phase.HOLDING and (entries or final):
+            self._leave_hold()
+
+    def _leave_hold(self) -> None:
+        # The client played on while we held: without re-pacing, the hold's duration would be
+        # credited as lead and the generator could run that far ahead of real time. Keep only
+        # the lead the client still has buffered (none after a long hold).
+        self.phase = Phase.GENERATING
+        self._restart_pacing(lead=max(0.0, self.lead_seconds()))
+
+    def _restart_pacing(self, lead: float = 0.0) -> None:
+        turn = self.turn
+        turn.pace_origin, turn.pace_frames = time.monotonic() + lead, turn.frames_sent
+
+    def _emit_words_up_to(self, frame: int) -> None:
+        turn = self.turn
+        if turn.send_from is None:
+            return
+        transcript = self.machine.state.transcript
+        while turn.words_emitted < len(transcript) and transcript[turn.words_emitted][1] <= frame:
+            word, step = transcript[turn.words_emitted]
+            index = max(0, step - turn.send_from)
+            self.emit(p.Word(id=self._word_owner(), word=word, start_s=round(index * FRAME_SECONDS, 3), frame=index))
+            turn.words_emitted += 1
+
+    def _word_owner(self):
+        ids = self.turn.word_ids
+        if not ids:
+            return self.turn.id
+        owner = ids[0][1]
+        ids[0][0] -= 1
+        if ids[0][0] == 0:
+            ids.popleft()
+        return owner
+
+
+def _first(*values):
+    return next(v for v in values if v is not None)
