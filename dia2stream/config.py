@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,21 @@ class ServerConfig:
     voices: tuple[str, ...] = ()  # NAME=PATH[,TRANSCRIPT], preloaded at start-up
     max_calls: int | None = None  # concurrent calls (slots); None = 1 on CPU, 64 on a GPU
     lead_in_frames: int = 1
+    # -- access and limits (issue 13); turned into objects by http.HttpPolicy.from_config and
+    # limits.Limits.from_config, documented in docs/operations.md
+    auth_token: str | None = field(default=None, repr=False)
+    auth_token_file: str | None = None
+    allowed_origins: str | None = None
+    max_command_bytes: int = 64 * 1024
+    max_voice_message_bytes: int = 8 * 1024 * 1024
+    commands_per_second: float = 50.0
+    command_burst: int = 100
+    max_pending_text_chars: int = 16_384
+    idle_timeout_s: float = 300.0
+    ping_interval_s: float = 20.0
+    ping_timeout_s: float = 20.0
+    max_voices_per_connection: int = 4
+    voice_cache_mb: int = 2048
 
 
 _FLAGS = [  # (name, type, help)
@@ -53,7 +68,25 @@ _FLAGS = [  # (name, type, help)
     ("whisper_model", str, "openai-whisper model name or checkpoint path for voice transcripts"),
     ("max_calls", int, "concurrent calls, one engine slot each; more get 'busy' (default: 1 on CPU, 64 on a GPU)"),
     ("lead_in_frames", int, "frames (80 ms each) sent before a turn's first word; silence before them is not sent"),
+    # -- access and limits (issue 13); see docs/operations.md
+    ("auth_token", str, "token clients must present (Authorization: Bearer, or ?token=) for the websocket and "
+                        "/metrics; /health stays open"),
+    ("auth_token_file", str, "read the token from this file instead (keeps it out of the process list)"),
+    ("allowed_origins", str, "comma list of browser origins allowed to connect, or *; without it browsers are "
+                             "refused when there is no token"),
+    ("max_command_bytes", int, "largest message other than a set_voice with audio, bytes"),
+    ("max_voice_message_bytes", int, "largest set_voice message with base64 audio, bytes; 0 = voices by server "
+                                     "path only"),
+    ("commands_per_second", float, "commands per second a connection may send (excess: rate_limited)"),
+    ("command_burst", int, "commands a connection may send at once before the rate applies"),
+    ("max_pending_text_chars", int, "text queued on a call but not yet spoken (excess: pending_text_full)"),
+    ("idle_timeout_s", float, "close a connection with no command and nothing generating after this; 0 = never"),
+    ("ping_interval_s", float, "websocket keepalive ping interval, seconds; 0 = no pings"),
+    ("ping_timeout_s", float, "drop a connection whose pong is this late, seconds"),
+    ("max_voices_per_connection", int, "distinct voices one connection may create (excess: too_many_voices)"),
+    ("voice_cache_mb", int, "disk for cached prepared voices, MiB; least recently used evicted; 0 = no limit"),
 ]
+_SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
@@ -69,8 +102,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
                 default = kind(environ[env])
             except ValueError:
                 parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+        shown = "(set)" if name in _SECRETS and default else default
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
-                            help=f"{text} [env {env}, default {default}]")
+                            help=f"{text} [env {env}, default {shown}]")
     env_voices = tuple(v.strip() for v in environ.get("DIA2_VOICE", "").split(";") if v.strip())
     parser.add_argument("--voice", dest="voices", action="append", default=None, metavar="NAME=PATH[,TRANSCRIPT]",
                         help="preload a voice at start-up (repeatable; the first is the default voice; the transcript "

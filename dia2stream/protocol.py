@@ -45,13 +45,44 @@ MAX_MESSAGE_BYTES = 2 * MAX_AUDIO_B64_CHARS + 64 * 1024
 
 VOICE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
-# Sampling ranges (inclusive). temperature 0 means greedy (argmax).
+# Sampling ranges (inclusive). temperature 0 means greedy (argmax). TOP_K_RANGE's upper end is
+# the runtime's candidate table (`FrameStepper(max_top_k=...)`, 256): the runtime and the session
+# should take it from here rather than repeat the number.
 TEMPERATURE_RANGE = (0.0, 5.0)
-TOP_K_RANGE = (1, 2048)
+TOP_K_RANGE = (1, 256)
 CFG_SCALE_RANGE = (0.5, 20.0)
 SEED_RANGE = (0, 2**63 - 1)
 
+# The numeric fields of `start` and their inclusive ranges: the parser builds its checks from this
+# table, and docs/protocol.md's *Ranges* table is tested against it, so they cannot disagree.
+FIELD_RANGES: dict[str, tuple[float, float]] = {
+    "seed": SEED_RANGE,
+    "temperature": TEMPERATURE_RANGE,
+    "text_temperature": TEMPERATURE_RANGE,
+    "audio_temperature": TEMPERATURE_RANGE,
+    "top_k": TOP_K_RANGE,
+    "text_top_k": TOP_K_RANGE,
+    "audio_top_k": TOP_K_RANGE,
+    "cfg_scale": CFG_SCALE_RANGE,
+}
+
 _FRAME_HEADER = struct.Struct("<I")
+
+# Code points a str can hold but UTF-8 cannot encode: lone UTF-16 surrogates, which JSON lets a
+# client write as "\ud800". Python's json.loads accepts them; every later step that encodes the
+# string (the tokenizer, a websocket send, a file name) fails on them.
+_UNENCODABLE = re.compile("[\ud800-\udfff]")
+
+
+def is_encodable(text: str) -> bool:
+    """True if `text` can be encoded as UTF-8 (holds no lone surrogate)."""
+    return _UNENCODABLE.search(text) is None
+
+
+def printable(text: str, limit: int = 64) -> str:
+    """`text` cut to `limit` characters with unencodable code points replaced by U+FFFD, for
+    echoing a client's string back in an error message or a log line."""
+    return _UNENCODABLE.sub("\ufffd", text[:limit])
 
 
 class ErrorCode(enum.StrEnum):
@@ -77,6 +108,12 @@ class ErrorCode(enum.StrEnum):
     TRANSCRIPT_REQUIRED = "transcript_required"  # no transcript and no whisper available
     VOICE_ERROR = "voice_error"  # voice preparation failed for another reason
     INTERNAL_ERROR = "internal_error"  # a server bug; the session was reset
+    # Raised by the server's limits (dia2stream.limits); the connection keeps working.
+    RATE_LIMITED = "rate_limited"  # more commands per second than the connection may send
+    PENDING_TEXT_FULL = "pending_text_full"  # too much text queued but not yet spoken on this call
+    TOO_MANY_VOICES = "too_many_voices"  # the connection already made its share of voices
+    IDLE_TIMEOUT = "idle_timeout"  # no command for too long; the connection is closed after it
+    SHUTTING_DOWN = "shutting_down"  # the server is stopping; the connection is closed after it
 
 
 class ProtocolError(Exception):
@@ -234,7 +271,13 @@ class _Event:
         return obj
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False)
+        """JSON text that always encodes to UTF-8: if any string in the event holds an
+        unencodable code point (it should not: the parser refuses them), the event is written
+        with ASCII escapes instead of failing later in the websocket send."""
+        text = json.dumps(self.to_dict(), ensure_ascii=False)
+        if not is_encodable(text):
+            text = json.dumps(self.to_dict(), ensure_ascii=True)
+        return text
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -395,6 +438,8 @@ def parse_command(message: str | bytes | bytearray | memoryview) -> Command:
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "missing 'cmd'", id=client_id)
     if not isinstance(name, str):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'cmd' must be a string", id=client_id)
+    if not is_encodable(name):
+        raise ProtocolError(ErrorCode.INVALID_FIELD, _UNENCODABLE_MESSAGE.format(key="cmd"), id=client_id)
     spec = _COMMANDS.get(name)
     if spec is None:
         shown = name[:64]
@@ -463,9 +508,23 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _check_text(key: str, value: Any) -> str:
+_UNENCODABLE_MESSAGE = (
+    "field {key!r} holds a code point that UTF-8 cannot encode (a lone UTF-16 surrogate such as "
+    "\\ud800); send text as valid Unicode"
+)
+
+
+def _check_str(key: str, value: Any, expected: str = "a string") -> str:
+    """Every string field goes through here: type, then encodability."""
     if not isinstance(value, str):
-        raise _type_error(key, "a string", value)
+        raise _type_error(key, expected, value)
+    if not is_encodable(value):
+        raise _FieldError(ErrorCode.INVALID_FIELD, _UNENCODABLE_MESSAGE.format(key=key))
+    return value
+
+
+def _check_text(key: str, value: Any) -> str:
+    _check_str(key, value)
     if len(value) > MAX_TEXT_CHARS:
         raise _FieldError(
             ErrorCode.TEXT_TOO_LONG,
@@ -484,6 +543,7 @@ def _check_bool(key: str, value: Any) -> bool:
 
 def _check_id(key: str, value: Any) -> ClientId:
     if isinstance(value, str):
+        _check_str(key, value)
         if not 1 <= len(value) <= MAX_ID_CHARS:
             raise _FieldError(
                 ErrorCode.INVALID_FIELD, f"field {key!r} must have 1 to {MAX_ID_CHARS} characters"
@@ -497,8 +557,7 @@ def _check_id(key: str, value: Any) -> ClientId:
 
 
 def _check_voice_name(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _type_error(key, "a string", value)
+    _check_str(key, value)
     if not VOICE_NAME_RE.match(value):
         raise _FieldError(
             ErrorCode.INVALID_FIELD,
@@ -507,13 +566,19 @@ def _check_voice_name(key: str, value: Any) -> str:
     return value
 
 
+def _shown(value: int | float) -> str:
+    """A number for an error message, cut short: JSON admits integers of thousands of digits."""
+    text = repr(value) if isinstance(value, float) else str(value)
+    return text if len(text) <= 24 else f"{text[:12]}...({len(text)} digits)"
+
+
 def _int_in(lo: int, hi: int) -> Callable[[str, Any], int]:
     def check(key: str, value: Any) -> int:
         if not _is_int(value):
             raise _type_error(key, "an integer", value)
         if not lo <= value <= hi:
             raise _FieldError(
-                ErrorCode.INVALID_FIELD, f"field {key!r} must be in [{lo}, {hi}], got {value}"
+                ErrorCode.INVALID_FIELD, f"field {key!r} must be in [{lo}, {hi}], got {_shown(value)}"
             )
         return value
 
@@ -524,10 +589,13 @@ def _float_in(lo: float, hi: float) -> Callable[[str, Any], float]:
     def check(key: str, value: Any) -> float:
         if not (_is_int(value) or isinstance(value, float)):
             raise _type_error(key, "a number", value)
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer literal of 309+ digits
+            number = math.inf
         if not (math.isfinite(number) and lo <= number <= hi):
             raise _FieldError(
-                ErrorCode.INVALID_FIELD, f"field {key!r} must be in [{lo:g}, {hi:g}], got {value}"
+                ErrorCode.INVALID_FIELD, f"field {key!r} must be in [{lo:g}, {hi:g}], got {_shown(value)}"
             )
         return number
 
@@ -535,8 +603,7 @@ def _float_in(lo: float, hi: float) -> Callable[[str, Any], float]:
 
 
 def _check_b64(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _type_error(key, "a base64 string", value)
+    _check_str(key, value, "a base64 string")
     if not value:
         raise _FieldError(ErrorCode.INVALID_FIELD, f"field {key!r} is empty")
     if len(value) > MAX_AUDIO_B64_CHARS:
@@ -552,8 +619,7 @@ def _check_b64(key: str, value: Any) -> str:
 
 
 def _check_path(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _type_error(key, "a string", value)
+    _check_str(key, value)
     if not value or len(value) > MAX_PATH_CHARS or "\x00" in value:
         raise _FieldError(
             ErrorCode.INVALID_FIELD,
@@ -563,8 +629,7 @@ def _check_path(key: str, value: Any) -> str:
 
 
 def _check_transcript(key: str, value: Any) -> str:
-    if not isinstance(value, str):
-        raise _type_error(key, "a string", value)
+    _check_str(key, value)
     if not value.strip():
         raise _FieldError(ErrorCode.INVALID_FIELD, f"field {key!r} is empty")
     if len(value) > MAX_TEXT_CHARS:
@@ -604,8 +669,13 @@ def _check_voice_sources(command: SetVoice) -> None:
         )
 
 
-_temperature = _float_in(*TEMPERATURE_RANGE)
-_top_k = _int_in(*TOP_K_RANGE)
+def _range_check(key: str) -> Callable[[str, Any], Any]:
+    """The check of a numeric field, from FIELD_RANGES (ints where both ends are ints)."""
+    lo, hi = FIELD_RANGES[key]
+    if isinstance(lo, int) and isinstance(hi, int):
+        return _int_in(lo, hi)
+    return _float_in(lo, hi)
+
 
 # cmd -> (class, {json key: (required, check)}); dict order is validation order.
 _FieldSpec = dict[str, tuple[bool, Callable[[str, Any], Any]]]
@@ -618,14 +688,7 @@ _COMMANDS: dict[str, tuple[type, _FieldSpec]] = {
             "final": (False, _check_bool),
             **_ID,
             "voice": (False, _check_voice_name),
-            "seed": (False, _int_in(*SEED_RANGE)),
-            "temperature": (False, _temperature),
-            "top_k": (False, _top_k),
-            "text_temperature": (False, _temperature),
-            "audio_temperature": (False, _temperature),
-            "text_top_k": (False, _top_k),
-            "audio_top_k": (False, _top_k),
-            "cfg_scale": (False, _float_in(*CFG_SCALE_RANGE)),
+            **{key: (False, _range_check(key)) for key in FIELD_RANGES},
             "format": (False, _check_format),
         },
     ),

@@ -31,7 +31,9 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
+import shutil
 import re
 import time
 from dataclasses import dataclass, field
@@ -56,6 +58,10 @@ log = logging.getLogger(__name__)
 SAMPLE_RATE = 24_000
 WHISPER_RATE = 16_000
 SILENCE_PEAK = 1e-3  # peak amplitude below which audio counts as silent
+# Prefix audio bounds checked from the file's header before decoding (issue 13, finding 5: a
+# 58 KB FLAC of 150 s x 8 channels x 48 kHz decoded to 214 MiB before its length was checked).
+MAX_CHANNELS = 2
+RATE_RANGE = (8_000, 192_000)
 FORMAT_VERSION = 1
 
 
@@ -217,6 +223,117 @@ class VoiceState:
 
 
 # ---------------------------------------------------------------------------------------------
+# Disk cache of prepared voices
+# ---------------------------------------------------------------------------------------------
+
+_MARK = "voice.json"  # written last by VoiceState.save; its mtime is the entry's last use
+_PARTIAL = ".partial-"
+
+
+class VoiceCache:
+    """Prepared voices on disk, one folder per state key (`root/<key[:32]>/`), at most `max_bytes`
+    in all: saving evicts the least recently used entries (last use = the mtime of the entry's
+    voice.json, set on save and on every load; atime is unreliable under noatime).
+
+        cache = VoiceCache(settings.cache_path() / "states", max_bytes=config.voice_cache_mb << 20)
+        state = cache.load(key, device)            # None on a miss or an unreadable entry
+        cache.save(key, state)                      # then prunes, never the entry just saved
+
+    Saving writes into a partial folder and renames it, so a reader never sees half an entry.
+    Issue 13, finding 9: without a bound, any client could fill the disk with voices."""
+
+    def __init__(self, root: str | os.PathLike, max_bytes: int | None = None) -> None:
+        self.root = Path(root)
+        self.max_bytes = max_bytes  # None or 0: no limit
+
+    def directory(self, key: str) -> Path:
+        return self.root / key[:32]
+
+    def load(self, key: str, device: torch.device | str = "cpu") -> VoiceState | None:
+        directory = self.directory(key)
+        if not (directory / _MARK).is_file():
+            return None
+        try:
+            state = VoiceState.load(directory, device)
+        except Exception as exc:
+            log.warning("voice cache %s unreadable (%s); removing it", directory, exc)
+            shutil.rmtree(directory, ignore_errors=True)
+            return None
+        if state.key != key:
+            return None
+        self._touch(directory)
+        return state
+
+    def save(self, key: str, state: VoiceState) -> None:
+        """Write `state` under `key`, then evict old entries past the size limit. OSError if the
+        disk refuses (the caller logs it; a voice works without its cache entry)."""
+        final = self.directory(key)
+        partial = self.root / f"{_PARTIAL}{key[:32]}-{os.getpid()}-{time.monotonic_ns()}"
+        try:
+            state.save(partial)
+            if final.exists():
+                shutil.rmtree(final, ignore_errors=True)
+            os.replace(partial, final)
+        finally:
+            if partial.exists():
+                shutil.rmtree(partial, ignore_errors=True)
+        self._touch(final)
+        self.prune(keep={final})
+
+    def prune(self, keep: set[Path] | frozenset[Path] = frozenset()) -> list[Path]:
+        """Remove least recently used entries until the cache fits `max_bytes`; returns them."""
+        if not self.max_bytes or not self.root.is_dir():
+            return []
+        entries = []
+        for directory in self.root.iterdir():
+            if not directory.is_dir() or directory.name.startswith(_PARTIAL):
+                continue
+            entries.append((_last_used(directory), directory, _size(directory)))
+        total = sum(size for _, _, size in entries)
+        removed = []
+        for _, directory, size in sorted(entries, key=lambda e: e[0]):
+            if total <= self.max_bytes:
+                break
+            if directory in keep:
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+            total -= size
+            removed.append(directory)
+        if removed:
+            log.info("voice cache: evicted %d least recently used voice(s) to stay under %d MiB",
+                     len(removed), self.max_bytes >> 20)
+        return removed
+
+    def size(self) -> int:
+        return _size(self.root) if self.root.is_dir() else 0
+
+    @staticmethod
+    def _touch(directory: Path) -> None:
+        try:
+            os.utime(directory / _MARK)
+        except OSError:
+            pass
+
+
+def _last_used(directory: Path) -> float:
+    try:
+        return (directory / _MARK).stat().st_mtime
+    except OSError:
+        return 0.0  # no marker: a broken entry, evicted first
+
+
+def _size(directory: Path) -> int:
+    total = 0
+    for path in directory.rglob("*"):
+        try:
+            if path.is_file():
+                total += path.stat().st_size
+        except OSError:
+            pass
+    return total
+
+
+# ---------------------------------------------------------------------------------------------
 # Audio
 # ---------------------------------------------------------------------------------------------
 
@@ -238,20 +355,41 @@ def resolve_path(path: str, voice_dir: str | None) -> Path:
     return real
 
 
-def read_audio(source: bytes | Path, max_seconds: float, what: str = "audio") -> np.ndarray:
-    """Decode a file (bytes or path) → float32 mono 24 kHz; `bad_audio` for anything unusable."""
+def read_audio(source: bytes | Path, max_seconds: float, what: str = "audio", *,
+               max_channels: int = MAX_CHANNELS) -> np.ndarray:
+    """Decode a file (bytes or path) → float32 mono 24 kHz; `bad_audio` for anything unusable.
+
+    Channels, rate and length come from the header first, and decoding stops after
+    `max_seconds` whatever the header claims, so memory is bounded by
+    max_seconds x max_channels x rate x 4 bytes (46 MB at the extremes), not by the file."""
     if isinstance(source, (bytes, bytearray)) and not source:
         raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: the file is empty")
+
+    def opened():
+        return io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)
+
     try:
-        data, rate = sf.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source),
-                             dtype="float32", always_2d=True)
+        header = sf.info(opened())
     except Exception as exc:  # libsndfile's errors vary by format and version
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: unreadable or corrupt audio ({exc})") from None
+    rate, channels = int(header.samplerate), int(header.channels)
+    if not 1 <= channels <= max_channels:
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: {channels} channels; at most {max_channels} are accepted")
+    if not RATE_RANGE[0] <= rate <= RATE_RANGE[1]:
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: sample rate {rate} Hz is outside "
+                         f"{RATE_RANGE[0]}-{RATE_RANGE[1]} Hz")
+    limit = int(math.ceil(max_seconds * rate))
+    if header.frames > limit:  # some formats (MP3) only estimate: the decode below is bounded too
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: {header.frames / rate:.1f} s is longer than the "
+                         f"{max_seconds:g} s limit")
+    try:
+        data, rate = sf.read(opened(), frames=limit + 1, dtype="float32", always_2d=True)
+    except Exception as exc:
         raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: unreadable or corrupt audio ({exc})") from None
     if data.shape[0] == 0:
         raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: the audio has no samples")
-    seconds = data.shape[0] / rate
-    if seconds > max_seconds:
-        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: {seconds:.1f} s is longer than the {max_seconds:g} s limit")
+    if data.shape[0] > limit:
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: longer than the {max_seconds:g} s limit")
     mono = data.mean(axis=1)
     if not np.all(np.isfinite(mono)):
         raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: the audio holds NaN or infinite samples")

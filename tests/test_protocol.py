@@ -33,11 +33,11 @@ def test_start_all_fields():
     c = p.parse_command(cmd(
         cmd="start", text=" [S1] Hi.", final=False, id="t-1", voice="alice.v2", seed=7,
         temperature=0, top_k=50, text_temperature=0.6, audio_temperature=1.2, text_top_k=1,
-        audio_top_k=2048, cfg_scale=3,
+        audio_top_k=256, cfg_scale=3,
     ))
     assert c == p.Start(
         text=" [S1] Hi.", final=False, id="t-1", voice="alice.v2", seed=7, temperature=0.0,
-        top_k=50, text_temperature=0.6, audio_temperature=1.2, text_top_k=1, audio_top_k=2048,
+        top_k=50, text_temperature=0.6, audio_temperature=1.2, text_top_k=1, audio_top_k=256,
         cfg_scale=3.0,
     )
     assert isinstance(c.temperature, float) and isinstance(c.cfg_scale, float)
@@ -168,7 +168,7 @@ def test_text_length_limit():
     ({"cmd": "start", "text": "a", "temperature": "1"}, "temperature"),
     ({"cmd": "start", "text": "a", "audio_temperature": False}, "audio_temperature"),
     ({"cmd": "start", "text": "a", "top_k": 0}, "top_k"),
-    ({"cmd": "start", "text": "a", "text_top_k": 2049}, "text_top_k"),
+    ({"cmd": "start", "text": "a", "text_top_k": 257}, "text_top_k"),
     ({"cmd": "start", "text": "a", "audio_top_k": 10.0}, "audio_top_k"),
     ({"cmd": "start", "text": "a", "cfg_scale": 0.4}, "cfg_scale"),
     ({"cmd": "start", "text": "a", "cfg_scale": 20.5}, "cfg_scale"),

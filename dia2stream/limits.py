@@ -1,0 +1,277 @@
+"""Per-connection and per-call limits that hold under abuse, with stable error codes.
+
+Nothing here touches a socket; the server wires it in (see docs/operations.md, *Limits*):
+
+    limits = Limits(...)                                  # from ServerConfig (config.limits())
+    serve(handler, host, port, **limits.websocket_settings(), process_request=...)
+    large = LargeMessageGate(limits)                      # one per server
+    # per connection:
+    rate = CommandRateLimiter(limits.commands_per_second, limits.command_burst)
+    idle = IdleClock(limits.idle_timeout_s)
+    voices = VoiceQuota(limits.max_voices_per_connection)
+    # per message:
+    verdict = rate.admit()                                # before parsing: a flood costs no parse
+    if verdict is Admission.REFUSE: reply(rate_limited_error()); continue
+    if verdict is Admission.DROP: continue               # no reply: replies are capped too
+    command = await large.parse(message)                  # ProtocolError -> error event
+    idle.activity()
+
+Message sizes: websockets refuses (close 1009) anything above `max_size` =
+max(max_command_bytes, max_voice_message_bytes) before it is buffered whole. A message above
+`max_command_bytes` may only be a `set_voice` carrying audio: it is parsed (JSON + base64 check)
+in a worker thread, at most `max_parallel_large` at a time across the server, never on the
+event loop; any other command that large is `message_too_large`. With
+max_voice_message_bytes = 0 no inline audio is accepted at all (voices by server-side path only).
+Compression is off: a permessage-deflate message of 31 KB on the wire can inflate to 32 MB
+(finding 6), and commands and PCM frames gain little from it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import protocol as p
+
+Clock = Callable[[], float]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_command_bytes: int = 64 * 1024  # any message but a set_voice with audio
+    # A set_voice with base64 audio: 8 MiB holds ~6 MiB of file, e.g. 30 s of 48 kHz stereo
+    # 16-bit WAV, or both speakers as mono WAV. 0: no inline audio (server-side paths only).
+    max_voice_message_bytes: int = 8 * 1024 * 1024
+    max_parallel_large: int = 2  # large messages parsed at once, server-wide
+    commands_per_second: float = 50.0  # sustained, per connection
+    command_burst: int = 100  # commands a connection may send at once before the rate applies
+    refusals_per_second: float = 1.0  # rate_limited replies; the excess is dropped unanswered
+    max_pending_text_chars: int = 16_384  # text queued on a call but not yet spoken
+    max_voices_per_connection: int = 4  # distinct voice names one connection may create
+    idle_timeout_s: float = 300.0  # no command and nothing generating for this long: close; 0 = never
+    ping_interval_s: float = 20.0  # websocket keepalive ping; 0 = none
+    ping_timeout_s: float = 20.0  # no pong within this: the connection is dropped
+    close_timeout_s: float = 1.0  # closing handshake wait (websockets' default 10 s held SIGTERM)
+    recv_queue_frames: int = 4  # frames buffered per connection before reading pauses
+    max_outbox_items: int = 1024  # events + frames waiting to be sent: past this the client is not reading
+
+    def __post_init__(self) -> None:
+        if self.max_command_bytes < 1024:
+            raise ValueError("max_command_bytes must be at least 1024")
+        if not 0 <= self.max_voice_message_bytes <= p.MAX_MESSAGE_BYTES:
+            raise ValueError(f"max_voice_message_bytes must be in [0, {p.MAX_MESSAGE_BYTES}]")
+        if self.commands_per_second <= 0 or self.command_burst < 1 or self.refusals_per_second <= 0:
+            raise ValueError("command rate, burst and refusal rate must be positive")
+        if self.max_pending_text_chars < p.MAX_TEXT_CHARS:
+            raise ValueError(f"max_pending_text_chars must be at least one text ({p.MAX_TEXT_CHARS})")
+        if min(self.idle_timeout_s, self.ping_interval_s, self.ping_timeout_s) < 0:
+            raise ValueError("timeouts must be >= 0 (0 disables)")
+        if self.max_voices_per_connection < 0 or self.max_parallel_large < 1 or self.recv_queue_frames < 1:
+            raise ValueError("max_voices_per_connection >= 0, max_parallel_large >= 1, recv_queue_frames >= 1")
+        if self.max_outbox_items < 16:
+            raise ValueError("max_outbox_items must be at least 16")
+
+    @classmethod
+    def from_config(cls, config) -> "Limits":
+        """The limits a `ServerConfig` asks for (ValueError if they are inconsistent)."""
+        return cls(max_command_bytes=config.max_command_bytes,
+                   max_voice_message_bytes=config.max_voice_message_bytes,
+                   commands_per_second=config.commands_per_second, command_burst=config.command_burst,
+                   max_pending_text_chars=config.max_pending_text_chars,
+                   max_voices_per_connection=config.max_voices_per_connection,
+                   idle_timeout_s=config.idle_timeout_s, ping_interval_s=config.ping_interval_s,
+                   ping_timeout_s=config.ping_timeout_s)
+
+    @property
+    def max_message_bytes(self) -> int:
+        """websockets' `max_size`: the largest message the transport accepts at all."""
+        return max(self.max_command_bytes, self.max_voice_message_bytes)
+
+    def websocket_settings(self) -> dict[str, Any]:
+        """Keyword arguments for `websockets.asyncio.server.serve`.
+
+        Memory a connection can make the server hold in received messages is about
+        (recv_queue_frames + 1) x max_message_bytes: 40 MiB with the defaults, only for a
+        client that sends maximal set_voice messages (and is authorised, when a token is set)."""
+        return {
+            "max_size": self.max_message_bytes,
+            "compression": None,
+            "ping_interval": self.ping_interval_s or None,
+            "ping_timeout": self.ping_timeout_s or None,
+            "close_timeout": self.close_timeout_s,
+            "max_queue": (self.recv_queue_frames, max(1, self.recv_queue_frames // 4)),
+        }
+
+
+def outbox_overflowing(queued: int, limits: Limits) -> bool:
+    """True when a connection's send queue holds more than `max_outbox_items`: the client has
+    stopped reading. The server then closes it (NOT_READING_CLOSE_CODE) instead of queueing
+    more; pacing already bounds frames, this bounds replies to commands too."""
+    return queued > limits.max_outbox_items
+
+
+NOT_READING_CLOSE_CODE = 1008  # policy violation, reason "not reading"
+
+
+def is_large(message: str | bytes, limit: int) -> bool:
+    """True if `message` is more than `limit` bytes as UTF-8 (cheap for short text)."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        return len(message) > limit
+    if len(message) > limit:
+        return True
+    if len(message) * 4 <= limit:  # at most 4 bytes per code point
+        return False
+    return len(message.encode("utf-8", "surrogatepass")) > limit
+
+
+def parse_large(message: str) -> p.SetVoice:
+    """Parse a message above max_command_bytes: only a set_voice (with audio) may be that large.
+    Blocking (JSON and base64 of megabytes): run it off the event loop."""
+    command = p.parse_command(message)
+    if not isinstance(command, p.SetVoice):
+        raise p.ProtocolError(p.ErrorCode.MESSAGE_TOO_LARGE,
+                              f"only set_voice with audio may exceed the command limit; {command.cmd!r} "
+                              f"is too large", cmd=command.cmd, id=command.id)
+    return command
+
+
+class LargeMessageGate:
+    """Parses every message, the large ones in a worker thread, a few at a time server-wide."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._slots = asyncio.Semaphore(limits.max_parallel_large)
+
+    async def parse(self, message: str | bytes) -> p.Command:
+        """A command, or ProtocolError (message_too_large for a large non-voice message)."""
+        if isinstance(message, str) and is_large(message, self.limits.max_command_bytes):
+            if self.limits.max_voice_message_bytes == 0:
+                raise p.ProtocolError(p.ErrorCode.MESSAGE_TOO_LARGE,
+                                      f"messages are limited to {self.limits.max_command_bytes} bytes "
+                                      "(this server takes no inline voice audio: use set_voice 'path')")
+            async with self._slots:
+                return await asyncio.to_thread(parse_large, message)
+        return p.parse_command(message)
+
+
+# --- command rate ------------------------------------------------------------------------------
+
+
+class TokenBucket:
+    """`rate` tokens per second, holding at most `burst`; starts full."""
+
+    def __init__(self, rate: float, burst: float, clock: Clock = time.monotonic) -> None:
+        self.rate, self.burst, self._clock = rate, float(burst), clock
+        self._tokens = float(burst)
+        self._at = clock()
+
+    def take(self, n: float = 1.0) -> bool:
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        if self._tokens >= n:
+            self._tokens -= n
+            return True
+        return False
+
+
+class Admission(enum.Enum):
+    ACCEPT = "accept"  # parse and handle the message
+    REFUSE = "refuse"  # answer with rate_limited_error(), do not parse
+    DROP = "drop"  # ignore silently: the refusals themselves are over their cap
+
+
+class CommandRateLimiter:
+    """Per connection: commands over the rate are refused, and refusals over theirs dropped, so
+    a client that floods (and may not read) costs O(1) memory and at most
+    `commands_per_second + refusals_per_second` replies a second."""
+
+    def __init__(self, rate: float, burst: int, refusals_per_second: float = 1.0,
+                 clock: Clock = time.monotonic) -> None:
+        self._commands = TokenBucket(rate, burst, clock)
+        self._refusals = TokenBucket(refusals_per_second, 1, clock)
+        self.refused = 0  # messages not handled because of the rate (answered or not)
+
+    def admit(self) -> Admission:
+        if self._commands.take():
+            return Admission.ACCEPT
+        self.refused += 1
+        return Admission.REFUSE if self._refusals.take() else Admission.DROP
+
+
+def rate_limited_error(refused: int = 0) -> p.ErrorEvent:
+    """The reply to a refused message (its id is unknown: it was not parsed)."""
+    return p.ErrorEvent(code=p.ErrorCode.RATE_LIMITED,
+                        message=f"too many commands; {refused} message(s) ignored so far on this connection, "
+                                "send fewer")
+
+
+# --- idle connections -----------------------------------------------------------------------
+
+
+class IdleClock:
+    """When a connection with no command and nothing generating should be closed."""
+
+    def __init__(self, timeout_s: float, clock: Clock = time.monotonic) -> None:
+        self.timeout_s, self._clock = timeout_s, clock
+        self._last = clock()
+
+    def activity(self) -> None:
+        self._last = self._clock()
+
+    def remaining(self) -> float | None:
+        """Seconds to wait for the next command before checking again; None: no timeout."""
+        if not self.timeout_s:
+            return None
+        return max(0.0, self._last + self.timeout_s - self._clock())
+
+    def expired(self, busy: bool) -> bool:
+        """True when idle past the timeout. A call that is speaking is not idle (and restarts
+        the clock, so the timeout counts from the end of its speech)."""
+        if busy:
+            self.activity()
+            return False
+        remaining = self.remaining()
+        return remaining is not None and remaining <= 0
+
+
+IDLE_CLOSE_CODE = 1000  # normal closure, with reason "idle timeout", after an idle_timeout error
+
+
+def idle_timeout_error(timeout_s: float) -> p.ErrorEvent:
+    return p.ErrorEvent(code=p.ErrorCode.IDLE_TIMEOUT,
+                        message=f"no command for {timeout_s:g} s; closing the connection")
+
+
+# --- per call / per connection quotas -------------------------------------------------------
+
+
+def check_pending_text(pending_chars: int, adding: str, limit: int, command: p.Command) -> None:
+    """Refuse a start/inject whose text would leave more than `limit` characters queued but not
+    yet spoken on the call (an LLM streaming faster than speech, or a client looping inject)."""
+    if pending_chars + len(adding) > limit:
+        raise p.ProtocolError(p.ErrorCode.PENDING_TEXT_FULL,
+                              f"{pending_chars} characters are still waiting to be spoken; at most {limit} "
+                              "may be queued: wait for words or done, or reset",
+                              cmd=command.cmd, id=getattr(command, "id", None))
+
+
+class VoiceQuota:
+    """Distinct voice names one connection may create (replacing its own voice is free)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.names: set[str] = set()
+
+    def check(self, command: p.SetVoice) -> None:
+        if command.name not in self.names and len(self.names) >= self.limit:
+            raise p.ProtocolError(p.ErrorCode.TOO_MANY_VOICES,
+                                  f"this connection already made {len(self.names)} voice(s), the limit; "
+                                  "replace one of them by name", cmd=command.cmd, id=command.id)
+
+    def add(self, name: str) -> None:
+        """Call after the voice was made (a failed set_voice does not use the quota)."""
+        self.names.add(name)
