@@ -29,6 +29,7 @@ from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import ScriptError, parse_script
 
 from . import protocol as p
+from .formats import DEFAULT_FORMAT, FrameEncoder
 from .protocol import ErrorCode
 from .voice import restore_voice
 
@@ -42,9 +43,10 @@ FRAME_SECONDS = 1.0 / FRAME_RATE
 
 @dataclass(frozen=True)
 class AudioFrame:
-    pcm: np.ndarray  # float32 [1920] in [-1, 1]
+    pcm: np.ndarray  # float32 [1920] in [-1, 1] at 24 kHz
     epoch: int
     index: int  # frame index within the utterance
+    data: bytes = b""  # the binary message in the call's format (header + samples)
 
 
 Item = object  # an event dataclass from `protocol`, or an AudioFrame
@@ -87,6 +89,8 @@ class Call:
         self.machine = engine.tts.new_state_machine()
         self.defaults = SamplingParams(cfg_scale=engine.config.cfg_scale, seed=engine.config.seed)
         self.current_voice: str | None = engine.default_voice
+        # Per call and stateful (streaming resampler): a new format applies from the next turn.
+        self.encoder = FrameEncoder(DEFAULT_FORMAT)
         self.phase = Phase.NONE
         self.turn: Turn | None = None
         self.last_turn: Turn | None = None
@@ -162,6 +166,7 @@ class Call:
         entries = self._parse(cmd.text, cmd, leading_speaker="[S1]")
         if cmd.voice is not None:
             self.current_voice = cmd.voice
+        self._set_format(cmd.format)
         self.voice_reset()
         self.engine.stepper.set_sampling(self.slot, params)
         self._begin_turn(cmd.id)
@@ -176,6 +181,7 @@ class Call:
             self._begin_turn(cmd.id)  # the next turn, from the warm state
         elif self.phase is Phase.PAUSED:
             self.phase = self._resume_phase
+            self.encoder.reset()  # frames queued before the pause were dropped
             self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
             self._restart_pacing()
         if cmd.id is not None:
@@ -207,6 +213,7 @@ class Call:
             raise p.ProtocolError(ErrorCode.NOT_PAUSED, f"nothing is paused (the call is {self.phase.value})",
                                   cmd="resume", id=cmd.id)
         self.phase = self._resume_phase
+        self.encoder.reset()  # frames queued before the pause were dropped
         self._restart_pacing()
         self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
 
@@ -214,6 +221,7 @@ class Call:
         self._check_voice(cmd)
         if cmd.voice is not None:
             self.current_voice = cmd.voice
+        self._set_format(cmd.format)
         self.voice_reset()
         self.phase = Phase.NONE
         self.emit(p.ResetDone(voice=self.current_voice, id=cmd.id))
@@ -254,7 +262,7 @@ class Call:
             turn.first_word_frame = first_word
             turn.send_from = frame
         self._emit_words_up_to(frame)
-        self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent))
+        self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent, self.encoder.encode(pcm)))
         if turn.first_audio_at is None:
             turn.first_audio_at = turn.pace_origin = time.monotonic()
             turn.pace_frames = 0
@@ -358,6 +366,7 @@ class Call:
         self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=self._received_at,
                          next_frame=first, words_before=len(self.machine.transcript))
         self.turn.words_emitted = self.turn.words_before
+        self.encoder.reset()  # the turn's first sent frame does not continue the last one sent
         self.phase = Phase.GENERATING
         self.emit(p.Started(id=client_id, voice=self.current_voice if self._floor_frame else None, position=position))
 
@@ -381,6 +390,10 @@ class Call:
         # the lead the client still has buffered (none after a long hold).
         self.phase = Phase.GENERATING
         self._restart_pacing(lead=max(0.0, self.lead_seconds()))
+
+    def _set_format(self, name: str | None) -> None:
+        if name is not None and name != self.encoder.format.name:
+            self.encoder = FrameEncoder(name)
 
     def _restart_pacing(self, lead: float = 0.0) -> None:
         turn = self.turn

@@ -116,7 +116,7 @@ class Dia2Server:
                     call.frames_acked += 1
                     if item.epoch < call.epoch:
                         continue  # generated before a pause/reset: never play stale audio
-                    await ws.send(p.encode_audio_frame(item.pcm))
+                    await ws.send(item.data)
                     sent_in_turn += 1
                     continue
                 if isinstance(item, p.Started):
