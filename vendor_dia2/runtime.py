@@ -291,6 +291,36 @@ class FrameStepper:
         self.host_positions[call] = int(snap.positions[0])
         self.host_prefix_frames[call] = int(snap.prefix_frames[0])
 
+    # -- rewinding a slot (barge-in rollback) -----------------------------------------------------
+
+    @torch.inference_mode()
+    def rewind(self, call: int, position: int, text: tuple[int, int]) -> None:
+        """Put a call back to stand before step `position`, keeping the codes of every aligned
+        frame before `position` (already heard) as they are: they are teacher-forced, never
+        sampled again. `text` are the (main, second) tokens the state machine gave at step
+        `position - 1`. The cache past `position` is simply overwritten by the next steps, and the
+        draws are keyed by position, so sampling picks up as it would have."""
+        d = self.config.data
+        rows = self._rows(call)
+        column = self.buffer[call, :, position]  # aligned frames position - delay_k: all written
+        audio = torch.where(self.delays > position, d.audio_bos, column)
+        self.tokens[rows, 2:] = audio[None, :]
+        self.tokens[rows.start, 0], self.tokens[rows.start, 1] = int(text[0]), int(text[1])
+        self.positions[call] = position
+        self.prefix_frames[call] = position
+        self.host_positions[call] = position
+        self.host_prefix_frames[call] = position
+
+    def text_inputs(self, call: int) -> tuple[int, int]:
+        """The (main, second) text tokens the call's next step reads (conditional row)."""
+        main, second = self.tokens[call * self.branches, :2].tolist()
+        return main, second
+
+    def aligned_codes(self, call: int, start: int, stop: int) -> torch.Tensor:
+        """Aligned frames [start, stop) of a call, `[Q, stop - start]` (all must be complete)."""
+        index = torch.arange(start, stop, device=self.device)[None, :] + self.delays[:, None]  # [Q, F]
+        return self.buffer[call].gather(1, index)
+
     # -- prefill (voice prefix) ------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -97,6 +97,15 @@ class TextStateMachine:
         elif final:
             st.starved = False
 
+    def drop_queued(self) -> list[str]:
+        """Forget every entry not consumed yet, and the look-ahead taken from them (a barge-in
+        discards what the caller did not hear); returns the dropped words."""
+        st = self._state
+        dropped = [e.text for e in st.entries[st.next_entry:] if e.tokens]
+        del st.entries[st.next_entry:]
+        st.lookahead.clear()
+        return dropped
+
     def finish(self) -> None:
         """Mark the text final without adding entries: an empty queue now ends the utterance."""
         self._state.final = True
