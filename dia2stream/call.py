@@ -23,11 +23,13 @@ from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import torch
 
 from vendor_dia2.config import FRAME_RATE
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import ScriptError, parse_script
-from vendor_dia2.state_machine import TextState
+from vendor_dia2.delays import delay_codes
+from vendor_dia2.state_machine import TextState, shifted
 
 from . import protocol as p
 from .formats import DEFAULT_FORMAT, FrameEncoder
@@ -128,6 +130,9 @@ class Call:
         self._codec_marks: deque = deque(maxlen=self._history.maxlen // CODEC_MARK_EVERY + 2)
         self._last_text: tuple[int, int] = (0, 0)
         self._drop_unspoken = False  # after a rollback, an inject replaces the words not heard
+        # Text inputs of every step in the context, for a rollover to prefill them again.
+        self._text_log = np.zeros((engine.context_frames + 2, 2), dtype=np.int64)
+        self.rollovers = 0
         self.checkpoint_at: int | None = None  # test hook: snapshot the call before this step
         self.checkpoint = self.checkpoint_codec = None
 
@@ -317,6 +322,7 @@ class Call:
         """Both possible text answers of the next step (before it runs); records the step."""
         position = self.position
         self._history.append(StepRecord(position, self.machine.snapshot(), self._last_text))
+        self._text_log[position] = self._last_text
         if position == self.checkpoint_at:
             self.checkpoint = (self.engine.stepper.snapshot(self.slot), self.machine.snapshot(), self._last_text)
         return self.machine.preview(position)
@@ -387,6 +393,54 @@ class Call:
         self.phase = Phase.NONE
         self.emit(p.ResetDone(voice=self.current_voice))
 
+    def roll_over(self) -> bool:
+        """Calls of any length: rebuild the context from the voice prefix plus the most recent
+        conversation (its audio codes and text inputs, a sliding window) with one parallel prefill,
+        and go on from the first frame not yet decoded. Nothing sent changes and Mimi's stream is
+        untouched, so the audio continues without a seam. False if there is no room to do it."""
+        engine, stepper, turn = self.engine, self.engine.stepper, self.turn
+        floor = self._floor_frame
+        if turn is None:
+            return False
+        resume_at = turn.next_frame  # every frame before it is decoded (complete)
+        record = next((r for r in self._history if r.position == resume_at), None)
+        window = min(engine.config.rollover_frames, resume_at - floor, (engine.context_frames - floor) // 2)
+        if record is None or window < stepper.max_delay:
+            return False
+        t0 = time.perf_counter()
+        d = engine.tts.config.data
+        frames = floor + window
+        codes = torch.cat([stepper.aligned_codes(self.slot, 0, floor),
+                           stepper.aligned_codes(self.slot, resume_at - window, resume_at)], dim=1)  # [Q, F + W]
+        delayed = delay_codes(codes.cpu(), list(d.delay_pattern), d.audio_pad)
+        for k, delay in enumerate(d.delay_pattern):
+            delayed[k, :delay] = d.audio_bos
+        text = np.empty((frames + 1, 2), dtype=np.int64)
+        text[:floor] = self._text_log[:floor]
+        text[floor:frames] = self._text_log[resume_at - window:resume_at]
+        text[frames] = record.text_in
+        stepper.prefill(self.slot, delayed, torch.from_numpy(text), frames)
+        delta = frames - resume_at
+        self._rebase(delta, keep_from=resume_at - window, upto=resume_at)
+        self._text_log[floor:frames + 1] = text[floor:]
+        self.machine.restore(shifted(record.text, delta))
+        self._last_text = record.text_in
+        for name in ("start_position", "first_frame", "next_frame", "send_from", "first_word_frame"):
+            value = getattr(turn, name)
+            if value is not None:
+                setattr(turn, name, value + delta)
+        self.rollovers += 1
+        log.info("call %d: context rolled over at frame %d: prefix %d + last %d frames, %.1f ms", self.slot,
+                 resume_at, floor, window, (time.perf_counter() - t0) * 1000)
+        return True
+
+    def _rebase(self, delta: int, keep_from: int, upto: int) -> None:
+        """Move the rollback history into the rebuilt context (what lies outside it is dropped)."""
+        self._history = deque((StepRecord(r.position + delta, shifted(r.text, delta), r.text_in)
+                               for r in self._history if keep_from <= r.position <= upto), maxlen=self._history.maxlen)
+        self._codec_marks = deque(((frame + delta, snap) for frame, snap in self._codec_marks
+                                   if keep_from <= frame <= upto), maxlen=self._codec_marks.maxlen)
+
     def fail(self, exc: BaseException) -> None:
         """A fault in this call's handling or frame: end its utterance, reset it; others go on."""
         self.emit(p.ErrorEvent(code=ErrorCode.INTERNAL_ERROR, message=f"internal error: {exc}",
@@ -415,6 +469,7 @@ class Call:
         self._codec_marks.clear()
         self._drop_unspoken = False
         self._last_text = (engine.stepper.bos_token_id, engine.tts.config.data.text_pad_token_id)
+        self._text_log[:] = 0
 
     def voice_reset(self) -> None:
         """Back to the current voice's prepared state by copy (the clean state without a voice)."""
@@ -425,6 +480,8 @@ class Call:
             restore_voice(state, engine.stepper, self.machine, engine.codec, self.slot)
             self._floor_frame = state.prefix_frames
             self._last_text = engine.stepper.text_inputs(self.slot)
+            if state.text_tokens is not None:
+                self._text_log[: state.prefix_frames + 1] = state.text_tokens.cpu().numpy()
         self._codec_marks.append((self._floor_frame, engine.codec.snapshot_row(self.slot)))
 
     def _check_voice(self, cmd) -> None:
@@ -457,6 +514,8 @@ class Call:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"text: {exc}", cmd=cmd.cmd, id=cmd.id) from None
 
     def _begin_turn(self, client_id) -> None:
+        if self.turn is not None and self.position + self.engine.config.min_turn_frames >= self.engine.context_frames:
+            self.roll_over()  # between turns, where it is cheapest; else a long turn rolls over mid-way
         position = self.position
         first = max(0, position + 1 - self.engine.stepper.max_delay)  # first aligned frame this turn decodes
         first = max(first, self._floor_frame)  # prefix frames: already in Mimi's stream, never decoded

@@ -57,6 +57,7 @@ class EngineConfig:
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     lead_in_frames: int = 1  # frames sent before a turn's first word
+    rollover_frames: int = 250  # recent conversation kept when a full context is rebuilt (20 s)
     compile: bool = False  # torch.compile inside the CUDA graphs
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
 
@@ -274,7 +275,7 @@ class Engine:
     def _step(self, calls: list[Call]) -> None:
         stepping = []
         for call in calls:
-            if call.context_left():
+            if call.context_left() or call.roll_over():
                 stepping.append(call)
             else:
                 call.context_full()

@@ -140,6 +140,8 @@ class VoiceState:
     prepare_ms: float
     words: list[str] = field(default_factory=list)  # the prefix words the plan used
     key: str = ""
+    # the text inputs of prefix steps 0..F [F + 1, 2]: a context rollover prefills them again
+    text_tokens: torch.Tensor | None = None
 
     def info(self) -> dict:
         return {"name": self.name, "prefix_s": self.prefix_s, "speakers": self.speakers}
@@ -176,6 +178,8 @@ class VoiceState:
                     codec_meta[module][name] = {"ring": sorted(value)}
                 else:
                     codec_meta[module][name] = {"value": value}
+        if self.text_tokens is not None:
+            tensors["text_tokens"] = self.text_tokens
         text = dataclasses.asdict(self.text)
         text["entries"] = [[e.text, list(e.tokens), e.padding] for e in self.text.entries]
         meta = {"format": FORMAT_VERSION, "name": self.name, "prefix_frames": self.prefix_frames,
@@ -219,7 +223,7 @@ class VoiceState:
         return cls(name=meta["name"], stepper=StepperSnapshot(**kwargs), text=TextState(**text),
                    codec=CodecStreamSnapshot(meta["codec"]["batch_size"], states), prefix_frames=meta["prefix_frames"],
                    prefix_s=meta["prefix_s"], speakers=meta["speakers"], prepare_ms=meta["prepare_ms"],
-                   words=meta["words"], key=meta["key"])
+                   words=meta["words"], key=meta["key"], text_tokens=tensors.get("text_tokens"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -562,7 +566,8 @@ class VoicePreparer:
         return VoiceState(name=loaded.name, stepper=stepper.snapshot(slot), text=machine.snapshot(),
                           codec=warmed, prefix_frames=plan.frames,
                           prefix_s=round(plan.frames / 12.5, 3), speakers=loaded.distinct,
-                          prepare_ms=round(prepare_ms, 1), words=[e.text for e in plan.entries])
+                          prepare_ms=round(prepare_ms, 1), words=[e.text for e in plan.entries],
+                          text_tokens=text.clone())
 
 
 def restore_voice(state: VoiceState, stepper, machine, codec, slot: int = 0) -> None:

@@ -58,6 +58,15 @@ class TextState:
         )
 
 
+def shifted(state: TextState, delta: int) -> TextState:
+    """A copy of `state` with every step moved by `delta` (a context rebuilt at other positions)."""
+    out = state.copy()
+    out.transcript = [(word, step + delta) for word, step in out.transcript]
+    if out.end_step is not None:
+        out.end_step += delta
+    return out
+
+
 class TextStateMachine:
     def __init__(
         self,
