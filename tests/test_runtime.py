@@ -171,7 +171,8 @@ def test_frame_step_matches_naive_reference(tiny_tts, cfg_scale):
     choices = ((d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 10))
     pick = _greedy_pick(cfg_scale)
     history_cond, history_uncond = [], []
-    inputs = [d.text_pad_token_id, d.text_pad_token_id] + [d.audio_bos] * d.num_codebooks
+    # step 0: the conditional row reads [bos, pad] (DIA2_SPEC.md §5)
+    inputs = [stepper.bos_token_id, d.text_pad_token_id] + [d.audio_bos] * d.num_codebooks
     for t in range(6):
         history_cond.append(list(inputs))
         history_uncond.append([d.text_zero_token_id, d.text_pad_token_id] + inputs[2:])
@@ -184,7 +185,7 @@ def test_frame_step_matches_naive_reference(tiny_tts, cfg_scale):
         text = choices[int(action == 1)]
         masked = [r.clone().index_fill_(0, torch.tensor([d.audio_pad, d.audio_bos]), float("-inf")) for r in rows_cb0]
         c0 = pick(masked)
-        text_rows = [text, (d.text_zero_token_id, d.text_pad_token_id)]
+        text_rows = [text, text]  # upstream: depformer stage 0 sees the conditional text on both rows
         codes = [c0] + reference_depformer(sd, cfg, hidden_rows, c0, text_rows, pick)
 
         got_action = stepper.step([choices])[0]

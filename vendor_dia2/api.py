@@ -18,7 +18,7 @@ from .model import Dia2Model
 from .runtime import FrameStepper, SamplingParams
 from .script import parse_script
 from .state_machine import TextStateMachine
-from .tokenizer import Dia2Tokenizer
+from .tokenizer import Dia2Tokenizer, step0_bos_id
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class Dia2:
         if s is None or (s.branches == 2) != cfg or s.max_positions != want:
             self._stepper = None  # drop graphs and caches before allocating new ones
             self._stepper = FrameStepper(self.model, cfg=cfg, max_positions=want, use_cuda_graph=use_cuda_graph,
-                                         compile=self.compile_steps)
+                                         compile=self.compile_steps, bos_token_id=step0_bos_id(self.tokenizer))
         return self._stepper
 
     @property

@@ -82,7 +82,7 @@ class FrameStepper:
     @torch.inference_mode(False)
     def __init__(self, model: Dia2Model, *, n_calls: int = 1, cfg: bool = True, max_positions: int | None = None,
                  max_top_k: int = 256, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
-                 compile: bool = False):
+                 compile: bool = False, bos_token_id: int = 1):
         config: Dia2Config = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
@@ -91,6 +91,7 @@ class FrameStepper:
         self.rows = self.n * self.branches
         self.max_positions = max_positions or config.runtime.max_context_steps
         self.max_top_k, self.cfg_filter_k = max_top_k, cfg_filter_k
+        self.bos_token_id = bos_token_id  # step 0's conditional text (spec §5); 1 is upstream's fallback
         d = config.data
         self.num_codebooks, self.max_delay = d.num_codebooks, d.max_delay
         model.setup_caches(self.rows, self.max_positions + 1)
@@ -120,7 +121,6 @@ class FrameStepper:
 
         self._host_choices = torch.zeros(self.n, 2, 2, dtype=torch.long, pin_memory=dev.type == "cuda")
         self._host_action = torch.zeros(self.n, dtype=torch.long, pin_memory=dev.type == "cuda")
-        self._uncond_text = torch.tensor([d.text_zero_token_id, d.text_pad_token_id], **long)
         self.host_positions = [0] * self.n
         self._graph = None
         statics = dict(n=self.n, branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
@@ -165,7 +165,7 @@ class FrameStepper:
         self.prefix_frames[call] = 0
         for branch in range(self.branches):
             row = branch * self.n + call
-            self.tokens[row, 0] = d.text_pad_token_id if branch == 0 else d.text_zero_token_id
+            self.tokens[row, 0] = self.bos_token_id if branch == 0 else d.text_zero_token_id
             self.tokens[row, 1] = d.text_pad_token_id
             self.tokens[row, 2:] = d.audio_bos
 
@@ -267,7 +267,9 @@ class FrameStepper:
         code = self._pick(cb0, inv_temp[:, 1], noise[:, 1], self.cfg_scale)
         code = torch.where(forced[:, 0], known[:, 0], code)
         codes = [code]
-        dep_text = torch.cat([text, self._uncond_text.expand(n, 2)]) if br == 2 else text
+        # Depformer stage 0 reads this step's conditional text on BOTH branches, as upstream does
+        # (its unconditional row is blanked only in the decoder input): docs/parity.md.
+        dep_text = text.repeat(br, 1)
         projected = dep.first_stage_text(dep.project_inputs(hidden), dep_text)  # [S, R, Dd]
         for s, w in enumerate(dep.stage_weights):
             code = self._stage_fn(projected[s], w.embed, code, w.layers, w.norm, w.logits, w.mask, w.slot,
