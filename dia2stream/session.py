@@ -445,7 +445,7 @@ class StreamingSession:
 
     def _parse(self, text: str, cmd, leading_speaker: str | None):
         try:
-            return parse_script(text, self.tts.tokenizer, leading_speaker=leading_speaker)
+            return parse_script(text, self.tts.tokenizer, leading_speaker=leading_speaker, keep_own_speaker=True)
         except ScriptError as exc:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"text: {exc}", cmd=cmd.cmd, id=cmd.id) from None
 
