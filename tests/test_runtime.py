@@ -32,8 +32,12 @@ def test_generate_speaks_all_words_and_ends(tiny_tts):
     assert [w for w, _ in result.timestamps] == ["one", "two", "three"]
     assert result.frames < 200  # ended by itself after the tail
     stamps = [s for _, s in result.timestamps]
-    assert stamps == sorted(stamps) and stamps[0] == 0.0
+    # upstream keeps the initial_padding frames before the first word (the tiny preset has a
+    # second text stream, so upstream crops nothing): the first word is 2 frames in
+    assert stamps == sorted(stamps) and stamps[0] == 2 / 12.5
     assert result.waveform.shape[0] == result.audio_tokens.shape[1] * 1920
+    trimmed = tiny_tts.generate("[S1] one two three", seed=0, max_frames=200, decode=False, trim_lead_in=True)
+    assert trimmed.timestamps[0][1] == 0.0 and torch.equal(trimmed.audio_tokens, result.audio_tokens[:, 2:])
     assert result.audio_tokens.shape[0] == 32 and int(result.audio_tokens.max()) < 2048
 
 
