@@ -117,15 +117,20 @@ def build_prefix_plan(speakers: Sequence[PrefixSpeaker], tokenizer, delays: Sequ
 
 
 def warm_up_text(machine: TextStateMachine, plan: PrefixPlan, pad_id: int, bos_id: int, *,
-                 clear_lookahead: bool = False) -> torch.Tensor:
+                 script: Sequence[ScriptEntry] = (), clear_lookahead: bool = False) -> torch.Tensor:
     """Drive `machine` (fresh) through the prefix with forced actions; the text inputs [F + 1, 2]
     of steps 0..F: step 0 gets `[bos_id, pad]` like any fresh call (spec §5), step t+1 gets what
     the machine answered at step t.
 
+    `script`: the entries to speak after the prefix, when known. Upstream queues them behind the
+    prefix words before warm-up, so with a second text stream the look-ahead of the last prefix
+    words already shows the script's first words. (The server prepares a voice before any text
+    exists and pushes the script later.)
+
     With a plan built without `fit_words`, prefix words the warm-up could not consume stay queued
     in `machine` (upstream's behaviour: they are spoken by the first turn).
     """
-    machine.push(plan.entries, final=True)
+    machine.push([*plan.entries, *script], final=True)
     new_word_steps = set(plan.steps)
     text = torch.full((plan.frames + 1, 2), pad_id, dtype=torch.long)
     text[0, 0] = bos_id
