@@ -288,6 +288,29 @@ def test_reference_can_fail(tiny_tts, weights):
         assert_same_frames(got, reference.run(m2, 3))
 
 
+def test_codebook0_specials_are_masked_after_cfg_chooses_candidates():
+    """Upstream guides first (top-50 over all 2050 ids), then masks pad/bos: a special id in the
+    guided top-50 takes a candidate's place. Crafted logits where that decides the greedy code."""
+    from vendor_dia2.runtime import pick
+
+    vocab, pad, bos = 2050, 2049, 2048
+    guided, cond = torch.full((vocab,), -100.0), torch.full((vocab,), -100.0)
+    guided[pad] = 100.0  # pad leads the guided ranking ...
+    guided[:50] = torch.arange(50, 0, -1).float()  # ... then ids 0..49, so id 49 is 51st overall
+    cond[:49] = -0.01 * torch.arange(49).float()  # among ids 0..48 the conditional logits prefer 0
+    cond[49], cond[pad], cond[bos] = 10.0, 0.0, 0.0  # but id 49 has the best conditional logit
+    uncond = 2 * cond - guided  # so that uncond + 2 (cond - uncond) == guided
+    logits, zeros, scale = torch.stack([cond, uncond]), torch.zeros(1, 256), torch.tensor([2.0])
+    got = pick(logits.clone(), torch.ones(1), zeros, scale, n=1, branches=2, filter_k=50, max_top_k=256,
+               banned=(pad, bos))
+    ref = Reference.__new__(Reference)  # only its CFG pick, which follows upstream's order
+    ref.cfg_scale = 2.0
+    assert int(got) == ref.pick([cond, uncond], masked=(pad, bos)) == 0
+    masked_first = logits.clone()  # what we did before: mask, then choose candidates
+    masked_first[:, [pad, bos]] = torch.finfo(torch.float32).min
+    assert int(pick(masked_first, torch.ones(1), zeros, scale, n=1, branches=2, filter_k=50, max_top_k=256)) == 49
+
+
 # -- the pinned greedy run -------------------------------------------------------------------------
 
 def weights_digest(weights: dict[str, torch.Tensor]) -> str:

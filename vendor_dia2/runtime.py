@@ -52,12 +52,21 @@ class StepperSnapshot:
 
 
 def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_scale: torch.Tensor, *,
-         n: int, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
-    """Rows [R, V] → one id per call [N]: CFG candidates (two branches) or plain top-k, then a draw."""
+         n: int, branches: int, filter_k: int, max_top_k: int, banned: tuple[int, ...] = ()) -> torch.Tensor:
+    """Rows [R, V] → one id per call [N]: CFG candidates (two branches) or plain top-k, then a draw.
+    `banned` ids are never drawn; with CFG, as upstream, they are removed only after the guided
+    top-k has chosen the candidates, so one there takes a candidate's place."""
     if branches == 1:
+        for token in banned:
+            logits[:, token] = torch.finfo(logits.dtype).min
         values, ids = top_candidates(logits, max_top_k)
     else:
         values, ids = guided_candidates(logits[:n], logits[n:], cfg_scale, filter_k)
+        if banned:
+            for token in banned:
+                values = values.masked_fill(ids == token, float("-inf"))
+            values, order = values.sort(dim=-1, descending=True)  # keep the rank order top-k relies on
+            ids = ids.gather(1, order)
     return draw(values, ids, inv_temp, noise)
 
 
@@ -261,10 +270,7 @@ class FrameStepper:
         aligned_index = write_pos[:, None] - self.delays[None, :]  # [N, Q]
         forced = (aligned_index >= 0) & (aligned_index < self.prefix_frames[:, None])  # teacher forcing
 
-        cb0 = cb0_logits[:, 0]
-        cb0[:, d.audio_pad] = torch.finfo(cb0.dtype).min
-        cb0[:, d.audio_bos] = torch.finfo(cb0.dtype).min
-        code = self._pick(cb0, inv_temp[:, 1], noise[:, 1], self.cfg_scale)
+        code = self._pick(cb0_logits[:, 0], inv_temp[:, 1], noise[:, 1], self.cfg_scale, banned=(d.audio_pad, d.audio_bos))
         code = torch.where(forced[:, 0], known[:, 0], code)
         codes = [code]
         # Depformer stage 0 reads this step's conditional text on BOTH branches, as upstream does
