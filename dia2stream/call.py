@@ -509,7 +509,8 @@ class Call:
 
     def _parse(self, text: str, cmd, leading_speaker: str | None):
         try:
-            return parse_script(text, self.engine.tts.tokenizer, leading_speaker=leading_speaker)
+            # a turn that opens with [S2] keeps its own speaker (our fix of an upstream quirk, docs/parity.md)
+            return parse_script(text, self.engine.tts.tokenizer, leading_speaker=leading_speaker, keep_own_speaker=True)
         except ScriptError as exc:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"text: {exc}", cmd=cmd.cmd, id=cmd.id) from None
 

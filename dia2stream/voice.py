@@ -47,6 +47,7 @@ import torch
 from vendor_dia2.checkpoint import cache_dir
 from vendor_dia2.codec import CodecStreamSnapshot
 from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
+from vendor_dia2.tokenizer import step0_bos_id
 from vendor_dia2.runtime import StepperSnapshot
 from vendor_dia2.script import ScriptEntry
 from vendor_dia2.state_machine import TextState
@@ -553,12 +554,14 @@ class VoicePreparer:
                              f"this session's context allows at most {max_frames}")
         plan = build_prefix_plan([PrefixSpeaker(c, s.words, tag) for c, s, tag in
                                   zip(codes, loaded.speakers, ("[S1]", "[S2]"))],
-                                 self.tts.tokenizer, d.delay_pattern, d.audio_bos, d.audio_pad)
+                                 self.tts.tokenizer, d.delay_pattern, d.audio_bos, d.audio_pad, fit_words=True)
         if plan.dropped:
             log.warning("voice %s: %d prefix word(s) did not fit the audio and were left out: %s", loaded.name,
                         len(plan.dropped), " ".join(plan.dropped[:10]))
         machine.reset()
-        text = warm_up_text(machine, plan, d.text_pad_token_id)
+        text = warm_up_text(machine, plan, d.text_pad_token_id, step0_bos_id(self.tts.tokenizer), clear_lookahead=True)
+        if machine.remaining_entries or machine.state.pending:
+            raise AssertionError("prefix words left in the state machine after warm-up")
         stepper.reset_call(slot)
         stepper.prefill(slot, plan.delayed, text, plan.frames)
         warmed = codec.warmed_row(plan.aligned[None].to(codec.device))
