@@ -211,29 +211,43 @@ class Engine:
 
     def _wait_seconds(self) -> float:
         """How long to block for a command: 0 means a step is due now."""
+        max_lead = self.config.max_lead_ms / 1000.0
         wait = 0.5
         for call in self._active_calls():
             if call.unsent_frames > self.config.max_unsent_frames:
                 wait = min(wait, 0.02)  # the client is not reading: look again soon
                 continue
-            if call.awaiting_first_audio:
+            lead = call.lead_seconds()
+            if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
                 return 0.0
-            wait = min(wait, call.lead_seconds() - (self.config.max_lead_ms / 1000.0 - URGENT_MARGIN_S))
+            wait = min(wait, lead - (max_lead - URGENT_MARGIN_S))
         return max(0.0, wait)
 
     def _due_calls(self) -> list[Call]:
-        """Every call that may run ahead, if at least one of them needs a frame soon."""
+        """The calls to step now: every call that may run ahead, when one of them needs a frame
+        soon. When only calls in their decoder-only stretch (a cold start, a rollback or rollover
+        replaying heard frames) need frames, just those: that lane costs a fraction of a full step,
+        and the others are not short of audio."""
         max_lead = self.config.max_lead_ms / 1000.0
-        eligible, urgent = [], False
+        eligible, urgent_full, urgent_lite = [], False, False
         for call in self._active_calls():
             if call.unsent_frames > self.config.max_unsent_frames:
                 continue
             lead = call.lead_seconds()
-            if lead < max_lead:
-                eligible.append(call)
-                urgent = urgent or call.awaiting_first_audio or lead < max_lead - URGENT_MARGIN_S
+            if lead >= max_lead:
+                continue
+            eligible.append(call)
+            if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
+                if self.stepper.needs_depformer(call.slot):
+                    urgent_full = True
+                else:
+                    urgent_lite = True
         self._watch_load(eligible)
-        return eligible if urgent else []
+        if urgent_full:
+            return eligible
+        if urgent_lite:
+            return [c for c in eligible if not self.stepper.needs_depformer(c.slot)]
+        return []
 
     def _watch_load(self, eligible: list[Call]) -> None:
         now = time.monotonic()
