@@ -41,6 +41,7 @@ from .voice import VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, Voice
 log = logging.getLogger(__name__)
 
 URGENT_MARGIN_S = 2 * FRAME_SECONDS  # a call this close to running out of lead triggers a step
+CRITICAL_LEAD_S = 0.3  # a playing call with less audio buffered than this is served before any cold start
 BEHIND_S = FRAME_SECONDS  # a call whose client would wait this long for audio counts as behind
 RECOVER_S = 5.0  # no call behind for this long: take new calls again
 
@@ -92,6 +93,8 @@ class Engine:
         self._behind_since: float | None = None
         self._last_behind = 0.0
         self._decode_rows = torch.zeros(config.max_calls, dtype=torch.bool)
+        if tts.device.type == "cuda":
+            self._warm_prefill()
         self._thread = threading.Thread(target=self._run, name="dia2-engine", daemon=True)
         self._thread.start()
 
@@ -162,6 +165,18 @@ class Engine:
         self._thread.join(timeout=5)
         self.codec.close_stream()
 
+    def _warm_prefill(self) -> None:
+        """One prefill of a rollover's size on the spare slot at start-up: the first use of those
+        shapes pays one-off costs (seen: >1 s on an H100) that must not stall live calls."""
+        d = self.tts.config.data
+        frames = min(self.config.rollover_frames, self.context_frames // 2)
+        if frames < 1:
+            return
+        delayed = torch.full((d.num_codebooks, frames + d.max_delay), d.audio_bos, dtype=torch.long)
+        text = torch.full((frames + 1, 2), d.text_pad_token_id, dtype=torch.long)
+        self.stepper.prefill(self.spare_slot, delayed, text, frames)
+        self.stepper.reset_call(self.spare_slot)
+
     # -- used by calls (generation thread) -------------------------------------------------------
 
     def reset_codec_row(self, slot: int) -> None:
@@ -229,7 +244,7 @@ class Engine:
         replaying heard frames) need frames, just those: that lane costs a fraction of a full step,
         and the others are not short of audio."""
         max_lead = self.config.max_lead_ms / 1000.0
-        eligible, urgent_full, urgent_lite = [], False, False
+        eligible, lite, urgent_full, critical = [], [], False, False
         for call in self._active_calls():
             if call.unsent_frames > self.config.max_unsent_frames:
                 continue
@@ -237,17 +252,18 @@ class Engine:
             if lead >= max_lead:
                 continue
             eligible.append(call)
-            if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
-                if self.stepper.needs_depformer(call.slot):
-                    urgent_full = True
-                else:
-                    urgent_lite = True
+            if not self.stepper.needs_depformer(call.slot):
+                if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
+                    lite.append(call)
+            elif call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
+                urgent_full = True
+                critical = critical or call.awaiting_first_audio or lead < CRITICAL_LEAD_S
         self._watch_load(eligible)
-        if urgent_full:
-            return eligible
-        if urgent_lite:
+        # Calls in their decoder-only stretch go first, alone (a full step would make them pay for
+        # the depformer too), unless a call with audio to make is running short.
+        if lite and not critical:
             return [c for c in eligible if not self.stepper.needs_depformer(c.slot)]
-        return []
+        return eligible if urgent_full or lite else []
 
     def _watch_load(self, eligible: list[Call]) -> None:
         now = time.monotonic()
