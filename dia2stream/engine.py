@@ -41,7 +41,7 @@ from .voice import VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, Voice
 log = logging.getLogger(__name__)
 
 URGENT_MARGIN_S = 2 * FRAME_SECONDS  # a call this close to running out of lead triggers a step
-CRITICAL_LEAD_S = 0.3  # a playing call with less audio buffered than this is served before any cold start
+CRITICAL_LEAD_S = 0.6  # a playing call with less audio buffered than this is served before any cold start
 BEHIND_S = FRAME_SECONDS  # a call whose client would wait this long for audio counts as behind
 RECOVER_S = 5.0  # no call behind for this long: take new calls again
 
