@@ -380,3 +380,26 @@ async def test_a_start_in_a_telephony_format_gets_frames_of_that_format(four_slo
     error = json.loads(await asyncio.wait_for(ws.recv(), 30))
     assert error["code"] == "invalid_field" and "format" in error["message"]
     await ws.close()
+
+
+def test_a_call_behind_real_time_makes_the_engine_refuse_new_calls(small_tts):
+    """When a playing call falls behind (here: its client is made to have played 10 s more than
+    was sent), the engine says so in health and refuses new calls instead of adding load."""
+    engine = Engine(small_tts, EngineConfig(max_calls=2, max_lead_ms=1e6, max_unsent_frames=10**9))
+    try:
+        got = queue.Queue()
+        call = engine.open_call(got.put)
+        engine.submit(call, p.Start(text="[S1] " + " ".join(["word"] * 60)))
+        while not isinstance(got.get(timeout=60), AudioFrame):
+            pass
+        assert engine.health()["overloaded"] is False
+        call.turn.pace_origin -= 10.0  # the player is now 10 s ahead of what it was sent
+        for _ in range(100):
+            if engine.health()["overloaded"]:
+                break
+            got.get(timeout=60)
+        health = engine.health()
+        assert health["overloaded"] is True and health["busy"] is True
+        assert engine.open_call(queue.Queue().put) is None  # busy: refused, though a slot is free
+    finally:
+        engine.close()
