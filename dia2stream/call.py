@@ -31,6 +31,7 @@ from vendor_dia2.script import ScriptError, parse_script
 from . import protocol as p
 from .protocol import ErrorCode
 from .voice import restore_voice
+from .limits import check_call_text
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -154,6 +155,7 @@ class Call:
             self.emit(err.to_event())
 
     def _on_start(self, cmd: p.Start) -> None:
+        check_call_text(self, cmd)
         if self.phase in (Phase.GENERATING, Phase.HOLDING):
             raise p.ProtocolError(ErrorCode.BUSY, "an utterance is being generated; send pause or reset first",
                                   cmd="start", id=cmd.id)
@@ -168,6 +170,7 @@ class Call:
         self._push(entries, cmd.final, cmd.id)
 
     def _on_inject(self, cmd: p.Inject) -> None:
+        check_call_text(self, cmd)
         if self.phase is Phase.NONE:
             raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to continue: send start first", cmd="inject",
                                   id=cmd.id)
