@@ -41,6 +41,10 @@ log = logging.getLogger("dia2stream")
 CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_GOING_AWAY = 1001
 IDLE_CHECK_S = 1.0  # the idle watchdog looks at most this often (timeouts are minutes)
+# At shutdown a client has this long to read `shutting_down` and answer the close (a reading
+# client takes milliseconds); then it is cut off. Leaves room in the 2 s an orchestrator waits
+# for the process to exit, after the engine's last frame and the interpreter's teardown (~0.6 s).
+SHUTDOWN_CLOSE_S = 0.5
 MAX_PARALLEL_VOICE_LOADS = 2  # set_voice audio decodes / transcriptions at once, server-wide
 
 
@@ -237,7 +241,8 @@ class Dia2Server:
                     self.limits.max_outbox_items)
         asyncio.ensure_future(self._close(conn, NOT_READING_CLOSE_CODE, "not reading"))
 
-    async def _close(self, conn: Connection, code: int, reason: str, error: p.ErrorEvent | None = None) -> None:
+    async def _close(self, conn: Connection, code: int, reason: str, error: p.ErrorEvent | None = None,
+                     timeout: float | None = None) -> None:
         """Stop this connection's audio, tell the client why (if it still reads) and close, all
         within the close timeout; a client that does not read is cut off after it."""
         if conn.closing:
@@ -248,7 +253,7 @@ class Dia2Server:
             conn.sender.cancel()  # a frame being written is written whole; nothing after it
         if error is not None:
             self.metrics.error(error.code)
-        await close_within(conn.ws, code, reason, self.limits.close_timeout_s, error)
+        await close_within(conn.ws, code, reason, timeout or self.limits.close_timeout_s, error)
 
     def _end_call(self, conn: Connection) -> None:
         if not conn.call_closed:
@@ -261,11 +266,13 @@ class Dia2Server:
         self.stopping = True
         closing = [self._close(conn, CLOSE_GOING_AWAY, "server shutting down",
                                p.ErrorEvent(code=p.ErrorCode.SHUTTING_DOWN, message="the server is shutting down; "
-                                            "reconnect to another instance"))
+                                            "reconnect to another instance"),
+                               timeout=min(SHUTDOWN_CLOSE_S, self.limits.close_timeout_s))
                    for conn in list(self.connections)]
         if closing:
-            log.info("shutting down: closing %d connection(s)", len(closing))
+            t0 = time.perf_counter()
             await asyncio.gather(*closing, return_exceptions=True)
+            log.info("shutting down: closed %d connection(s) in %.2f s", len(closing), time.perf_counter() - t0)
 
 
 async def close_within(ws: ServerConnection, code: int, reason: str, timeout: float,
