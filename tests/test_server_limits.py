@@ -9,10 +9,12 @@ import base64
 import http.client
 import json
 import logging
+import re
 import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import pytest
 from websockets.asyncio.client import connect
@@ -363,3 +365,60 @@ async def test_finding7_idle_connection_is_closed_with_a_reason_but_a_speaking_o
     finally:
         await idle.close()
         await speaking.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 3: the documented top_k range is the one the server takes
+# Finding 5: voice audio refused from its header, never decoded whole
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def plain_server():
+    """Default flags only, so these two tests also run against code older than the limits."""
+    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", mimi="random-small",
+                                    log_level="WARNING")).start()
+    yield srv
+    srv.stop()
+
+
+def documented_range(field: str) -> tuple[int, int]:
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    row = re.search(rf"^\| `{field}` \| int \| (\d+) \| (\d+) \|$", doc, re.M)
+    assert row, f"docs/protocol.md has no range row for {field}"
+    return int(row.group(1)), int(row.group(2))
+
+
+async def test_finding3_documented_top_k_range_is_what_the_server_takes(plain_server):
+    low, high = documented_range("top_k")
+    client, _ = await Client.open(plain_server.url)
+    try:
+        await client.send(cmd="start", text="[S1] Hi.", top_k=high, id="top")
+        await client.until("done", id="top")
+        for bad in (low - 1, high + 1):
+            await client.send(cmd="start", text="[S1] Hi.", top_k=bad, id="bad")
+            error = await client.event()
+            assert error["code"] == "invalid_field" and "top_k" in error["message"]
+    finally:
+        await client.close()
+
+
+async def test_finding5_voice_bomb_is_refused_from_its_header(plain_server, monkeypatch):
+    from test_voice_hardening import constant_flac
+
+    bomb = constant_flac(60, 8)  # ~30 KB of FLAC, 92 MB decoded
+    decoded = []
+    real_read = v.sf.read
+    monkeypatch.setattr(v.sf, "read", lambda *a, **k: decoded.append(1) or real_read(*a, **k))
+    client, _ = await Client.open(plain_server.url)
+    try:
+        t0 = time.perf_counter()
+        await client.send(cmd="set_voice", name="bomb", audio=base64.b64encode(bomb).decode(), transcript="Hi.",
+                          id="b")
+        error = await client.event()
+        assert error["code"] == "bad_audio" and error["id"] == "b"
+        assert "channels" in error["message"] or "longer than" in error["message"]
+        assert time.perf_counter() - t0 < 2.0
+    finally:
+        await client.close()
+    assert decoded == []
