@@ -60,6 +60,7 @@ class Connection:
     voices: VoiceScope
     meter: DeliveryMeter
     sender: asyncio.Task | None = None
+    closer: asyncio.Future | None = None  # a close started from a callback (kept: the loop holds tasks weakly)
     closing: bool = False  # a close was started (idle, not reading, shutdown): send nothing more
     call_closed: bool = False  # close_call is called once: a second detach would reset the slot's next call
 
@@ -239,7 +240,7 @@ class Dia2Server:
     def _not_reading(self, conn: Connection) -> None:
         log.warning("call %d: the client stopped reading (%d items queued); closing", conn.call.slot,
                     self.limits.max_outbox_items)
-        asyncio.ensure_future(self._close(conn, NOT_READING_CLOSE_CODE, "not reading"))
+        conn.closer = asyncio.ensure_future(self._close(conn, NOT_READING_CLOSE_CODE, "not reading"))
 
     async def _close(self, conn: Connection, code: int, reason: str, error: p.ErrorEvent | None = None,
                      timeout: float | None = None) -> None:

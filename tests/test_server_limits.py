@@ -10,6 +10,7 @@ import http.client
 import json
 import logging
 import re
+import socket
 import sys
 import threading
 import time
@@ -22,6 +23,8 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from dia2stream import voice as v
 from dia2stream.config import ServerConfig
+from dia2stream.limits import Limits
+from dia2stream.server import run
 from test_server import LONG_TEXT, Client, ServerThread
 from test_voice import tone, wav_bytes
 
@@ -422,3 +425,44 @@ async def test_finding5_voice_bomb_is_refused_from_its_header(plain_server, monk
     finally:
         await client.close()
     assert decoded == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding 4, memory: a client that floods and stops reading is closed, not queued for
+# ---------------------------------------------------------------------------------------------
+
+
+class LimitedServer(ServerThread):
+    """A server with limits the flags do not reach (here: a small outbox)."""
+
+    def __init__(self, config: ServerConfig, limits: Limits):
+        super().__init__(config)
+        self.limits = limits
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        await run(self.config, self._port, stop=self._stop, limits=self.limits)
+
+
+async def test_finding4_a_client_that_stops_reading_is_closed_not_queued_for():
+    srv = await asyncio.to_thread(LimitedServer(
+        ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", mimi="random-small",
+                     log_level="ERROR"),
+        Limits(max_outbox_items=16, commands_per_second=1e6, command_burst=10**6)).start)
+    try:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # stops reading: backs up fast
+        sock.connect(("127.0.0.1", srv.port))
+        ws = await connect(srv.url, sock=sock, max_queue=1, open_timeout=30)
+        t0 = time.perf_counter()
+        with pytest.raises(ConnectionClosed):
+            for _ in range(200_000):  # pongs the client never reads
+                await ws.send('{"cmd": "ping", "id": "%s"}' % ("x" * 100))
+        closed_s = time.perf_counter() - t0
+        deadline = time.perf_counter() + 10
+        while (await asyncio.to_thread(http_call, srv.port, "GET", "/health"))[2].find(b'"calls": 0') < 0:
+            assert time.perf_counter() < deadline, "the call of a client that stopped reading was kept"
+            await asyncio.sleep(0.05)
+        assert closed_s < 10
+    finally:
+        await asyncio.to_thread(srv.stop)
