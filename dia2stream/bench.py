@@ -339,6 +339,19 @@ async def bench_server(port: int, runs: int) -> dict:
             if i >= 2:
                 inject.append(got)
             await _recv_until(ws, _is_event("done"), timeout=120)
+        rollback = []
+        for i in range(runs + 2):  # barge-in: pause with played_ms mid-utterance -> paused
+            await ws.send(json.dumps({"cmd": "start", "text": SCRIPT}))
+            frames = 0
+            while frames < 12:
+                frames += isinstance(await asyncio.wait_for(ws.recv(), 60), bytes)
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"cmd": "pause", "played_ms": 400}))
+            _, t1 = await _recv_until(ws, _is_event("paused"))
+            if i >= 2:
+                rollback.append((t1 - t0) * 1000)
+            await ws.send(json.dumps({"cmd": "reset"}))
+            await _recv_until(ws, _is_event("reset"))
         await ws.send(json.dumps({"cmd": "set_voice", "name": "bench", "audio": _voice_wav_b64(),
                                   "transcript": VOICE_TRANSCRIPT}))
         msg, _ = await _recv_until(ws, lambda m: isinstance(m, str) and json.loads(m).get("event") in ("voice_ready", "error"),
@@ -356,7 +369,7 @@ async def bench_server(port: int, runs: int) -> dict:
                 await _recv_until(ws, _is_event("reset"))
     pair = lambda rows: {"ttfb_ms": stats([r[0] for r in rows]), "onset_ms": stats([r[1] for r in rows])}  # noqa: E731
     return {"start": pair(cold), "inject_after_done": pair(inject), "start_with_voice": pair(voiced),
-            "voice": voice_info}
+            "pause_with_played_ms_to_paused_ms": stats(rollback), "voice": voice_info}
 
 
 # -- driver ----------------------------------------------------------------------------------------

@@ -23,12 +23,16 @@ from enum import Enum
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
+import torch
 
 from vendor_dia2.config import FRAME_RATE
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import ScriptError, parse_script
+from vendor_dia2.delays import delay_codes
+from vendor_dia2.state_machine import TextState, shifted
 
 from . import protocol as p
+from .formats import DEFAULT_FORMAT, FrameEncoder
 from .protocol import ErrorCode
 from .voice import restore_voice
 from .limits import check_call_text
@@ -39,13 +43,26 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FRAME_SECONDS = 1.0 / FRAME_RATE
+HISTORY_MARGIN = 64  # steps of history kept beyond what the lead and the delay need
+MAX_HISTORY = 2048
+CODEC_MARK_EVERY = 16  # frames between snapshots of the call's Mimi row (rollback re-decodes from one)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """What a rollback needs to stand before step `position` again."""
+
+    position: int
+    text: TextState  # the state machine before the step
+    text_in: tuple[int, int]  # the step's text inputs (what the previous step gave)
 
 
 @dataclass(frozen=True)
 class AudioFrame:
-    pcm: np.ndarray  # float32 [1920] in [-1, 1]
+    pcm: np.ndarray  # float32 [1920] in [-1, 1] at 24 kHz
     epoch: int
     index: int  # frame index within the utterance
+    data: bytes = b""  # the binary message in the call's format (header + samples)
 
 
 Item = object  # an event dataclass from `protocol`, or an AudioFrame
@@ -74,7 +91,10 @@ class Turn:
     first_word_frame: int | None = None  # aligned frame of the turn's first word
     frames_sent: int = 0
     first_audio_at: float | None = None
-    word_ids: deque = field(default_factory=deque)  # [count, id] per text command, in order
+    # (words pushed by this turn's text commands up to and including one command, its id): the
+    # n-th word of the turn belongs to the first command whose count exceeds n
+    word_marks: list = field(default_factory=list)
+    words_pushed: int = 0
     words_emitted: int = 0
     pace_origin: float = 0.0  # wall time that frame `pace_frames` of playback corresponds to
     pace_frames: int = 0
@@ -88,6 +108,8 @@ class Call:
         self.machine = engine.tts.new_state_machine()
         self.defaults = SamplingParams(cfg_scale=engine.config.cfg_scale, seed=engine.config.seed)
         self.current_voice: str | None = engine.default_voice
+        # Per call and stateful (streaming resampler): a new format applies from the next turn.
+        self.encoder = FrameEncoder(DEFAULT_FORMAT)
         self.phase = Phase.NONE
         self.turn: Turn | None = None
         self.last_turn: Turn | None = None
@@ -101,6 +123,19 @@ class Call:
         self._resume_phase = Phase.GENERATING
         self._floor_frame = 0  # aligned frames before this belong to the voice prefix (never decoded)
         self._received_at = 0.0
+        # Barge-in rollback: the last steps' text states and inputs, and Mimi row snapshots every
+        # few frames, enough to go back over everything generated ahead of the caller.
+        lead_frames = int(engine.config.max_lead_ms / 1000 * FRAME_RATE) + 1
+        self._history: deque[StepRecord] = deque(
+            maxlen=min(MAX_HISTORY, lead_frames + engine.stepper.max_delay + HISTORY_MARGIN))
+        self._codec_marks: deque = deque(maxlen=self._history.maxlen // CODEC_MARK_EVERY + 2)
+        self._last_text: tuple[int, int] = (0, 0)
+        self._drop_unspoken = False  # after a rollback, an inject replaces the words not heard
+        # Text inputs of every step in the context, for a rollover to prefill them again.
+        self._text_log = np.zeros((engine.context_frames + 2, 2), dtype=np.int64)
+        self.rollovers = 0
+        self.checkpoint_at: int | None = None  # test hook: snapshot the call before this step
+        self.checkpoint = self.checkpoint_codec = None
 
     # -- state shared with the engine ----------------------------------------------------------
 
@@ -164,6 +199,7 @@ class Call:
         entries = self._parse(cmd.text, cmd, leading_speaker="[S1]")
         if cmd.voice is not None:
             self.current_voice = cmd.voice
+        self._set_format(cmd.format)
         self.voice_reset()
         self.engine.stepper.set_sampling(self.slot, params)
         self._begin_turn(cmd.id)
@@ -175,10 +211,13 @@ class Call:
             raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to continue: send start first", cmd="inject",
                                   id=cmd.id)
         entries = self._parse(cmd.text, cmd, leading_speaker=None)
+        if self._drop_unspoken:  # after a barge-in: the new text replaces what the caller did not hear
+            self._drop_words_not_heard()
         if self.phase is Phase.IDLE:
             self._begin_turn(cmd.id)  # the next turn, from the warm state
         elif self.phase is Phase.PAUSED:
             self.phase = self._resume_phase
+            self.encoder.reset()  # frames queued before the pause were dropped
             self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
             self._restart_pacing()
         if cmd.id is not None:
@@ -195,13 +234,59 @@ class Call:
             self._resume_phase = Phase.GENERATING  # else resume would hold forever, with no done
 
     def _on_pause(self, cmd: p.Pause) -> None:
+        spoken = unspoken = None
+        if cmd.played_ms is not None:
+            spoken, unspoken = self._roll_back(cmd)
         turn = self.turn or self.last_turn
         if self.phase in (Phase.GENERATING, Phase.HOLDING):
             self._resume_phase = self.phase
             self.phase = Phase.PAUSED
         frames = turn.frames_sent if turn else 0
         self.emit(p.Paused(id=cmd.id if cmd.id is not None else (turn.id if turn else None), frames_sent=frames,
-                           position=self.position, audio_s=round(frames * FRAME_SECONDS, 3)))
+                           position=self.position, audio_s=round(frames * FRAME_SECONDS, 3),
+                           spoken=spoken, unspoken=unspoken))
+
+    def _roll_back(self, cmd: p.Pause) -> tuple[list[dict], list[str]]:
+        """Barge-in: go back to the end of what the caller heard (`played_ms` of this utterance).
+        Everything is checked before anything changes; a bad value leaves the call as it was."""
+        turn = self.turn
+        if turn is None or self.phase is Phase.NONE:
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, "played_ms: there is no utterance to roll back",
+                                  cmd="pause", id=cmd.id)
+        heard = int((cmd.played_ms + 1e-6) // (FRAME_SECONDS * 1000))  # whole frames played
+        if heard > turn.frames_sent:
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"played_ms: {cmd.played_ms:g} ms is more than the "
+                                  f"{turn.frames_sent * FRAME_SECONDS * 1000:.0f} ms of audio sent for this utterance",
+                                  cmd="pause", id=cmd.id)
+        start = turn.send_from if turn.send_from is not None else turn.next_frame
+        target = start + heard  # first aligned frame the caller has not heard
+        record = next((r for r in self._history if r.position == target), None)
+        mark = next((m for m in reversed(self._codec_marks) if m[0] <= target), None)
+        if record is None or mark is None or target > self.position:
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"played_ms: cannot roll back to {cmd.played_ms:g} ms "
+                                  "(out of the range this call keeps)", cmd="pause", id=cmd.id)
+        engine = self.engine
+        engine.stepper.rewind(self.slot, target, record.text_in)
+        self.machine.restore(record.text)
+        engine.restore_codec_row(self.slot, mark[1], engine.stepper.aligned_codes(self.slot, mark[0], target))
+        while self._history and self._history[-1].position >= target:
+            self._history.pop()
+        while self._codec_marks and self._codec_marks[-1][0] > target:
+            self._codec_marks.pop()
+        self._last_text = record.text_in
+        turn.next_frame = target
+        turn.frames_sent = heard
+        state = self.machine.state
+        turn.words_emitted = min(turn.words_emitted, len(state.transcript))
+        spoken = [{"word": word, "start_s": round(max(0, step - start) * FRAME_SECONDS, 3)}
+                  for word, step in state.transcript[turn.words_before:]]
+        unspoken = [e.text for e in state.entries[state.next_entry:] if e.tokens]
+        if self.phase is Phase.IDLE:  # the caller was still playing a finished utterance
+            self.phase, self._resume_phase = Phase.PAUSED, Phase.GENERATING
+        self._drop_unspoken = True
+        log.info("call %d: rolled back to frame %d (%d heard), %d word(s) spoken, %d not", self.slot, target, heard,
+                 len(spoken), len(unspoken))
+        return spoken, unspoken
 
     def _on_resume(self, cmd: p.Resume) -> None:
         if self.phase is Phase.NONE:
@@ -210,6 +295,8 @@ class Call:
             raise p.ProtocolError(ErrorCode.NOT_PAUSED, f"nothing is paused (the call is {self.phase.value})",
                                   cmd="resume", id=cmd.id)
         self.phase = self._resume_phase
+        self._drop_unspoken = False  # speak the words the caller did not hear, from where they stopped
+        self.encoder.reset()  # frames queued before the pause were dropped
         self._restart_pacing()
         self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
 
@@ -217,6 +304,7 @@ class Call:
         self._check_voice(cmd)
         if cmd.voice is not None:
             self.current_voice = cmd.voice
+        self._set_format(cmd.format)
         self.voice_reset()
         self.phase = Phase.NONE
         self.emit(p.ResetDone(voice=self.current_voice, id=cmd.id))
@@ -234,15 +322,31 @@ class Call:
         return self.position + 1 < self.engine.context_frames
 
     def preview(self):
-        """Both possible text answers of the next step (before it runs)."""
-        return self.machine.preview(self.position)
+        """Both possible text answers of the next step (before it runs); records the step."""
+        position = self.position
+        self._history.append(StepRecord(position, self.machine.snapshot(), self._last_text))
+        self._text_log[position] = self._last_text
+        if position == self.checkpoint_at:
+            self.checkpoint = (self.engine.stepper.snapshot(self.slot), self.machine.snapshot(), self._last_text)
+        return self.machine.preview(position)
 
     def advance(self, action: int) -> bool:
         """Apply the step's sampled action (the step already advanced the position). True when an
         aligned frame of this turn is ready to decode."""
-        self.machine.process(self.position - 1, action)
+        self._last_text = self.machine.process(self.position - 1, action)
         ready = self.engine.stepper.ready_frame_index(self.slot)
         return ready >= self.turn.next_frame
+
+    def wants_codec_mark(self) -> bool:
+        """Whether to snapshot this call's Mimi row before decoding the announced frame."""
+        frame = self.engine.stepper.ready_frame_index(self.slot)
+        return frame % CODEC_MARK_EVERY == 0 or frame == self.checkpoint_at
+
+    def add_codec_mark(self, snapshot) -> None:
+        frame = self.engine.stepper.ready_frame_index(self.slot)
+        self._codec_marks.append((frame, snapshot))
+        if frame == self.checkpoint_at:
+            self.checkpoint_codec = snapshot
 
     def deliver(self, pcm: np.ndarray) -> None:
         """The decoded frame `advance` announced: send it, with its words, unless it lies before
@@ -257,7 +361,7 @@ class Call:
             turn.first_word_frame = first_word
             turn.send_from = frame
         self._emit_words_up_to(frame)
-        self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent))
+        self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent, self.encoder.encode(pcm)))
         if turn.first_audio_at is None:
             turn.first_audio_at = turn.pace_origin = time.monotonic()
             turn.pace_frames = 0
@@ -292,6 +396,54 @@ class Call:
         self.phase = Phase.NONE
         self.emit(p.ResetDone(voice=self.current_voice))
 
+    def roll_over(self) -> bool:
+        """Calls of any length: rebuild the context from the voice prefix plus the most recent
+        conversation (its audio codes and text inputs, a sliding window) with one parallel prefill,
+        and go on from the first frame not yet decoded. Nothing sent changes and Mimi's stream is
+        untouched, so the audio continues without a seam. False if there is no room to do it."""
+        engine, stepper, turn = self.engine, self.engine.stepper, self.turn
+        floor = self._floor_frame
+        if turn is None:
+            return False
+        resume_at = turn.next_frame  # every frame before it is decoded (complete)
+        record = next((r for r in self._history if r.position == resume_at), None)
+        window = min(engine.config.rollover_frames, resume_at - floor, (engine.context_frames - floor) // 2)
+        if record is None or window < stepper.max_delay:
+            return False
+        t0 = time.perf_counter()
+        d = engine.tts.config.data
+        frames = floor + window
+        codes = torch.cat([stepper.aligned_codes(self.slot, 0, floor),
+                           stepper.aligned_codes(self.slot, resume_at - window, resume_at)], dim=1)  # [Q, F + W]
+        delayed = delay_codes(codes.cpu(), list(d.delay_pattern), d.audio_pad)
+        for k, delay in enumerate(d.delay_pattern):
+            delayed[k, :delay] = d.audio_bos
+        text = np.empty((frames + 1, 2), dtype=np.int64)
+        text[:floor] = self._text_log[:floor]
+        text[floor:frames] = self._text_log[resume_at - window:resume_at]
+        text[frames] = record.text_in
+        stepper.prefill(self.slot, delayed, torch.from_numpy(text), frames)
+        delta = frames - resume_at
+        self._rebase(delta, keep_from=resume_at - window, upto=resume_at)
+        self._text_log[floor:frames + 1] = text[floor:]
+        self.machine.restore(shifted(record.text, delta))
+        self._last_text = record.text_in
+        for name in ("start_position", "first_frame", "next_frame", "send_from", "first_word_frame"):
+            value = getattr(turn, name)
+            if value is not None:
+                setattr(turn, name, value + delta)
+        self.rollovers += 1
+        log.info("call %d: context rolled over at frame %d: prefix %d + last %d frames, %.1f ms", self.slot,
+                 resume_at, floor, window, (time.perf_counter() - t0) * 1000)
+        return True
+
+    def _rebase(self, delta: int, keep_from: int, upto: int) -> None:
+        """Move the rollback history into the rebuilt context (what lies outside it is dropped)."""
+        self._history = deque((StepRecord(r.position + delta, shifted(r.text, delta), r.text_in)
+                               for r in self._history if keep_from <= r.position <= upto), maxlen=self._history.maxlen)
+        self._codec_marks = deque(((frame + delta, snap) for frame, snap in self._codec_marks
+                                   if keep_from <= frame <= upto), maxlen=self._codec_marks.maxlen)
+
     def fail(self, exc: BaseException) -> None:
         """A fault in this call's handling or frame: end its utterance, reset it; others go on."""
         self.emit(p.ErrorEvent(code=ErrorCode.INTERNAL_ERROR, message=f"internal error: {exc}",
@@ -316,14 +468,24 @@ class Call:
         if self.turn is not None:
             self.last_turn = self.turn
         self.turn = None
+        self._history.clear()
+        self._codec_marks.clear()
+        self._drop_unspoken = False
+        self._last_text = (engine.stepper.bos_token_id, engine.tts.config.data.text_pad_token_id)
+        self._text_log[:] = 0
 
     def voice_reset(self) -> None:
         """Back to the current voice's prepared state by copy (the clean state without a voice)."""
         self.clean_reset()
-        state = self.engine.voices.get(self.current_voice) if self.current_voice else None
+        engine = self.engine
+        state = engine.voices.get(self.current_voice) if self.current_voice else None
         if state is not None:
-            restore_voice(state, self.engine.stepper, self.machine, self.engine.codec, self.slot)
+            restore_voice(state, engine.stepper, self.machine, engine.codec, self.slot)
             self._floor_frame = state.prefix_frames
+            self._last_text = engine.stepper.text_inputs(self.slot)
+            if state.text_tokens is not None:
+                self._text_log[: state.prefix_frames + 1] = state.text_tokens.cpu().numpy()
+        self._codec_marks.append((self._floor_frame, engine.codec.snapshot_row(self.slot)))
 
     def _check_voice(self, cmd) -> None:
         if cmd.voice is not None and cmd.voice not in self.engine.voices:
@@ -350,17 +512,21 @@ class Call:
 
     def _parse(self, text: str, cmd, leading_speaker: str | None):
         try:
-            return parse_script(text, self.engine.tts.tokenizer, leading_speaker=leading_speaker)
+            # a turn that opens with [S2] keeps its own speaker (our fix of an upstream quirk, docs/parity.md)
+            return parse_script(text, self.engine.tts.tokenizer, leading_speaker=leading_speaker, keep_own_speaker=True)
         except ScriptError as exc:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"text: {exc}", cmd=cmd.cmd, id=cmd.id) from None
 
     def _begin_turn(self, client_id) -> None:
+        if self.turn is not None and self.position + self.engine.config.min_turn_frames >= self.engine.context_frames:
+            self.roll_over()  # between turns, where it is cheapest; else a long turn rolls over mid-way
         position = self.position
         first = max(0, position + 1 - self.engine.stepper.max_delay)  # first aligned frame this turn decodes
         first = max(first, self._floor_frame)  # prefix frames: already in Mimi's stream, never decoded
         self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=self._received_at,
                          next_frame=first, words_before=len(self.machine.transcript))
         self.turn.words_emitted = self.turn.words_before
+        self.encoder.reset()  # the turn's first sent frame does not continue the last one sent
         self.phase = Phase.GENERATING
         self.emit(p.Started(id=client_id, voice=self.current_voice if self._floor_frame else None, position=position))
 
@@ -373,7 +539,8 @@ class Call:
     def _push(self, entries, final: bool, client_id) -> None:
         words = sum(1 for e in entries if e.tokens)
         if words:
-            self.turn.word_ids.append([words, client_id])
+            self.turn.words_pushed += words
+            self.turn.word_marks.append((self.turn.words_pushed, client_id))
         self.machine.push(entries, final=final)
         if self.phase is Phase.HOLDING and (entries or final):
             self._leave_hold()
@@ -384,6 +551,18 @@ class Call:
         # the lead the client still has buffered (none after a long hold).
         self.phase = Phase.GENERATING
         self._restart_pacing(lead=max(0.0, self.lead_seconds()))
+
+    def _drop_words_not_heard(self) -> None:
+        self._drop_unspoken = False
+        self.machine.drop_queued()
+        turn = self.turn
+        kept = len(self.machine.state.transcript) - turn.words_before
+        turn.word_marks = [(min(count, kept), owner) for count, owner in turn.word_marks]
+        turn.words_pushed = kept
+
+    def _set_format(self, name: str | None) -> None:
+        if name is not None and name != self.encoder.format.name:
+            self.encoder = FrameEncoder(name)
 
     def _restart_pacing(self, lead: float = 0.0) -> None:
         turn = self.turn
@@ -397,18 +576,15 @@ class Call:
         while turn.words_emitted < len(transcript) and transcript[turn.words_emitted][1] <= frame:
             word, step = transcript[turn.words_emitted]
             index = max(0, step - turn.send_from)
-            self.emit(p.Word(id=self._word_owner(), word=word, start_s=round(index * FRAME_SECONDS, 3), frame=index))
+            owner = self._word_owner(turn.words_emitted - turn.words_before)
+            self.emit(p.Word(id=owner, word=word, start_s=round(index * FRAME_SECONDS, 3), frame=index))
             turn.words_emitted += 1
 
-    def _word_owner(self):
-        ids = self.turn.word_ids
-        if not ids:
-            return self.turn.id
-        owner = ids[0][1]
-        ids[0][0] -= 1
-        if ids[0][0] == 0:
-            ids.popleft()
-        return owner
+    def _word_owner(self, n: int):
+        for count, owner in self.turn.word_marks:
+            if n < count:
+                return owner
+        return self.turn.id
 
 
 def _first(*values):

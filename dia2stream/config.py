@@ -30,6 +30,7 @@ class ServerConfig:
     voices: tuple[str, ...] = ()  # NAME=PATH[,TRANSCRIPT], preloaded at start-up
     max_calls: int | None = None  # concurrent calls (slots); None = 1 on CPU, 64 on a GPU
     lead_in_frames: int = 1
+    rollover_frames: int = 250
     # -- access and limits (issue 13); turned into objects by http.HttpPolicy.from_config and
     # limits.Limits.from_config, documented in docs/operations.md
     auth_token: str | None = field(default=None, repr=False)
@@ -68,6 +69,8 @@ _FLAGS = [  # (name, type, help)
     ("whisper_model", str, "openai-whisper model name or checkpoint path for voice transcripts"),
     ("max_calls", int, "concurrent calls, one engine slot each; more get 'busy' (default: 1 on CPU, 64 on a GPU)"),
     ("lead_in_frames", int, "frames (80 ms each) sent before a turn's first word; silence before them is not sent"),
+    ("rollover_frames", int, "recent conversation (frames) kept when a full context is rebuilt; 0 = no rollover "
+                             "(context_full and a reset instead)"),
     # -- access and limits (issue 13); see docs/operations.md
     ("auth_token", str, "token clients must present (Authorization: Bearer, or ?token=) for the websocket and "
                         "/metrics; /health stays open"),
@@ -114,6 +117,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     values["voices"] = tuple(values["voices"]) if values["voices"] else env_voices
     if values["max_calls"] is not None and values["max_calls"] < 1:
         parser.error("--max-calls must be at least 1")
+    if values["rollover_frames"] < 0:
+        parser.error("--rollover-frames must be 0 or more")
     if values["lead_in_frames"] < 0:
         parser.error("--lead-in-frames must be 0 or more")
     if values["compile"] not in ("auto", "on", "off"):

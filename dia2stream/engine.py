@@ -59,6 +59,7 @@ class EngineConfig:
     voice: VoiceSettings = field(default_factory=VoiceSettings)
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     lead_in_frames: int = 1  # frames sent before a turn's first word
+    rollover_frames: int = 250  # recent conversation kept when a full context is rebuilt (20 s)
     compile: bool = False  # torch.compile inside the CUDA graphs
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
     max_pending_text_chars: int = 16_384  # text queued on a call but not yet spoken (limits.check_call_text)
@@ -168,9 +169,22 @@ class Engine:
     # -- used by calls (generation thread) -------------------------------------------------------
 
     def reset_codec_row(self, slot: int) -> None:
+        self.codec.reset_stream(self._only(slot))
+
+    def restore_codec_row(self, slot: int, snapshot, codes: torch.Tensor) -> None:
+        """Put a call's Mimi row back to `snapshot`, then decode aligned frames `codes` [Q, F] into
+        it (that row alone advances): the decoder stands where those frames left it."""
+        self.codec.restore_row(slot, snapshot)
+        batch = torch.zeros(self.max_calls, codes.shape[0], dtype=torch.long, device=codes.device)
+        rows = self._only(slot)
+        for i in range(codes.shape[1]):
+            batch[slot] = codes[:, i]
+            self.codec.decode_frame(batch, rows)
+
+    def _only(self, slot: int) -> torch.Tensor:
         mask = torch.zeros(self.max_calls, dtype=torch.bool)
         mask[slot] = True
-        self.codec.reset_stream(mask)
+        return mask
 
     # -- the generation thread -------------------------------------------------------------------
 
@@ -265,7 +279,7 @@ class Engine:
     def _step(self, calls: list[Call]) -> None:
         stepping = []
         for call in calls:
-            if call.context_left():
+            if call.context_left() or call.roll_over():
                 stepping.append(call)
             else:
                 call.context_full()
@@ -290,6 +304,8 @@ class Engine:
             self._decode_rows.zero_()
             for call in decode:
                 self._decode_rows[call.slot] = True
+                if call.wants_codec_mark():
+                    call.add_codec_mark(self.codec.snapshot_row(call.slot))
             pcm = self.codec.decode_frame(self.stepper.ready_codes[: self.max_calls], self._decode_rows)
             pcm = pcm.cpu().numpy()
             for call in decode:

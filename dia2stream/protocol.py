@@ -66,6 +66,8 @@ FIELD_RANGES: dict[str, tuple[float, float]] = {
     "cfg_scale": CFG_SCALE_RANGE,
 }
 
+MAX_PLAYED_MS = 24 * 3600 * 1000.0  # a day: anything above is not a duration a call can have played
+
 _FRAME_HEADER = struct.Struct("<I")
 
 # Code points a str can hold but UTF-8 cannot encode: lone UTF-16 surrogates, which JSON lets a
@@ -185,6 +187,8 @@ class Flush:
 class Pause:
     cmd: ClassVar[str] = "pause"
     id: ClientId | None = None
+    # Audio of this utterance that reached the caller (barge-in): the call rolls back to it.
+    played_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -339,6 +343,10 @@ class Paused(_Event):
     frames_sent: int  # frames of the current utterance sent so far
     position: int  # context position (frames) where generation stopped
     audio_s: float  # frames_sent / 12.5
+    # With `played_ms` (barge-in rollback): the words the caller heard, each {"word", "start_s"},
+    # and the words generated or queued but not heard, in order.
+    spoken: list[dict[str, Any]] | None = None
+    unspoken: list[str] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -697,7 +705,7 @@ _COMMANDS: dict[str, tuple[type, _FieldSpec]] = {
         {"text": (True, _check_text), "final": (False, _check_bool), **_ID},
     ),
     "flush": (Flush, dict(_ID)),
-    "pause": (Pause, dict(_ID)),
+    "pause": (Pause, {**_ID, "played_ms": (False, _float_in(0.0, MAX_PLAYED_MS))}),
     "resume": (Resume, dict(_ID)),
     "reset": (Reset, {"voice": (False, _check_voice_name), **_ID, "format": (False, _check_format)}),
     "set_voice": (

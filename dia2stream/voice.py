@@ -48,6 +48,7 @@ import torch
 from vendor_dia2.checkpoint import cache_dir
 from vendor_dia2.codec import CodecStreamSnapshot
 from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
+from vendor_dia2.tokenizer import step0_bos_id
 from vendor_dia2.runtime import StepperSnapshot
 from vendor_dia2.script import ScriptEntry
 from vendor_dia2.state_machine import TextState
@@ -146,6 +147,8 @@ class VoiceState:
     prepare_ms: float
     words: list[str] = field(default_factory=list)  # the prefix words the plan used
     key: str = ""
+    # the text inputs of prefix steps 0..F [F + 1, 2]: a context rollover prefills them again
+    text_tokens: torch.Tensor | None = None
 
     def info(self) -> dict:
         return {"name": self.name, "prefix_s": self.prefix_s, "speakers": self.speakers}
@@ -182,6 +185,8 @@ class VoiceState:
                     codec_meta[module][name] = {"ring": sorted(value)}
                 else:
                     codec_meta[module][name] = {"value": value}
+        if self.text_tokens is not None:
+            tensors["text_tokens"] = self.text_tokens
         text = dataclasses.asdict(self.text)
         text["entries"] = [[e.text, list(e.tokens), e.padding] for e in self.text.entries]
         meta = {"format": FORMAT_VERSION, "name": self.name, "prefix_frames": self.prefix_frames,
@@ -225,7 +230,7 @@ class VoiceState:
         return cls(name=meta["name"], stepper=StepperSnapshot(**kwargs), text=TextState(**text),
                    codec=CodecStreamSnapshot(meta["codec"]["batch_size"], states), prefix_frames=meta["prefix_frames"],
                    prefix_s=meta["prefix_s"], speakers=meta["speakers"], prepare_ms=meta["prepare_ms"],
-                   words=meta["words"], key=meta["key"])
+                   words=meta["words"], key=meta["key"], text_tokens=tensors.get("text_tokens"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -557,12 +562,14 @@ class VoicePreparer:
                              f"this session's context allows at most {max_frames}")
         plan = build_prefix_plan([PrefixSpeaker(c, s.words, tag) for c, s, tag in
                                   zip(codes, loaded.speakers, ("[S1]", "[S2]"))],
-                                 self.tts.tokenizer, d.delay_pattern, d.audio_bos, d.audio_pad)
+                                 self.tts.tokenizer, d.delay_pattern, d.audio_bos, d.audio_pad, fit_words=True)
         if plan.dropped:
             log.warning("voice %s: %d prefix word(s) did not fit the audio and were left out: %s", loaded.name,
                         len(plan.dropped), " ".join(plan.dropped[:10]))
         machine.reset()
-        text = warm_up_text(machine, plan, d.text_pad_token_id)
+        text = warm_up_text(machine, plan, d.text_pad_token_id, step0_bos_id(self.tts.tokenizer), clear_lookahead=True)
+        if machine.remaining_entries or machine.state.pending:
+            raise AssertionError("prefix words left in the state machine after warm-up")
         stepper.reset_call(slot)
         stepper.prefill(slot, plan.delayed, text, plan.frames)
         warmed = codec.warmed_row(plan.aligned[None].to(codec.device))
@@ -570,7 +577,8 @@ class VoicePreparer:
         return VoiceState(name=loaded.name, stepper=stepper.snapshot(slot), text=machine.snapshot(),
                           codec=warmed, prefix_frames=plan.frames,
                           prefix_s=round(plan.frames / 12.5, 3), speakers=loaded.distinct,
-                          prepare_ms=round(prepare_ms, 1), words=[e.text for e in plan.entries])
+                          prepare_ms=round(prepare_ms, 1), words=[e.text for e in plan.entries],
+                          text_tokens=text.clone())
 
 
 def restore_voice(state: VoiceState, stepper, machine, codec, slot: int = 0) -> None:

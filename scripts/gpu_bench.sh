@@ -1,16 +1,66 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one command, for a CUDA machine that has torch but not moshi, websockets
-# or soundfile (like the lent H100): installs the wheels `make gpu-wheels` put in .whl/, runs the
-# GPU tests, then the benchmark (random 2b checkpoint written locally; nothing downloaded).
-#   scripts/gpu_bench.sh                 # 2b, compiled + graph + eager, server TTFA, voice prefill
-#   PRESETS=1b,2b scripts/gpu_bench.sh --profile
-set -euo pipefail
+# The GPU benchmark in one command, for a CUDA machine that has torch but not moshi, websockets,
+# soundfile, soxr or prometheus_client (like the lent H100): installs the wheels `make gpu-wheels`
+# put in .whl/, runs the GPU tests, the frame-step/onset benchmark, then the real server with
+# --max-calls 64 under the load script at 1, 8, 16, 32 and 64 concurrent calls, and a rollover run
+# (a short context, so long turns rebuild it mid-utterance). Random 2b checkpoint written locally;
+# nothing downloaded. Results land in $OUT (default .) as JSON and logs.
+#   scripts/gpu_bench.sh                  # everything
+#   STAGES=load scripts/gpu_bench.sh      # only the server under load
+set -uo pipefail
 cd "$(dirname "$0")/.."
+OUT="${OUT:-.}"
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dia2-site .whl/*.whl
   export PYTHONPATH="/tmp/dia2-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1 DIA2_CACHE="${DIA2_CACHE:-/tmp/dia2cache}"
-python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py
-python3 -m dia2stream.bench --presets "${PRESETS:-2b}" --frames 200 --runs 20 --compile \
-  --json "${OUT:-.}/bench.json" "$@"
+STAGES="${STAGES:-tests,bench,load,rollover}"
+CKPT="${CKPT:-/tmp/dia2-bench/2b}"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python3 -c 'import torch; print("torch", torch.__version__)'
+
+if [[ $STAGES == *tests* ]]; then
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4
+fi
+if [[ $STAGES == *bench* ]]; then
+  timeout 420 python3 -m dia2stream.bench --presets 2b --frames 100 --runs 10 --compile ${BENCH_ARGS:-} \
+    --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
+  grep -v '^ *"\|^ *[]}{]\|^ *[0-9],*$' "$OUT/bench.log" | tail -25
+fi
+if [[ $CKPT == /* && ! -f $CKPT/model.safetensors ]]; then python3 -m vendor_dia2 make-checkpoint --preset 2b "$CKPT" > /dev/null; fi
+
+health() { python3 -c "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:8765/health', timeout=2).read().decode())"; }
+serve() {  # serve NAME ARGS...: the real server in the background, waits for /health
+  local name=$1; shift
+  python3 server.py --checkpoint "$CKPT" --mimi "${MIMI:-random}" --port 8765 --log-level INFO "$@" > "$OUT/server-$name.log" 2>&1 &
+  SERVER=$!
+  for _ in $(seq 1 240); do
+    health > /dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "server $name did not come up"; tail -20 "$OUT/server-$name.log"; return 1
+}
+stop() { kill -TERM "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; }
+
+if [[ $STAGES == *load* ]]; then
+  t0=$(date +%s)
+  serve load --max-calls 64 --compile "${COMPILE:-off}" && echo "server up in $(( $(date +%s) - t0 )) s: $(health)"
+  for n in ${CALLS:-1 8 16 32 64}; do
+    python3 -m dia2stream.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
+      --json "$OUT/load-$n.json" > "$OUT/load-$n.txt" 2>&1
+    echo "== $n calls (health after: $(health))"; tail -22 "$OUT/load-$n.txt"
+  done
+  stop
+fi
+if [[ $STAGES == *rollover* ]]; then
+  serve rollover --max-calls 8 --context-frames 400 --compile "${COMPILE:-off}"
+  LONG="[S1] $(for i in $(seq 1 120); do printf 'word%d ' "$i"; done)done."
+  python3 -m dia2stream.load ws://127.0.0.1:8765/ --calls 8 --turns 2 --text "$LONG" --quiet \
+    --json "$OUT/load-rollover.json" > "$OUT/load-rollover.txt" 2>&1
+  tail -22 "$OUT/load-rollover.txt"
+  stop
+  grep -h "rolled over" "$OUT/server-rollover.log" | sed 's/.*: //' | sort | uniq -c | tail -5
+  grep -ho "last [0-9]* frames, [0-9.]* ms" "$OUT/server-rollover.log" | awk '{print $4}' | sort -n | \
+    awk '{a[NR]=$1} END {if (NR) print "rollover rebuild ms: n", NR, "p50", a[int((NR+1)/2)], "max", a[NR]}'
+fi

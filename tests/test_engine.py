@@ -360,3 +360,23 @@ async def test_health_reports_calls_and_slots(four_slots):
     body = await asyncio.to_thread(get)
     assert body["max_calls"] == 4 and body["calls"] >= 1 and body["busy"] is False
     await ws.close()
+
+
+@pytest.mark.parametrize("fmt, samples, width", [("ulaw_8000", 640, 1), ("pcm_16000", 1280, 2), ("alaw_8000", 640, 1)])
+async def test_a_start_in_a_telephony_format_gets_frames_of_that_format(four_slots, fmt, samples, width):
+    ws, ready = await _open(four_slots.url)
+    assert fmt in ready["formats"]
+    await ws.send(json.dumps({"cmd": "start", "text": TEXTS[2], "format": fmt, "id": "f"}))
+    frames = 0
+    while True:
+        msg = await asyncio.wait_for(ws.recv(), 60)
+        if isinstance(msg, bytes):
+            assert int.from_bytes(msg[:4], "little") == samples and len(msg) == 4 + samples * width
+            frames += 1
+        elif json.loads(msg)["event"] == "done":
+            break
+    assert frames > 0
+    await ws.send(json.dumps({"cmd": "reset", "format": "bogus"}))
+    error = json.loads(await asyncio.wait_for(ws.recv(), 30))
+    assert error["code"] == "invalid_field" and "format" in error["message"]
+    await ws.close()

@@ -144,8 +144,10 @@ ANY_CHAR = st.one_of(st.characters(exclude_categories=()), st.characters(categor
                      st.sampled_from(['"', "\\", "\x00", " ", "\u2028", "\ufeff"]))
 # lists().map(join), not text(): text() merges the character strategies and drops the surrogates.
 ANY_TEXT = st.lists(ANY_CHAR, max_size=20).map("".join)
+# No subnormals: the CPU runtime flushes denormals process-wide (FrameStepper), and hypothesis
+# refuses to draw them then; they are not a case the parser treats apart anyway.
 NUMBERS = st.one_of(st.integers(min_value=-(2**70), max_value=2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), st.booleans())
+                    st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=False), st.booleans())
 LEAVES = st.one_of(st.none(), ANY_TEXT, NUMBERS)
 JUNK = st.recursive(LEAVES, lambda kids: st.one_of(st.lists(kids, max_size=4),
                                                    st.dictionaries(ANY_TEXT, kids, max_size=4)),

@@ -32,8 +32,12 @@ def test_generate_speaks_all_words_and_ends(tiny_tts):
     assert [w for w, _ in result.timestamps] == ["one", "two", "three"]
     assert result.frames < 200  # ended by itself after the tail
     stamps = [s for _, s in result.timestamps]
-    assert stamps == sorted(stamps) and stamps[0] == 0.0
+    # upstream keeps the initial_padding frames before the first word (the tiny preset has a
+    # second text stream, so upstream crops nothing): the first word is 2 frames in
+    assert stamps == sorted(stamps) and stamps[0] == 2 / 12.5
     assert result.waveform.shape[0] == result.audio_tokens.shape[1] * 1920
+    trimmed = tiny_tts.generate("[S1] one two three", seed=0, max_frames=200, decode=False, trim_lead_in=True)
+    assert trimmed.timestamps[0][1] == 0.0 and torch.equal(trimmed.audio_tokens, result.audio_tokens[:, 2:])
     assert result.audio_tokens.shape[0] == 32 and int(result.audio_tokens.max()) < 2048
 
 
@@ -171,7 +175,8 @@ def test_frame_step_matches_naive_reference(tiny_tts, cfg_scale):
     choices = ((d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 10))
     pick = _greedy_pick(cfg_scale)
     history_cond, history_uncond = [], []
-    inputs = [tiny_tts.bos_token_id, d.text_pad_token_id] + [d.audio_bos] * d.num_codebooks  # spec §5 step 0
+    # step 0: the conditional row reads [bos, pad] (DIA2_SPEC.md §5)
+    inputs = [stepper.bos_token_id, d.text_pad_token_id] + [d.audio_bos] * d.num_codebooks
     for t in range(6):
         history_cond.append(list(inputs))
         history_uncond.append([d.text_zero_token_id, d.text_pad_token_id] + inputs[2:])
@@ -184,7 +189,7 @@ def test_frame_step_matches_naive_reference(tiny_tts, cfg_scale):
         text = choices[int(action == 1)]
         masked = [r.clone().index_fill_(0, torch.tensor([d.audio_pad, d.audio_bos]), float("-inf")) for r in rows_cb0]
         c0 = pick(masked)
-        text_rows = [text, (d.text_zero_token_id, d.text_pad_token_id)]
+        text_rows = [text, text]  # upstream: depformer stage 0 sees the conditional text on both rows
         codes = [c0] + reference_depformer(sd, cfg, hidden_rows, c0, text_rows, pick)
 
         got_action = stepper.step([choices])[0]

@@ -523,9 +523,30 @@ async def test_health(server):
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_context_full_resets_and_keeps_working():
+async def test_a_full_context_rolls_over_and_the_utterance_goes_on():
     srv = await asyncio.to_thread(ServerThread(ServerConfig(
         host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", context_frames=40, log_level="WARNING")).start)
+    try:
+        client, ready = await Client.open(srv.url)
+        try:
+            assert ready["context_frames"] == 40
+            words = [f"word{i}" for i in range(30)]
+            done = await speak(client, "[S1] " + " ".join(words) + ".", id="long")
+            assert client.events("error") == []
+            assert [e["word"] for e in client.events("word")] == words[:-1] + [words[-1] + "."]
+            assert done["frames"] > 40  # longer than the context: it was rebuilt on the way
+            frames = [e for e in client.items if e[1] == "frame"]
+            assert len(frames) == done["frames"]
+        finally:
+            await client.close()
+    finally:
+        await asyncio.to_thread(srv.stop)
+
+
+async def test_context_full_resets_and_keeps_working_when_rollover_is_off():
+    srv = await asyncio.to_thread(ServerThread(ServerConfig(
+        host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", context_frames=40, rollover_frames=0,
+        log_level="WARNING")).start)
     try:
         client, ready = await Client.open(srv.url)
         try:

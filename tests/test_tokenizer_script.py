@@ -156,14 +156,27 @@ def test_speaker_tags_attach_to_next_word(tok):
     assert entries[0].padding == len(entries[0].tokens) > 1
     assert not entries[0].is_break
     # A tag glued to its word splits the same way.
-    assert parse_script("[S2]hi", tok) == [_word(tok, "hi", "[S2] hi")]
+    assert parse_script("[S2]hi", tok, keep_own_speaker=True) == [_word(tok, "hi", "[S2] hi")]
+
+
+def _lead(tok, text, tag="[S1]"):
+    """Upstream's first word: the speaker id in front of the word's own tokens."""
+    ids = (tok.encode(tag)[0], *tok.encode(text))
+    return ScriptEntry(text=text, tokens=ids, padding=len(ids))
 
 
 def test_leading_speaker(tok):
-    assert parse_script("hello world", tok)[0] == _word(tok, "hello", "[S1] hello")
-    # Our fix of the upstream quirk: a script starting with [S2] is not "[S1] [S2] ...".
-    assert parse_script("[S2] hello", tok)[0].tokens == tuple(tok.encode("[S2] hello"))
-    assert parse_script("hello", tok, leading_speaker="[S2]")[0].tokens[0] == 6
+    # upstream: the [S1] id goes in front of tokens("hello"), which differ from tokens("[S1] hello")
+    assert parse_script("hello world", tok)[0] == _lead(tok, "hello")
+    assert tuple(tok.encode("[S1] hello")) != _lead(tok, "hello").tokens  # so the distinction is real
+    assert parse_script("[S1] hello", tok)[0] == _word(tok, "hello", "[S1] hello")  # already leads: as is
+    # upstream's quirk, the default: a script starting with [S2] becomes [S1] + tokens("[S2] hello")
+    s2 = tuple(tok.encode("[S2] hello"))
+    assert parse_script("[S2] hello", tok)[0] == ScriptEntry("hello", (5, *s2), len(s2) + 1)
+    # our fix, opt-in: the first word's own tag is kept alone
+    assert parse_script("[S2] hello", tok, keep_own_speaker=True)[0] == _word(tok, "hello", "[S2] hello")
+    assert parse_script("hello", tok, keep_own_speaker=True)[0] == _lead(tok, "hello")
+    assert parse_script("hello", tok, leading_speaker="[S2]")[0] == _lead(tok, "hello", "[S2]")
     assert parse_script("hello world", tok, leading_speaker=None) == [
         _word(tok, "hello", "hello"),
         _word(tok, "world", "world"),
@@ -171,7 +184,7 @@ def test_leading_speaker(tok):
     # A leading break does not take the speaker tag; the first word does.
     entries = parse_script('<break time="1s"/> hello', tok)
     assert entries[0] == ScriptEntry("", (), 12)
-    assert entries[1] == _word(tok, "hello", "[S1] hello")
+    assert entries[1] == _lead(tok, "hello")
     with pytest.raises(ValueError):
         parse_script("hi", tok, leading_speaker="S1")
 
@@ -184,6 +197,8 @@ def test_breaks(tok):
     assert entries[1].is_break and entries[3].is_break
     assert break_padding('<break time="2s" />') == 25
     assert break_padding('<break time="0s"/>') == 0
+    assert parse_script('[S1] hi <break time="0s"/> <break time="10ms"/> yo', tok) == [
+        _word(tok, "hi", "[S1] hi"), _word(tok, "yo", "yo")]  # 0-frame breaks add nothing (upstream)
     assert break_padding('<break time="30s"/>') == 375
     # A tag before a break goes to the word after it.
     entries = parse_script('hi [S2] <break time="80ms"/> yo', tok)
@@ -213,7 +228,7 @@ def test_bad_break_raises_with_tag(tok, tag):
 def test_normalisation_and_empty(tok):
     entries = parse_script("It\u2019s time:now", tok)
     assert [e.text for e in entries] == ["It's", "time", "now"]
-    assert entries[0].tokens == tuple(tok.encode("[S1] It's"))
+    assert entries[0] == _lead(tok, "It's")
     assert parse_script("", tok) == []
     assert parse_script("  \n\t ", tok) == []
     assert parse_script("[S1] [S2]", tok) == []

@@ -25,6 +25,7 @@ from dia2stream.engine import Engine, EngineConfig
 from dia2stream.voice import (VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState, align_transcript,
                               read_audio, resolve_path, restore_voice)
 from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
+from vendor_dia2.tokenizer import step0_bos_id
 from vendor_dia2.runtime import SamplingParams
 
 from test_server import Client, ServerThread
@@ -123,7 +124,7 @@ def _plan(tts, seconds=(0.5, 0.4)):
         wav = read_audio(wav_bytes(tone(sec, seed=i)), 30.0)
         codes = tts.codec.encode(torch.from_numpy(wav))[0].cpu()
         speakers.append(PrefixSpeaker(codes, align_transcript("Hi there." if i == 0 else "Yes.", wav), tag))
-    return build_prefix_plan(speakers, tts.tokenizer, d.delay_pattern, d.audio_bos, d.audio_pad)
+    return build_prefix_plan(speakers, tts.tokenizer, d.delay_pattern, d.audio_bos, d.audio_pad, fit_words=True)
 
 
 def test_prefix_plan_consumes_every_word_during_warm_up(tiny_tts):
@@ -135,8 +136,9 @@ def test_prefix_plan_consumes_every_word_during_warm_up(tiny_tts):
         assert torch.equal(plan.delayed[k, delay:delay + plan.frames], plan.aligned[k])
     assert plan.steps == sorted(plan.steps) and plan.steps[0] >= 3  # speaker 1 shifted by +3
     machine = tiny_tts.new_state_machine()
-    text = warm_up_text(machine, plan, d.text_pad_token_id)
+    text = warm_up_text(machine, plan, d.text_pad_token_id, step0_bos_id(tiny_tts.tokenizer))
     assert text.shape == (plan.frames + 1, 2)
+    assert text[0].tolist() == [step0_bos_id(tiny_tts.tokenizer), d.text_pad_token_id]  # a fresh call's step 0
     assert machine.remaining_entries == 0 and not machine.state.pending
     assert [w for w, _ in machine.transcript] == [e.text for e in plan.entries]
     assert [s for _, s in machine.transcript] == plan.steps
@@ -145,7 +147,7 @@ def test_prefix_plan_consumes_every_word_during_warm_up(tiny_tts):
 def test_prefill_matches_frame_by_frame_warm_up_over_a_prefix_plan(tiny_tts):
     d = tiny_tts.config.data
     plan = _plan(tiny_tts)
-    text = warm_up_text(tiny_tts.new_state_machine(), plan, d.text_pad_token_id)
+    text = warm_up_text(tiny_tts.new_state_machine(), plan, d.text_pad_token_id, step0_bos_id(tiny_tts.tokenizer))
     frames = plan.frames
     stepper = tiny_tts.stepper(cfg=True)
     model = tiny_tts.model

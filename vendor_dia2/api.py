@@ -18,7 +18,7 @@ from .model import Dia2Model
 from .runtime import FrameStepper, SamplingParams
 from .script import parse_script
 from .state_machine import TextStateMachine
-from .tokenizer import Dia2Tokenizer
+from .tokenizer import Dia2Tokenizer, step0_bos_id
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +85,8 @@ class Dia2:
 
     @property
     def bos_token_id(self) -> int:
-        """The text id fed at step 0 (DIA2_SPEC.md §5): the tokenizer's BOS, else 1."""
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        return 1 if bos is None else int(bos)
+        """The text id fed at step 0 (DIA2_SPEC.md §5), by upstream's rule (`step0_bos_id`)."""
+        return step0_bos_id(self.tokenizer)
 
     def new_stepper(self, *, n_calls: int = 1, cfg: bool, max_positions: int | None = None,
                     use_cuda_graph: bool | None = None, compile: bool = False,
@@ -120,11 +119,15 @@ class Dia2:
                  top_k: int | None = None, text_temperature: float | None = None,
                  audio_temperature: float | None = None, text_top_k: int | None = None,
                  audio_top_k: int | None = None, max_frames: int | None = None, progress: bool = False,
-                 decode: bool = True) -> GenerationResult:
+                 decode: bool = True, trim_lead_in: bool = False) -> GenerationResult:
         """Speak `script` and return aligned codes, waveform and word timestamps.
 
         `temperature`/`top_k` set text and audio sampling alike; the text_/audio_ forms override
         one side. Temperature 0 is greedy (the seed then has no effect).
+
+        The output starts where upstream's does (`upstream_crop`): at aligned frame 0 for a fresh
+        call, so it includes the `initial_padding` frames before the first word.
+        `trim_lead_in=True` starts it at the first word's step instead (2 frames later).
         """
         base = SamplingParams()
         params = SamplingParams(
@@ -155,7 +158,11 @@ class Dia2:
                 break
         bar.close()
         aligned = undelay_codes(stepper.written_codes(0, 0, t + 1).cpu(), self.config.data.delay_pattern)
-        crop = machine.transcript[0][1] if machine.transcript else 0
+        if trim_lead_in:
+            crop = machine.transcript[0][1] if machine.transcript else 0
+        else:
+            crop = upstream_crop(machine.transcript, self.config.data.second_stream_ahead, INITIAL_PADDING)
+        crop = crop if crop < aligned.shape[1] else 0  # upstream keeps everything rather than nothing
         aligned = aligned[:, crop:]
         waveform = np.zeros(0, dtype=np.float32)
         if decode and aligned.shape[1]:
@@ -163,6 +170,21 @@ class Dia2:
         stamps = [(word, (step - crop) / FRAME_RATE) for word, step in machine.transcript]
         return GenerationResult(aligned, waveform, self.codec.sample_rate, stamps, frames=t,
                                 wall_seconds=time.perf_counter() - start, step_ms=step_ms)
+
+
+def upstream_crop(transcript: list[tuple[str, int]], second_stream_ahead: int, initial_padding: int,
+                  start_step: int = 0) -> int:
+    """The first aligned frame upstream's `generate` keeps (dia2/runtime/generator.py, engine.py).
+
+    Upstream notes the first step whose main text token is new_word and crops at that step minus
+    `initial_padding`. For a fresh call that is frame 0: the machine forces the first word exactly
+    `initial_padding` steps in (or the model takes it then). With a second text stream the main
+    token is never new_word (the new_word goes to the second stream), so upstream crops at the
+    call's start step.
+    """
+    if second_stream_ahead > 0 or not transcript:
+        return max(start_step, 0)
+    return max(transcript[0][1] - initial_padding, 0)
 
 
 def _first(*values):

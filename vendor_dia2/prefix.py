@@ -4,15 +4,24 @@ delayed code grid that `FrameStepper.prefill` teacher-forces.
 
     plan = build_prefix_plan([PrefixSpeaker(codes1, words1, "[S1]"), PrefixSpeaker(codes2, words2, "[S2]")],
                              tokenizer, delays, audio_bos, audio_pad)
-    text = warm_up_text(machine, plan, pad_id)         # [F + 1, 2], the machine has consumed every prefix word
+    text = warm_up_text(machine, plan, pad_id, bos_id)  # [F + 1, 2]
     stepper.prefill(0, plan.delayed, text, plan.frames)
 
-Word steps follow upstream: a word starting at `start_s` starts at frame `round(start_s · 12.5)`
-(but never before the previous word's tokens are out); its new-word step is one frame earlier.
-Speaker-1 steps are shifted by +3, speaker-2 steps by speaker 1's frame count; a word that would
-then start before the previous word's tokens are out is pushed later. Words whose tokens would
-not be out by the last prefix frame are dropped (they would otherwise leak into the first
-generated turn).
+Word steps follow upstream (dia2/runtime/voice_clone.py): a word starting at `start_s` starts
+at frame `round(start_s · 12.5)` (but never before the previous word's tokens are out); its
+new-word step is one frame earlier. Speaker-1 steps are shifted by +3, speaker-2 steps by
+speaker 1's frame count. Warm-up starts from a fresh call's step-0 text, `[bos, pad]`, as
+upstream's does (dia2/runtime/generator.py).
+
+Two upstream quirks have opt-in fixes; by default this module behaves as upstream does:
+- `fit_words=True` (build_prefix_plan): after the shifts a word can be due while the previous
+  word's tokens are still going out, and words near the end can be due at or after the last
+  prefix frame. Upstream's warm-up then never consumes them, so they stay queued and the first
+  generated turn speaks them again. The fix pushes a colliding word later and drops words whose
+  tokens would not be out by the last prefix frame.
+- `clear_lookahead=True` (warm_up_text): second-stream look-ahead tokens queued during warm-up
+  (the prefix words' upcoming words) are dropped instead of leaking into the first turn.
+The server (dia2stream/voice.py) turns both on; docs/design.md "Parity with upstream".
 """
 
 from __future__ import annotations
@@ -78,7 +87,7 @@ def speaker_entries(words: Sequence[TimedWord], tokenizer, tag: str, offset: int
 
 
 def build_prefix_plan(speakers: Sequence[PrefixSpeaker], tokenizer, delays: Sequence[int], audio_bos: int,
-                      audio_pad: int) -> PrefixPlan:
+                      audio_pad: int, *, fit_words: bool = False) -> PrefixPlan:
     if not speakers:
         raise ValueError("a prefix needs at least one speaker")
     codes = [s.codes.long().cpu() for s in speakers]
@@ -93,10 +102,11 @@ def build_prefix_plan(speakers: Sequence[PrefixSpeaker], tokenizer, delays: Sequ
     entries, steps, dropped = [], [], []
     free_at = 0  # first step at which the previous word's tokens are all out
     for entry, step in planned:
-        step = max(step, free_at)  # after the shifts a word may collide with the previous one: push it later
-        if step + len(entry.tokens) > frames - 1:
-            dropped.append(entry.text)
-            continue
+        if fit_words:
+            step = max(step, free_at)  # after the shifts a word may collide with the previous one: push it later
+            if step + len(entry.tokens) > frames - 1:
+                dropped.append(entry.text)
+                continue
         entries.append(entry)
         steps.append(step)
         free_at = step + len(entry.tokens) + 1
@@ -106,16 +116,27 @@ def build_prefix_plan(speakers: Sequence[PrefixSpeaker], tokenizer, delays: Sequ
     return PrefixPlan(entries, steps, aligned, delayed, [c.shape[1] for c in codes], dropped)
 
 
-def warm_up_text(machine: TextStateMachine, plan: PrefixPlan, pad_id: int) -> torch.Tensor:
+def warm_up_text(machine: TextStateMachine, plan: PrefixPlan, pad_id: int, bos_id: int, *,
+                 script: Sequence[ScriptEntry] = (), clear_lookahead: bool = False) -> torch.Tensor:
     """Drive `machine` (fresh) through the prefix with forced actions; the text inputs [F + 1, 2]
-    of steps 0..F (step 0 gets pad, step t+1 gets what the machine answered at step t)."""
-    machine.push(plan.entries, final=True)
+    of steps 0..F: step 0 gets `[bos_id, pad]` like any fresh call (spec §5), step t+1 gets what
+    the machine answered at step t.
+
+    `script`: the entries to speak after the prefix, when known. Upstream queues them behind the
+    prefix words before warm-up, so with a second text stream the look-ahead of the last prefix
+    words already shows the script's first words. (The server prepares a voice before any text
+    exists and pushes the script later.)
+
+    With a plan built without `fit_words`, prefix words the warm-up could not consume stay queued
+    in `machine` (upstream's behaviour: they are spoken by the first turn).
+    """
+    machine.push([*plan.entries, *script], final=True)
     new_word_steps = set(plan.steps)
     text = torch.full((plan.frames + 1, 2), pad_id, dtype=torch.long)
+    text[0, 0] = bos_id
     for t in range(plan.frames):
         action = ACTION_NEW_WORD if t in new_word_steps else ACTION_PAD
         text[t + 1] = torch.tensor(machine.process(t, action, forced=True))
-    if machine.remaining_entries or machine.state.pending:
-        raise AssertionError("prefix words left in the state machine after warm-up")
-    machine.state.lookahead.clear()  # look-ahead of prefix words must not leak into the turn
+    if clear_lookahead:
+        machine.state.lookahead.clear()  # look-ahead of prefix words must not leak into the turn
     return text

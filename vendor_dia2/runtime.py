@@ -64,13 +64,22 @@ class StepperSnapshot:
 
 
 def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_scale: torch.Tensor, *,
-         branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
-    """Rows [N * branches, V] → one id per call [N]: CFG candidates (two branches) or plain top-k, then a draw."""
+         branches: int, filter_k: int, max_top_k: int, banned: tuple[int, ...] = ()) -> torch.Tensor:
+    """Rows [N * branches, V] → one id per call [N]: CFG candidates (two branches) or plain top-k,
+    then a draw. `banned` ids are never drawn; with CFG, as upstream, they are removed only after
+    the guided top-k has chosen the candidates, so one there takes a candidate's place."""
     if branches == 1:
+        for token in banned:
+            logits[:, token] = torch.finfo(logits.dtype).min
         values, ids = top_candidates(logits, max_top_k)
     else:
         pair = logits.view(-1, 2, logits.shape[-1])  # [N, (cond, uncond), V]
         values, ids = guided_candidates(pair[:, 0], pair[:, 1], cfg_scale, filter_k)
+        if banned:
+            for token in banned:
+                values = values.masked_fill(ids == token, float("-inf"))
+            values, order = values.sort(dim=-1, descending=True)  # keep the rank order top-k relies on
+            ids = ids.gather(1, order)
     return draw(values, ids, inv_temp, noise)
 
 
@@ -155,7 +164,6 @@ class FrameStepper:
         self._host_choices = torch.zeros(self.n, 2, 2, dtype=torch.long, pin_memory=pinned)
         self._host_active = torch.zeros(self.n, dtype=torch.bool, pin_memory=pinned)
         self._host_action = torch.zeros(self.n, dtype=torch.long, pin_memory=pinned)
-        self._uncond_text = torch.tensor([d.text_zero_token_id, d.text_pad_token_id], **long)
         self.host_positions = [0] * self.n
         self.host_prefix_frames = [0] * self.n
         self.last_batch, self.last_full = 0, True  # what the last step ran (for metrics and tests)
@@ -291,6 +299,36 @@ class FrameStepper:
         self.host_positions[call] = int(snap.positions[0])
         self.host_prefix_frames[call] = int(snap.prefix_frames[0])
 
+    # -- rewinding a slot (barge-in rollback) -----------------------------------------------------
+
+    @torch.inference_mode()
+    def rewind(self, call: int, position: int, text: tuple[int, int]) -> None:
+        """Put a call back to stand before step `position`, keeping the codes of every aligned
+        frame before `position` (already heard) as they are: they are teacher-forced, never
+        sampled again. `text` are the (main, second) tokens the state machine gave at step
+        `position - 1`. The cache past `position` is simply overwritten by the next steps, and the
+        draws are keyed by position, so sampling picks up as it would have."""
+        d = self.config.data
+        rows = self._rows(call)
+        column = self.buffer[call, :, position]  # aligned frames position - delay_k: all written
+        audio = torch.where(self.delays > position, d.audio_bos, column)
+        self.tokens[rows, 2:] = audio[None, :]
+        self.tokens[rows.start, 0], self.tokens[rows.start, 1] = int(text[0]), int(text[1])
+        self.positions[call] = position
+        self.prefix_frames[call] = position
+        self.host_positions[call] = position
+        self.host_prefix_frames[call] = position
+
+    def text_inputs(self, call: int) -> tuple[int, int]:
+        """The (main, second) text tokens the call's next step reads (conditional row)."""
+        main, second = self.tokens[call * self.branches, :2].tolist()
+        return main, second
+
+    def aligned_codes(self, call: int, start: int, stop: int) -> torch.Tensor:
+        """Aligned frames [start, stop) of a call, `[Q, stop - start]` (all must be complete)."""
+        index = torch.arange(start, stop, device=self.device)[None, :] + self.delays[:, None]  # [Q, F]
+        return self.buffer[call].gather(1, index)
+
     # -- prefill (voice prefix) ------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -352,10 +390,7 @@ class FrameStepper:
         aligned_index = write_pos[:, None] - self.delays[None, :]  # [N, Q]
         forced = (aligned_index >= 0) & (aligned_index < self.prefix_frames[:b, None])  # teacher forcing
 
-        cb0 = cb0_logits[:, 0]
-        cb0[:, d.audio_pad] = torch.finfo(cb0.dtype).min
-        cb0[:, d.audio_bos] = torch.finfo(cb0.dtype).min
-        code = self._pick(cb0, inv_temp[:, 1], noise[:, 1], cfg_scale)
+        code = self._pick(cb0_logits[:, 0], inv_temp[:, 1], noise[:, 1], cfg_scale, banned=(d.audio_pad, d.audio_bos))
         code = torch.where(forced[:, 0], known[:, 0], code)
         if full:
             codes_t = self._depformer_codes(b, hidden, text, code, inv_temp, noise, forced, known, cfg_scale)
@@ -381,10 +416,9 @@ class FrameStepper:
         dep = self.model.depformer
         rows = b * self.branches
         caches = tuple(cache.rows(0, rows) for cache in self.depformer_caches)
-        if self.branches == 2:
-            dep_text = torch.stack([text, self._uncond_text.expand(b, 2)], dim=1).reshape(rows, 2)
-        else:
-            dep_text = text
+        # Depformer stage 0 reads this step's conditional text on both CFG branches, as upstream
+        # does (the unconditional row is blanked in the decoder input only): docs/parity.md.
+        dep_text = text.repeat_interleave(self.branches, dim=0)  # [N * branches, 2], rows [call, branch]
         projected = dep.first_stage_text(dep.project_inputs(hidden), dep_text)  # [S, R, Dd]
         codes = [code]
         for s, w in enumerate(dep.stage_weights):

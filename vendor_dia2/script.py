@@ -8,8 +8,15 @@ Rules:
 - `’` → `'` and `:` → space; words are split on whitespace and on break tags;
 - `[S1]`/`[S2]` are not words: they are tokenised together with the next word ("[S1] word");
   a tag with no word after it is dropped;
+- the script's first word starts with the leading speaker's id (`[S1]`): as upstream does
+  (dia2/runtime/script_parser.py), the id is put in front of the word's tokens unless they
+  already start with it, so "hello" becomes `[S1]` + tokens("hello") (not tokens("[S1] hello"),
+  which would include a space token) and "[S2] hello" becomes `[S1]` + tokens("[S2] hello");
+  `keep_own_speaker=True` (our fix, off by default) leaves a first word that carries its own tag
+  alone, so "[S2] hello" is tokens("[S2] hello");
 - a word's padding is its token count; a break `<break time="1.5s"/>` (or `500ms`, single
-  quotes, no space before `/>`) is an entry with no tokens and `round(seconds · 12.5)` padding.
+  quotes, no space before `/>`) is an entry with no tokens and `round(seconds · 12.5)` padding;
+  a break of 0 frames adds nothing (as upstream).
 """
 
 from __future__ import annotations
@@ -50,11 +57,13 @@ _BREAK_TAG = re.compile(
 _SPEAKER_SPLIT = re.compile(r"(\[S[12]\])")
 
 
-def parse_script(text: str, tokenizer, *, leading_speaker: str | None = "[S1]") -> list[ScriptEntry]:
+def parse_script(text: str, tokenizer, *, leading_speaker: str | None = "[S1]",
+                 keep_own_speaker: bool = False) -> list[ScriptEntry]:
     """Parse `text` into entries. `tokenizer` needs `encode(str) -> list[int]` (no specials added).
 
-    `leading_speaker`: tag given to the first word when it has none. Use None when the text
-    continues a turn that is already being spoken (text injected mid-utterance).
+    `leading_speaker`: speaker id put in front of the first word (see the module notes). Use
+    None when the text continues a turn that is already being spoken (text injected
+    mid-utterance). `keep_own_speaker`: a first word with its own tag gets no leading id.
     """
     if leading_speaker is not None and leading_speaker not in SPEAKER_TAGS:
         raise ValueError(f"leading_speaker must be one of {SPEAKER_TAGS} or None, got {leading_speaker!r}")
@@ -65,22 +74,29 @@ def parse_script(text: str, tokenizer, *, leading_speaker: str | None = "[S1]") 
     first_word = True
     for kind, value in _pieces(text):
         if kind == "break":
-            entries.append(ScriptEntry(text="", tokens=(), padding=value))
+            if value > 0:  # upstream drops a 0-frame break; kept, it would cost a new-word decision
+                entries.append(ScriptEntry(text="", tokens=(), padding=value))
             continue
         if value in SPEAKER_TAGS:
             speaker = value
             continue
-        # Upstream prepends the speaker of the script's "line parity" to the first word when
-        # its tokens do not already start with it, so a script starting with "[S2]" became
-        # "[S1] [S2] …". We deliberately only add the leading speaker when the first word has
-        # no tag of its own.
-        if first_word and speaker is None and leading_speaker is not None:
-            speaker = leading_speaker
-        first_word = False
         tokens = tuple(int(t) for t in tokenizer.encode(f"{speaker} {value}" if speaker else value))
+        if first_word and leading_speaker is not None and not (keep_own_speaker and speaker):
+            # Upstream's "line parity" speaker (the whole script is its line 0, so [S1]) goes in
+            # front as an id, even before a word that has its own [S2].
+            lead = _speaker_id(tokenizer, leading_speaker)
+            if not tokens or tokens[0] != lead:
+                tokens = (lead, *tokens)
+        first_word = False
         entries.append(ScriptEntry(text=value, tokens=tokens, padding=len(tokens)))
         speaker = None
     return entries
+
+
+def _speaker_id(tokenizer, tag: str) -> int:
+    ids = tokenizer.encode(tag)
+    assert len(ids) == 1, f"{tag} must be one token"  # Dia2Tokenizer checks this at load
+    return int(ids[0])
 
 
 def break_padding(tag: str) -> int:

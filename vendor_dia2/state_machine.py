@@ -58,6 +58,15 @@ class TextState:
         )
 
 
+def shifted(state: TextState, delta: int) -> TextState:
+    """A copy of `state` with every step moved by `delta` (a context rebuilt at other positions)."""
+    out = state.copy()
+    out.transcript = [(word, step + delta) for word, step in out.transcript]
+    if out.end_step is not None:
+        out.end_step += delta
+    return out
+
+
 class TextStateMachine:
     def __init__(
         self,
@@ -96,6 +105,15 @@ class TextStateMachine:
             st.end_step = None  # text injected after the end: the utterance continues
         elif final:
             st.starved = False
+
+    def drop_queued(self) -> list[str]:
+        """Forget every entry not consumed yet, and the look-ahead taken from them (a barge-in
+        discards what the caller did not hear); returns the dropped words."""
+        st = self._state
+        dropped = [e.text for e in st.entries[st.next_entry:] if e.tokens]
+        del st.entries[st.next_entry:]
+        st.lookahead.clear()
+        return dropped
 
     def finish(self) -> None:
         """Mark the text final without adding entries: an empty queue now ends the utterance."""

@@ -52,11 +52,15 @@ class _Backend(Protocol):
 class Dia2Tokenizer:
     """The checkpoint's text tokenizer: plain `encode`/`decode`, never adds BOS/EOS."""
 
-    def __init__(self, tokenizer: tokenizers.Tokenizer | _Backend, *, source: str = "<memory>"):
+    def __init__(self, tokenizer: tokenizers.Tokenizer | _Backend, *, source: str = "<memory>",
+                 bos_token: str | None = None):
         if isinstance(tokenizer, tokenizers.Tokenizer):
             tokenizer = _FastBackend(tokenizer)
         self._backend = tokenizer
         self.source = source
+        # A bare tokenizer.json does not say which token is BOS; the config files beside it do
+        # (that is where transformers, upstream's loader, reads `bos_token` from).
+        self._bos_token = bos_token
         self._check_speaker_tags()
 
     @classmethod
@@ -71,9 +75,9 @@ class Dia2Tokenizer:
                 tok = tokenizers.Tokenizer.from_file(str(tokenizer_json))
             except Exception as exc:  # the library raises plain Exception on bad JSON
                 raise TokenizerError(f"cannot read {tokenizer_json}: {exc}") from exc
-            return cls(tok, source=str(tokenizer_json))
+            return cls(tok, source=str(tokenizer_json), bos_token=_declared_bos(root))
         if vocab_json.is_file() and merges_txt.is_file():
-            return cls(_bpe_from_vocab_merges(root), source=str(vocab_json))
+            return cls(_bpe_from_vocab_merges(root), source=str(vocab_json), bos_token=_declared_bos(root))
         try:
             import transformers  # noqa: F401  (optional dependency)
         except ImportError:
@@ -99,6 +103,13 @@ class Dia2Tokenizer:
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        """The declared BOS token's id, or None when the tokenizer declares none."""
+        if isinstance(self._backend, _TransformersBackend):
+            return self._backend.bos_token_id()
+        return self.token_to_id(self._bos_token) if self._bos_token else None
 
     @property
     def s1_id(self) -> int:
@@ -175,6 +186,9 @@ class _TransformersBackend:
     def vocab_size(self) -> int:
         return len(self._tok)
 
+    def bos_token_id(self) -> int | None:
+        return self._tok.bos_token_id
+
     def token_to_id(self, token: str) -> int | None:
         tid = self._tok.convert_tokens_to_ids(token)
         if tid is None or (tid == self._tok.unk_token_id and token != self._tok.unk_token):
@@ -218,6 +232,27 @@ def _bpe_from_vocab_merges(root: Path) -> tokenizers.Tokenizer:
                 f"got {tok.token_to_id(token)} (ids not contiguous with vocab.json?)"
             )
     return tok
+
+
+def step0_bos_id(tokenizer) -> int:
+    """The text id the conditional row reads at step 0 of a fresh call (DIA2_SPEC.md §5).
+
+    Upstream takes `tokenizer.bos_token_id or 1` (dia2/runtime/context.py): a tokenizer without
+    a BOS falls back to 1, and so, through Python's `or`, does one whose BOS id is 0.
+    """
+    return getattr(tokenizer, "bos_token_id", None) or 1
+
+
+def _declared_bos(root: Path) -> str | None:
+    """`bos_token` from tokenizer_config.json, else special_tokens_map.json (string or dict form)."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        config = _read_json(root / name)
+        value = config.get("bos_token") if isinstance(config, dict) else None
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str) and value:
+            return value
+    return None
 
 
 def _read_json(path: Path):

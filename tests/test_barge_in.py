@@ -1,0 +1,166 @@
+"""Barge-in rollback (`pause` with `played_ms`, issue 11) on the tiny checkpoint, in process."""
+
+from __future__ import annotations
+
+import queue
+
+import pytest
+import torch
+
+from dia2stream import protocol as p
+from dia2stream.call import AudioFrame
+from dia2stream.engine import Engine, EngineConfig
+
+pytestmark = pytest.mark.slow
+
+TEXT = "[S1] One two three four five six seven eight nine ten."
+WORDS = TEXT.removeprefix("[S1] ").split()
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    from vendor_dia2 import Dia2
+
+    tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
+    eng = Engine(tts, EngineConfig(max_lead_ms=1e6))
+    yield eng
+    eng.close()
+
+
+def collect(got: queue.Queue, until, timeout=120.0) -> list:
+    items = []
+    while True:
+        item = got.get(timeout=timeout)
+        items.append(item)
+        if isinstance(item, until):
+            return items
+
+
+def words(items):
+    return [i.word for i in items if isinstance(i, p.Word)]
+
+
+def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces_the_rest(engine):
+    got = queue.Queue()
+    call = engine.open_call(got.put)
+    try:
+        engine.submit(call, p.Start(text=TEXT, seed=5, id="t"))
+        collect(got, p.Done)
+        heard = 6
+        target = call.turn.send_from + heard
+        engine.submit(call, p.Reset())
+        collect(got, p.ResetDone)
+        call.checkpoint_at = target  # test hook: the state before step `target`, taken as it ran
+        engine.submit(call, p.Start(text=TEXT, seed=5, id="t"))
+        first = collect(got, p.Done)
+        assert call.turn.send_from + heard == target and call.checkpoint is not None
+        assert words(first) == WORDS
+
+        engine.submit(call, p.Pause(played_ms=heard * 80.0 + 30, id="barge"))  # 6.4 frames: 6 whole ones heard
+        paused = collect(got, p.Paused)[-1]
+        assert paused.id == "barge"
+        spoken, unspoken = [w["word"] for w in paused.spoken], paused.unspoken
+        assert spoken + unspoken == WORDS  # every word of the turn, in order
+        assert all(w["start_s"] < heard * 0.08 for w in paused.spoken)
+        assert unspoken, "the caller heard less than the whole utterance"
+
+        stepper_snap, text_state, _ = call.checkpoint
+        slot = call.slot
+        rows = slice(slot * engine.stepper.branches, (slot + 1) * engine.stepper.branches)
+        assert engine.stepper.host_positions[slot] == target
+        assert torch.equal(engine.stepper.tokens[rows], stepper_snap.tokens)  # the inputs of step `target`
+        assert call.machine.state == text_state  # words, pads and look-ahead as they were
+        live = engine.codec.snapshot_row(slot)
+        for module, fields in call.checkpoint_codec.states.items():  # Mimi where frame target-1 left it
+            for name, value in fields.items():
+                other = live.states[module][name]
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(value, other), (module, name)
+                elif isinstance(value, dict):
+                    assert all(torch.equal(value[k], other[k]) for k in value), (module, name)
+
+        engine.submit(call, p.Inject(text=" Sorry, go ahead.", id="x"))
+        after = collect(got, p.Done)
+        assert isinstance(after[0], p.Resumed)
+        assert words(after) == ["Sorry,", "go", "ahead."]  # the unheard words are gone
+        assert all(w.id == "x" for w in after if isinstance(w, p.Word))
+    finally:
+        engine.close_call(call)
+
+
+def test_resume_after_rollback_speaks_the_unheard_words_again(engine):
+    got = queue.Queue()
+    call = engine.open_call(got.put)
+    try:
+        engine.submit(call, p.Start(text=TEXT, seed=8, id="t"))
+        collect(got, p.Done)
+        engine.submit(call, p.Pause(played_ms=4 * 80.0))
+        paused = collect(got, p.Paused)[-1]
+        assert paused.unspoken
+        engine.submit(call, p.Resume())
+        after = collect(got, p.Done)
+        assert not any(isinstance(i, p.ErrorEvent) for i in after)
+        assert words(after) == paused.unspoken
+        assert all(i.id == "t" for i in after if isinstance(i, p.Word))
+    finally:
+        engine.close_call(call)
+
+
+def test_no_frame_after_paused_with_played_ms_while_generating(tiny_dir):
+    from vendor_dia2 import Dia2
+
+    tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
+    eng = Engine(tts, EngineConfig(max_lead_ms=400))  # paced: the pause lands mid-utterance
+    got = queue.Queue()
+    call = eng.open_call(got.put)
+    try:
+        eng.submit(call, p.Start(text=TEXT + " " + TEXT.removeprefix("[S1] "), seed=2))
+        frames = 0
+        while frames < 8:
+            frames += isinstance(got.get(timeout=60), AudioFrame)
+        eng.submit(call, p.Pause(played_ms=3 * 80.0))
+        items = collect(got, p.Paused)
+        paused = items[-1]
+        assert paused.spoken is not None and paused.unspoken
+        late = []
+        try:
+            while True:
+                late.append(got.get(timeout=1.0))
+        except queue.Empty:
+            pass
+        assert not any(isinstance(i, AudioFrame) for i in late)
+    finally:
+        eng.close()
+
+
+@pytest.mark.parametrize("played, code", [(-1, "invalid_field"), ("12", "invalid_field"), (float("nan"), "invalid_json"),
+                                          (True, "invalid_field")])
+def test_bad_played_ms_is_refused_by_the_parser(played, code):
+    import json
+
+    try:
+        message = json.dumps({"cmd": "pause", "played_ms": played})
+    except ValueError:
+        return
+    with pytest.raises(p.ProtocolError) as err:
+        p.parse_command(message)
+    assert err.value.code in (code, "invalid_field")
+
+
+def test_played_ms_past_what_was_sent_is_refused_and_the_call_goes_on(engine):
+    got = queue.Queue()
+    call = engine.open_call(got.put)
+    try:
+        engine.submit(call, p.Pause(played_ms=80.0, id="early"))  # nothing started
+        error = collect(got, p.ErrorEvent)[-1]
+        assert error.code == "invalid_field" and error.id == "early"
+        engine.submit(call, p.Start(text="[S1] Hello there.", seed=1))
+        done = collect(got, p.Done)[-1]
+        engine.submit(call, p.Pause(played_ms=(done.frames + 5) * 80.0, id="far"))
+        error = collect(got, p.ErrorEvent)[-1]
+        assert error.code == "invalid_field" and "sent" in error.message and error.id == "far"
+        engine.submit(call, p.Inject(text=" And more.", id="more"))  # the call is intact: idle, warm
+        after = collect(got, p.Done)
+        assert words(after) == ["And", "more."]
+    finally:
+        engine.close_call(call)
