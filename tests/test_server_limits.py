@@ -155,7 +155,10 @@ async def test_finding4_flood_is_rate_limited_with_bounded_replies_and_audio_goe
 
 
 async def test_finding6_no_compression_and_large_non_voice_messages_refused(server):
-    async with connect(server.authed, compression="deflate", open_timeout=10, max_size=None) as ws:
+    # No `async with`: closing again after the server's 1009 can trip over the closed transport
+    # in the client library; the connection is over either way.
+    ws = await connect(server.authed, compression="deflate", open_timeout=10, max_size=None)
+    try:
         assert ws.protocol.extensions == []  # offered, declined: nothing is ever inflated
         assert json.loads(await ws.recv())["event"] == "ready"
         await ws.send('{"cmd": "ping", "id": "big"' + " " * 200_000 + "}")  # valid, but no voice
@@ -165,6 +168,8 @@ async def test_finding6_no_compression_and_large_non_voice_messages_refused(serv
         with pytest.raises(ConnectionClosed):
             await asyncio.wait_for(ws.recv(), 30)
         assert ws.close_code == 1009
+    finally:
+        ws.transport.abort()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -453,16 +458,23 @@ async def test_finding4_a_client_that_stops_reading_is_closed_not_queued_for():
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # stops reading: backs up fast
         sock.connect(("127.0.0.1", srv.port))
-        ws = await connect(srv.url, sock=sock, max_queue=1, open_timeout=30)
+        ws = await connect(srv.url, sock=sock, max_queue=1, open_timeout=30, close_timeout=1)
+        assert b'"calls": 1' in (await asyncio.to_thread(http_call, srv.port, "GET", "/health"))[2]
+
+        async def flood():  # pongs the client never reads
+            with pytest.raises(ConnectionClosed):
+                for _ in range(1_000_000):
+                    await ws.send('{"cmd": "ping", "id": "%s"}' % ("x" * 100))
+
         t0 = time.perf_counter()
-        with pytest.raises(ConnectionClosed):
-            for _ in range(200_000):  # pongs the client never reads
-                await ws.send('{"cmd": "ping", "id": "%s"}' % ("x" * 100))
-        closed_s = time.perf_counter() - t0
-        deadline = time.perf_counter() + 10
-        while (await asyncio.to_thread(http_call, srv.port, "GET", "/health"))[2].find(b'"calls": 0') < 0:
-            assert time.perf_counter() < deadline, "the call of a client that stopped reading was kept"
+        flooding = asyncio.create_task(flood())
+        while b'"calls": 0' not in (await asyncio.to_thread(http_call, srv.port, "GET", "/health"))[2]:
+            assert time.perf_counter() - t0 < 10, "the call of a client that stopped reading was kept"
             await asyncio.sleep(0.05)
-        assert closed_s < 10
+        freed_s = time.perf_counter() - t0
+        await asyncio.wait_for(flooding, 30)
+        # 1008 "not reading" if the client got to read the close frame, else 1006: the server cut
+        # the connection after its close timeout
+        assert ws.close_code in (1008, 1006) and freed_s < 5
     finally:
         await asyncio.to_thread(srv.stop)
