@@ -160,6 +160,16 @@ class Call:
         return self.turn is not None and self.turn.first_audio_at is None
 
     @property
+    def catching_up(self) -> bool:
+        """Frames are owed that the model has not made yet: the steps after a rollback or a
+        rollover (heard frames replayed) before the next frame can be decoded."""
+        turn = self.turn
+        return turn is not None and turn.next_frame > self.engine.stepper.ready_frame_index(self.slot) + 1
+
+    def needs_frames_now(self, lead: float, low_water: float) -> bool:
+        return self.awaiting_first_audio or self.catching_up or lead < low_water
+
+    @property
     def unsent_frames(self) -> int:
         return self.frames_emitted - self.frames_acked
 

@@ -43,6 +43,7 @@ from .voice import LoadedVoice, VoiceCache, VoiceError, VoicePreparer, VoiceRequ
 log = logging.getLogger(__name__)
 
 URGENT_MARGIN_S = 2 * FRAME_SECONDS  # a call this close to running out of lead triggers a step
+CRITICAL_LEAD_S = 0.3  # a playing call with less audio buffered than this is served before any cold start
 BEHIND_S = FRAME_SECONDS  # a call whose client would wait this long for audio counts as behind
 RECOVER_S = 5.0  # no call behind for this long: take new calls again
 
@@ -96,6 +97,8 @@ class Engine:
         self._behind_since: float | None = None
         self._last_behind = 0.0
         self._decode_rows = torch.zeros(config.max_calls, dtype=torch.bool)
+        if tts.device.type == "cuda":
+            self._warm_prefill()
         self._thread = threading.Thread(target=self._run, name="dia2-engine", daemon=True)
         self._thread.start()
 
@@ -166,6 +169,18 @@ class Engine:
         self._thread.join(timeout=5)
         self.codec.close_stream()
 
+    def _warm_prefill(self) -> None:
+        """One prefill of a rollover's size on the spare slot at start-up: the first use of those
+        shapes pays one-off costs (seen: >1 s on an H100) that must not stall live calls."""
+        d = self.tts.config.data
+        frames = min(self.config.rollover_frames, self.context_frames // 2)
+        if frames < 1:
+            return
+        delayed = torch.full((d.num_codebooks, frames + d.max_delay), d.audio_bos, dtype=torch.long)
+        text = torch.full((frames + 1, 2), d.text_pad_token_id, dtype=torch.long)
+        self.stepper.prefill(self.spare_slot, delayed, text, frames)
+        self.stepper.reset_call(self.spare_slot)
+
     # -- used by calls (generation thread) -------------------------------------------------------
 
     def reset_codec_row(self, slot: int) -> None:
@@ -215,29 +230,44 @@ class Engine:
 
     def _wait_seconds(self) -> float:
         """How long to block for a command: 0 means a step is due now."""
+        max_lead = self.config.max_lead_ms / 1000.0
         wait = 0.5
         for call in self._active_calls():
             if call.unsent_frames > self.config.max_unsent_frames:
                 wait = min(wait, 0.02)  # the client is not reading: look again soon
                 continue
-            if call.awaiting_first_audio:
+            lead = call.lead_seconds()
+            if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
                 return 0.0
-            wait = min(wait, call.lead_seconds() - (self.config.max_lead_ms / 1000.0 - URGENT_MARGIN_S))
+            wait = min(wait, lead - (max_lead - URGENT_MARGIN_S))
         return max(0.0, wait)
 
     def _due_calls(self) -> list[Call]:
-        """Every call that may run ahead, if at least one of them needs a frame soon."""
+        """The calls to step now: every call that may run ahead, when one of them needs a frame
+        soon. When only calls in their decoder-only stretch (a cold start, a rollback or rollover
+        replaying heard frames) need frames, just those: that lane costs a fraction of a full step,
+        and the others are not short of audio."""
         max_lead = self.config.max_lead_ms / 1000.0
-        eligible, urgent = [], False
+        eligible, lite, urgent_full, critical = [], [], False, False
         for call in self._active_calls():
             if call.unsent_frames > self.config.max_unsent_frames:
                 continue
             lead = call.lead_seconds()
-            if lead < max_lead:
-                eligible.append(call)
-                urgent = urgent or call.awaiting_first_audio or lead < max_lead - URGENT_MARGIN_S
+            if lead >= max_lead:
+                continue
+            eligible.append(call)
+            if not self.stepper.needs_depformer(call.slot):
+                if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
+                    lite.append(call)
+            elif call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
+                urgent_full = True
+                critical = critical or call.awaiting_first_audio or lead < CRITICAL_LEAD_S
         self._watch_load(eligible)
-        return eligible if urgent else []
+        # Calls in their decoder-only stretch go first, alone (a full step would make them pay for
+        # the depformer too), unless a call with audio to make is running short.
+        if lite and not critical:
+            return [c for c in eligible if not self.stepper.needs_depformer(c.slot)]
+        return eligible if urgent_full or lite else []
 
     def _watch_load(self, eligible: list[Call]) -> None:
         now = time.monotonic()

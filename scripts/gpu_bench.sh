@@ -64,3 +64,5 @@ if [[ $STAGES == *rollover* ]]; then
   grep -ho "last [0-9]* frames, [0-9.]* ms" "$OUT/server-rollover.log" | awk '{print $4}' | sort -n | \
     awk '{a[NR]=$1} END {if (NR) print "rollover rebuild ms: n", NR, "p50", a[int((NR+1)/2)], "max", a[NR]}'
 fi
+# the device tool brings back few files: everything in one archive too
+tar -czf "$OUT/results.tgz" -C "$OUT" --exclude results.tgz . 2>/dev/null || true
