@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.protocol import State
 
 from dia2stream import voice as v
 from dia2stream.config import ServerConfig
@@ -169,7 +170,8 @@ async def test_finding6_no_compression_and_large_non_voice_messages_refused(serv
             await asyncio.wait_for(ws.recv(), 30)
         assert ws.close_code == 1009
     finally:
-        ws.transport.abort()
+        if ws.state is not State.CLOSED:
+            ws.transport.abort()
 
 
 # ---------------------------------------------------------------------------------------------
