@@ -35,6 +35,7 @@ from . import protocol as p
 from .formats import DEFAULT_FORMAT, FrameEncoder
 from .protocol import ErrorCode
 from .voice import restore_voice
+from .limits import check_call_text
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -199,6 +200,7 @@ class Call:
             self.emit(err.to_event())
 
     def _on_start(self, cmd: p.Start) -> None:
+        check_call_text(self, cmd)
         if self.phase in (Phase.GENERATING, Phase.HOLDING):
             raise p.ProtocolError(ErrorCode.BUSY, "an utterance is being generated; send pause or reset first",
                                   cmd="start", id=cmd.id)
@@ -214,6 +216,7 @@ class Call:
         self._push(entries, cmd.final, cmd.id)
 
     def _on_inject(self, cmd: p.Inject) -> None:
+        check_call_text(self, cmd)
         if self.phase is Phase.NONE:
             raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to continue: send start first", cmd="inject",
                                   id=cmd.id)

@@ -22,6 +22,8 @@ refuses new calls until it has caught up, rather than letting every call stutter
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import queue
 import threading
@@ -36,7 +38,7 @@ from vendor_dia2.runtime import default_batch_sizes
 from . import protocol as p
 from .call import FRAME_SECONDS, Call, Phase, Sink
 from .protocol import ErrorCode
-from .voice import VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState
+from .voice import LoadedVoice, VoiceCache, VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +63,12 @@ class EngineConfig:
     rollover_frames: int = 250  # recent conversation kept when a full context is rebuilt (20 s)
     compile: bool = False  # torch.compile inside the CUDA graphs
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
+    max_pending_text_chars: int = 16_384  # text queued on a call but not yet spoken (limits.check_call_text)
 
 
 class Engine:
-    def __init__(self, tts: Dia2, config: EngineConfig = EngineConfig()):
+    def __init__(self, tts: Dia2, config: EngineConfig = EngineConfig(), metrics=None):
+        self.metrics = metrics  # a metrics.Metrics: frame steps are recorded there
         if config.max_calls < 1:
             raise ValueError("max_calls must be at least 1")
         self.tts, self.config = tts, config
@@ -339,6 +343,8 @@ class Engine:
         self.last_step_ms = (time.perf_counter() - t0) * 1000
         self.last_step_calls = len(stepping)
         self.steps += 1
+        if self.metrics is not None:
+            self.metrics.frame_step_ms(self.last_step_ms, self.last_step_calls)
         for call in stepping:
             if call.turn is not None:
                 self._guarded(call, call.check_end)
@@ -353,19 +359,28 @@ class Engine:
     # -- voices ----------------------------------------------------------------------------------
 
     def _on_set_voice(self, call: Call, cmd: p.SetVoice, epoch: int, received_at: float) -> None:
+        """The model part of a set_voice (encode, prefill, warm on the spare slot). Its audio and
+        transcript were loaded off this thread (`load_voice`, then `submit_voice`): decoding and
+        whisper here would stall every call (finding 11)."""
+        assert isinstance(cmd, LoadedSetVoice), "set_voice reaches the engine through submit_voice"
         if call.phase in (Phase.GENERATING, Phase.HOLDING):
             call.emit(p.ErrorEvent(code=ErrorCode.BUSY, message="an utterance is being generated; set_voice is "
                                    "accepted when idle or paused", cmd="set_voice", id=cmd.id))
             return
         try:
-            state = self.prepare_voice(VoiceRequest.from_command(cmd))
+            state = self.build_voice(cmd.loaded, cmd.key)
         except VoiceError as err:
             log.info("set_voice %s failed: %s %s", cmd.name, err.code, err.message)
             call.emit(p.ErrorEvent(code=err.code, message=err.message, cmd="set_voice", id=cmd.id))
             return
-        call.voice_ready(state, cmd)
+        call.emit(p.VoiceReady(name=cmd.name, prefix_s=state.prefix_s, prepare_ms=state.prepare_ms,
+                               speakers=state.speakers, id=cmd.id))
 
     def _on_prepare_voice(self, command: "_PrepareVoice") -> None:
+        if isinstance(command, _ForgetVoices):
+            for key in command.keys:
+                self.voices.pop(key, None)
+            return
         try:
             state = self.prepare_voice(command.request, cache=command.cache)
         except BaseException as exc:
@@ -380,25 +395,43 @@ class Engine:
             command.future.set_result(state)
 
     def prepare_voice(self, request: VoiceRequest, cache: bool = True) -> VoiceState:
-        """Build (or load from the disk cache) a voice on the spare slot (generation thread only)."""
+        """Load and build a voice on this thread: the operator's preloads at start-up, before any
+        call (serving uses `load_voice` in a worker thread, then `submit_voice`)."""
+        return self.build_voice(self.preparer.load(request), request.name, cache)
+
+    # -- voices: the parts that run off the generation thread, and the disk cache -----------------
+
+    def load_voice(self, cmd: p.SetVoice, key: str) -> LoadedVoice:
+        """Decode a set_voice's audio and find its words (whisper, if no transcript): blocking,
+        no model work. Call it in a worker thread, never the generation thread. VoiceError."""
+        return self.preparer.load(dataclasses.replace(VoiceRequest.from_command(cmd), name=key))
+
+    def submit_voice(self, call: Call, cmd: p.SetVoice, loaded: LoadedVoice, key: str) -> None:
+        """Queue the model part of a loaded set_voice for `call`, in its command order; the voice
+        is stored under `key` and announced to the client as `cmd.name`."""
+        self.submit(call, LoadedSetVoice(name=cmd.name, id=cmd.id, loaded=loaded, key=key))
+
+    def forget_voices(self, keys: list[str]) -> None:
+        """Drop voices (a connection's own, when it leaves), after every command queued before."""
+        if keys:
+            self._commands.put((None, _ForgetVoices(request=None, future=None, keys=tuple(keys)), 0,
+                                time.monotonic()))
+
+    @functools.cached_property
+    def voice_cache(self) -> VoiceCache:
+        return self.config.voice.state_cache()
+
+    def build_voice(self, loaded: LoadedVoice, name: str, cache: bool = True) -> VoiceState:
+        """Build (or load from the disk cache) a loaded voice on the spare slot and store it as
+        `name` (generation thread only)."""
         t0 = time.perf_counter()
-        loaded = self.preparer.load(request)
         key = self.preparer.state_key(loaded, self.stepper)
-        directory = self.config.voice.cache_path() / "states" / key[:32]
-        state = None
-        if cache and (directory / "voice.json").is_file():
-            try:
-                state = VoiceState.load(directory, self.tts.device)
-                if state.key != key:
-                    state = None
-            except Exception as exc:
-                log.warning("voice cache %s unreadable (%s); preparing again", directory, exc)
-                state = None
+        state = self.voice_cache.load(key, self.tts.device) if cache else None
         if state is not None:
-            state.name = request.name
+            state.name = name
             state.speakers = loaded.distinct
-            state.prepare_ms = round((time.perf_counter() - t0) * 1000, 1)
-            log.info("voice %s loaded from %s in %.0f ms", request.name, directory, state.prepare_ms)
+            state.prepare_ms = round((time.perf_counter() - t0) * 1000 + loaded.load_ms, 1)
+            log.info("voice %s loaded from the cache in %.0f ms", name, state.prepare_ms)
         else:
             try:
                 state = self.preparer.build(loaded, self.stepper, self.tts.new_state_machine(), self.codec,
@@ -408,16 +441,16 @@ class Engine:
             except Exception as exc:
                 log.exception("voice preparation failed")
                 raise VoiceError(ErrorCode.VOICE_ERROR, f"voice preparation failed: {exc}") from None
+            state.name = name
             state.key = key
-            state.prepare_ms = round((time.perf_counter() - t0) * 1000, 1)
             if cache:
                 try:
-                    state.save(directory)
+                    self.voice_cache.save(key, state)
                 except OSError as exc:
-                    log.warning("could not save voice %s to %s: %s", request.name, directory, exc)
-            log.info("voice %s prepared: %.2f s prefix (%d frames), %d speaker(s), %.0f ms", request.name,
+                    log.warning("could not save voice %s to the cache: %s", name, exc)
+            log.info("voice %s prepared: %.2f s prefix (%d frames), %d speaker(s), %.0f ms", name,
                      state.prefix_s, state.prefix_frames, state.speakers, state.prepare_ms)
-        self.voices[request.name] = state
+        self.voices[name] = state
         return state
 
 
@@ -449,3 +482,20 @@ class _Reply:
 
     event: object
     cmd = "reply"
+
+
+@dataclass(frozen=True)
+class LoadedSetVoice(p.SetVoice):
+    """A set_voice whose audio and words were loaded off the generation thread (`submit_voice`):
+    only model work is left. A SetVoice, so the engine routes it like the command it answers."""
+
+    loaded: LoadedVoice | None = None
+    key: str = ""  # the name the engine stores it under (a connection's own voices are private)
+
+
+@dataclass(frozen=True)
+class _ForgetVoices(_PrepareVoice):
+    """Internal: drop these voices (a connection left)."""
+
+    keys: tuple[str, ...] = ()
+    cmd = "forget_voices"

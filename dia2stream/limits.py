@@ -259,6 +259,19 @@ def check_pending_text(pending_chars: int, adding: str, limit: int, command: p.C
                               cmd=command.cmd, id=getattr(command, "id", None))
 
 
+def pending_text_chars(machine) -> int:
+    """Characters pushed to a call's text state machine and not yet consumed by the model."""
+    state = machine.state
+    return sum(len(entry.text) for entry in state.entries[state.next_entry:])
+
+
+def check_call_text(call, command: p.Start | p.Inject) -> None:
+    """`check_pending_text` for a call's start/inject (on the generation thread, where the text
+    is pushed). A start replaces whatever was pending, so only its own text counts."""
+    pending = 0 if isinstance(command, p.Start) else pending_text_chars(call.machine)
+    check_pending_text(pending, command.text, call.engine.config.max_pending_text_chars, command)
+
+
 class VoiceQuota:
     """Distinct voice names one connection may create (replacing its own voice is free)."""
 

@@ -35,6 +35,7 @@ import math
 import os
 import shutil
 import re
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,9 +82,14 @@ class VoiceSettings:
     whisper_model: str = "turbo"  # an openai-whisper model name or a checkpoint path
     cache_dir: str | None = None  # transcripts and prepared voices; default $DIA2_CACHE/voices
     allow_download: bool | None = None  # whisper weights; default: not when HF_HUB_OFFLINE=1
+    cache_max_mb: int | None = None  # prepared voices on disk, least recently used evicted; None: no limit
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else cache_dir() / "voices"
+
+    def state_cache(self) -> "VoiceCache":
+        return VoiceCache(self.cache_path() / "states",
+                          max_bytes=self.cache_max_mb << 20 if self.cache_max_mb else None)
 
 
 @dataclass(frozen=True)
@@ -453,17 +459,19 @@ class Transcriber:
     def __init__(self, settings: VoiceSettings):
         self.settings = settings
         self._model = None
+        self._lock = threading.Lock()  # loads run in worker threads: load the model once, run one at a time
 
     def __call__(self, wav: np.ndarray, digest: str) -> list[TimedWord]:
         cache = self.settings.cache_path() / "transcripts" / f"{digest}.json"
         if cache.is_file():
             return [TimedWord(*w) for w in json.loads(cache.read_text())["words"]]
-        model = self._load()
-        try:
-            result = model.transcribe(resample(wav, SAMPLE_RATE, WHISPER_RATE), word_timestamps=True,
-                                      fp16=next(model.parameters()).device.type == "cuda")
-        except Exception as exc:
-            raise VoiceError(ErrorCode.VOICE_ERROR, f"whisper failed: {exc}") from None
+        with self._lock:
+            model = self._load()
+            try:
+                result = model.transcribe(resample(wav, SAMPLE_RATE, WHISPER_RATE), word_timestamps=True,
+                                          fp16=next(model.parameters()).device.type == "cuda")
+            except Exception as exc:
+                raise VoiceError(ErrorCode.VOICE_ERROR, f"whisper failed: {exc}") from None
         words = [TimedWord(w["word"].strip(), float(w["start"]), float(w["end"]))
                  for seg in result.get("segments", []) for w in seg.get("words", []) if w["word"].strip()]
         if not words:

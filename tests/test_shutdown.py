@@ -1,0 +1,96 @@
+"""Finding 8: SIGTERM stops a real server process (server.py, tiny checkpoint) within 2 s with
+exit code 0, even with a client that stopped reading after a ping flood; a client that reads
+gets `error` `shutting_down` and close 1001."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+READY = re.compile(r"dia2stream ready on ws://127\.0\.0\.1:(\d+)/")
+EXIT_WITHIN_S = 2.0
+
+
+def start_server(*flags: str) -> tuple[subprocess.Popen, int, list[str]]:
+    """The server process, its port, and its output so far (read on by a thread, so the pipe
+    never fills and blocks the server's logging)."""
+    proc = subprocess.Popen([sys.executable, "server.py", "--checkpoint", "tiny", "--mimi", "random-small",
+                             "--host", "127.0.0.1", "--port", "0", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    deadline = time.monotonic() + 120
+    lines = []
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        found = READY.search(line)
+        if found:
+            threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+            return proc, int(found.group(1)), lines
+    proc.kill()
+    raise AssertionError("server did not start:\n" + "".join(lines[-20:]))
+
+
+def small_buffer_socket(port: int) -> socket.socket:
+    """A client socket with a small receive buffer: once it stops reading, the server's writes
+    back up quickly instead of filling megabytes of loopback buffers."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    return sock
+
+
+async def test_finding8_sigterm_exits_0_within_2s_with_a_client_that_does_not_read():
+    proc, port, output = await asyncio.to_thread(start_server, "--max-calls", "2", "--max-lead-ms", "5000")
+    try:
+        url = f"ws://127.0.0.1:{port}/"
+        reader = await connect(url, open_timeout=30)
+        assert json.loads(await reader.recv())["event"] == "ready"
+        # max_queue=1: the client library stops reading the socket once one message waits
+        stuck = await connect(url, open_timeout=30, max_queue=1, sock=small_buffer_socket(port))
+        await stuck.send(json.dumps({"cmd": "start", "text": "[S1] " + " ".join(["word"] * 60), "id": "s"}))
+        await reader.send(json.dumps({"cmd": "start", "text": "[S1] " + " ".join(["word"] * 60), "id": "r"}))
+        for i in range(3000):  # a ping flood, never read
+            await stuck.send(json.dumps({"cmd": "ping", "id": i}))
+        frames = 0
+        while frames < 5:
+            frames += isinstance(await asyncio.wait_for(reader.recv(), 30), bytes)
+        await asyncio.sleep(1.0)  # the stuck client's frames and pongs back up
+
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        events = []
+        with pytest.raises(ConnectionClosed):
+            while True:
+                message = await asyncio.wait_for(reader.recv(), 10)
+                if isinstance(message, str):
+                    events.append(json.loads(message))
+        code = await asyncio.to_thread(proc.wait, 20)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = "".join(output)
+    print(f"\n[shutdown] SIGTERM -> exit {code} in {elapsed:.2f} s with a client that does not read")
+    assert code == 0, output[-2000:]
+    assert elapsed < EXIT_WITHIN_S, f"exit took {elapsed:.2f} s\n{output[-2000:]}"
+    assert events and events[-1]["event"] == "error" and events[-1]["code"] == "shutting_down"
+    assert reader.close_code == 1001
+    stuck.transport.abort()
