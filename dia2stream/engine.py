@@ -127,10 +127,11 @@ class Engine:
     def close_call(self, call: Call) -> None:
         """The client left: its call stops within one frame. The slot is free at once: the queue
         is ordered, so the call's reset runs before a next call's attach on that slot."""
-        call.epoch += 1
         with self._lock:
-            if self._calls[call.slot] is call:
-                self._calls[call.slot] = None
+            if self._calls[call.slot] is not call:
+                return  # closed already: a second reset could hit the slot's next call
+            self._calls[call.slot] = None
+        call.epoch += 1
         self._commands.put((call, _Detach(), call.epoch, time.monotonic()))
 
     def submit(self, call: Call, command: object) -> None:
