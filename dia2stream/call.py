@@ -419,7 +419,8 @@ class Call:
         text[:floor] = self._text_log[:floor]
         text[floor:frames] = self._text_log[resume_at - window:resume_at]
         text[frames] = record.text_in
-        stepper.prefill(self.slot, delayed, torch.from_numpy(text), frames)
+        # clean boundary, whatever the voices use: this is conversation already heard, kept as it was
+        stepper.prefill(self.slot, delayed, torch.from_numpy(text), frames, boundary="clean")
         delta = frames - resume_at
         self._rebase(delta, keep_from=resume_at - window, upto=resume_at)
         self._text_log[floor:frames + 1] = text[floor:]

@@ -563,7 +563,7 @@ class VoicePreparer:
         if machine.remaining_entries or machine.state.pending:
             raise AssertionError("prefix words left in the state machine after warm-up")
         stepper.reset_call(slot)
-        stepper.prefill(slot, plan.delayed, text, plan.frames)
+        stepper.prefill(slot, plan.delayed, text, plan.frames, boundary="clean")  # until the server has a setting
         warmed = codec.warmed_row(plan.aligned[None].to(codec.device))
         prepare_ms = (time.perf_counter() - t0) * 1000 + loaded.load_ms
         return VoiceState(name=loaded.name, stepper=stepper.snapshot(slot), text=machine.snapshot(),
