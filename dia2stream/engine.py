@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vendor_dia2 import Dia2
-from vendor_dia2.runtime import default_batch_sizes
+from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
 
 from . import protocol as p
 from .call import FRAME_SECONDS, Call, Phase, Sink
@@ -60,6 +60,7 @@ class EngineConfig:
     rollover_frames: int = 250  # recent conversation kept when a full context is rebuilt (20 s)
     compile: bool = False  # torch.compile inside the CUDA graphs
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
+    prefix_boundary: str = "upstream"  # how a turn continues a voice prefix: "upstream" or "clean" (docs/parity.md)
 
 
 class Engine:
@@ -67,6 +68,7 @@ class Engine:
         if config.max_calls < 1:
             raise ValueError("max_calls must be at least 1")
         self.tts, self.config = tts, config
+        PrefixBoundary.named(config.prefix_boundary)  # an unknown name fails here, not at the first voice
         model_limit = tts.config.runtime.max_context_steps
         self.context_frames = min(config.context_frames or model_limit, model_limit)
         self.max_calls = config.max_calls
@@ -353,7 +355,7 @@ class Engine:
         """Build (or load from the disk cache) a voice on the spare slot (generation thread only)."""
         t0 = time.perf_counter()
         loaded = self.preparer.load(request)
-        key = self.preparer.state_key(loaded, self.stepper)
+        key = self.preparer.state_key(loaded, self.stepper, self.config.prefix_boundary)
         directory = self.config.voice.cache_path() / "states" / key[:32]
         state = None
         if cache and (directory / "voice.json").is_file():
@@ -372,7 +374,8 @@ class Engine:
         else:
             try:
                 state = self.preparer.build(loaded, self.stepper, self.tts.new_state_machine(), self.codec,
-                                            max_frames=self.max_prefix_frames, slot=self.spare_slot)
+                                            max_frames=self.max_prefix_frames, slot=self.spare_slot,
+                                            boundary=self.config.prefix_boundary)
             except VoiceError:
                 raise
             except Exception as exc:
