@@ -322,6 +322,32 @@ def test_snapshot_carries_the_cache_offset_of_an_upstream_boundary(tiny_tts):
     assert stepper.host_cache_offset == [0] and int(stepper.cache_offset[0]) == 0
 
 
+def test_rewind_after_an_upstream_boundary_keeps_the_cache_offset(tiny_tts):
+    """Barge-in rollback past an upstream-boundary prefix: the history fills slots 0..position, so
+    the offset must stay; the replay then gives the codes of the first run."""
+    d = tiny_tts.config.data
+    stepper = tiny_tts.stepper(cfg=True)
+    stepper.reset_call(0)
+    stepper.set_sampling(0, SamplingParams(seed=9))
+    frames = 6
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(3))
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary="upstream")
+    pad, new = (d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 20)
+    codes, text = {}, {}
+    for _ in range(8):
+        position = stepper.host_positions[0]
+        stepper.step([(pad, new)])
+        codes[position], text[position] = stepper.codes[0].clone(), tuple(stepper.text_out[0].tolist())
+    target = frames + 3
+    stepper.rewind(0, target, text[target - 1])
+    assert stepper.host_cache_offset == [1]
+    for position in range(target, frames - 1 + 8):
+        stepper.step([(pad, new)])
+        assert torch.equal(stepper.codes[0], codes[position]), position
+
+
 def test_unknown_prefix_boundary_is_refused(tiny_tts):
     d = tiny_tts.config.data
     stepper = tiny_tts.stepper(cfg=True)
