@@ -122,6 +122,7 @@ class Call:
         self.attached = False  # set on the generation thread once the slot is reset for this call
         self._resume_phase = Phase.GENERATING
         self._floor_frame = 0  # aligned frames before this belong to the voice prefix (never decoded)
+        self._prefix_codes: torch.Tensor | None = None  # its aligned codes as prepared (set by voice_reset)
         self._received_at = 0.0
         # Barge-in rollback: the last steps' text states and inputs, and Mimi row snapshots every
         # few frames, enough to go back over everything generated ahead of the caller.
@@ -335,7 +336,8 @@ class Call:
         """Both possible text answers of the next step (before it runs); records the step."""
         position = self.position
         self._history.append(StepRecord(position, self.machine.snapshot(), self._last_text))
-        self._text_log[position] = self._last_text
+        if position >= self._floor_frame:  # upstream's boundary runs step F - 1 again: keep the prefix's text
+            self._text_log[position] = self._last_text
         if position == self.checkpoint_at:
             self.checkpoint = (self.engine.stepper.snapshot(self.slot), self.machine.snapshot(), self._last_text)
         return self.machine.preview(position)
@@ -423,7 +425,8 @@ class Call:
         t0 = time.perf_counter()
         d = engine.tts.config.data
         frames = floor + window
-        codes = torch.cat([stepper.aligned_codes(self.slot, 0, floor),
+        # the prefix as prepared: with upstream's boundary the turn sampled over its delayed tail
+        codes = torch.cat([self._prefix_codes,
                            stepper.aligned_codes(self.slot, resume_at - window, resume_at)], dim=1)  # [Q, F + W]
         delayed = delay_codes(codes.cpu(), list(d.delay_pattern), d.audio_pad)
         for k, delay in enumerate(d.delay_pattern):
@@ -432,7 +435,8 @@ class Call:
         text[:floor] = self._text_log[:floor]
         text[floor:frames] = self._text_log[resume_at - window:resume_at]
         text[frames] = record.text_in
-        stepper.prefill(self.slot, delayed, torch.from_numpy(text), frames)
+        # clean boundary, whatever the voices use: this is conversation already heard, kept as it was
+        stepper.prefill(self.slot, delayed, torch.from_numpy(text), frames, boundary="clean")
         delta = frames - resume_at
         self._rebase(delta, keep_from=resume_at - window, upto=resume_at)
         self._text_log[floor:frames + 1] = text[floor:]
@@ -495,6 +499,7 @@ class Call:
             self._last_text = engine.stepper.text_inputs(self.slot)
             if state.text_tokens is not None:
                 self._text_log[: state.prefix_frames + 1] = state.text_tokens.cpu().numpy()
+        self._prefix_codes = engine.stepper.aligned_codes(self.slot, 0, self._floor_frame).clone()
         self._codec_marks.append((self._floor_frame, engine.codec.snapshot_row(self.slot)))
 
     def _check_voice(self, cmd) -> None:

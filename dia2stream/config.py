@@ -31,6 +31,7 @@ class ServerConfig:
     max_calls: int | None = None  # concurrent calls (slots); None = 1 on CPU, 64 on a GPU
     lead_in_frames: int = 1
     rollover_frames: int = 250
+    prefix_boundary: str = "upstream"
     # -- access and limits (issue 13); turned into objects by http.HttpPolicy.from_config and
     # limits.Limits.from_config, documented in docs/operations.md
     auth_token: str | None = field(default=None, repr=False)
@@ -71,6 +72,9 @@ _FLAGS = [  # (name, type, help)
     ("lead_in_frames", int, "frames (80 ms each) sent before a turn's first word; silence before them is not sent"),
     ("rollover_frames", int, "recent conversation (frames) kept when a full context is rebuilt; 0 = no rollover "
                              "(context_full and a reset instead)"),
+    ("prefix_boundary", str, "how a turn continues a voice prefix: upstream (as the published runtime: repeats the "
+                             "last prefix position, samples over the prefix's delayed tail) or clean (continues "
+                             "after it, teacher-forcing the known codes); docs/parity.md P5-P6"),
     # -- access and limits (issue 13); see docs/operations.md
     ("auth_token", str, "token clients must present (Authorization: Bearer, or ?token=) for the websocket and "
                         "/metrics; /health stays open"),
@@ -121,6 +125,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--rollover-frames must be 0 or more")
     if values["lead_in_frames"] < 0:
         parser.error("--lead-in-frames must be 0 or more")
+    if values["prefix_boundary"] not in ("upstream", "clean"):  # vendor_dia2.runtime.PREFIX_BOUNDARIES
+        parser.error(f"--prefix-boundary must be upstream or clean, not {values['prefix_boundary']!r}")
     if values["compile"] not in ("auto", "on", "off"):
         parser.error(f"--compile must be auto, on or off, not {values['compile']!r}")
     return ServerConfig(**values)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from vendor_dia2 import Dia2
-from vendor_dia2.runtime import default_batch_sizes
+from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
 
 from . import protocol as p
 from .call import FRAME_SECONDS, Call, Phase, Sink
@@ -64,6 +64,7 @@ class EngineConfig:
     compile: bool = False  # torch.compile inside the CUDA graphs
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
     max_pending_text_chars: int = 16_384  # text queued on a call but not yet spoken (limits.check_call_text)
+    prefix_boundary: str = "upstream"  # how a turn continues a voice prefix: "upstream" or "clean" (docs/parity.md)
 
 
 class Engine:
@@ -72,6 +73,7 @@ class Engine:
         if config.max_calls < 1:
             raise ValueError("max_calls must be at least 1")
         self.tts, self.config = tts, config
+        PrefixBoundary.named(config.prefix_boundary)  # an unknown name fails here, not at the first voice
         model_limit = tts.config.runtime.max_context_steps
         self.context_frames = min(config.context_frames or model_limit, model_limit)
         self.max_calls = config.max_calls
@@ -426,7 +428,7 @@ class Engine:
         """Build (or load from the disk cache) a loaded voice on the spare slot and store it as
         `name` (generation thread only)."""
         t0 = time.perf_counter()
-        key = self.preparer.state_key(loaded, self.stepper)
+        key = self.preparer.state_key(loaded, self.stepper, self.config.prefix_boundary)
         state = self.voice_cache.load(key, self.tts.device) if cache else None
         if state is not None:
             state.name = name
@@ -436,7 +438,8 @@ class Engine:
         else:
             try:
                 state = self.preparer.build(loaded, self.stepper, self.tts.new_state_machine(), self.codec,
-                                            max_frames=self.max_prefix_frames, slot=self.spare_slot)
+                                            max_frames=self.max_prefix_frames, slot=self.spare_slot,
+                                            boundary=self.config.prefix_boundary)
             except VoiceError:
                 raise
             except Exception as exc:

@@ -326,7 +326,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     engine = Engine(tts, EngineConfig(max_calls=max_calls, max_lead_ms=config.max_lead_ms,
                                       context_frames=config.context_frames, cfg_scale=config.cfg_scale,
                                       seed=config.seed, voice=voice, lead_in_frames=config.lead_in_frames,
-                                      rollover_frames=config.rollover_frames,
+                                      rollover_frames=config.rollover_frames, prefix_boundary=config.prefix_boundary,
                                       compile=compile_steps, max_pending_text_chars=config.max_pending_text_chars),
                     metrics=metrics)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s", tts.name, tts.device, tts.dtype,

@@ -212,7 +212,7 @@ class VoiceState:
                 kwargs["caches"] = [(tensors[f"stepper.caches.{i}.k"], tensors[f"stepper.caches.{i}.v"]) for i in range(n)]
             elif f"stepper.{f.name}" in tensors:
                 kwargs[f.name] = tensors[f"stepper.{f.name}"]
-            else:
+            elif f.name in meta["stepper"]:  # entries saved before a field existed get its default
                 kwargs[f.name] = meta["stepper"][f.name]
         states: dict[str, dict] = {}
         for module, fields in meta["codec"]["states"].items():
@@ -544,15 +544,17 @@ class VoicePreparer:
         words = align_transcript(transcript, wav) if transcript is not None else self.transcribe(wav, digest)
         return LoadedSpeaker(wav, words, digest, transcript)
 
-    def state_key(self, loaded: LoadedVoice, stepper) -> str:
+    def state_key(self, loaded: LoadedVoice, stepper, boundary: str = "upstream") -> str:
         return loaded.key(f"{self.tts.name}|{self.tts.dtype}|{stepper.branches}|{stepper.max_positions}|"
-                          f"{self.tts.codec.source}")
+                          f"{self.tts.codec.source}|{boundary}")
 
     @torch.inference_mode()
-    def build(self, loaded: LoadedVoice, stepper, machine, codec, *, max_frames: int, slot: int = 0) -> VoiceState:
+    def build(self, loaded: LoadedVoice, stepper, machine, codec, *, max_frames: int, slot: int = 0,
+              boundary: str = "upstream") -> VoiceState:
         """Prefill slot `slot` of `stepper` and a fresh `machine` with the prefix, warm a one-row Mimi
         decoder state with it, and snapshot all three. Only that slot's rows are touched (an
-        engine keeps a spare slot for this, so live calls are never disturbed)."""
+        engine keeps a spare slot for this, so live calls are never disturbed). `boundary`: how
+        the first turn continues the prefix (vendor_dia2.runtime.PREFIX_BOUNDARIES)."""
         t0 = time.perf_counter()
         d = self.tts.config.data
         codes = [codec.encode(torch.from_numpy(s.wav))[0].cpu() for s in loaded.speakers]
@@ -571,7 +573,7 @@ class VoicePreparer:
         if machine.remaining_entries or machine.state.pending:
             raise AssertionError("prefix words left in the state machine after warm-up")
         stepper.reset_call(slot)
-        stepper.prefill(slot, plan.delayed, text, plan.frames)
+        stepper.prefill(slot, plan.delayed, text, plan.frames, boundary=boundary)
         warmed = codec.warmed_row(plan.aligned[None].to(codec.device))
         prepare_ms = (time.perf_counter() - t0) * 1000 + loaded.load_ms
         return VoiceState(name=loaded.name, stepper=stepper.snapshot(slot), text=machine.snapshot(),

@@ -46,7 +46,7 @@ def small_tts(tiny_dir):
 def _slot_state(stepper, call: int) -> list[torch.Tensor]:
     rows = slice(call * stepper.branches, (call + 1) * stepper.branches)
     out = [stepper.tokens[rows], stepper.positions[call], stepper.buffer[call], stepper.prefix_frames[call],
-           stepper.seeds[call], stepper.stream_temperature[call]]
+           stepper.cache_offset[call], stepper.seeds[call], stepper.stream_temperature[call]]
     out += [c.k[rows] for c in stepper.decoder_caches] + [c.v[rows] for c in stepper.decoder_caches]
     return [t.clone() for t in out]
 
@@ -112,11 +112,12 @@ def test_inactive_slots_do_not_advance_and_active_ones_match_running_alone(small
     assert m_alone[0].transcript == m_crowd[0].transcript
 
 
-@pytest.mark.parametrize("prefixed", [False, True])
+@pytest.mark.parametrize("prefix", [None, "upstream", "clean"])
 @pytest.mark.parametrize("cfg", [False, True])
-def test_decoder_only_lane_gives_the_same_tokens_as_the_full_step(small_tts, prefixed, cfg):
+def test_decoder_only_lane_gives_the_same_tokens_as_the_full_step(small_tts, prefix, cfg):
     """Steps whose depformer codes nothing reads may skip the depformer: same actions, text,
-    buffer, next inputs, for a fresh call and one after a (teacher-forced) prefix."""
+    buffer, next inputs, for a fresh call and after a prefix with either boundary (the clean one
+    teacher-forces the codes after the prefix; upstream's samples them, so they are read)."""
     d = small_tts.config.data
 
     def run(skip: bool):
@@ -125,14 +126,14 @@ def test_decoder_only_lane_gives_the_same_tokens_as_the_full_step(small_tts, pre
         stepper.set_sampling(0, SamplingParams(seed=3, cfg_scale=2.0 if cfg else 1.0))
         machine = small_tts.new_state_machine()
         start = 0
-        if prefixed:
+        if prefix:
             frames = 12
             delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay),
                                     generator=torch.Generator().manual_seed(4))
             for k, delay in enumerate(d.delay_pattern):
                 delayed[k, :delay] = d.audio_bos
-            stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames)
-            start = frames
+            stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary=prefix)
+            start = stepper.host_positions[0]
         machine.push(parse_script(TEXTS[0], small_tts.tokenizer))
         record, lanes = [], []
         for t in range(start, start + 30):
@@ -144,12 +145,14 @@ def test_decoder_only_lane_gives_the_same_tokens_as_the_full_step(small_tts, pre
 
     lite, buf_lite, words_lite, lanes_lite = run(True)
     full, buf_full, words_full, lanes_full = run(False)
-    assert all(lanes_full) and not all(lanes_lite)  # the lane was really taken
-    assert lanes_lite.count(False) == min(d.delay_pattern[1:]) - 1  # fresh, or past a prefix alike
     for (a1, t1, i1), (a2, t2, i2) in zip(lite, full):
         assert a1 == a2 and torch.equal(t1, t2) and torch.equal(i1, i2)
     assert torch.equal(buf_lite, buf_full)
     assert words_lite == words_full
+    assert all(lanes_full)
+    # fresh, or past a teacher-forced prefix alike: the lane is taken until codebook 1 starts;
+    # past an upstream-boundary prefix every code is read from the first generated step on
+    assert lanes_lite.count(False) == (0 if prefix == "upstream" else min(d.delay_pattern[1:]) - 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,3 +135,47 @@ def test_decoder_only_lane_in_graphs_matches_full_steps(gpu_tts):
             machine.process(t, stepper.step([machine.preview(t)])[0])
         results.append((stepper.buffer.clone(), machine.transcript))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
+
+
+def _prefixed_run(tts, graph: bool):
+    """Three slots: an upstream-boundary prefix (cache offset 1), a clean one, a fresh call; padded
+    batches and both lanes, then a snapshot restored into another slot."""
+    d = tts.config.data
+    stepper = tts.new_stepper(n_calls=3, cfg=True, max_positions=96, use_cuda_graph=graph)
+    frames = 10
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(4))
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    text = torch.full((frames + 1, 2), d.text_pad_token_id)
+    machines = []
+    for call, boundary in enumerate(("upstream", "clean", None)):
+        stepper.set_sampling(call, SamplingParams(seed=call))
+        if boundary:
+            stepper.prefill(call, delayed, text, frames, boundary=boundary)
+        m = tts.new_state_machine()
+        m.push(parse_script("[S1] Hello there, how are you doing today?", tts.tokenizer))
+        machines.append(m)
+    pattern = [[True, False, False]] * 3 + [[True, True, True]] * 12 + [[False, True, True]] * 4
+    for active in pattern:
+        choices = [m.preview(stepper.host_positions[i]) if active[i] else None for i, m in enumerate(machines)]
+        got = stepper.step(choices, active)
+        for i, m in enumerate(machines):
+            if active[i]:
+                m.process(stepper.host_positions[i] - 1, got[i])
+    stepper.restore(stepper.snapshot(0), 2)  # the offset travels with the snapshot
+    stepper.set_sampling(2, SamplingParams(seed=0))
+    machines[2].restore(machines[0].snapshot())
+    for _ in range(6):
+        choices = [m.preview(stepper.host_positions[i]) for i, m in enumerate(machines)]
+        got = stepper.step(choices)
+        for i, m in enumerate(machines):
+            m.process(stepper.host_positions[i] - 1, got[i])
+    return stepper.buffer.clone(), list(stepper.host_positions), list(stepper.host_cache_offset)
+
+
+def test_graphs_match_eager_after_prefixes_of_both_boundaries(gpu_tts):
+    eager = _prefixed_run(gpu_tts, graph=False)
+    graph = _prefixed_run(gpu_tts, graph=True)
+    assert torch.equal(eager[0], graph[0])
+    assert eager[1] == graph[1] == [30, 32, 30] and eager[2] == graph[2] == [1, 0, 1]
+    assert torch.equal(graph[0][0], graph[0][2])  # slot 2 replayed slot 0 from its snapshot

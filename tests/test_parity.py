@@ -4,9 +4,11 @@
    the checkpoint's tensors by their published names, recomputes the whole history every frame
    (no KV cache, no batched stages, no CUDA-graph tricks) and must give the runtime's greedy
    tokens over the first 30 frames, from step 0 on, with CFG on and off, fresh and after a
-   voice prefix. Where the spec leaves an order open, the reference follows upstream
-   (nari-labs/dia2): step 0 reads [bos, pad]; depformer stage 0 reads the conditional text on
-   both CFG rows; codebook 0's CFG candidates are chosen before pad/bos are masked.
+   voice prefix (both prefix boundaries). Where the spec leaves an order open, the reference
+   follows upstream (nari-labs/dia2): step 0 reads [bos, pad]; depformer stage 0 reads the
+   conditional text on both CFG rows; codebook 0's CFG candidates are chosen before pad/bos are
+   masked; after a prefix, position F - 1 runs again and nothing is teacher-forced (docs/parity.md
+   P5-P6).
 2. A pinned greedy run of the tiny checkpoint: its first 40 aligned frames are stored in
    tests/fixtures/tiny_greedy_pinned.json, so any change that moves a token fails here. Those
    frames were also produced, token for token, by the upstream runtime on the same checkpoint
@@ -86,13 +88,14 @@ class Reference:
         return out + use_second * (table[second] @ self.w[f"{prefix}.second_proj.weight"].T)
 
     # the two networks (§5)
-    def decoder(self, history):
-        """history [P, 2 + Q] of one row → (action logits, codebook-0 logits, normed hidden) at P-1."""
+    def decoder(self, history, positions):
+        """history [P, 2 + Q] of one row, one entry per cache entry, at RoPE positions [P] (a
+        position may repeat) → (action logits, codebook-0 logits, normed hidden) of the last entry;
+        each entry attends to itself and the entries before it."""
         dec = self.c.model.decoder
         x = self.text_embed("transformer.text_embed", history[:, 0], history[:, 1])
         for k in range(self.d.num_codebooks):
             x = x + self.w[f"transformer.audio_embeds.{k}.weight"][history[:, 2 + k]]
-        positions = torch.arange(len(history))
         for layer in range(dec.n_layer):
             p = f"transformer.layers.{layer}"
             h = self.rms(x, self.w[f"{p}.pre_norm.weight"])
@@ -144,9 +147,10 @@ class Reference:
         cond[list(masked)] = float("-inf")  # upstream masks pad/bos after choosing the candidates
         return int(cond.argmax())
 
-    def run(self, machine, frames, *, start=0, history=None, delayed=None, prefix_frames=0):
-        """Greedy frames from step `start`; `history` [start + 1, 2 + Q] ends with step start's inputs.
-        Returns per frame (action, (main, second), codes [Q])."""
+    def run(self, machine, frames, *, start=0, history=None, positions=None, delayed=None, prefix_frames=0):
+        """Greedy frames from step `start`; `history` [P, 2 + Q] ends with step start's inputs, at
+        RoPE `positions` (default 0..P-1). Prefix codes of aligned frames below `prefix_frames`
+        are teacher-forced. Returns per frame (action, (main, second), codes [Q])."""
         d, q = self.d, self.d.num_codebooks
         delays = d.delay_pattern
         total = start + frames + max(delays) + 2
@@ -155,12 +159,14 @@ class Reference:
             buffer[:, : delayed.shape[1]] = delayed[:, :total]
         if history is None:  # a fresh call: step 0 reads [bos, pad] and audio bos (§5)
             history = torch.tensor([[self.bos, d.text_pad_token_id] + [d.audio_bos] * q])
+        positions = torch.arange(len(history)) if positions is None else torch.as_tensor(positions)
+        assert len(positions) == len(history) and int(positions[-1]) == start
         uncond = history.clone()
         uncond[:, 0], uncond[:, 1] = d.text_zero_token_id, d.text_pad_token_id
         rows = 2 if self.cfg_scale != 1.0 else 1
         out = []
         for t in range(start, start + frames):
-            heads = [self.decoder(h) for h in (history, uncond)[:rows]]
+            heads = [self.decoder(h, positions) for h in (history, uncond)[:rows]]
             action = self.pick([a for a, _, _ in heads])
             main, second = machine.process(t, action)
             cb0 = self.pick([c for _, c, _ in heads], masked=(d.audio_pad, d.audio_bos))
@@ -177,11 +183,12 @@ class Reference:
             audio = [d.audio_bos if delays[k] > t + 1 else codes[k] for k in range(q)]
             history = torch.cat([history, torch.tensor([[main, second] + audio])])
             uncond = torch.cat([uncond, torch.tensor([[d.text_zero_token_id, d.text_pad_token_id] + audio])])
+            positions = torch.cat([positions, torch.tensor([t + 1])])
             out.append((action, (main, second), codes))
         return out
 
     def forced(self, buffer, prefix_frames, k, t, code):
-        """Our runtime teacher-forces prefix codes the delay carries past the prefix (§9)."""
+        """The clean boundary teacher-forces prefix codes the delay carries past the prefix (§9)."""
         aligned = t + 1 - self.d.delay_pattern[k]
         return int(buffer[k, t + 1]) if 0 <= aligned < prefix_frames else code
 
@@ -252,10 +259,12 @@ def test_fresh_call_matches_naive_reference(tiny_tts, weights, cfg_scale):
 
 
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
-def test_after_voice_prefix_matches_naive_reference(tiny_tts, weights, cfg_scale):
+@pytest.mark.parametrize("boundary", ["upstream", "clean"])
+def test_after_voice_prefix_matches_naive_reference(tiny_tts, weights, cfg_scale, boundary):
     d = tiny_tts.config.data
     bos = step0_bos_id(tiny_tts.tokenizer)
     plan = prefix_plan(tiny_tts)
+    F = plan.frames
     script = parse_script("[S1] Good morning to you all", tiny_tts.tokenizer)
 
     machine = tiny_tts.new_state_machine()
@@ -264,19 +273,34 @@ def test_after_voice_prefix_matches_naive_reference(tiny_tts, weights, cfg_scale
     stepper = tiny_tts.stepper(cfg=cfg_scale != 1.0)
     stepper.reset_call(0)
     stepper.set_sampling(0, greedy(cfg_scale))
-    stepper.prefill(0, plan.delayed, text, plan.frames)
-    got = runtime_frames(stepper, machine, plan.frames, FRAMES)
+    stepper.prefill(0, plan.delayed, text, F, **({} if boundary == "upstream" else {"boundary": boundary}))
+    start = stepper.host_positions[0]
+    got = runtime_frames(stepper, machine, start, FRAMES)
 
-    # the reference reads the prefix as plain history: steps 0..F-1 as warmed up, step F's inputs next
+    # The reference reads the prefix as plain history, one entry per cache entry: steps 0..F-1 as
+    # warmed up, then the first generated step's inputs.
+    warmed = torch.cat([text[:F], plan.delayed[:, :F].T], dim=1)
+    if boundary == "upstream":
+        # docs/parity.md P5-P6: position F-1 runs again as a new entry, reading the last warm-up
+        # answer (text F) with delayed column F-1 again; the machine steps from F-1 again; the
+        # sampled codes overwrite the prefix's delayed tail (nothing teacher-forced)
+        first, positions, forced = torch.cat([text[F], plan.delayed[:, F - 1]]), [*range(F), F - 1], 0
+    else:  # spec §9's clean boundary: position F reads text F and column F; the known codes are kept
+        first, positions, forced = torch.cat([text[F], plan.delayed[:, F]]), [*range(F + 1)], F
+    assert start == positions[-1]
     ref_machine = tiny_tts.new_state_machine()
     warm_up_text(ref_machine, plan, d.text_pad_token_id, bos, script=script)
-    history = torch.cat([text, plan.delayed[:, : plan.frames + 1].T], dim=1)
     reference = Reference(weights, tiny_tts.config, bos, cfg_scale)
-    want = reference.run(ref_machine, FRAMES, start=plan.frames, history=history, delayed=plan.delayed,
-                         prefix_frames=plan.frames)
+    want = reference.run(ref_machine, FRAMES, start=start, history=torch.cat([warmed, first[None]]),
+                         positions=positions, delayed=plan.delayed, prefix_frames=forced)
     assert_same_frames(got, want)
-    # teacher forcing is visible: codebook 1 of the first generated frame is a prefix code
-    assert got[0][2][1] == int(plan.delayed[1, plan.frames + 1])
+    assert machine.transcript == ref_machine.transcript
+    # the first generated step writes delayed column start + 1
+    prefix_codes = plan.delayed[1:, start + 1].tolist()
+    if boundary == "upstream":
+        assert got[0][2][1:] != prefix_codes  # sampled over the prefix's delayed tail
+    else:
+        assert got[0][2][1:] == prefix_codes  # teacher-forced
 
 
 def test_reference_can_fail(tiny_tts, weights):

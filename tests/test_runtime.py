@@ -203,7 +203,8 @@ def test_frame_step_matches_naive_reference(tiny_tts, cfg_scale):
         assert stepper.tokens[0].tolist() == inputs
 
 
-def test_prefill_matches_frame_by_frame(tiny_tts):
+@pytest.mark.parametrize("boundary", ["upstream", "clean"])
+def test_prefill_matches_frame_by_frame(tiny_tts, boundary):
     """Parallel prefill leaves the same cache and next-step outputs as stepping the same frames."""
     cfg = tiny_tts.config
     d = cfg.data
@@ -218,7 +219,11 @@ def test_prefill_matches_frame_by_frame(tiny_tts):
     text[2] = torch.tensor([d.text_new_word_token_id, d.text_new_word_token_id])
 
     stepper.reset_call(0)
-    stepper.prefill(0, delayed, text, frames)
+    stepper.prefill(0, delayed, text, frames, boundary=boundary)
+    # upstream's boundary stands at position frames-1 again, its next step written to cache slot
+    # `frames` (docs/parity.md P6); the clean one at position `frames`
+    column = frames - 1 if boundary == "upstream" else frames
+    assert stepper.host_positions == [column] and stepper.host_cache_offset == [frames - column]
     caches_parallel = [(c.k[:, :, :frames].clone(), c.v[:, :, :frames].clone()) for c in stepper.decoder_caches]
     tokens_parallel = stepper.tokens.clone()
 
@@ -234,11 +239,13 @@ def test_prefill_matches_frame_by_frame(tiny_tts):
     for (k1, v1), cache in zip(caches_parallel, stepper.decoder_caches):
         torch.testing.assert_close(k1, cache.k[:, :, :frames], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(v1, cache.v[:, :, :frames], atol=1e-5, rtol=1e-4)
+    # the next step reads the text of step `frames` and the delayed column of its position
     assert tokens_parallel[0, :2].tolist() == text[frames].tolist()
-    assert tokens_parallel[0, 2:].tolist() == delayed[:, frames].tolist()
+    assert tokens_parallel[0, 2:].tolist() == delayed[:, column].tolist()
 
 
-def test_teacher_forcing_keeps_prefix_codes(tiny_tts):
+@pytest.mark.parametrize("boundary", ["upstream", "clean"])
+def test_prefix_codes_past_the_prefix_end_are_kept_only_by_the_clean_boundary(tiny_tts, boundary):
     d = tiny_tts.config.data
     stepper = tiny_tts.stepper(cfg=True)
     stepper.set_sampling(0, SamplingParams(seed=3))
@@ -248,14 +255,19 @@ def test_teacher_forcing_keeps_prefix_codes(tiny_tts):
         delayed[k, :delay] = d.audio_bos
     text = torch.full((frames + 1, 2), d.text_pad_token_id)
     stepper.reset_call(0)
-    stepper.prefill(0, delayed, text, frames)
+    stepper.prefill(0, delayed, text, frames, boundary=boundary)
     pad = (d.text_pad_token_id, d.text_pad_token_id)
     for _ in range(d.max_delay):
         stepper.step([(pad, pad)])
     buf = stepper.written_codes(0, 0, frames + d.max_delay)
+    tail_kept = []
     for k, delay in enumerate(d.delay_pattern):
-        # aligned frames 0..frames-1 of codebook k sit at delayed columns delay..delay+frames-1
-        assert torch.equal(buf[k, delay: delay + frames], delayed[k, delay: delay + frames])
+        # aligned frames 0..frames-1 of codebook k sit at delayed columns delay..delay+frames-1;
+        # the columns before `frames` were read during the prefill and are never written again
+        assert torch.equal(buf[k, delay:frames], delayed[k, delay:frames])
+        tail_kept.append(torch.equal(buf[k, frames: delay + frames], delayed[k, frames: delay + frames]))
+    # clean: teacher-forced; upstream (docs/parity.md P5): sampled over
+    assert all(tail_kept) if boundary == "clean" else not any(tail_kept)
 
 
 def test_snapshot_restore_replays_identically(tiny_tts):
@@ -277,6 +289,71 @@ def test_snapshot_restore_replays_identically(tiny_tts):
     for expected in first:
         stepper.step([(pad, new)])
         assert torch.equal(stepper.codes, expected)
+
+
+def test_snapshot_carries_the_cache_offset_of_an_upstream_boundary(tiny_tts):
+    """After an upstream-boundary prefill a slot's cache index runs one ahead of its position; a
+    snapshot restored into a reset slot (offset 0) must bring the offset back to replay the same."""
+    d = tiny_tts.config.data
+    stepper = tiny_tts.stepper(cfg=True)
+    stepper.reset_call(0)
+    stepper.set_sampling(0, SamplingParams(seed=5))
+    frames = 6
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(2))
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames)  # the default: upstream
+    pad, new = (d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 20)
+    for _ in range(2):
+        stepper.step([(pad, new)])
+    snap = stepper.snapshot()
+    assert snap.cache_offset == 1 and snap.length == frames - 1 + 2 + 1 + 1  # slots 0..position+1
+    first = []
+    for _ in range(4):
+        stepper.step([(pad, new)])
+        first.append(stepper.codes.clone())
+    stepper.reset_call(0)
+    stepper.restore(snap)
+    assert stepper.host_positions == [frames + 1] and stepper.host_cache_offset == [1]
+    for expected in first:
+        stepper.step([(pad, new)])
+        assert torch.equal(stepper.codes, expected)
+    stepper.reset_call(0)
+    assert stepper.host_cache_offset == [0] and int(stepper.cache_offset[0]) == 0
+
+
+def test_rewind_after_an_upstream_boundary_keeps_the_cache_offset(tiny_tts):
+    """Barge-in rollback past an upstream-boundary prefix: the history fills slots 0..position, so
+    the offset must stay; the replay then gives the codes of the first run."""
+    d = tiny_tts.config.data
+    stepper = tiny_tts.stepper(cfg=True)
+    stepper.reset_call(0)
+    stepper.set_sampling(0, SamplingParams(seed=9))
+    frames = 6
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(3))
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary="upstream")
+    pad, new = (d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 20)
+    codes, text = {}, {}
+    for _ in range(8):
+        position = stepper.host_positions[0]
+        stepper.step([(pad, new)])
+        codes[position], text[position] = stepper.codes[0].clone(), tuple(stepper.text_out[0].tolist())
+    target = frames + 3
+    stepper.rewind(0, target, text[target - 1])
+    assert stepper.host_cache_offset == [1]
+    for position in range(target, frames - 1 + 8):
+        stepper.step([(pad, new)])
+        assert torch.equal(stepper.codes[0], codes[position]), position
+
+
+def test_unknown_prefix_boundary_is_refused(tiny_tts):
+    d = tiny_tts.config.data
+    stepper = tiny_tts.stepper(cfg=True)
+    with pytest.raises(ValueError, match="upstream, clean"):
+        stepper.prefill(0, torch.zeros(d.num_codebooks, 4 + d.max_delay, dtype=torch.long),
+                        torch.zeros(5, 2, dtype=torch.long), 4, boundary="teacher")
 
 
 def test_single_branch_stepper_rejects_cfg(tiny_tts):

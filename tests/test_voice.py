@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import queue
 import time
 
@@ -110,6 +111,11 @@ def test_server_voice_spec_and_flags(tmp_path):
     cfg = parse_args(["--voice", "a=x.wav", "--voice", "b=y.wav,Yo.", "--voice-dir", str(tmp_path)], environ={})
     assert cfg.voices == ("a=x.wav", "b=y.wav,Yo.") and cfg.voice_dir == str(tmp_path)
     assert parse_args([], environ={"DIA2_VOICE": "a=x.wav;b=y.wav", "DIA2_VOICE_DIR": "/v"}).voices == ("a=x.wav", "b=y.wav")
+    assert parse_args([], environ={}).prefix_boundary == "upstream"
+    assert parse_args(["--prefix-boundary", "clean"], environ={}).prefix_boundary == "clean"
+    assert parse_args([], environ={"DIA2_PREFIX_BOUNDARY": "clean"}).prefix_boundary == "clean"
+    with pytest.raises(SystemExit):
+        parse_args(["--prefix-boundary", "forced"], environ={})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +190,13 @@ def test_prefill_matches_frame_by_frame_warm_up_over_a_prefix_plan(tiny_tts):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def voiced_session(tiny_tts, tmp_path_factory):
+@pytest.fixture(scope="module", params=["upstream", "clean"])
+def voiced_session(tiny_tts, tmp_path_factory, request):
+    """An engine with one call and a prepared voice, under either prefix boundary (the default
+    first: upstream's)."""
     cache = tmp_path_factory.mktemp("voices")
-    engine = Engine(tiny_tts, EngineConfig(max_lead_ms=1e6, voice=VoiceSettings(cache_dir=str(cache))))
+    engine = Engine(tiny_tts, EngineConfig(max_lead_ms=1e6, voice=VoiceSettings(cache_dir=str(cache)),
+                                           prefix_boundary=request.param))
     got: queue.Queue = queue.Queue()
     call = engine.open_call(got.put)
     assert call is not None
@@ -219,15 +228,21 @@ def _turn(session, got, text="[S1] Good morning.", seed=7, voice="v"):
 def test_turn_speaks_only_its_words_and_continues_the_prefix(voiced_session, tiny_tts):
     session, got, state = voiced_session
     d = tiny_tts.config.data
+    upstream = session[0].config.prefix_boundary == "upstream"
     started, frames, words, buffer, end = _turn(session, got)
     F = state.prefix_frames
-    assert started.voice == "v" and started.position == F
+    # upstream's boundary runs position F-1 again (docs/parity.md P6)
+    assert started.voice == "v" and started.position == (F - 1 if upstream else F)
     assert words == ["Good", "morning."]  # no prefix word is spoken again
     assert frames
     aligned = torch.stack([buffer[k, delay:delay + end + 1 - d.max_delay] for k, delay in enumerate(d.delay_pattern)])
     prefix = torch.stack([state.stepper.buffer[0, k, delay:delay + F] for k, delay in enumerate(d.delay_pattern)])
-    assert torch.equal(aligned[:, :F], prefix)  # teacher-forced prefix codes kept through the boundary
-    assert (aligned[:, F:F + 8] < 2048).all() and (aligned[:, F:F + 8] >= 0).all()  # no bos/pad burst
+    for k, delay in enumerate(d.delay_pattern):
+        # prefix frames whose delayed column lies before F are never written again; the clean
+        # boundary teacher-forces the rest, upstream's samples them (docs/parity.md P5)
+        assert torch.equal(aligned[k, :F - delay], prefix[k, :F - delay])
+        assert torch.equal(aligned[k, F - delay:F], prefix[k, F - delay:F]) != upstream
+    assert (aligned[:, F - d.max_delay:F + 8] < 2048).all() and (aligned[:, F - d.max_delay:F + 8] >= 0).all()
     # the turn's audio starts at its first word less the lead-in, after the prefix end: one frame
     # per aligned frame from there on
     send_from = session[1].turn.send_from
@@ -255,9 +270,16 @@ def test_restore_time_and_save_load_round_trip(voiced_session, tmp_path, capsys)
     for f in ("positions", "tokens", "buffer", "prefix_frames"):
         assert torch.equal(getattr(loaded.stepper, f), getattr(state.stepper, f)), f
     assert loaded.stepper.length == state.stepper.length
+    upstream = session[0].config.prefix_boundary == "upstream"
+    assert loaded.stepper.cache_offset == state.stepper.cache_offset == int(upstream)
     for (k1, v1), (k2, v2) in zip(loaded.stepper.caches, state.stepper.caches):
         assert torch.equal(k1, k2) and torch.equal(v1, v2)
     assert loaded.text == state.text
+    # an entry saved before the cache offset existed (a clean-boundary state) still loads, offset 0
+    meta = json.loads((tmp_path / "v" / "voice.json").read_text())
+    del meta["stepper"]["cache_offset"]
+    (tmp_path / "v" / "voice.json").write_text(json.dumps(meta))
+    assert VoiceState.load(tmp_path / "v").stepper.cache_offset == 0
     assert loaded.codec.states.keys() == state.codec.states.keys()
     for module, fields in state.codec.states.items():
         for name, value in fields.items():
@@ -368,7 +390,8 @@ async def test_set_voice_then_switch_by_start_and_reset(voice_server):
         assert names == ["alice", "carol", "dave"]
         await client.send(cmd="start", text="[S1] Hi.", voice="carol", id="c")
         started = await client.until("started", id="c")
-        assert started["voice"] == "carol" and started["position"] == round(ready["prefix_s"] * 12.5)
+        # the server's default boundary (upstream's) starts the turn at the last prefix position again
+        assert started["voice"] == "carol" and started["position"] == round(ready["prefix_s"] * 12.5) - 1
         await client.until("done", id="c")
         await client.send(cmd="reset", voice="dave", id="r")
         assert (await client.until("reset", id="r"))["voice"] == "dave"

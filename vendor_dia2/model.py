@@ -10,7 +10,9 @@ D width, Hq/Hkv heads, Dh head dim, A audio vocab, Q codebooks.
 Caches are static and preallocated (`new_caches`, owned by the runtime), with a batch dimension and *per-row*
 positions: writing is a scatter at each row's position and attention masks every slot past
 it, so rolling back a row is just reusing an earlier position, and a snapshot is a copy.
-RoPE is computed from the positions on the fly, so it is defined for any position.
+RoPE is computed from the positions on the fly, so it is defined for any position. A row's cache
+slot may differ from its RoPE position (`Decoder.forward(slots=...)`): upstream's voice-prefix
+boundary runs one position twice, as two cache entries (docs/parity.md P6).
 
 Modules only hold parameters (their names are the checkpoint's); the math lives in two plain
 functions, `decoder_layer` and `depformer_stage`, that take a layer's or a stage's tensors as
@@ -181,7 +183,8 @@ class DecoderShape:
 
 def decoder_layer(x: torch.Tensor, weights: DecoderLayerWeights, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor,
                   positions: torch.Tensor, mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
-    """One pre-norm decoder layer over x [B, T, D] at positions [B, T], with the static cache."""
+    """One pre-norm decoder layer over x [B, T, D] with the static cache: cos/sin carry the RoPE
+    positions, `positions` [B, T] are the cache slots the keys/values are written to."""
     pre_w, qkv_w, qn_w, kn_w, o_w, post_w, wi_w, wo_w = weights
     cache_k, cache_v = cache
     b, t, _ = x.shape
@@ -233,15 +236,19 @@ class Decoder(nn.Module):
         h = self.text_embed(tokens[..., 0], tokens[..., 1])
         return h + self._audio_stack[self._codebook, tokens[..., 2:]].sum(dim=-2)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Sequence[KVCache], layer_fn=decoder_layer):
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, caches: Sequence[KVCache], layer_fn=decoder_layer,
+                slots: torch.Tensor | None = None):
         """tokens [B, T, C], positions [B, T], one cache per layer with B rows → action [B, T, Va],
-        cb0 [B, T, A] (fp32), hidden [B, T, D]. `layer_fn` may be a compiled `decoder_layer`."""
+        cb0 [B, T, A] (fp32), hidden [B, T, D]. `layer_fn` may be a compiled `decoder_layer`.
+        `slots` [B, T]: the cache slots written and attended up to (default: the positions; RoPE
+        always uses the positions)."""
         m = self.config.model
         h = self.embed(tokens)
+        slots = positions if slots is None else slots
         cos, sin = rope_cos_sin(positions, m.decoder.gqa_head_dim, m.rope_min_timescale, m.rope_max_timescale, h.dtype)
-        mask = causal_mask(positions, caches[0].length)
+        mask = causal_mask(slots, caches[0].length)
         for weights, cache in zip(self.layer_weights, caches):
-            h = layer_fn(h, weights, cache, cos, sin, positions, mask, self.shape)
+            h = layer_fn(h, weights, cache, cos, sin, slots, mask, self.shape)
         hn = self.norm(h)
         return self.action_head(hn).float(), self.cb0_head(hn).float(), hn
 

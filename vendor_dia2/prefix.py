@@ -1,11 +1,12 @@
 """Voice prefix plan (spec §9): timed words + Mimi codes of one or two speakers → the entries the
 state machine consumes during warm-up, the new-word steps at which it consumes them, and the
-delayed code grid that `FrameStepper.prefill` teacher-forces.
+delayed code grid that `FrameStepper.prefill` writes into the call's buffer (and teacher-forces
+with the clean boundary; see `runtime.PrefixBoundary`).
 
     plan = build_prefix_plan([PrefixSpeaker(codes1, words1, "[S1]"), PrefixSpeaker(codes2, words2, "[S2]")],
                              tokenizer, delays, audio_bos, audio_pad)
     text = warm_up_text(machine, plan, pad_id, bos_id)  # [F + 1, 2]
-    stepper.prefill(0, plan.delayed, text, plan.frames)
+    stepper.prefill(0, plan.delayed, text, plan.frames)  # upstream's boundary: steps go on from F - 1
 
 Word steps follow upstream (dia2/runtime/voice_clone.py): a word starting at `start_s` starts
 at frame `round(start_s · 12.5)` (but never before the previous word's tokens are out); its

@@ -21,6 +21,12 @@ again).
 Two lanes per batch size: the full frame, and a decoder-only frame for steps whose depformer
 codes no output reads (DIA2_SPEC.md §5: before a codebook's delay has passed, or where a prefix
 teacher-forces the codes). Both write the same tokens.
+
+After a prefill (voice prefix, context rollover) generation continues in one of two ways
+(`PrefixBoundary`, docs/parity.md P5-P6): as the published runtime does (the default), or our
+clean way, which the rollover needs. Upstream's way runs the last prefix position a second time as
+a new cache entry, so a slot's cache index can be one past its RoPE position: each slot has a
+cache offset (0 or 1), read inside the frame like every other per-slot setting.
 """
 
 from __future__ import annotations
@@ -50,6 +56,40 @@ class SamplingParams:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class PrefixBoundary:
+    """How generation continues after `FrameStepper.prefill` over F known frames.
+
+    repeat_last (upstream): the first generated step runs position F - 1 again, as a new cache
+    entry (slot F), reading the text the state machine answered at the last prefix step and
+    delayed column F - 1 again; the caller's state machine processes step F - 1 a second time.
+    Every later step at position p writes cache slot p + 1. Off: the first generated step is
+    position F, reading column F.
+
+    teacher_force (ours): the prefix codes the delay carries past the prefix end (delayed
+    columns F .. F + max_delay - 1) are kept instead of sampled. Off (upstream): the generation
+    samples those cells and writes over the prefix codes there.
+    """
+
+    repeat_last: bool
+    teacher_force: bool
+
+    @classmethod
+    def named(cls, boundary: "PrefixBoundary | str") -> "PrefixBoundary":
+        if isinstance(boundary, PrefixBoundary):
+            return boundary
+        try:
+            return PREFIX_BOUNDARIES[boundary]
+        except KeyError:
+            raise ValueError(f"prefix boundary {boundary!r}: expected one of {', '.join(PREFIX_BOUNDARIES)}") from None
+
+
+PREFIX_BOUNDARIES = {
+    "upstream": PrefixBoundary(repeat_last=True, teacher_force=False),  # the published runtime's (default)
+    "clean": PrefixBoundary(repeat_last=False, teacher_force=True),  # spec §9's clean boundary; rollover needs it
+}
+
+
 @dataclass
 class StepperSnapshot:
     """Copies of one slot's device state (row-sized), restorable into any slot of a stepper with the
@@ -60,7 +100,8 @@ class StepperSnapshot:
     buffer: torch.Tensor  # [1, Q, max_positions + 2]
     prefix_frames: torch.Tensor  # [1]
     caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [branches, H, length, Dh]
-    length: int = 0  # cache positions that hold data (0..length-1); only those are copied
+    length: int = 0  # cache slots that hold data (0..length-1); only those are copied
+    cache_offset: int = 0  # cache slot minus RoPE position (1 after an upstream-boundary prefill)
 
 
 def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_scale: torch.Tensor, *,
@@ -134,7 +175,8 @@ class FrameStepper:
         self.first_stage_delay = min(d.delay_pattern[1:], default=d.max_delay)
         if not model.transformer.layer_weights:
             model.prepare_tables()
-        self.decoder_caches, self.depformer_caches = model.new_caches(self.rows, self.max_positions + 1)
+        # one slot more than positions: after an upstream-boundary prefill the slot runs one ahead
+        self.decoder_caches, self.depformer_caches = model.new_caches(self.rows, self.max_positions + 2)
         if self.device.type == "cpu":
             # random weights drive softmax tails into denormals, which make CPU matmuls ~10x slower
             torch.set_flush_denormal(True)
@@ -146,6 +188,7 @@ class FrameStepper:
         self.positions = torch.zeros(self.n, **long)
         self.buffer = torch.full((self.n, self.num_codebooks, self.max_positions + 2), UNGENERATED, **long)
         self.prefix_frames = torch.zeros(self.n, **long)  # aligned frames teacher-forced (voice prefix, rollback)
+        self.cache_offset = torch.zeros(self.n, **long)  # cache slot = position + offset (PrefixBoundary)
         self.text_choices = torch.zeros(self.n, 2, 2, **long)  # [call, action is new_word, (main, second)]
         self.active = torch.zeros(self.n, device=dev, dtype=torch.bool)
         self.seeds = torch.zeros(self.n, **long)
@@ -166,6 +209,7 @@ class FrameStepper:
         self._host_action = torch.zeros(self.n, dtype=torch.long, pin_memory=pinned)
         self.host_positions = [0] * self.n
         self.host_prefix_frames = [0] * self.n
+        self.host_cache_offset = [0] * self.n
         self.last_batch, self.last_full = 0, True  # what the last step ran (for metrics and tests)
         self.skip_unread_stages = True  # the decoder-only lane (off only to compare against it)
 
@@ -213,6 +257,8 @@ class FrameStepper:
         self.buffer[call].fill_(UNGENERATED)
         self.prefix_frames[call] = 0
         self.host_prefix_frames[call] = 0
+        self.cache_offset[call] = 0
+        self.host_cache_offset[call] = 0
         rows = self.tokens[self._rows(call)]
         rows[0, 0] = self.bos_token_id
         rows[0, 1] = d.text_pad_token_id
@@ -223,7 +269,8 @@ class FrameStepper:
 
     def needs_depformer(self, call: int) -> bool:
         """Whether the next step of `call` samples codes that some output reads (else the
-        decoder-only lane gives the same tokens)."""
+        decoder-only lane gives the same tokens). After an upstream-boundary prefill nothing is
+        teacher-forced (prefix_frames 0), so the codes right after the prefix are read."""
         write_pos = self.host_positions[call] + 1
         return write_pos >= self.first_stage_delay + self.host_prefix_frames[call]
 
@@ -280,12 +327,13 @@ class FrameStepper:
     # -- snapshots (one slot, row-sized copies) ----------------------------------------------------
 
     def snapshot(self, call: int = 0) -> StepperSnapshot:
-        length = self.host_positions[call] + 1
+        offset = self.host_cache_offset[call]
+        length = self.host_positions[call] + offset + 1
         rows = self._rows(call)
         caches = [(c.k[rows, :, :length].clone(), c.v[rows, :, :length].clone()) for c in self.decoder_caches]
         return StepperSnapshot(self.positions[call:call + 1].clone(), self.tokens[rows].clone(),
                                self.buffer[call:call + 1].clone(), self.prefix_frames[call:call + 1].clone(),
-                               caches, length)
+                               caches, length, offset)
 
     def restore(self, snap: StepperSnapshot, call: int = 0) -> None:
         rows = self._rows(call)
@@ -296,8 +344,10 @@ class FrameStepper:
         for cache, (k, v) in zip(self.decoder_caches, snap.caches):
             cache.k[rows, :, : snap.length].copy_(k)
             cache.v[rows, :, : snap.length].copy_(v)
+        self.cache_offset[call] = snap.cache_offset
         self.host_positions[call] = int(snap.positions[0])
         self.host_prefix_frames[call] = int(snap.prefix_frames[0])
+        self.host_cache_offset[call] = int(snap.cache_offset)
 
     # -- rewinding a slot (barge-in rollback) -----------------------------------------------------
 
@@ -307,7 +357,8 @@ class FrameStepper:
         frame before `position` (already heard) as they are: they are teacher-forced, never
         sampled again. `text` are the (main, second) tokens the state machine gave at step
         `position - 1`. The cache past `position` is simply overwritten by the next steps, and the
-        draws are keyed by position, so sampling picks up as it would have."""
+        draws are keyed by position, so sampling picks up as it would have. The cache offset
+        stays: after an upstream-boundary prefix the history fills slots 0..position + offset - 1."""
         d = self.config.data
         rows = self._rows(call)
         column = self.buffer[call, :, position]  # aligned frames position - delay_k: all written
@@ -332,15 +383,26 @@ class FrameStepper:
     # -- prefill (voice prefix) ------------------------------------------------------------------
 
     @torch.inference_mode()
-    def prefill(self, call: int, delayed: torch.Tensor, text: torch.Tensor, frames: int, chunk: int = 256) -> None:
+    def prefill(self, call: int, delayed: torch.Tensor, text: torch.Tensor, frames: int, chunk: int = 256, *,
+                boundary: PrefixBoundary | str = "upstream") -> None:
         """Run the decoder over `frames` known steps of one call in parallel, filling its cache
         rows, no sampling; the other calls' rows are not touched.
 
         delayed `[Q, frames + max_delay]`: the delayed grid of the prefix codes, bos in the cells
-        before each codebook starts; text `[frames + 1, 2]`: the text tokens of steps 0..frames.
-        Afterwards the call stands at position `frames`, and the prefix codes that the delay
-        reaches past that position are teacher-forced instead of sampled.
+        before each codebook starts; it is written into the call's delayed buffer. text
+        `[frames + 1, 2]`: the text tokens of steps 0..frames (row `frames` is what the state
+        machine answered at the last prefix step).
+
+        `boundary` (`PrefixBoundary` or a name of PREFIX_BOUNDARIES) says how generation goes on.
+        "upstream" (the default, as the published runtime): the call stands at position
+        frames - 1 again, with cache offset 1, and nothing is teacher-forced; the caller's state
+        machine steps from frames - 1. "clean": the call stands at position `frames` and the
+        prefix codes that the delay reaches past that position are teacher-forced (a context
+        rollover needs this: its prefix is conversation already heard).
         """
+        boundary = PrefixBoundary.named(boundary)
+        if boundary.repeat_last and frames < 1:
+            raise ValueError("repeating the last prefix position needs at least one prefix frame")
         d = self.config.data
         delayed, text = delayed.to(self.device), text.to(self.device)
         tokens = torch.empty(self.branches, frames + 1, d.channels, dtype=torch.long, device=self.device)
@@ -355,13 +417,19 @@ class FrameStepper:
             stop = min(frames, start + chunk)
             pos = torch.arange(start, stop, device=self.device)[None].expand(self.branches, -1)
             self.model.transformer(tokens[:, start:stop], pos, caches)
-        self.tokens[rows] = tokens[:, frames]
+        position = frames - 1 if boundary.repeat_last else frames
+        self.tokens[rows] = tokens[:, frames]  # the text of step `frames` either way ...
+        self.tokens[rows, 2:] = tokens[:, position, 2:]  # ... with the audio of the column the step reads
         self.buffer[call].fill_(UNGENERATED)
         self.buffer[call, :, : delayed.shape[1]] = delayed
-        self.prefix_frames[call] = frames
-        self.positions[call] = frames
-        self.host_positions[call] = frames
-        self.host_prefix_frames[call] = frames
+        forced = frames if boundary.teacher_force else 0
+        offset = 1 if boundary.repeat_last else 0
+        self.prefix_frames[call] = forced
+        self.cache_offset[call] = offset
+        self.positions[call] = position
+        self.host_positions[call] = position
+        self.host_prefix_frames[call] = forced
+        self.host_cache_offset[call] = offset
 
     # -- the frame, on the device ----------------------------------------------------------------
 
@@ -376,8 +444,10 @@ class FrameStepper:
         pos, active = self.positions[:b], self.active[:b]
         tokens, buffer = self.tokens[:rows], self.buffer[:b]
         caches = [cache.rows(0, rows) for cache in self.decoder_caches]
+        slots = pos + self.cache_offset[:b]  # RoPE uses the position, the cache its slot
         action_logits, cb0_logits, hidden = self.model.transformer(
-            tokens[:, None], pos.repeat_interleave(br)[:, None], caches, layer_fn=self._layer_fn)
+            tokens[:, None], pos.repeat_interleave(br)[:, None], caches, layer_fn=self._layer_fn,
+            slots=slots.repeat_interleave(br)[:, None])
         noise, inv_temp = draw_noise(gumbel_noise(self.seeds[:b], pos, q + 1, self.max_top_k),
                                      self.stream_temperature[:b], self.stream_top_k[:b])  # [N, 1 + Q, K], [N, 1 + Q]
         cfg_scale = self.cfg_scale[:b]
