@@ -43,7 +43,6 @@ from .voice import LoadedVoice, VoiceCache, VoiceError, VoicePreparer, VoiceRequ
 log = logging.getLogger(__name__)
 
 URGENT_MARGIN_S = 2 * FRAME_SECONDS  # a call this close to running out of lead triggers a step
-CRITICAL_LEAD_S = 0.6  # a playing call with less audio buffered than this is served before any cold start
 BEHIND_S = FRAME_SECONDS  # a call whose client would wait this long for audio counts as behind
 RECOVER_S = 5.0  # no call behind for this long: take new calls again
 
@@ -251,7 +250,7 @@ class Engine:
         replaying heard frames) need frames, just those: that lane costs a fraction of a full step,
         and the others are not short of audio."""
         max_lead = self.config.max_lead_ms / 1000.0
-        eligible, lite, urgent_full, critical = [], [], False, False
+        eligible, urgent_full, urgent_lite = [], False, False
         for call in self._active_calls():
             if call.unsent_frames > self.config.max_unsent_frames:
                 continue
@@ -259,18 +258,20 @@ class Engine:
             if lead >= max_lead:
                 continue
             eligible.append(call)
-            if not self.stepper.needs_depformer(call.slot):
-                if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
-                    lite.append(call)
-            elif call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
-                urgent_full = True
-                critical = critical or call.awaiting_first_audio or lead < CRITICAL_LEAD_S
+            if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
+                if self.stepper.needs_depformer(call.slot):
+                    urgent_full = True
+                else:
+                    urgent_lite = True
         self._watch_load(eligible)
-        # Calls in their decoder-only stretch go first, alone (a full step would make them pay for
-        # the depformer too), unless a call with audio to make is running short.
-        if lite and not critical:
+        # Playing calls come first: when one of them needs frames, every eligible call steps (the
+        # full lane). Giving cold starts the cheap lane ahead of them lowered onset at 8 calls but
+        # made 64 calls underrun on the H100 (docs/benchmarks.md, runs 3-5).
+        if urgent_full:
+            return eligible
+        if urgent_lite:
             return [c for c in eligible if not self.stepper.needs_depformer(c.slot)]
-        return eligible if urgent_full or lite else []
+        return []
 
     def _watch_load(self, eligible: list[Call]) -> None:
         now = time.monotonic()
