@@ -53,7 +53,8 @@ class StepRecord:
     """What a rollback needs to stand before step `position` again."""
 
     position: int
-    text: TextState  # the state machine before the step
+    text: TextState  # the state machine before the step, transcript left out (see `words`)
+    words: int  # transcript length before the step: the live transcript's prefix of that length
     text_in: tuple[int, int]  # the step's text inputs (what the previous step gave)
 
 
@@ -278,7 +279,7 @@ class Call:
                                   "(out of the range this call keeps)", cmd="pause", id=cmd.id)
         engine = self.engine
         engine.stepper.rewind(self.slot, target, record.text_in)
-        self.machine.restore(record.text)
+        self.machine.restore(self._state_at(record))
         engine.restore_codec_row(self.slot, mark[1], engine.stepper.aligned_codes(self.slot, mark[0], target))
         while self._history and self._history[-1].position >= target:
             self._history.pop()
@@ -323,10 +324,6 @@ class Call:
     def _on_list_voices(self, cmd: p.ListVoices) -> None:
         self.emit(p.Voices(voices=[v.info() for v in self.engine.voices.values()], id=cmd.id))
 
-    def voice_ready(self, state, cmd: p.SetVoice) -> None:
-        self.emit(p.VoiceReady(name=state.name, prefix_s=state.prefix_s, prepare_ms=state.prepare_ms,
-                               speakers=state.speakers, id=cmd.id))
-
     # -- frames (generation thread) --------------------------------------------------------------
 
     def context_left(self) -> bool:
@@ -335,7 +332,9 @@ class Call:
     def preview(self):
         """Both possible text answers of the next step (before it runs); records the step."""
         position = self.position
-        self._history.append(StepRecord(position, self.machine.snapshot(), self._last_text))
+        state = self.machine.state
+        self._history.append(StepRecord(position, state.copy(transcript=False), len(state.transcript),
+                                        self._last_text))
         if position >= self._floor_frame:  # upstream's boundary runs step F - 1 again: keep the prefix's text
             self._text_log[position] = self._last_text
         if position == self.checkpoint_at:
@@ -440,7 +439,7 @@ class Call:
         delta = frames - resume_at
         self._rebase(delta, keep_from=resume_at - window, upto=resume_at)
         self._text_log[floor:frames + 1] = text[floor:]
-        self.machine.restore(shifted(record.text, delta))
+        self.machine.restore(shifted(self._state_at(record), delta))
         self._last_text = record.text_in
         for name in ("start_position", "first_frame", "next_frame", "send_from", "first_word_frame"):
             value = getattr(turn, name)
@@ -451,9 +450,16 @@ class Call:
                  resume_at, floor, window, (time.perf_counter() - t0) * 1000)
         return True
 
+    def _state_at(self, record: StepRecord) -> TextState:
+        """The full text state before `record`'s step: the transcript only grows between records,
+        so its prefix is taken back from the live state."""
+        state = record.text.copy()
+        state.transcript = self.machine.state.transcript[: record.words]
+        return state
+
     def _rebase(self, delta: int, keep_from: int, upto: int) -> None:
         """Move the rollback history into the rebuilt context (what lies outside it is dropped)."""
-        self._history = deque((StepRecord(r.position + delta, shifted(r.text, delta), r.text_in)
+        self._history = deque((StepRecord(r.position + delta, shifted(r.text, delta), r.words, r.text_in)
                                for r in self._history if keep_from <= r.position <= upto), maxlen=self._history.maxlen)
         self._codec_marks = deque(((frame + delta, snap) for frame, snap in self._codec_marks
                                    if keep_from <= frame <= upto), maxlen=self._codec_marks.maxlen)

@@ -42,8 +42,10 @@ class TextState:
     final: bool = False  # no more text will be pushed for this utterance
     starved: bool = False  # a new word was wanted while holding for more text
 
-    def copy(self) -> "TextState":
-        # Entries are immutable, so shallow list copies are a full copy.
+    def copy(self, transcript: bool = True) -> "TextState":
+        """Entries are immutable, so shallow list copies are a full copy. `transcript=False`
+        leaves the transcript out (it only grows: a caller that keeps its length can take the
+        prefix back from the live state, instead of copying a whole call's words every frame)."""
         return TextState(
             entries=list(self.entries),
             next_entry=self.next_entry,
@@ -52,7 +54,7 @@ class TextState:
             pending=list(self.pending),
             lookahead=list(self.lookahead),
             end_step=self.end_step,
-            transcript=list(self.transcript),
+            transcript=list(self.transcript) if transcript else [],
             final=self.final,
             starved=self.starved,
         )
