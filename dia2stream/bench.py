@@ -53,13 +53,13 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool = False,
-                profile: bool = False) -> dict:
+                profile: bool = False, kernels: str = "torch", weights: str = "bf16") -> dict:
     """Time `frames` steps (after a warm-up) of a fresh one-call stepper, host state machine
     included; the decoder-only lane is timed over the first steps of fresh calls."""
     if tts.device.type == "cuda":
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    stepper = tts.new_stepper(cfg=cfg, use_cuda_graph=graph, compile=compile)
+    stepper = tts.new_stepper(cfg=cfg, use_cuda_graph=graph, compile=compile, kernels=kernels, weights=weights)
     build_s = time.perf_counter() - t0
     stepper.set_sampling(0, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
     machine = tts.new_state_machine()
@@ -95,15 +95,18 @@ def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool
     return out
 
 
-def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool) -> dict:
+def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, kernels: str = "torch",
+                  profile: bool = False, compile_max_calls: int | None = None) -> dict:
     """One stepper with max(sizes) slots (as the server builds it); ms per step with the first N
     slots active, and the batched Mimi decode of N rows."""
     n_max = max(sizes)
     if tts.device.type == "cuda":
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    stepper = tts.new_stepper(n_calls=n_max, cfg=True, compile=compile)
-    out: dict = {"build_s": round(time.perf_counter() - t0, 2), "batch_sizes": list(stepper.batch_sizes)}
+    stepper = tts.new_stepper(n_calls=n_max, cfg=True, compile=compile, kernels=kernels,
+                              compile_max_calls=compile_max_calls)
+    out: dict = {"build_s": round(time.perf_counter() - t0, 2), "batch_sizes": list(stepper.batch_sizes),
+                 "kernels": kernels, "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
     codec.open_stream(n_max)
     machines = []
@@ -134,6 +137,9 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool) ->
                 decode.append((t2 - t1) * 1000)
         out[str(n)] = {"step_ms": stats(times), "mimi_decode_ms": stats(decode),
                        "padded_to": stepper.batch_size_for(n)}
+        if profile and n == max(sizes):
+            out[str(n)]["profile"] = _profile(lambda: stepper.step(
+                [machines[c].preview(stepper.host_positions[c]) if active[c] else None for c in range(n_max)], active))
         print(f"  batched {n} calls: step {out[str(n)]['step_ms']}, decode {out[str(n)]['mimi_decode_ms']}", flush=True)
     codec.close_stream()
     del stepper
@@ -142,20 +148,65 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool) ->
 
 def profile_steps(stepper: FrameStepper, machine, t0: int, steps: int = 5) -> dict:
     """Kernels per frame and the kernels that take the GPU time (what a missed target is about)."""
+    t = iter(range(t0, t0 + steps))
+
+    def one_step():
+        now = next(t)
+        machine.process(now, stepper.step([machine.preview(now)])[0])
+
+    return _profile(one_step, steps)
+
+
+def _profile(one_step, steps: int = 5) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for t in range(t0, t0 + steps):
-            machine.process(t, stepper.step([machine.preview(t)])[0])
+        for _ in range(steps):
+            one_step()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     gpu_us = sum(e.device_time for e in kernels) if kernels else 0.0
     by_name: dict[str, list[float]] = {}
     for e in kernels:
         by_name.setdefault(e.name[:60], []).append(e.device_time)
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]
     return {"kernels_per_frame": round(len(kernels) / steps), "gpu_busy_ms_per_frame": round(gpu_us / steps / 1000, 3),
             "top_kernels": [{"name": k, "count_per_frame": round(len(v) / steps), "ms_per_frame": round(sum(v) / steps / 1000, 3)}
                             for k, v in top]}
+
+
+def bench_fp8_agreement(tts: Dia2, frames: int = 200, cfg: bool = True) -> dict:
+    """How often FP8 depformer weights change a greedy token against bf16 on this checkpoint.
+
+    Two triton steppers (bf16 and fp8) step the same script greedily; before every step the fp8
+    one is given the bf16 one's inputs and delayed buffer, so each frame is compared on the same
+    history (the decoder is bf16 in both: its caches follow from the inputs). Codebook 0 comes
+    from the decoder and is excluded; a changed stage also changes the inputs of the stages after
+    it in that frame, so `stage1_changed` (no such cascade) is reported beside the total."""
+    greedy = SamplingParams(text_temperature=0.0, audio_temperature=0.0, cfg_scale=2.0 if cfg else 1.0)
+    ref = tts.new_stepper(cfg=cfg, kernels="triton")
+    fp8 = tts.new_stepper(cfg=cfg, kernels="triton", weights="fp8")
+    for stepper in (ref, fp8):
+        stepper.set_sampling(0, greedy)
+    machine = tts.new_state_machine()
+    machine.push(parse_script(SCRIPT * 4, tts.tokenizer))
+    changed = stage1 = total = frames_changed = actions_changed = 0
+    for t in range(frames + ref.max_delay):
+        choice = [machine.preview(t)]
+        action = ref.step(choice)[0]
+        other = fp8.step(choice)[0]
+        if t >= ref.max_delay:  # every stage's codes are read from here on
+            diff = ref.codes[0, 1:] != fp8.codes[0, 1:]
+            changed += int(diff.sum())
+            stage1 += int(diff[0])
+            total += diff.numel()
+            frames_changed += int(diff.any())
+            actions_changed += int(action != other)
+        machine.process(t, action)
+        fp8.tokens.copy_(ref.tokens)
+        fp8.buffer.copy_(ref.buffer)
+    n = frames
+    return {"frames": n, "token_change_rate": round(changed / total, 4), "stage1_change_rate": round(stage1 / n, 4),
+            "frames_with_a_change": round(frames_changed / n, 4), "action_change_rate": round(actions_changed / n, 4)}
 
 
 def bench_mimi(tts: Dia2, frames: int) -> dict:
@@ -244,7 +295,7 @@ VOICE_TRANSCRIPT = ("[S1] Hello, this is the bench voice speaking for about ten 
 
 # -- through the real server --------------------------------------------------------------------
 
-def start_server(tts: Dia2, cfg_scale: float, compile: bool = False):
+def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: str = "torch"):
     """The real server on a free loopback port, in a thread with its own loop."""
     from websockets.asyncio.server import serve
 
@@ -253,7 +304,8 @@ def start_server(tts: Dia2, cfg_scale: float, compile: bool = False):
     from dia2stream.server import Dia2Server
 
     sys.setswitchinterval(0.0005)  # as server.build_engine does
-    engine = Engine(tts, EngineConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, compile=compile))
+    engine = Engine(tts, EngineConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, compile=compile,
+                                      kernels=kernels))
     server = Dia2Server(engine, tts.name, str(tts.device), 60_000)
     ready: "asyncio.Future[int]"
     holder: dict = {}
@@ -374,6 +426,28 @@ async def bench_server(port: int, runs: int) -> dict:
 
 # -- driver ----------------------------------------------------------------------------------------
 
+def step_variants(args, device: torch.device) -> list[str]:
+    """The frame-step variants to time: `--steps`, or eager and graph at cfg 1 and 2 (plus
+    compiled with --compile), as before."""
+    if args.steps:
+        return [v.strip() for v in args.steps.split(",") if v.strip()]
+    graphs = ["graph", "eager"] if device.type == "cuda" else ["eager"]
+    keys = [f"{g}_cfg{c}" for c in (1, 2) for g in graphs]
+    if args.compile and device.type == "cuda":
+        keys += ["graph_compiled_cfg1", "graph_compiled_cfg2"]
+    return keys
+
+
+def parse_variant(key: str) -> tuple[bool, bool, str, str, bool]:
+    """`graph_compiled_triton_fp8_cfg2` → (graph, compile, kernels, weights, cfg)."""
+    parts = key.split("_")
+    if parts[0] not in ("graph", "eager") or parts[-1] not in ("cfg1", "cfg2") or \
+            not set(parts[1:-1]) <= {"compiled", "triton", "fp8"}:
+        raise SystemExit(f"unknown step variant {key!r}: (graph|eager)[_compiled][_triton][_fp8]_(cfg1|cfg2)")
+    return (parts[0] == "graph", "compiled" in parts, "triton" if "triton" in parts else "torch",
+            "fp8" if "fp8" in parts else "bf16", parts[-1] == "cfg2")
+
+
 def run_preset(name: str, args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     root = Path(args.checkpoint_dir) / name
@@ -386,46 +460,45 @@ def run_preset(name: str, args) -> dict:
     result: dict = {"preset": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                     "dtype": str(tts.dtype), "load_s": round(time.perf_counter() - t0, 1)}
     print(f"[{name}] loaded in {result['load_s']} s on {result['device']}", flush=True)
-    graphs = [True, False] if device.type == "cuda" else [False]
     steps = {}
-    for cfg in (False, True):
-        for graph in graphs:
-            key = f"{'graph' if graph else 'eager'}_cfg{2 if cfg else 1}"
-            frames = args.frames if graph else max(20, args.frames // 4)
-            steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames)
-            print(f"[{name}] step {key}: {steps[key]}", flush=True)
-    if args.compile and device.type == "cuda":
-        for cfg in (False, True):
-            key = f"graph_compiled_cfg{2 if cfg else 1}"
-            try:
-                steps[key] = bench_steps(tts, cfg=cfg, graph=True, frames=args.frames, compile=True,
-                                         profile=args.profile and cfg)
-            except Exception as exc:  # compile failures are reported, not fatal to the run
-                steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
-            print(f"[{name}] step {key}: {steps[key]}", flush=True)
+    for key in step_variants(args, device):
+        graph, compile, kernels, weights, cfg = parse_variant(key)
+        frames = args.frames if graph else max(20, args.frames // 4)
+        try:
+            steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
+                                     weights=weights, profile=args.profile and graph and cfg and key != "graph_cfg2")
+        except Exception as exc:  # a variant that fails (compile, triton) is reported, not fatal to the run
+            steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(f"[{name}] step {key}: {steps[key]}", flush=True)
+    if args.fp8_agreement and device.type == "cuda":
+        result["fp8_agreement"] = bench_fp8_agreement(tts, frames=args.fp8_agreement)
+        print(f"[{name}] fp8 vs bf16 greedy tokens: {result['fp8_agreement']}", flush=True)
     result["step_ms"] = steps
     if args.batched:
         sizes = [int(s) for s in args.batched.split(",")]
         result["batched"] = bench_batched(tts, sizes=sizes, frames=max(20, args.frames // 4),
-                                          compile=args.compile and device.type == "cuda")
+                                          compile=args.compile and device.type == "cuda", kernels=args.kernels,
+                                          profile=args.profile and device.type == "cuda",
+                                          compile_max_calls=args.compile_max_calls)
     result["mimi_decode_ms"] = bench_mimi(tts, args.frames)
     result["voice_prefill"] = bench_prefill(tts)
     print(f"[{name}] voice prefill: {result['voice_prefill']}", flush=True)
     print(f"[{name}] mimi decode: {result['mimi_decode_ms']}", flush=True)
     if not args.skip_server:
         compiled = args.compile and device.type == "cuda"
-        port, stop = start_server(tts, cfg_scale=args.cfg_scale, compile=compiled)
+        port, stop = start_server(tts, cfg_scale=args.cfg_scale, compile=compiled, kernels=args.kernels)
         try:
             result["server"] = asyncio.run(bench_server(port, args.runs))
         finally:
             stop()
         result["server"]["cfg_scale"] = args.cfg_scale
         result["server"]["compiled"] = compiled
+        result["server"]["kernels"] = args.kernels
         print(f"[{name}] server: {result['server']}", flush=True)
     cfg_key = 2 if args.cfg_scale != 1 else 1
-    best = steps.get(f"graph_compiled_cfg{cfg_key}") if args.compile else None
-    best = (best if best and "p50" in best else None) or steps.get(f"graph_cfg{cfg_key}") or steps[f"eager_cfg{2 if args.cfg_scale != 1 else 1}"]
-    result["rtf"] = round((best["p50"] + result["mimi_decode_ms"]["p50"]) / 80.0, 4)
+    timed = [v for k, v in steps.items() if k.endswith(f"cfg{cfg_key}") and "fp8" not in k and "p50" in v]
+    best = min(timed, key=lambda v: v["p50"], default=None)
+    result["rtf"] = round((best["p50"] + result["mimi_decode_ms"]["p50"]) / 80.0, 4) if best else None
     if device.type == "cuda":
         result["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
     del tts
@@ -468,7 +541,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="server's CFG scale")
     parser.add_argument("--skip-server", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also measure torch.compile inside the graph")
-    parser.add_argument("--profile", action="store_true", help="kernel profile of the compiled cfg 2 step")
+    parser.add_argument("--profile", action="store_true", help="kernel profile of each graph cfg 2 variant")
+    parser.add_argument("--steps", default="", help="step variants to time, e.g. graph_compiled_cfg2,"
+                        "graph_compiled_triton_cfg2 (default: eager/graph at cfg 1 and 2, compiled with --compile)")
+    parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
+                        help="depformer kernels of the batched steps and the server runs")
+    parser.add_argument("--compile-max-calls", type=int, default=8,
+                        help="batched steps: largest padded batch that runs compiled (as the server's flag)")
+    parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
+                        help="also measure how often fp8 depformer weights change a greedy token (CUDA)")
     parser.add_argument("--batched", default="", help="comma-separated call counts for batched steps, e.g. 1,8,16,32,64")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args(argv)

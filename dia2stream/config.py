@@ -22,6 +22,9 @@ class ServerConfig:
     context_frames: int | None = None
     threads: int | None = None
     compile: str = "auto"
+    compile_max_calls: int = 8
+    kernels: str = "auto"
+    weights: str = "bf16"
     log_level: str = "INFO"
     voice_dir: str | None = None
     voice_cache: str | None = None
@@ -63,6 +66,12 @@ _FLAGS = [  # (name, type, help)
     ("threads", int, "torch CPU threads (default: 1 on a CPU-only machine with <= 2 cores, else torch's choice)"),
     ("compile", str, "torch.compile inside the frame's CUDA graph: auto (on with cuda), on, off; "
                      "costs ~30 s once at start-up"),
+    ("compile_max_calls", int, "largest padded batch (calls) that runs compiled; larger ones run eager inside "
+                               "their CUDA graphs, measured faster there (docs/benchmarks.md)"),
+    ("kernels", str, "depformer kernels: auto (triton on cuda when triton is installed, else torch), torch, "
+                     "triton (fused Triton kernels, five launches a layer; docs/benchmarks.md)"),
+    ("weights", str, "depformer projection weights: bf16, or fp8 (e4m3, one scale per row; needs the triton "
+                     "kernels; changes some greedy tokens, measured in docs/benchmarks.md)"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
@@ -127,6 +136,12 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--lead-in-frames must be 0 or more")
     if values["prefix_boundary"] not in ("upstream", "clean"):  # vendor_dia2.runtime.PREFIX_BOUNDARIES
         parser.error(f"--prefix-boundary must be upstream or clean, not {values['prefix_boundary']!r}")
+    if values["compile_max_calls"] < 1:
+        parser.error("--compile-max-calls must be at least 1")
+    if values["kernels"] not in ("auto", "torch", "triton"):
+        parser.error(f"--kernels must be auto, torch or triton, not {values['kernels']!r}")
+    if values["weights"] not in ("bf16", "fp8"):
+        parser.error(f"--weights must be bf16 or fp8, not {values['weights']!r}")
     if values["compile"] not in ("auto", "on", "off"):
         parser.error(f"--compile must be auto, on or off, not {values['compile']!r}")
     return ServerConfig(**values)

@@ -61,6 +61,9 @@ class EngineConfig:
     lead_in_frames: int = 1  # frames sent before a turn's first word
     rollover_frames: int = 250  # recent conversation kept when a full context is rebuilt (20 s)
     compile: bool = False  # torch.compile inside the CUDA graphs
+    compile_max_calls: int = 8  # larger padded batches run eager inside their graphs (faster there)
+    kernels: str = "torch"  # depformer kernels: "torch" (eager/compiled) or "triton" (fused, CUDA)
+    weights: str = "bf16"  # depformer projections: "bf16" or "fp8" (triton kernels only)
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
     max_pending_text_chars: int = 16_384  # text queued on a call but not yet spoken (limits.check_call_text)
     prefix_boundary: str = "upstream"  # how a turn continues a voice prefix: "upstream" or "clean" (docs/parity.md)
@@ -80,7 +83,8 @@ class Engine:
         self.stepper = tts.new_stepper(n_calls=config.max_calls + 1, cfg=config.cfg_scale != 1.0,
                                        max_positions=self.context_frames, compile=config.compile,
                                        batch_sizes=config.batch_sizes or default_batch_sizes(config.max_calls),
-                                       max_top_k=config.max_top_k)
+                                       max_top_k=config.max_top_k, kernels=config.kernels, weights=config.weights,
+                                       compile_max_calls=config.compile_max_calls)
         self.codec = tts.codec
         self.codec.open_stream(config.max_calls)
         self.preparer = VoicePreparer(tts, config.voice)

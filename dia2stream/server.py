@@ -292,6 +292,15 @@ async def close_within(ws: ServerConnection, code: int, reason: str, timeout: fl
         ws.transport.abort()
 
 
+def resolve_kernels(setting: str, device) -> str:
+    """`--kernels auto`: the fused Triton depformer where it can run (CUDA with triton), else torch."""
+    from vendor_dia2 import kernels
+
+    if setting != "auto":
+        return setting
+    return "triton" if str(device).startswith("cuda") and kernels.available(device) else "torch"
+
+
 def default_max_calls(device) -> int:
     """One call on CPU; on a GPU, 64: measured on an H100 at the 2b shape, a batched step for 64
     calls (~25 ms) plus their batched Mimi decode (~4 ms) stays far inside a frame's 80 ms
@@ -317,6 +326,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     t0 = time.perf_counter()
     tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
     compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
+    kernels = resolve_kernels(config.kernels, tts.device)
     max_calls = config.max_calls or default_max_calls(tts.device)
     # allow_download=False: whisper weights are never fetched while serving (finding 11); without
     # local weights a set_voice with no transcript is `transcript_required`.
@@ -327,10 +337,13 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
                                       context_frames=config.context_frames, cfg_scale=config.cfg_scale,
                                       seed=config.seed, voice=voice, lead_in_frames=config.lead_in_frames,
                                       rollover_frames=config.rollover_frames, prefix_boundary=config.prefix_boundary,
-                                      compile=compile_steps, max_pending_text_chars=config.max_pending_text_chars),
+                                      compile=compile_steps, compile_max_calls=config.compile_max_calls,
+                                      kernels=kernels, weights=config.weights,
+                                      max_pending_text_chars=config.max_pending_text_chars),
                     metrics=metrics)
-    log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s", tts.name, tts.device, tts.dtype,
-             time.perf_counter() - t0, max_calls, engine.stepper.batch_sizes)
+    log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
+             tts.name, tts.device, tts.dtype, time.perf_counter() - t0, max_calls, engine.stepper.batch_sizes, kernels,
+             config.weights)
     try:
         for spec in config.voices:
             state = engine.preload_voice(parse_voice_spec(spec))

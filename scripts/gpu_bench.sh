@@ -21,10 +21,10 @@ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python3 -c 'import torch; print("torch", torch.__version__)'
 
 if [[ $STAGES == *tests* ]]; then
-  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py > "$OUT/gpu-tests.log" 2>&1; tail -3 "$OUT/gpu-tests.log"
 fi
 if [[ $STAGES == *bench* ]]; then
-  timeout 420 python3 -m dia2stream.bench --presets 2b --frames 100 --runs 10 --compile ${BENCH_ARGS:-} \
+  timeout ${BENCH_TIMEOUT:-420} python3 -m dia2stream.bench --presets 2b --frames 100 --runs 10 --compile ${BENCH_ARGS:-} \
     --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   grep -v '^ *"\|^ *[]}{]\|^ *[0-9],*$' "$OUT/bench.log" | tail -25
 fi

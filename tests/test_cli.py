@@ -81,3 +81,17 @@ def test_bad_checkpoint_path_is_a_one_line_error(tmp_path):
 def test_directory_without_checkpoint_is_a_one_line_error(tmp_path):
     proc = _run("generate", "--checkpoint", str(tmp_path), "[S1] Hi.", "-o", "out.wav", cwd=tmp_path)
     _assert_clean_error(proc, "config.json")
+
+
+def test_kernel_flags_are_validated_and_auto_resolves_to_torch_on_cpu():
+    from dia2stream.config import parse_args
+    from dia2stream.server import resolve_kernels
+
+    with pytest.raises(SystemExit):
+        parse_args(["--kernels", "cuda"], environ={})
+    with pytest.raises(SystemExit):
+        parse_args(["--weights", "int8"], environ={})
+    config = parse_args([], environ={"DIA2_KERNELS": "triton", "DIA2_WEIGHTS": "fp8"})
+    assert (config.kernels, config.weights) == ("triton", "fp8")
+    assert resolve_kernels("auto", "cpu") == "torch"
+    assert resolve_kernels("torch", "cuda") == "torch"

@@ -16,8 +16,8 @@ def gpu_tts(tiny_dir):
     return Dia2.from_pretrained(str(tiny_dir), device="cuda", dtype=torch.float32)
 
 
-def _run(tts, graph: bool, cfg: bool, frames: int = 40):
-    stepper = tts.new_stepper(cfg=cfg, max_positions=256, use_cuda_graph=graph)
+def _run(tts, graph: bool, cfg: bool, frames: int = 40, **options):
+    stepper = tts.new_stepper(cfg=cfg, max_positions=256, use_cuda_graph=graph, **options)
     stepper.set_sampling(0, SamplingParams(seed=7, cfg_scale=2.0 if cfg else 1.0))
     machine = tts.new_state_machine()
     machine.push(parse_script("[S1] Hello there, how are you doing today?", tts.tokenizer))
@@ -80,6 +80,17 @@ def test_graphed_mimi_stream_matches_eager():
     torch.testing.assert_close(codec.decode_frame(codes[:, :, 0]), eager[0], atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("cfg", [False, True])
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
+def test_triton_graph_matches_triton_eager_tokens(gpu_tts, cfg, weights):
+    eager = _run(gpu_tts, graph=False, cfg=cfg, kernels="triton", weights=weights)
+    graph = _run(gpu_tts, graph=True, cfg=cfg, kernels="triton", weights=weights)
+    assert eager[0] == graph[0]
+    assert torch.equal(eager[1], graph[1])
+    codes = graph[1][gpu_tts.config.data.max_delay:]
+    assert codes.min() >= 0 and codes.max() < 2048  # real codes, never pad/bos, once every stage is read
+
+
 def test_compiled_graph_matches_eager_tokens(gpu_tts):
     eager = _run(gpu_tts, graph=False, cfg=True, frames=20)
     stepper = gpu_tts.new_stepper(cfg=True, max_positions=256, use_cuda_graph=True, compile=True)
@@ -93,9 +104,9 @@ def test_compiled_graph_matches_eager_tokens(gpu_tts):
     assert torch.equal(eager[1], torch.stack(codes))
 
 
-def _batched_run(tts, graph: bool, pattern, cfg: bool = True):
+def _batched_run(tts, graph: bool, pattern, cfg: bool = True, **options):
     """Four slots stepped under a changing active pattern (padding to 1, 2 and 4 slots, both lanes)."""
-    stepper = tts.new_stepper(n_calls=4, cfg=cfg, max_positions=128, use_cuda_graph=graph)
+    stepper = tts.new_stepper(n_calls=4, cfg=cfg, max_positions=128, use_cuda_graph=graph, **options)
     machines = []
     for call in range(4):
         stepper.set_sampling(call, SamplingParams(seed=call, cfg_scale=2.0 if cfg else 1.0))
@@ -113,11 +124,12 @@ def _batched_run(tts, graph: bool, pattern, cfg: bool = True):
     return actions, stepper.buffer.clone(), list(stepper.host_positions)
 
 
-def test_batched_graphs_match_eager_under_any_active_pattern(gpu_tts):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_batched_graphs_match_eager_under_any_active_pattern(gpu_tts, kernels):
     pattern = [[True, False, False, False]] * 6 + [[True, True, False, False]] * 6 + \
               [[False, True, True, True]] * 20 + [[True, True, True, True]] * 10 + [[False, False, False, True]] * 4
-    eager = _batched_run(gpu_tts, graph=False, pattern=pattern)
-    graph = _batched_run(gpu_tts, graph=True, pattern=pattern)
+    eager = _batched_run(gpu_tts, graph=False, pattern=pattern, kernels=kernels)
+    graph = _batched_run(gpu_tts, graph=True, pattern=pattern, kernels=kernels)
     assert eager[0] == graph[0]
     assert torch.equal(eager[1], graph[1])
     assert eager[2] == graph[2] == [22, 36, 30, 34]
@@ -179,3 +191,12 @@ def test_graphs_match_eager_after_prefixes_of_both_boundaries(gpu_tts):
     assert torch.equal(eager[0], graph[0])
     assert eager[1] == graph[1] == [30, 32, 30] and eager[2] == graph[2] == [1, 0, 1]
     assert torch.equal(graph[0][0], graph[0][2])  # slot 2 replayed slot 0 from its snapshot
+
+
+def test_compiled_small_batches_and_eager_large_ones_match_eager(gpu_tts):
+    """compile_max_calls=1: the 1-slot graphs run compiled, the 2- and 4-slot graphs eager."""
+    pattern = [[True, False, False, False]] * 8 + [[True, True, True, True]] * 14 + [[True, False, False, False]] * 6
+    eager = _batched_run(gpu_tts, graph=False, pattern=pattern)
+    mixed = _batched_run(gpu_tts, graph=True, pattern=pattern, compile=True, compile_max_calls=1)
+    assert eager[0] == mixed[0]
+    assert torch.equal(eager[1], mixed[1])

@@ -404,3 +404,15 @@ def test_real_dia2_delays_generate_and_stream(tmp_path):
         if frame == 0:
             expected = torch.where(expected < 0, codes, expected)  # column 0 is never written
         assert torch.equal(codes, expected)
+
+
+def test_kernel_and_weight_options_are_checked(tiny_tts, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="kernels must be"):
+        tiny_tts.new_stepper(cfg=True, kernels="cuda")
+    with pytest.raises(ValueError, match="weights must be"):
+        tiny_tts.new_stepper(cfg=True, weights="int4")
+    with pytest.raises(ValueError, match="fp8 weights need the triton kernels"):
+        tiny_tts.new_stepper(cfg=True, weights="fp8")
+    with pytest.raises(ValueError, match="need CUDA and triton"):
+        tiny_tts.new_stepper(cfg=True, kernels="triton")  # this is a CPU stepper

@@ -341,6 +341,25 @@ def depformer_stage(projected: torch.Tensor, embed: torch.Tensor, prev: torch.Te
     return F.linear(_rms(x, norm, shape.eps), logits)[:, 0, : shape.real_codes].float()
 
 
+def depformer_stage_fused(projected: torch.Tensor, embed: torch.Tensor, prev: torch.Tensor, layers: tuple,
+                          caches: tuple, norm: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
+                          slot: torch.Tensor, shape: StageShape, *, stage: int) -> torch.Tensor:
+    """`depformer_stage` through the Triton kernels (`kernels.py`), five launches a layer: same
+    arguments (weights may be `kernels.QuantWeight`), same result within bf16 tolerance. `stage`
+    is the slot as a Python int, fixed per launch (the kernels take it as a scalar)."""
+    from . import kernels
+
+    del mask, slot  # the attention kernel masks by `stage` itself
+    x = projected + F.embedding(prev, embed)  # [R, Dd]
+    for (pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w), (cache_k, cache_v) in zip(layers, caches):
+        qkv = kernels.linear(x, in_w, norm=pre_w, eps=shape.eps, kind="in_proj")
+        att = kernels.stage_attention(qkv, qk_map, cache_k, cache_v, stage, shape.heads, shape.eps)
+        x = kernels.linear(att, out_w, residual=x, kind="out_proj")
+        h = kernels.gated_mlp_in(x, wi_w, post_w, shape.eps, shape.hidden, shape.activations)
+        x = kernels.linear(h, wo_w, residual=x, kind="mlp_out")
+    return kernels.linear(x, logits, norm=norm, eps=shape.eps, n=shape.real_codes, kind="logits").float()
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:  # CPU's fused rms_norm is a slow composite; plain ops are not
         out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)

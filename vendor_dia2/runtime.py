@@ -33,11 +33,14 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
 
 import torch
 
 from .config import Dia2Config
-from .model import Dia2Model, KVCache, StageShape, decoder_layer, depformer_stage
+from . import kernels as fused_kernels
+from .model import (Dia2Model, KVCache, StageShape, StageWeights, decoder_layer, depformer_stage,
+                    depformer_stage_fused)
 from .sampling import draw, draw_noise, guided_candidates, gumbel_noise, top_candidates
 
 UNGENERATED = -2  # delayed-buffer cell not written yet
@@ -124,14 +127,29 @@ def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_
     return draw(values, ids, inv_temp, noise)
 
 
+def pick_forced(logits, inv_temp, noise, cfg_scale, forced, known, *, branches: int, filter_k: int,
+                max_top_k: int) -> torch.Tensor:
+    """A stage's draw, teacher-forced where the prefix is known: codes [N]."""
+    code = pick(logits, inv_temp, noise, cfg_scale, branches=branches, filter_k=filter_k, max_top_k=max_top_k)
+    return torch.where(forced, known, code)
+
+
 def stage_and_pick(projected, embed, prev, layers, caches, norm, logits_w, mask, slot, inv_temp, noise, forced, known,
                    cfg_scale, *, shape: StageShape, branches: int, filter_k: int, max_top_k: int) -> torch.Tensor:
     """A depformer stage and its draw (teacher-forced where the prefix is known): codes [N];
     prev [N] are the previous codebook's codes, shared by both CFG branches."""
     logits = depformer_stage(projected, embed, prev.repeat_interleave(branches), layers, caches, norm, logits_w, mask,
                              slot, shape)
-    code = pick(logits, inv_temp, noise, cfg_scale, branches=branches, filter_k=filter_k, max_top_k=max_top_k)
-    return torch.where(forced, known, code)
+    return pick_forced(logits, inv_temp, noise, cfg_scale, forced, known, branches=branches, filter_k=filter_k,
+                       max_top_k=max_top_k)
+
+
+class FrameFunctions(NamedTuple):
+    """The functions a frame calls per layer and per stage: eager, or their compiled twins."""
+
+    layer: Callable
+    stage: Callable
+    pick_stage: Callable
 
 
 def default_batch_sizes(n_calls: int) -> tuple[int, ...]:
@@ -156,7 +174,8 @@ class FrameStepper:
     @torch.inference_mode(False)
     def __init__(self, model: Dia2Model, *, n_calls: int = 1, cfg: bool = True, max_positions: int | None = None,
                  max_top_k: int = 256, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
-                 compile: bool = False, bos_token_id: int = 1, batch_sizes: tuple[int, ...] | None = None):
+                 compile: bool = False, bos_token_id: int = 1, batch_sizes: tuple[int, ...] | None = None,
+                 kernels: str = "torch", weights: str = "bf16", compile_max_calls: int | None = None):
         config: Dia2Config = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
@@ -215,16 +234,24 @@ class FrameStepper:
 
         statics = dict(branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
         self._pick = functools.partial(pick, **statics)
-        self._stage_fn = functools.partial(stage_and_pick, shape=model.depformer.shape, **statics)
-        self._layer_fn = decoder_layer
+        eager = FrameFunctions(layer=decoder_layer, pick_stage=functools.partial(pick_forced, **statics),
+                               stage=functools.partial(stage_and_pick, shape=model.depformer.shape, **statics))
+        self.kernels, self.weights = kernels, weights
+        self._fused_stages = self._fused_stage_weights(kernels, weights)
+        self._eager_fns = self._compiled_fns = eager
+        # Compiled graphs win at small batches and lose at large ones: the compiled decoder layer
+        # writes its cache by copying the whole cache tensor (48 copies a frame, 8.4 of 30 ms at
+        # 64 calls: docs/benchmarks.md, run 8), so batch sizes above `compile_max_calls` run the
+        # eager functions, which write in place, inside their CUDA graphs.
+        self.compile_max_calls = (compile_max_calls or n_calls) if compile else 0
         if compile:
             # One compiled graph serves all 31 stages and all layers (their weights are arguments),
             # fusing the elementwise work between matmuls; compiled at capture time, never per request.
             # Each batch size is another shape: let dynamo mark the batch dimension dynamic.
             from torch import _dynamo
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-            self._stage_fn = torch.compile(self._stage_fn)
-            self._layer_fn = torch.compile(decoder_layer)
+            self._compiled_fns = FrameFunctions(layer=torch.compile(eager.layer), stage=torch.compile(eager.stage),
+                                                pick_stage=torch.compile(eager.pick_stage))
         for call in range(self.n):
             self.set_sampling(call, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
             self.reset_call(call)
@@ -446,7 +473,7 @@ class FrameStepper:
         caches = [cache.rows(0, rows) for cache in self.decoder_caches]
         slots = pos + self.cache_offset[:b]  # RoPE uses the position, the cache its slot
         action_logits, cb0_logits, hidden = self.model.transformer(
-            tokens[:, None], pos.repeat_interleave(br)[:, None], caches, layer_fn=self._layer_fn,
+            tokens[:, None], pos.repeat_interleave(br)[:, None], caches, layer_fn=self._fns(b).layer,
             slots=slots.repeat_interleave(br)[:, None])
         noise, inv_temp = draw_noise(gumbel_noise(self.seeds[:b], pos, q + 1, self.max_top_k),
                                      self.stream_temperature[:b], self.stream_top_k[:b])  # [N, 1 + Q, K], [N, 1 + Q]
@@ -491,11 +518,53 @@ class FrameStepper:
         dep_text = text.repeat_interleave(self.branches, dim=0)  # [N * branches, 2], rows [call, branch]
         projected = dep.first_stage_text(dep.project_inputs(hidden), dep_text)  # [S, R, Dd]
         codes = [code]
+        fns = self._fns(b)
+        if self._fused_stages and (rows <= fused_kernels.FUSED_MAX_ROWS or self.weights == "fp8"):
+            for s, w in enumerate(self._fused_stages):
+                logits = depformer_stage_fused(projected[s], w.embed, code.repeat_interleave(self.branches), w.layers,
+                                               caches, w.norm, w.logits, w.mask, w.slot, dep.shape, stage=s)
+                code = fns.pick_stage(logits, inv_temp[:, 2 + s], noise[:, 2 + s], cfg_scale, forced[:, s + 1],
+                                        known[:, s + 1])
+                codes.append(code)
+            return torch.stack(codes, dim=1)
         for s, w in enumerate(dep.stage_weights):
-            code = self._stage_fn(projected[s], w.embed, code, w.layers, caches, w.norm, w.logits, w.mask, w.slot,
+            code = fns.stage(projected[s], w.embed, code, w.layers, caches, w.norm, w.logits, w.mask, w.slot,
                                   inv_temp[:, 2 + s], noise[:, 2 + s], forced[:, s + 1], known[:, s + 1], cfg_scale)
             codes.append(code)
         return torch.stack(codes, dim=1)
+
+    def _fns(self, b: int) -> "FrameFunctions":
+        return self._compiled_fns if b <= self.compile_max_calls else self._eager_fns
+
+    def _fused_stage_weights(self, kernels: str, weights: str) -> list[StageWeights]:
+        """The stage tables the Triton depformer reads (empty for the eager path): the model's
+        own, or with every projection in FP8 (`weights="fp8"`; each tensor quantized once, so the
+        MLP that all stages share stays one copy)."""
+        if kernels not in ("torch", "triton"):
+            raise ValueError(f"kernels must be 'torch' or 'triton', not {kernels!r}")
+        if weights not in ("bf16", "fp8"):
+            raise ValueError(f"weights must be 'bf16' or 'fp8', not {weights!r}")
+        if kernels == "torch":
+            if weights != "bf16":
+                raise ValueError("fp8 weights need the triton kernels (kernels='triton')")
+            return []
+        if not fused_kernels.available(self.device):
+            raise ValueError(f"the triton kernels need CUDA and triton; this stepper runs on {self.device}")
+        stages = self.model.depformer.stage_weights
+        if weights == "bf16":
+            return list(stages)
+        quantized: dict[int, fused_kernels.QuantWeight] = {}
+
+        def fp8(t: torch.Tensor) -> fused_kernels.QuantWeight:
+            key = t.data_ptr()  # stages share their MLP tensors' storage, not the tensor objects
+            if key not in quantized:
+                quantized[key] = fused_kernels.QuantWeight.quantize(t)
+            return quantized[key]
+
+        return [StageWeights(embed=w.embed, norm=w.norm, logits=fp8(w.logits), mask=w.mask, slot=w.slot,
+                             layers=tuple(l._replace(in_proj=fp8(l.in_proj), out_proj=fp8(l.out_proj), wi=fp8(l.wi),
+                                                     wo=fp8(l.wo)) for l in w.layers))
+                for w in stages]
 
     def _capture_all(self) -> None:
         """Capture `_frame` as CUDA graphs, one per (batch size, lane), sharing one memory pool.

@@ -1,0 +1,339 @@
+"""Triton kernels for the depformer stage on CUDA: fewer launches, each weight read once.
+
+The eager depformer (`model.depformer_stage`) spends a frame in ~70 launches per stage, most of
+them GEMVs at M = 2 rows that reach half the memory bandwidth, an SDPA over 31 slots and the
+elementwise glue between them (docs/benchmarks.md, profile). Here a depformer layer is five
+launches:
+
+    rms + in_proj  →  q/k norm + RoPE map + cache write + attention over the stage's slots
+    →  out_proj + residual  →  rms + gated MLP in (gate and up in one pass)  →  MLP out + residual
+
+Each matrix kernel streams its weight tile once per row block, with the RMSNorm of its input
+folded into the prologue and the residual add, or the gate activation, into the epilogue.
+Accumulation is fp32; outputs are rounded once (the eager path rounds after every op), so the
+two agree within bf16 tolerance, not bit for bit (tests/test_kernels.py).
+
+Weights may be bf16, or FP8 e4m3 with one fp32 scale per output row (`QuantWeight`,
+`--weights fp8`): the kernel widens each tile to bf16 as it loads it, halving the bytes.
+
+The CPU path never comes here. Without a GPU the kernels still run under Triton's interpreter
+(`TRITON_INTERPRET=1`), which is how the CPU machine checks them.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+
+try:  # Triton ships with CUDA builds of torch; the CPU wheel has none
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - depends on the install
+    triton = None
+    tl = None
+
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the fused kernels can run for tensors on `device`."""
+    if triton is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    return torch.device(device).type == "cuda"
+
+
+class QuantWeight(NamedTuple):
+    """A weight `[N, K]` in float8 e4m3 with one fp32 scale per output row: w ≈ q * scale[:, None]."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @classmethod
+    def quantize(cls, weight: torch.Tensor) -> "QuantWeight":
+        w = weight.float()
+        scale = (w.abs().amax(dim=1) / FP8_MAX).clamp_min(1e-12)
+        return cls((w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale.contiguous())
+
+    def dequantize(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+        return (self.q.float() * self.scale[:, None]).to(dtype)
+
+
+def _split(weight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if isinstance(weight, QuantWeight):
+        return weight.q, weight.scale
+    return weight, None
+
+
+def _row_block(m: int) -> int:
+    """Rows per program: all of them up to 64 (each weight tile is then read once), 16 at least
+    (the smallest `tl.dot`)."""
+    return max(16, min(64, triton.next_power_of_2(m)))
+
+
+def _k_block(k: int) -> int:
+    return min(256, triton.next_power_of_2(k))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _row_rstd(x_ptr, stride_xm, rows, row_mask, K: tl.constexpr, eps, BM: tl.constexpr, BK: tl.constexpr):
+        """1 / rms of each row of x [BM rows, K]."""
+        cols = tl.arange(0, BK)
+        total = tl.zeros([BM], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            mask = row_mask[:, None] & ((k0 + cols) < K)[None, :]
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + (k0 + cols)[None, :], mask=mask, other=0.0).to(tl.float32)
+            total += tl.sum(x * x, axis=1)
+        return 1.0 / tl.sqrt(total / K + eps)
+
+    @triton.jit
+    def _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K: tl.constexpr, rstd, HAS_NORM: tl.constexpr,
+                     BK: tl.constexpr):
+        """x[rows, k0:k0+BK] as bf16, RMS-normalised (times the norm weight) when HAS_NORM."""
+        cols = k0 + tl.arange(0, BK)
+        col_mask = cols < K
+        x = tl.load(x_ptr + rows[:, None] * stride_xm + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(tl.float32)
+        if HAS_NORM:
+            w = tl.load(norm_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)
+            x = x * rstd[:, None] * w[None, :]
+        return x.to(tl.bfloat16)
+
+    @triton.jit
+    def _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0, K: tl.constexpr, BK: tl.constexpr):
+        """w[cols_n, k0:k0+BK] transposed to [BK, BN], widened to bf16 (FP8 weights widen here)."""
+        ks = k0 + tl.arange(0, BK)
+        w = tl.load(w_ptr + cols_n[None, :] * stride_wn + ks[:, None], mask=n_mask[None, :] & (ks < K)[:, None],
+                    other=0.0)
+        return w.to(tl.bfloat16)
+
+    @triton.jit
+    def _tile_product(x, w, acc, USE_DOT: tl.constexpr, WIDE_DOT: tl.constexpr):
+        """acc [BM, BN] += x [BM, BK] @ w [BK, BN]: tensor cores (`tl.dot`, 16 rows at least), or
+        for a few rows a broadcast multiply and sum on the CUDA cores, which pads no rows."""
+        if USE_DOT:
+            if WIDE_DOT:
+                x, w = x.to(tl.float32), w.to(tl.float32)
+            acc = tl.dot(x, w, acc)
+        else:
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        return acc
+
+    @triton.jit
+    def _linear_kernel(x_ptr, w_ptr, scale_ptr, norm_ptr, res_ptr, out_ptr, M, N, K: tl.constexpr,
+                       stride_xm, stride_wn, stride_rm, stride_om, eps,
+                       HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
+                       USE_DOT: tl.constexpr, WIDE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                       BK: tl.constexpr):
+        """out[M, N] = norm(x) @ w.T (* scale) (+ res)."""
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        cols_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        row_mask, n_mask = rows < M, cols_n < N
+        rstd = tl.zeros([BM], dtype=tl.float32)
+        if HAS_NORM:
+            rstd = _row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BM, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            x = _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K, rstd, HAS_NORM, BK)
+            w = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0, K, BK)
+            acc = _tile_product(x, w, acc, USE_DOT, WIDE_DOT)
+        if HAS_SCALE:
+            acc = acc * tl.load(scale_ptr + cols_n, mask=n_mask, other=0.0)[None, :]
+        out_mask = row_mask[:, None] & n_mask[None, :]
+        if HAS_RES:
+            acc += tl.load(res_ptr + rows[:, None] * stride_rm + cols_n[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _activate(x, KIND: tl.constexpr):
+        if KIND == 1:  # silu
+            x = x * tl.sigmoid(x)
+        elif KIND == 2:  # gelu (erf form, as F.gelu)
+            x = 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+        elif KIND == 3:  # relu
+            x = tl.maximum(x, 0.0)
+        return x
+
+    @triton.jit
+    def _gated_kernel(x_ptr, w_ptr, scale_ptr, norm_ptr, out_ptr, M, HIDDEN, K: tl.constexpr, stride_xm, stride_wn, stride_om, eps,
+                      ACT0: tl.constexpr, ACT1: tl.constexpr, HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr,
+                      WIDE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        """out[M, HIDDEN] = act0(gate) * act1(up), [gate | up] = norm(x) @ w.T, w [2 HIDDEN, K]."""
+        rows = tl.program_id(1) * BM + tl.arange(0, BM)
+        cols_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        row_mask, n_mask = rows < M, cols_n < HIDDEN
+        rstd = _row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BM, BK)
+        gate = tl.zeros([BM, BN], dtype=tl.float32)
+        up = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            x = _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K, rstd, True, BK)
+            w_gate = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0, K, BK)
+            w_up = _weight_tile(w_ptr, stride_wn, cols_n + HIDDEN, n_mask, k0, K, BK)
+            gate = _tile_product(x, w_gate, gate, USE_DOT, WIDE_DOT)
+            up = _tile_product(x, w_up, up, USE_DOT, WIDE_DOT)
+        if HAS_SCALE:
+            gate = gate * tl.load(scale_ptr + cols_n, mask=n_mask, other=0.0)[None, :]
+            up = up * tl.load(scale_ptr + HIDDEN + cols_n, mask=n_mask, other=0.0)[None, :]
+        # the eager path rounds gate and up to bf16 before the activation: so do we
+        gate = gate.to(tl.bfloat16).to(tl.float32)
+        up = up.to(tl.bfloat16).to(tl.float32)
+        h = _activate(gate, ACT0) * _activate(up, ACT1)
+        tl.store(out_ptr + rows[:, None] * stride_om + cols_n[None, :], h.to(out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & n_mask[None, :])
+
+    @triton.jit
+    def _stage_attention_kernel(qkv_ptr, map_ptr, ck_ptr, cv_ptr, out_ptr, slot, H, stride_qkv, stride_cr, stride_ch,
+                                stride_out, eps, DH: tl.constexpr, SP: tl.constexpr):
+        """One (row, head) of a depformer stage's attention: q, k RMS-normalised and mapped by the
+        stage's [Dh, Dh] norm-times-RoPE matrices, k and v written to cache slot `slot`, then
+        attention of q over slots 0..slot (scale 1: the norms stand in for 1/sqrt(Dh))."""
+        r = tl.program_id(0)
+        h = tl.program_id(1)
+        d = tl.arange(0, DH)
+        base = qkv_ptr + r * stride_qkv + h * DH
+        q = tl.load(base + d).to(tl.float32)
+        k = tl.load(base + H * DH + d).to(tl.float32)
+        v = tl.load(base + 2 * H * DH + d)
+        q = (q / tl.sqrt(tl.sum(q * q, axis=0) / DH + eps)).to(tl.bfloat16).to(tl.float32)
+        k = (k / tl.sqrt(tl.sum(k * k, axis=0) / DH + eps)).to(tl.bfloat16).to(tl.float32)
+        # row i of a map holds input dim i: out[j] = sum_i x[i] * map[i, j]
+        q_map = tl.load(map_ptr + d[:, None] * DH + d[None, :]).to(tl.float32)
+        k_map = tl.load(map_ptr + DH * DH + d[:, None] * DH + d[None, :]).to(tl.float32)
+        q = tl.sum(q[:, None] * q_map, axis=0).to(tl.bfloat16).to(tl.float32)
+        k = tl.sum(k[:, None] * k_map, axis=0).to(tl.bfloat16)
+        cache = r * stride_cr + h * stride_ch
+        tl.store(ck_ptr + cache + slot * DH + d, k)
+        tl.store(cv_ptr + cache + slot * DH + d, v)
+        j = tl.arange(0, SP)
+        earlier = (j < slot)[:, None]
+        keys = tl.load(ck_ptr + cache + j[:, None] * DH + d[None, :], mask=earlier, other=0.0).to(tl.float32)
+        values = tl.load(cv_ptr + cache + j[:, None] * DH + d[None, :], mask=earlier, other=0.0).to(tl.float32)
+        this = (j == slot)[:, None]
+        keys = tl.where(this, k.to(tl.float32)[None, :], keys)
+        values = tl.where(this, v.to(tl.float32)[None, :], values)
+        scores = tl.sum(keys * q[None, :], axis=1)
+        scores = tl.where(j <= slot, scores, float("-inf"))
+        p = tl.exp(scores - tl.max(scores, axis=0))
+        p = p / tl.sum(p, axis=0)
+        att = tl.sum(p[:, None] * values, axis=0)
+        tl.store(out_ptr + r * stride_out + h * DH + d, att.to(out_ptr.dtype.element_ty))
+
+
+_ACTIVATIONS = {"linear": 0, "silu": 1, "gelu": 2, "relu": 3}
+
+
+class TileConfig(NamedTuple):
+    """How a matrix kernel tiles its work: BN outputs and BK inputs per step, tensor cores or not."""
+
+    bn: int = 16
+    bk: int = 256
+    warps: int = 4
+    stages: int = 4
+    dot: bool = True
+
+
+# Chosen per (kernel, rows class) by scripts/kernel_sweep.py on the H100 (docs/bench/sweep-h100*.json,
+# docs/benchmarks.md); `configure` replaces them (the sweep itself uses it). At 2 rows the CUDA-core
+# product with thin, long tiles won every site; at 16 and 64 rows cuBLAS beat every tiling tried,
+# so the runtime takes these kernels there only for FP8 weights (FUSED_MAX_ROWS).
+_FEW_WIDE = TileConfig(bn=8, bk=1024, warps=8, stages=4, dot=False)
+_FEW_THIN = TileConfig(bn=4, bk=1024, warps=4, stages=4, dot=False)
+CONFIGS: dict[tuple[str, str], TileConfig] = {
+    ("in_proj", "few"): _FEW_WIDE, ("logits", "few"): _FEW_WIDE,
+    ("out_proj", "few"): _FEW_THIN, ("gated", "few"): _FEW_THIN, ("mlp_out", "few"): _FEW_THIN,
+    ("in_proj", "some"): TileConfig(32, 256, 4, 3, True), ("gated", "some"): TileConfig(32, 256, 4, 3, True),
+    ("in_proj", "many"): TileConfig(32, 256, 4, 3, True), ("gated", "many"): TileConfig(32, 128, 4, 3, True),
+}
+DEFAULT_CONFIG = TileConfig(bn=16, bk=256, warps=4, stages=3, dot=True)
+FUSED_MAX_ROWS = 4  # bf16 weights: above this many rows the compiled torch stage is faster
+ATTENTION_WARPS = 1  # one (row, head) per program, 64 dims over at most 32 slots: 3.2 us vs 4.2 with 4 warps
+
+
+def rows_class(m: int) -> str:
+    return "few" if m <= 4 else ("some" if m <= 32 else "many")
+
+
+def configure(kind: str, rows: str, config: TileConfig | None) -> None:
+    """Set (or with None, drop) the tiling of one kernel kind for one rows class."""
+    if config is None:
+        CONFIGS.pop((kind, rows), None)
+    else:
+        CONFIGS[(kind, rows)] = config
+
+
+def _config(kind: str, m: int) -> TileConfig:
+    return CONFIGS.get((kind, rows_class(m)), DEFAULT_CONFIG)
+
+
+def _launch_opts(config: TileConfig, m: int, k: int) -> dict:
+    # BM: every row in one block when the kernel does not use tensor cores (each weight tile is
+    # then read once); with tensor cores 16 rows at least, at most 64
+    bm = triton.next_power_of_2(m) if not config.dot else max(16, min(64, triton.next_power_of_2(m)))
+    opts = dict(BM=bm, BN=config.bn, BK=min(config.bk, triton.next_power_of_2(k)), USE_DOT=config.dot)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # the interpreter multiplies bf16 tiles as their raw bits: widen them to fp32 first
+        return dict(opts, WIDE_DOT=True)
+    return dict(opts, WIDE_DOT=False, num_warps=config.warps, num_stages=config.stages)
+
+
+def linear(x: torch.Tensor, weight, *, norm: torch.Tensor | None = None, eps: float = 1e-5,
+           residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None, n: int | None = None, kind: str = "linear") -> torch.Tensor:
+    """`(rms_norm(x) * norm) @ weight[:n].T (+ residual)` for x [M, K] (rows contiguous):
+    one launch. `n` takes only the first rows of the weight (the logits' real codes); `kind`
+    names the call site for its tiling (`CONFIGS`)."""
+    w, scale = _split(weight)
+    m, k = x.shape
+    n = n or w.shape[0]
+    if out is None:
+        out = torch.empty(m, n, device=x.device, dtype=out_dtype or x.dtype)
+    config = _config(kind, m)
+    opts = _launch_opts(config, m, k)
+    grid = (triton.cdiv(n, config.bn), triton.cdiv(m, opts["BM"]))
+    dummy = x
+    _linear_kernel[grid](x, w, scale if scale is not None else dummy, norm if norm is not None else dummy,
+                         residual if residual is not None else dummy, out, m, n, k,
+                         x.stride(0), w.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0),
+                         eps, HAS_NORM=norm is not None, HAS_SCALE=scale is not None, HAS_RES=residual is not None,
+                         **opts)
+    return out
+
+
+def gated_mlp_in(x: torch.Tensor, weight, norm: torch.Tensor, eps: float, hidden: int,
+                 activations: tuple[str, str], out: torch.Tensor | None = None) -> torch.Tensor:
+    """`act0(gate) * act1(up)` with `[gate | up] = (rms_norm(x) * norm) @ weight.T`: one launch."""
+    w, scale = _split(weight)
+    m, k = x.shape
+    if out is None:
+        out = torch.empty(m, hidden, device=x.device, dtype=x.dtype)
+    config = _config("gated", m)
+    opts = _launch_opts(config, m, k)
+    grid = (triton.cdiv(hidden, config.bn), triton.cdiv(m, opts["BM"]))
+    _gated_kernel[grid](x, w, scale if scale is not None else x, norm, out, m, hidden, k, x.stride(0), w.stride(0),
+                        out.stride(0), eps, ACT0=_ACTIVATIONS[activations[0]], ACT1=_ACTIVATIONS[activations[1]],
+                        HAS_SCALE=scale is not None, **opts)
+    return out
+
+
+def stage_attention(qkv: torch.Tensor, qk_map: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slot: int,
+                    heads: int, eps: float) -> torch.Tensor:
+    """qkv [R, 3 H Dh] → attention output [R, H Dh]; writes k, v at cache slot `slot` of the
+    `[R, H, S, Dh]` caches (rows contiguous in their last two dims)."""
+    r = qkv.shape[0]
+    dh = qk_map.shape[-1]
+    out = torch.empty(r, heads * dh, device=qkv.device, dtype=qkv.dtype)
+    sp = triton.next_power_of_2(cache_k.shape[2])
+    _stage_attention_kernel[(r, heads)](qkv, qk_map, cache_k, cache_v, out, slot, heads, qkv.stride(0),
+                                        cache_k.stride(0), cache_k.stride(1), out.stride(0), eps, DH=dh, SP=sp,
+                                        **({} if os.environ.get("TRITON_INTERPRET") == "1"
+                                           else dict(num_warps=ATTENTION_WARPS)))
+    return out
