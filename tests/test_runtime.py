@@ -416,3 +416,36 @@ def test_kernel_and_weight_options_are_checked(tiny_tts, monkeypatch):
         tiny_tts.new_stepper(cfg=True, weights="fp8")
     with pytest.raises(ValueError, match="need CUDA and triton"):
         tiny_tts.new_stepper(cfg=True, kernels="triton")  # this is a CPU stepper
+
+
+def _bucket_run(tts, buckets, pattern):
+    stepper = tts.new_stepper(n_calls=4, cfg=True, max_positions=64, use_cuda_graph=False, cache_buckets=buckets)
+    machines = []
+    for call in range(4):
+        stepper.set_sampling(call, SamplingParams(seed=call))
+        m = tts.new_state_machine()
+        m.push(parse_script("[S1] Hello there, how are you doing today?", tts.tokenizer))
+        machines.append(m)
+    actions, lengths = [], []
+    for active in pattern:
+        b = stepper.batch_size_for(max(i for i, on in enumerate(active) if on) + 1)
+        lengths.append(stepper.cache_length_for(b))
+        choices = [m.preview(stepper.host_positions[i]) if active[i] else None for i, m in enumerate(machines)]
+        got = stepper.step(choices, active)
+        for i, m in enumerate(machines):
+            if active[i]:
+                m.process(stepper.host_positions[i] - 1, got[i])
+        actions.append(got)
+    return actions, stepper.buffer.clone(), lengths
+
+
+def test_attending_over_the_filled_cache_only_changes_no_token(tiny_tts):
+    """Buckets of 8 and 16 slots (the GPU's are 256 and 512): a step reads only the slots its
+    batch has written, and every token stays what the whole-cache step draws."""
+    pattern = [[True, False, False, False]] * 10 + [[True, True, True, True]] * 12 + [[False, True, False, False]] * 4
+    whole = _bucket_run(tiny_tts, (), pattern)
+    bucketed = _bucket_run(tiny_tts, (8, 16), pattern)
+    assert whole[0] == bucketed[0]
+    assert torch.equal(whole[1], bucketed[1])
+    assert set(whole[2]) == {66}
+    assert bucketed[2][:8] == [8] * 8 and 16 in bucketed[2] and 66 in bucketed[2]  # every bucket is used

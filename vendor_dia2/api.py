@@ -91,7 +91,8 @@ class Dia2:
     def new_stepper(self, *, n_calls: int = 1, cfg: bool, max_positions: int | None = None,
                     use_cuda_graph: bool | None = None, compile: bool = False,
                     batch_sizes: tuple[int, ...] | None = None, max_top_k: int = 256, kernels: str = "torch",
-                    weights: str = "bf16", compile_max_calls: int | None = None) -> FrameStepper:
+                    weights: str = "bf16", compile_max_calls: int | None = None,
+                    cache_buckets: tuple[int, ...] | None = None) -> FrameStepper:
         """A frame stepper with its own caches for `n_calls` call slots. `compile` runs
         torch.compile inside the CUDA graphs (fewer, fused kernels; costs time once, here).
         `kernels="triton"` runs the depformer through the fused kernels (CUDA), `weights="fp8"`
@@ -99,7 +100,7 @@ class Dia2:
         return FrameStepper(self.model, n_calls=n_calls, cfg=cfg, max_positions=max_positions,
                             use_cuda_graph=use_cuda_graph, compile=compile, bos_token_id=self.bos_token_id,
                             batch_sizes=batch_sizes, max_top_k=max_top_k, kernels=kernels, weights=weights,
-                            compile_max_calls=compile_max_calls)
+                            compile_max_calls=compile_max_calls, cache_buckets=cache_buckets)
 
     def stepper(self, *, cfg: bool, max_positions: int | None = None, use_cuda_graph: bool | None = None) -> FrameStepper:
         """The single-call stepper `generate` uses, kept between calls; rebuilt when the CFG mode

@@ -77,6 +77,10 @@ class KVCache(NamedTuple):
     def rows(self, start: int, stop: int) -> "KVCache":
         return KVCache(self.k[start:stop], self.v[start:stop])
 
+    def window(self, rows: int, length: int) -> "KVCache":
+        """The first `rows` rows and `length` slots: a view, so writes land in the full cache."""
+        return KVCache(self.k[:rows, :, :length], self.v[:rows, :, :length])
+
 
 def causal_mask(positions: torch.Tensor, length: int) -> torch.Tensor:
     """Boolean `[B, 1, T, L]`: row b, query t may see slots 0..positions[b, t]."""

@@ -152,6 +152,11 @@ class FrameFunctions(NamedTuple):
     pick_stage: Callable
 
 
+# Decoder cache lengths a bucketed batch may attend over (plus the whole cache): a turn's first
+# 20 s, 41 s, then everything.
+CACHE_BUCKETS = (256, 512)
+
+
 def default_batch_sizes(n_calls: int) -> tuple[int, ...]:
     """Powers of two below `n_calls`, and `n_calls`: a step pads to the next one up."""
     sizes, b = [], 1
@@ -175,7 +180,8 @@ class FrameStepper:
     def __init__(self, model: Dia2Model, *, n_calls: int = 1, cfg: bool = True, max_positions: int | None = None,
                  max_top_k: int = 256, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
                  compile: bool = False, bos_token_id: int = 1, batch_sizes: tuple[int, ...] | None = None,
-                 kernels: str = "torch", weights: str = "bf16", compile_max_calls: int | None = None):
+                 kernels: str = "torch", weights: str = "bf16", compile_max_calls: int | None = None,
+                 cache_buckets: tuple[int, ...] | None = None):
         config: Dia2Config = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
@@ -255,9 +261,18 @@ class FrameStepper:
         for call in range(self.n):
             self.set_sampling(call, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
             self.reset_call(call)
-        self._graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[int, bool, int], torch.cuda.CUDAGraph] = {}
         if use_cuda_graph is None:
             use_cuda_graph = dev.type == "cuda"
+        self.cache_length = self.decoder_caches[0].length
+        # Batches that run eager inside their graphs attend over the filled part of the cache only,
+        # rounded up to a bucket (one graph per bucket): at 64 calls the decoder's attention over
+        # all slots was ~5 of 20 ms a step (docs/benchmarks.md, run 9). Compiled batches keep one
+        # length: a recompile per bucket would cost start-up time where rows are few anyway.
+        # `cache_buckets` (default: CACHE_BUCKETS with CUDA graphs, none without) exists for tests.
+        buckets = (CACHE_BUCKETS if use_cuda_graph else ()) if cache_buckets is None else cache_buckets
+        self.length_buckets = tuple(sorted({l for l in buckets if l < self.cache_length} | {self.cache_length}))
+        self._bucketed = {b for b in self.batch_sizes if b > self.compile_max_calls} if buckets else set()
         if use_cuda_graph:
             self._capture_all()
 
@@ -328,12 +343,13 @@ class FrameStepper:
             self._host_active[call] = True
         self.text_choices.copy_(self._host_choices, non_blocking=True)
         self.active.copy_(self._host_active, non_blocking=True)
-        graph = self._graphs.get((b, full))
+        length = self.cache_length_for(b)
+        graph = self._graphs.get((b, full, length))
         if graph is not None:
             graph.replay()
         else:
             with torch.inference_mode():
-                self._frame(b, full)
+                self._frame(b, full, length)
         self._host_action.copy_(self.action)  # the one device-to-host copy (synchronises)
         self.last_batch, self.last_full = b, full
         actions = self._host_action.tolist()
@@ -460,17 +476,27 @@ class FrameStepper:
 
     # -- the frame, on the device ----------------------------------------------------------------
 
+    def cache_length_for(self, b: int) -> int:
+        """The decoder cache slots a step over slots 0..b-1 reads: every slot any of them writes
+        this step (its position plus cache offset), rounded up to a bucket; all of them when `b`
+        is not bucketed."""
+        if b not in self._bucketed:
+            return self.cache_length
+        need = max(self.host_positions[i] + self.host_cache_offset[i] for i in range(b)) + 1
+        return next(l for l in self.length_buckets if l >= need)
+
     def _rows(self, call: int) -> slice:
         return slice(call * self.branches, (call + 1) * self.branches)
 
-    def _frame(self, b: int, full: bool) -> None:
-        """One frame for slots 0..b-1 (`full=False`: the decoder-only lane)."""
+    def _frame(self, b: int, full: bool, length: int | None = None) -> None:
+        """One frame for slots 0..b-1 (`full=False`: the decoder-only lane), attending over the
+        first `length` cache slots (default all)."""
         br, q = self.branches, self.num_codebooks
         rows = b * br
         d = self.config.data
         pos, active = self.positions[:b], self.active[:b]
         tokens, buffer = self.tokens[:rows], self.buffer[:b]
-        caches = [cache.rows(0, rows) for cache in self.decoder_caches]
+        caches = [cache.window(rows, length or cache.length) for cache in self.decoder_caches]
         slots = pos + self.cache_offset[:b]  # RoPE uses the position, the cache its slot
         action_logits, cb0_logits, hidden = self.model.transformer(
             tokens[:, None], pos.repeat_interleave(br)[:, None], caches, layer_fn=self._fns(b).layer,
@@ -567,21 +593,23 @@ class FrameStepper:
                 for w in stages]
 
     def _capture_all(self) -> None:
-        """Capture `_frame` as CUDA graphs, one per (batch size, lane), sharing one memory pool.
-        Warm-up steps run first (on a side stream, as capture requires) with no slot active, so
-        positions, buffers and inputs stay as they are."""
+        """Capture `_frame` as CUDA graphs, one per (batch size, lane, cache length), sharing one
+        memory pool. Warm-up steps run first (on a side stream, as capture requires) with no slot
+        active, so positions, buffers and inputs stay as they are."""
         self.active.zero_()
         pool = torch.cuda.graph_pool_handle()
         for b in self.batch_sizes:
+            lengths = self.length_buckets if b in self._bucketed else (self.cache_length,)
             for full in (True, False):
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream), torch.inference_mode():
-                    for _ in range(3):
-                        self._frame(b, full)
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
-                    self._frame(b, full)
-                self._graphs[(b, full)] = graph
+                for length in lengths:
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream), torch.inference_mode():
+                        for _ in range(3):
+                            self._frame(b, full, length)
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
+                        self._frame(b, full, length)
+                    self._graphs[(b, full, length)] = graph
         torch.cuda.synchronize()
