@@ -546,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                         "graph_compiled_triton_cfg2 (default: eager/graph at cfg 1 and 2, compiled with --compile)")
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                         help="depformer kernels of the batched steps and the server runs")
-    parser.add_argument("--compile-max-calls", type=int, default=8,
+    parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
                         help="also measure how often fp8 depformer weights change a greedy token (CUDA)")

@@ -22,7 +22,7 @@ class ServerConfig:
     context_frames: int | None = None
     threads: int | None = None
     compile: str = "auto"
-    compile_max_calls: int = 8
+    compile_max_calls: int | None = None
     kernels: str = "auto"
     weights: str = "bf16"
     log_level: str = "INFO"
@@ -66,8 +66,9 @@ _FLAGS = [  # (name, type, help)
     ("threads", int, "torch CPU threads (default: 1 on a CPU-only machine with <= 2 cores, else torch's choice)"),
     ("compile", str, "torch.compile inside the frame's CUDA graph: auto (on with cuda), on, off; "
                      "costs ~30 s once at start-up"),
-    ("compile_max_calls", int, "largest padded batch (calls) that runs compiled; larger ones run eager inside "
-                               "their CUDA graphs, measured faster there (docs/benchmarks.md)"),
+    ("compile_max_calls", int, "with --compile: the largest padded batch (calls) that runs compiled; larger ones "
+                               "run eager in their CUDA graphs, reading only the filled part of the decoder cache "
+                               "(default: every batch size compiled, measured fastest: docs/benchmarks.md)"),
     ("kernels", str, "depformer kernels: auto (triton on cuda when triton is installed, else torch), torch, "
                      "triton (fused Triton kernels, five launches a layer; docs/benchmarks.md)"),
     ("weights", str, "depformer projection weights: bf16, or fp8 (e4m3, one scale per row; needs the triton "
@@ -136,7 +137,7 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--lead-in-frames must be 0 or more")
     if values["prefix_boundary"] not in ("upstream", "clean"):  # vendor_dia2.runtime.PREFIX_BOUNDARIES
         parser.error(f"--prefix-boundary must be upstream or clean, not {values['prefix_boundary']!r}")
-    if values["compile_max_calls"] < 1:
+    if values["compile_max_calls"] is not None and values["compile_max_calls"] < 1:
         parser.error("--compile-max-calls must be at least 1")
     if values["kernels"] not in ("auto", "torch", "triton"):
         parser.error(f"--kernels must be auto, torch or triton, not {values['kernels']!r}")

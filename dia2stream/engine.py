@@ -61,7 +61,7 @@ class EngineConfig:
     lead_in_frames: int = 1  # frames sent before a turn's first word
     rollover_frames: int = 250  # recent conversation kept when a full context is rebuilt (20 s)
     compile: bool = False  # torch.compile inside the CUDA graphs
-    compile_max_calls: int = 8  # larger padded batches run eager inside their graphs (faster there)
+    compile_max_calls: int | None = None  # largest padded batch run compiled (None: all); larger ones run eager
     kernels: str = "torch"  # depformer kernels: "torch" (eager/compiled) or "triton" (fused, CUDA)
     weights: str = "bf16"  # depformer projections: "bf16" or "fp8" (triton kernels only)
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)

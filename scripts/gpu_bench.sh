@@ -45,7 +45,7 @@ stop() { kill -TERM "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; }
 
 if [[ $STAGES == *load* ]]; then
   t0=$(date +%s)
-  serve load --max-calls 64 --compile "${COMPILE:-off}" && echo "server up in $(( $(date +%s) - t0 )) s: $(health)"
+  serve load --max-calls 64 --compile "${COMPILE:-off}" ${SERVER_ARGS:-} && echo "server up in $(( $(date +%s) - t0 )) s: $(health)"
   for n in ${CALLS:-1 8 16 32 64}; do
     python3 -m dia2stream.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
       --json "$OUT/load-$n.json" > "$OUT/load-$n.txt" 2>&1

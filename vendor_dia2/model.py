@@ -185,6 +185,17 @@ class DecoderShape:
     activations: tuple[str, str]
 
 
+@torch.compiler.disable
+def write_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+                v: torch.Tensor) -> None:
+    """Scatter k, v [B, Hkv, T, Dh] into the caches at `slots` [B, T], in place. Kept out of
+    torch.compile: compiled, the write became a copy of the whole cache (48 copies a frame, 8 of
+    30 ms at 64 calls; docs/benchmarks.md, run 8); eager, it touches only the written slots."""
+    index = slots[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[3])
+    cache_k.scatter_(2, index, k)
+    cache_v.scatter_(2, index, v)
+
+
 def decoder_layer(x: torch.Tensor, weights: DecoderLayerWeights, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor,
                   positions: torch.Tensor, mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
     """One pre-norm decoder layer over x [B, T, D] with the static cache: cos/sin carry the RoPE
@@ -199,9 +210,7 @@ def decoder_layer(x: torch.Tensor, weights: DecoderLayerWeights, cache: KVCache,
     k = _rms(k.view(b, t, hkv, dh), kn_w, shape.eps).transpose(1, 2)  # [B, Hkv, T, Dh]
     v = v.view(b, t, hkv, dh).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    index = positions[:, None, :, None].expand(-1, hkv, -1, dh)
-    cache_k.scatter_(2, index, k)
-    cache_v.scatter_(2, index, v)
+    write_cache(cache_k, cache_v, positions, k, v)
     # scale 1.0: the q/k norms take the place of 1/sqrt(Dh)
     att = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=1.0,
                                          enable_gqa=hq != hkv)  # [B, Hq, T, Dh]

@@ -245,10 +245,9 @@ class FrameStepper:
         self.kernels, self.weights = kernels, weights
         self._fused_stages = self._fused_stage_weights(kernels, weights)
         self._eager_fns = self._compiled_fns = eager
-        # Compiled graphs win at small batches and lose at large ones: the compiled decoder layer
-        # writes its cache by copying the whole cache tensor (48 copies a frame, 8.4 of 30 ms at
-        # 64 calls: docs/benchmarks.md, run 8), so batch sizes above `compile_max_calls` run the
-        # eager functions, which write in place, inside their CUDA graphs.
+        # Batch sizes above `compile_max_calls` (default: none) run the eager functions inside
+        # their CUDA graphs; compiled ones were measured faster at every size once the cache write
+        # stayed out of the compiled code (model.write_cache; docs/benchmarks.md, runs 8-10).
         self.compile_max_calls = (compile_max_calls or n_calls) if compile else 0
         if compile:
             # One compiled graph serves all 31 stages and all layers (their weights are arguments),
@@ -266,9 +265,9 @@ class FrameStepper:
             use_cuda_graph = dev.type == "cuda"
         self.cache_length = self.decoder_caches[0].length
         # Batches that run eager inside their graphs attend over the filled part of the cache only,
-        # rounded up to a bucket (one graph per bucket): at 64 calls the decoder's attention over
-        # all slots was ~5 of 20 ms a step (docs/benchmarks.md, run 9). Compiled batches keep one
-        # length: a recompile per bucket would cost start-up time where rows are few anyway.
+        # rounded up to a bucket (one graph per bucket): at 64 calls it cut the GPU's busy time from
+        # 20.1 to 17.6 ms a step (docs/benchmarks.md, run 9). Compiled batches keep one length: a
+        # recompile per bucket would cost start-up time.
         # `cache_buckets` (default: CACHE_BUCKETS with CUDA graphs, none without) exists for tests.
         buckets = (CACHE_BUCKETS if use_cuda_graph else ()) if cache_buckets is None else cache_buckets
         self.length_buckets = tuple(sorted({l for l in buckets if l < self.cache_length} | {self.cache_length}))
