@@ -202,10 +202,11 @@ def test_compiled_small_batches_and_eager_large_ones_match_eager(gpu_tts):
     assert torch.equal(eager[1], mixed[1])
 
 
-def test_bucketed_cache_graphs_match_whole_cache_eager(gpu_tts):
+@pytest.mark.parametrize("compile", [False, True])
+def test_bucketed_cache_graphs_match_whole_cache_eager(gpu_tts, compile):
     """Graphs per cache bucket (8 and 16 slots here) draw what eager steps over the whole cache draw."""
     pattern = [[True, False, False, False]] * 10 + [[True, True, True, True]] * 12 + [[False, True, False, False]] * 4
     eager = _batched_run(gpu_tts, graph=False, pattern=pattern, cache_buckets=())
-    graph = _batched_run(gpu_tts, graph=True, pattern=pattern, cache_buckets=(8, 16))
+    graph = _batched_run(gpu_tts, graph=True, pattern=pattern, cache_buckets=(8, 16), compile=compile)
     assert eager[0] == graph[0]
     assert torch.equal(eager[1], graph[1])

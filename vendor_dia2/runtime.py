@@ -264,14 +264,13 @@ class FrameStepper:
         if use_cuda_graph is None:
             use_cuda_graph = dev.type == "cuda"
         self.cache_length = self.decoder_caches[0].length
-        # Batches that run eager inside their graphs attend over the filled part of the cache only,
-        # rounded up to a bucket (one graph per bucket): at 64 calls it cut the GPU's busy time from
-        # 20.1 to 17.6 ms a step (docs/benchmarks.md, run 9). Compiled batches keep one length: a
-        # recompile per bucket would cost start-up time.
+        # A step attends over the filled part of the cache only, rounded up to a bucket (one graph
+        # per bucket; compiled code sees the length as a dynamic dimension): at 64 calls the
+        # attention over all 1502 slots was 6.1 of 15.3 ms of GPU time (docs/benchmarks.md, run 10).
         # `cache_buckets` (default: CACHE_BUCKETS with CUDA graphs, none without) exists for tests.
         buckets = (CACHE_BUCKETS if use_cuda_graph else ()) if cache_buckets is None else cache_buckets
         self.length_buckets = tuple(sorted({l for l in buckets if l < self.cache_length} | {self.cache_length}))
-        self._bucketed = {b for b in self.batch_sizes if b > self.compile_max_calls} if buckets else set()
+        self._bucketed = set(self.batch_sizes) if buckets else set()
         if use_cuda_graph:
             self._capture_all()
 
