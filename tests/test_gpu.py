@@ -6,6 +6,8 @@ import torch
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import parse_script
 
+from stepping import step_pattern
+
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
@@ -107,20 +109,7 @@ def test_compiled_graph_matches_eager_tokens(gpu_tts):
 def _batched_run(tts, graph: bool, pattern, cfg: bool = True, **options):
     """Four slots stepped under a changing active pattern (padding to 1, 2 and 4 slots, both lanes)."""
     stepper = tts.new_stepper(n_calls=4, cfg=cfg, max_positions=128, use_cuda_graph=graph, **options)
-    machines = []
-    for call in range(4):
-        stepper.set_sampling(call, SamplingParams(seed=call, cfg_scale=2.0 if cfg else 1.0))
-        m = tts.new_state_machine()
-        m.push(parse_script("[S1] Hello there, how are you doing today?", tts.tokenizer))
-        machines.append(m)
-    actions = []
-    for active in pattern:
-        choices = [m.preview(stepper.host_positions[i]) if active[i] else None for i, m in enumerate(machines)]
-        got = stepper.step(choices, active)
-        for i, m in enumerate(machines):
-            if active[i]:
-                m.process(stepper.host_positions[i] - 1, got[i])
-        actions.append(got)
+    actions, _ = step_pattern(tts, stepper, pattern, cfg)
     return actions, stepper.buffer.clone(), list(stepper.host_positions)
 
 

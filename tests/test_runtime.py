@@ -9,6 +9,8 @@ from vendor_dia2.config import preset
 from vendor_dia2.runtime import FrameStepper, SamplingParams
 from vendor_dia2.script import parse_script
 
+from stepping import step_pattern
+
 SCRIPT = "[S1] Hello there, how are you today?"
 
 
@@ -420,22 +422,7 @@ def test_kernel_and_weight_options_are_checked(tiny_tts, monkeypatch):
 
 def _bucket_run(tts, buckets, pattern):
     stepper = tts.new_stepper(n_calls=4, cfg=True, max_positions=64, use_cuda_graph=False, cache_buckets=buckets)
-    machines = []
-    for call in range(4):
-        stepper.set_sampling(call, SamplingParams(seed=call))
-        m = tts.new_state_machine()
-        m.push(parse_script("[S1] Hello there, how are you doing today?", tts.tokenizer))
-        machines.append(m)
-    actions, lengths = [], []
-    for active in pattern:
-        b = stepper.batch_size_for(max(i for i, on in enumerate(active) if on) + 1)
-        lengths.append(stepper.cache_length_for(b))
-        choices = [m.preview(stepper.host_positions[i]) if active[i] else None for i, m in enumerate(machines)]
-        got = stepper.step(choices, active)
-        for i, m in enumerate(machines):
-            if active[i]:
-                m.process(stepper.host_positions[i] - 1, got[i])
-        actions.append(got)
+    actions, lengths = step_pattern(tts, stepper, pattern)
     return actions, stepper.buffer.clone(), lengths
 
 
