@@ -204,9 +204,9 @@ def bench_fp8_agreement(tts: Dia2, frames: int = 200, cfg: bool = True) -> dict:
         machine.process(t, action)
         fp8.tokens.copy_(ref.tokens)
         fp8.buffer.copy_(ref.buffer)
-    n = frames
-    return {"frames": n, "token_change_rate": round(changed / total, 4), "stage1_change_rate": round(stage1 / n, 4),
-            "frames_with_a_change": round(frames_changed / n, 4), "action_change_rate": round(actions_changed / n, 4)}
+    return {"frames": frames, "token_change_rate": round(changed / total, 4),
+            "stage1_change_rate": round(stage1 / frames, 4), "frames_with_a_change": round(frames_changed / frames, 4),
+            "action_change_rate": round(actions_changed / frames, 4)}
 
 
 def bench_mimi(tts: Dia2, frames: int) -> dict:

@@ -67,8 +67,8 @@ _FLAGS = [  # (name, type, help)
     ("compile", str, "torch.compile inside the frame's CUDA graph: auto (on with cuda), on, off; "
                      "costs ~30 s once at start-up"),
     ("compile_max_calls", int, "with --compile: the largest padded batch (calls) that runs compiled; larger ones "
-                               "run eager in their CUDA graphs, reading only the filled part of the decoder cache "
-                               "(default: every batch size compiled, measured fastest: docs/benchmarks.md)"),
+                               "run eager in their CUDA graphs (default: every batch size compiled, measured "
+                               "fastest: docs/benchmarks.md)"),
     ("kernels", str, "depformer kernels: auto (triton on cuda when triton is installed, else torch), torch, "
                      "triton (fused Triton kernels, five launches a layer; docs/benchmarks.md)"),
     ("weights", str, "depformer projection weights: bf16, or fp8 (e4m3, one scale per row; needs the triton "

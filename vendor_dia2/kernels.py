@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - depends on the install
     tl = None
 
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
+# Triton decides interpreter or compiler when it decorates the kernels, at import: so do we.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def available(device: torch.device | str) -> bool:
@@ -70,16 +72,6 @@ def _split(weight) -> tuple[torch.Tensor, torch.Tensor | None]:
     if isinstance(weight, QuantWeight):
         return weight.q, weight.scale
     return weight, None
-
-
-def _row_block(m: int) -> int:
-    """Rows per program: all of them up to 64 (each weight tile is then read once), 16 at least
-    (the smallest `tl.dot`)."""
-    return max(16, min(64, triton.next_power_of_2(m)))
-
-
-def _k_block(k: int) -> int:
-    return min(256, triton.next_power_of_2(k))
 
 
 if triton is not None:
@@ -279,7 +271,7 @@ def _launch_opts(config: TileConfig, m: int, k: int) -> dict:
     # then read once); with tensor cores 16 rows at least, at most 64
     bm = triton.next_power_of_2(m) if not config.dot else max(16, min(64, triton.next_power_of_2(m)))
     opts = dict(BM=bm, BN=config.bn, BK=min(config.bk, triton.next_power_of_2(k)), USE_DOT=config.dot)
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if INTERPRETED:
         # the interpreter multiplies bf16 tiles as their raw bits: widen them to fp32 first
         return dict(opts, WIDE_DOT=True)
     return dict(opts, WIDE_DOT=False, num_warps=config.warps, num_stages=config.stages)
@@ -334,6 +326,5 @@ def stage_attention(qkv: torch.Tensor, qk_map: torch.Tensor, cache_k: torch.Tens
     sp = triton.next_power_of_2(cache_k.shape[2])
     _stage_attention_kernel[(r, heads)](qkv, qk_map, cache_k, cache_v, out, slot, heads, qkv.stride(0),
                                         cache_k.stride(0), cache_k.stride(1), out.stride(0), eps, DH=dh, SP=sp,
-                                        **({} if os.environ.get("TRITON_INTERPRET") == "1"
-                                           else dict(num_warps=ATTENTION_WARPS)))
+                                        **({} if INTERPRETED else dict(num_warps=ATTENTION_WARPS)))
     return out

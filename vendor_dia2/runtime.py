@@ -270,7 +270,6 @@ class FrameStepper:
         # `cache_buckets` (default: CACHE_BUCKETS with CUDA graphs, none without) exists for tests.
         buckets = (CACHE_BUCKETS if use_cuda_graph else ()) if cache_buckets is None else cache_buckets
         self.length_buckets = tuple(sorted({l for l in buckets if l < self.cache_length} | {self.cache_length}))
-        self._bucketed = set(self.batch_sizes) if buckets else set()
         if use_cuda_graph:
             self._capture_all()
 
@@ -476,9 +475,8 @@ class FrameStepper:
 
     def cache_length_for(self, b: int) -> int:
         """The decoder cache slots a step over slots 0..b-1 reads: every slot any of them writes
-        this step (its position plus cache offset), rounded up to a bucket; all of them when `b`
-        is not bucketed."""
-        if b not in self._bucketed:
+        this step (its position plus cache offset), rounded up to a bucket."""
+        if len(self.length_buckets) == 1:
             return self.cache_length
         need = max(self.host_positions[i] + self.host_cache_offset[i] for i in range(b)) + 1
         return next(l for l in self.length_buckets if l >= need)
@@ -486,15 +484,15 @@ class FrameStepper:
     def _rows(self, call: int) -> slice:
         return slice(call * self.branches, (call + 1) * self.branches)
 
-    def _frame(self, b: int, full: bool, length: int | None = None) -> None:
+    def _frame(self, b: int, full: bool, length: int) -> None:
         """One frame for slots 0..b-1 (`full=False`: the decoder-only lane), attending over the
-        first `length` cache slots (default all)."""
+        first `length` cache slots."""
         br, q = self.branches, self.num_codebooks
         rows = b * br
         d = self.config.data
         pos, active = self.positions[:b], self.active[:b]
         tokens, buffer = self.tokens[:rows], self.buffer[:b]
-        caches = [cache.window(rows, length or cache.length) for cache in self.decoder_caches]
+        caches = [cache.window(rows, length) for cache in self.decoder_caches]
         slots = pos + self.cache_offset[:b]  # RoPE uses the position, the cache its slot
         action_logits, cb0_logits, hidden = self.model.transformer(
             tokens[:, None], pos.repeat_interleave(br)[:, None], caches, layer_fn=self._fns(b).layer,
@@ -597,9 +595,8 @@ class FrameStepper:
         self.active.zero_()
         pool = torch.cuda.graph_pool_handle()
         for b in self.batch_sizes:
-            lengths = self.length_buckets if b in self._bucketed else (self.cache_length,)
             for full in (True, False):
-                for length in lengths:
+                for length in self.length_buckets:
                     stream = torch.cuda.Stream()
                     stream.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(stream), torch.inference_mode():
