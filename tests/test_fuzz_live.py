@@ -28,6 +28,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from dia2stream.config import ServerConfig
+from dia2stream.soak import rss_mb
 from test_server import Client, ServerThread, speak
 
 pytestmark = pytest.mark.slow
@@ -38,14 +39,6 @@ MAX_COMMAND_BYTES = 16 * 1024
 MAX_VOICE_BYTES = 256 * 1024
 RSS_GROWTH_LIMIT_MB = 150
 WORDS = ["hello", "there", "one", "two", "three", "okay", "sure", "thanks"]
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
 
 
 def _text(rng: random.Random) -> str:

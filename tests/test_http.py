@@ -138,8 +138,8 @@ async def echo_handler(ws):
     await ws.wait_closed()
 
 
-def http_call(port, method, path, headers=None):
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+def http_call(port: int, method: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         conn.request(method, path, headers=headers or {})
         response = conn.getresponse()

@@ -8,10 +8,9 @@ import time
 import urllib.request
 
 import pytest
-from test_server import ServerThread
+from test_server import server  # noqa: F401  (the fixture)
 
 from dia2stream import load
-from dia2stream.config import ServerConfig
 
 
 def test_turn_metrics_and_summary_from_a_hand_made_timeline():
@@ -43,14 +42,6 @@ def test_arguments_are_bounded():
         with pytest.raises(SystemExit):
             load.parse_args(bad)
     assert load.parse_args([]).url == "ws://127.0.0.1:8765/"
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu",
-                                    log_level="WARNING")).start()
-    yield srv
-    srv.stop()
 
 
 def max_calls(port: int) -> int:

@@ -293,18 +293,26 @@ def test_snapshot_restore_replays_identically(tiny_tts):
         assert torch.equal(stepper.codes, expected)
 
 
+def _prefilled_stepper(tts, frames: int, *, sampling_seed: int, codes_seed: int, **prefill_options) -> FrameStepper:
+    """The shared one-call stepper, slot 0 reset and prefilled with `frames` random prefix frames."""
+    d = tts.config.data
+    stepper = tts.stepper(cfg=True)
+    stepper.reset_call(0)
+    stepper.set_sampling(0, SamplingParams(seed=sampling_seed))
+    generator = torch.Generator().manual_seed(codes_seed)
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=generator)
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, **prefill_options)
+    return stepper
+
+
 def test_snapshot_carries_the_cache_offset_of_an_upstream_boundary(tiny_tts):
     """After an upstream-boundary prefill a slot's cache index runs one ahead of its position; a
     snapshot restored into a reset slot (offset 0) must bring the offset back to replay the same."""
     d = tiny_tts.config.data
-    stepper = tiny_tts.stepper(cfg=True)
-    stepper.reset_call(0)
-    stepper.set_sampling(0, SamplingParams(seed=5))
     frames = 6
-    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(2))
-    for k, delay in enumerate(d.delay_pattern):
-        delayed[k, :delay] = d.audio_bos
-    stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames)  # the default: upstream
+    stepper = _prefilled_stepper(tiny_tts, frames, sampling_seed=5, codes_seed=2)  # the default boundary: upstream
     pad, new = (d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 20)
     for _ in range(2):
         stepper.step([(pad, new)])
@@ -328,14 +336,8 @@ def test_rewind_after_an_upstream_boundary_keeps_the_cache_offset(tiny_tts):
     """Barge-in rollback past an upstream-boundary prefix: the history fills slots 0..position, so
     the offset must stay; the replay then gives the codes of the first run."""
     d = tiny_tts.config.data
-    stepper = tiny_tts.stepper(cfg=True)
-    stepper.reset_call(0)
-    stepper.set_sampling(0, SamplingParams(seed=9))
     frames = 6
-    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(3))
-    for k, delay in enumerate(d.delay_pattern):
-        delayed[k, :delay] = d.audio_bos
-    stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary="upstream")
+    stepper = _prefilled_stepper(tiny_tts, frames, sampling_seed=9, codes_seed=3, boundary="upstream")
     pad, new = (d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 20)
     codes, text = {}, {}
     for _ in range(8):

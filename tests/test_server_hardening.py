@@ -6,18 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from dia2stream.config import ServerConfig
-from test_server import LONG_TEXT, Client, ServerThread
+from test_server import LONG_TEXT, Client, server  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu",
-                                    log_level="WARNING")).start()
-    yield srv
-    srv.stop()
 
 
 async def test_lone_surrogate_in_id_and_cmd_gets_an_error_and_the_connection_lives(server):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import json
 import logging
 import re
@@ -26,6 +25,7 @@ from dia2stream import voice as v
 from dia2stream.config import ServerConfig
 from dia2stream.limits import Limits
 from dia2stream.server import run
+from test_http import http_call
 from test_server import LONG_TEXT, Client, ServerThread
 from test_voice import tone, wav_bytes
 
@@ -46,16 +46,6 @@ def server(tmp_path_factory):
     srv.authed = f"{srv.url}?token={TOKEN}"
     yield srv
     srv.stop()
-
-
-def http_call(port: int, method: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 def metric(text: str, name: str) -> float:
