@@ -394,8 +394,9 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
                 loop.add_signal_handler(sig, stop.set)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass  # not the main thread (tests) or no signals on this platform
+            except (NotImplementedError, RuntimeError, ValueError) as exc:
+                # not the main thread (tests), or a platform without loop signal handlers
+                log.debug("no %s handler on this loop: %s", sig.name, exc)
         async with serve(server.handle, config.host, config.port, process_request=server.process_request,
                          **limits.websocket_settings()) as ws_server:
             port = ws_server.sockets[0].getsockname()[1]

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import Dia2Config, TransformerConfig
 
 class RMSNorm(nn.Module):
@@ -360,8 +361,6 @@ def depformer_stage_fused(projected: torch.Tensor, embed: torch.Tensor, prev: to
     """`depformer_stage` through the Triton kernels (`kernels.py`), five launches a layer: same
     arguments (weights may be `kernels.QuantWeight`), same result within bf16 tolerance. `stage`
     is the slot as a Python int, fixed per launch (the kernels take it as a scalar)."""
-    from . import kernels
-
     del mask, slot  # the attention kernel masks by `stage` itself
     x = projected + F.embedding(prev, embed)  # [R, Dd]
     for (pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w), (cache_k, cache_v) in zip(layers, caches):
