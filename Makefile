@@ -21,7 +21,7 @@ test: $(STAMP)
 # Starts server.py on the tiny checkpoint (free port), waits for /health, runs test_client.py with
 # an inject against it, prints TTFA / frames / real-time factor, writes demo.wav, stops the server.
 demo: $(STAMP)
-	$(PY) -m dia2stream.demo -o demo.wav
+	$(PY) -m dia2stream.tools.demo -o demo.wav
 
 venv: $(STAMP)
 

@@ -3,8 +3,8 @@
 import asyncio
 import logging
 
-from dia2stream.config import parse_args
-from dia2stream.server import run
+from dia2stream.serve.config import parse_args
+from dia2stream.serve.server import run
 
 if __name__ == "__main__":
     config = parse_args()

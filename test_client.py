@@ -10,7 +10,7 @@ Times given to --inject-at/--pause-at/--resume-at are seconds after `start` was 
 --format asks for that wire format; the WAV is written at its rate (G.711 decoded to 16-bit PCM).
 --played-ms sends `played_ms` with the pause (`auto`: what a player that plays frames back to back
 from the first one has played by then). The summary gives each utterance's speech onset (from the
-command until such a player reaches the first word's frame, dia2stream.playback) and word times.
+command until such a player reaches the first word's frame, dia2stream.tools.playback) and word times.
 The client stops at the `done` that covers the last text it sent (see docs/protocol.md, ids),
 or, when the last scheduled command is a pause, half a second after `paused` (checking that no
 audio frame arrives after it). Exit status: 0 ok, 1 error event / protocol violation / closed
@@ -32,9 +32,10 @@ import soundfile as sf
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from dia2stream import formats, playback
-from dia2stream import protocol as p
+from dia2stream.wire import formats
 
+from dia2stream.tools import playback
+from dia2stream.wire import protocol as p
 START_ID = "turn-1"
 INJECT_ID = "inject-1"
 PAUSE_GRACE_S = 0.5  # after a final pause: how long to watch for (forbidden) late frames

@@ -24,7 +24,7 @@ if [[ $STAGES == *tests* ]]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py > "$OUT/gpu-tests.log" 2>&1; tail -3 "$OUT/gpu-tests.log"
 fi
 if [[ $STAGES == *bench* ]]; then
-  timeout ${BENCH_TIMEOUT:-420} python3 -m dia2stream.bench --presets 2b --frames 100 --runs 10 --compile ${BENCH_ARGS:-} \
+  timeout ${BENCH_TIMEOUT:-420} python3 -m dia2stream.tools.bench --presets 2b --frames 100 --runs 10 --compile ${BENCH_ARGS:-} \
     --json "$OUT/bench.json" > "$OUT/bench.log" 2>&1
   grep -v '^ *"\|^ *[]}{]\|^ *[0-9],*$' "$OUT/bench.log" | tail -25
 fi
@@ -47,7 +47,7 @@ if [[ $STAGES == *load* ]]; then
   t0=$(date +%s)
   serve load --max-calls 64 --compile "${COMPILE:-off}" ${SERVER_ARGS:-} && echo "server up in $(( $(date +%s) - t0 )) s: $(health)"
   for n in ${CALLS:-1 8 16 32 64}; do
-    python3 -m dia2stream.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
+    python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
       --json "$OUT/load-$n.json" > "$OUT/load-$n.txt" 2>&1
     echo "== $n calls (health after: $(health))"; tail -22 "$OUT/load-$n.txt"
   done
@@ -56,7 +56,7 @@ fi
 if [[ $STAGES == *rollover* ]]; then
   serve rollover --max-calls 8 --context-frames 400 --compile "${COMPILE:-off}"
   LONG="[S1] $(for i in $(seq 1 120); do printf 'word%d ' "$i"; done)done."
-  python3 -m dia2stream.load ws://127.0.0.1:8765/ --calls 8 --turns 2 --text "$LONG" --quiet \
+  python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --calls 8 --turns 2 --text "$LONG" --quiet \
     --json "$OUT/load-rollover.json" > "$OUT/load-rollover.txt" 2>&1
   tail -22 "$OUT/load-rollover.txt"
   stop

@@ -7,9 +7,9 @@ import queue
 import pytest
 import torch
 
-from dia2stream import protocol as p
-from dia2stream.call import AudioFrame
-from dia2stream.engine import Engine, EngineConfig
+from dia2stream.wire import protocol as p
+from dia2stream.call.call import AudioFrame
+from dia2stream.engine.engine import Engine, EngineConfig
 
 pytestmark = pytest.mark.slow
 

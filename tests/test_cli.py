@@ -84,8 +84,8 @@ def test_directory_without_checkpoint_is_a_one_line_error(tmp_path):
 
 
 def test_kernel_flags_are_validated_and_auto_resolves_to_torch_on_cpu():
-    from dia2stream.config import parse_args
-    from dia2stream.server import resolve_kernels
+    from dia2stream.serve.config import parse_args
+    from dia2stream.serve.server import resolve_kernels
 
     with pytest.raises(SystemExit):
         parse_args(["--kernels", "cuda"], environ={})

@@ -9,8 +9,8 @@ import pytest
 import soundfile as sf
 
 import test_client as tc
-from dia2stream import protocol as p
-from dia2stream.formats import FORMATS, FrameEncoder
+from dia2stream.wire import protocol as p
+from dia2stream.wire.formats import FORMATS, FrameEncoder
 
 
 def test_format_goes_into_start_and_frames_decode_to_a_wav_at_its_rate(tmp_path):

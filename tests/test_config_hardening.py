@@ -6,9 +6,9 @@ import io
 
 import pytest
 
-from dia2stream.config import ServerConfig, parse_args
-from dia2stream.http import HttpPolicy
-from dia2stream.limits import Limits
+from dia2stream.serve.config import ServerConfig, parse_args
+from dia2stream.serve.http import HttpPolicy
+from dia2stream.serve.limits import Limits
 
 
 def test_defaults_build_valid_limits_and_an_open_loopback_policy():

@@ -9,12 +9,12 @@ import threading
 
 import pytest
 
-from dia2stream import protocol as p
-from dia2stream.delivery import DeliveryMeter
-from dia2stream.limits import Limits, VoiceQuota
-from dia2stream.metrics import Metrics
-from dia2stream.outbox import Outbox
-from dia2stream.voice_scope import VoiceScope
+from dia2stream.wire import protocol as p
+from dia2stream.serve.delivery import DeliveryMeter
+from dia2stream.serve.limits import Limits, VoiceQuota
+from dia2stream.serve.metrics import Metrics
+from dia2stream.serve.outbox import Outbox
+from dia2stream.serve.voice_scope import VoiceScope
 
 
 async def test_outbox_stops_taking_items_past_its_bound_and_says_so_once():

@@ -16,10 +16,10 @@ import torch
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from dia2stream import protocol as p
-from dia2stream.call import AudioFrame
-from dia2stream.config import ServerConfig
-from dia2stream.engine import Engine, EngineConfig
+from dia2stream.wire import protocol as p
+from dia2stream.call.call import AudioFrame
+from dia2stream.serve.config import ServerConfig
+from dia2stream.engine.engine import Engine, EngineConfig
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import parse_script
 

@@ -10,9 +10,9 @@ import queue
 import numpy as np
 import pytest
 
-from dia2stream import protocol as p
-from dia2stream.call import AudioFrame, Call
-from dia2stream.engine import Engine, EngineConfig
+from dia2stream.wire import protocol as p
+from dia2stream.call.call import AudioFrame, Call
+from dia2stream.engine.engine import Engine, EngineConfig
 
 pytestmark = pytest.mark.slow
 

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import soxr
 
-from dia2stream import formats
-from dia2stream import protocol as p
-from dia2stream.formats import (
+from dia2stream.wire import formats
+from dia2stream.wire import protocol as p
+from dia2stream.wire.formats import (
     FORMAT_NAMES,
     FORMATS,
     FrameEncoder,

@@ -27,8 +27,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from dia2stream.config import ServerConfig
-from dia2stream.soak import rss_mb
+from dia2stream.serve.config import ServerConfig
+from dia2stream.tools.soak import rss_mb
 from test_server import Client, ServerThread, speak
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""dia2stream.http: /health, /metrics and the token/Origin gate before the websocket upgrade
+"""dia2stream.serve.http: /health, /metrics and the token/Origin gate before the websocket upgrade
 (issue 13, finding 10). Unit tests on Request objects, then a real websockets `serve()` on
 127.0.0.1 with a stand-in handler (not the model server)."""
 
@@ -13,7 +13,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Request
 
-from dia2stream.http import (
+from dia2stream.serve.http import (
     HttpGate,
     HttpPolicy,
     load_auth_token,

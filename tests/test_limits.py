@@ -1,4 +1,4 @@
-"""dia2stream.limits: command rate, reply cap, message sizes off the event loop, idle clock,
+"""dia2stream.serve.limits: command rate, reply cap, message sizes off the event loop, idle clock,
 quotas, and the websockets settings (compression off, max_size) against a real serve()."""
 
 import asyncio
@@ -12,10 +12,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from dia2stream import limits as lim
-from dia2stream import protocol as p
-
-
+from dia2stream.serve import limits as lim
+from dia2stream.wire import protocol as p
 class FakeClock:
     def __init__(self) -> None:
         self.now = 100.0

@@ -1,4 +1,4 @@
-"""dia2stream.metrics: a registry per server, the families the docs promise, plain methods."""
+"""dia2stream.serve.metrics: a registry per server, the families the docs promise, plain methods."""
 
 import re
 import threading
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from dia2stream.metrics import METRIC_NAMES, Metrics
+from dia2stream.serve.metrics import METRIC_NAMES, Metrics
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
 

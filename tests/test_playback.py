@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dia2stream.playback import simulate
+from dia2stream.tools.playback import simulate
 
 
 def test_frames_ahead_of_time_play_back_to_back_from_the_first():

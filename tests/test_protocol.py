@@ -1,4 +1,4 @@
-"""dia2stream.protocol: command parsing and validation, events, audio frames."""
+"""dia2stream.wire.protocol: command parsing and validation, events, audio frames."""
 
 import base64
 import json
@@ -7,9 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from dia2stream import protocol as p
-
-
+from dia2stream.wire import protocol as p
 def error_of(message) -> p.ProtocolError:
     with pytest.raises(p.ProtocolError) as info:
         p.parse_command(message)

@@ -11,8 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dia2stream import protocol as p
-
+from dia2stream.wire import protocol as p
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 SURROGATE = "\ud800"
 

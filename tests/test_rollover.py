@@ -11,10 +11,10 @@ import pytest
 import soundfile as sf
 import torch
 
-from dia2stream import protocol as p
-from dia2stream.call import AudioFrame
-from dia2stream.engine import Engine, EngineConfig
-from dia2stream.voice import VoiceRequest, VoiceSettings
+from dia2stream.wire import protocol as p
+from dia2stream.call.call import AudioFrame
+from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.voices.voice import VoiceRequest, VoiceSettings
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from dia2stream.config import ServerConfig
-from dia2stream.server import run
+from dia2stream.serve.config import ServerConfig
+from dia2stream.serve.server import run
 
 pytestmark = pytest.mark.slow
 

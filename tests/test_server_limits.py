@@ -21,10 +21,10 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.protocol import State
 
-from dia2stream import voice as v
-from dia2stream.config import ServerConfig
-from dia2stream.limits import Limits
-from dia2stream.server import run
+from dia2stream.voices import voice as v
+from dia2stream.serve.config import ServerConfig
+from dia2stream.serve.limits import Limits
+from dia2stream.serve.server import run
 from test_http import http_call
 from test_server import LONG_TEXT, Client, ServerThread
 from test_voice import tone, wav_bytes
@@ -254,7 +254,7 @@ def test_finding11_whisper_weights_are_never_downloaded_while_serving(tmp_path, 
     """The server builds its engine with allow_download=False: with no local weights, a
     set_voice without a transcript is transcript_required and whisper's loader is never called,
     even where downloads are allowed (HF_HUB_OFFLINE unset)."""
-    from dia2stream.server import build_engine
+    from dia2stream.serve.server import build_engine
 
     loads = []
 
@@ -270,8 +270,7 @@ def test_finding11_whisper_weights_are_never_downloaded_while_serving(tmp_path, 
                                           voice_cache=str(tmp_path / "c")))
     try:
         assert engine.preparer.settings.allow_download is False
-        from dia2stream import protocol as p
-
+        from dia2stream.wire import protocol as p
         with pytest.raises(v.VoiceError) as info:
             engine.load_voice(p.SetVoice(name="n", audio_b64=voice_audio(1)), "n")
         assert info.value.code == "transcript_required"

@@ -1,13 +1,13 @@
 """A shortened soak (issue 13): long simulated calls on the tiny model with inject, flush,
 pause/resume, next-turn and reset cycles; after a warm-up, neither the process's memory nor the
 number of live Python objects may keep growing. The full run and its figures: `python -m
-dia2stream.soak` (docs/operations.md)."""
+dia2stream.tools.soak` (docs/operations.md)."""
 
 from __future__ import annotations
 
 import pytest
 
-from dia2stream.soak import main, soak
+from dia2stream.tools.soak import main, soak
 
 pytestmark = pytest.mark.slow
 

@@ -18,12 +18,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from dia2stream import protocol as p
-from dia2stream.config import ServerConfig, parse_args
-from dia2stream.server import parse_voice_spec
-from dia2stream.call import AudioFrame
-from dia2stream.engine import Engine, EngineConfig
-from dia2stream.voice import (VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState, align_transcript,
+from dia2stream.wire import protocol as p
+from dia2stream.serve.config import ServerConfig, parse_args
+from dia2stream.serve.server import parse_voice_spec
+from dia2stream.call.call import AudioFrame
+from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.voices.voice import (VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState, align_transcript,
                               read_audio, resolve_path, restore_voice)
 from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
 from vendor_dia2.tokenizer import step0_bos_id

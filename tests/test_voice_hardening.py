@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dia2stream import voice as v
-from dia2stream.voice import VoiceCache, VoiceError, read_audio
+from dia2stream.voices import voice as v
+from dia2stream.voices.voice import VoiceCache, VoiceError, read_audio
 
 
 def constant_flac(seconds: float, channels: int, rate: int = 48_000) -> bytes:

@@ -53,7 +53,7 @@ from vendor_dia2.runtime import StepperSnapshot
 from vendor_dia2.script import ScriptEntry
 from vendor_dia2.state_machine import TextState
 
-from .protocol import ErrorCode
+from dia2stream.wire.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import protocol as p
+from dia2stream.wire import protocol as p
 
 Clock = Callable[[], float]
 

@@ -31,14 +31,14 @@ from vendor_dia2.script import ScriptError, parse_script
 from vendor_dia2.delays import delay_codes
 from vendor_dia2.state_machine import TextState, shifted
 
-from . import protocol as p
-from .formats import DEFAULT_FORMAT, FrameEncoder
-from .protocol import ErrorCode
-from .voice import restore_voice
-from .limits import check_call_text
+from dia2stream.wire import protocol as p
+from dia2stream.wire.formats import DEFAULT_FORMAT, FrameEncoder
+from dia2stream.wire.protocol import ErrorCode
+from dia2stream.voices.voice import restore_voice
+from dia2stream.serve.limits import check_call_text
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from dia2stream.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import time
 
-from . import protocol as p
-from .metrics import Metrics
+from dia2stream.wire import protocol as p
+from dia2stream.serve.metrics import Metrics
 
 FRAME_S = 1.0 / p.FRAME_RATE
 LATE_TOLERANCE_S = 0.002  # event-loop jitter below this is not a gap anyone hears

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable
 
-from .limits import Limits, outbox_overflowing
+from dia2stream.serve.limits import Limits, outbox_overflowing
 
 
 class Outbox:

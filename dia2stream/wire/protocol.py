@@ -22,7 +22,7 @@ from typing import Any, Callable, ClassVar, Union
 
 import numpy as np
 
-from dia2stream.formats import FORMAT_NAMES, FORMATS
+from dia2stream.wire.formats import FORMAT_NAMES, FORMATS
 
 # ---------------------------------------------------------------------------------------------
 # Constants and limits
@@ -110,7 +110,7 @@ class ErrorCode(enum.StrEnum):
     TRANSCRIPT_REQUIRED = "transcript_required"  # no transcript and no whisper available
     VOICE_ERROR = "voice_error"  # voice preparation failed for another reason
     INTERNAL_ERROR = "internal_error"  # a server bug; the session was reset
-    # Raised by the server's limits (dia2stream.limits); the connection keeps working.
+    # Raised by the server's limits (dia2stream.serve.limits); the connection keeps working.
     RATE_LIMITED = "rate_limited"  # more commands per second than the connection may send
     PENDING_TEXT_FULL = "pending_text_full"  # too much text queued but not yet spoken on this call
     TOO_MANY_VOICES = "too_many_voices"  # the connection already made its share of voices

@@ -20,8 +20,8 @@ import dataclasses
 import itertools
 from typing import Iterable
 
-from . import protocol as p
-from .limits import VoiceQuota
+from dia2stream.wire import protocol as p
+from dia2stream.serve.limits import VoiceQuota
 
 PRIVATE_MARK = "~"  # in every private key; VOICE_NAME_RE admits no "~" in a name
 _serials = itertools.count(1)

@@ -23,18 +23,18 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
-from . import protocol as p
-from .config import ServerConfig
-from .call import AudioFrame, Call
-from .delivery import DeliveryMeter
-from .engine import Engine, EngineConfig
-from .http import HttpGate, HttpPolicy, unprotected_bind_warning
-from .limits import (IDLE_CLOSE_CODE, NOT_READING_CLOSE_CODE, Admission, CommandRateLimiter, IdleClock,
+from dia2stream.wire import protocol as p
+from dia2stream.serve.config import ServerConfig
+from dia2stream.call.call import AudioFrame, Call
+from dia2stream.serve.delivery import DeliveryMeter
+from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.serve.http import HttpGate, HttpPolicy, unprotected_bind_warning
+from dia2stream.serve.limits import (IDLE_CLOSE_CODE, NOT_READING_CLOSE_CODE, Admission, CommandRateLimiter, IdleClock,
                      LargeMessageGate, Limits, VoiceQuota, idle_timeout_error, rate_limited_error)
-from .metrics import Metrics
-from .outbox import Outbox
-from .voice import VoiceError, VoiceRequest, VoiceSettings
-from .voice_scope import VoiceScope
+from dia2stream.serve.metrics import Metrics
+from dia2stream.serve.outbox import Outbox
+from dia2stream.voices.voice import VoiceError, VoiceRequest, VoiceSettings
+from dia2stream.serve.voice_scope import VoiceScope
 
 log = logging.getLogger("dia2stream")
 

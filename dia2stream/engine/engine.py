@@ -35,10 +35,10 @@ import torch
 from vendor_dia2 import Dia2
 from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
 
-from . import protocol as p
-from .call import FRAME_SECONDS, Call, Phase, Sink
-from .protocol import ErrorCode
-from .voice import LoadedVoice, VoiceCache, VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState
+from dia2stream.wire import protocol as p
+from dia2stream.call.call import FRAME_SECONDS, Call, Phase, Sink
+from dia2stream.wire.protocol import ErrorCode
+from dia2stream.voices.voice import LoadedVoice, VoiceCache, VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState
 
 log = logging.getLogger(__name__)
 

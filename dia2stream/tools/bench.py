@@ -1,0 +1,568 @@
+"""Benchmark: `python -m dia2stream.tools.bench --presets 2b` (GPU) or `--presets tiny` (CPU smoke run).
+
+Writes random checkpoints of the requested presets locally (nothing is downloaded), then measures
+and prints a table plus JSON:
+- ms per frame step (p50/p95), CUDA-graph and eager side by side, cfg 1 and cfg 2, for the full
+  frame and for the decoder-only lane (steps whose depformer codes no output reads);
+- ms per batched step with 1, 8, 16, 32, 64 active calls, and the batched Mimi decode;
+- compute time of the first decodable frame (max_delay steps, the first ones decoder-only);
+- Mimi streaming decode ms per frame;
+- through the real server over loopback: time to first byte and **speech onset** (the moment a
+  client that plays frames back to back from the first one reaches the first word's frame) for a
+  cold `start`, for an `inject` after `done` (the warm next turn), and for a start from a voice;
+- real-time factor (frame step + decode, over 80 ms) and peak GPU memory.
+Random weights: speed only, never quality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from vendor_dia2 import Dia2
+from vendor_dia2.checkpoint import write_random_checkpoint
+from vendor_dia2.config import preset
+from vendor_dia2.runtime import FrameStepper, SamplingParams
+from vendor_dia2.script import parse_script
+
+SCRIPT = ("[S1] Thanks for calling, this is the front desk. How can I help you today? "
+          "We are open every day from nine to five, and we would be glad to help.")
+
+
+def stats(values: list[float]) -> dict[str, float]:
+    values = sorted(values)
+    if not values:
+        return {}
+    pick = lambda q: values[min(len(values) - 1, int(q * len(values)))]  # noqa: E731
+    return {"p50": round(statistics.median(values), 3), "p95": round(pick(0.95), 3),
+            "min": round(values[0], 3), "n": len(values)}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool = False,
+                profile: bool = False, kernels: str = "torch", weights: str = "bf16") -> dict:
+    """Time `frames` steps (after a warm-up) of a fresh one-call stepper, host state machine
+    included; the decoder-only lane is timed over the first steps of fresh calls."""
+    if tts.device.type == "cuda":
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    stepper = tts.new_stepper(cfg=cfg, use_cuda_graph=graph, compile=compile, kernels=kernels, weights=weights)
+    build_s = time.perf_counter() - t0
+    stepper.set_sampling(0, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
+    machine = tts.new_state_machine()
+    machine.push(parse_script(SCRIPT * 3, tts.tokenizer))
+    times, lite, first_decodable = [], [], None
+    start = time.perf_counter()
+    for t in range(frames + 5):
+        t0 = time.perf_counter()
+        action = stepper.step([machine.preview(t)])[0]
+        machine.process(t, action)
+        (times if stepper.last_full else lite).append((time.perf_counter() - t0) * 1000)
+        if t == stepper.max_delay - 1:
+            _sync(tts.device)
+            first_decodable = (time.perf_counter() - start) * 1000
+    for _ in range(3):  # more decoder-only steps: fresh calls
+        stepper.reset_call(0)
+        machine = tts.new_state_machine()
+        machine.push(parse_script(SCRIPT, tts.tokenizer))
+        for t in range(stepper.first_stage_delay - 1):
+            t0 = time.perf_counter()
+            machine.process(t, stepper.step([machine.preview(t)])[0])
+            lite.append((time.perf_counter() - t0) * 1000)
+    out = stats(times[5:])
+    out["decoder_only"] = stats(lite[2:])
+    out["build_s"] = round(build_s, 2)
+    if profile:
+        try:
+            out["profile"] = profile_steps(stepper, machine, stepper.first_stage_delay + 5)
+        except Exception as exc:  # the timings above stand without it
+            out["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    out["first_decodable_frame_ms"] = round(first_decodable, 2)
+    del stepper
+    return out
+
+
+def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, kernels: str = "torch",
+                  profile: bool = False, compile_max_calls: int | None = None) -> dict:
+    """One stepper with max(sizes) slots (as the server builds it); ms per step with the first N
+    slots active, and the batched Mimi decode of N rows."""
+    n_max = max(sizes)
+    if tts.device.type == "cuda":
+        torch.cuda.empty_cache()
+    t0 = time.perf_counter()
+    stepper = tts.new_stepper(n_calls=n_max, cfg=True, compile=compile, kernels=kernels,
+                              compile_max_calls=compile_max_calls)
+    out: dict = {"build_s": round(time.perf_counter() - t0, 2), "batch_sizes": list(stepper.batch_sizes),
+                 "kernels": kernels, "compiled_up_to_calls": stepper.compile_max_calls}
+    codec = tts.codec
+    codec.open_stream(n_max)
+    machines = []
+    for call in range(n_max):
+        stepper.set_sampling(call, SamplingParams(seed=call))
+        machine = tts.new_state_machine()
+        machine.push(parse_script(SCRIPT * 3, tts.tokenizer))
+        machines.append(machine)
+    for n in sizes:
+        active = [call < n for call in range(n_max)]
+        for call in range(n):  # past the decoder-only stretch: full steps
+            while stepper.needs_depformer(call) is False:
+                stepper.step([machines[c].preview(stepper.host_positions[c]) if active[c] else None
+                              for c in range(n_max)], active)
+        times, decode = [], []
+        rows = torch.tensor(active)
+        for i in range(frames + 3):
+            t0 = time.perf_counter()
+            choices = [machines[c].preview(stepper.host_positions[c]) if active[c] else None for c in range(n_max)]
+            actions = stepper.step(choices, active)
+            for c in range(n):
+                machines[c].process(stepper.host_positions[c] - 1, actions[c])
+            t1 = time.perf_counter()
+            codec.decode_frame(stepper.ready_codes, rows).cpu()
+            t2 = time.perf_counter()
+            if i >= 3:
+                times.append((t1 - t0) * 1000)
+                decode.append((t2 - t1) * 1000)
+        out[str(n)] = {"step_ms": stats(times), "mimi_decode_ms": stats(decode),
+                       "padded_to": stepper.batch_size_for(n)}
+        if profile and n == max(sizes):
+            out[str(n)]["profile"] = _profile(lambda: stepper.step(
+                [machines[c].preview(stepper.host_positions[c]) if active[c] else None for c in range(n_max)], active))
+        print(f"  batched {n} calls: step {out[str(n)]['step_ms']}, decode {out[str(n)]['mimi_decode_ms']}", flush=True)
+    codec.close_stream()
+    del stepper
+    return out
+
+
+def profile_steps(stepper: FrameStepper, machine, t0: int, steps: int = 5) -> dict:
+    """Kernels per frame and the kernels that take the GPU time (what a missed target is about)."""
+    t = iter(range(t0, t0 + steps))
+
+    def one_step():
+        now = next(t)
+        machine.process(now, stepper.step([machine.preview(now)])[0])
+
+    return _profile(one_step, steps)
+
+
+def _profile(one_step, steps: int = 5) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            one_step()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.device_time for e in kernels) if kernels else 0.0
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:60], []).append(e.device_time)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:16]
+    return {"kernels_per_frame": round(len(kernels) / steps), "gpu_busy_ms_per_frame": round(gpu_us / steps / 1000, 3),
+            "top_kernels": [{"name": k, "count_per_frame": round(len(v) / steps), "ms_per_frame": round(sum(v) / steps / 1000, 3)}
+                            for k, v in top]}
+
+
+def bench_fp8_agreement(tts: Dia2, frames: int = 200, cfg: bool = True) -> dict:
+    """How often FP8 depformer weights change a greedy token against bf16 on this checkpoint.
+
+    Two triton steppers (bf16 and fp8) step the same script greedily; before every step the fp8
+    one is given the bf16 one's inputs and delayed buffer, so each frame is compared on the same
+    history (the decoder is bf16 in both: its caches follow from the inputs). Codebook 0 comes
+    from the decoder and is excluded; a changed stage also changes the inputs of the stages after
+    it in that frame, so `stage1_changed` (no such cascade) is reported beside the total."""
+    greedy = SamplingParams(text_temperature=0.0, audio_temperature=0.0, cfg_scale=2.0 if cfg else 1.0)
+    ref = tts.new_stepper(cfg=cfg, kernels="triton")
+    fp8 = tts.new_stepper(cfg=cfg, kernels="triton", weights="fp8")
+    for stepper in (ref, fp8):
+        stepper.set_sampling(0, greedy)
+    machine = tts.new_state_machine()
+    machine.push(parse_script(SCRIPT * 4, tts.tokenizer))
+    changed = stage1 = total = frames_changed = actions_changed = 0
+    for t in range(frames + ref.max_delay):
+        choice = [machine.preview(t)]
+        action = ref.step(choice)[0]
+        other = fp8.step(choice)[0]
+        if t >= ref.max_delay:  # every stage's codes are read from here on
+            diff = ref.codes[0, 1:] != fp8.codes[0, 1:]
+            changed += int(diff.sum())
+            stage1 += int(diff[0])
+            total += diff.numel()
+            frames_changed += int(diff.any())
+            actions_changed += int(action != other)
+        machine.process(t, action)
+        fp8.tokens.copy_(ref.tokens)
+        fp8.buffer.copy_(ref.buffer)
+    return {"frames": frames, "token_change_rate": round(changed / total, 4),
+            "stage1_change_rate": round(stage1 / frames, 4), "frames_with_a_change": round(frames_changed / frames, 4),
+            "action_change_rate": round(actions_changed / frames, 4)}
+
+
+def bench_mimi(tts: Dia2, frames: int) -> dict:
+    codec = tts.codec
+    codec.open_stream(1)
+    codes = torch.randint(0, 2048, (1, 32), device=codec.device)
+    times = []
+    for i in range(frames + 5):
+        _sync(tts.device)
+        t0 = time.perf_counter()
+        codec.decode_frame(codes)
+        _sync(tts.device)
+        times.append((time.perf_counter() - t0) * 1000)
+    codec.close_stream()
+    return stats(times[5:])
+
+
+def bench_prefill(tts: Dia2, seconds: float = 10.0, runs: int = 5) -> dict:
+    """Voice prefix warm-up at this shape: parallel (chunked) prefill vs frame by frame, and the
+    restore-by-copy of a prepared state (decoder cache + buffer, Mimi stream)."""
+    d = tts.config.data
+    frames = int(seconds * 12.5)
+    stepper = tts.new_stepper(cfg=True, use_cuda_graph=False)
+    gen = torch.Generator().manual_seed(0)
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=gen)
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    text = torch.full((frames + 1, 2), d.text_pad_token_id)
+    parallel = []
+    for i in range(runs + 1):
+        stepper.reset_call(0)
+        _sync(tts.device)
+        t0 = time.perf_counter()
+        stepper.prefill(0, delayed, text, frames)
+        _sync(tts.device)
+        if i:
+            parallel.append((time.perf_counter() - t0) * 1000)
+    tokens = torch.empty(2, frames, d.channels, dtype=torch.long, device=tts.device)
+    tokens[:, :, 2:] = delayed[:, :frames].T.to(tts.device)
+    tokens[:, :, :2] = d.text_pad_token_id
+    stepper.reset_call(0)
+    _sync(tts.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for t in range(frames):  # what upstream does on every request
+            tts.model.transformer(tokens[:, t:t + 1], torch.full((2, 1), t, device=tts.device), stepper.decoder_caches)
+    _sync(tts.device)
+    sequential = (time.perf_counter() - t0) * 1000
+    snap = stepper.snapshot()
+    restore = []
+    codec = tts.codec
+    codec.open_stream(1)
+    codec_snap = codec.warmed_row(torch.randint(0, 2048, (1, 32, frames), device=codec.device))
+    for _ in range(20):
+        _sync(tts.device)
+        t0 = time.perf_counter()
+        stepper.restore(snap)
+        codec.restore_row(0, codec_snap)
+        _sync(tts.device)
+        restore.append((time.perf_counter() - t0) * 1000)
+    codec.close_stream()
+    del stepper
+    return {"prefix_frames": frames, "parallel_prefill_ms": stats(parallel),
+            "frame_by_frame_ms": round(sequential, 1), "restore_ms": stats(restore)}
+
+
+def _voice_wav_b64(seconds: float = 10.0) -> str:
+    """A synthetic 24 kHz voice prefix (a wobbling tone with noise): random weights, any audio will do."""
+    import base64
+    import io
+
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(int(seconds * 24000)) / 24000
+    wav = 0.3 * np.sin(2 * np.pi * (180 + 40 * np.sin(2 * np.pi * 3 * t)) * t)
+    wav += 0.02 * np.random.default_rng(0).standard_normal(t.shape)
+    buf = io.BytesIO()
+    sf.write(buf, wav.astype(np.float32), 24000, format="WAV", subtype="PCM_16")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+VOICE_TRANSCRIPT = ("[S1] Hello, this is the bench voice speaking for about ten seconds so that the prefix "
+                    "has enough words to align with the audio we made up for it, thank you.")
+
+
+# -- through the real server --------------------------------------------------------------------
+
+def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: str = "torch"):
+    """The real server on a free loopback port, in a thread with its own loop."""
+    from websockets.asyncio.server import serve
+
+    from dia2stream.wire import protocol as p
+    from dia2stream.engine.engine import Engine, EngineConfig
+    from dia2stream.serve.server import Dia2Server
+
+    sys.setswitchinterval(0.0005)  # as server.build_engine does
+    engine = Engine(tts, EngineConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, compile=compile,
+                                      kernels=kernels))
+    server = Dia2Server(engine, tts.name, str(tts.device), 60_000)
+    ready: "asyncio.Future[int]"
+    holder: dict = {}
+    started = threading.Event()
+
+    async def main():
+        stop = asyncio.Event()
+        holder["stop"], holder["loop"] = stop, asyncio.get_running_loop()
+        async with serve(server.handle, "127.0.0.1", 0, process_request=server.process_request,
+                         max_size=p.MAX_MESSAGE_BYTES) as ws_server:
+            holder["port"] = ws_server.sockets[0].getsockname()[1]
+            started.set()
+            await stop.wait()
+
+    thread = threading.Thread(target=lambda: asyncio.run(main()), daemon=True)
+    thread.start()
+    started.wait(60)
+
+    def stop():
+        holder["loop"].call_soon_threadsafe(holder["stop"].set)
+        thread.join(10)
+        engine.close()
+
+    return holder["port"], stop
+
+
+async def _recv_until(ws, predicate, timeout=30.0):
+    """Receive messages until predicate(msg) is true; return (msg, time)."""
+    while True:
+        msg = await asyncio.wait_for(ws.recv(), timeout)
+        if predicate(msg):
+            return msg, time.perf_counter()
+
+
+def _is_event(name):
+    return lambda m: isinstance(m, str) and json.loads(m).get("event") == name
+
+
+def _is_audio(m):
+    return isinstance(m, bytes)
+
+
+async def _first_audio_and_onset(ws, t0: float) -> tuple[float, float]:
+    """(time to first byte, speech onset) in ms for the utterance just commanded at t0: onset is
+    when a client that plays frames back to back from the first one reaches the first word's
+    frame (the `word` event's `frame`)."""
+    first_audio = word_frame = None
+    while first_audio is None or word_frame is None:
+        msg = await asyncio.wait_for(ws.recv(), 60)
+        if isinstance(msg, bytes):
+            first_audio = first_audio or time.perf_counter()
+            continue
+        event = json.loads(msg)
+        if event.get("event") == "word" and word_frame is None:
+            word_frame = event["frame"]
+        elif event.get("event") == "error":
+            raise RuntimeError(event)
+    ttfb = (first_audio - t0) * 1000
+    return ttfb, ttfb + word_frame * 80.0
+
+
+async def bench_server(port: int, runs: int) -> dict:
+    from websockets.asyncio.client import connect
+
+    cold, inject, voiced = [], [], []
+    voice_info = {}
+    async with connect(f"ws://127.0.0.1:{port}/", max_size=None) as ws:
+        await _recv_until(ws, _is_event("ready"))
+        for i in range(runs + 2):  # cold: each start from the clean state (no voice yet on this connection)
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello, how can I help you today?"}))
+            got = await _first_audio_and_onset(ws, t0)
+            if i >= 2:
+                cold.append(got)
+            await ws.send(json.dumps({"cmd": "reset"}))
+            await _recv_until(ws, _is_event("reset"))
+        await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello there."}))
+        await _recv_until(ws, _is_event("done"), timeout=120)
+        for i in range(runs + 2):  # inject after done: the next turn from the warm state
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"cmd": "inject", "text": " Sure, one moment."}))
+            got = await _first_audio_and_onset(ws, t0)
+            if i >= 2:
+                inject.append(got)
+            await _recv_until(ws, _is_event("done"), timeout=120)
+        rollback = []
+        for i in range(runs + 2):  # barge-in: pause with played_ms mid-utterance -> paused
+            await ws.send(json.dumps({"cmd": "start", "text": SCRIPT}))
+            frames = 0
+            while frames < 12:
+                frames += isinstance(await asyncio.wait_for(ws.recv(), 60), bytes)
+            t0 = time.perf_counter()
+            await ws.send(json.dumps({"cmd": "pause", "played_ms": 400}))
+            _, t1 = await _recv_until(ws, _is_event("paused"))
+            if i >= 2:
+                rollback.append((t1 - t0) * 1000)
+            await ws.send(json.dumps({"cmd": "reset"}))
+            await _recv_until(ws, _is_event("reset"))
+        await ws.send(json.dumps({"cmd": "set_voice", "name": "bench", "audio": _voice_wav_b64(),
+                                  "transcript": VOICE_TRANSCRIPT}))
+        msg, _ = await _recv_until(ws, lambda m: isinstance(m, str) and json.loads(m).get("event") in ("voice_ready", "error"),
+                                   timeout=300)
+        voice_info = json.loads(msg)
+        if voice_info.get("event") == "voice_ready":
+            for i in range(runs + 2):  # from a prepared voice (restored by copy at start)
+                t0 = time.perf_counter()
+                await ws.send(json.dumps({"cmd": "start", "text": "[S1] Hello, how can I help you today?",
+                                          "voice": "bench"}))
+                got = await _first_audio_and_onset(ws, t0)
+                if i >= 2:
+                    voiced.append(got)
+                await ws.send(json.dumps({"cmd": "reset", "voice": "bench"}))
+                await _recv_until(ws, _is_event("reset"))
+    pair = lambda rows: {"ttfb_ms": stats([r[0] for r in rows]), "onset_ms": stats([r[1] for r in rows])}  # noqa: E731
+    return {"start": pair(cold), "inject_after_done": pair(inject), "start_with_voice": pair(voiced),
+            "pause_with_played_ms_to_paused_ms": stats(rollback), "voice": voice_info}
+
+
+# -- driver ----------------------------------------------------------------------------------------
+
+def step_variants(args, device: torch.device) -> list[str]:
+    """The frame-step variants to time: `--steps`, or eager and graph at cfg 1 and 2 (plus
+    compiled with --compile), as before."""
+    if args.steps:
+        return [v.strip() for v in args.steps.split(",") if v.strip()]
+    graphs = ["graph", "eager"] if device.type == "cuda" else ["eager"]
+    keys = [f"{g}_cfg{c}" for c in (1, 2) for g in graphs]
+    if args.compile and device.type == "cuda":
+        keys += ["graph_compiled_cfg1", "graph_compiled_cfg2"]
+    return keys
+
+
+def parse_variant(key: str) -> tuple[bool, bool, str, str, bool]:
+    """`graph_compiled_triton_fp8_cfg2` → (graph, compile, kernels, weights, cfg)."""
+    parts = key.split("_")
+    if parts[0] not in ("graph", "eager") or parts[-1] not in ("cfg1", "cfg2") or \
+            not set(parts[1:-1]) <= {"compiled", "triton", "fp8"}:
+        raise SystemExit(f"unknown step variant {key!r}: (graph|eager)[_compiled][_triton][_fp8]_(cfg1|cfg2)")
+    return (parts[0] == "graph", "compiled" in parts, "triton" if "triton" in parts else "torch",
+            "fp8" if "fp8" in parts else "bf16", parts[-1] == "cfg2")
+
+
+def run_preset(name: str, args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    root = Path(args.checkpoint_dir) / name
+    if not (root / "model.safetensors").is_file():
+        t0 = time.perf_counter()
+        write_random_checkpoint(preset(name), root, progress=True, device=device)
+        print(f"[{name}] wrote random checkpoint in {time.perf_counter() - t0:.1f} s", flush=True)
+    t0 = time.perf_counter()
+    tts = Dia2.from_pretrained(str(root), device=device, mimi=args.mimi)
+    result: dict = {"preset": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                    "dtype": str(tts.dtype), "load_s": round(time.perf_counter() - t0, 1)}
+    print(f"[{name}] loaded in {result['load_s']} s on {result['device']}", flush=True)
+    steps = {}
+    for key in step_variants(args, device):
+        graph, compile, kernels, weights, cfg = parse_variant(key)
+        frames = args.frames if graph else max(20, args.frames // 4)
+        try:
+            steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
+                                     weights=weights, profile=args.profile and graph and cfg and key != "graph_cfg2")
+        except Exception as exc:  # a variant that fails (compile, triton) is reported, not fatal to the run
+            steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        print(f"[{name}] step {key}: {steps[key]}", flush=True)
+    if args.fp8_agreement and device.type == "cuda":
+        result["fp8_agreement"] = bench_fp8_agreement(tts, frames=args.fp8_agreement)
+        print(f"[{name}] fp8 vs bf16 greedy tokens: {result['fp8_agreement']}", flush=True)
+    result["step_ms"] = steps
+    if args.batched:
+        sizes = [int(s) for s in args.batched.split(",")]
+        result["batched"] = bench_batched(tts, sizes=sizes, frames=max(20, args.frames // 4),
+                                          compile=args.compile and device.type == "cuda", kernels=args.kernels,
+                                          profile=args.profile and device.type == "cuda",
+                                          compile_max_calls=args.compile_max_calls)
+    result["mimi_decode_ms"] = bench_mimi(tts, args.frames)
+    result["voice_prefill"] = bench_prefill(tts)
+    print(f"[{name}] voice prefill: {result['voice_prefill']}", flush=True)
+    print(f"[{name}] mimi decode: {result['mimi_decode_ms']}", flush=True)
+    if not args.skip_server:
+        compiled = args.compile and device.type == "cuda"
+        port, stop = start_server(tts, cfg_scale=args.cfg_scale, compile=compiled, kernels=args.kernels)
+        try:
+            result["server"] = asyncio.run(bench_server(port, args.runs))
+        finally:
+            stop()
+        result["server"]["cfg_scale"] = args.cfg_scale
+        result["server"]["compiled"] = compiled
+        result["server"]["kernels"] = args.kernels
+        print(f"[{name}] server: {result['server']}", flush=True)
+    cfg_key = 2 if args.cfg_scale != 1 else 1
+    timed = [v for k, v in steps.items() if k.endswith(f"cfg{cfg_key}") and "fp8" not in k and "p50" in v]
+    best = min(timed, key=lambda v: v["p50"], default=None)
+    result["rtf"] = round((best["p50"] + result["mimi_decode_ms"]["p50"]) / 80.0, 4) if best else None
+    if device.type == "cuda":
+        result["gpu_peak_memory_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    del tts
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    print("\n| preset | variant | p50 ms/frame | p95 | decoder-only p50 | first decodable frame ms |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        for key, s in r["step_ms"].items():
+            if "p50" not in s:
+                print(f"| {r['preset']} | {key} | {s} | | | |")
+                continue
+            print(f"| {r['preset']} | {key} | {s['p50']} | {s['p95']} | {s['decoder_only'].get('p50')} | "
+                  f"{s['first_decodable_frame_ms']} |")
+    for r in results:
+        srv = r.get("server", {})
+        print(f"\n{r['preset']} on {r['device']}: mimi decode p50 {r['mimi_decode_ms'].get('p50')} ms, "
+              f"RTF {r['rtf']}, GPU peak {r.get('gpu_peak_memory_gb')} GB")
+        for kind in ("start", "inject_after_done", "start_with_voice"):
+            if kind in srv:
+                print(f"  {kind}: first byte {srv[kind]['ttfb_ms']}, speech onset {srv[kind]['onset_ms']}")
+        eager = r["step_ms"].get("eager_cfg2")
+        for key in ("graph_cfg2", "graph_compiled_cfg2"):
+            fast = r["step_ms"].get(key)
+            if eager and fast and "p50" in fast:
+                print(f"  {key} speed-up over eager at cfg 2: {eager['p50'] / fast['p50']:.1f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m dia2stream.tools.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="2b", help="comma-separated presets: tiny, 1b, 2b")
+    parser.add_argument("--checkpoint-dir", default=os.environ.get("DIA2_BENCH_DIR", "/tmp/dia2-bench"))
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--mimi", default="random", help="codec source (default random: full-size Mimi)")
+    parser.add_argument("--frames", type=int, default=200, help="timed frame steps per variant")
+    parser.add_argument("--runs", type=int, default=20, help="server TTFA / inject runs")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="server's CFG scale")
+    parser.add_argument("--skip-server", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile inside the graph")
+    parser.add_argument("--profile", action="store_true", help="kernel profile of each graph cfg 2 variant")
+    parser.add_argument("--steps", default="", help="step variants to time, e.g. graph_compiled_cfg2,"
+                        "graph_compiled_triton_cfg2 (default: eager/graph at cfg 1 and 2, compiled with --compile)")
+    parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
+                        help="depformer kernels of the batched steps and the server runs")
+    parser.add_argument("--compile-max-calls", type=int, default=None,
+                        help="batched steps: largest padded batch that runs compiled (as the server's flag)")
+    parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
+                        help="also measure how often fp8 depformer weights change a greedy token (CUDA)")
+    parser.add_argument("--batched", default="", help="comma-separated call counts for batched steps, e.g. 1,8,16,32,64")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+    results = [run_preset(name.strip(), args) for name in args.presets.split(",") if name.strip()]
+    print_table(results)
+    payload = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+               "command": "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "results": results}
+    print(json.dumps(payload, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
