@@ -13,10 +13,14 @@ MOSHI_SPEC   ?= moshi==0.2.13
 WHISPER_SPEC ?= openai-whisper==20250625
 WHISPER_DEPS ?= tiktoken more-itertools numba
 
-.PHONY: test demo venv clean gpu-wheels
+.PHONY: test demo venv clean gpu-wheels system-deps
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+# Programs some tests drive for real (scripts/system-packages.txt); those tests skip without them.
+system-deps:
+	@bash scripts/system_deps.sh
 
 # Starts server.py on the tiny checkpoint (free port), waits for /health, runs test_client.py with
 # an inject against it, prints TTFA / frames / real-time factor, writes demo.wav, stops the server.
