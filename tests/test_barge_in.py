@@ -9,7 +9,9 @@ import torch
 
 from dia2stream.wire import protocol as p
 from dia2stream.call.call import AudioFrame
-from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.engine.engine import Engine
+
+from helpers import engine_config
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +24,7 @@ def engine(tiny_dir):
     from vendor_dia2 import Dia2
 
     tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
-    eng = Engine(tts, EngineConfig(max_lead_ms=1e6))
+    eng = Engine(tts, engine_config(tts, max_lead_ms=1e6))
     yield eng
     eng.close()
 
@@ -40,7 +42,28 @@ def words(items):
     return [i.word for i in items if isinstance(i, p.Word)]
 
 
-def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces_the_rest(engine):
+def record_state_before(engine, call, target: int, monkeypatch) -> dict:
+    """Wrap the stepper's and codec's public step/decode to take snapshots as the call runs:
+    its slot and text state before step `target`, its Mimi row before frame `target` is decoded."""
+    taken: dict = {}
+    step, decode = engine.stepper.step, engine.codec.decode_frame
+
+    def stepping(choices, active):
+        if "stepper" not in taken and engine.stepper.host_positions[call.slot] == target:
+            taken["stepper"], taken["text"] = engine.stepper.snapshot(call.slot), call.machine.snapshot()
+        return step(choices, active)
+
+    def decoding(codes, rows):
+        if "codec" not in taken and rows[call.slot] and engine.stepper.ready_frame_index(call.slot) == target:
+            taken["codec"] = engine.codec.snapshot_row(call.slot)
+        return decode(codes, rows)
+
+    monkeypatch.setattr(engine.stepper, "step", stepping)
+    monkeypatch.setattr(engine.codec, "decode_frame", decoding)
+    return taken
+
+
+def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces_the_rest(engine, monkeypatch):
     got = queue.Queue()
     call = engine.open_call(got.put)
     try:
@@ -50,10 +73,11 @@ def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces
         target = call.turn.send_from + heard
         engine.submit(call, p.Reset())
         collect(got, p.ResetDone)
-        call.checkpoint_at = target  # test hook: the state before step `target`, taken as it ran
+        taken = record_state_before(engine, call, target, monkeypatch)
         engine.submit(call, p.Start(text=TEXT, seed=5, id="t"))
         first = collect(got, p.Done)
-        assert call.turn.send_from + heard == target and call.checkpoint is not None
+        monkeypatch.undo()
+        assert call.turn.send_from + heard == target and {"stepper", "text", "codec"} <= set(taken)
         assert words(first) == WORDS
 
         engine.submit(call, p.Pause(played_ms=heard * 80.0 + 30, id="barge"))  # 6.4 frames: 6 whole ones heard
@@ -64,14 +88,14 @@ def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces
         assert all(w["start_s"] < heard * 0.08 for w in paused.spoken)
         assert unspoken, "the caller heard less than the whole utterance"
 
-        stepper_snap, text_state, _ = call.checkpoint
+        stepper_snap, text_state = taken["stepper"], taken["text"]
         slot = call.slot
         rows = slice(slot * engine.stepper.branches, (slot + 1) * engine.stepper.branches)
         assert engine.stepper.host_positions[slot] == target
         assert torch.equal(engine.stepper.tokens[rows], stepper_snap.tokens)  # the inputs of step `target`
         assert call.machine.state == text_state  # words, pads and look-ahead as they were
         live = engine.codec.snapshot_row(slot)
-        for module, fields in call.checkpoint_codec.states.items():  # Mimi where frame target-1 left it
+        for module, fields in taken["codec"].states.items():  # Mimi where frame target-1 left it
             for name, value in fields.items():
                 other = live.states[module][name]
                 if isinstance(value, torch.Tensor):
@@ -110,7 +134,7 @@ def test_no_frame_after_paused_with_played_ms_while_generating(tiny_dir):
     from vendor_dia2 import Dia2
 
     tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
-    eng = Engine(tts, EngineConfig(max_lead_ms=400))  # paced: the pause lands mid-utterance
+    eng = Engine(tts, engine_config(tts, max_lead_ms=400))  # paced: the pause lands mid-utterance
     got = queue.Queue()
     call = eng.open_call(got.put)
     try:

@@ -84,8 +84,7 @@ def test_directory_without_checkpoint_is_a_one_line_error(tmp_path):
 
 
 def test_kernel_flags_are_validated_and_auto_resolves_to_torch_on_cpu():
-    from dia2stream.serve.config import parse_args
-    from dia2stream.serve.server import resolve_kernels
+    from dia2stream.serve.config import KernelChoice, parse_args, resolve_kernels
 
     with pytest.raises(SystemExit):
         parse_args(["--kernels", "cuda"], environ={})
@@ -93,5 +92,5 @@ def test_kernel_flags_are_validated_and_auto_resolves_to_torch_on_cpu():
         parse_args(["--weights", "int8"], environ={})
     config = parse_args([], environ={"DIA2_KERNELS": "triton", "DIA2_WEIGHTS": "fp8"})
     assert (config.kernels, config.weights) == ("triton", "fp8")
-    assert resolve_kernels("auto", "cpu") == "torch"
-    assert resolve_kernels("torch", "cuda") == "torch"
+    assert resolve_kernels(KernelChoice.AUTO, "cpu") == "torch"
+    assert resolve_kernels(KernelChoice.TORCH, "cuda") == "torch"

@@ -19,7 +19,9 @@ from websockets.exceptions import ConnectionClosed
 from dia2stream.wire import protocol as p
 from dia2stream.call.call import AudioFrame
 from dia2stream.serve.config import ServerConfig
-from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.engine.engine import Engine
+
+from helpers import engine_config, server_config
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import parse_script
 
@@ -179,7 +181,7 @@ def _words(items):
 
 
 def test_a_seeded_call_sounds_the_same_alone_and_alongside_three_others(small_tts):
-    engine = Engine(small_tts, EngineConfig(max_calls=4, max_lead_ms=1e6, batch_sizes=(4,)))
+    engine = Engine(small_tts, engine_config(small_tts, max_calls=4, max_lead_ms=1e6, batch_sizes=(4,)))
     try:
         sinks = [queue.Queue() for _ in range(4)]
         calls = [engine.open_call(s.put) for s in sinks]
@@ -206,7 +208,7 @@ def test_a_seeded_call_sounds_the_same_alone_and_alongside_three_others(small_tt
 
 
 def test_pause_of_one_call_stops_its_frames_while_the_others_stream(small_tts):
-    engine = Engine(small_tts, EngineConfig(max_calls=2, max_lead_ms=1e6))
+    engine = Engine(small_tts, engine_config(small_tts, max_calls=2, max_lead_ms=1e6))
     try:
         a, b = queue.Queue(), queue.Queue()
         call_a, call_b = engine.open_call(a.put), engine.open_call(b.put)
@@ -236,7 +238,7 @@ def test_pause_of_one_call_stops_its_frames_while_the_others_stream(small_tts):
 
 def test_fresh_start_sends_from_the_first_word_less_the_lead_in(small_tts):
     for lead_in in (0, 1, 2):
-        engine = Engine(small_tts, EngineConfig(max_lead_ms=1e6, lead_in_frames=lead_in))
+        engine = Engine(small_tts, engine_config(small_tts, max_lead_ms=1e6, lead_in_frames=lead_in))
         try:
             got = queue.Queue()
             call = engine.open_call(got.put)
@@ -264,7 +266,7 @@ def test_fresh_start_sends_from_the_first_word_less_the_lead_in(small_tts):
 
 @pytest.fixture(scope="module")
 def four_slots():
-    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", mimi="random-small",
+    srv = ServerThread(server_config(mimi="random-small",
                                     log_level="WARNING", max_calls=4, max_lead_ms=60_000)).start()
     yield srv
     srv.stop()
@@ -388,7 +390,8 @@ async def test_a_start_in_a_telephony_format_gets_frames_of_that_format(four_slo
 def test_a_call_behind_real_time_makes_the_engine_refuse_new_calls(small_tts):
     """When a playing call falls behind (here: its client is made to have played 10 s more than
     was sent), the engine says so in health and refuses new calls instead of adding load."""
-    engine = Engine(small_tts, EngineConfig(max_calls=2, max_lead_ms=1e6, max_unsent_frames=10**9))
+    engine = Engine(small_tts, engine_config(small_tts, max_calls=2, max_lead_ms=1e6, max_unsent_frames=10**9,
+                                                   overload_refusal_s=5.0))
     try:
         got = queue.Queue()
         call = engine.open_call(got.put)

@@ -12,7 +12,9 @@ import pytest
 
 from dia2stream.wire import protocol as p
 from dia2stream.call.call import AudioFrame, Call
-from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.engine.engine import Engine
+
+from helpers import engine_config
 
 pytestmark = pytest.mark.slow
 
@@ -52,7 +54,7 @@ def collect(sink: queue.Queue, until: tuple, timeout: float = 120.0) -> list:
 
 
 def run_pair(tts) -> tuple[list, list, Engine, tuple[Call, Call], tuple[queue.Queue, queue.Queue]]:
-    engine = Engine(tts, EngineConfig(max_calls=2, max_lead_ms=1e6, batch_sizes=(2,)))
+    engine = Engine(tts, engine_config(tts, max_calls=2, max_lead_ms=1e6, batch_sizes=(2,)))
     sinks = queue.Queue(), queue.Queue()
     calls = tuple(engine.open_call(s.put) for s in sinks)
     engine.submit(calls[0], p.Start(text=TEXT_A, seed=1, id="a"))

@@ -28,6 +28,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from dia2stream.serve.config import ServerConfig
+
+from helpers import server_config
 from dia2stream.tools.soak import rss_mb
 from test_server import Client, ServerThread, speak
 
@@ -212,8 +214,7 @@ async def wait_idle(port: int, timeout: float = 20.0) -> None:
 
 
 async def test_live_fuzz_then_a_normal_utterance_and_nothing_leaked(capsys):
-    srv = await asyncio.to_thread(ServerThread(ServerConfig(
-        host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", mimi="random-small", log_level="ERROR",
+    srv = await asyncio.to_thread(ServerThread(server_config(mimi="random-small", log_level="ERROR",
         max_calls=CONNECTIONS + 1, commands_per_second=1e6, command_burst=1_000_000, idle_timeout_s=0,
         max_command_bytes=MAX_COMMAND_BYTES, max_voice_message_bytes=MAX_VOICE_BYTES)).start)
     try:

@@ -80,8 +80,6 @@ def test_websocket_settings_turn_compression_off_and_bound_messages():
     assert no_voice["max_size"] == 64 * 1024 and no_voice["ping_interval"] is None
     with pytest.raises(ValueError):
         lim.Limits(max_voice_message_bytes=p.MAX_MESSAGE_BYTES + 1)
-    with pytest.raises(ValueError):
-        lim.Limits(max_pending_text_chars=10)
 
 
 def test_is_large_counts_utf8_bytes():
@@ -164,10 +162,12 @@ def test_idle_clock():
 
 
 def test_pending_text_limit():
+    from dia2stream.call.pending import check_pending_text
+
     cmd = p.Inject(text="abc", id="i1")
-    lim.check_pending_text(9_997, "abc", 10_000, cmd)
+    check_pending_text(9_997, "abc", 10_000, cmd)
     with pytest.raises(p.ProtocolError) as info:
-        lim.check_pending_text(9_998, "abc", 10_000, cmd)
+        check_pending_text(9_998, "abc", 10_000, cmd)
     assert info.value.code == "pending_text_full" and info.value.id == "i1" and info.value.cmd == "inject"
 
 

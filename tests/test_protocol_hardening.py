@@ -127,10 +127,11 @@ def test_each_range_admits_its_ends_and_refuses_beyond(field):
 
 
 def test_top_k_upper_end_is_the_runtimes_candidate_table():
+    from vendor_dia2.config import MAX_TOP_K
     from vendor_dia2.runtime import FrameStepper
 
     default = inspect.signature(FrameStepper.__init__).parameters["max_top_k"].default
-    assert p.TOP_K_RANGE == (1, default) == (1, 256)
+    assert p.TOP_K_RANGE == (1, default) == (1, MAX_TOP_K) == (1, 256)
     assert error_of(wire({"cmd": "start", "text": "a", "top_k": 257})).code == p.ErrorCode.INVALID_FIELD
     assert p.parse_command(wire({"cmd": "start", "text": "a", "top_k": 256})).top_k == 256
 

@@ -13,7 +13,9 @@ import torch
 
 from dia2stream.wire import protocol as p
 from dia2stream.call.call import AudioFrame
-from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.engine.engine import Engine
+
+from helpers import engine_config
 from dia2stream.voices.voice import VoiceRequest, VoiceSettings
 
 pytestmark = pytest.mark.slow
@@ -42,7 +44,7 @@ def test_a_long_call_rolls_over_repeatedly_and_keeps_its_voice(tiny_dir, tmp_pat
 
     tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
     # in process nothing acknowledges frames as a websocket sender does: no unsent-frames bound
-    engine = Engine(tts, EngineConfig(max_lead_ms=1e6, context_frames=200, rollover_frames=80, max_unsent_frames=10**9,
+    engine = Engine(tts, engine_config(tts, max_lead_ms=1e6, context_frames=200, rollover_frames=80, max_unsent_frames=10**9,
                                       voice=VoiceSettings(cache_dir=str(tmp_path))))
     try:
         got = queue.Queue()

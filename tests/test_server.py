@@ -21,6 +21,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from dia2stream.serve.config import ServerConfig
+
+from helpers import server_config
 from dia2stream.serve.server import run
 
 pytestmark = pytest.mark.slow
@@ -67,8 +69,7 @@ class ServerThread:
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu",
-                                    log_level="WARNING")).start()
+    srv = ServerThread(server_config(log_level="WARNING")).start()
     yield srv
     srv.stop()
 
@@ -524,8 +525,7 @@ async def test_health(server):
 
 
 async def test_a_full_context_rolls_over_and_the_utterance_goes_on():
-    srv = await asyncio.to_thread(ServerThread(ServerConfig(
-        host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", context_frames=40, log_level="WARNING")).start)
+    srv = await asyncio.to_thread(ServerThread(server_config(context_frames=40, log_level="WARNING")).start)
     try:
         client, ready = await Client.open(srv.url)
         try:
@@ -544,8 +544,7 @@ async def test_a_full_context_rolls_over_and_the_utterance_goes_on():
 
 
 async def test_context_full_resets_and_keeps_working_when_rollover_is_off():
-    srv = await asyncio.to_thread(ServerThread(ServerConfig(
-        host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", context_frames=40, rollover_frames=0,
+    srv = await asyncio.to_thread(ServerThread(server_config(context_frames=40, rollover_frames=0,
         log_level="WARNING")).start)
     try:
         client, ready = await Client.open(srv.url)

@@ -23,6 +23,8 @@ from websockets.protocol import State
 
 from dia2stream.voices import voice as v
 from dia2stream.serve.config import ServerConfig
+
+from helpers import server_config
 from dia2stream.serve.limits import Limits
 from dia2stream.serve.server import run
 from test_http import http_call
@@ -37,7 +39,7 @@ TOKEN = "t0ken-for-tests"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     cache = tmp_path_factory.mktemp("voice-cache")
-    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", mimi="random-small",
+    srv = ServerThread(server_config(mimi="random-small",
                                     log_level="WARNING", max_calls=2, auth_token=TOKEN, voice_cache=str(cache),
                                     max_voices_per_connection=2, voice_cache_mb=1, max_voice_seconds=2.0,
                                     max_pending_text_chars=4096, commands_per_second=20, command_burst=40,
@@ -269,7 +271,7 @@ def test_finding11_whisper_weights_are_never_downloaded_while_serving(tmp_path, 
     _, engine = build_engine(ServerConfig(checkpoint="tiny", device="cpu", mimi="random-small",
                                           voice_cache=str(tmp_path / "c")))
     try:
-        assert engine.preparer.settings.allow_download is False
+        assert engine.voices.preparer.settings.allow_download is False
         from dia2stream.wire import protocol as p
         with pytest.raises(v.VoiceError) as info:
             engine.load_voice(p.SetVoice(name="n", audio_b64=voice_audio(1)), "n")
@@ -341,7 +343,7 @@ async def test_metrics_count_frames_latency_steps_errors_and_refusals(server):
 
 @pytest.fixture(scope="module")
 def idle_server():
-    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", mimi="random-small",
+    srv = ServerThread(server_config(mimi="random-small",
                                     log_level="WARNING", max_calls=2, idle_timeout_s=1.5, max_lead_ms=200)).start()
     yield srv
     srv.stop()
@@ -375,7 +377,7 @@ async def test_finding7_idle_connection_is_closed_with_a_reason_but_a_speaking_o
 @pytest.fixture(scope="module")
 def plain_server():
     """Default flags only, so these two tests also run against code older than the limits."""
-    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", mimi="random-small",
+    srv = ServerThread(server_config(mimi="random-small",
                                     log_level="WARNING")).start()
     yield srv
     srv.stop()
@@ -442,7 +444,7 @@ class LimitedServer(ServerThread):
 
 async def test_finding4_a_client_that_stops_reading_is_closed_not_queued_for():
     srv = await asyncio.to_thread(LimitedServer(
-        ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", mimi="random-small",
+        server_config(mimi="random-small",
                      log_level="ERROR"),
         Limits(max_outbox_items=16, commands_per_second=1e6, command_burst=10**6)).start)
     try:

@@ -24,7 +24,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 READY = re.compile(r"dia2stream ready on ws://127\.0\.0\.1:(\d+)/")
-EXIT_WITHIN_S = 2.0
+# Generous on purpose: a busy 2-core machine took 2.4 s. What this guards against is the old
+# 10.6 s (websockets' 10 s closing handshake per stuck client); the real figure is printed.
+EXIT_WITHIN_S = 8.0
 
 
 def start_server(*flags: str) -> tuple[subprocess.Popen, int, list[str]]:

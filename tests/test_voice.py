@@ -22,7 +22,9 @@ from dia2stream.wire import protocol as p
 from dia2stream.serve.config import ServerConfig, parse_args
 from dia2stream.serve.server import parse_voice_spec
 from dia2stream.call.call import AudioFrame
-from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.engine.engine import Engine
+
+from helpers import engine_config, server_config
 from dia2stream.voices.voice import (VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState, align_transcript,
                               read_audio, resolve_path, restore_voice)
 from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
@@ -195,7 +197,7 @@ def voiced_session(tiny_tts, tmp_path_factory, request):
     """An engine with one call and a prepared voice, under either prefix boundary (the default
     first: upstream's)."""
     cache = tmp_path_factory.mktemp("voices")
-    engine = Engine(tiny_tts, EngineConfig(max_lead_ms=1e6, voice=VoiceSettings(cache_dir=str(cache)),
+    engine = Engine(tiny_tts, engine_config(tiny_tts, max_lead_ms=1e6, voice=VoiceSettings(cache_dir=str(cache)),
                                            prefix_boundary=request.param))
     got: queue.Queue = queue.Queue()
     call = engine.open_call(got.put)
@@ -313,7 +315,7 @@ def voice_server(tmp_path_factory):
     allowed.mkdir()
     (allowed / "bob.wav").write_bytes(wav_bytes(tone(0.6, seed=1)))
     (root / "outside.wav").write_bytes(wav_bytes(tone(0.6, seed=2)))
-    srv = ServerThread(ServerConfig(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", log_level="WARNING",
+    srv = ServerThread(server_config(log_level="WARNING",
                                     voice_dir=str(allowed), voice_cache=str(root / "cache"), max_voice_seconds=2.0,
                                     voices=(f"alice={allowed / 'bob.wav'},[S1] Hello there.",))).start()
     srv.root = root

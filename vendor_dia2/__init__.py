@@ -1,9 +1,18 @@
-"""vendor_dia2: a from-scratch runtime for Dia2 checkpoints in the published format (pure torch)."""
+"""vendor_dia2: a from-scratch runtime for Dia2 checkpoints in the published format (pure torch).
 
-from .api import Dia2, GenerationResult
-from .config import PRESETS, ConfigError, Dia2Config
-from .checkpoint import CheckpointError
-from .runtime import FrameStepper, SamplingParams
+The names below load on first use, so light modules (`vendor_dia2.config`: the frame clock and
+the checkpoint's config) can be imported without torch, e.g. by a protocol client.
+"""
 
-__all__ = ["Dia2", "GenerationResult", "Dia2Config", "ConfigError", "CheckpointError", "FrameStepper",
-           "SamplingParams", "PRESETS"]
+import importlib
+
+_EXPORTS = {"Dia2": "api", "GenerationResult": "api", "Dia2Config": "config", "ConfigError": "config",
+            "PRESETS": "config", "CheckpointError": "checkpoint", "FrameStepper": "runtime",
+            "SamplingParams": "runtime"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'vendor_dia2' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)

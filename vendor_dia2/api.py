@@ -12,7 +12,7 @@ import torch
 
 from .checkpoint import CheckpointFiles, load_model, resolve, tokenizer_location
 from .codec import MimiCodec
-from .config import FRAME_RATE, Dia2Config
+from .config import FRAME_RATE, MAX_TOP_K, Dia2Config
 from .delays import undelay_codes
 from .model import Dia2Model
 from .runtime import FrameStepper, SamplingParams
@@ -90,7 +90,7 @@ class Dia2:
 
     def new_stepper(self, *, n_calls: int = 1, cfg: bool, max_positions: int | None = None,
                     use_cuda_graph: bool | None = None, compile: bool = False,
-                    batch_sizes: tuple[int, ...] | None = None, max_top_k: int = 256, kernels: str = "torch",
+                    batch_sizes: tuple[int, ...] | None = None, max_top_k: int = MAX_TOP_K, kernels: str = "torch",
                     weights: str = "bf16", compile_max_calls: int | None = None,
                     cache_buckets: tuple[int, ...] | None = None) -> FrameStepper:
         """A frame stepper with its own caches for `n_calls` call slots. `compile` runs

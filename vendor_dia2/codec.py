@@ -36,9 +36,8 @@ import torch
 from moshi.models import loaders
 from moshi.modules.streaming import StreamingContainer
 
-SAMPLE_RATE = 24000
-FRAME_SAMPLES = 1920
-FRAME_RATE = 12.5
+from .config import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
+
 NUM_CODEBOOKS = 32
 CODEBOOK_SIZE = 2048
 

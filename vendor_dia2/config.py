@@ -6,12 +6,42 @@ Keys without a default are required, and every problem found is reported at once
 
 from __future__ import annotations
 
+import enum
 import json
 from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-FRAME_RATE = 12.5  # Mimi frames per second
+# The frame clock is Mimi's: 24 kHz audio in frames of 1920 samples (80 ms), 12.5 a second.
+SAMPLE_RATE = 24_000
+FRAME_SAMPLES = 1_920
+FRAME_RATE = SAMPLE_RATE / FRAME_SAMPLES
+FRAME_SECONDS = FRAME_SAMPLES / SAMPLE_RATE
+# Size of the sampler's candidate table: the largest top-k any request may ask for.
+MAX_TOP_K = 256
+
+
+class Kernels(enum.StrEnum):
+    """How the depformer runs: torch ops (eager or compiled), or the fused Triton kernels (CUDA)."""
+
+    TORCH = "torch"
+    TRITON = "triton"
+
+
+class Weights(enum.StrEnum):
+    """The depformer projections' number format: bf16, or fp8 (e4m3, one scale per row; Triton only)."""
+
+    BF16 = "bf16"
+    FP8 = "fp8"
+
+
+class PrefixBoundaryName(enum.StrEnum):
+    """How a turn continues a voice prefix (`runtime.PrefixBoundary`; docs/parity.md P5-P6)."""
+
+    UPSTREAM = "upstream"  # as the published runtime: repeat the last prefix position, sample its delayed tail
+    CLEAN = "clean"  # continue after the prefix, teacher-forcing the known codes
+
+
 ACTIVATIONS = ("silu", "linear", "gelu", "relu")
 
 

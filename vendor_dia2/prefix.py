@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from .delays import delay_codes
-from .script import FRAME_RATE_HZ, ScriptEntry
+from .config import FRAME_RATE
+from .script import ScriptEntry
 from .state_machine import ACTION_NEW_WORD, ACTION_PAD, TextStateMachine
 
 SPEAKER1_SHIFT = 3  # upstream shifts speaker 1's new-word steps by 3 frames
@@ -72,16 +73,16 @@ def speaker_entries(words: Sequence[TimedWord], tokenizer, tag: str, offset: int
     toks = [tuple(int(t) for t in tokenizer.encode(f"{tag} {w.word}" if i == 0 else w.word)) for i, w in enumerate(words)]
     starts, ends, prev_end = [], [], -1
     for w, tk in zip(words, toks):
-        start = max(prev_end + 1, round(w.start_s * FRAME_RATE_HZ))
+        start = max(prev_end + 1, round(w.start_s * FRAME_RATE))
         starts.append(start)
         ends.append(start + len(tk))
         prev_end = ends[-1]
     out = []
     for i, (w, tk) in enumerate(zip(words, toks)):
         if i + 1 < len(words):
-            next_start = max(ends[i] + 1, round(words[i + 1].start_s * FRAME_RATE_HZ))
+            next_start = max(ends[i] + 1, round(words[i + 1].start_s * FRAME_RATE))
         else:
-            next_start = max(ends[i] + 1, round(w.end_s * FRAME_RATE_HZ))
+            next_start = max(ends[i] + 1, round(w.end_s * FRAME_RATE))
         padding = max(0, next_start - starts[i] - 1)
         out.append((ScriptEntry(text=w.word, tokens=tk, padding=padding), starts[i] - 1 + offset))
     return out

@@ -37,7 +37,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from .config import Dia2Config
+from .config import MAX_TOP_K, Dia2Config
 from . import kernels as fused_kernels
 from .model import (Dia2Model, KVCache, StageShape, StageWeights, decoder_layer, depformer_stage,
                     depformer_stage_fused)
@@ -178,7 +178,7 @@ class FrameStepper:
     # `Dia2.generate` does): inference tensors cannot be updated in place outside it later.
     @torch.inference_mode(False)
     def __init__(self, model: Dia2Model, *, n_calls: int = 1, cfg: bool = True, max_positions: int | None = None,
-                 max_top_k: int = 256, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
+                 max_top_k: int = MAX_TOP_K, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
                  compile: bool = False, bos_token_id: int = 1, batch_sizes: tuple[int, ...] | None = None,
                  kernels: str = "torch", weights: str = "bf16", compile_max_calls: int | None = None,
                  cache_buckets: tuple[int, ...] | None = None):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-FRAME_RATE_HZ = 12.5
 MAX_BREAK_SECONDS = 30.0
 SPEAKER_TAGS = ("[S1]", "[S2]")
 
@@ -111,7 +110,7 @@ def break_padding(tag: str) -> int:
         raise ScriptError(f"negative break time in {tag}")
     if seconds > MAX_BREAK_SECONDS:
         raise ScriptError(f"break time in {tag} is longer than {MAX_BREAK_SECONDS:g} s")
-    return round(seconds * FRAME_RATE_HZ)
+    return round(seconds * FRAME_RATE)
 
 
 def _pieces(text: str):

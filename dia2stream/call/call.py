@@ -25,24 +25,23 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 import torch
 
-from vendor_dia2.config import FRAME_RATE
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import ScriptError, parse_script
 from vendor_dia2.delays import delay_codes
 from vendor_dia2.state_machine import TextState, shifted
 
+from dia2stream.clock import FRAME_RATE, FRAME_SECONDS, MAX_TOP_K
 from dia2stream.wire import protocol as p
 from dia2stream.wire.formats import DEFAULT_FORMAT, FrameEncoder
 from dia2stream.wire.protocol import ErrorCode
 from dia2stream.voices.voice import restore_voice
-from dia2stream.serve.limits import check_call_text
+from dia2stream.call.pending import check_turn_text
 
 if TYPE_CHECKING:
     from dia2stream.engine.engine import Engine
 
 log = logging.getLogger(__name__)
 
-FRAME_SECONDS = 1.0 / FRAME_RATE
 HISTORY_MARGIN = 64  # steps of history kept beyond what the lead and the delay need
 MAX_HISTORY = 2048
 CODEC_MARK_EVERY = 16  # frames between snapshots of the call's Mimi row (rollback re-decodes from one)
@@ -60,7 +59,7 @@ class StepRecord:
 
 @dataclass(frozen=True)
 class AudioFrame:
-    pcm: np.ndarray  # float32 [1920] in [-1, 1] at 24 kHz
+    pcm: np.ndarray  # float32 [FRAME_SAMPLES] in [-1, 1] at SAMPLE_RATE
     epoch: int
     index: int  # frame index within the utterance
     data: bytes = b""  # the binary message in the call's format (header + samples)
@@ -108,7 +107,7 @@ class Call:
         self.engine, self.slot, self.sink = engine, slot, sink
         self.machine = engine.tts.new_state_machine()
         self.defaults = SamplingParams(cfg_scale=engine.config.cfg_scale, seed=engine.config.seed)
-        self.current_voice: str | None = engine.default_voice
+        self.current_voice: str | None = engine.voices.default
         # Per call and stateful (streaming resampler): a new format applies from the next turn.
         self.encoder = FrameEncoder(DEFAULT_FORMAT)
         self.phase = Phase.NONE
@@ -136,8 +135,6 @@ class Call:
         # Text inputs of every step in the context, for a rollover to prefill them again.
         self._text_log = np.zeros((engine.context_frames + 2, 2), dtype=np.int64)
         self.rollovers = 0
-        self.checkpoint_at: int | None = None  # test hook: snapshot the call before this step
-        self.checkpoint = self.checkpoint_codec = None
 
     # -- state shared with the engine ----------------------------------------------------------
 
@@ -202,7 +199,7 @@ class Call:
             self.emit(err.to_event())
 
     def _on_start(self, cmd: p.Start) -> None:
-        check_call_text(self, cmd)
+        check_turn_text(self.machine, cmd, self.engine.config.max_pending_text_chars)
         if self.phase in (Phase.GENERATING, Phase.HOLDING):
             raise p.ProtocolError(ErrorCode.BUSY, "an utterance is being generated; send pause or reset first",
                                   cmd="start", id=cmd.id)
@@ -218,7 +215,7 @@ class Call:
         self._push(entries, cmd.final, cmd.id)
 
     def _on_inject(self, cmd: p.Inject) -> None:
-        check_call_text(self, cmd)
+        check_turn_text(self.machine, cmd, self.engine.config.max_pending_text_chars)
         if self.phase is Phase.NONE:
             raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to continue: send start first", cmd="inject",
                                   id=cmd.id)
@@ -322,7 +319,7 @@ class Call:
         self.emit(p.ResetDone(voice=self.current_voice, id=cmd.id))
 
     def _on_list_voices(self, cmd: p.ListVoices) -> None:
-        self.emit(p.Voices(voices=[v.info() for v in self.engine.voices.values()], id=cmd.id))
+        self.emit(p.Voices(voices=self.engine.voices.infos(), id=cmd.id))
 
     # -- frames (generation thread) --------------------------------------------------------------
 
@@ -337,8 +334,6 @@ class Call:
                                         self._last_text))
         if position >= self._floor_frame:  # upstream's boundary runs step F - 1 again: keep the prefix's text
             self._text_log[position] = self._last_text
-        if position == self.checkpoint_at:
-            self.checkpoint = (self.engine.stepper.snapshot(self.slot), self.machine.snapshot(), self._last_text)
         return self.machine.preview(position)
 
     def advance(self, action: int) -> bool:
@@ -351,13 +346,11 @@ class Call:
     def wants_codec_mark(self) -> bool:
         """Whether to snapshot this call's Mimi row before decoding the announced frame."""
         frame = self.engine.stepper.ready_frame_index(self.slot)
-        return frame % CODEC_MARK_EVERY == 0 or frame == self.checkpoint_at
+        return frame % CODEC_MARK_EVERY == 0
 
     def add_codec_mark(self, snapshot) -> None:
         frame = self.engine.stepper.ready_frame_index(self.slot)
         self._codec_marks.append((frame, snapshot))
-        if frame == self.checkpoint_at:
-            self.checkpoint_codec = snapshot
 
     def deliver(self, pcm: np.ndarray) -> None:
         """The decoded frame `advance` announced: send it, with its words, unless it lies before
@@ -498,7 +491,7 @@ class Call:
         """Back to the current voice's prepared state by copy (the clean state without a voice)."""
         self.clean_reset()
         engine = self.engine
-        state = engine.voices.get(self.current_voice) if self.current_voice else None
+        state = engine.voices.get(self.current_voice)
         if state is not None:
             restore_voice(state, engine.stepper, self.machine, engine.codec, self.slot)
             self._floor_frame = state.prefix_frames
@@ -525,7 +518,7 @@ class Call:
         if params.cfg_scale != 1.0 and self.engine.stepper.branches == 1:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, "cfg_scale: this server runs without guidance "
                                   "(started with --cfg-scale 1); only 1.0 is accepted", cmd="start", id=cmd.id)
-        limit = self.engine.stepper.max_top_k
+        limit = MAX_TOP_K
         if max(params.text_top_k, params.audio_top_k) > limit:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"top_k: at most {limit} on this server",
                                   cmd="start", id=cmd.id)

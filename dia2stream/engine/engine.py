@@ -22,55 +22,59 @@ refuses new calls until it has caught up, rather than letting every call stutter
 
 from __future__ import annotations
 
-import dataclasses
-import functools
+import concurrent.futures
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from vendor_dia2 import Dia2
+from vendor_dia2.config import Kernels, PrefixBoundaryName, Weights
 from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
 
 from dia2stream.wire import protocol as p
-from dia2stream.call.call import FRAME_SECONDS, Call, Phase, Sink
+from dia2stream.call.call import Call, Phase, Sink
+from dia2stream.clock import FRAME_SECONDS
 from dia2stream.wire.protocol import ErrorCode
-from dia2stream.voices.voice import LoadedVoice, VoiceCache, VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState
+from dia2stream.voices.registry import VoiceRegistry
+from dia2stream.voices.voice import LoadedVoice, VoiceError, VoiceRequest, VoiceSettings, VoiceState
 
 log = logging.getLogger(__name__)
 
 URGENT_MARGIN_S = 2 * FRAME_SECONDS  # a call this close to running out of lead triggers a step
 BEHIND_S = FRAME_SECONDS  # a call whose client would wait this long for audio counts as behind
-RECOVER_S = 5.0  # no call behind for this long: take new calls again
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_calls: int = 1
-    max_lead_ms: float = 1000.0  # how far generation may run ahead of real-time playback, per call
-    context_frames: int | None = None  # positions before `context_full`; None = the model's limit
-    cfg_scale: float = 2.0  # the default; 1.0 runs a single branch (faster, no per-request CFG)
-    seed: int = 0
-    max_top_k: int = 256
+    """The engine's settings. Built from the server's (`ServerConfig.engine_config`), which is
+    where every default lives; only the engine's own tuning below has defaults here."""
+
+    max_calls: int
+    max_lead_ms: float  # how far generation may run ahead of real-time playback, per call
+    context_frames: int | None  # positions before `context_full`; None = the model's limit
+    cfg_scale: float  # the default; 1.0 runs a single branch (faster, no per-request CFG)
+    seed: int
+    lead_in_frames: int  # frames sent before a turn's first word
+    rollover_frames: int  # recent conversation kept when a full context is rebuilt
+    prefix_boundary: PrefixBoundaryName  # how a turn continues a voice prefix (docs/parity.md)
+    max_pending_text_chars: int  # text queued on a call but not yet spoken
+    compile: bool  # torch.compile inside the CUDA graphs
+    compile_max_calls: int | None  # largest padded batch run compiled (None: all); larger ones run eager
+    kernels: Kernels
+    weights: Weights
+    voice: VoiceSettings
+    overload_refusal_s: float  # refuse new calls this long after one fell behind real time; 0 = never
     max_unsent_frames: int = 250  # frames generated but not yet taken by a slow client, per call
-    voice: VoiceSettings = field(default_factory=VoiceSettings)
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
-    lead_in_frames: int = 1  # frames sent before a turn's first word
-    rollover_frames: int = 250  # recent conversation kept when a full context is rebuilt (20 s)
-    compile: bool = False  # torch.compile inside the CUDA graphs
-    compile_max_calls: int | None = None  # largest padded batch run compiled (None: all); larger ones run eager
-    kernels: str = "torch"  # depformer kernels: "torch" (eager/compiled) or "triton" (fused, CUDA)
-    weights: str = "bf16"  # depformer projections: "bf16" or "fp8" (triton kernels only)
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
-    max_pending_text_chars: int = 16_384  # text queued on a call but not yet spoken (limits.check_call_text)
-    prefix_boundary: str = "upstream"  # how a turn continues a voice prefix: "upstream" or "clean" (docs/parity.md)
 
 
 class Engine:
-    def __init__(self, tts: Dia2, config: EngineConfig = EngineConfig(), metrics=None):
+    def __init__(self, tts: Dia2, config: EngineConfig, metrics=None):
         self.metrics = metrics  # a metrics.Metrics: frame steps are recorded there
         if config.max_calls < 1:
             raise ValueError("max_calls must be at least 1")
@@ -83,17 +87,16 @@ class Engine:
         self.stepper = tts.new_stepper(n_calls=config.max_calls + 1, cfg=config.cfg_scale != 1.0,
                                        max_positions=self.context_frames, compile=config.compile,
                                        batch_sizes=config.batch_sizes or default_batch_sizes(config.max_calls),
-                                       max_top_k=config.max_top_k, kernels=config.kernels, weights=config.weights,
+                                       kernels=config.kernels, weights=config.weights,
                                        compile_max_calls=config.compile_max_calls)
         self.codec = tts.codec
         self.codec.open_stream(config.max_calls)
-        self.preparer = VoicePreparer(tts, config.voice)
-        self.voices: dict[str, VoiceState] = {}  # written on the generation thread only
-        self.default_voice: str | None = None  # the first preloaded voice
+        self.voices = VoiceRegistry(tts, self.stepper, self.codec, config.voice, spare_slot=self.spare_slot,
+                                    max_prefix_frames=self.max_prefix_frames, boundary=config.prefix_boundary)
 
         self._calls: list[Call | None] = [None] * config.max_calls
         self._lock = threading.Lock()
-        self._commands: queue.Queue = queue.Queue()
+        self._inbox: queue.Queue[Envelope] = queue.Queue()
         self._closed = False
         self.last_step_ms = 0.0
         self.last_step_calls = 0
@@ -126,7 +129,7 @@ class Engine:
                     break
             else:
                 return None
-        self._commands.put((call, _Attach(), call.epoch, time.monotonic()))
+        self._post(call, Attach(), call.epoch)
         return call
 
     def close_call(self, call: Call) -> None:
@@ -137,26 +140,24 @@ class Engine:
                 return  # closed already: a second reset could hit the slot's next call
             self._calls[call.slot] = None
         call.epoch += 1
-        self._commands.put((call, _Detach(), call.epoch, time.monotonic()))
+        self._post(call, Detach(), call.epoch)
 
     def submit(self, call: Call, command: object) -> None:
         # Pause and reset silence audio already queued for the client; start does not (after
         # `done` the queue may still hold the previous utterance's last frames, which must be heard).
         if isinstance(command, (p.Pause, p.Reset)):
             call.epoch += 1
-        self._commands.put((call, command, call.epoch, time.monotonic()))
+        self._post(call, command, call.epoch)
 
     def reply(self, call: Call, event: object) -> None:
         """An event the event loop answers itself (ping, parse errors), sent in command order."""
-        self._commands.put((call, _Reply(event), call.epoch, time.monotonic()))
+        self._post(call, Reply(event), call.epoch)
 
     def preload_voice(self, request: VoiceRequest, cache: bool = True, timeout: float | None = None) -> VoiceState:
         """Prepare a voice on the generation thread and wait for it (server start-up). The first
         preloaded voice becomes the default voice. Raises VoiceError."""
-        import concurrent.futures
-
         done: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put((None, _PrepareVoice(request, done, cache), 0, time.monotonic()))
+        self._post(None, PrepareVoice(request, done, cache))
         return done.result(timeout=timeout)
 
     def health(self) -> dict:
@@ -171,7 +172,7 @@ class Engine:
 
     def close(self) -> None:
         self._closed = True
-        self._commands.put((None, None, 0, 0.0))
+        self._post(None, Wake())
         self._thread.join(timeout=5)
         self.codec.close_stream()
 
@@ -202,6 +203,9 @@ class Engine:
             batch[slot] = codes[:, i]
             self.codec.decode_frame(batch, rows)
 
+    def _post(self, call: Call | None, message: object, epoch: int = 0) -> None:
+        self._inbox.put(Envelope(call, message, epoch, time.monotonic()))
+
     def _only(self, slot: int) -> torch.Tensor:
         mask = torch.zeros(self.max_calls, dtype=torch.bool)
         mask[slot] = True
@@ -213,9 +217,9 @@ class Engine:
         torch.set_grad_enabled(False)
         while not self._closed:
             try:
-                item = self._next_command()
-                if item is not None:
-                    self._dispatch(*item)
+                envelope = self._next_envelope()
+                if envelope is not None:
+                    self._dispatch(envelope)
                     continue  # drain every pending command before the next frame
                 due = self._due_calls()
                 if due:
@@ -223,10 +227,10 @@ class Engine:
             except Exception:  # a bug outside any one call: report it and go on
                 log.exception("engine loop error")
 
-    def _next_command(self):
+    def _next_envelope(self) -> "Envelope | None":
         timeout = self._wait_seconds()
         try:
-            return self._commands.get(timeout=timeout) if timeout else self._commands.get_nowait()
+            return self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
         except queue.Empty:
             return None
 
@@ -280,38 +284,45 @@ class Engine:
     def _watch_load(self, eligible: list[Call]) -> None:
         now = time.monotonic()
         behind = [c for c in eligible if not c.awaiting_first_audio and c.lead_seconds() < -BEHIND_S]
+        refusing = self.config.overload_refusal_s > 0
         if behind:
-            self._last_behind = now
-            if not self.overloaded:
-                self.overloaded = True
+            if now - self._last_behind > 1.0 or (refusing and not self.overloaded):
                 log.warning("falling behind real time: %d of %d calls are more than %.0f ms late (last step %.1f ms "
-                            "for %d calls); refusing new calls until caught up", len(behind), len(eligible),
-                            BEHIND_S * 1000, self.last_step_ms, self.last_step_calls)
-        elif self.overloaded and now - self._last_behind > RECOVER_S:
+                            "for %d calls)%s", len(behind), len(eligible), BEHIND_S * 1000, self.last_step_ms,
+                            self.last_step_calls, "; refusing new calls until caught up" if refusing else "")
+            self._last_behind = now
+            self.overloaded = refusing
+        elif self.overloaded and now - self._last_behind > self.config.overload_refusal_s:
             self.overloaded = False
             log.info("caught up with real time; taking new calls again")
 
-    def _dispatch(self, call: Call | None, command, epoch: int, received_at: float) -> None:
-        if command is None:
-            return  # close() wake-up
-        if isinstance(command, _PrepareVoice):
-            self._on_prepare_voice(command)
-            return
+    def _dispatch(self, envelope: "Envelope") -> None:
+        call, message = envelope.call, envelope.message
+        match message:
+            case Wake():
+                return
+            case PrepareVoice():
+                self._on_prepare_voice(message)
+                return
+            case ForgetVoices(names=names):
+                self.voices.forget(names)
+                return
         try:
-            if isinstance(command, _Attach):
-                call.attach()
-            elif isinstance(command, _Detach):
-                call.detach()
-            elif not call.attached:
-                return  # a command that raced with a disconnect
-            elif isinstance(command, _Reply):
-                call.emit(command.event)
-            elif isinstance(command, p.SetVoice):
-                self._on_set_voice(call, command, epoch, received_at)
-            else:
-                call.handle(command, received_at, epoch)
+            match message:
+                case Attach():
+                    call.attach()
+                case Detach():
+                    call.detach()
+                case _ if not call.attached:
+                    return  # a command that raced with a disconnect
+                case Reply(event=event):
+                    call.emit(event)
+                case BuildVoice():
+                    self._on_build_voice(call, message)
+                case _:
+                    call.handle(message, envelope.received_at, envelope.epoch)
         except Exception as exc:
-            log.exception("call %d: error handling %s", call.slot, getattr(command, "cmd", type(command).__name__))
+            log.exception("call %d: error handling %s", call.slot, getattr(message, "cmd", type(message).__name__))
             call.fail(exc)
 
     def _step(self, calls: list[Call]) -> None:
@@ -366,145 +377,110 @@ class Engine:
 
     # -- voices ----------------------------------------------------------------------------------
 
-    def _on_set_voice(self, call: Call, cmd: p.SetVoice, epoch: int, received_at: float) -> None:
-        """The model part of a set_voice (encode, prefill, warm on the spare slot). Its audio and
-        transcript were loaded off this thread (`load_voice`, then `submit_voice`): decoding and
-        whisper here would stall every call (finding 11)."""
-        assert isinstance(cmd, LoadedSetVoice), "set_voice reaches the engine through submit_voice"
-        if call.phase in (Phase.GENERATING, Phase.HOLDING):
-            call.emit(p.ErrorEvent(code=ErrorCode.BUSY, message="an utterance is being generated; set_voice is "
-                                   "accepted when idle or paused", cmd="set_voice", id=cmd.id))
-            return
-        try:
-            state = self.build_voice(cmd.loaded, cmd.key)
-        except VoiceError as err:
-            log.info("set_voice %s failed: %s %s", cmd.name, err.code, err.message)
-            call.emit(p.ErrorEvent(code=err.code, message=err.message, cmd="set_voice", id=cmd.id))
-            return
-        call.emit(p.VoiceReady(name=cmd.name, prefix_s=state.prefix_s, prepare_ms=state.prepare_ms,
-                               speakers=state.speakers, id=cmd.id))
-
-    def _on_prepare_voice(self, command: "_PrepareVoice") -> None:
-        if isinstance(command, _ForgetVoices):
-            for key in command.keys:
-                self.voices.pop(key, None)
-            return
-        try:
-            state = self.prepare_voice(command.request, cache=command.cache)
-        except BaseException as exc:
-            command.future.set_exception(exc)
-        else:
-            if self.default_voice is None:
-                self.default_voice = state.name
-                with self._lock:
-                    for call in self._calls:
-                        if call is not None and call.current_voice is None and call.phase is Phase.NONE:
-                            call.current_voice = state.name
-            command.future.set_result(state)
-
-    def prepare_voice(self, request: VoiceRequest, cache: bool = True) -> VoiceState:
-        """Load and build a voice on this thread: the operator's preloads at start-up, before any
-        call (serving uses `load_voice` in a worker thread, then `submit_voice`)."""
-        return self.build_voice(self.preparer.load(request), request.name, cache)
-
-    # -- voices: the parts that run off the generation thread, and the disk cache -----------------
-
     def load_voice(self, cmd: p.SetVoice, key: str) -> LoadedVoice:
-        """Decode a set_voice's audio and find its words (whisper, if no transcript): blocking,
-        no model work. Call it in a worker thread, never the generation thread. VoiceError."""
-        return self.preparer.load(dataclasses.replace(VoiceRequest.from_command(cmd), name=key))
+        """Decode a set_voice's audio and find its words: blocking, no model work. Call it in a
+        worker thread, never the generation thread. VoiceError."""
+        return self.voices.load(cmd, key)
 
     def submit_voice(self, call: Call, cmd: p.SetVoice, loaded: LoadedVoice, key: str) -> None:
         """Queue the model part of a loaded set_voice for `call`, in its command order; the voice
         is stored under `key` and announced to the client as `cmd.name`."""
-        self.submit(call, LoadedSetVoice(name=cmd.name, id=cmd.id, loaded=loaded, key=key))
+        self._post(call, BuildVoice(cmd.name, cmd.id, loaded, key), call.epoch)
 
     def forget_voices(self, keys: list[str]) -> None:
         """Drop voices (a connection's own, when it leaves), after every command queued before."""
         if keys:
-            self._commands.put((None, _ForgetVoices(request=None, future=None, keys=tuple(keys)), 0,
-                                time.monotonic()))
+            self._post(None, ForgetVoices(tuple(keys)))
 
-    @functools.cached_property
-    def voice_cache(self) -> VoiceCache:
-        return self.config.voice.state_cache()
+    def _on_build_voice(self, call: Call, message: "BuildVoice") -> None:
+        """The model part of a set_voice (encode, prefill, warm on the spare slot). Its audio and
+        transcript were loaded off this thread (`load_voice`): decoding and whisper here would
+        stall every call (finding 11)."""
+        if call.phase in (Phase.GENERATING, Phase.HOLDING):
+            call.emit(p.ErrorEvent(code=ErrorCode.BUSY, message="an utterance is being generated; set_voice is "
+                                   "accepted when idle or paused", cmd="set_voice", id=message.id))
+            return
+        try:
+            state = self.voices.build(message.loaded, message.key)
+        except VoiceError as err:
+            log.info("set_voice %s failed: %s %s", message.name, err.code, err.message)
+            call.emit(p.ErrorEvent(code=err.code, message=err.message, cmd="set_voice", id=message.id))
+            return
+        call.emit(p.VoiceReady(name=message.name, prefix_s=state.prefix_s, prepare_ms=state.prepare_ms,
+                               speakers=state.speakers, id=message.id))
 
-    def build_voice(self, loaded: LoadedVoice, name: str, cache: bool = True) -> VoiceState:
-        """Build (or load from the disk cache) a loaded voice on the spare slot and store it as
-        `name` (generation thread only)."""
-        t0 = time.perf_counter()
-        key = self.preparer.state_key(loaded, self.stepper, self.config.prefix_boundary)
-        state = self.voice_cache.load(key, self.tts.device) if cache else None
-        if state is not None:
-            state.name = name
-            state.speakers = loaded.distinct
-            state.prepare_ms = round((time.perf_counter() - t0) * 1000 + loaded.load_ms, 1)
-            log.info("voice %s loaded from the cache in %.0f ms", name, state.prepare_ms)
-        else:
-            try:
-                state = self.preparer.build(loaded, self.stepper, self.tts.new_state_machine(), self.codec,
-                                            max_frames=self.max_prefix_frames, slot=self.spare_slot,
-                                            boundary=self.config.prefix_boundary)
-            except VoiceError:
-                raise
-            except Exception as exc:
-                log.exception("voice preparation failed")
-                raise VoiceError(ErrorCode.VOICE_ERROR, f"voice preparation failed: {exc}") from None
-            state.name = name
-            state.key = key
-            if cache:
-                try:
-                    self.voice_cache.save(key, state)
-                except OSError as exc:
-                    log.warning("could not save voice %s to the cache: %s", name, exc)
-            log.info("voice %s prepared: %.2f s prefix (%d frames), %d speaker(s), %.0f ms", name,
-                     state.prefix_s, state.prefix_frames, state.speakers, state.prepare_ms)
-        self.voices[name] = state
-        return state
+    def _on_prepare_voice(self, message: "PrepareVoice") -> None:
+        try:
+            state = self.voices.prepare(message.request, cache=message.cache)
+        except BaseException as exc:
+            message.future.set_exception(exc)
+            return
+        if self.voices.default is None:
+            self.voices.default = state.name
+            with self._lock:
+                for call in self._calls:
+                    if call is not None and call.current_voice is None and call.phase is Phase.NONE:
+                        call.current_voice = state.name
+        message.future.set_result(state)
 
 
-class _Attach:
-    """Internal: a client holds the call from now on (its slot is reset first)."""
-
-    cmd = "attach"
-
-
-class _Detach:
-    """Internal: the client is gone; reset and free the slot."""
-
-    cmd = "detach"
+# -- the inbox: what the event loop hands the generation thread -----------------------------------
 
 
 @dataclass(frozen=True)
-class _PrepareVoice:
-    """Internal: prepare a voice for the operator (start-up preload); the future gets the state."""
+class Envelope:
+    """One message for the generation thread, in the order it was posted. `epoch` is the call's
+    when posted (audio of older epochs is silenced); `received_at` times the command."""
 
-    request: VoiceRequest
-    future: object
-    cache: bool = True
-    cmd = "prepare_voice"
+    call: Call | None
+    message: object  # a protocol command, or one of the internal messages below
+    epoch: int
+    received_at: float
 
 
 @dataclass(frozen=True)
-class _Reply:
-    """Internal: an event answered by the event loop, queued so it keeps command order."""
+class Attach:
+    """A client holds the call from now on (its slot is reset first)."""
+
+
+@dataclass(frozen=True)
+class Detach:
+    """The client is gone: reset and free the slot."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """An event answered by the event loop, queued so it keeps command order."""
 
     event: object
-    cmd = "reply"
 
 
 @dataclass(frozen=True)
-class LoadedSetVoice(p.SetVoice):
-    """A set_voice whose audio and words were loaded off the generation thread (`submit_voice`):
-    only model work is left. A SetVoice, so the engine routes it like the command it answers."""
+class BuildVoice:
+    """The model part of a set_voice whose audio and words were loaded off this thread."""
 
-    loaded: LoadedVoice | None = None
-    key: str = ""  # the name the engine stores it under (a connection's own voices are private)
+    name: str  # as the client named it
+    id: p.ClientId | None
+    loaded: LoadedVoice
+    key: str  # the name it is stored under (a connection's own voices are private)
 
 
 @dataclass(frozen=True)
-class _ForgetVoices(_PrepareVoice):
-    """Internal: drop these voices (a connection left)."""
+class PrepareVoice:
+    """Prepare a voice for the operator (start-up preload); the future gets the state."""
 
-    keys: tuple[str, ...] = ()
-    cmd = "forget_voices"
+    request: VoiceRequest
+    future: concurrent.futures.Future
+    cache: bool = True
+
+
+@dataclass(frozen=True)
+class ForgetVoices:
+    """Drop these voices (a connection left)."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Wake:
+    """Wakes the generation thread so it sees `close()`."""

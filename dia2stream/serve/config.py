@@ -1,11 +1,39 @@
 """Server configuration in one place: every setting is a CLI flag with an environment variable
-(`DIA2_<NAME>`) as its default, so containers can be configured either way."""
+(`DIA2_<NAME>`) as its default, so containers can be configured either way.
+
+`ServerConfig` is the only home of defaults. The engine's settings (`EngineConfig`), the
+connection limits (`Limits`) and the voice settings are built from it (`engine_config`,
+`Limits.from_config`, `voice_settings`), never copied. Strings that name a choice are enums,
+parsed once here at the edge.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import enum
 import os
 from dataclasses import dataclass, field
+
+from vendor_dia2.config import Kernels, PrefixBoundaryName, Weights
+
+from dia2stream.wire.protocol import MAX_TEXT_CHARS
+
+
+class CompileMode(enum.StrEnum):
+    """torch.compile inside the frame's CUDA graphs: on with CUDA (auto), always, or never."""
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+class KernelChoice(enum.StrEnum):
+    """The depformer kernels asked for: `auto` picks Triton where it can run (CUDA with triton)."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
 
 
 @dataclass(frozen=True)
@@ -21,10 +49,10 @@ class ServerConfig:
     cfg_scale: float = 2.0
     context_frames: int | None = None
     threads: int | None = None
-    compile: str = "auto"
+    compile: CompileMode = CompileMode.AUTO
     compile_max_calls: int | None = None
-    kernels: str = "auto"
-    weights: str = "bf16"
+    kernels: KernelChoice = KernelChoice.AUTO
+    weights: Weights = Weights.BF16
     log_level: str = "INFO"
     voice_dir: str | None = None
     voice_cache: str | None = None
@@ -34,8 +62,9 @@ class ServerConfig:
     max_calls: int | None = None  # concurrent calls (slots); None = 1 on CPU, 64 on a GPU
     lead_in_frames: int = 1
     rollover_frames: int = 250
-    prefix_boundary: str = "upstream"
-    # -- access and limits (issue 13); turned into objects by http.HttpPolicy.from_config and
+    prefix_boundary: PrefixBoundaryName = PrefixBoundaryName.UPSTREAM
+    overload_refusal_s: float = 5.0
+    # -- access and limits; turned into objects by http.HttpPolicy.from_config and
     # limits.Limits.from_config, documented in docs/operations.md
     auth_token: str | None = field(default=None, repr=False)
     auth_token_file: str | None = None
@@ -51,6 +80,54 @@ class ServerConfig:
     max_voices_per_connection: int = 4
     voice_cache_mb: int = 2048
 
+    def voice_settings(self, allow_download: bool = False):
+        """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
+        without local weights a set_voice with no transcript is `transcript_required`."""
+        from dia2stream.voices.voice import VoiceSettings
+
+        return VoiceSettings(voice_dir=self.voice_dir, max_seconds=self.max_voice_seconds,
+                             whisper_model=self.whisper_model, cache_dir=self.voice_cache,
+                             allow_download=allow_download, cache_max_mb=self.voice_cache_mb or None)
+
+    def engine_config(self, device, **overrides):
+        """The engine's settings for a model on `device`: every field the two configs share is
+        taken from here; `auto` choices are resolved for the device. `overrides` may name fields of
+        either config (a ServerConfig field is replaced before anything is derived from it)."""
+        from dia2stream.engine.engine import EngineConfig
+
+        server_names = {f.name for f in dataclasses.fields(self)}
+        config = dataclasses.replace(self, **{k: v for k, v in overrides.items() if k in server_names})
+        engine_names = {f.name for f in dataclasses.fields(EngineConfig)}
+        values = {name: getattr(config, name) for name in engine_names & server_names}
+        values.update(max_calls=config.max_calls or default_max_calls(device),
+                      compile=config.compile is CompileMode.ON or (config.compile is CompileMode.AUTO
+                                                                    and _is_cuda(device)),
+                      kernels=resolve_kernels(config.kernels, device), voice=config.voice_settings())
+        values.update({k: v for k, v in overrides.items() if k not in server_names})
+        return EngineConfig(**values)
+
+
+def default_max_calls(device) -> int:
+    """One call on CPU; on a GPU, 64: measured on an H100 at the 2b shape, a batched step for 64
+    calls (~25 ms) plus their batched Mimi decode (~4 ms) stays far inside a frame's 80 ms
+    (docs/benchmarks.md). The engine still refuses calls if it ever falls behind."""
+    return 64 if _is_cuda(device) else 1
+
+
+def resolve_kernels(choice: KernelChoice, device) -> Kernels:
+    """`--kernels auto`: the fused Triton depformer where it can run (CUDA with triton), else torch."""
+    if choice is not KernelChoice.AUTO:
+        return Kernels(choice.value)
+    if not _is_cuda(device):
+        return Kernels.TORCH
+    from vendor_dia2 import kernels
+
+    return Kernels.TRITON if kernels.available(device) else Kernels.TORCH
+
+
+def _is_cuda(device) -> bool:
+    return str(device).startswith("cuda")
+
 
 _FLAGS = [  # (name, type, help)
     ("host", str, "address to listen on"),
@@ -64,14 +141,14 @@ _FLAGS = [  # (name, type, help)
     ("cfg_scale", float, "default CFG scale; 1 runs a single branch (faster, no per-request CFG)"),
     ("context_frames", int, "frames before context_full (default: the model's limit, 1500)"),
     ("threads", int, "torch CPU threads (default: 1 on a CPU-only machine with <= 2 cores, else torch's choice)"),
-    ("compile", str, "torch.compile inside the frame's CUDA graph: auto (on with cuda), on, off; "
+    ("compile", CompileMode, "torch.compile inside the frame's CUDA graph: auto (on with cuda), on, off; "
                      "costs ~30 s once at start-up"),
     ("compile_max_calls", int, "with --compile: the largest padded batch (calls) that runs compiled; larger ones "
                                "run eager in their CUDA graphs (default: every batch size compiled, measured "
                                "fastest: docs/benchmarks.md)"),
-    ("kernels", str, "depformer kernels: auto (triton on cuda when triton is installed, else torch), torch, "
+    ("kernels", KernelChoice, "depformer kernels: auto (triton on cuda when triton is installed, else torch), torch, "
                      "triton (fused Triton kernels, five launches a layer; docs/benchmarks.md)"),
-    ("weights", str, "depformer projection weights: bf16, or fp8 (e4m3, one scale per row; needs the triton "
+    ("weights", Weights, "depformer projection weights: bf16, or fp8 (e4m3, one scale per row; needs the triton "
                      "kernels; changes some greedy tokens, measured in docs/benchmarks.md)"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
@@ -82,10 +159,12 @@ _FLAGS = [  # (name, type, help)
     ("lead_in_frames", int, "frames (80 ms each) sent before a turn's first word; silence before them is not sent"),
     ("rollover_frames", int, "recent conversation (frames) kept when a full context is rebuilt; 0 = no rollover "
                              "(context_full and a reset instead)"),
-    ("prefix_boundary", str, "how a turn continues a voice prefix: upstream (as the published runtime: repeats the "
+    ("prefix_boundary", PrefixBoundaryName, "how a turn continues a voice prefix: upstream (as the published runtime: repeats the "
                              "last prefix position, samples over the prefix's delayed tail) or clean (continues "
                              "after it, teacher-forcing the known codes); docs/parity.md P5-P6"),
-    # -- access and limits (issue 13); see docs/operations.md
+    ("overload_refusal_s", float, "after a call fell behind real time, refuse new calls ('busy') until none has "
+                                  "been behind for this long, seconds; 0 = never refuse for that reason"),
+    # -- access and limits; see docs/operations.md
     ("auth_token", str, "token clients must present (Authorization: Bearer, or ?token=) for the websocket and "
                         "/metrics; /health stays open"),
     ("auth_token_file", str, "read the token from this file instead (keeps it out of the process list)"),
@@ -114,13 +193,15 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     for name, kind, text in _FLAGS:
         env = "DIA2_" + name.upper()
         default = getattr(defaults, name)
+        choices = list(kind) if isinstance(kind, enum.EnumMeta) else None
         if env in environ:
             try:
                 default = kind(environ[env])
             except ValueError:
-                parser.error(f"{env}={environ[env]!r} is not a valid {kind.__name__}")
+                expected = " or ".join(choices) if choices else f"a valid {kind.__name__}"
+                parser.error(f"{env}={environ[env]!r}: expected {expected}")
         shown = "(set)" if name in _SECRETS and default else default
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default,
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, choices=choices,
                             help=f"{text} [env {env}, default {shown}]")
     env_voices = tuple(v.strip() for v in environ.get("DIA2_VOICE", "").split(";") if v.strip())
     parser.add_argument("--voice", dest="voices", action="append", default=None, metavar="NAME=PATH[,TRANSCRIPT]",
@@ -133,16 +214,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--max-calls must be at least 1")
     if values["rollover_frames"] < 0:
         parser.error("--rollover-frames must be 0 or more")
+    if values["overload_refusal_s"] < 0:
+        parser.error("--overload-refusal-s must be 0 or more")
     if values["lead_in_frames"] < 0:
         parser.error("--lead-in-frames must be 0 or more")
-    if values["prefix_boundary"] not in ("upstream", "clean"):  # vendor_dia2.runtime.PREFIX_BOUNDARIES
-        parser.error(f"--prefix-boundary must be upstream or clean, not {values['prefix_boundary']!r}")
-    if values["compile_max_calls"] is not None and values["compile_max_calls"] < 1:
-        parser.error("--compile-max-calls must be at least 1")
-    if values["kernels"] not in ("auto", "torch", "triton"):
-        parser.error(f"--kernels must be auto, torch or triton, not {values['kernels']!r}")
-    if values["weights"] not in ("bf16", "fp8"):
-        parser.error(f"--weights must be bf16 or fp8, not {values['weights']!r}")
-    if values["compile"] not in ("auto", "on", "off"):
-        parser.error(f"--compile must be auto, on or off, not {values['compile']!r}")
+    if values["max_pending_text_chars"] < MAX_TEXT_CHARS:
+        parser.error(f"--max-pending-text-chars must be at least one text ({MAX_TEXT_CHARS})")
     return ServerConfig(**values)

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import time
 
+from dia2stream.clock import FRAME_SECONDS
 from dia2stream.wire import protocol as p
 from dia2stream.serve.metrics import Metrics
 
-FRAME_S = 1.0 / p.FRAME_RATE
 LATE_TOLERANCE_S = 0.002  # event-loop jitter below this is not a gap anyone hears
 
 
@@ -45,7 +45,7 @@ class DeliveryMeter:
             self._due = now  # the schedule slips
         elif self._due is None:
             self._due = now
-        self._due += FRAME_S
+        self._due += FRAME_SECONDS
         self._frames += 1
 
     def event(self, event: object) -> None:

@@ -2,7 +2,7 @@
 
 Nothing here touches a socket; the server wires it in (see docs/operations.md, *Limits*):
 
-    limits = Limits(...)                                  # from ServerConfig (config.limits())
+    limits = Limits.from_config(config)                   # from the ServerConfig
     serve(handler, host, port, **limits.websocket_settings(), process_request=...)
     large = LargeMessageGate(limits)                      # one per server
     # per connection:
@@ -29,31 +29,35 @@ Compression is off: a permessage-deflate message of 31 KB on the wire can inflat
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from dia2stream.serve.config import ServerConfig
 from dia2stream.wire import protocol as p
 
 Clock = Callable[[], float]
 
 
+_SERVER = ServerConfig()  # the one home of the flag-backed defaults below
+
+
 @dataclass(frozen=True)
 class Limits:
-    max_command_bytes: int = 64 * 1024  # any message but a set_voice with audio
+    max_command_bytes: int = _SERVER.max_command_bytes  # any message but a set_voice with audio
     # A set_voice with base64 audio: 8 MiB holds ~6 MiB of file, e.g. 30 s of 48 kHz stereo
     # 16-bit WAV, or both speakers as mono WAV. 0: no inline audio (server-side paths only).
-    max_voice_message_bytes: int = 8 * 1024 * 1024
+    max_voice_message_bytes: int = _SERVER.max_voice_message_bytes
     max_parallel_large: int = 2  # large messages parsed at once, server-wide
-    commands_per_second: float = 50.0  # sustained, per connection
-    command_burst: int = 100  # commands a connection may send at once before the rate applies
+    commands_per_second: float = _SERVER.commands_per_second  # sustained, per connection
+    command_burst: int = _SERVER.command_burst  # commands a connection may send at once before the rate applies
     refusals_per_second: float = 1.0  # rate_limited replies; the excess is dropped unanswered
-    max_pending_text_chars: int = 16_384  # text queued on a call but not yet spoken
-    max_voices_per_connection: int = 4  # distinct voice names one connection may create
-    idle_timeout_s: float = 300.0  # no command and nothing generating for this long: close; 0 = never
-    ping_interval_s: float = 20.0  # websocket keepalive ping; 0 = none
-    ping_timeout_s: float = 20.0  # no pong within this: the connection is dropped
+    max_voices_per_connection: int = _SERVER.max_voices_per_connection  # distinct voice names one connection may create
+    idle_timeout_s: float = _SERVER.idle_timeout_s  # no command and nothing generating: close; 0 = never
+    ping_interval_s: float = _SERVER.ping_interval_s  # websocket keepalive ping; 0 = none
+    ping_timeout_s: float = _SERVER.ping_timeout_s  # no pong within this: the connection is dropped
     close_timeout_s: float = 1.0  # closing handshake wait (websockets' default 10 s held SIGTERM)
     recv_queue_frames: int = 4  # frames buffered per connection before reading pauses
     max_outbox_items: int = 1024  # events + frames waiting to be sent: past this the client is not reading
@@ -65,8 +69,6 @@ class Limits:
             raise ValueError(f"max_voice_message_bytes must be in [0, {p.MAX_MESSAGE_BYTES}]")
         if self.commands_per_second <= 0 or self.command_burst < 1 or self.refusals_per_second <= 0:
             raise ValueError("command rate, burst and refusal rate must be positive")
-        if self.max_pending_text_chars < p.MAX_TEXT_CHARS:
-            raise ValueError(f"max_pending_text_chars must be at least one text ({p.MAX_TEXT_CHARS})")
         if min(self.idle_timeout_s, self.ping_interval_s, self.ping_timeout_s) < 0:
             raise ValueError("timeouts must be >= 0 (0 disables)")
         if self.max_voices_per_connection < 0 or self.max_parallel_large < 1 or self.recv_queue_frames < 1:
@@ -75,15 +77,10 @@ class Limits:
             raise ValueError("max_outbox_items must be at least 16")
 
     @classmethod
-    def from_config(cls, config) -> "Limits":
-        """The limits a `ServerConfig` asks for (ValueError if they are inconsistent)."""
-        return cls(max_command_bytes=config.max_command_bytes,
-                   max_voice_message_bytes=config.max_voice_message_bytes,
-                   commands_per_second=config.commands_per_second, command_burst=config.command_burst,
-                   max_pending_text_chars=config.max_pending_text_chars,
-                   max_voices_per_connection=config.max_voices_per_connection,
-                   idle_timeout_s=config.idle_timeout_s, ping_interval_s=config.ping_interval_s,
-                   ping_timeout_s=config.ping_timeout_s)
+    def from_config(cls, config: ServerConfig) -> "Limits":
+        """The limits a `ServerConfig` asks for: every field the two share (ValueError if inconsistent)."""
+        shared = {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(config)}
+        return cls(**{name: getattr(config, name) for name in shared})
 
     @property
     def max_message_bytes(self) -> int:
@@ -247,29 +244,6 @@ def idle_timeout_error(timeout_s: float) -> p.ErrorEvent:
 
 
 # --- per call / per connection quotas -------------------------------------------------------
-
-
-def check_pending_text(pending_chars: int, adding: str, limit: int, command: p.Command) -> None:
-    """Refuse a start/inject whose text would leave more than `limit` characters queued but not
-    yet spoken on the call (an LLM streaming faster than speech, or a client looping inject)."""
-    if pending_chars + len(adding) > limit:
-        raise p.ProtocolError(p.ErrorCode.PENDING_TEXT_FULL,
-                              f"{pending_chars} characters are still waiting to be spoken; at most {limit} "
-                              "may be queued: wait for words or done, or reset",
-                              cmd=command.cmd, id=getattr(command, "id", None))
-
-
-def pending_text_chars(machine) -> int:
-    """Characters pushed to a call's text state machine and not yet consumed by the model."""
-    state = machine.state
-    return sum(len(entry.text) for entry in state.entries[state.next_entry:])
-
-
-def check_call_text(call, command: p.Start | p.Inject) -> None:
-    """`check_pending_text` for a call's start/inject (on the generation thread, where the text
-    is pushed). A start replaces whatever was pending, so only its own text counts."""
-    pending = 0 if isinstance(command, p.Start) else pending_text_chars(call.machine)
-    check_pending_text(pending, command.text, call.engine.config.max_pending_text_chars, command)
 
 
 class VoiceQuota:

@@ -23,7 +23,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from dia2stream.wire.protocol import FRAME_RATE, ErrorCode
+from dia2stream.clock import FRAME_RATE
+from dia2stream.wire.protocol import ErrorCode
 
 PREFIX = "dia2"
 # Latency buckets (seconds): first byte and speech onset targets are ~0.25 s at load.

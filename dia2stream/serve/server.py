@@ -23,11 +23,12 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from dia2stream.clock import FRAME_RATE
 from dia2stream.wire import protocol as p
 from dia2stream.serve.config import ServerConfig
 from dia2stream.call.call import AudioFrame, Call
 from dia2stream.serve.delivery import DeliveryMeter
-from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.engine.engine import Engine
 from dia2stream.serve.http import HttpGate, HttpPolicy, unprotected_bind_warning
 from dia2stream.serve.limits import (IDLE_CLOSE_CODE, NOT_READING_CLOSE_CODE, Admission, CommandRateLimiter, IdleClock,
                      LargeMessageGate, Limits, VoiceQuota, idle_timeout_error, rate_limited_error)
@@ -216,9 +217,9 @@ class Dia2Server:
                 if isinstance(item, p.Started):
                     sent_in_turn = 0
                 elif isinstance(item, p.Paused) and item.frames_sent:
-                    item = dataclasses.replace(item, frames_sent=sent_in_turn, audio_s=round(sent_in_turn / p.FRAME_RATE, 3))
+                    item = dataclasses.replace(item, frames_sent=sent_in_turn, audio_s=round(sent_in_turn / FRAME_RATE, 3))
                 elif isinstance(item, p.Done):
-                    item = dataclasses.replace(item, frames=sent_in_turn, audio_s=round(sent_in_turn / p.FRAME_RATE, 3))
+                    item = dataclasses.replace(item, frames=sent_in_turn, audio_s=round(sent_in_turn / FRAME_RATE, 3))
                 meter.event(item)
                 await ws.send(conn.voices.event(item).to_json())
         except ConnectionClosed:
@@ -292,22 +293,6 @@ async def close_within(ws: ServerConnection, code: int, reason: str, timeout: fl
         ws.transport.abort()
 
 
-def resolve_kernels(setting: str, device) -> str:
-    """`--kernels auto`: the fused Triton depformer where it can run (CUDA with triton), else torch."""
-    from vendor_dia2 import kernels
-
-    if setting != "auto":
-        return setting
-    return "triton" if str(device).startswith("cuda") and kernels.available(device) else "torch"
-
-
-def default_max_calls(device) -> int:
-    """One call on CPU; on a GPU, 64: measured on an H100 at the 2b shape, a batched step for 64
-    calls (~25 ms) plus their batched Mimi decode (~4 ms) stays far inside a frame's 80 ms
-    (docs/benchmarks.md). The engine still refuses calls if it ever falls behind."""
-    return 64 if str(device).startswith("cuda") else 1
-
-
 def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     """Load the model and make the engine (CUDA graphs, if any, are captured here, not on the first request)."""
     import torch
@@ -325,25 +310,11 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     sys.setswitchinterval(0.0005)
     t0 = time.perf_counter()
     tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
-    compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
-    kernels = resolve_kernels(config.kernels, tts.device)
-    max_calls = config.max_calls or default_max_calls(tts.device)
-    # allow_download=False: whisper weights are never fetched while serving (finding 11); without
-    # local weights a set_voice with no transcript is `transcript_required`.
-    voice = VoiceSettings(voice_dir=config.voice_dir, max_seconds=config.max_voice_seconds,
-                          whisper_model=config.whisper_model, cache_dir=config.voice_cache,
-                          allow_download=False, cache_max_mb=config.voice_cache_mb or None)
-    engine = Engine(tts, EngineConfig(max_calls=max_calls, max_lead_ms=config.max_lead_ms,
-                                      context_frames=config.context_frames, cfg_scale=config.cfg_scale,
-                                      seed=config.seed, voice=voice, lead_in_frames=config.lead_in_frames,
-                                      rollover_frames=config.rollover_frames, prefix_boundary=config.prefix_boundary,
-                                      compile=compile_steps, compile_max_calls=config.compile_max_calls,
-                                      kernels=kernels, weights=config.weights,
-                                      max_pending_text_chars=config.max_pending_text_chars),
-                    metrics=metrics)
+    engine_config = config.engine_config(tts.device)
+    engine = Engine(tts, engine_config, metrics=metrics)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
-             tts.name, tts.device, tts.dtype, time.perf_counter() - t0, max_calls, engine.stepper.batch_sizes, kernels,
-             config.weights)
+             tts.name, tts.device, tts.dtype, time.perf_counter() - t0, engine_config.max_calls,
+             engine.stepper.batch_sizes, engine_config.kernels, engine_config.weights)
     try:
         for spec in config.voices:
             state = engine.preload_voice(parse_voice_spec(spec))

@@ -34,6 +34,8 @@ from vendor_dia2.config import preset
 from vendor_dia2.runtime import FrameStepper, SamplingParams
 from vendor_dia2.script import parse_script
 
+from dia2stream.clock import FRAME_RATE, SAMPLE_RATE
+
 SCRIPT = ("[S1] Thanks for calling, this is the front desk. How can I help you today? "
           "We are open every day from nine to five, and we would be glad to help.")
 
@@ -228,7 +230,7 @@ def bench_prefill(tts: Dia2, seconds: float = 10.0, runs: int = 5) -> dict:
     """Voice prefix warm-up at this shape: parallel (chunked) prefill vs frame by frame, and the
     restore-by-copy of a prepared state (decoder cache + buffer, Mimi stream)."""
     d = tts.config.data
-    frames = int(seconds * 12.5)
+    frames = int(seconds * FRAME_RATE)
     stepper = tts.new_stepper(cfg=True, use_cuda_graph=False)
     gen = torch.Generator().manual_seed(0)
     delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=gen)
@@ -281,11 +283,11 @@ def _voice_wav_b64(seconds: float = 10.0) -> str:
     import numpy as np
     import soundfile as sf
 
-    t = np.arange(int(seconds * 24000)) / 24000
+    t = np.arange(int(seconds * SAMPLE_RATE)) / SAMPLE_RATE
     wav = 0.3 * np.sin(2 * np.pi * (180 + 40 * np.sin(2 * np.pi * 3 * t)) * t)
     wav += 0.02 * np.random.default_rng(0).standard_normal(t.shape)
     buf = io.BytesIO()
-    sf.write(buf, wav.astype(np.float32), 24000, format="WAV", subtype="PCM_16")
+    sf.write(buf, wav.astype(np.float32), SAMPLE_RATE, format="WAV", subtype="PCM_16")
     return base64.b64encode(buf.getvalue()).decode()
 
 
@@ -300,12 +302,14 @@ def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: st
     from websockets.asyncio.server import serve
 
     from dia2stream.wire import protocol as p
-    from dia2stream.engine.engine import Engine, EngineConfig
+    from dia2stream.engine.engine import Engine
+    from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig
     from dia2stream.serve.server import Dia2Server
 
     sys.setswitchinterval(0.0005)  # as server.build_engine does
-    engine = Engine(tts, EngineConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, compile=compile,
-                                      kernels=kernels))
+    config = ServerConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, kernels=KernelChoice(kernels),
+                          compile=CompileMode.ON if compile else CompileMode.OFF)
+    engine = Engine(tts, config.engine_config(tts.device))
     server = Dia2Server(engine, tts.name, str(tts.device), 60_000)
     ready: "asyncio.Future[int]"
     holder: dict = {}

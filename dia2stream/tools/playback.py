@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
-FRAME_S = 0.08  # one Mimi frame: 1920 samples at 24 kHz
+from dia2stream.clock import FRAME_SECONDS
+
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Playback:
     play_starts: tuple[float, ...]  # when each frame starts playing
     late_s: tuple[float, ...]  # per frame: how late it arrived for its slot (0 when on time)
     onset_frame: int | None  # the first word's frame, if known
-    frame_s: float = FRAME_S
+    frame_s: float = FRAME_SECONDS
 
     @property
     def first_byte_s(self) -> float | None:
@@ -80,7 +81,7 @@ def simulate(
     arrivals: Sequence[float],
     command_at: float,
     onset_frame: int | None = None,
-    frame_s: float = FRAME_S,
+    frame_s: float = FRAME_SECONDS,
     tolerance_s: float = 1e-6,
 ) -> Playback:
     """Play one segment's frames (arrival times, in order) back to back from the first one.

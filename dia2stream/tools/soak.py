@@ -164,11 +164,12 @@ def soak(frames: int, calls: int = 2, checkpoint: str = "tiny", mimi: str | None
 
     from vendor_dia2 import Dia2
 
-    from dia2stream.engine.engine import Engine, EngineConfig
+    from dia2stream.engine.engine import Engine
+    from dia2stream.serve.config import ServerConfig
 
     torch.set_grad_enabled(False)
     tts = tts or Dia2.from_pretrained(checkpoint, device="cpu", mimi=mimi)
-    engine = Engine(tts, EngineConfig(max_calls=calls, max_lead_ms=1e9))
+    engine = Engine(tts, ServerConfig(max_calls=calls, max_lead_ms=1e9).engine_config(tts.device))
     counter = Counter(frames)
     warmup = frames // 10 if warmup is None else warmup
     drivers = [SoakCall(engine, counter, i) for i in range(calls)]

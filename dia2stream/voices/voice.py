@@ -53,11 +53,11 @@ from vendor_dia2.runtime import StepperSnapshot
 from vendor_dia2.script import ScriptEntry
 from vendor_dia2.state_machine import TextState
 
+from dia2stream.clock import FRAME_RATE, SAMPLE_RATE
 from dia2stream.wire.protocol import ErrorCode
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 24_000
 WHISPER_RATE = 16_000
 SILENCE_PEAK = 1e-3  # peak amplitude below which audio counts as silent
 # Prefix audio bounds checked from the file's header before decoding (issue 13, finding 5: a
@@ -560,7 +560,7 @@ class VoicePreparer:
         codes = [codec.encode(torch.from_numpy(s.wav))[0].cpu() for s in loaded.speakers]
         total = sum(c.shape[1] for c in codes)
         if total > max_frames:
-            raise VoiceError(ErrorCode.BAD_AUDIO, f"the prefix has {total} frames ({total / 12.5:.1f} s); "
+            raise VoiceError(ErrorCode.BAD_AUDIO, f"the prefix has {total} frames ({total / FRAME_RATE:.1f} s); "
                              f"this session's context allows at most {max_frames}")
         plan = build_prefix_plan([PrefixSpeaker(c, s.words, tag) for c, s, tag in
                                   zip(codes, loaded.speakers, ("[S1]", "[S2]"))],
@@ -578,7 +578,7 @@ class VoicePreparer:
         prepare_ms = (time.perf_counter() - t0) * 1000 + loaded.load_ms
         return VoiceState(name=loaded.name, stepper=stepper.snapshot(slot), text=machine.snapshot(),
                           codec=warmed, prefix_frames=plan.frames,
-                          prefix_s=round(plan.frames / 12.5, 3), speakers=loaded.distinct,
+                          prefix_s=round(plan.frames / FRAME_RATE, 3), speakers=loaded.distinct,
                           prepare_ms=round(prepare_ms, 1), words=[e.text for e in plan.entries],
                           text_tokens=text.clone())
 

@@ -19,7 +19,7 @@ fed before a reset are never sent (an utterance's end is silence). Cost on CPU: 
 per frame for a resampled format (soxr's variable-rate engine is ~10x slower than its fixed-rate
 one), 0.03 ms for G.711, nothing for pcm_24000; keep it off the GPU frame loop's thread.
 
-This module has no dia2stream imports: `protocol.py` validates `format` against `FORMATS`.
+`protocol.py` validates `format` against `FORMATS`; the frame clock is `dia2stream.clock`'s.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-MODEL_RATE = 24_000  # Mimi's output rate
-MODEL_FRAME_SAMPLES = 1_920  # one Mimi frame: 80 ms at 24 kHz
+from dia2stream.clock import FRAME_SAMPLES, SAMPLE_RATE
+
 FRAME_HEADER = struct.Struct("<I")  # sample count, little-endian
 
 PCM_S16LE = "pcm_s16le"
@@ -50,7 +50,7 @@ class AudioFormat:
     @property
     def frame_samples(self) -> int:
         """Samples in one 80 ms frame at this rate (the header's count)."""
-        return self.sample_rate * MODEL_FRAME_SAMPLES // MODEL_RATE
+        return self.sample_rate * FRAME_SAMPLES // SAMPLE_RATE
 
     @property
     def frame_bytes(self) -> int:
@@ -111,8 +111,8 @@ class FrameEncoder:
     def encode(self, frame: np.ndarray) -> bytes:
         """One binary message from one 1920-sample float frame in [-1, 1] (clipped)."""
         frame = np.asarray(frame)
-        if frame.shape != (MODEL_FRAME_SAMPLES,):
-            raise ValueError(f"expected a ({MODEL_FRAME_SAMPLES},) frame, got shape {frame.shape}")
+        if frame.shape != (FRAME_SAMPLES,):
+            raise ValueError(f"expected a ({FRAME_SAMPLES},) frame, got shape {frame.shape}")
         if not np.issubdtype(frame.dtype, np.floating):
             raise TypeError(f"expected float samples, got {frame.dtype}")
         return encode_samples(self._resample(frame.astype(np.float32, copy=False)), self.format)
@@ -128,7 +128,7 @@ class FrameEncoder:
         return out
 
     def _new_stream(self) -> soxr.ResampleStream | None:
-        if self.format.sample_rate == MODEL_RATE:
+        if self.format.sample_rate == SAMPLE_RATE:
             return None
         return _resample_stream(self.format.sample_rate)
 
@@ -137,19 +137,19 @@ def _resample_stream(rate: int) -> soxr.ResampleStream:
     # vr=True at a fixed ratio: soxr's variable-rate engine releases output at a constant delay
     # (the fixed-rate one bunches it into blocks), with passband flat to 0.95 × Nyquist and
     # > 110 dB alias rejection (measured; see tests/test_formats.py).
-    return soxr.ResampleStream(MODEL_RATE, rate, 1, dtype="float32", quality="HQ", vr=True)
+    return soxr.ResampleStream(SAMPLE_RATE, rate, 1, dtype="float32", quality="HQ", vr=True)
 
 
 @functools.lru_cache(maxsize=None)
 def soxr_latency_samples(rate: int, probe_frames: int = 50) -> int:
     """Output samples soxr holds back at `rate`: the most the output ever lags `frames × n`,
     measured once on silence (soxr's output counts do not depend on the samples' values)."""
-    if rate == MODEL_RATE:
+    if rate == SAMPLE_RATE:
         return 0
     stream = _resample_stream(rate)
-    n = rate * MODEL_FRAME_SAMPLES // MODEL_RATE
+    n = rate * FRAME_SAMPLES // SAMPLE_RATE
     produced, lag = 0, 0
-    silence = np.zeros(MODEL_FRAME_SAMPLES, np.float32)
+    silence = np.zeros(FRAME_SAMPLES, np.float32)
     for k in range(1, probe_frames + 1):
         produced += len(stream.resample_chunk(silence))
         lag = max(lag, k * n - produced)

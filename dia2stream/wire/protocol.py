@@ -22,6 +22,7 @@ from typing import Any, Callable, ClassVar, Union
 
 import numpy as np
 
+from dia2stream.clock import FRAME_RATE, FRAME_SAMPLES, MAX_TOP_K, SAMPLE_RATE
 from dia2stream.wire.formats import FORMAT_NAMES, FORMATS
 
 # ---------------------------------------------------------------------------------------------
@@ -30,9 +31,6 @@ from dia2stream.wire.formats import FORMAT_NAMES, FORMATS
 
 PROTOCOL_VERSION = 1
 
-SAMPLE_RATE = 24_000
-FRAME_SAMPLES = 1_920  # one Mimi frame: 80 ms at 24 kHz
-FRAME_RATE = SAMPLE_RATE / FRAME_SAMPLES  # 12.5 frames per second
 
 MAX_TEXT_CHARS = 4_096  # `text` of start/inject, and voice transcripts
 MAX_ID_CHARS = 128  # string client ids
@@ -46,10 +44,9 @@ MAX_MESSAGE_BYTES = 2 * MAX_AUDIO_B64_CHARS + 64 * 1024
 VOICE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 # Sampling ranges (inclusive). temperature 0 means greedy (argmax). TOP_K_RANGE's upper end is
-# the runtime's candidate table (`FrameStepper(max_top_k=...)`, 256): the runtime and the session
-# should take it from here rather than repeat the number.
+# the runtime's candidate table (MAX_TOP_K).
 TEMPERATURE_RANGE = (0.0, 5.0)
-TOP_K_RANGE = (1, 256)
+TOP_K_RANGE = (1, MAX_TOP_K)
 CFG_SCALE_RANGE = (0.5, 20.0)
 SEED_RANGE = (0, 2**63 - 1)
 
