@@ -13,10 +13,14 @@ MOSHI_SPEC   ?= moshi==0.2.13
 WHISPER_SPEC ?= openai-whisper==20250625
 WHISPER_DEPS ?= tiktoken more-itertools numba
 
-.PHONY: test demo venv clean gpu-wheels system-deps
+.PHONY: test test-fast demo venv clean gpu-wheels system-deps
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+# The unit tests without the slow end-to-end ones (servers, parity runs): a quick check while working.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 # Programs some tests drive for real (scripts/system-packages.txt); those tests skip without them.
 system-deps:

@@ -22,3 +22,13 @@ def tiny_tts(tiny_dir):
     from vendor_dia2 import Dia2
 
     return Dia2.from_pretrained(str(tiny_dir), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One tiny-checkpoint server for a test module, on a free loopback port."""
+    from helpers import ServerThread, server_config
+
+    srv = ServerThread(server_config(log_level="WARNING")).start()
+    yield srv
+    srv.stop()

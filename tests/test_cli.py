@@ -38,6 +38,7 @@ def cli_checkpoint(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_make_checkpoint_writes_a_loadable_checkpoint(cli_checkpoint, tiny_dir):
     from vendor_dia2 import Dia2
     from vendor_dia2.config import preset
@@ -50,6 +51,7 @@ def test_make_checkpoint_writes_a_loadable_checkpoint(cli_checkpoint, tiny_dir):
     assert tts.config == preset("tiny")
 
 
+@pytest.mark.slow
 def test_generate_writes_24khz_mono_wav(cli_checkpoint, tmp_path):
     proc = _run("generate", "--checkpoint", str(cli_checkpoint), "[S1] Hi there.", "-o", "out.wav",
                 "--max-frames", "40", cwd=tmp_path)

@@ -18,14 +18,12 @@ from websockets.exceptions import ConnectionClosed
 
 from dia2stream.wire import protocol as p
 from dia2stream.call.call import AudioFrame
-from dia2stream.serve.config import ServerConfig
 from dia2stream.engine.engine import Engine
 
-from helpers import engine_config, server_config
+from helpers import ServerThread, engine_config, server_config
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import parse_script
 
-from test_server import ServerThread
 
 pytestmark = pytest.mark.slow
 

@@ -27,11 +27,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from dia2stream.serve.config import ServerConfig
 
-from helpers import server_config
+from helpers import Client, ServerThread, server_config, speak
 from dia2stream.tools.soak import rss_mb
-from test_server import Client, ServerThread, speak
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,6 @@
 127.0.0.1 with a stand-in handler (not the model server)."""
 
 import asyncio
-import http.client
 import json
 
 import pytest
@@ -20,6 +19,8 @@ from dia2stream.serve.http import (
     parse_origins,
     unprotected_bind_warning,
 )
+
+from helpers import http_call
 
 TOKEN = "s3cret-token"
 
@@ -136,16 +137,6 @@ def test_unprotected_bind_warning():
 async def echo_handler(ws):
     await ws.send("hello")
     await ws.wait_closed()
-
-
-def http_call(port: int, method: str, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), response.read()
-    finally:
-        conn.close()
 
 
 async def test_live_server_gate_health_and_metrics():

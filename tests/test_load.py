@@ -8,9 +8,10 @@ import time
 import urllib.request
 
 import pytest
-from test_server import server  # noqa: F401  (the fixture)
 
 from dia2stream.tools import load
+
+
 def test_turn_metrics_and_summary_from_a_hand_made_timeline():
     start = load.Turn("start", "c0-t0", sent_at=1.0, segments=[[1.2, 1.21, 1.22, 1.5]],
                       words=[("Hi", 2), ("there", 3)], done={"ttfa_ms": 199.0})

@@ -240,6 +240,7 @@ def weights(tiny_dir):
     return load_file(str(tiny_dir / "model.safetensors"))  # by the published names, not the module tree
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 def test_fresh_call_matches_naive_reference(tiny_tts, weights, cfg_scale):
     script = parse_script("[S1] Hello there, how are you doing today?", tiny_tts.tokenizer)
@@ -258,6 +259,7 @@ def test_fresh_call_matches_naive_reference(tiny_tts, weights, cfg_scale):
     assert any(a == 1 for a, _, _ in got)  # words were taken: the text path is exercised
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
 @pytest.mark.parametrize("boundary", ["upstream", "clean"])
 def test_after_voice_prefix_matches_naive_reference(tiny_tts, weights, cfg_scale, boundary):

@@ -8,173 +8,19 @@ context is started only by the context-limit test. Run with `-s` to see TTFA and
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 import struct
-import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from dia2stream.serve.config import ServerConfig
+from helpers import Client, FRAME_BYTES, LONG_TEXT, STEP_TIMEOUT, ServerThread, http_get, server_config, speak
 
-from helpers import server_config
-from dia2stream.serve.server import run
 
 pytestmark = pytest.mark.slow
-
-FRAME_BYTES = 4 + 2 * 1920
-STEP_TIMEOUT = 30.0  # the most any single expected message may take (CPU, shared cores)
-LONG_TEXT = "[S1] One two three four five six seven eight."
-
-
-# ---------------------------------------------------------------------------------------------
-# A server in a thread
-# ---------------------------------------------------------------------------------------------
-
-
-class ServerThread:
-    """`dia2stream.server.run` on its own event loop in a daemon thread."""
-
-    def __init__(self, config: ServerConfig):
-        self.config = config
-        self._port: concurrent.futures.Future = concurrent.futures.Future()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="dia2-test-server", daemon=True)
-
-    def _main(self) -> None:
-        asyncio.run(self._serve())
-
-    async def _serve(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        await run(self.config, self._port, stop=self._stop)
-
-    def start(self, timeout: float = 120.0) -> "ServerThread":
-        self._thread.start()
-        self.port = self._port.result(timeout=timeout)
-        self.url = f"ws://127.0.0.1:{self.port}/"
-        return self
-
-    def stop(self) -> None:
-        if self._loop is not None and self._stop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(timeout=30)
-        assert not self._thread.is_alive(), "server thread did not stop"
-
-
-@pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(server_config(log_level="WARNING")).start()
-    yield srv
-    srv.stop()
-
-
-# ---------------------------------------------------------------------------------------------
-# A small test client that records everything with arrival times
-# ---------------------------------------------------------------------------------------------
-
-
-class Client:
-    def __init__(self, ws):
-        self.ws = ws
-        self.items: list[tuple[float, str, object]] = []  # (perf_counter, "frame"|"event", payload)
-
-    @classmethod
-    async def open(cls, url: str) -> tuple["Client", dict]:
-        ws = await connect(url, open_timeout=STEP_TIMEOUT, close_timeout=2)
-        client = cls(ws)
-        ready = await client.event()
-        client.items.clear()  # keep only what follows the handshake
-        return client, ready
-
-    async def send(self, **cmd) -> float:
-        await self.ws.send(json.dumps(cmd))
-        return time.perf_counter()
-
-    async def send_raw(self, message) -> None:
-        await self.ws.send(message)
-
-    async def next(self, timeout: float = STEP_TIMEOUT) -> tuple[float, str, object]:
-        message = await asyncio.wait_for(self.ws.recv(), timeout)
-        now = time.perf_counter()
-        if isinstance(message, bytes):
-            item = (now, "frame", message)
-        else:
-            item = (now, "event", json.loads(message))
-        self.items.append(item)
-        return item
-
-    async def event(self, timeout: float = STEP_TIMEOUT) -> dict:
-        """The next message, which must be an event."""
-        _, kind, payload = await self.next(timeout)
-        assert kind == "event", f"expected an event, got a {len(payload)}-byte binary frame"
-        return payload
-
-    async def until(self, event: str, timeout: float = 60.0, **match) -> dict:
-        """Read (recording frames and events) until `event` with the given fields arrives.
-
-        An `error` event that is not the one waited for fails the test at once."""
-        deadline = time.perf_counter() + timeout
-        while True:
-            remaining = deadline - time.perf_counter()
-            assert remaining > 0, f"no {event} {match} within {timeout} s; got {self.summary()}"
-            _, kind, payload = await self.next(remaining)
-            if kind != "event":
-                continue
-            if payload["event"] == event and all(payload.get(k) == v for k, v in match.items()):
-                return payload
-            assert payload["event"] != "error", f"unexpected error: {payload}"
-
-    async def frames(self, n: int, timeout: float = STEP_TIMEOUT) -> None:
-        """Read until `n` more frames have arrived."""
-        target = self.count("frame") + n
-        while self.count("frame") < target:
-            _, kind, payload = await self.next(timeout)
-            assert not (kind == "event" and payload["event"] in ("done", "error")), payload
-
-    async def quiet(self, seconds: float) -> list:
-        """Everything that arrives within `seconds` (nothing, when the server is silent)."""
-        got = []
-        deadline = time.perf_counter() + seconds
-        while (remaining := deadline - time.perf_counter()) > 0:
-            try:
-                got.append(await self.next(remaining))
-            except asyncio.TimeoutError:
-                break
-        return got
-
-    def count(self, kind: str) -> int:
-        return sum(1 for _, k, _ in self.items if k == kind)
-
-    def events(self, name: str | None = None) -> list[dict]:
-        return [e for _, k, e in self.items if k == "event" and (name is None or e["event"] == name)]
-
-    def frame_times(self) -> list[float]:
-        return [t for t, k, _ in self.items if k == "frame"]
-
-    def summary(self) -> str:
-        events = [e["event"] + (f"({e.get('code')})" if e["event"] == "error" else "") for e in self.events()]
-        return f"{self.count('frame')} frames, events {events}"
-
-    async def close(self) -> None:
-        await self.ws.close()
-
-
-async def speak(client: Client, text: str, id="t") -> dict:
-    """start → done on a connection; returns `done`."""
-    await client.send(cmd="start", text=text, id=id)
-    return await client.until("done", id=id)
-
-
-def http_get(port: int, path: str = "/health") -> tuple[int, str, dict]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
-        return response.status, response.headers.get("Content-Type"), json.loads(response.read())
-
 
 # ---------------------------------------------------------------------------------------------
 # Handshake, frames, latency
@@ -566,3 +412,43 @@ async def test_context_full_resets_and_keeps_working_when_rollover_is_off():
             await client.close()
     finally:
         await asyncio.to_thread(srv.stop)
+
+
+# --- hostile strings through the server: coded errors, the call goes on -----------------------------
+
+async def test_lone_surrogate_in_id_and_cmd_gets_an_error_and_the_connection_lives(server):
+    client, _ = await Client.open(server.url)
+    try:
+        # Finding 1: this used to abort the connection without a close frame.
+        await client.send_raw('{"cmd": "\\ud800", "id": "\\ud800"}')
+        error = await client.event()
+        assert error["event"] == "error" and error["code"] == "invalid_field" and "'cmd'" in error["message"]
+        assert "id" not in error
+        await client.send_raw('{"cmd": "ping", "id": "\\udfff"}')
+        error = await client.event()
+        assert error["code"] == "invalid_field" and "'id'" in error["message"]
+        await client.send(cmd="ping", id="still-here")
+        assert await client.event() == {"event": "pong", "id": "still-here"}
+    finally:
+        await client.close()
+
+
+async def test_lone_surrogate_in_inject_during_speech_keeps_the_utterance(server):
+    client, _ = await Client.open(server.url)
+    try:
+        await client.send(cmd="start", text=LONG_TEXT, id="utt")
+        await client.until("started", id="utt")
+        await client.frames(2)
+        # Finding 2: this used to end the utterance with internal_error carrying "utt".
+        await client.send_raw('{"cmd": "inject", "text": " more \\ud800 words", "id": "inj"}')
+        while True:
+            _, kind, payload = await client.next()
+            if kind == "event" and payload["event"] == "error":
+                break
+            assert not (kind == "event" and payload["event"] in ("done", "reset")), payload
+        assert payload["code"] == "invalid_field" and payload["id"] == "inj" and payload["cmd"] == "inject"
+        assert "'text'" in payload["message"]
+        done = await client.until("done", id="utt")
+        assert done["frames"] > 2
+    finally:
+        await client.close()

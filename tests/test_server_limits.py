@@ -24,11 +24,9 @@ from websockets.protocol import State
 from dia2stream.voices import voice as v
 from dia2stream.serve.config import ServerConfig
 
-from helpers import server_config
+from helpers import Client, LONG_TEXT, ServerThread, server_config, http_call
 from dia2stream.serve.limits import Limits
 from dia2stream.serve.server import run
-from test_http import http_call
-from test_server import LONG_TEXT, Client, ServerThread
 from test_voice import tone, wav_bytes
 
 pytestmark = pytest.mark.slow
@@ -82,7 +80,7 @@ def voice_audio(seed: int, seconds: float = 0.5) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_finding10_token_origin_and_health_methods(server):
+async def test_token_origin_and_health_methods(server):
     for url, headers, origin in ((server.url, None, None), (server.url, {"Authorization": "Bearer wrong"}, None),
                                  (f"{server.url}?token=nope", None, None)):
         with pytest.raises(InvalidStatus) as info:
@@ -112,7 +110,7 @@ async def test_finding10_token_origin_and_health_methods(server):
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_finding4_flood_is_rate_limited_with_bounded_replies_and_audio_goes_on(server, caplog):
+async def test_flood_is_rate_limited_with_bounded_replies_and_audio_goes_on(server, caplog):
     client, _ = await Client.open(server.authed)
     flood = 5000
     try:
@@ -147,7 +145,7 @@ async def test_finding4_flood_is_rate_limited_with_bounded_replies_and_audio_goe
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_finding6_no_compression_and_large_non_voice_messages_refused(server):
+async def test_no_compression_and_large_non_voice_messages_refused(server):
     # No `async with`: closing again after the server's 1009 can trip over the closed transport
     # in the client library; the connection is over either way.
     ws = await connect(server.authed, compression="deflate", open_timeout=10, max_size=None)
@@ -171,7 +169,7 @@ async def test_finding6_no_compression_and_large_non_voice_messages_refused(serv
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_finding9_voices_are_private_limited_and_the_cache_is_bounded(server):
+async def test_voices_are_private_limited_and_the_cache_is_bounded(server):
     a, ready_a = await Client.open(server.authed)
     try:
         assert ready_a["voices"] == []
@@ -222,7 +220,7 @@ async def test_finding9_voices_are_private_limited_and_the_cache_is_bounded(serv
 # ---------------------------------------------------------------------------------------------
 
 
-async def test_finding11_voice_loading_never_stalls_another_call(server, monkeypatch):
+async def test_voice_loading_never_stalls_another_call(server, monkeypatch):
     threads = []
     real_load = v.VoicePreparer.load
 
@@ -252,7 +250,7 @@ async def test_finding11_voice_loading_never_stalls_another_call(server, monkeyp
     assert during[0] - t_start < 1.0 and max(gaps, default=0) < 1.0, "the speaking call stalled"
 
 
-def test_finding11_whisper_weights_are_never_downloaded_while_serving(tmp_path, monkeypatch):
+def test_whisper_weights_are_never_downloaded_while_serving(tmp_path, monkeypatch):
     """The server builds its engine with allow_download=False: with no local weights, a
     set_voice without a transcript is transcript_required and whisper's loader is never called,
     even where downloads are allowed (HF_HUB_OFFLINE unset)."""
@@ -349,7 +347,7 @@ def idle_server():
     srv.stop()
 
 
-async def test_finding7_idle_connection_is_closed_with_a_reason_but_a_speaking_one_is_not(idle_server):
+async def test_idle_connection_is_closed_with_a_reason_but_a_speaking_one_is_not(idle_server):
     idle, _ = await Client.open(idle_server.url)
     speaking, _ = await Client.open(idle_server.url)
     try:
@@ -390,7 +388,7 @@ def documented_range(field: str) -> tuple[int, int]:
     return int(row.group(1)), int(row.group(2))
 
 
-async def test_finding3_documented_top_k_range_is_what_the_server_takes(plain_server):
+async def test_documented_top_k_range_is_what_the_server_takes(plain_server):
     low, high = documented_range("top_k")
     client, _ = await Client.open(plain_server.url)
     try:
@@ -404,8 +402,8 @@ async def test_finding3_documented_top_k_range_is_what_the_server_takes(plain_se
         await client.close()
 
 
-async def test_finding5_voice_bomb_is_refused_from_its_header(plain_server, monkeypatch):
-    from test_voice_hardening import constant_flac
+async def test_voice_bomb_is_refused_from_its_header(plain_server, monkeypatch):
+    from test_voice import constant_flac
 
     bomb = constant_flac(60, 8)  # ~30 KB of FLAC, 92 MB decoded
     decoded = []
@@ -442,7 +440,7 @@ class LimitedServer(ServerThread):
         await run(self.config, self._port, stop=self._stop, limits=self.limits)
 
 
-async def test_finding4_a_client_that_stops_reading_is_closed_not_queued_for():
+async def test_a_client_that_stops_reading_is_closed_not_queued_for():
     srv = await asyncio.to_thread(LimitedServer(
         server_config(mimi="random-small",
                      log_level="ERROR"),

@@ -59,7 +59,7 @@ def small_buffer_socket(port: int) -> socket.socket:
     return sock
 
 
-async def test_finding8_sigterm_exits_0_within_2s_with_a_client_that_does_not_read():
+async def test_sigterm_exits_0_promptly_with_a_client_that_does_not_read():
     proc, port, output = await asyncio.to_thread(start_server, "--max-calls", "2", "--max-lead-ms", "5000")
     try:
         url = f"ws://127.0.0.1:{port}/"

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .config import FRAME_RATE
+
 MAX_BREAK_SECONDS = 30.0
 SPEAKER_TAGS = ("[S1]", "[S2]")
 

@@ -34,7 +34,7 @@ from dia2stream.serve.limits import (IDLE_CLOSE_CODE, NOT_READING_CLOSE_CODE, Ad
                      LargeMessageGate, Limits, VoiceQuota, idle_timeout_error, rate_limited_error)
 from dia2stream.serve.metrics import Metrics
 from dia2stream.serve.outbox import Outbox
-from dia2stream.voices.voice import VoiceError, VoiceRequest, VoiceSettings
+from dia2stream.voices.voice import VoiceError, VoiceRequest
 from dia2stream.serve.voice_scope import VoiceScope
 
 log = logging.getLogger("dia2stream")
