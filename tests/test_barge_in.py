@@ -49,13 +49,13 @@ def record_state_before(engine, call, target: int, monkeypatch) -> dict:
     step, decode = engine.stepper.step, engine.codec.decode_frame
 
     def stepping(choices, active):
-        if "stepper" not in taken and engine.stepper.host_positions[call.slot] == target:
-            taken["stepper"], taken["text"] = engine.stepper.snapshot(call.slot), call.machine.snapshot()
+        if "stepper" not in taken and engine.stepper.host_positions[call.slot.index] == target:
+            taken["stepper"], taken["text"] = engine.stepper.snapshot(call.slot.index), call.machine.snapshot()
         return step(choices, active)
 
     def decoding(codes, rows):
-        if "codec" not in taken and rows[call.slot] and engine.stepper.ready_frame_index(call.slot) == target:
-            taken["codec"] = engine.codec.snapshot_row(call.slot)
+        if "codec" not in taken and rows[call.slot.index] and engine.stepper.ready_frame_index(call.slot.index) == target:
+            taken["codec"] = engine.codec.snapshot_row(call.slot.index)
         return decode(codes, rows)
 
     monkeypatch.setattr(engine.stepper, "step", stepping)

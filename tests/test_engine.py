@@ -183,7 +183,7 @@ def test_a_seeded_call_sounds_the_same_alone_and_alongside_three_others(small_tt
     try:
         sinks = [queue.Queue() for _ in range(4)]
         calls = [engine.open_call(s.put) for s in sinks]
-        assert [c.slot for c in calls] == [0, 1, 2, 3]
+        assert [c.slot.index for c in calls] == [0, 1, 2, 3]
         engine.submit(calls[0], p.Start(text=TEXTS[0], seed=42, id="a"))
         alone = _collect(sinks[0])
         buffer_alone = engine.stepper.buffer[0].clone()
@@ -221,7 +221,7 @@ def test_pause_of_one_call_stops_its_frames_while_the_others_stream(small_tts):
             item = a.get(timeout=60)
             if isinstance(item, p.Paused):
                 break
-        position = engine.stepper.host_positions[call_a.slot]
+        position = engine.stepper.host_positions[call_a.slot.index]
         b_frames = 0
         while b_frames < 10:
             item = b.get(timeout=60)
@@ -229,7 +229,7 @@ def test_pause_of_one_call_stops_its_frames_while_the_others_stream(small_tts):
             while not a.empty():
                 after.append(a.get_nowait())
         assert not any(isinstance(i, AudioFrame) for i in after), "frame after paused"
-        assert engine.stepper.host_positions[call_a.slot] == position  # a paused call never advances
+        assert engine.stepper.host_positions[call_a.slot.index] == position  # a paused call never advances
     finally:
         engine.close()
 

@@ -35,7 +35,7 @@ def inject_fault(monkeypatch, slot: int, after_frames: int) -> list:
     raised = []
 
     def advance(self, action):
-        if self.slot == slot and not raised and self.position - self.turn.start_position > after_frames:
+        if self.slot.index == slot and not raised and self.position - self.turn.start_position > after_frames:
             raised.append(self.position)
             raise RuntimeError("injected fault")
         return real(self, action)

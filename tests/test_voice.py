@@ -227,7 +227,7 @@ def _turn(session, got, text="[S1] Good morning.", seed=7, voice="v"):
     first_word = next(i for i in items if isinstance(i, p.Word))
     # silence before the first word is not sent (the lead-in cannot reach back into the prefix)
     assert first_word.frame <= engine.config.lead_in_frames
-    return started, frames, words, engine.stepper.buffer[call.slot].clone(), engine.stepper.host_positions[call.slot]
+    return started, frames, words, engine.stepper.buffer[call.slot.index].clone(), engine.stepper.host_positions[call.slot.index]
 
 
 def test_turn_speaks_only_its_words_and_continues_the_prefix(voiced_session, tiny_tts):
@@ -299,7 +299,7 @@ def test_restore_time_and_save_load_round_trip(voiced_session, tmp_path, capsys)
     t0 = time.perf_counter()
     for _ in range(5):
         engine, call = session
-        restore_voice(loaded, engine.stepper, call.machine, engine.codec, call.slot)
+        restore_voice(loaded, engine.stepper, call.machine, engine.codec, call.slot.index)
     ms = (time.perf_counter() - t0) * 200
     with capsys.disabled():
         print(f"\n[voice] prefix {state.prefix_s} s ({state.prefix_frames} frames): prepare {state.prepare_ms} ms, "

@@ -3,8 +3,9 @@
 A `Call` holds everything per conversation that lives on the host: the phase machine (none,
 generating, holding, paused, idle), the turn being spoken and its words, the text state machine,
 the sampling defaults, the current voice, pacing against real time, and the epoch that silences
-stale audio. It has no thread and no model. Its device state is one slot of the engine's
-`FrameStepper` and one row of the engine's Mimi stream; the engine calls its command handlers and
+stale audio. It has no thread and no model, and it never sees the engine: its device state is
+reached through a `SlotHandle` (one slot of the stepper, one row of the Mimi stream), its
+settings come as `CallSettings`, its voices from the registry. The engine calls its command handlers and
 its per-frame hooks (`preview`, `advance`, `deliver`, `check_end`) on the generation thread.
 
 Speech onset: a turn's first sent frame is the frame where its first word starts, less
@@ -34,11 +35,11 @@ from dia2stream.clock import FRAME_RATE, FRAME_SECONDS, MAX_TOP_K
 from dia2stream.wire import protocol as p
 from dia2stream.wire.formats import DEFAULT_FORMAT, FrameEncoder
 from dia2stream.wire.protocol import ErrorCode
-from dia2stream.voices.voice import restore_voice
+from dia2stream.call.slot import CallSettings, SlotHandle
 from dia2stream.call.pending import check_turn_text
 
 if TYPE_CHECKING:
-    from dia2stream.engine.engine import Engine
+    from dia2stream.voices.registry import VoiceRegistry
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,16 @@ class AudioFrame:
 
 Item = object  # an event dataclass from `protocol`, or an AudioFrame
 Sink = Callable[[Item], None]
+
+
+@dataclass(frozen=True)
+class CallModel:
+    """What a call needs of the model: its tokenizer, a text state machine per call, and the
+    codebook layout a rollover rebuilds the delayed grid with."""
+
+    tokenizer: object
+    new_state_machine: Callable[[], object]
+    data: object  # vendor_dia2.config.DataConfig
 
 
 class Phase(Enum):
@@ -103,11 +114,12 @@ class Turn:
 class Call:
     """One conversation on one slot of an engine (see module docstring)."""
 
-    def __init__(self, engine: "Engine", slot: int, sink: Sink):
-        self.engine, self.slot, self.sink = engine, slot, sink
-        self.machine = engine.tts.new_state_machine()
-        self.defaults = SamplingParams(cfg_scale=engine.config.cfg_scale, seed=engine.config.seed)
-        self.current_voice: str | None = engine.voices.default
+    def __init__(self, slot: SlotHandle, settings: CallSettings, model: CallModel, voices: "VoiceRegistry",
+                 sink: Sink):
+        self.slot, self.settings, self.model, self.voices, self.sink = slot, settings, model, voices, sink
+        self.machine = model.new_state_machine()
+        self.defaults = SamplingParams(cfg_scale=settings.cfg_scale, seed=settings.seed)
+        self.current_voice: str | None = voices.default
         # Per call and stateful (streaming resampler): a new format applies from the next turn.
         self.encoder = FrameEncoder(DEFAULT_FORMAT)
         self.phase = Phase.NONE
@@ -126,21 +138,21 @@ class Call:
         self._received_at = 0.0
         # Barge-in rollback: the last steps' text states and inputs, and Mimi row snapshots every
         # few frames, enough to go back over everything generated ahead of the caller.
-        lead_frames = int(engine.config.max_lead_ms / 1000 * FRAME_RATE) + 1
+        lead_frames = int(settings.max_lead_ms / 1000 * FRAME_RATE) + 1
         self._history: deque[StepRecord] = deque(
-            maxlen=min(MAX_HISTORY, lead_frames + engine.stepper.max_delay + HISTORY_MARGIN))
+            maxlen=min(MAX_HISTORY, lead_frames + slot.max_delay + HISTORY_MARGIN))
         self._codec_marks: deque = deque(maxlen=self._history.maxlen // CODEC_MARK_EVERY + 2)
         self._last_text: tuple[int, int] = (0, 0)
         self._drop_unspoken = False  # after a rollback, an inject replaces the words not heard
         # Text inputs of every step in the context, for a rollover to prefill them again.
-        self._text_log = np.zeros((engine.context_frames + 2, 2), dtype=np.int64)
+        self._text_log = np.zeros((settings.context_frames + 2, 2), dtype=np.int64)
         self.rollovers = 0
 
     # -- state shared with the engine ----------------------------------------------------------
 
     @property
     def position(self) -> int:
-        return self.engine.stepper.host_positions[self.slot]
+        return self.slot.position
 
     @property
     def generating(self) -> bool:
@@ -163,7 +175,7 @@ class Call:
         """Frames are owed that the model has not made yet: the steps after a rollback or a
         rollover (heard frames replayed) before the next frame can be decoded."""
         turn = self.turn
-        return turn is not None and turn.next_frame > self.engine.stepper.ready_frame_index(self.slot) + 1
+        return turn is not None and turn.next_frame > self.slot.ready_frame + 1
 
     def needs_frames_now(self, lead: float, low_water: float) -> bool:
         return self.awaiting_first_audio or self.catching_up or lead < low_water
@@ -199,7 +211,7 @@ class Call:
             self.emit(err.to_event())
 
     def _on_start(self, cmd: p.Start) -> None:
-        check_turn_text(self.machine, cmd, self.engine.config.max_pending_text_chars)
+        check_turn_text(self.machine, cmd, self.settings.max_pending_text_chars)
         if self.phase in (Phase.GENERATING, Phase.HOLDING):
             raise p.ProtocolError(ErrorCode.BUSY, "an utterance is being generated; send pause or reset first",
                                   cmd="start", id=cmd.id)
@@ -210,12 +222,12 @@ class Call:
             self.current_voice = cmd.voice
         self._set_format(cmd.format)
         self.voice_reset()
-        self.engine.stepper.set_sampling(self.slot, params)
+        self.slot.set_sampling(params)
         self._begin_turn(cmd.id)
         self._push(entries, cmd.final, cmd.id)
 
     def _on_inject(self, cmd: p.Inject) -> None:
-        check_turn_text(self.machine, cmd, self.engine.config.max_pending_text_chars)
+        check_turn_text(self.machine, cmd, self.settings.max_pending_text_chars)
         if self.phase is Phase.NONE:
             raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to continue: send start first", cmd="inject",
                                   id=cmd.id)
@@ -274,10 +286,9 @@ class Call:
         if record is None or mark is None or target > self.position:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"played_ms: cannot roll back to {cmd.played_ms:g} ms "
                                   "(out of the range this call keeps)", cmd="pause", id=cmd.id)
-        engine = self.engine
-        engine.stepper.rewind(self.slot, target, record.text_in)
+        self.slot.rewind(target, record.text_in)
         self.machine.restore(self._state_at(record))
-        engine.restore_codec_row(self.slot, mark[1], engine.stepper.aligned_codes(self.slot, mark[0], target))
+        self.slot.replay_codec(mark[1], self.slot.aligned_codes(mark[0], target))  # planned: decoded between frames
         while self._history and self._history[-1].position >= target:
             self._history.pop()
         while self._codec_marks and self._codec_marks[-1][0] > target:
@@ -293,7 +304,7 @@ class Call:
         if self.phase is Phase.IDLE:  # the caller was still playing a finished utterance
             self.phase, self._resume_phase = Phase.PAUSED, Phase.GENERATING
         self._drop_unspoken = True
-        log.info("call %d: rolled back to frame %d (%d heard), %d word(s) spoken, %d not", self.slot, target, heard,
+        log.info("call %d: rolled back to frame %d (%d heard), %d word(s) spoken, %d not", self.slot.index, target, heard,
                  len(spoken), len(unspoken))
         return spoken, unspoken
 
@@ -319,12 +330,12 @@ class Call:
         self.emit(p.ResetDone(voice=self.current_voice, id=cmd.id))
 
     def _on_list_voices(self, cmd: p.ListVoices) -> None:
-        self.emit(p.Voices(voices=self.engine.voices.infos(), id=cmd.id))
+        self.emit(p.Voices(voices=self.voices.infos(), id=cmd.id))
 
     # -- frames (generation thread) --------------------------------------------------------------
 
     def context_left(self) -> bool:
-        return self.position + 1 < self.engine.context_frames
+        return self.position + 1 < self.settings.context_frames
 
     def preview(self):
         """Both possible text answers of the next step (before it runs); records the step."""
@@ -340,27 +351,25 @@ class Call:
         """Apply the step's sampled action (the step already advanced the position). True when an
         aligned frame of this turn is ready to decode."""
         self._last_text = self.machine.process(self.position - 1, action)
-        ready = self.engine.stepper.ready_frame_index(self.slot)
+        ready = self.slot.ready_frame
         return ready >= self.turn.next_frame
 
-    def wants_codec_mark(self) -> bool:
-        """Whether to snapshot this call's Mimi row before decoding the announced frame."""
-        frame = self.engine.stepper.ready_frame_index(self.slot)
-        return frame % CODEC_MARK_EVERY == 0
-
-    def add_codec_mark(self, snapshot) -> None:
-        frame = self.engine.stepper.ready_frame_index(self.slot)
-        self._codec_marks.append((frame, snapshot))
+    def mark_codec_if_due(self) -> None:
+        """Before the announced frame is decoded: every few frames, snapshot the call's Mimi row
+        (a rollback re-decodes from the last mark before the frame it goes back to)."""
+        frame = self.slot.ready_frame
+        if frame % CODEC_MARK_EVERY == 0:
+            self._codec_marks.append((frame, self.slot.codec_snapshot()))
 
     def deliver(self, pcm: np.ndarray) -> None:
         """The decoded frame `advance` announced: send it, with its words, unless it lies before
         the turn's first word (less the lead-in)."""
         turn = self.turn
-        frame = self.engine.stepper.ready_frame_index(self.slot)
+        frame = self.slot.ready_frame
         turn.next_frame = frame + 1
         if turn.send_from is None:
             first_word = self._first_word_frame()
-            if first_word is None or frame < first_word - self.engine.config.lead_in_frames:
+            if first_word is None or frame < first_word - self.settings.lead_in_frames:
                 return  # silence before the first word: decoded for continuity, not sent
             turn.first_word_frame = first_word
             turn.send_from = frame
@@ -375,7 +384,7 @@ class Call:
     def check_end(self) -> None:
         position = self.position
         m = self.machine
-        if m.end_step is not None and position >= m.end_step + self.engine.tts.tail_frames:
+        if m.end_step is not None and position >= m.end_step + self.settings.tail_frames:
             turn = self.turn
             self._emit_words_up_to(1 << 60)
             now = time.monotonic()
@@ -385,16 +394,16 @@ class Call:
                 onset = round(ttfa + (turn.first_word_frame - turn.send_from) * FRAME_SECONDS * 1000, 1)
             self.emit(p.Done(id=turn.id, frames=turn.frames_sent, audio_s=round(turn.frames_sent * FRAME_SECONDS, 3),
                              wall_s=round(now - turn.started_at, 3), ttfa_ms=ttfa, onset_ms=onset))
-            log.info("call %d: utterance done, %d frames, ttfa %s ms, onset %s ms", self.slot, turn.frames_sent,
+            log.info("call %d: utterance done, %d frames, ttfa %s ms, onset %s ms", self.slot.index, turn.frames_sent,
                      ttfa, onset)
             self.phase = Phase.IDLE
-        elif m.starved and position >= _first(m.last_word_step, self.turn.start_position) + self.engine.tts.tail_frames:
+        elif m.starved and position >= _first(m.last_word_step, self.turn.start_position) + self.settings.tail_frames:
             self.phase = Phase.HOLDING  # every consumed word is out; wait for more text
 
     def context_full(self) -> None:
         turn_id = self.turn.id if self.turn else None
         self.emit(p.ErrorEvent(code=ErrorCode.CONTEXT_FULL, id=turn_id,
-                               message=f"the context limit of {self.engine.context_frames} frames was reached; "
+                               message=f"the context limit of {self.settings.context_frames} frames was reached; "
                                        "the call was reset"))
         self.voice_reset()
         self.phase = Phase.NONE
@@ -405,21 +414,21 @@ class Call:
         conversation (its audio codes and text inputs, a sliding window) with one parallel prefill,
         and go on from the first frame not yet decoded. Nothing sent changes and Mimi's stream is
         untouched, so the audio continues without a seam. False if there is no room to do it."""
-        engine, stepper, turn = self.engine, self.engine.stepper, self.turn
+        settings, slot, turn = self.settings, self.slot, self.turn
         floor = self._floor_frame
         if turn is None:
             return False
         resume_at = turn.next_frame  # every frame before it is decoded (complete)
         record = next((r for r in self._history if r.position == resume_at), None)
-        window = min(engine.config.rollover_frames, resume_at - floor, (engine.context_frames - floor) // 2)
-        if record is None or window < stepper.max_delay:
+        window = min(settings.rollover_frames, resume_at - floor, (settings.context_frames - floor) // 2)
+        if record is None or window < slot.max_delay:
             return False
         t0 = time.perf_counter()
-        d = engine.tts.config.data
+        d = self.model.data
         frames = floor + window
         # the prefix as prepared: with upstream's boundary the turn sampled over its delayed tail
         codes = torch.cat([self._prefix_codes,
-                           stepper.aligned_codes(self.slot, resume_at - window, resume_at)], dim=1)  # [Q, F + W]
+                           slot.aligned_codes(resume_at - window, resume_at)], dim=1)  # [Q, F + W]
         delayed = delay_codes(codes.cpu(), list(d.delay_pattern), d.audio_pad)
         for k, delay in enumerate(d.delay_pattern):
             delayed[k, :delay] = d.audio_bos
@@ -428,7 +437,7 @@ class Call:
         text[floor:frames] = self._text_log[resume_at - window:resume_at]
         text[frames] = record.text_in
         # clean boundary, whatever the voices use: this is conversation already heard, kept as it was
-        stepper.prefill(self.slot, delayed, torch.from_numpy(text), frames, boundary="clean")
+        slot.prefill(delayed, torch.from_numpy(text), frames, boundary="clean")
         delta = frames - resume_at
         self._rebase(delta, keep_from=resume_at - window, upto=resume_at)
         self._text_log[floor:frames + 1] = text[floor:]
@@ -439,7 +448,7 @@ class Call:
             if value is not None:
                 setattr(turn, name, value + delta)
         self.rollovers += 1
-        log.info("call %d: context rolled over at frame %d: prefix %d + last %d frames, %.1f ms", self.slot,
+        log.info("call %d: context rolled over at frame %d: prefix %d + last %d frames, %.1f ms", self.slot.index,
                  resume_at, floor, window, (time.perf_counter() - t0) * 1000)
         return True
 
@@ -473,37 +482,34 @@ class Call:
     # -- helpers ---------------------------------------------------------------------------------
 
     def clean_reset(self) -> None:
-        engine = self.engine
         self._floor_frame = 0
-        engine.stepper.reset_call(self.slot)
+        self.slot.reset()
         self.machine.reset()
-        engine.reset_codec_row(self.slot)
         if self.turn is not None:
             self.last_turn = self.turn
         self.turn = None
         self._history.clear()
         self._codec_marks.clear()
         self._drop_unspoken = False
-        self._last_text = (engine.stepper.bos_token_id, engine.tts.config.data.text_pad_token_id)
+        self._last_text = (self.slot.bos_token_id, self.settings.text_pad_token_id)
         self._text_log[:] = 0
 
     def voice_reset(self) -> None:
         """Back to the current voice's prepared state by copy (the clean state without a voice)."""
         self.clean_reset()
-        engine = self.engine
-        state = engine.voices.get(self.current_voice)
+        state = self.voices.get(self.current_voice)
         if state is not None:
-            restore_voice(state, engine.stepper, self.machine, engine.codec, self.slot)
+            self.slot.restore_voice(state, self.machine)
             self._floor_frame = state.prefix_frames
-            self._last_text = engine.stepper.text_inputs(self.slot)
+            self._last_text = self.slot.text_inputs()
             if state.text_tokens is not None:
                 self._text_log[: state.prefix_frames + 1] = state.text_tokens.cpu().numpy()
-        self._prefix_codes = engine.stepper.aligned_codes(self.slot, 0, self._floor_frame).clone()
-        self._codec_marks.append((self._floor_frame, engine.codec.snapshot_row(self.slot)))
+        self._prefix_codes = self.slot.aligned_codes(0, self._floor_frame).clone()
+        self._codec_marks.append((self._floor_frame, self.slot.codec_snapshot()))
 
     def _check_voice(self, cmd) -> None:
-        if cmd.voice is not None and cmd.voice not in self.engine.voices:
-            known = ", ".join(sorted(self.engine.voices)) or "none"
+        if cmd.voice is not None and cmd.voice not in self.voices:
+            known = ", ".join(sorted(self.voices)) or "none"
             raise p.ProtocolError(ErrorCode.UNKNOWN_VOICE, f"no voice named {cmd.voice!r} has been prepared "
                                   f"(prepared: {known}); send set_voice first", cmd=cmd.cmd, id=cmd.id)
 
@@ -515,7 +521,7 @@ class Call:
             text_top_k=_first(cmd.text_top_k, cmd.top_k, d.text_top_k),
             audio_top_k=_first(cmd.audio_top_k, cmd.top_k, d.audio_top_k),
             cfg_scale=_first(cmd.cfg_scale, d.cfg_scale), seed=_first(cmd.seed, d.seed))
-        if params.cfg_scale != 1.0 and self.engine.stepper.branches == 1:
+        if params.cfg_scale != 1.0 and not self.slot.has_guidance:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, "cfg_scale: this server runs without guidance "
                                   "(started with --cfg-scale 1); only 1.0 is accepted", cmd="start", id=cmd.id)
         limit = MAX_TOP_K
@@ -527,15 +533,15 @@ class Call:
     def _parse(self, text: str, cmd, leading_speaker: str | None):
         try:
             # a turn that opens with [S2] keeps its own speaker (our fix of an upstream quirk, docs/parity.md)
-            return parse_script(text, self.engine.tts.tokenizer, leading_speaker=leading_speaker, keep_own_speaker=True)
+            return parse_script(text, self.model.tokenizer, leading_speaker=leading_speaker, keep_own_speaker=True)
         except ScriptError as exc:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"text: {exc}", cmd=cmd.cmd, id=cmd.id) from None
 
     def _begin_turn(self, client_id) -> None:
-        if self.turn is not None and self.position + self.engine.config.min_turn_frames >= self.engine.context_frames:
+        if self.turn is not None and self.position + self.settings.min_turn_frames >= self.settings.context_frames:
             self.roll_over()  # between turns, where it is cheapest; else a long turn rolls over mid-way
         position = self.position
-        first = max(0, position + 1 - self.engine.stepper.max_delay)  # first aligned frame this turn decodes
+        first = max(0, position + 1 - self.slot.max_delay)  # first aligned frame this turn decodes
         first = max(first, self._floor_frame)  # prefix frames: already in Mimi's stream, never decoded
         self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=self._received_at,
                          next_frame=first, words_before=len(self.machine.transcript))

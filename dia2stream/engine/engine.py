@@ -1,23 +1,20 @@
-"""The engine: one per model, stepping every active call together in one batched frame step.
+"""The engine: one per model, stepping its calls in batched frame steps, in the manner of
+vLLM's `EngineCore.step` (plan, run, apply).
 
 The engine owns the generation thread, the `FrameStepper` (one slot per call, plus a spare slot
 where voices are prepared, so preparing one never disturbs a live call), the batched Mimi stream
-(one row per call) and the command queue. Calls (`call.Call`) hold the per-conversation logic and
-no thread; all their model work runs here:
+(one row per call) and the inbox. Calls (`call.Call`) hold the per-conversation logic and no
+thread; each reaches its own device state through a `SlotHandle` only. The loop:
 
-    loop:
-        drain every queued command (each handled by its call, between frames)
-        if a call needs a frame soon: one step over every call that may run ahead,
-            then one batched decode of the calls whose frame is ready
+    drain the inbox (each command handled by its call, between frames)
+    plan    the scheduler picks the calls to step by deadline (engine/scheduler.py), and any
+            planned model work (a rollback's codec re-decode) when nothing is urgent
+    run     the runner steps those slots and decodes the ready frames (engine/runner.py)
+    apply   each call takes its action and its PCM row and emits frames and events
 
-Pacing is per call: a call runs at most `max_lead_ms` ahead of a client playing its audio in real
-time. To batch, a step is triggered when some call needs a frame soon (its lead fell below
-`max_lead_ms` minus two frames, or its first audio is not out yet) and then takes along every
-call that is below `max_lead_ms`: calls fall into step with each other instead of each asking
-for its own step every 80 ms.
-
-When the GPU cannot keep every call ahead of real time, the engine says so (log, `health`) and
-refuses new calls until it has caught up, rather than letting every call stutter.
+Pacing is per call: a call runs at most `max_lead_ms` ahead of a client playing its audio in
+real time. When calls keep falling behind real time, or one more call would not fit the measured
+step cost in a frame, the engine says so (log, `health`) and refuses new calls.
 """
 
 from __future__ import annotations
@@ -36,16 +33,16 @@ from vendor_dia2.config import Kernels, PrefixBoundaryName, Weights
 from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
 
 from dia2stream.wire import protocol as p
-from dia2stream.call.call import Call, Phase, Sink
-from dia2stream.clock import FRAME_SECONDS
+from dia2stream.call.call import Call, CallModel, Phase, Sink
+from dia2stream.call.slot import CallSettings, SlotHandle
+from dia2stream.engine.runner import Runner
+from dia2stream.engine.scheduler import BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind
 from dia2stream.wire.protocol import ErrorCode
 from dia2stream.voices.registry import VoiceRegistry
 from dia2stream.voices.voice import LoadedVoice, VoiceError, VoiceRequest, VoiceSettings, VoiceState
 
 log = logging.getLogger(__name__)
 
-URGENT_MARGIN_S = 2 * FRAME_SECONDS  # a call this close to running out of lead triggers a step
-BEHIND_S = FRAME_SECONDS  # a call whose client would wait this long for audio counts as behind
 
 
 @dataclass(frozen=True)
@@ -93,6 +90,17 @@ class Engine:
         self.codec.open_stream(config.max_calls)
         self.voices = VoiceRegistry(tts, self.stepper, self.codec, config.voice, spare_slot=self.spare_slot,
                                     max_prefix_frames=self.max_prefix_frames, boundary=config.prefix_boundary)
+        self.runner = Runner(self.stepper, self.codec, config.max_calls)
+        self.scheduler = Scheduler(max_lead_s=config.max_lead_ms / 1000, max_unsent_frames=config.max_unsent_frames,
+                                   batch_size_for=self.stepper.batch_size_for)
+        self._slots = [SlotHandle(self.stepper, self.codec, i) for i in range(config.max_calls)]
+        self._call_settings = CallSettings(
+            context_frames=self.context_frames, max_lead_ms=config.max_lead_ms, lead_in_frames=config.lead_in_frames,
+            rollover_frames=config.rollover_frames, min_turn_frames=config.min_turn_frames,
+            max_pending_text_chars=config.max_pending_text_chars, cfg_scale=config.cfg_scale, seed=config.seed,
+            tail_frames=tts.tail_frames, text_pad_token_id=tts.config.data.text_pad_token_id)
+        self._call_model = CallModel(tokenizer=tts.tokenizer, new_state_machine=tts.new_state_machine,
+                                     data=tts.config.data)
 
         self._calls: list[Call | None] = [None] * config.max_calls
         self._lock = threading.Lock()
@@ -104,7 +112,6 @@ class Engine:
         self.overloaded = False
         self._behind_since: float | None = None
         self._last_behind = 0.0
-        self._decode_rows = torch.zeros(config.max_calls, dtype=torch.bool)
         if tts.device.type == "cuda":
             self._warm_prefill()
         self._thread = threading.Thread(target=self._run, name="dia2-engine", daemon=True)
@@ -118,13 +125,15 @@ class Engine:
             return sum(c is not None for c in self._calls)
 
     def open_call(self, sink: Sink) -> Call | None:
-        """A new call on a free slot, or None when every slot is taken or the engine is behind."""
+        """A new call on a free slot, or None when every slot is taken or the engine cannot take
+        one more call in real time."""
         with self._lock:
-            if self.overloaded:
+            taken = sum(c is not None for c in self._calls)
+            if self.overloaded or (self.config.overload_refusal_s > 0 and not self.scheduler.admits(taken + 1)):
                 return None
-            for slot, taken in enumerate(self._calls):
-                if taken is None:
-                    call = Call(self, slot, sink)
+            for slot, occupant in enumerate(self._calls):  # the lowest free slot: batches pad to the highest
+                if occupant is None:
+                    call = Call(self._slots[slot], self._call_settings, self._call_model, self.voices, sink)
                     self._calls[slot] = call
                     break
             else:
@@ -136,9 +145,9 @@ class Engine:
         """The client left: its call stops within one frame. The slot is free at once: the queue
         is ordered, so the call's reset runs before a next call's attach on that slot."""
         with self._lock:
-            if self._calls[call.slot] is not call:
+            if self._calls[call.slot.index] is not call:
                 return  # closed already: a second reset could hit the slot's next call
-            self._calls[call.slot] = None
+            self._calls[call.slot.index] = None
         call.epoch += 1
         self._post(call, Detach(), call.epoch)
 
@@ -188,28 +197,8 @@ class Engine:
         self.stepper.prefill(self.spare_slot, delayed, text, frames)
         self.stepper.reset_call(self.spare_slot)
 
-    # -- used by calls (generation thread) -------------------------------------------------------
-
-    def reset_codec_row(self, slot: int) -> None:
-        self.codec.reset_stream(self._only(slot))
-
-    def restore_codec_row(self, slot: int, snapshot, codes: torch.Tensor) -> None:
-        """Put a call's Mimi row back to `snapshot`, then decode aligned frames `codes` [Q, F] into
-        it (that row alone advances): the decoder stands where those frames left it."""
-        self.codec.restore_row(slot, snapshot)
-        batch = torch.zeros(self.max_calls, codes.shape[0], dtype=torch.long, device=codes.device)
-        rows = self._only(slot)
-        for i in range(codes.shape[1]):
-            batch[slot] = codes[:, i]
-            self.codec.decode_frame(batch, rows)
-
     def _post(self, call: Call | None, message: object, epoch: int = 0) -> None:
         self._inbox.put(Envelope(call, message, epoch, time.monotonic()))
-
-    def _only(self, slot: int) -> torch.Tensor:
-        mask = torch.zeros(self.max_calls, dtype=torch.bool)
-        mask[slot] = True
-        return mask
 
     # -- the generation thread -------------------------------------------------------------------
 
@@ -221,14 +210,12 @@ class Engine:
                 if envelope is not None:
                     self._dispatch(envelope)
                     continue  # drain every pending command before the next frame
-                due = self._due_calls()
-                if due:
-                    self._step(due)
+                self._step_once()
             except Exception:  # a bug outside any one call: report it and go on
                 log.exception("engine loop error")
 
     def _next_envelope(self) -> "Envelope | None":
-        timeout = self._wait_seconds()
+        timeout = self.scheduler.wait_seconds(self._active_calls())
         try:
             return self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
         except queue.Empty:
@@ -238,63 +225,53 @@ class Engine:
         with self._lock:
             return [c for c in self._calls if c is not None and c.generating]
 
-    def _wait_seconds(self) -> float:
-        """How long to block for a command: 0 means a step is due now."""
-        max_lead = self.config.max_lead_ms / 1000.0
-        wait = 0.5
-        for call in self._active_calls():
-            if call.unsent_frames > self.config.max_unsent_frames:
-                wait = min(wait, 0.02)  # the client is not reading: look again soon
-                continue
-            lead = call.lead_seconds()
-            if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
-                return 0.0
-            wait = min(wait, lead - (max_lead - URGENT_MARGIN_S))
-        return max(0.0, wait)
+    def _step_once(self) -> None:
+        """Plan, run, apply: one frame step if the scheduler wants one, else planned work."""
+        calls = self._active_calls()
+        self._watch_load(calls)
+        plan = self.scheduler.plan(calls)
+        if plan is None or plan.reason == "top-up":
+            if self._replay_one_frame():
+                return  # planned work first when no call is short of audio; plan again after it
+        if plan is not None:
+            self._step(list(plan.calls))
 
-    def _due_calls(self) -> list[Call]:
-        """The calls to step now: every call that may run ahead, when one of them needs a frame
-        soon. When only calls in their decoder-only stretch (a cold start, a rollback or rollover
-        replaying heard frames) need frames, just those: that lane costs a fraction of a full step,
-        and the others are not short of audio."""
-        max_lead = self.config.max_lead_ms / 1000.0
-        eligible, urgent_full, urgent_lite = [], False, False
-        for call in self._active_calls():
-            if call.unsent_frames > self.config.max_unsent_frames:
-                continue
-            lead = call.lead_seconds()
-            if lead >= max_lead:
-                continue
-            eligible.append(call)
-            if call.needs_frames_now(lead, max_lead - URGENT_MARGIN_S):
-                if self.stepper.needs_depformer(call.slot):
-                    urgent_full = True
-                else:
-                    urgent_lite = True
-        self._watch_load(eligible)
-        # Playing calls come first: when one of them needs frames, every eligible call steps (the
-        # full lane). Giving cold starts the cheap lane ahead of them lowered onset at 8 calls but
-        # made 64 calls underrun on the H100 (docs/benchmarks.md, runs 3-5).
-        if urgent_full:
-            return eligible
-        if urgent_lite:
-            return [c for c in eligible if not self.stepper.needs_depformer(c.slot)]
-        return []
+    def _replay_one_frame(self) -> bool:
+        """One frame of a rollback's codec re-decode, for the first slot that has one pending."""
+        with self._lock:
+            calls = [c for c in self._calls if c is not None and c.slot.pending_replay is not None]
+        for call in calls:
+            codes = call.slot.next_replay_codes()
+            try:
+                self.runner.replay(call.slot.index, codes)
+                call.slot.replay_frame_done()
+            except Exception as exc:
+                log.exception("call %d: error re-decoding after a rollback", call.slot.index)
+                call.fail(exc)
+            return True
+        return False
 
-    def _watch_load(self, eligible: list[Call]) -> None:
+    def _watch_load(self, calls: list[Call]) -> None:
+        """Overloaded: calls have been behind real time for SUSTAINED_BEHIND_S (not one slow
+        step); it ends once none has been behind for `overload_refusal_s`."""
         now = time.monotonic()
-        behind = [c for c in eligible if not c.awaiting_first_audio and c.lead_seconds() < -BEHIND_S]
+        late = behind(calls)
         refusing = self.config.overload_refusal_s > 0
-        if behind:
-            if now - self._last_behind > 1.0 or (refusing and not self.overloaded):
-                log.warning("falling behind real time: %d of %d calls are more than %.0f ms late (last step %.1f ms "
-                            "for %d calls)%s", len(behind), len(eligible), BEHIND_S * 1000, self.last_step_ms,
-                            self.last_step_calls, "; refusing new calls until caught up" if refusing else "")
+        if late:
+            if self._behind_since is None:
+                self._behind_since = now
             self._last_behind = now
-            self.overloaded = refusing
-        elif self.overloaded and now - self._last_behind > self.config.overload_refusal_s:
-            self.overloaded = False
-            log.info("caught up with real time; taking new calls again")
+            sustained = now - self._behind_since >= SUSTAINED_BEHIND_S
+            if sustained and not self.overloaded and refusing:
+                self.overloaded = True
+                log.warning("falling behind real time: %d of %d calls more than %.0f ms late for %.1f s (last step "
+                            "%.1f ms for %d calls); refusing new calls until caught up", len(late), len(calls),
+                            BEHIND_S * 1000, now - self._behind_since, self.last_step_ms, self.last_step_calls)
+        else:
+            self._behind_since = None
+            if self.overloaded and now - self._last_behind > self.config.overload_refusal_s:
+                self.overloaded = False
+                log.info("caught up with real time; taking new calls again")
 
     def _dispatch(self, envelope: "Envelope") -> None:
         call, message = envelope.call, envelope.message
@@ -322,7 +299,7 @@ class Engine:
                 case _:
                     call.handle(message, envelope.received_at, envelope.epoch)
         except Exception as exc:
-            log.exception("call %d: error handling %s", call.slot, getattr(message, "cmd", type(message).__name__))
+            log.exception("call %d: error handling %s", call.slot.index, getattr(message, "cmd", type(message).__name__))
             call.fail(exc)
 
     def _step(self, calls: list[Call]) -> None:
@@ -334,31 +311,24 @@ class Engine:
                 call.context_full()
         if not stepping:
             return
-        choices = [None] * self.stepper.n
-        active = [False] * self.stepper.n
-        for call in stepping:
-            choices[call.slot] = call.preview()
-            active[call.slot] = True
         t0 = time.perf_counter()
-        actions = self.stepper.step(choices, active)
+        result = self.runner.step({call.slot.index: call.preview() for call in stepping})
+        self.scheduler.costs.observe(result.batch, result.full, result.seconds)
         decode = []
         for call in stepping:
             try:
-                if call.advance(actions[call.slot]):
+                if call.advance(result.actions[call.slot.index]):
                     decode.append(call)
             except Exception as exc:
-                log.exception("call %d: error after a frame step", call.slot)
+                log.exception("call %d: error after a frame step", call.slot.index)
                 call.fail(exc)
         if decode:
-            self._decode_rows.zero_()
             for call in decode:
-                self._decode_rows[call.slot] = True
-                if call.wants_codec_mark():
-                    call.add_codec_mark(self.codec.snapshot_row(call.slot))
-            pcm = self.codec.decode_frame(self.stepper.ready_codes[: self.max_calls], self._decode_rows)
-            pcm = pcm.cpu().numpy()
+                call.mark_codec_if_due()
+            pcm, seconds = self.runner.decode([call.slot.index for call in decode])
+            self.scheduler.costs.observe_decode(seconds)
             for call in decode:
-                self._guarded(call, call.deliver, pcm[call.slot])
+                self._guarded(call, call.deliver, pcm[call.slot.index])
         self.last_step_ms = (time.perf_counter() - t0) * 1000
         self.last_step_calls = len(stepping)
         self.steps += 1
@@ -372,7 +342,7 @@ class Engine:
         try:
             fn(*args)
         except Exception as exc:
-            log.exception("call %d: error in %s", call.slot, getattr(fn, "__name__", "frame"))
+            log.exception("call %d: error in %s", call.slot.index, getattr(fn, "__name__", "frame"))
             call.fail(exc)
 
     # -- voices ----------------------------------------------------------------------------------

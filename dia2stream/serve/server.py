@@ -115,7 +115,7 @@ class Dia2Server:
                           DeliveryMeter(self.metrics))
         self.connections.add(conn)
         self.metrics.calls_active(self.engine.calls)
-        log.info("client %s connected (call %d)", peer, call.slot)
+        log.info("client %s connected (call %d)", peer, call.slot.index)
         watchdog = None
         try:
             # `ready` goes out before the sender task exists: it is always the first message.
@@ -140,7 +140,7 @@ class Dia2Server:
                     task.cancel()
             conn.meter.flush()
             self.metrics.calls_active(self.engine.calls)
-            log.info("client %s disconnected (call %d)", peer, call.slot)
+            log.info("client %s disconnected (call %d)", peer, call.slot.index)
 
     async def _refuse_busy(self, ws: ServerConnection, peer) -> None:
         health = self.engine.health()
@@ -168,10 +168,10 @@ class Dia2Server:
             if not isinstance(command, (p.Ping, p.SetVoice)):
                 command = conn.voices.command(command, list(self.engine.voices))
         except p.ProtocolError as err:
-            log.debug("call %d: bad command: %s %s", call.slot, err.code, err.message)
+            log.debug("call %d: bad command: %s %s", call.slot.index, err.code, err.message)
             self.engine.reply(call, err.to_event())
             return
-        log.debug("call %d: cmd %s", call.slot, command.cmd)
+        log.debug("call %d: cmd %s", call.slot.index, command.cmd)
         if isinstance(command, p.Ping):
             self.engine.reply(call, p.Pong(id=command.id))
         elif isinstance(command, p.SetVoice):
@@ -235,11 +235,11 @@ class Dia2Server:
         while not conn.closing:
             await asyncio.sleep(max(conn.idle.remaining() or 0.0, IDLE_CHECK_S))
             if conn.idle.expired(busy=conn.call.generating):
-                log.info("call %d: idle for %g s; closing", conn.call.slot, self.limits.idle_timeout_s)
+                log.info("call %d: idle for %g s; closing", conn.call.slot.index, self.limits.idle_timeout_s)
                 await self._close(conn, IDLE_CLOSE_CODE, "idle timeout", idle_timeout_error(self.limits.idle_timeout_s))
 
     def _not_reading(self, conn: Connection) -> None:
-        log.warning("call %d: the client stopped reading (%d items queued); closing", conn.call.slot,
+        log.warning("call %d: the client stopped reading (%d items queued); closing", conn.call.slot.index,
                     self.limits.max_outbox_items)
         conn.closer = asyncio.ensure_future(self._close(conn, NOT_READING_CLOSE_CODE, "not reading"))
 

@@ -1,0 +1,63 @@
+"""Runs what the scheduler planned on the stepper and the codec, and returns the results as data.
+
+The runner knows slots, not calls: a step takes each stepped slot's two possible text answers
+and returns its sampled action; a decode takes the slots whose frame is ready and returns their
+PCM rows; a replay re-decodes one frame of a slot's rolled-back codec row. Timing of each piece
+feeds the scheduler's cost model.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    actions: dict[int, int]  # slot -> sampled action (0 pad, 1 new word)
+    batch: int  # the padded batch size it ran at
+    full: bool  # the full lane (False: decoder-only)
+    seconds: float
+
+
+class Runner:
+    def __init__(self, stepper, codec, rows: int):
+        self.stepper, self.codec, self.rows = stepper, codec, rows
+        self._choices: list = [None] * stepper.n
+        self._active = [False] * stepper.n
+        self._decode_rows = torch.zeros(rows, dtype=torch.bool)
+        self._replay_codes = torch.zeros(rows, stepper.num_codebooks, dtype=torch.long)
+
+    def step(self, choices: dict[int, object]) -> StepResult:
+        """One frame step for the slots in `choices` (slot -> both text answers of its next step)."""
+        for slot, choice in choices.items():
+            self._choices[slot], self._active[slot] = choice, True
+        t0 = time.perf_counter()
+        try:
+            actions = self.stepper.step(self._choices, self._active)
+        finally:
+            for slot in choices:
+                self._choices[slot], self._active[slot] = None, False
+        seconds = time.perf_counter() - t0
+        return StepResult({slot: actions[slot] for slot in choices}, self.stepper.last_batch, self.stepper.last_full,
+                          seconds)
+
+    def decode(self, slots: list[int]) -> tuple[np.ndarray, float]:
+        """One batched decode of the ready frame of `slots`; PCM rows [rows, samples] on the host."""
+        self._decode_rows.zero_()
+        self._decode_rows[slots] = True
+        t0 = time.perf_counter()
+        pcm = self.codec.decode_frame(self.stepper.ready_codes[: self.rows], self._decode_rows).cpu().numpy()
+        return pcm, time.perf_counter() - t0
+
+    def replay(self, slot: int, codes: torch.Tensor) -> float:
+        """Decode one frame `codes` [Q] into `slot`'s codec row alone (a rollback's re-decode)."""
+        self._decode_rows.zero_()
+        self._decode_rows[slot] = True
+        self._replay_codes[slot] = codes
+        t0 = time.perf_counter()
+        self.codec.decode_frame(self._replay_codes, self._decode_rows)
+        return time.perf_counter() - t0

@@ -1,0 +1,141 @@
+"""Which calls step next, chosen by deadline, and whether the engine can take another call.
+
+Every generating call has a deadline: the moment its caller's buffer runs dry. A playing call
+has `lead` seconds of audio buffered (at most `max_lead_ms`), so its deadline is `now + lead`. A
+turn that has not reached its first audio yet (a `start`, an `inject` after `done`, a resume or a
+rollover that must replay heard frames) is *starting*: its caller is waiting now, and each of the
+~18 steps before its first word is paid in onset. So:
+
+- while any call is starting and no playing call is near its deadline, only the starting calls
+  step, in small, fast batches (the decoder-only lane while none of them reads a codebook; a
+  step is still padded up to the highest slot it runs, as the stepper's batches are);
+- a playing call is near its deadline when its lead falls below `coast_floor`: two frames plus
+  twice the measured cost of a step over every call. Then every call that may run ahead steps
+  together (the batch costs little more than one call alone, and tops everyone up);
+- with no call starting, the playing calls are kept topped up as before: they step together as
+  soon as one of them is two frames below `max_lead_ms`.
+
+Admission uses the same costs: a new call is refused (`busy`) when a full step over one more
+call, plus its decode, would not fit in a frame; or when calls have kept falling behind real time
+for a while (`SUSTAINED_BEHIND_S`), never because of one slow step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from dia2stream.clock import FRAME_SECONDS
+
+URGENT_MARGIN_S = 2 * FRAME_SECONDS  # a topped-up call steps when it is this far below max_lead
+BEHIND_S = FRAME_SECONDS  # a call whose caller would wait this long for audio is behind
+SUSTAINED_BEHIND_S = 1.0  # calls behind for this long (not one slow step) make the engine refuse calls
+FRAME_BUDGET = 0.8  # the share of a frame a full step plus its decode may take before calls are refused
+
+
+class StepCosts:
+    """Measured seconds of a step, by padded batch size and lane, as a moving average."""
+
+    def __init__(self, smoothing: float = 0.1):
+        self.smoothing = smoothing
+        self._seconds: dict[tuple[int, bool], float] = {}
+        self.decode_seconds = 0.0
+
+    def observe(self, batch: int, full: bool, seconds: float) -> None:
+        key = (batch, full)
+        old = self._seconds.get(key)
+        self._seconds[key] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    def observe_decode(self, seconds: float) -> None:
+        self.decode_seconds += self.smoothing * (seconds - self.decode_seconds) if self.decode_seconds else seconds
+
+    def estimate(self, batch: int, full: bool = True) -> float:
+        """The cost of a step at `batch`: measured, else the nearest measured size scaled by
+        batch (an over-estimate for larger batches), else 0 (nothing measured yet)."""
+        lane = {b: s for (b, f), s in self._seconds.items() if f == full} or \
+            {b: s for (b, _), s in self._seconds.items()}
+        if not lane:
+            return 0.0
+        if batch in lane:
+            return lane[batch]
+        below = [b for b in lane if b < batch]
+        if below:
+            b = max(below)
+            return lane[b] * batch / b
+        return lane[min(lane)]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step: the calls (in slot order) and why they step."""
+
+    calls: tuple
+    reason: str  # "starting", "deadline" or "top-up"
+
+
+@dataclass
+class Scheduler:
+    max_lead_s: float
+    max_unsent_frames: int
+    batch_size_for: object  # slots -> padded batch size (the stepper's)
+    costs: StepCosts = field(default_factory=StepCosts)
+
+    def eligible(self, calls) -> list:
+        """Generating calls that may run ahead: below max_lead, read by their client, with no
+        codec replay pending."""
+        out = []
+        for call in calls:
+            if call.unsent_frames > self.max_unsent_frames or call.slot.pending_replay is not None:
+                continue
+            if call.lead_seconds() < self.max_lead_s:
+                out.append(call)
+        return out
+
+    def coast_floor(self, n_calls: int) -> float:
+        """The lead below which a playing call must step even while others start."""
+        full = self.costs.estimate(self.batch_size_for(max(1, n_calls)), True)
+        return URGENT_MARGIN_S + 2 * (full + self.costs.decode_seconds)
+
+    def plan(self, calls) -> StepPlan | None:
+        eligible = self.eligible(calls)
+        if not eligible:
+            return None
+        starting = [c for c in eligible if c.awaiting_first_audio or c.catching_up]
+        playing = [c for c in eligible if not (c.awaiting_first_audio or c.catching_up)]
+        leads = {id(c): c.lead_seconds() for c in playing}
+        top_up = self.max_lead_s - URGENT_MARGIN_S
+        if starting:
+            floor = self.coast_floor(len(eligible))
+            if any(leads[id(c)] < floor for c in playing):
+                return StepPlan(tuple(sorted(eligible, key=_slot)), "deadline")
+            return StepPlan(tuple(sorted(starting, key=_slot)), "starting")
+        if any(leads[id(c)] < top_up for c in playing):
+            return StepPlan(tuple(sorted(playing, key=_slot)), "top-up")
+        return None
+
+    def wait_seconds(self, calls, ceiling: float = 0.5) -> float:
+        """How long nothing needs a step (0: plan now)."""
+        eligible = self.eligible(calls)
+        wait = ceiling
+        for call in calls:
+            if call.unsent_frames > self.max_unsent_frames or call.slot.pending_replay is not None:
+                wait = min(wait, 0.02)  # a client not reading, or a replay to plan: look again soon
+        top_up = self.max_lead_s - URGENT_MARGIN_S
+        for call in eligible:
+            if call.awaiting_first_audio or call.catching_up:
+                return 0.0
+            wait = min(wait, call.lead_seconds() - top_up)
+        return max(0.0, wait)
+
+    def admits(self, n_calls_after: int) -> bool:
+        """Whether a full step over `n_calls_after` calls and its decode fit in a frame."""
+        step = self.costs.estimate(self.batch_size_for(n_calls_after), True)
+        return step + self.costs.decode_seconds <= FRAME_BUDGET * FRAME_SECONDS
+
+
+def behind(calls) -> list:
+    """Playing calls whose caller is already waiting for audio."""
+    return [c for c in calls if not c.awaiting_first_audio and c.lead_seconds() < -BEHIND_S]
+
+
+def _slot(call) -> int:
+    return call.slot.index

@@ -1,0 +1,367 @@
+"""A GPU you can run on a CPU: the stepper and the codec as a measured GPU would time them.
+
+`server.py --simulate-gpu profiles/h100-2b.json` runs the whole server (protocol, calls,
+scheduling, host bookkeeping, encoders: all the real code) with these stand-ins for the frame
+step and the Mimi decode. The stand-ins compute nothing of the model; they keep each slot's
+positions, inputs and delayed codes exactly as `FrameStepper` does, pick actions by a seeded
+counter rule, and spend the profile's time for every piece of GPU work:
+
+- work is asynchronous to the host as CUDA is: `SimulatedDevice.launch` queues it behind
+  earlier work and returns at once; a synchronisation (the action copy after a step, the PCM
+  copy after a decode) waits until the simulated work is done;
+- a step takes the profile's time for its padded batch size and lane (full, or decoder-only);
+  a decode the profile's time for the codec's rows; a prefill its time per frame.
+
+The model's shape that decides timing beyond the step (the 16-18 frame codebook delay, so the 18
+steps before a turn's first audio) is the profiled preset's; the tokenizer and text ids are the
+tiny checkpoint's. Figures measured this way are simulated and must be marked so.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vendor_dia2.codec import CodecStreamSnapshot
+from vendor_dia2.config import FRAME_SAMPLES, MAX_TOP_K, Dia2Config, preset
+from vendor_dia2.runtime import PrefixBoundary, SamplingParams, StepperSnapshot, default_batch_sizes
+
+UNGENERATED = -1  # a delayed-buffer cell no step has written
+
+
+# -- the profile -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    """Measured GPU costs, in milliseconds, by padded batch size (rows for the decode)."""
+
+    gpu: str
+    preset: str  # the model shape the figures were measured at (its delays are simulated too)
+    full_step_ms: dict[int, float]  # the whole frame step (decoder and depformer)
+    lite_step_ms: dict[int, float]  # the decoder-only lane (no codebook is read yet)
+    decode_ms: dict[int, float]  # one batched Mimi decode over that many stream rows
+    prefill_ms_per_frame: float = 0.11
+    source: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GpuProfile":
+        raw = json.loads(Path(path).read_text())
+        try:
+            return cls(gpu=raw["gpu"], preset=raw["preset"],
+                       full_step_ms=_by_size(raw["full_step_ms"]), lite_step_ms=_by_size(raw["lite_step_ms"]),
+                       decode_ms=_by_size(raw["decode_ms"]),
+                       prefill_ms_per_frame=float(raw.get("prefill_ms_per_frame", cls.prefill_ms_per_frame)),
+                       source=raw.get("source", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: not a GPU profile ({exc}); see profiles/README.md") from None
+
+    def step_seconds(self, batch: int, full: bool) -> float:
+        return _interpolate(self.full_step_ms if full else self.lite_step_ms, batch) / 1000
+
+    def decode_seconds(self, rows: int) -> float:
+        return _interpolate(self.decode_ms, rows) / 1000
+
+
+def _by_size(table: dict) -> dict[int, float]:
+    out = {int(k): float(v) for k, v in table.items()}
+    if not out or min(out) < 1 or min(out.values()) < 0:
+        raise ValueError("a table of positive sizes to milliseconds")
+    return dict(sorted(out.items()))
+
+
+def _interpolate(table: dict[int, float], size: int) -> float:
+    """Piecewise linear in the size, extended past the last point by the last segment's slope."""
+    sizes = list(table)
+    if size <= sizes[0] or len(sizes) == 1:
+        return table[sizes[0]] if size <= sizes[0] else table[sizes[0]] * size / sizes[0]
+    i = min(bisect.bisect_left(sizes, size), len(sizes) - 1)
+    lo, hi = sizes[i - 1], sizes[i]
+    slope = (table[hi] - table[lo]) / (hi - lo)
+    return table[lo] + slope * (size - lo)
+
+
+# -- the device ----------------------------------------------------------------------------------
+
+
+class SimulatedDevice:
+    """One GPU stream as the host sees it. Thread-safe; `clock` and `sleep` are injectable."""
+
+    def __init__(self, clock=time.monotonic, sleep=time.sleep):
+        self._clock, self._sleep = clock, sleep
+        self._lock = threading.Lock()
+        self.busy_until = 0.0
+        self.busy_seconds = 0.0  # simulated GPU work so far (idle time = wall - busy)
+        self._stall = 0.0
+
+    def launch(self, seconds: float) -> float:
+        """Queue `seconds` of GPU work behind what is queued; returns when it will be done."""
+        with self._lock:
+            seconds += self._stall
+            self._stall = 0.0
+            start = max(self._clock(), self.busy_until)
+            self.busy_until = start + seconds
+            self.busy_seconds += seconds
+            return self.busy_until
+
+    def synchronize(self) -> None:
+        """Wait until every launched piece of work is done."""
+        while (left := self.busy_until - self._clock()) > 0:
+            self._sleep(left)
+
+    def stall_next(self, seconds: float) -> None:
+        """Make the next piece of work this much slower (a test's injected hiccup)."""
+        with self._lock:
+            self._stall += seconds
+
+
+# -- the stepper ----------------------------------------------------------------------------------
+
+
+NEW_WORD_EVERY = 3  # free steps pick a new word about one time in this many (then the machine decides)
+
+
+class SimulatedStepper:
+    """`FrameStepper`'s host API with no model: positions, inputs and delayed codes are kept as
+    the real stepper keeps them, so rollback, rollover and voices behave the same; each step
+    costs the profile's time on the simulated device."""
+
+    def __init__(self, config: Dia2Config, profile: GpuProfile, device: SimulatedDevice, *, n_calls: int = 1,
+                 cfg: bool = True, max_positions: int | None = None, bos_token_id: int = 1,
+                 batch_sizes: tuple[int, ...] | None = None, max_top_k: int = MAX_TOP_K, **_ignored):
+        d = config.data
+        self.config, self.profile, self.device_clock = config, profile, device
+        self.device = torch.device("cpu")
+        self.n, self.branches = n_calls, (2 if cfg else 1)
+        self.max_positions = max_positions or config.runtime.max_context_steps
+        self.max_top_k = max_top_k
+        self.bos_token_id = int(bos_token_id)
+        self.batch_sizes = tuple(sorted(set(batch_sizes or default_batch_sizes(n_calls))))
+        self.num_codebooks, self.max_delay = d.num_codebooks, d.max_delay
+        self.first_stage_delay = min(d.delay_pattern[1:], default=d.max_delay)
+        self.delays = torch.tensor(d.delay_pattern, dtype=torch.long)
+        self.buffer = torch.full((self.n, self.num_codebooks, self.max_positions + 2), UNGENERATED, dtype=torch.long)
+        self.ready_codes = torch.zeros(self.n, self.num_codebooks, dtype=torch.long)
+        self.text = [(0, 0)] * self.n  # (main, second) text inputs of each slot's next step
+        self.seeds = [0] * self.n
+        self.host_positions = [0] * self.n
+        self.host_prefix_frames = [0] * self.n
+        self.host_cache_offset = [0] * self.n
+        self.last_batch, self.last_full = 0, True
+        self.compile_max_calls = 0
+        self.kernels, self.weights = "simulated", "simulated"
+        for call in range(self.n):
+            self.reset_call(call)
+
+    # -- per-slot state, as FrameStepper keeps it
+
+    def set_sampling(self, call: int, params: SamplingParams) -> None:
+        if params.cfg_scale != 1.0 and self.branches == 1:
+            raise ValueError("this stepper runs without the unconditional branch; cfg_scale must be 1")
+        if max(params.text_top_k, params.audio_top_k) > self.max_top_k:
+            raise ValueError(f"top_k above {self.max_top_k} is not supported by this stepper")
+        self.seeds[call] = params.seed
+
+    def reset_call(self, call: int, position: int = 0) -> None:
+        self.host_positions[call] = position
+        self.host_prefix_frames[call] = 0
+        self.host_cache_offset[call] = 0
+        self.buffer[call].fill_(UNGENERATED)
+        self.text[call] = (self.bos_token_id, self.config.data.text_pad_token_id)
+
+    def needs_depformer(self, call: int) -> bool:
+        return self.host_positions[call] + 1 >= self.first_stage_delay + self.host_prefix_frames[call]
+
+    def batch_size_for(self, slots: int) -> int:
+        for b in self.batch_sizes:
+            if b >= slots:
+                return b
+        raise ValueError(f"slot {slots - 1} lies past the largest batch size {self.batch_sizes[-1]}")
+
+    def ready_frame_index(self, call: int) -> int:
+        return self.host_positions[call] - self.max_delay
+
+    def text_inputs(self, call: int) -> tuple[int, int]:
+        return self.text[call]
+
+    def aligned_codes(self, call: int, start: int, stop: int) -> torch.Tensor:
+        index = torch.arange(start, stop)[None, :] + self.delays[:, None]
+        return self.buffer[call].gather(1, index)
+
+    def written_codes(self, call: int, start: int, stop: int) -> torch.Tensor:
+        return self.buffer[call, :, start:stop]
+
+    # -- the step
+
+    def step(self, choices, active=None) -> list[int]:
+        active = [True] * self.n if active is None else list(active)
+        live = [call for call, on in enumerate(active) if on]
+        if not live:
+            return [0] * self.n
+        b = self.batch_size_for(live[-1] + 1)
+        full = any(self.needs_depformer(call) for call in live)
+        self.device_clock.launch(self.profile.step_seconds(b, full))
+        out = [0] * self.n
+        for call in live:
+            position = self.host_positions[call]
+            action = int(_mix(self.seeds[call], position, call) % NEW_WORD_EVERY == 0)
+            self._write_codes(call, position + 1)
+            self.text[call] = choices[call][action]
+            self.host_positions[call] = position + 1
+            frame = self.ready_frame_index(call)
+            if frame >= 0:
+                self.ready_codes[call] = self.aligned_codes(call, frame, frame + 1)[:, 0]
+            out[call] = action
+        self.last_batch, self.last_full = b, full
+        self.device_clock.synchronize()  # the action copy to the host, as on the GPU
+        return out
+
+    def _write_codes(self, call: int, column: int) -> None:
+        """Codes sampled at a step land in delayed column `column` (never over teacher-forced ones)."""
+        if column >= self.buffer.shape[2]:
+            return
+        forced = self.host_prefix_frames[call]
+        codebooks = self.delays + forced <= column
+        if codebooks.any():
+            value = _mix(self.seeds[call], column, call) % 2048
+            cells = self.buffer[call, :, column]
+            cells[codebooks] = torch.where(cells[codebooks] == UNGENERATED, value, cells[codebooks])
+
+    # -- snapshots, rewinds, prefills
+
+    def snapshot(self, call: int = 0) -> StepperSnapshot:
+        position = self.host_positions[call]
+        tokens = torch.zeros(self.branches, 2, dtype=torch.long)
+        tokens[0] = torch.tensor(self.text[call])
+        return StepperSnapshot(torch.tensor([position]), tokens, self.buffer[call:call + 1].clone(),
+                               torch.tensor([self.host_prefix_frames[call]]), [], position + 1,
+                               self.host_cache_offset[call])
+
+    def restore(self, snap: StepperSnapshot, call: int = 0) -> None:
+        self.buffer[call:call + 1].copy_(snap.buffer)
+        self.host_positions[call] = int(snap.positions[0])
+        self.host_prefix_frames[call] = int(snap.prefix_frames[0])
+        self.host_cache_offset[call] = int(snap.cache_offset)
+        main, second = snap.tokens[0, :2].tolist()
+        self.text[call] = (main, second)
+
+    def rewind(self, call: int, position: int, text: tuple[int, int]) -> None:
+        self.text[call] = (int(text[0]), int(text[1]))
+        self.host_positions[call] = position
+        self.host_prefix_frames[call] = position
+
+    def prefill(self, call: int, delayed: torch.Tensor, text: torch.Tensor, frames: int, chunk: int = 256, *,
+                boundary: PrefixBoundary | str = "upstream") -> None:
+        boundary = PrefixBoundary.named(boundary)
+        self.device_clock.launch(frames * self.profile.prefill_ms_per_frame / 1000)
+        self.buffer[call].fill_(UNGENERATED)
+        self.buffer[call, :, : delayed.shape[1]] = delayed.cpu()
+        self.text[call] = tuple(int(t) for t in text[frames].tolist())
+        self.host_positions[call] = frames - 1 if boundary.repeat_last else frames
+        self.host_prefix_frames[call] = frames if boundary.teacher_force else 0
+        self.host_cache_offset[call] = 1 if boundary.repeat_last else 0
+        self.device_clock.synchronize()
+
+
+def _mix(seed: int, position: int, stream: int) -> int:
+    """A counter-based hash: the same draw for the same (seed, position, slot), in any batch."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
+    x ^= x >> 31
+    x = (x * 0xD6E8FEB86659FD93) & (2**64 - 1)
+    return x ^ (x >> 32)
+
+
+# -- the codec ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimulatedCodec:
+    """Mimi's streaming API with no model: decodes cost the profile's time for the stream's rows
+    and give quiet noise (audible as a hiss, never as speech); encodes give stable codes."""
+
+    profile: GpuProfile
+    device_clock: SimulatedDevice
+    source: str = "simulated"
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    batch_size: int | None = None
+    states: dict = field(default_factory=dict)
+
+    def open_stream(self, batch_size: int = 1) -> None:
+        self.batch_size = batch_size
+
+    def close_stream(self) -> None:
+        self.batch_size = None
+
+    @property
+    def stream_batch_size(self) -> int | None:
+        return self.batch_size
+
+    def decode_frame(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        batch = codes.shape[0] if codes.dim() == 2 else 1
+        self.device_clock.launch(self.profile.decode_seconds(self.batch_size or batch))
+        self.device_clock.synchronize()  # the PCM copy to the host, as on the GPU
+        generator = torch.Generator().manual_seed(int(codes.sum()) & 0xFFFF)
+        return 0.01 * torch.randn(batch, FRAME_SAMPLES, generator=generator)
+
+    def encode(self, wav: torch.Tensor) -> torch.Tensor:
+        frames = -(-wav.shape[-1] // FRAME_SAMPLES)
+        batch = wav.shape[0] if wav.dim() == 3 else 1
+        return torch.arange(frames * 32).reshape(1, 32, frames).expand(batch, -1, -1) % 2048
+
+    def reset_stream(self, mask: torch.Tensor | None = None) -> None:
+        return None
+
+    def snapshot_row(self, row: int) -> CodecStreamSnapshot:
+        return CodecStreamSnapshot(1, {})
+
+    def restore_row(self, row: int, snapshot: CodecStreamSnapshot) -> None:
+        return None
+
+    def warmed_row(self, codes: torch.Tensor) -> CodecStreamSnapshot:
+        self.device_clock.launch(self.profile.decode_seconds(1) * codes.shape[-1])
+        self.device_clock.synchronize()
+        return CodecStreamSnapshot(1, {})
+
+
+# -- the model ------------------------------------------------------------------------------------
+
+
+class SimulatedDia2:
+    """What the engine uses of `vendor_dia2.Dia2`, over the simulated stepper and codec."""
+
+    def __init__(self, profile: GpuProfile, checkpoint: str = "tiny"):
+        from vendor_dia2.api import Dia2
+        from vendor_dia2.checkpoint import resolve, tokenizer_location
+        from vendor_dia2.tokenizer import Dia2Tokenizer
+
+        files = resolve(checkpoint)
+        base = Dia2Config.from_file(files.config)
+        shape = preset(profile.preset)
+        # the profiled shape's delays and context decide timing; the tiny checkpoint's text ids stay
+        self.config = dataclasses.replace(base, data=dataclasses.replace(base.data,
+                                                                         delay_pattern=shape.data.delay_pattern),
+                                          runtime=shape.runtime)
+        self.tokenizer = Dia2Tokenizer.from_dir(tokenizer_location(files, base))
+        self.profile = profile
+        self.device_clock = SimulatedDevice()
+        self.codec = SimulatedCodec(profile, self.device_clock)
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        self.name = f"simulated {profile.gpu} {profile.preset}"
+        self._machine_factory = Dia2.new_state_machine
+        self.bos_token_id = Dia2.bos_token_id.fget(self)
+        self.tail_frames = Dia2.tail_frames.fget(self)
+
+    def new_state_machine(self):
+        return self._machine_factory(self)
+
+    def new_stepper(self, *, n_calls: int = 1, cfg: bool, max_positions: int | None = None, **options):
+        return SimulatedStepper(self.config, self.profile, self.device_clock, n_calls=n_calls, cfg=cfg,
+                                max_positions=max_positions, bos_token_id=self.bos_token_id,
+                                batch_sizes=options.get("batch_sizes"))
