@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import time
 
 import pytest
 import torch
@@ -89,7 +90,12 @@ def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces
         assert unspoken, "the caller heard less than the whole utterance"
 
         stepper_snap, text_state = taken["stepper"], taken["text"]
-        slot = call.slot
+        slot = call.slot.index
+        for _ in range(1000):  # the codec re-decode is planned work, done between frames
+            if call.slot.pending_replay is None:
+                break
+            time.sleep(0.01)
+        assert call.slot.pending_replay is None
         rows = slice(slot * engine.stepper.branches, (slot + 1) * engine.stepper.branches)
         assert engine.stepper.host_positions[slot] == target
         assert torch.equal(engine.stepper.tokens[rows], stepper_snap.tokens)  # the inputs of step `target`

@@ -230,9 +230,9 @@ class Engine:
         calls = self._active_calls()
         self._watch_load(calls)
         plan = self.scheduler.plan(calls)
-        if plan is None or plan.reason == "top-up":
+        if plan is None or plan.reason != "deadline":
             if self._replay_one_frame():
-                return  # planned work first when no call is short of audio; plan again after it
+                return  # a rolled-back call's re-decode before anything but a call running dry
         if plan is not None:
             self._step(list(plan.calls))
 

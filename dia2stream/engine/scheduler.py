@@ -117,8 +117,10 @@ class Scheduler:
         eligible = self.eligible(calls)
         wait = ceiling
         for call in calls:
-            if call.unsent_frames > self.max_unsent_frames or call.slot.pending_replay is not None:
-                wait = min(wait, 0.02)  # a client not reading, or a replay to plan: look again soon
+            if call.slot.pending_replay is not None:
+                return 0.0  # planned work is waiting
+            if call.unsent_frames > self.max_unsent_frames:
+                wait = min(wait, 0.02)  # the client is not reading: look again soon
         top_up = self.max_lead_s - URGENT_MARGIN_S
         for call in eligible:
             if call.awaiting_first_audio or call.catching_up:

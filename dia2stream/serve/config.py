@@ -44,6 +44,7 @@ class ServerConfig:
     device: str | None = None
     dtype: str | None = None
     mimi: str | None = None
+    simulate_gpu: str | None = None
     max_lead_ms: float = 1000.0
     seed: int = 0
     cfg_scale: float = 2.0
@@ -136,6 +137,9 @@ _FLAGS = [  # (name, type, help)
     ("device", str, "cpu, cuda, cuda:N (default: cuda if available)"),
     ("dtype", str, "bf16 or fp32 (default: bf16 on cuda, fp32 on cpu)"),
     ("mimi", str, "codec source: random, random-small, a path or repo id (default: the checkpoint's)"),
+    ("simulate_gpu", str, "run on a simulated GPU timed by this profile (e.g. profiles/h100-2b.json): the whole "
+                          "server is real except the frame step and the Mimi decode, which compute nothing and "
+                          "take the profile's time; for measuring scheduling on a CPU (figures are simulated)"),
     ("max_lead_ms", float, "how far generation may run ahead of real-time playback"),
     ("seed", int, "default sampling seed"),
     ("cfg_scale", float, "default CFG scale; 1 runs a single branch (faster, no per-request CFG)"),

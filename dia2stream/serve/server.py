@@ -25,7 +25,7 @@ from websockets.protocol import State
 
 from dia2stream.clock import FRAME_RATE
 from dia2stream.wire import protocol as p
-from dia2stream.serve.config import ServerConfig
+from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, default_max_calls
 from dia2stream.call.call import AudioFrame, Call
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine
@@ -309,8 +309,17 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     # interval the event loop can hold it that long when the frame is done.
     sys.setswitchinterval(0.0005)
     t0 = time.perf_counter()
-    tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
-    engine_config = config.engine_config(tts.device)
+    if config.simulate_gpu:
+        from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
+
+        tts = SimulatedDia2(GpuProfile.load(config.simulate_gpu))
+        log.warning("simulated GPU (%s, %s shape, profile %s): every timing figure is simulated and the audio is "
+                    "noise", tts.profile.gpu, tts.profile.preset, config.simulate_gpu)
+        engine_config = config.engine_config("cuda", max_calls=config.max_calls or default_max_calls("cuda"),
+                                             compile=CompileMode.OFF, kernels=KernelChoice.TORCH)
+    else:
+        tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+        engine_config = config.engine_config(tts.device)
     engine = Engine(tts, engine_config, metrics=metrics)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
              tts.name, tts.device, tts.dtype, time.perf_counter() - t0, engine_config.max_calls,

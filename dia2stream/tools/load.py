@@ -1,6 +1,7 @@
 """Load test: N concurrent calls, each a short conversation, measured as the callers hear them.
 
     python -m dia2stream.tools.load [ws://127.0.0.1:8765/] --calls 8 --turns 3 [--pause-every 2]
+    python -m dia2stream.tools.load ws://127.0.0.1:8765/ --pattern call-centre --calls 64 --turns 4
         [--text "[S1] ..."] [--inject-text " ..."] [--format ulaw_8000] [--ramp S]
         [--duration-limit S] [--step-timeout S] [--json out.json] [--quiet]
 
@@ -30,7 +31,7 @@ import numpy as np
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from dia2stream.tools import playback
+from dia2stream.tools import callcentre, playback
 from dia2stream.wire.formats import FORMAT_NAMES, decode_frame
 from dia2stream.wire.protocol import MAX_MESSAGE_BYTES
 
@@ -364,6 +365,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="longest wait for any one message (default 30)")
     ap.add_argument("--progress", type=float, default=5.0, metavar="S",
                     help="progress line on stderr every S seconds (0: none)")
+    ap.add_argument("--pattern", choices=("lock-step", "call-centre"), default="lock-step",
+                    help="lock-step (default: every call at once, turn after turn, the worst case) or call-centre "
+                         "(Poisson arrivals, streamed text, the caller speaking between turns, barge-ins; "
+                         "dia2stream/tools/callcentre.py)")
+    ap.add_argument("--arrival-window", type=float, default=20.0, metavar="S",
+                    help="call-centre: calls arrive at random over S seconds (default 20)")
+    ap.add_argument("--barge-in-every", type=int, default=5, metavar="N",
+                    help="call-centre: about one turn in N is interrupted (default 5; 0: never)")
     ap.add_argument("--json", metavar="PATH", help="write config, summary and per-call turns as JSON")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
@@ -376,14 +385,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--turns must be in 1..{MAX_TURNS}")
     if args.pause_every < 0 or args.ramp < 0 or args.duration_limit <= 0 or args.step_timeout <= 0:
         ap.error("--pause-every and --ramp must be >= 0, --duration-limit and --step-timeout > 0")
+    if args.arrival_window < 0 or args.barge_in_every < 0:
+        ap.error("--arrival-window and --barge-in-every must be >= 0")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    calls, wall_s = asyncio.run(run_load(args))
-    summary = summarize(calls, wall_s)
-    print(format_table(summary), flush=True)
+    if args.pattern == "call-centre":
+        calls, wall_s = asyncio.run(callcentre.run_pattern(args))
+        summary = callcentre.summarize(calls, wall_s, percentiles)
+        print(callcentre.format_table(summary), flush=True)
+    else:
+        calls, wall_s = asyncio.run(run_load(args))
+        summary = summarize(calls, wall_s)
+        print(format_table(summary), flush=True)
     if args.json:
         config = {k: v for k, v in vars(args).items() if k not in ("json", "quiet")}
         with open(args.json, "w") as f:
