@@ -13,7 +13,7 @@ No sockets, no event loop: a pure function of the request, so it is tested witho
 - `/health`: GET, or HEAD (same headers, no body); always open, so a load balancer needs no
   secret. Other methods: 405 with `Allow`.
 - `/metrics`: Prometheus text; behind the token like the websocket.
-- The browser pages (`web.WebPages`, off with `--no-web`: 404): the playground `/`, the dashboard
+- The browser pages (`web_pages.WebPages`; `--no-web`: 404): the playground `/`, the dashboard
   `/dashboard` and their assets `/web/...` for a plain GET/HEAD (a websocket upgrade to `/` is
   still the websocket); the dashboard's feed `/dashboard/feed`, behind the token like /metrics.
 - Any other path is the websocket: a token is required when one is configured
@@ -39,7 +39,7 @@ from urllib.parse import parse_qsl, urlsplit
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
-from dia2stream.serve import web
+from dia2stream.serve import web_pages
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class HttpGate:
         health: Callable[[], dict[str, Any]],
         metrics: Callable[[], tuple[bytes, str]] | None = None,
         on_refused: Callable[[str], None] | None = None,
-        pages: web.WebPages | None = None,
+        pages: web_pages.WebPages | None = None,
     ) -> None:
         """`health()` returns the JSON body of /health; `metrics()` returns (body, content type)
         for /metrics (None: 404); `on_refused(reason)` is told of every refused websocket,
@@ -121,8 +121,8 @@ class HttpGate:
                 return refused
             body, content_type = self._metrics()
             return _response(HTTPStatus.OK, body, content_type, head=method == "HEAD")
-        if web.is_web_path(path) and not _is_upgrade(request):
-            return self._web(request, path, method)
+        if web_pages.is_web_path(path) and method in READ_METHODS and not _is_upgrade(request):
+            return self._web(request, path, head=method == "HEAD")
         # The websocket. websockets itself answers 405 to a non-GET upgrade, but only after our
         # token check; refuse first so a wrong method never learns whether the token was right.
         if method != "GET":
@@ -137,13 +137,10 @@ class HttpGate:
         return any(hmac.compare_digest(_digest(candidate), self._token_digest)
                    for candidate in _presented_tokens(request))
 
-    def _web(self, request: Request, path: str, method: str) -> Response:
+    def _web(self, request: Request, path: str, head: bool) -> Response:
         if self._pages is None:
             return _response(HTTPStatus.NOT_FOUND, b"not found (the web pages are off: --no-web)\n", "text/plain")
-        if method not in READ_METHODS:
-            return _method_not_allowed(READ_METHODS)
-        head = method == "HEAD"
-        if path == web.FEED_PATH:
+        if path == web_pages.FEED_PATH:
             refused = self._refusal(request)
             if refused is not None:
                 return refused
@@ -152,7 +149,7 @@ class HttpGate:
         if asset is None:
             return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
         response = _response(HTTPStatus.OK, asset.body, asset.content_type, head=head)
-        response.headers["Content-Security-Policy"] = web.CONTENT_SECURITY_POLICY
+        response.headers["Content-Security-Policy"] = web_pages.CONTENT_SECURITY_POLICY
         response.headers["X-Content-Type-Options"] = "nosniff"
         return response
 

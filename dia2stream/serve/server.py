@@ -35,7 +35,7 @@ from dia2stream.serve.metrics import Metrics
 from dia2stream.serve.outbox import Outbox
 from dia2stream.voices.voice import VoiceError, VoiceRequest, VoiceSettings
 from dia2stream.serve.voice_scope import VoiceScope
-from dia2stream.serve.web import WebPages
+from dia2stream.serve.web_pages import WebPages
 
 log = logging.getLogger("dia2stream")
 
