@@ -170,7 +170,7 @@ def played_out(driver, turn: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_playground_plays_the_stream_and_highlights_words_in_order(browser, web_server, shots):
+def test_playground_plays_the_stream_and_highlights_words_in_order(browser, web_server, tmp_path):
     open_playground(browser, web_server.base)
     connected(browser)
     assert "connected: tiny" in browser.find_element(By.ID, "status").text
@@ -198,7 +198,7 @@ def test_playground_plays_the_stream_and_highlights_words_in_order(browser, web_
     # What was heard can be saved: a 16-bit WAV of exactly the played samples.
     header, size = pg(browser, "((b) => [Array.from(new Uint8Array(b, 0, 4)), b.byteLength])(s.wavBytes())")
     assert bytes(header) == b"RIFF" and size == 44 + 2 * received * 1920
-    browser.save_screenshot(str(shots / "web-playground-turn.png"))
+    browser.save_screenshot(str(tmp_path / "web-playground-turn.png"))
 
 
 def test_g711_decoding_in_the_page_matches_the_server(browser, web_server):
@@ -296,8 +296,11 @@ def test_dashboard_shows_a_call_while_one_is_active(browser, web_server, shots):
     try:
         open_playground(browser, web_server.base)
         connected(browser)
-        for text in ("[S1] Good morning, how can I help?", "[S1] One moment please, I will check."):
-            played_out(browser, speak(browser, text))
+        played_out(browser, speak(browser, "[S1] Good morning, how can I help?"))
+        played_out(browser, speak(browser, " One moment please, I will check.", button="continue"))
+        played_out(browser, speak(browser, " Okay, I found it.", mode="stream", button="continue"))
+        assert pg(browser, "s.turns.map(t => [t.cmd, t.mode, t.end])") == [
+            ["start", "whole", "done"], ["inject", "whole", "done"], ["inject", "stream", "done"]]
         browser.switch_to.window(dashboard)
         wait_for(browser, "document.getElementById('calls').textContent === '1 / 2'", "the dashboard to show the call")
         feed = browser.execute_script("return window.dashboard.last")

@@ -82,6 +82,10 @@ def draw_underruns(ax, turns, summary, np) -> None:
                color=COLORS["underruns"], linewidth=1.5, label="total")
     total.set_ylim(0, max(1, len(times)) * 1.15)
     total.set_ylabel("underruns, running total")
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax, total):  # counts: whole numbers only
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
     starts = [t["sent_at_s"] - t0 for t in turns]
     ax.plot(starts, [0] * len(starts), "|", color="#6b7280", markersize=8, label="a turn begins")
     ax.set_title(f"underruns over the run: {summary['underruns']} in {summary['turns']} turns, "

@@ -6,7 +6,8 @@ import { authHeaders, fmtMs, histogramDelta, histogramQuantile, saveToken, saved
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 1000;
-const HISTORY_S = 300; // what the charts and windowed tiles cover
+const HISTORY_S = 300; // what the charts and windowed tiles cover, at most
+const MIN_SPAN_S = 60; // a chart spans at least this much, growing with the history to HISTORY_S
 const ONSET_WINDOW_S = 60; // each onset point: the observations of the minute before it
 const COLORS = { a: "#2563eb", b: "#dc2626", c: "#16a34a", grid: "#e5e7eb", text: "#6b7280" };
 
@@ -107,7 +108,7 @@ function render() {
   $("server").textContent = `${health.model} on ${health.device}`;
   $("updated").textContent = `updated ${new Date().toLocaleTimeString()}`;
   $("calls").textContent = `${health.calls} / ${health.max_calls}`;
-  $("step").textContent = `${health.step_ms.toFixed(1)} ms (${health.step_calls} calls)`;
+  $("step").textContent = `${health.step_ms.toFixed(1)} ms (${health.step_calls} call${health.step_calls === 1 ? "" : "s"})`;
   const fps = rate("dia2_frames_sent_total");
   $("fps").textContent = fps.length ? fps[fps.length - 1][1].toFixed(1) : "–";
   const whole = state.history.length > 1 ? HISTORY_S : 0;
@@ -135,10 +136,11 @@ function drawChart(canvas, series, minTop) {
   const pad = { left: 40, right: 8, top: 8, bottom: 18 };
   ctx.clearRect(0, 0, width, height);
   const now = performance.now() / 1000;
-  const t0 = now - HISTORY_S;
+  const span = Math.min(HISTORY_S, Math.max(MIN_SPAN_S, state.history.length ? now - state.history[0].t : 0));
+  const t0 = now - span;
   const values = series.flatMap((s) => s.points.map((p) => p[1]));
   const top = niceTop(Math.max(minTop, ...values));
-  const x = (t) => pad.left + ((t - t0) / HISTORY_S) * (width - pad.left - pad.right);
+  const x = (t) => pad.left + ((t - t0) / span) * (width - pad.left - pad.right);
   const y = (v) => height - pad.bottom - (v / top) * (height - pad.top - pad.bottom);
   ctx.font = "10px sans-serif";
   ctx.fillStyle = COLORS.text;
@@ -148,7 +150,11 @@ function drawChart(canvas, series, minTop) {
     ctx.beginPath(); ctx.moveTo(pad.left, y(v)); ctx.lineTo(width - pad.right, y(v)); ctx.stroke();
     ctx.fillText(formatTick(v), 2, y(v) + 3);
   }
-  for (let m = 0; m <= HISTORY_S / 60; m++) ctx.fillText(m ? `-${m} min` : "now", x(now - 60 * m) - (m ? 14 : 18), height - 4);
+  const tick = span > 120 ? 60 : 15;
+  for (let k = 0; k * tick <= span; k++) {
+    const label = !k ? "now" : tick === 60 ? `-${k} min` : `-${k * tick} s`;
+    ctx.fillText(label, x(now - k * tick) - (k ? 14 : 18), height - 4);
+  }
   series.forEach((s, k) => {
     ctx.strokeStyle = ctx.fillStyle = s.color;
     if (s.bars) {

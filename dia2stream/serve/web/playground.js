@@ -120,6 +120,7 @@ const HANDLERS = {
     fillSelect($("voice"), ["", ...event.voices], "");
     fillSelect($("format"), event.formats, state.format);
     status(`connected: ${event.model} on ${event.device}`);
+    $("notice").hidden = true; // an earlier refusal is over
     enable(true);
   },
   started(event) {
