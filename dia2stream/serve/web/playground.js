@@ -7,6 +7,8 @@ import { decodeFrame, fmtMs, loadFormats, saveToken, savedToken, tokenNeeded } f
 const $ = (id) => document.getElementById(id);
 const CONTEXT_RATE = 24000; // the model's rate: pcm_24000 frames play without resampling
 const MAX_LOG_LINES = 200;
+const MAX_EVENTS = 2000; // kept in `state.events`
+const MAX_RECORDING_S = 600; // Save as WAV keeps the last ten minutes played
 
 const state = {
   ws: null,
@@ -109,6 +111,7 @@ async function onClose(ws, close) {
 
 function onEvent(event) {
   state.events.push(event);
+  if (state.events.length > MAX_EVENTS) state.events.shift();
   const handler = HANDLERS[event.event];
   if (handler) handler(event);
   if (event.event !== "word") log(JSON.stringify(event));
@@ -200,6 +203,8 @@ function onFrame(buffer) {
 function onPlayer(message) {
   if (message.type === "recording") {
     state.recording.push(message.samples);
+    let kept = state.recording.reduce((n, chunk) => n + chunk.length, 0);
+    while (kept > MAX_RECORDING_S * state.ctx.sampleRate) kept -= state.recording.shift().length;
     return;
   }
   Object.assign(state.player_status, message);
