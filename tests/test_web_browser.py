@@ -331,6 +331,15 @@ def test_without_the_token_the_page_cannot_open_a_call(browser):
         assert pg(browser, "s.ready") is None and pg(browser, "s.events.length") == 0
         browser.get(base + "/dashboard")
         wait_for(browser, "document.getElementById('token-form').hidden === false", "the dashboard's token form")
+        # It waits for the token rather than asking every second (each refusal is counted).
+        refused = refusals(srv.port, "unauthorized", TOKEN)
+        time.sleep(2.5)
+        assert refusals(srv.port, "unauthorized", TOKEN) == refused
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "token-save").click()
+        wait_for(browser, "document.getElementById('calls').textContent === '0 / 1'", "the dashboard with the token")
+        assert browser.find_element(By.ID, "token-form").is_displayed() is False
+        browser.execute_script("sessionStorage.clear()")
         # With the token the same page gets its call.
         open_playground(browser, base, token=TOKEN)
         connected(browser)
@@ -346,7 +355,7 @@ def test_a_page_from_another_origin_is_refused(browser, web_server, tmp_path):
         "<!doctype html><script>window.result = null; const ws = new WebSocket('ws://127.0.0.1:%d/');"
         "ws.onopen = () => { window.result = 'open'; }; ws.onclose = (e) => { window.result = window.result || "
         "'closed ' + e.code; };</script>" % web_server.port)
-    refused_before = refused_for_origin(web_server.port)
+    refused_before = refusals(web_server.port, "origin")
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
     foreign = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     thread = threading.Thread(target=foreign.serve_forever, daemon=True)
@@ -358,16 +367,19 @@ def test_a_page_from_another_origin_is_refused(browser, web_server, tmp_path):
     finally:
         foreign.shutdown()
         foreign.server_close()
-    assert refused_for_origin(web_server.port) == refused_before + 1  # it was the server's 403
+    assert refusals(web_server.port, "origin") == refused_before + 1  # it was the server's 403
     # The same server's own page is let in (the own-origin rule), which the first test relies on.
     open_playground(browser, web_server.base)
     connected(browser)
 
 
-def refused_for_origin(port: int) -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+def refusals(port: int, reason: str, token: str | None = None) -> float:
+    """dia2_calls_refused_total{reason} from the server's /metrics."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers)
+    body = urllib.request.urlopen(request, timeout=10).read().decode()
     for family in text_string_to_metric_families(body):
         for sample in family.samples:
-            if sample.name == "dia2_calls_refused_total" and sample.labels.get("reason") == "origin":
+            if sample.name == "dia2_calls_refused_total" and sample.labels.get("reason") == reason:
                 return sample.value
-    raise AssertionError("no dia2_calls_refused_total{reason=origin} in /metrics")
+    raise AssertionError(f"no dia2_calls_refused_total{{reason={reason}}} in /metrics")

@@ -15,9 +15,12 @@ const state = { token: savedToken(), history: [], polls: 0, failures: 0, last: n
 window.dashboard = state;
 
 async function poll() {
+  let again = true;
   try {
     const response = await fetch("/dashboard/feed", { headers: authHeaders(state.token), cache: "no-store" });
     if (response.status === 401) {
+      // Wait for a token instead of asking every second: each refusal is counted in /metrics.
+      again = false;
       $("token-form").hidden = false;
       setBadge("token needed", "warn");
       return;
@@ -31,7 +34,7 @@ async function poll() {
     state.failures++;
     setBadge(`unreachable (${error.message})`, "bad");
   } finally {
-    setTimeout(poll, POLL_MS);
+    if (again) setTimeout(poll, POLL_MS);
   }
 }
 
@@ -188,6 +191,7 @@ function setBadge(text, kind) {
 $("token-save").addEventListener("click", () => {
   state.token = $("token").value.trim();
   saveToken(state.token);
+  poll();
 });
 $("window-min").textContent = String(HISTORY_S / 60);
 poll();
