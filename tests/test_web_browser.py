@@ -278,6 +278,16 @@ def test_word_by_word_in_mu_law(browser, web_server, shots):
     energy = pg(browser, "s.recording.reduce((e, c) => e + c.reduce((a, x) => a + x * x, 0), 0)")
     assert energy > 0
     browser.save_screenshot(str(shots / "web-playground.png"))
+    # Reset, then a new call turn in A-law: the page decodes and plays that too.
+    driver_events = "s.events.filter(e => e.event === 'reset').length"
+    browser.find_element(By.ID, "reset").click()
+    wait_for(browser, f"(s => {driver_events})(window.playground) === 1", "the reset event")
+    assert pg(browser, "s.current") is None
+    before = pg(browser, "s.heard.length")
+    turn = speak(browser, "[S1] Goodbye for now.", fmt="alaw_8000")
+    played_out(browser, turn)
+    assert pg(browser, f"s.heard.slice({before})") == ["Goodbye", "for", "now."]
+    assert pg(browser, "s.player_status.rate") == 8000
 
 
 # ---------------------------------------------------------------------------------------------
