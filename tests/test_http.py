@@ -25,8 +25,10 @@ from helpers import http_call
 TOKEN = "s3cret-token"
 
 
-def request(path="/", method="GET", **headers) -> Request:
-    return Request(path, Headers([(k.replace("_", "-"), v) for k, v in headers.items()]), method)
+def request(path="/", method="GET", upgrade=True, **headers) -> Request:
+    """A websocket handshake by default (the gate tells it from a page request by `Upgrade`)."""
+    upgrade_headers = [("Upgrade", "websocket"), ("Connection", "Upgrade")] if upgrade else []
+    return Request(path, Headers(upgrade_headers + [(k.replace("_", "-"), v) for k, v in headers.items()]), method)
 
 
 def gate(token=TOKEN, origins=None, refused=None) -> HttpGate:

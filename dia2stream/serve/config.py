@@ -80,6 +80,7 @@ class ServerConfig:
     ping_timeout_s: float = 20.0
     max_voices_per_connection: int = 4
     voice_cache_mb: int = 2048
+    web: bool = True  # the playground and dashboard pages (issue 23); --no-web answers 404
 
     def voice_settings(self, allow_download: bool = False):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
@@ -185,8 +186,18 @@ _FLAGS = [  # (name, type, help)
     ("ping_timeout_s", float, "drop a connection whose pong is this late, seconds"),
     ("max_voices_per_connection", int, "distinct voices one connection may create (excess: too_many_voices)"),
     ("voice_cache_mb", int, "disk for cached prepared voices, MiB; least recently used evicted; 0 = no limit"),
+    ("web", bool, "serve the playground (/) and dashboard (/dashboard) pages; --no-web answers 404 for them"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
+
+
+def _env_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
@@ -200,11 +211,15 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         choices = list(kind) if isinstance(kind, enum.EnumMeta) else None
         if env in environ:
             try:
-                default = kind(environ[env])
+                default = _env_bool(environ[env]) if kind is bool else kind(environ[env])
             except ValueError:
                 expected = " or ".join(choices) if choices else f"a valid {kind.__name__}"
                 parser.error(f"{env}={environ[env]!r}: expected {expected}")
         shown = "(set)" if name in _SECRETS and default else default
+        if kind is bool:  # --web / --no-web
+            parser.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                                default=default, help=f"{text} [env {env}=1|0, default {shown}]")
+            continue
         parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, choices=choices,
                             help=f"{text} [env {env}, default {shown}]")
     env_voices = tuple(v.strip() for v in environ.get("DIA2_VOICE", "").split(";") if v.strip())

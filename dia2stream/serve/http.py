@@ -13,10 +13,14 @@ No sockets, no event loop: a pure function of the request, so it is tested witho
 - `/health`: GET, or HEAD (same headers, no body); always open, so a load balancer needs no
   secret. Other methods: 405 with `Allow`.
 - `/metrics`: Prometheus text; behind the token like the websocket.
+- The browser pages (`web_pages.WebPages`; `--no-web`: 404): the playground `/`, the dashboard
+  `/dashboard` and their assets `/web/...` for a plain GET/HEAD (a websocket upgrade to `/` is
+  still the websocket); the dashboard's feed `/dashboard/feed`, behind the token like /metrics.
 - Any other path is the websocket: a token is required when one is configured
   (`Authorization: Bearer <token>`, or `?token=<token>` for clients that cannot set headers,
   such as browsers); wrong or missing → 401 and no websocket. A browser (a request with an
-  `Origin` header) must come from an allowed origin → else 403.
+  `Origin` header) must come from an allowed origin → else 403. With the pages on, the server's
+  own origin (the page it served) is allowed too, when the Host is an IP address or `localhost`.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from urllib.parse import parse_qsl, urlsplit
 
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
+
+from dia2stream.serve import web_pages
 
 log = logging.getLogger(__name__)
 
@@ -53,20 +59,26 @@ class HttpPolicy:
     """Who may connect. `allowed_origins`: exact browser origins (`https://app.example.com`) or
     `*`; None means: no Origin check when a token is set (a page must know the token anyway),
     and no browser at all when there is no token (else any page the operator opens could drive
-    a loopback server)."""
+    a loopback server). `own_origin`: also allow a page this server served itself (the
+    playground), recognised by an Origin equal to the request's Host; only for a Host that is an
+    IP address or `localhost`, because a DNS name can be rebound to this server by any site."""
 
     auth_token: str | None = None
     allowed_origins: tuple[str, ...] | None = None
+    own_origin: bool = False
 
     @classmethod
     def from_config(cls, config) -> "HttpPolicy":
         """From a `ServerConfig`: reads --auth-token-file (OSError/ValueError if unusable)."""
         return cls(auth_token=load_auth_token(config.auth_token, config.auth_token_file),
-                   allowed_origins=parse_origins(config.allowed_origins))
+                   allowed_origins=parse_origins(config.allowed_origins), own_origin=config.web)
 
-    def origin_allowed(self, origin: str | None) -> bool:
+    def origin_allowed(self, origin: str | None, host: str | None = None) -> bool:
+        """`host`: the request's Host header, for the own-origin rule."""
         if origin is None:
             return True  # not a browser: browsers always send Origin on a websocket upgrade
+        if self.own_origin and host is not None and is_own_origin(origin, host):
+            return True
         if self.allowed_origins is None:
             return self.auth_token is not None
         return ANY_ORIGIN in self.allowed_origins or origin.rstrip("/") in self.allowed_origins
@@ -81,13 +93,15 @@ class HttpGate:
         health: Callable[[], dict[str, Any]],
         metrics: Callable[[], tuple[bytes, str]] | None = None,
         on_refused: Callable[[str], None] | None = None,
+        pages: web_pages.WebPages | None = None,
     ) -> None:
         """`health()` returns the JSON body of /health; `metrics()` returns (body, content type)
-        for /metrics (None: 404); `on_refused(reason)` is told of every refused websocket or
-        /metrics request (for a counter)."""
+        for /metrics (None: 404); `on_refused(reason)` is told of every refused websocket,
+        /metrics or feed request (for a counter); `pages`: the browser pages (None: 404)."""
         self.policy = policy
         self._health = health
         self._metrics = metrics
+        self._pages = pages
         self._on_refused = on_refused
         self._token_digest = _digest(policy.auth_token) if policy.auth_token is not None else None
 
@@ -107,6 +121,8 @@ class HttpGate:
                 return refused
             body, content_type = self._metrics()
             return _response(HTTPStatus.OK, body, content_type, head=method == "HEAD")
+        if web_pages.is_web_path(path) and method in READ_METHODS and not _is_upgrade(request):
+            return self._web(request, path, head=method == "HEAD")
         # The websocket. websockets itself answers 405 to a non-GET upgrade, but only after our
         # token check; refuse first so a wrong method never learns whether the token was right.
         if method != "GET":
@@ -121,6 +137,22 @@ class HttpGate:
         return any(hmac.compare_digest(_digest(candidate), self._token_digest)
                    for candidate in _presented_tokens(request))
 
+    def _web(self, request: Request, path: str, head: bool) -> Response:
+        if self._pages is None:
+            return _response(HTTPStatus.NOT_FOUND, b"not found (the web pages are off: --no-web)\n", "text/plain")
+        if path == web_pages.FEED_PATH:
+            refused = self._refusal(request)
+            if refused is not None:
+                return refused
+            return _response(HTTPStatus.OK, json.dumps(self._pages.feed()).encode(), "application/json", head=head)
+        asset = self._pages.page(path)
+        if asset is None:
+            return _response(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain")
+        response = _response(HTTPStatus.OK, asset.body, asset.content_type, head=head)
+        response.headers["Content-Security-Policy"] = web_pages.CONTENT_SECURITY_POLICY
+        response.headers["X-Content-Type-Options"] = "nosniff"
+        return response
+
     def _refusal(self, request: Request) -> Response | None:
         if not self.authorized(request):
             self._refused(REFUSED_UNAUTHORIZED)
@@ -128,7 +160,9 @@ class HttpGate:
             response.headers["WWW-Authenticate"] = 'Bearer realm="dia2stream"'
             return response
         origins = request.headers.get_all("Origin")
-        if len(origins) > 1 or not self.policy.origin_allowed(origins[0] if origins else None):
+        hosts = request.headers.get_all("Host")
+        host = hosts[0] if len(hosts) == 1 else None
+        if len(origins) > 1 or not self.policy.origin_allowed(origins[0] if origins else None, host):
             self._refused(REFUSED_ORIGIN)
             return _response(HTTPStatus.FORBIDDEN, b"origin not allowed\n", "text/plain")
         return None
@@ -137,6 +171,26 @@ class HttpGate:
         log.info("refused a connection before the upgrade: %s", reason)  # never the token itself
         if self._on_refused is not None:
             self._on_refused(reason)
+
+
+def is_own_origin(origin: str, host: str) -> bool:
+    """True when a browser's Origin names the Host it sent the request to, and that Host is an
+    IP address or `localhost` (names that no other site can make resolve here)."""
+    parts = urlsplit(origin)
+    if parts.scheme not in ("http", "https") or parts.netloc.lower() != host.strip().lower():
+        return False
+    hostname = parts.hostname or ""
+    if hostname == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(hostname)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_upgrade(request: Request) -> bool:
+    return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
 
 
 def _presented_tokens(request: Request) -> list[str]:

@@ -36,6 +36,7 @@ from dia2stream.serve.metrics import Metrics
 from dia2stream.serve.outbox import Outbox
 from dia2stream.voices.voice import VoiceError, VoiceRequest
 from dia2stream.serve.voice_scope import VoiceScope
+from dia2stream.serve.web_pages import WebPages
 
 log = logging.getLogger("dia2stream")
 
@@ -68,15 +69,18 @@ class Connection:
 
 class Dia2Server:
     def __init__(self, engine: Engine, model_name: str, device: str, max_lead_ms: float,
-                 limits: Limits | None = None, policy: HttpPolicy | None = None, metrics: Metrics | None = None):
+                 limits: Limits | None = None, policy: HttpPolicy | None = None, metrics: Metrics | None = None,
+                 web: bool = True):
         """`metrics`: the registry the engine records frame steps in (`Engine(metrics=...)`); a
-        fresh one when None (then /metrics has no frame-step figures)."""
+        fresh one when None (then /metrics has no frame-step figures). `web`: serve the
+        playground and dashboard pages (`--no-web`: False)."""
         self.engine, self.model_name, self.device, self.max_lead_ms = engine, model_name, device, max_lead_ms
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
         self.metrics.set_info(model=model_name, device=device, max_calls=engine.max_calls)
-        self.gate = HttpGate(policy or HttpPolicy(), health=self.health, metrics=self.metrics.render,
-                             on_refused=self.metrics.call_refused)
+        pages = WebPages(self.health, self.metrics.registry) if web else None
+        self.gate = HttpGate(policy or HttpPolicy(own_origin=web), health=self.health, metrics=self.metrics.render,
+                             on_refused=self.metrics.call_refused, pages=pages)
         self.large = LargeMessageGate(self.limits)
         # Voice audio decodes and transcriptions in worker threads, server-wide.
         self._voice_loads = asyncio.Semaphore(MAX_PARALLEL_VOICE_LOADS)
@@ -369,7 +373,7 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
         metrics = Metrics()
         tts, engine = await asyncio.to_thread(build_engine, config, metrics)
         server = Dia2Server(engine, tts.name, str(tts.device), config.max_lead_ms, limits=limits, policy=policy,
-                            metrics=metrics)
+                            metrics=metrics, web=config.web)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -380,7 +384,8 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
         async with serve(server.handle, config.host, config.port, process_request=server.process_request,
                          **limits.websocket_settings()) as ws_server:
             port = ws_server.sockets[0].getsockname()[1]
-            log.info("listening on ws://%s:%d/", config.host, port)
+            log.info("listening on ws://%s:%d/%s", config.host, port,
+                     f" (playground http://{config.host}:{port}/, dashboard /dashboard)" if config.web else "")
             print(f"dia2stream ready on ws://{config.host}:{port}/", flush=True)
             if ready is not None:
                 ready.set_result(port)

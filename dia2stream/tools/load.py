@@ -3,7 +3,7 @@
     python -m dia2stream.tools.load [ws://127.0.0.1:8765/] --calls 8 --turns 3 [--pause-every 2]
     python -m dia2stream.tools.load ws://127.0.0.1:8765/ --pattern call-centre --calls 64 --turns 4
         [--text "[S1] ..."] [--inject-text " ..."] [--format ulaw_8000] [--ramp S]
-        [--duration-limit S] [--step-timeout S] [--json out.json] [--quiet]
+        [--duration-limit S] [--step-timeout S] [--json out.json] [--plot out.png] [--quiet]
 
 Each call opens its own websocket to the one URL given (loopback by default), sends `start`,
 then after each `done` an `inject` (the warm next turn), M turns in all; every K-th turn is
@@ -14,6 +14,8 @@ what callers hear: time to first byte, speech onset (until the first word's fram
 inter-frame gaps and underruns, as p50/p95/p99 over the calls' turns, split by turn kind
 (`start` vs `inject` after `done`). Bounded in calls, turns and time (--duration-limit): it
 stops by itself. Exit status: 0 when no call had an error, 1 otherwise, 2 on bad arguments.
+`--plot` draws the onset distribution per turn kind and the underruns over time
+(dia2stream.tools.load_plot; needs matplotlib, the `plot` extra).
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ class Turn:
             "paused": self.paused,
             "frames_after_paused": self.frames_after_paused,
             "server_ttfa_ms": (self.done or {}).get("ttfa_ms"),
+            # On the script's own clock (perf_counter seconds): when the turn began and when each
+            # late frame arrived, for plots over time.
+            "sent_at_s": round(self.sent_at, 4),
+            "underruns_at_s": [round(a, 4) for p in plays for a, late in zip(p.arrivals, p.late_s) if late > 0],
             "done": self.done is not None,
             "error": self.error,
         }
@@ -374,6 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--barge-in-every", type=int, default=5, metavar="N",
                     help="call-centre: about one turn in N is interrupted (default 5; 0: never)")
     ap.add_argument("--json", metavar="PATH", help="write config, summary and per-call turns as JSON")
+    ap.add_argument("--plot", metavar="PATH", help="draw onset per turn kind and underruns over time (PNG/SVG/PDF; "
+                                                   "needs matplotlib: pip install 'dia2stream[plot]')")
+    ap.add_argument("--plot-title", metavar="TEXT", help="title of the plot (default: calls, turns and URL)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     args = ap.parse_args(argv)
     url = urlparse(args.url)
@@ -387,6 +396,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--pause-every and --ramp must be >= 0, --duration-limit and --step-timeout > 0")
     if args.arrival_window < 0 or args.barge_in_every < 0:
         ap.error("--arrival-window and --barge-in-every must be >= 0")
+    if args.plot:
+        try:  # before any call is made, not after the run
+            import matplotlib  # noqa: F401
+        except ImportError:
+            ap.error("--plot needs matplotlib: pip install 'dia2stream[plot]'")
     return args
 
 
@@ -404,6 +418,12 @@ def main(argv: list[str] | None = None) -> int:
         config = {k: v for k, v in vars(args).items() if k not in ("json", "quiet")}
         with open(args.json, "w") as f:
             json.dump({"config": config, "summary": summary, "calls": [c.to_dict() for c in calls]}, f, indent=1)
+    if args.plot:
+        from dia2stream.tools.load_plot import plot_load
+
+        title = args.plot_title or f"{args.calls} calls x {args.turns} turns, {args.url}"
+        plot_load([c.to_dict() for c in calls], summary, args.plot, title)
+        print(f"plot: {args.plot}", flush=True)
     return 1 if summary["calls_with_errors"] else 0
 
 
