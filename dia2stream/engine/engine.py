@@ -146,6 +146,16 @@ class Engine:
             call.epoch += 1
         self._commands.put((call, command, call.epoch, time.monotonic()))
 
+    def drain_call(self, call: Call) -> None:
+        """The server is draining: `call` finishes the utterance it is speaking and begins no new
+        one; its sink gets `call.Drained` once it has nothing more to say (`Call.drain`)."""
+        self._commands.put((call, _Drain(), call.epoch, time.monotonic()))
+
+    @property
+    def running(self) -> bool:
+        """The generation thread is alive: calls can be served."""
+        return self._thread.is_alive() and not self._closed
+
     def reply(self, call: Call, event: object) -> None:
         """An event the event loop answers itself (ping, parse errors), sent in command order."""
         self._commands.put((call, _Reply(event), call.epoch, time.monotonic()))
@@ -306,6 +316,8 @@ class Engine:
                 return  # a command that raced with a disconnect
             elif isinstance(command, _Reply):
                 call.emit(command.event)
+            elif isinstance(command, _Drain):
+                call.drain()
             elif isinstance(command, p.SetVoice):
                 self._on_set_voice(call, command, epoch, received_at)
             else:
@@ -313,6 +325,8 @@ class Engine:
         except Exception as exc:
             log.exception("call %d: error handling %s", call.slot, getattr(command, "cmd", type(command).__name__))
             call.fail(exc)
+        if call.draining:
+            call.note_drained()
 
     def _step(self, calls: list[Call]) -> None:
         stepping = []
@@ -321,6 +335,7 @@ class Engine:
                 stepping.append(call)
             else:
                 call.context_full()
+                call.note_drained()
         if not stepping:
             return
         choices = [None] * self.stepper.n
@@ -356,6 +371,8 @@ class Engine:
         for call in stepping:
             if call.turn is not None:
                 self._guarded(call, call.check_end)
+            if call.draining:
+                call.note_drained()
 
     def _guarded(self, call: Call, fn, *args) -> None:
         try:
@@ -473,6 +490,12 @@ class _Detach:
     """Internal: the client is gone; reset and free the slot."""
 
     cmd = "detach"
+
+
+class _Drain:
+    """Internal: the server is draining; the call finishes its utterance and begins none."""
+
+    cmd = "drain"
 
 
 @dataclass(frozen=True)

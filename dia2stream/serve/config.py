@@ -50,6 +50,9 @@ class ServerConfig:
     ping_timeout_s: float = 20.0
     max_voices_per_connection: int = 4
     voice_cache_mb: int = 2048
+    # -- a fleet behind a balancer (issue 22); docs/deploy.md
+    agent_port: int | None = None  # HAProxy agent-check responder (serve/agent.py); None = off, 0 = a free port
+    drain_timeout_s: float = 30.0  # SIGTERM: how long calls may finish their utterance; 0 = close at once
 
 
 _FLAGS = [  # (name, type, help)
@@ -102,6 +105,11 @@ _FLAGS = [  # (name, type, help)
     ("ping_timeout_s", float, "drop a connection whose pong is this late, seconds"),
     ("max_voices_per_connection", int, "distinct voices one connection may create (excess: too_many_voices)"),
     ("voice_cache_mb", int, "disk for cached prepared voices, MiB; least recently used evicted; 0 = no limit"),
+    # -- a fleet behind a balancer (issue 22); see docs/deploy.md
+    ("agent_port", int, "answer HAProxy agent checks on this TCP port (free capacity as 'up ready N%%', 'drain', "
+                        "'down'); 0 picks a free one; off when unset"),
+    ("drain_timeout_s", float, "on SIGTERM, how long calls may finish the utterance they are speaking before "
+                               "they are closed (a second SIGTERM ends at once); 0 = close at once"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 
@@ -143,6 +151,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error(f"--kernels must be auto, torch or triton, not {values['kernels']!r}")
     if values["weights"] not in ("bf16", "fp8"):
         parser.error(f"--weights must be bf16 or fp8, not {values['weights']!r}")
+    if values["agent_port"] is not None and not 0 <= values["agent_port"] <= 65535:
+        parser.error("--agent-port must be a TCP port (0-65535)")
+    if not values["drain_timeout_s"] >= 0:
+        parser.error("--drain-timeout-s must be 0 or more")
     if values["compile"] not in ("auto", "on", "off"):
         parser.error(f"--compile must be auto, on or off, not {values['compile']!r}")
     return ServerConfig(**values)
