@@ -282,3 +282,15 @@ async def test_drain_ends_at_the_timeout_or_a_second_signal(ends_by):
         assert not any(e["event"] == "done" for e in events)  # cut off: the utterance was far longer
         assert server.finished(TIMEOUT)
     print(f"\n[drain] ended by {ends_by} after {elapsed:.2f} s")
+
+
+def test_device_cuda_n_beyond_the_machines_gpus_is_a_clear_error():
+    import torch
+
+    from dia2stream.serve.server import use_device
+
+    use_device(None)
+    use_device("cpu")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=f"this machine has {count} CUDA device"):
+        use_device(f"cuda:{count}")

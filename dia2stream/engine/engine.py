@@ -221,6 +221,10 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.tts.device.type == "cuda" and self.tts.device.index is not None:
+            # The current device is per thread: kernels launched here without one (Triton's, CUDA
+            # graph capture and replay streams) must land on the model's GPU, cuda:N for any N.
+            torch.cuda.set_device(self.tts.device)
         while not self._closed:
             try:
                 item = self._next_command()

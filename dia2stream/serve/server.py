@@ -376,6 +376,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     # The generation thread waits on the GPU once a frame; with the default 5 ms GIL switch
     # interval the event loop can hold it that long when the frame is done.
     sys.setswitchinterval(0.0005)
+    use_device(config.device)  # this thread captures the CUDA graphs
     t0 = time.perf_counter()
     tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
     compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
@@ -384,7 +385,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     # allow_download=False: whisper weights are never fetched while serving (finding 11); without
     # local weights a set_voice with no transcript is `transcript_required`.
     voice = VoiceSettings(voice_dir=config.voice_dir, max_seconds=config.max_voice_seconds,
-                          whisper_model=config.whisper_model, cache_dir=config.voice_cache,
+                          whisper_model=config.whisper_model, whisper_device=str(tts.device), cache_dir=config.voice_cache,
                           allow_download=False, cache_max_mb=config.voice_cache_mb or None)
     engine = Engine(tts, EngineConfig(max_calls=max_calls, max_lead_ms=config.max_lead_ms,
                                       context_frames=config.context_frames, cfg_scale=config.cfg_scale,
@@ -405,6 +406,22 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
         engine.close()
         raise
     return tts, engine
+
+
+def use_device(device: str | None) -> None:
+    """Make `--device cuda:N` this thread's current CUDA device. Work that names no device (CUDA
+    graph capture, side streams, Triton launches, synchronize, the allocator's figures) uses the
+    current one, which is per thread and cuda:0 by default: every thread that touches the GPU
+    calls this (the engine's thread does the same for itself)."""
+    if device and device.startswith("cuda:"):  # plain "cuda" is cuda:0, already current
+        import torch
+
+        index = torch.device(device).index
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s)"
+                             + (f" (cuda:0 to cuda:{count - 1})" if count else ""))
+        torch.cuda.set_device(index)
 
 
 def parse_voice_spec(spec: str) -> VoiceRequest:
@@ -446,6 +463,7 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
             log.warning(warning)
         metrics = Metrics()
         tts, engine = await asyncio.to_thread(build_engine, config, metrics)
+        use_device(str(tts.device))  # /metrics reads the allocator's figures on this thread
         server = Dia2Server(engine, tts.name, str(tts.device), config.max_lead_ms, limits=limits, policy=policy,
                             metrics=metrics)
         loop = asyncio.get_running_loop()
