@@ -20,10 +20,8 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +35,7 @@ import pytest
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from dia2stream.tools.haproxy_config import CONFIG, fleet_config, free_port
 from dia2stream.tools.retry import Busy, BusyRetry, open_call
 
 pytestmark = [pytest.mark.slow,
@@ -44,7 +43,6 @@ pytestmark = [pytest.mark.slow,
                                  reason="haproxy is not installed (apt-get install haproxy; make test does it as root)")]
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "deploy" / "haproxy.cfg"
 MAX_CALLS = 2
 SERVERS = 3
 DRAIN_TIMEOUT_S = 90
@@ -54,39 +52,7 @@ LONG_TEXT = "[S1] " + " ".join(["word"] * 30)  # about 9 s of audio at the tiny 
 SERVER_HEADER = "X-Dia2-Server"
 
 
-# --- the configuration under test ------------------------------------------------------------------
-
-
-def fleet_config(template: str, servers: list[tuple[int, int]], calls_port: int, stats_port: int,
-                 max_calls: int, check_ms: int) -> str:
-    """deploy/haproxy.cfg for servers on 127.0.0.1: (port, agent port) each. Every substitution
-    must match the template exactly as often as expected, so a changed template fails loudly."""
-
-    def swap(text: str, pattern: str, new: str, count: int = 1) -> str:
-        found = len(re.findall(pattern, text, flags=re.M))
-        assert found == count, f"deploy/haproxy.cfg: {pattern!r} found {found} times, expected {count}"
-        return re.sub(pattern, new, text, flags=re.M)
-
-    text = swap(template, r"^(\s*)bind :8080$", rf"\1bind 127.0.0.1:{calls_port}")
-    text = swap(text, r"^(\s*)bind :8404$", rf"\1bind 127.0.0.1:{stats_port}")
-    text = swap(text, r"\binter 2s\b", f"inter {check_ms}ms", count=2)  # `inter` and `agent-inter`
-    text = swap(text, r"\bmaxconn 64\b", f"maxconn {max_calls}")
-    lines = re.findall(r"^(\s*)server \S+ \S+$", text, flags=re.M)
-    assert lines, "deploy/haproxy.cfg has no `server NAME ADDRESS` lines"
-    indent = lines[0]
-    ours = "".join(f"{indent}server gpu{i} 127.0.0.1:{port} agent-port {agent}\n"
-                   for i, (port, agent) in enumerate(servers))
-    text = re.sub(r"(^\s*server \S+ \S+\n)+", ours, text, count=1, flags=re.M)
-    return text
-
-
 # --- processes -------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -398,3 +364,14 @@ async def test_sigterm_drains_a_server_while_it_speaks_and_a_new_one_rejoins(fle
         if gpu1.proc.poll() is not None:
             gpu1.start()
             await asyncio.to_thread(gpu1.wait_listening)
+
+
+def test_proxy_cost_measures_calls_streaming_through_haproxy(tmp_path):
+    from dia2stream.tools import proxy_cost
+
+    out = tmp_path / "cost.json"
+    assert proxy_cost.main(["--calls", "3", "--seconds", "2", "--format", "ulaw_8000", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["calls"] == 3 and result["frame_bytes"] == 644
+    assert 10 <= result["frames_per_s_per_call"] <= 13  # every call streamed at the wire's pace, through HAProxy
+    assert result["loaded_cpu_percent"] >= 0 and result["rss_kib_loaded"] > 0 and "HAProxy" in result["haproxy"]
