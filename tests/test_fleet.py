@@ -20,6 +20,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -241,7 +242,7 @@ def test_the_template_substitution_touches_only_what_it_says():
     text = CONFIG.read_text()
     ours = fleet_config(text, [(9001, 9101), (9002, 9102)], 8001, 8002, 2, 300)
     assert "server gpu0 127.0.0.1:9001 agent-port 9101" in ours and "server gpu1 127.0.0.1:9002 agent-port 9102" in ours
-    assert "dia2-gpu" not in ours and "bind 127.0.0.1:8001" in ours and "maxconn 2 " in ours
+    assert "dia2-gpu" not in ours and "bind 127.0.0.1:8001" in ours and " maxconn 2 " in ours and "maxconn 8000" in ours
     for kept in ("balance leastconn", "option httpchk GET /ready", "agent-check", "weight 100", "timeout tunnel",
                  "retry-on conn-failure empty-response 503", "option redispatch"):
         assert kept in ours
@@ -375,3 +376,27 @@ def test_proxy_cost_measures_calls_streaming_through_haproxy(tmp_path):
     assert result["calls"] == 3 and result["frame_bytes"] == 644
     assert 10 <= result["frames_per_s_per_call"] <= 13  # every call streamed at the wire's pace, through HAProxy
     assert result["loaded_cpu_percent"] >= 0 and result["rss_kib_loaded"] > 0 and "HAProxy" in result["haproxy"]
+
+
+def test_the_templates_agree_with_the_tested_config():
+    """docker-compose.yml and k8s/ are untested templates; at least their figures must match
+    deploy/haproxy.cfg and each other: slots = maxconn, ports = agent-port, grace > drain."""
+    yaml = pytest.importorskip("yaml")
+    config = CONFIG.read_text()
+    maxconn = int(re.search(r"default-server .*\bmaxconn (\d+)", config).group(1))
+    agent_port = int(re.search(r"default-server .*\bagent-port (\d+)", config).group(1))
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    servers = {name: s for name, s in compose["services"].items() if name.startswith("dia2-gpu")}
+    assert servers and set(re.findall(r"^\s*server (\S+) (\S+):8765$", config, flags=re.M)) == \
+        {(name.removeprefix("dia2-"), name) for name in servers}
+    for service in servers.values():
+        env = service["environment"]
+        assert int(env["DIA2_MAX_CALLS"]) == maxconn and int(env["DIA2_AGENT_PORT"]) == agent_port
+        assert int(service["stop_grace_period"].rstrip("s")) > float(env["DIA2_DRAIN_TIMEOUT_S"])
+    pod = yaml.safe_load((ROOT / "deploy" / "k8s" / "deployment.yaml").read_text())["spec"]["template"]["spec"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    assert int(env["DIA2_MAX_CALLS"]) == maxconn and int(env["DIA2_AGENT_PORT"]) == agent_port
+    assert pod["terminationGracePeriodSeconds"] > float(env["DIA2_DRAIN_TIMEOUT_S"])
+    probes = pod["containers"][0]
+    assert probes["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert probes["livenessProbe"]["httpGet"]["path"] == "/health"

@@ -27,7 +27,7 @@ def fleet_config(template: str, servers: list[tuple[int, int]], calls_port: int,
     text = swap(text, r"^(\s*)bind :8404$", rf"\1bind 127.0.0.1:{stats_port}")
     if check_ms is not None:
         text = swap(text, r"\binter 2s\b", f"inter {check_ms}ms", count=2)  # `inter` and `agent-inter`
-    text = swap(text, r"\bmaxconn 64\b", f"maxconn {max_calls}")
+    text = swap(text, r"^(\s*default-server .*\bmaxconn )\d+\b", rf"\g<1>{max_calls}")
     block = re.search(r"(^(\s*)server \S+ \S+\n)+", text, flags=re.M)
     if block is None:
         raise ValueError("deploy/haproxy.cfg has no `server NAME ADDRESS` lines")
