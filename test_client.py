@@ -5,6 +5,7 @@
         [--inject TEXT --inject-at SECONDS] [--pause-at SECONDS [--played-ms MS|auto]]
         [--resume-at SECONDS] [--voice NAME] [--seed N] [--stream-words [--word-interval S]]
         [--format pcm_24000|pcm_16000|pcm_8000|ulaw_8000|alaw_8000] [-o out.wav] [--timeout S] [--quiet]
+        [--busy-retries N]
 
 Times given to --inject-at/--pause-at/--resume-at are seconds after `start` was sent.
 --format asks for that wire format; the WAV is written at its rate (G.711 decoded to 16-bit PCM).
@@ -14,7 +15,8 @@ command until such a player reaches the first word's frame, dia2stream.tools.pla
 The client stops at the `done` that covers the last text it sent (see docs/protocol.md, ids),
 or, when the last scheduled command is a pause, half a second after `paused` (checking that no
 audio frame arrives after it). Exit status: 0 ok, 1 error event / protocol violation / closed
-connection, 2 timeout.
+connection, 2 timeout. A `busy` refusal is tried again up to --busy-retries times after a short
+backoff, as a client behind a balancer must (dia2stream/tools/retry.py).
 """
 
 from __future__ import annotations
@@ -29,12 +31,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import soundfile as sf
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from dia2stream.wire import formats
 
 from dia2stream.tools import playback
+from dia2stream.tools.retry import Busy, BusyRetry, open_call
 from dia2stream.wire import protocol as p
 START_ID = "turn-1"
 INJECT_ID = "inject-1"
@@ -117,10 +119,16 @@ async def run(args: argparse.Namespace) -> int:
         state.format = formats.get_format(args.format)
     deadline = time.perf_counter() + args.timeout
     try:
-        async with connect(args.url, open_timeout=args.timeout, close_timeout=2) as ws:
-            ready = await receive_ready(ws, deadline)
-            if ready is None:
-                return fail(f"no 'ready' within {args.timeout:g} s", code=2)
+        try:
+            ws, first = await open_call(args.url, BusyRetry(attempts=args.busy_retries + 1),
+                                        open_timeout=args.timeout, close_timeout=2,
+                                        on_refused=lambda refusal: say(args, f"busy ({refusal}); trying again"))
+        except Busy as e:
+            return fail(f"server refused: {e}")
+        async with ws:
+            ready = p.parse_event(json.dumps(first))
+            if not isinstance(ready, (p.Ready, p.ErrorEvent)):
+                return fail(f"expected 'ready', got {ready.event!r}")
             if isinstance(ready, p.ErrorEvent):
                 return fail(f"server refused: {ready.code}: {ready.message}")
             state.sample_rate, state.frame_samples = ready.sample_rate, ready.frame_samples
@@ -185,19 +193,6 @@ def expected_done_id(actions: list[Action]) -> str | int | None:
     ids = [a.command.id for a in actions
            if isinstance(a.command, (p.Start, p.Inject)) and a.command.id is not None]
     return ids[-1] if ids else None
-
-
-async def receive_ready(ws, deadline: float) -> p.Ready | p.ErrorEvent | None:
-    """The server's first message: `ready`, or an `error` (busy); None on timeout."""
-    try:
-        message = await asyncio.wait_for(ws.recv(),
-                                         timeout=max(0.0, deadline - time.perf_counter()))
-    except asyncio.TimeoutError:
-        return None
-    event = p.parse_event(message)
-    if not isinstance(event, (p.Ready, p.ErrorEvent)):
-        raise RuntimeError(f"expected 'ready', got {event.event!r}")
-    return event
 
 
 async def send_actions(ws, actions: list[Action], state: Run, args: argparse.Namespace) -> None:
@@ -391,8 +386,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="seconds between streamed words (default 0.15)")
     ap.add_argument("-o", "--output", default="out.wav", help="WAV to write ('' for none)")
     ap.add_argument("--timeout", type=float, default=60.0, help="overall limit in seconds")
+    ap.add_argument("--busy-retries", type=int, default=3, metavar="N",
+                    help="when refused busy (close 1013, or HTTP 503 from a balancer or a draining server), "
+                         "try again up to N times after a short backoff (default 3)")
     ap.add_argument("--quiet", action="store_true", help="print only ready, errors and summary")
     args = ap.parse_args(argv)
+    if args.busy_retries < 0:
+        ap.error("--busy-retries must be 0 or more")
     if args.resume_at is not None and (args.pause_at is None or args.resume_at <= args.pause_at):
         ap.error("--resume-at needs an earlier --pause-at")
     if args.played_ms is not None:

@@ -53,3 +53,10 @@ def test_utterance_onset_word_times_and_played_ms():
     assert u.play_starts() == pytest.approx([10.1, 10.18, 10.26, 11.0, 11.08])
     assert u.played_ms(10.2) == pytest.approx(100)  # 80 ms of frame 0 + 20 ms of frame 1
     assert u.played_ms(20.0) == pytest.approx(400)
+
+
+def test_busy_retries_option():
+    assert tc.parse_args(["[S1] Hi."]).busy_retries == 3
+    assert tc.parse_args(["[S1] Hi.", "--busy-retries", "0"]).busy_retries == 0
+    with pytest.raises(SystemExit):
+        tc.parse_args(["[S1] Hi.", "--busy-retries", "-1"])

@@ -77,7 +77,8 @@ def test_one_call_two_turns_with_a_pause(server, tmp_path, capsys):
 def test_calls_beyond_the_servers_slots_are_refused_busy(server, tmp_path):
     out = tmp_path / "load.json"
     calls = 2
-    status = load.main([server.url, "--calls", str(calls), "--turns", "1", "--json", str(out), *SHORT])
+    status = load.main([server.url, "--calls", str(calls), "--turns", "1", "--busy-retries", "0", "--json", str(out),
+                        *SHORT])
     summary = json.loads(out.read_text())["summary"]
     assert status == 0, summary["errors"]
     slots = max_calls(server.port)
@@ -85,6 +86,22 @@ def test_calls_beyond_the_servers_slots_are_refused_busy(server, tmp_path):
     assert summary["finished"] == min(calls, slots)
     refused = [c for c in json.loads(out.read_text())["calls"] if c["busy"]]
     assert all(c["close_code"] == 1013 for c in refused)
+
+
+@pytest.mark.slow
+def test_a_busy_call_tries_again_and_is_served_once_a_slot_frees(server, tmp_path):
+    out = tmp_path / "load.json"
+    slots = max_calls(server.port)
+    calls = slots + 1
+    # 20 tries with a backoff of up to 2 s: far longer than the other calls' short turn takes
+    status = load.main([server.url, "--calls", str(calls), "--turns", "1", "--busy-retries", "20", "--json", str(out),
+                        *SHORT])
+    report = json.loads(out.read_text())
+    summary = report["summary"]
+    assert status == 0, summary["errors"]
+    assert summary["finished"] == calls and summary["busy_refusals"] == 0
+    assert summary["busy_retried"] >= 1
+    assert sum(c["refusals"] > 0 for c in report["calls"]) >= 1
 
 
 @pytest.mark.slow

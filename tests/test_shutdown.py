@@ -1,6 +1,7 @@
-"""Finding 8: SIGTERM stops a real server process (server.py, tiny checkpoint) within 2 s with
-exit code 0, even with a client that stopped reading after a ping flood; a client that reads
-gets `error` `shutting_down` and close 1001."""
+"""Finding 8: stopping at once (SIGTERM with `--drain-timeout-s 0`, or a second SIGTERM during a
+drain) ends a real server process (server.py, tiny checkpoint) within 2 s with exit code 0, even
+with a client that stopped reading after a ping flood; a client that reads gets `error`
+`shutting_down` and close 1001. The graceful drain itself: tests/test_readiness.py, test_fleet.py."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def start_server(*flags: str) -> tuple[subprocess.Popen, int, list[str]]:
     """The server process, its port, and its output so far (read on by a thread, so the pipe
     never fills and blocks the server's logging)."""
     proc = subprocess.Popen([sys.executable, "server.py", "--checkpoint", "tiny", "--mimi", "random-small",
-                             "--host", "127.0.0.1", "--port", "0", *flags], cwd=ROOT, stdout=subprocess.PIPE,
+                             "--host", "127.0.0.1", "--port", "0", "--overload-refusal-s", "0", *flags], cwd=ROOT,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     deadline = time.monotonic() + 120
     lines = []
@@ -50,6 +52,14 @@ def start_server(*flags: str) -> tuple[subprocess.Popen, int, list[str]]:
     raise AssertionError("server did not start:\n" + "".join(lines[-20:]))
 
 
+def wait_for_output(lines: list[str], text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(text in line for line in lines):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the server's output within {timeout:g} s")
+        time.sleep(0.05)
+
+
 def small_buffer_socket(port: int) -> socket.socket:
     """A client socket with a small receive buffer: once it stops reading, the server's writes
     back up quickly instead of filling megabytes of loopback buffers."""
@@ -59,8 +69,10 @@ def small_buffer_socket(port: int) -> socket.socket:
     return sock
 
 
-async def test_sigterm_exits_0_promptly_with_a_client_that_does_not_read():
-    proc, port, output = await asyncio.to_thread(start_server, "--max-calls", "2", "--max-lead-ms", "5000")
+@pytest.mark.parametrize("stop_by", ["sigterm without drain", "second sigterm"])
+async def test_sigterm_exits_0_promptly_with_a_client_that_does_not_read(stop_by):
+    drain = ["--drain-timeout-s", "0"] if stop_by == "sigterm without drain" else []
+    proc, port, output = await asyncio.to_thread(start_server, "--max-calls", "2", "--max-lead-ms", "5000", *drain)
     try:
         url = f"ws://127.0.0.1:{port}/"
         reader = await connect(url, open_timeout=30)
@@ -76,6 +88,9 @@ async def test_sigterm_exits_0_promptly_with_a_client_that_does_not_read():
             frames += isinstance(await asyncio.wait_for(reader.recv(), 30), bytes)
         await asyncio.sleep(1.0)  # the stuck client's frames and pongs back up
 
+        if stop_by == "second sigterm":
+            proc.send_signal(signal.SIGTERM)  # drains: both calls are speaking, so it would wait
+            await asyncio.to_thread(wait_for_output, output, "draining", 20)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         events = []
@@ -90,7 +105,7 @@ async def test_sigterm_exits_0_promptly_with_a_client_that_does_not_read():
         if proc.poll() is None:
             proc.kill()
     output = "".join(output)
-    print(f"\n[shutdown] SIGTERM -> exit {code} in {elapsed:.2f} s with a client that does not read")
+    print(f"\n[shutdown] {stop_by} -> exit {code} in {elapsed:.2f} s with a client that does not read")
     assert code == 0, output[-2000:]
     assert elapsed < EXIT_WITHIN_S, f"exit took {elapsed:.2f} s\n{output[-2000:]}"
     assert events and events[-1]["event"] == "error" and events[-1]["code"] == "shutting_down"

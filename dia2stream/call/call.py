@@ -66,7 +66,13 @@ class AudioFrame:
     data: bytes = b""  # the binary message in the call's format (header + samples)
 
 
-Item = object  # an event dataclass from `protocol`, or an AudioFrame
+@dataclass(frozen=True)
+class Drained:
+    """Internal, never sent: a draining call has said everything (its utterance's last frame and
+    `done` are queued before this), so its connection may close now."""
+
+
+Item = object  # an event dataclass from `protocol`, an AudioFrame, or Drained
 Sink = Callable[[Item], None]
 
 
@@ -132,6 +138,8 @@ class Call:
         self.frames_acked = 0  # frames the sender has taken off its queue (set by the server)
         self.frames_emitted = 0
         self.attached = False  # set on the generation thread once the slot is reset for this call
+        self.draining = False  # the server is draining: finish the utterance, begin none (generation thread)
+        self._drained_sent = False
         self._resume_phase = Phase.GENERATING
         self._floor_frame = 0  # aligned frames before this belong to the voice prefix (never decoded)
         self._prefix_codes: torch.Tensor | None = None  # its aligned codes as prepared (set by voice_reset)
@@ -157,6 +165,11 @@ class Call:
     @property
     def generating(self) -> bool:
         return self.phase is Phase.GENERATING and self.attached
+
+    @property
+    def speaking(self) -> bool:
+        """An utterance is under way: generating, or holding for more of its streamed text."""
+        return self.phase in (Phase.GENERATING, Phase.HOLDING)
 
     def lead_seconds(self) -> float:
         """How far the audio sent so far runs ahead of a client playing it in real time."""
@@ -195,6 +208,18 @@ class Call:
         self.phase = Phase.NONE
         self.clean_reset()
 
+    def drain(self) -> None:
+        """The server is draining: the utterance being spoken goes on to its end, no new one
+        begins (`draining` error), and `Drained` follows the last of it (`note_drained`)."""
+        self.draining = True
+        self.note_drained()
+
+    def note_drained(self) -> None:
+        """Once a draining call is not speaking, tell its connection (once) that it may close."""
+        if self.draining and not self._drained_sent and not self.speaking:
+            self._drained_sent = True
+            self.emit(Drained())
+
     # -- commands (generation thread) ------------------------------------------------------------
 
     def handle(self, cmd: object, received_at: float, epoch: int) -> None:
@@ -206,9 +231,20 @@ class Call:
         if handler is None:
             raise TypeError(f"a call cannot handle {type(cmd).__name__}")
         try:
+            if self.draining and self._begins_utterance(cmd):
+                raise p.ProtocolError(ErrorCode.DRAINING, "the server is draining for a restart and takes no new "
+                                      "turn on this call; reconnect to be served by another server",
+                                      cmd=cmd.cmd, id=cmd.id)
             handler(cmd)
         except p.ProtocolError as err:
             self.emit(err.to_event())
+
+    def _begins_utterance(self, cmd: object) -> bool:
+        """Would `cmd` make this call speak when it is not speaking now? (An inject or flush
+        during an utterance continues it, and a draining server lets it finish.)"""
+        if isinstance(cmd, p.Start):
+            return True
+        return isinstance(cmd, (p.Inject, p.Resume)) and not self.speaking
 
     def _on_start(self, cmd: p.Start) -> None:
         check_turn_text(self.machine, cmd, self.settings.max_pending_text_chars)

@@ -158,6 +158,16 @@ class Engine:
             call.epoch += 1
         self._post(call, command, call.epoch)
 
+    def drain_call(self, call: Call) -> None:
+        """The server is draining: `call` finishes the utterance it is speaking and begins no new
+        one; its sink gets `call.Drained` once it has nothing more to say (`Call.drain`)."""
+        self._post(call, Drain(), call.epoch)
+
+    @property
+    def running(self) -> bool:
+        """The generation thread is alive: calls can be served."""
+        return self._thread.is_alive() and not self._closed
+
     def reply(self, call: Call, event: object) -> None:
         """An event the event loop answers itself (ping, parse errors), sent in command order."""
         self._post(call, Reply(event), call.epoch)
@@ -204,6 +214,10 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        if self.tts.device.type == "cuda" and self.tts.device.index is not None:
+            # The current device is per thread: kernels launched here without one (Triton's, CUDA
+            # graph capture and replay streams) must land on the model's GPU, cuda:N for any N.
+            torch.cuda.set_device(self.tts.device)
         while not self._closed:
             try:
                 envelope = self._next_envelope()
@@ -294,6 +308,8 @@ class Engine:
                     return  # a command that raced with a disconnect
                 case Reply(event=event):
                     call.emit(event)
+                case Drain():
+                    call.drain()
                 case BuildVoice():
                     self._on_build_voice(call, message)
                 case _:
@@ -301,6 +317,8 @@ class Engine:
         except Exception as exc:
             log.exception("call %d: error handling %s", call.slot.index, getattr(message, "cmd", type(message).__name__))
             call.fail(exc)
+        if call.draining:
+            call.note_drained()
 
     def _step(self, calls: list[Call]) -> None:
         stepping = []
@@ -309,6 +327,7 @@ class Engine:
                 stepping.append(call)
             else:
                 call.context_full()
+                call.note_drained()
         if not stepping:
             return
         t0 = time.perf_counter()
@@ -337,6 +356,8 @@ class Engine:
         for call in stepping:
             if call.turn is not None:
                 self._guarded(call, call.check_end)
+            if call.draining:
+                call.note_drained()
 
     def _guarded(self, call: Call, fn, *args) -> None:
         try:
@@ -416,6 +437,11 @@ class Attach:
 @dataclass(frozen=True)
 class Detach:
     """The client is gone: reset and free the slot."""
+
+
+@dataclass(frozen=True)
+class Drain:
+    """The server is draining: the call finishes its utterance and begins none."""
 
 
 @dataclass(frozen=True)

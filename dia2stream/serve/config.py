@@ -81,15 +81,20 @@ class ServerConfig:
     max_voices_per_connection: int = 4
     voice_cache_mb: int = 2048
     web: bool = True  # the playground and dashboard pages (issue 23); --no-web answers 404
+    # -- a fleet behind a balancer (issue 22); docs/deploy.md
+    agent_port: int | None = None  # HAProxy agent-check responder (serve/agent.py); None = off, 0 = a free port
+    drain_timeout_s: float = 30.0  # SIGTERM: how long calls may finish their utterance; 0 = close at once
 
-    def voice_settings(self, allow_download: bool = False):
+    def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
-        without local weights a set_voice with no transcript is `transcript_required`."""
+        without local weights a set_voice with no transcript is `transcript_required`. Whisper
+        runs on `whisper_device` (the model's; None: cuda if available, else cpu)."""
         from dia2stream.voices.voice import VoiceSettings
 
         return VoiceSettings(voice_dir=self.voice_dir, max_seconds=self.max_voice_seconds,
-                             whisper_model=self.whisper_model, cache_dir=self.voice_cache,
-                             allow_download=allow_download, cache_max_mb=self.voice_cache_mb or None)
+                             whisper_model=self.whisper_model, whisper_device=whisper_device,
+                             cache_dir=self.voice_cache, allow_download=allow_download,
+                             cache_max_mb=self.voice_cache_mb or None)
 
     def engine_config(self, device, **overrides):
         """The engine's settings for a model on `device`: every field the two configs share is
@@ -104,7 +109,8 @@ class ServerConfig:
         values.update(max_calls=config.max_calls or default_max_calls(device),
                       compile=config.compile is CompileMode.ON or (config.compile is CompileMode.AUTO
                                                                     and _is_cuda(device)),
-                      kernels=resolve_kernels(config.kernels, device), voice=config.voice_settings())
+                      kernels=resolve_kernels(config.kernels, device),
+                      voice=config.voice_settings(whisper_device=str(device)))
         values.update({k: v for k, v in overrides.items() if k not in server_names})
         return EngineConfig(**values)
 
@@ -187,6 +193,11 @@ _FLAGS = [  # (name, type, help)
     ("max_voices_per_connection", int, "distinct voices one connection may create (excess: too_many_voices)"),
     ("voice_cache_mb", int, "disk for cached prepared voices, MiB; least recently used evicted; 0 = no limit"),
     ("web", bool, "serve the playground (/) and dashboard (/dashboard) pages; --no-web answers 404 for them"),
+    # -- a fleet behind a balancer (issue 22); see docs/deploy.md
+    ("agent_port", int, "answer HAProxy agent checks on this TCP port (free capacity as 'up ready N%%', 'drain', "
+                        "'down'); 0 picks a free one; off when unset"),
+    ("drain_timeout_s", float, "on SIGTERM, how long calls may finish the utterance they are speaking before "
+                               "they are closed (a second SIGTERM ends at once); 0 = close at once"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 
@@ -239,4 +250,10 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--lead-in-frames must be 0 or more")
     if values["max_pending_text_chars"] < MAX_TEXT_CHARS:
         parser.error(f"--max-pending-text-chars must be at least one text ({MAX_TEXT_CHARS})")
+    if values["compile_max_calls"] is not None and values["compile_max_calls"] < 1:
+        parser.error("--compile-max-calls must be at least 1")
+    if values["agent_port"] is not None and not 0 <= values["agent_port"] <= 65535:
+        parser.error("--agent-port must be a TCP port (0-65535)")
+    if not values["drain_timeout_s"] >= 0:
+        parser.error("--drain-timeout-s must be 0 or more")
     return ServerConfig(**values)

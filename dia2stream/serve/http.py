@@ -1,5 +1,5 @@
-"""Everything answered over plain HTTP before the websocket upgrade: `/health`, `/metrics`, and
-the gate (token, browser Origin) that every websocket connection passes first.
+"""Everything answered over plain HTTP before the websocket upgrade: `/health`, `/ready`, `/metrics`,
+and the gate (token, browser Origin) that every websocket connection passes first.
 
 The server's `process_request` delegates here and nowhere else:
 
@@ -10,8 +10,12 @@ The server's `process_request` delegates here and nowhere else:
 `respond` returns a `Response` to send instead of upgrading, or None to let the upgrade go on.
 No sockets, no event loop: a pure function of the request, so it is tested without a server.
 
-- `/health`: GET, or HEAD (same headers, no body); always open, so a load balancer needs no
-  secret. Other methods: 405 with `Allow`.
+- `/health`: liveness. GET, or HEAD (same headers, no body); always open, so a load balancer needs
+  no secret. 200 while the process can serve, full or not (an orchestrator must not restart a
+  server for being full); 503 only when its engine has stopped. Other methods: 405 with `Allow`.
+- `/ready`: readiness, for a balancer's health check. The same JSON body as `/health`, with 200
+  when a new call would be accepted now and 503 when not (every slot taken, behind real time,
+  draining or stopping). Open, like `/health`.
 - `/metrics`: Prometheus text; behind the token like the websocket.
 - The browser pages (`web_pages.WebPages`; `--no-web`: 404): the playground `/`, the dashboard
   `/dashboard` and their assets `/web/...` for a plain GET/HEAD (a websocket upgrade to `/` is
@@ -44,6 +48,7 @@ from dia2stream.serve import web_pages
 log = logging.getLogger(__name__)
 
 HEALTH_PATH = "/health"
+READY_PATH = "/ready"
 METRICS_PATH = "/metrics"
 READ_METHODS = ("GET", "HEAD")
 ANY_ORIGIN = "*"
@@ -108,11 +113,13 @@ class HttpGate:
     def respond(self, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         method = request.method.upper()
-        if path == HEALTH_PATH:
+        if path in (HEALTH_PATH, READY_PATH):
             if method not in READ_METHODS:
                 return _method_not_allowed(READ_METHODS)
-            body = json.dumps(self._health()).encode()
-            return _response(HTTPStatus.OK, body, "application/json", head=method == "HEAD")
+            health = self._health()
+            good = is_ready(health) if path == READY_PATH else is_alive(health)
+            status = HTTPStatus.OK if good else HTTPStatus.SERVICE_UNAVAILABLE
+            return _response(status, json.dumps(health).encode(), "application/json", head=method == "HEAD")
         if path == METRICS_PATH and self._metrics is not None:
             if method not in READ_METHODS:
                 return _method_not_allowed(READ_METHODS)
@@ -191,6 +198,16 @@ def is_own_origin(origin: str, host: str) -> bool:
 
 def _is_upgrade(request: Request) -> bool:
     return any("websocket" in value.lower() for value in request.headers.get_all("Upgrade"))
+
+
+def is_alive(health: dict[str, Any]) -> bool:
+    """Liveness from /health figures: false only when the server can no longer serve at all."""
+    return health.get("status") != "failed"
+
+
+def is_ready(health: dict[str, Any]) -> bool:
+    """Readiness from /health figures: a new call would be accepted now."""
+    return health.get("status") == "ok" and not health.get("busy")
 
 
 def _presented_tokens(request: Request) -> list[str]:

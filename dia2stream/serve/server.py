@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
@@ -26,7 +27,8 @@ from websockets.protocol import State
 from dia2stream.clock import FRAME_RATE
 from dia2stream.wire import protocol as p
 from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, default_max_calls
-from dia2stream.call.call import AudioFrame, Call
+from dia2stream.call.call import AudioFrame, Call, Drained
+from dia2stream.serve.agent import AgentResponder
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine
 from dia2stream.serve.http import HttpGate, HttpPolicy, unprotected_bind_warning
@@ -85,17 +87,28 @@ class Dia2Server:
         # Voice audio decodes and transcriptions in worker threads, server-wide.
         self._voice_loads = asyncio.Semaphore(MAX_PARALLEL_VOICE_LOADS)
         self.connections: set[Connection] = set()
+        self._no_connections = asyncio.Event()  # set whenever `connections` is empty
+        self._no_connections.set()
+        self.draining = False
         self.stopping = False
 
     # -- HTTP before the upgrade ----------------------------------------------------------------
 
     def health(self) -> dict:
-        return {"status": "stopping" if self.stopping else "ok", "model": self.model_name, "device": self.device,
-                **self.engine.health()}
+        """The /health and /ready body, and what the agent check answers from."""
+        return {"status": self.status, "model": self.model_name, "device": self.device, **self.engine.health()}
+
+    @property
+    def status(self) -> str:
+        if self.stopping:
+            return "stopping"
+        if not self.engine.running:
+            return "failed"
+        return "draining" if self.draining else "ok"
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         response = self.gate.respond(request)
-        if response is None and self.stopping:
+        if response is None and (self.stopping or self.draining):
             self.metrics.call_refused("shutting_down")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down\n")
         return response
@@ -118,6 +131,9 @@ class Dia2Server:
                           IdleClock(limits.idle_timeout_s), VoiceScope(VoiceQuota(limits.max_voices_per_connection)),
                           DeliveryMeter(self.metrics))
         self.connections.add(conn)
+        self._no_connections.clear()
+        if self.draining:  # upgraded just before the drain began: it ends like the others
+            self.engine.drain_call(call)
         self.metrics.calls_active(self.engine.calls)
         log.info("client %s connected (call %d)", peer, call.slot.index)
         watchdog = None
@@ -137,6 +153,8 @@ class Dia2Server:
             pass
         finally:
             self.connections.discard(conn)
+            if not self.connections:
+                self._no_connections.set()
             self._end_call(conn)
             self.engine.forget_voices(conn.voices.keys())  # queued after the detach: no build outlives it
             for task in (conn.sender, watchdog):
@@ -178,6 +196,10 @@ class Dia2Server:
         log.debug("call %d: cmd %s", call.slot.index, command.cmd)
         if isinstance(command, p.Ping):
             self.engine.reply(call, p.Pong(id=command.id))
+        elif isinstance(command, p.SetVoice) and self.draining:  # the call ends soon: no model work for it
+            self.engine.reply(call, p.ErrorEvent(code=p.ErrorCode.DRAINING, message="the server is draining for a "
+                                                 "restart; reconnect to prepare voices on another server",
+                                                 cmd=command.cmd, id=command.id))
         elif isinstance(command, p.SetVoice):
             await self._set_voice(conn, command)
         else:  # voices too: the list is made on the generation thread, in command order
@@ -210,6 +232,10 @@ class Dia2Server:
         try:
             while True:
                 item = await conn.outbox.get()
+                if isinstance(item, Drained):  # everything the call had to say is sent
+                    conn.closer = asyncio.ensure_future(self._close(conn, CLOSE_GOING_AWAY, "server draining",
+                                                                    _going_away_error()))
+                    return
                 if isinstance(item, AudioFrame):
                     call.frames_acked += 1
                     if item.epoch < call.epoch:
@@ -266,19 +292,46 @@ class Dia2Server:
             conn.call_closed = True
             self.engine.close_call(conn.call)
 
+    async def drain(self, timeout_s: float, interrupted: asyncio.Event) -> bool:
+        """The first SIGTERM: take no new call (upgrades 503, /ready 503, agent `drain`), let every
+        call finish the utterance it is speaking, closing each with 1001 once it has (after its
+        `done`), for at most `timeout_s` or until `interrupted` is set. True when every call ended
+        by itself; `shut_down` then closes whatever is left."""
+        self.draining = True
+        t0 = time.perf_counter()
+        speaking = sum(conn.call.speaking for conn in self.connections)
+        log.info("draining: %d connection(s), %d speaking; up to %g s", len(self.connections), speaking, timeout_s)
+        for conn in list(self.connections):
+            self.engine.drain_call(conn.call)
+        ended = asyncio.ensure_future(self._no_connections.wait())
+        stop = asyncio.ensure_future(interrupted.wait())
+        try:
+            await asyncio.wait((ended, stop), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ended.cancel()
+            stop.cancel()
+        drained = not self.connections
+        why = "every call finished" if drained else "interrupted" if interrupted.is_set() else "timed out"
+        log.info("drain: %s in %.2f s (%d connection(s) left)", why, time.perf_counter() - t0, len(self.connections))
+        return drained
+
     async def shut_down(self) -> None:
-        """SIGTERM/SIGINT: refuse new connections (503), tell every call `shutting_down` and close
-        it with 1001, concurrently, each within the close timeout."""
+        """Then (or at once, for a second SIGTERM or `--drain-timeout-s 0`): refuse new connections
+        (503), tell every call `shutting_down` and close it with 1001, concurrently, each within
+        the close timeout."""
         self.stopping = True
-        closing = [self._close(conn, CLOSE_GOING_AWAY, "server shutting down",
-                               p.ErrorEvent(code=p.ErrorCode.SHUTTING_DOWN, message="the server is shutting down; "
-                                            "reconnect to another instance"),
+        closing = [self._close(conn, CLOSE_GOING_AWAY, "server shutting down", _going_away_error(),
                                timeout=min(SHUTDOWN_CLOSE_S, self.limits.close_timeout_s))
                    for conn in list(self.connections)]
         if closing:
             t0 = time.perf_counter()
             await asyncio.gather(*closing, return_exceptions=True)
             log.info("shutting down: closed %d connection(s) in %.2f s", len(closing), time.perf_counter() - t0)
+
+
+def _going_away_error() -> p.ErrorEvent:
+    return p.ErrorEvent(code=p.ErrorCode.SHUTTING_DOWN, message="the server is shutting down; reconnect to "
+                        "another instance")
 
 
 async def close_within(ws: ServerConnection, code: int, reason: str, timeout: float,
@@ -312,6 +365,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     # The generation thread waits on the GPU once a frame; with the default 5 ms GIL switch
     # interval the event loop can hold it that long when the frame is done.
     sys.setswitchinterval(0.0005)
+    use_device(config.device)  # this thread captures the CUDA graphs
     t0 = time.perf_counter()
     if config.simulate_gpu:
         from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
@@ -320,7 +374,8 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
         log.warning("simulated GPU (%s, %s shape, profile %s): every timing figure is simulated and the audio is "
                     "noise", tts.profile.gpu, tts.profile.preset, config.simulate_gpu)
         engine_config = config.engine_config("cuda", max_calls=config.max_calls or default_max_calls("cuda"),
-                                             compile=CompileMode.OFF, kernels=KernelChoice.TORCH)
+                                             compile=CompileMode.OFF, kernels=KernelChoice.TORCH,
+                                             voice=config.voice_settings())
     else:
         tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
         engine_config = config.engine_config(tts.device)
@@ -336,6 +391,22 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
         engine.close()
         raise
     return tts, engine
+
+
+def use_device(device: str | None) -> None:
+    """Make `--device cuda:N` this thread's current CUDA device. Work that names no device (CUDA
+    graph capture, side streams, Triton launches, synchronize, the allocator's figures) uses the
+    current one, which is per thread and cuda:0 by default: every thread that touches the GPU
+    calls this (the engine's thread does the same for itself)."""
+    if device and device.startswith("cuda:"):  # plain "cuda" is cuda:0, already current
+        import torch
+
+        index = torch.device(device).index
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if index >= count:
+            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s)"
+                             + (f" (cuda:0 to cuda:{count - 1})" if count else ""))
+        torch.cuda.set_device(index)
 
 
 def parse_voice_spec(spec: str) -> VoiceRequest:
@@ -355,14 +426,19 @@ def parse_voice_spec(spec: str) -> VoiceRequest:
 
 
 async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.Future | None = None,
-              stop: asyncio.Event | None = None, limits: Limits | None = None) -> None:
-    """Serve until SIGINT/SIGTERM or until `stop` is set, then shut down (`Dia2Server.shut_down`).
+              stop: asyncio.Event | None = None, limits: Limits | None = None,
+              drain: asyncio.Event | None = None, agent_ready: concurrent.futures.Future | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, `drain` or `stop`, then shut down.
 
+    The first SIGTERM/SIGINT (or `drain` set) drains (`Dia2Server.drain`, up to
+    `--drain-timeout-s`); a second one (or `stop` set) ends at once (`Dia2Server.shut_down`).
     `ready` receives the listening port (useful with port 0), or the exception if the server
-    could not start; a `concurrent.futures.Future` lets another thread wait for it. `limits`
-    replaces the ones the configuration asks for (tests, embedding).
+    could not start; a `concurrent.futures.Future` lets another thread wait for it. `agent_ready`
+    receives the agent-check port (with `--agent-port`). `limits` replaces the ones the
+    configuration asks for (tests, embedding).
     """
     stop = stop or asyncio.Event()
+    drain = drain or asyncio.Event()
     engine = None
     try:
         limits = limits or Limits.from_config(config)
@@ -372,33 +448,62 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
             log.warning(warning)
         metrics = Metrics()
         tts, engine = await asyncio.to_thread(build_engine, config, metrics)
+        use_device(str(tts.device))  # /metrics reads the allocator's figures on this thread
         server = Dia2Server(engine, tts.name, str(tts.device), config.max_lead_ms, limits=limits, policy=policy,
                             metrics=metrics, web=config.web)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(sig, stop.set)
+                loop.add_signal_handler(sig, _first_drain_then_stop, sig, drain, stop)
             except (NotImplementedError, RuntimeError, ValueError) as exc:
                 # not the main thread (tests), or a platform without loop signal handlers
                 log.debug("no %s handler on this loop: %s", sig.name, exc)
-        async with serve(server.handle, config.host, config.port, process_request=server.process_request,
-                         **limits.websocket_settings()) as ws_server:
+        async with contextlib.AsyncExitStack() as stack:
+            if config.agent_port is not None:
+                agent = await stack.enter_async_context(AgentResponder(server.health, config.host, config.agent_port))
+                print(f"dia2stream agent-check on {config.host}:{agent.port}", flush=True)
+                if agent_ready is not None:
+                    agent_ready.set_result(agent.port)
+            ws_server = await stack.enter_async_context(
+                serve(server.handle, config.host, config.port, process_request=server.process_request,
+                      **limits.websocket_settings()))
             port = ws_server.sockets[0].getsockname()[1]
             log.info("listening on ws://%s:%d/%s", config.host, port,
                      f" (playground http://{config.host}:{port}/, dashboard /dashboard)" if config.web else "")
             print(f"dia2stream ready on ws://{config.host}:{port}/", flush=True)
             if ready is not None:
                 ready.set_result(port)
-            await stop.wait()
+            await _first_set(drain, stop)
+            if not stop.is_set() and config.drain_timeout_s > 0:
+                await server.drain(config.drain_timeout_s, interrupted=stop)
             ws_server.close(close_connections=False)  # stop accepting; our own close tells each call why
             await server.shut_down()
     except BaseException as exc:
-        if ready is not None and not ready.done():
-            if isinstance(exc, Exception):
-                ready.set_exception(exc)
-            else:
-                ready.cancel()
+        for future in (ready, agent_ready):
+            if future is not None and not future.done():
+                if isinstance(exc, Exception):
+                    future.set_exception(exc)
+                else:
+                    future.cancel()
         raise
     finally:
         if engine is not None:
             await asyncio.to_thread(engine.close)
+
+
+def _first_drain_then_stop(sig: signal.Signals, drain: asyncio.Event, stop: asyncio.Event) -> None:
+    if drain.is_set():
+        log.info("%s again: closing every call now", sig.name)
+        stop.set()
+    else:
+        log.info("%s: draining (again to stop at once)", sig.name)
+        drain.set()
+
+
+async def _first_set(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -8,7 +8,9 @@
 Each call opens its own websocket to the one URL given (loopback by default), sends `start`,
 then after each `done` an `inject` (the warm next turn), M turns in all; every K-th turn is
 interrupted by a `pause` once a few frames have arrived and continued with `resume`. A call
-refused with `busy` (close 1013) counts as a refusal, not an error. Frames are played back in
+refused with `busy` (close 1013, or HTTP 503 from a balancer) tries again after a short backoff
+(--busy-retries, dia2stream/tools/retry.py); one refused at every try counts as a refusal, not an
+error. Frames are played back in
 simulated real time (dia2stream.tools.playback: a player with no jitter buffer), so the report gives
 what callers hear: time to first byte, speech onset (until the first word's frame plays),
 inter-frame gaps and underruns, as p50/p95/p99 over the calls' turns, split by turn kind
@@ -30,10 +32,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
-from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from dia2stream.tools import callcentre, playback
+from dia2stream.tools.retry import CLOSE_TRY_AGAIN_LATER, Busy, BusyRetry, Refusal, open_call
 from dia2stream.wire.formats import FORMAT_NAMES, decode_frame
 from dia2stream.wire.protocol import MAX_MESSAGE_BYTES
 
@@ -42,7 +44,6 @@ MAX_CALLS = 1024
 MAX_TURNS = 1000
 PAUSE_AFTER_FRAMES = 5  # a paused turn is interrupted once this many of its frames arrived
 PAUSE_S = 0.3  # how long a paused turn stays paused
-CLOSE_TRY_AGAIN_LATER = 1013
 
 
 @dataclass
@@ -94,14 +95,15 @@ class Turn:
 @dataclass
 class Call:
     index: int
-    busy: bool = False  # refused with `busy`
+    busy: bool = False  # refused with `busy` at every try
+    refusals: int = 0  # `busy` refusals, the retried ones included
     close_code: int | None = None
     turns: list[Turn] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     finished: bool = False  # all turns done
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "busy": self.busy, "close_code": self.close_code,
+        return {"index": self.index, "busy": self.busy, "refusals": self.refusals, "close_code": self.close_code,
                 "finished": self.finished, "errors": self.errors,
                 "turns": [t.metrics() for t in self.turns]}
 
@@ -113,7 +115,7 @@ class Progress:
     finished: int = 0
     turns: int = 0
     frames: int = 0
-    busy: int = 0
+    busy: int = 0  # refusals, the retried ones included
     errors: int = 0
 
 
@@ -131,20 +133,25 @@ async def run_call(call: Call, args: argparse.Namespace, progress: Progress) -> 
     await asyncio.sleep(args.ramp * call.index / max(1, args.calls))
     progress.running += 1
     try:
-        async with connect(args.url, open_timeout=args.step_timeout, close_timeout=2,
-                           max_size=MAX_MESSAGE_BYTES) as ws:
-            first = await receive(ws, args)
-            if isinstance(first, bytes) or first.get("event") not in ("ready", "error"):
+        def refused(refusal: Refusal) -> None:
+            call.refusals += 1
+            progress.busy += 1
+            if refusal.how == "error busy" and refusal.close_code != CLOSE_TRY_AGAIN_LATER:
+                call.errors.append(f"busy refusal closed with {refusal.close_code}, not 1013")
+
+        try:
+            ws, first = await open_call(args.url, BusyRetry(attempts=args.busy_retries + 1),
+                                        open_timeout=args.step_timeout, on_refused=refused, close_timeout=2,
+                                        max_size=MAX_MESSAGE_BYTES)
+        except Busy as e:
+            call.busy = True
+            call.close_code = e.refusals[-1].close_code
+            return
+        async with ws:
+            if first.get("event") not in ("ready", "error"):
                 raise CallError(f"expected 'ready', got {first!r:.80}")
             if first["event"] == "error":
-                if first.get("code") != "busy":
-                    raise CallError(f"refused: {first.get('code')}: {first.get('message')}")
-                call.busy = True
-                progress.busy += 1
-                call.close_code = await closing_code(ws, args)
-                if call.close_code != CLOSE_TRY_AGAIN_LATER:
-                    call.errors.append(f"busy refusal closed with {call.close_code}, not 1013")
-                return
+                raise CallError(f"refused: {first.get('code')}: {first.get('message')}")
             for t in range(args.turns):
                 turn = await run_turn(ws, call, t, args, progress)
                 progress.turns += 1
@@ -236,15 +243,6 @@ async def receive(ws, args: argparse.Namespace) -> bytes | dict:
     return event
 
 
-async def closing_code(ws, args: argparse.Namespace) -> int | None:
-    """Wait for the server to close the connection; its close code."""
-    try:
-        await asyncio.wait_for(ws.wait_closed(), args.step_timeout)
-    except asyncio.TimeoutError:
-        return None
-    return ws.close_code
-
-
 def check_frame(data: bytes, fmt: str | None) -> None:
     try:
         decode_frame(data, fmt or "pcm_24000")
@@ -312,7 +310,8 @@ def summarize(calls: list[Call], wall_s: float) -> dict[str, Any]:
     return {
         "calls": len(calls),
         "finished": sum(c.finished for c in calls),
-        "busy_refusals": sum(c.busy for c in calls),
+        "busy_refusals": sum(c.busy for c in calls),  # calls refused at every try
+        "busy_retried": sum(c.refusals for c in calls) - sum(c.busy for c in calls),
         "calls_with_errors": sum(bool(c.errors) for c in calls),
         "errors": [f"call {c.index}: {e}" for c in calls for e in c.errors],
         "turns": len(turns),
@@ -379,6 +378,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="call-centre: calls arrive at random over S seconds (default 20)")
     ap.add_argument("--barge-in-every", type=int, default=5, metavar="N",
                     help="call-centre: about one turn in N is interrupted (default 5; 0: never)")
+    ap.add_argument("--busy-retries", type=int, default=3, metavar="N",
+                    help="a call refused busy (close 1013, or HTTP 503 from a balancer or a draining server) "
+                         "tries again up to N times after a short backoff, as a client behind a balancer "
+                         "must (default 3; 0 counts the first refusal)")
     ap.add_argument("--json", metavar="PATH", help="write config, summary and per-call turns as JSON")
     ap.add_argument("--plot", metavar="PATH", help="draw onset per turn kind and underruns over time (PNG/SVG/PDF; "
                                                    "needs matplotlib: pip install 'dia2stream[plot]')")
@@ -392,6 +395,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--calls must be in 1..{MAX_CALLS}")
     if not 1 <= args.turns <= MAX_TURNS:
         ap.error(f"--turns must be in 1..{MAX_TURNS}")
+    if args.busy_retries < 0:
+        ap.error("--busy-retries must be 0 or more")
     if args.pause_every < 0 or args.ramp < 0 or args.duration_limit <= 0 or args.step_timeout <= 0:
         ap.error("--pause-every and --ramp must be >= 0, --duration-limit and --step-timeout > 0")
     if args.arrival_window < 0 or args.barge_in_every < 0:

@@ -83,6 +83,7 @@ class VoiceSettings:
     cache_dir: str | None = None  # transcripts and prepared voices; default $DIA2_CACHE/voices
     allow_download: bool | None = None  # whisper weights; default: not when HF_HUB_OFFLINE=1
     cache_max_mb: int | None = None  # prepared voices on disk, least recently used evicted; None: no limit
+    whisper_device: str | None = None  # where whisper runs (the server's device); None: cuda if available, else cpu
 
     def cache_path(self) -> Path:
         return Path(self.cache_dir) if self.cache_dir else cache_dir() / "voices"
@@ -499,7 +500,8 @@ class Transcriber:
         if not local and not allow:
             raise VoiceError(ErrorCode.TRANSCRIPT_REQUIRED, f"whisper weights {name!r} are not available offline; {how}")
         try:
-            self._model = whisper.load_model(name, device="cuda" if torch.cuda.is_available() else "cpu")
+            device = self.settings.whisper_device or ("cuda" if torch.cuda.is_available() else "cpu")
+            self._model = whisper.load_model(name, device=device)
         except Exception as exc:
             raise VoiceError(ErrorCode.TRANSCRIPT_REQUIRED, f"whisper model {name!r} could not be loaded ({exc}); {how}") from None
         return self._model

@@ -113,6 +113,7 @@ class ErrorCode(enum.StrEnum):
     TOO_MANY_VOICES = "too_many_voices"  # the connection already made its share of voices
     IDLE_TIMEOUT = "idle_timeout"  # no command for too long; the connection is closed after it
     SHUTTING_DOWN = "shutting_down"  # the server is stopping; the connection is closed after it
+    DRAINING = "draining"  # the server is draining for a restart: no new turn here; reconnect
 
 
 class ProtocolError(Exception):
