@@ -10,8 +10,9 @@ rollover that must replay heard frames) is *starting*: its caller is waiting now
   step, in small, fast batches (the decoder-only lane while none of them reads a codebook; a
   step is still padded up to the highest slot it runs, as the stepper's batches are);
 - a playing call is near its deadline when its lead falls below `coast_floor`: two frames plus
-  twice the measured cost of a step over every call. Then every call that may run ahead steps
-  together (the batch costs little more than one call alone, and tops everyone up);
+  twice the measured cost of a step and decode over every call. Then every call that may run
+  ahead steps together (the batch costs little more than one call alone, and tops everyone up),
+  and planned work (a rollback's re-decode) waits;
 - with no call starting, the playing calls are kept topped up as before: they step together as
   soon as one of them is two frames below `max_lead_ms`.
 
@@ -101,14 +102,13 @@ class Scheduler:
             return None
         starting = [c for c in eligible if c.awaiting_first_audio or c.catching_up]
         playing = [c for c in eligible if not (c.awaiting_first_audio or c.catching_up)]
-        leads = {id(c): c.lead_seconds() for c in playing}
-        top_up = self.max_lead_s - URGENT_MARGIN_S
+        leads = [c.lead_seconds() for c in playing]
+        if any(lead < self.coast_floor(len(eligible)) for lead in leads):
+            return StepPlan(tuple(sorted(eligible, key=_slot)), "deadline")
         if starting:
-            floor = self.coast_floor(len(eligible))
-            if any(leads[id(c)] < floor for c in playing):
-                return StepPlan(tuple(sorted(eligible, key=_slot)), "deadline")
             return StepPlan(tuple(sorted(starting, key=_slot)), "starting")
-        if any(leads[id(c)] < top_up for c in playing):
+        refill = self.refill_below(len(eligible))
+        if any(lead < refill for lead in leads):
             return StepPlan(tuple(sorted(playing, key=_slot)), "top-up")
         return None
 
@@ -121,12 +121,19 @@ class Scheduler:
                 return 0.0  # planned work is waiting
             if call.unsent_frames > self.max_unsent_frames:
                 wait = min(wait, 0.02)  # the client is not reading: look again soon
-        top_up = self.max_lead_s - URGENT_MARGIN_S
+        refill = self.refill_below(len(eligible))
         for call in eligible:
             if call.awaiting_first_audio or call.catching_up:
                 return 0.0
-            wait = min(wait, call.lead_seconds() - top_up)
+            wait = min(wait, call.lead_seconds() - refill)
         return max(0.0, wait)
+
+    def refill_below(self, n_calls: int) -> float:
+        """With nothing starting, playing calls step together once one is below this lead: two
+        frames under max_lead, or the coast floor when a short max_lead puts that lower (but a
+        frame under max_lead, so a full buffer waits)."""
+        top_up = self.max_lead_s - URGENT_MARGIN_S
+        return max(top_up, min(self.coast_floor(n_calls), self.max_lead_s - FRAME_SECONDS))
 
     def admits(self, n_calls_after: int) -> bool:
         """Whether a full step over `n_calls_after` calls and its decode fit in a frame."""

@@ -1,0 +1,283 @@
+"""The deadline scheduler (engine/scheduler.py), alone on fake calls and in an engine on the
+simulated GPU (engine/simulated.py): playing calls never run dry, new turns step in small batches
+while the others coast, planned work never stalls a playing call, one slow step refuses no call."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+
+from dia2stream.call.call import CODEC_MARK_EVERY, AudioFrame
+from dia2stream.engine.engine import Engine
+from dia2stream.engine.scheduler import URGENT_MARGIN_S, Scheduler, StepCosts
+from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedDia2, _interpolate
+from dia2stream.tools import playback
+from dia2stream.wire import protocol as p
+
+from helpers import engine_config
+
+LONG = "[S1] " + " ".join(["word"] * 80)
+
+
+# --- the scheduler on fake calls ---------------------------------------------------------------
+
+
+@dataclass
+class FakeSlot:
+    index: int
+    depformer: bool = True
+    pending_replay: object = None
+
+    def needs_depformer(self) -> bool:
+        return self.depformer
+
+
+@dataclass
+class FakeCall:
+    index: int
+    lead: float = 0.0
+    starting: bool = False
+    unsent_frames: int = 0
+    slot: FakeSlot = field(init=False)
+
+    def __post_init__(self):
+        self.slot = FakeSlot(self.index)
+
+    def lead_seconds(self) -> float:
+        return self.lead
+
+    @property
+    def awaiting_first_audio(self) -> bool:
+        return self.starting
+
+    catching_up = False
+
+
+def scheduler(step_s: float = 0.015) -> Scheduler:
+    costs = StepCosts()
+    for batch in (1, 2, 4, 8, 16, 32):
+        costs.observe(batch, True, step_s)
+    costs.observe_decode(0.004)
+    return Scheduler(max_lead_s=1.0, max_unsent_frames=250, batch_size_for=lambda n: 1 << (n - 1).bit_length(),
+                     costs=costs)
+
+
+def test_new_turns_step_alone_while_playing_calls_coast():
+    s = scheduler()
+    playing = [FakeCall(i, lead=0.7) for i in range(8)]
+    new = FakeCall(8, starting=True)
+    plan = s.plan(playing + [new])
+    assert plan.reason == "starting" and plan.calls == (new,)
+
+
+def test_a_call_whose_buffer_is_short_steps_before_a_new_turns_next_step():
+    s = scheduler()
+    floor = s.coast_floor(9)
+    assert URGENT_MARGIN_S < floor < 1.0
+    short = FakeCall(3, lead=floor - 0.01)
+    others = [FakeCall(i, lead=0.9) for i in (0, 1, 2)]
+    new = FakeCall(4, starting=True)
+    plan = s.plan(others + [short, new])
+    assert plan.reason == "deadline" and short in plan.calls and new in plan.calls
+    assert [c.index for c in plan.calls] == [0, 1, 2, 3, 4]  # everyone below max_lead rides along
+
+
+def test_with_nothing_starting_playing_calls_are_topped_up_together():
+    s = scheduler()
+    calls = [FakeCall(0, lead=0.95), FakeCall(1, lead=0.5), FakeCall(2, lead=1.2)]
+    plan = s.plan(calls)
+    assert plan.reason == "top-up" and [c.index for c in plan.calls] == [0, 1]  # 1.2 s ahead: not eligible
+    assert s.plan([FakeCall(0, lead=0.95)]) is None
+    assert s.wait_seconds([FakeCall(0, lead=0.95)]) == pytest.approx(0.95 - (1.0 - URGENT_MARGIN_S))
+
+
+def test_calls_not_read_or_waiting_for_a_replay_do_not_step():
+    s = scheduler()
+    stuck = FakeCall(0, lead=0.1, unsent_frames=251)
+    replaying = FakeCall(1, starting=True)
+    replaying.slot.pending_replay = object()
+    assert s.plan([stuck, replaying]) is None
+    assert s.wait_seconds([stuck, replaying]) == 0.0  # the replay is work to do now
+
+
+def test_admission_follows_the_measured_step_cost():
+    assert scheduler(step_s=0.015).admits(32)
+    assert not scheduler(step_s=0.070).admits(32)  # 70 ms + 4 ms decode > 80 % of a frame
+
+
+def test_step_costs_average_and_scale_to_unmeasured_sizes():
+    costs = StepCosts(smoothing=0.5)
+    assert costs.estimate(8) == 0.0
+    costs.observe(8, True, 0.010)
+    costs.observe(8, True, 0.020)
+    assert costs.estimate(8) == pytest.approx(0.015)
+    assert costs.estimate(16) == pytest.approx(0.030)  # scaled up from the nearest smaller size
+    assert costs.estimate(4) == pytest.approx(0.015)  # a smaller batch costs at most the measured one
+
+
+# --- the simulated GPU ---------------------------------------------------------------------------
+
+
+def test_profile_interpolates_and_extrapolates():
+    table = {1: 7.0, 64: 17.0}
+    assert _interpolate(table, 1) == 7.0 and _interpolate(table, 64) == 17.0
+    assert _interpolate(table, 128) == pytest.approx(17.0 + 64 * 10 / 63)
+    profile = GpuProfile.load("profiles/h100-2b.json")
+    assert profile.step_seconds(1, True) == pytest.approx(0.00746)
+    assert profile.step_seconds(1, False) < profile.step_seconds(1, True)
+
+
+def test_a_bad_profile_is_refused_with_a_clear_error(tmp_path):
+    bad = tmp_path / "p.json"
+    bad.write_text('{"gpu": "x", "preset": "2b"}')
+    with pytest.raises(ValueError, match="not a GPU profile"):
+        GpuProfile.load(bad)
+
+
+def test_simulated_work_is_asynchronous_until_a_sync():
+    now = [0.0]
+    device = SimulatedDevice(clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert device.launch(0.010) == pytest.approx(0.010)
+    assert device.launch(0.005) == pytest.approx(0.015)  # queued behind the first
+    assert now[0] == 0.0  # the host went on
+    device.synchronize()
+    assert now[0] == pytest.approx(0.015)
+    device.stall_next(0.3)
+    assert device.launch(0.010) == pytest.approx(0.325)
+
+
+# --- an engine on the simulated GPU ------------------------------------------------------------
+
+
+PROFILE = GpuProfile(gpu="test", preset="2b", full_step_ms={1: 7.5, 16: 12.8, 32: 13.4},
+                     lite_step_ms={1: 2.8, 32: 5.0}, decode_ms={1: 2.0, 32: 4.8})
+
+
+class Listener:
+    """A client of one call: frames timestamped as they arrive (and acknowledged, as the
+    server's sender does), events kept."""
+
+    def __init__(self):
+        self.call = None
+        self.frames: list[float] = []
+        self.events: queue.Queue = queue.Queue()
+
+    def __call__(self, item) -> None:
+        if isinstance(item, AudioFrame):
+            self.frames.append(time.monotonic())
+            self.call.frames_acked += 1
+        else:
+            self.events.put((time.monotonic(), item))
+
+    def wait_for(self, kind, timeout: float = 60.0):
+        deadline = time.monotonic() + timeout
+        while True:
+            at, item = self.events.get(timeout=max(0.01, deadline - time.monotonic()))
+            if isinstance(item, kind):
+                return at, item
+
+    def underruns(self, since: int = 0) -> int:
+        """Late frames from frame `since` on, the whole utterance played from its first frame."""
+        if not self.frames:
+            return 0
+        late = playback.simulate(self.frames, self.frames[0]).late_s
+        return sum(1 for lateness in late[since:] if lateness > 0)
+
+
+def open_calls(engine: Engine, n: int) -> list[Listener]:
+    out = []
+    for _ in range(n):
+        listener = Listener()
+        listener.call = engine.open_call(listener)
+        assert listener.call is not None
+        out.append(listener)
+    return out
+
+
+def wait_until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+@pytest.fixture
+def sim_engine():
+    engines = []
+
+    def make(profile: GpuProfile = PROFILE, **overrides) -> Engine:
+        tts = SimulatedDia2(profile)
+        engine = Engine(tts, engine_config(tts, **overrides))
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_a_burst_of_new_turns_while_16_calls_play(sim_engine):
+    engine = sim_engine(max_calls=20, max_lead_ms=1000)
+    playing = open_calls(engine, 16)
+    for i, listener in enumerate(playing):
+        engine.submit(listener.call, p.Start(text=LONG, seed=i))
+    wait_until(lambda: all(len(listener.frames) >= 20 for listener in playing))
+    burst = open_calls(engine, 4)
+    sent = time.monotonic()
+    for i, listener in enumerate(burst):
+        engine.submit(listener.call, p.Start(text=LONG, seed=100 + i))
+    wait_until(lambda: all(listener.frames for listener in burst))
+    first_audio = max(listener.frames[0] for listener in burst) - sent
+    time.sleep(1.0)  # the burst's calls play on beside the others
+    assert sum(listener.underruns() for listener in playing) == 0
+    # 19 steps before a fresh turn's first frame (the 2b delay, plus the lead-in), at the costs the
+    # engine measured on this machine, with room for one full step of every call on top
+    costs = engine.scheduler.costs
+    predicted = 19 * costs.estimate(32, True) + 2 * costs.estimate(32, True) + 2 * costs.decode_seconds
+    assert first_audio <= predicted + 0.25, (first_audio, predicted)
+
+
+@pytest.mark.slow
+def test_one_slow_step_refuses_no_call(sim_engine):
+    engine = sim_engine(max_calls=8, max_lead_ms=200, overload_refusal_s=5.0)
+    playing = open_calls(engine, 3)
+    for i, listener in enumerate(playing):
+        engine.submit(listener.call, p.Start(text=LONG, seed=i))
+    wait_until(lambda: all(len(listener.frames) >= 10 for listener in playing))
+    engine.tts.device_clock.stall_next(0.3)  # one step 300 ms late: every call falls behind once
+    seen = len(playing[0].frames)
+    wait_until(lambda: len(playing[0].frames) > seen + 15)
+    late = Listener()
+    late.call = engine.open_call(late)
+    assert late.call is not None and not engine.health()["busy"]
+
+
+@pytest.mark.slow
+def test_a_rollback_while_16_calls_play_delays_none_of_their_frames(sim_engine):
+    # A slow Mimi decode makes the old way (15 re-decoded frames in the pause handler, in a row)
+    # stall every call by 15 x 25 ms, longer than their 240 ms lead (seen: one underrun each);
+    # planned between their steps, it stalls none.
+    slow_decode = GpuProfile(gpu="test", preset="2b", full_step_ms={1: 7.5, 32: 13.4}, lite_step_ms={1: 2.8, 32: 5.0},
+                             decode_ms={1: 25.0, 32: 25.0})
+    engine = sim_engine(slow_decode, max_calls=17, max_lead_ms=240)
+    listeners = open_calls(engine, 17)
+    for i, listener in enumerate(listeners):
+        engine.submit(listener.call, p.Start(text=LONG, seed=i))
+    wait_until(lambda: all(len(listener.frames) >= 30 for listener in listeners))
+    barge, playing = listeners[0], listeners[1:]
+    marks = [len(listener.frames) for listener in playing]
+    heard = len(barge.frames) - 8
+    while (barge.call.turn.send_from + heard) % CODEC_MARK_EVERY != CODEC_MARK_EVERY - 1:
+        heard -= 1  # the longest re-decode: from the last codec mark, 15 frames back
+    engine.submit(barge.call, p.Pause(played_ms=heard * 80.0))
+    _, paused = barge.wait_for(p.Paused)
+    assert paused.spoken is not None
+    wait_until(lambda: barge.call.slot.pending_replay is None)
+    time.sleep(0.5)
+    late = [listener.underruns(mark) for listener, mark in zip(playing, marks)]
+    assert sum(late) == 0, late
