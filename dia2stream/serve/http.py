@@ -139,14 +139,24 @@ class HttpGate:
             self._on_refused(reason)
 
 
+# The key headers of the hosted APIs a compatible endpoint speaks (docs/compat.md): their
+# clients send the key there, so the operator's token goes where the client puts its API key.
+API_KEY_HEADERS = ("xi-api-key", "X-API-Key")
+
+
 def _presented_tokens(request: Request) -> list[str]:
-    """At most two candidates (the first Bearer header, the first `token` query value), so a
-    request cannot make us hash without bound."""
+    """At most four candidates (the first Authorization header, Bearer or Deepgram's Token; the
+    first of each API key header; the first `token` query value), so a request cannot make us
+    hash without bound."""
     found: list[str] = []
     for value in request.headers.get_all("Authorization")[:1]:
         scheme, _, credentials = value.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
+        if scheme.lower() in ("bearer", "token") and credentials.strip():
             found.append(credentials.strip())
+    for header in API_KEY_HEADERS:
+        for value in request.headers.get_all(header)[:1]:
+            if value.strip():
+                found.append(value.strip())
     for key, value in parse_qsl(urlsplit(request.path).query, keep_blank_values=True):
         if key == "token":
             found.append(value)

@@ -23,9 +23,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 
+from dia2stream.wire import compat
 from dia2stream.wire import protocol as p
 from dia2stream.serve.config import ServerConfig
 from dia2stream.call.call import AudioFrame, Call
+from dia2stream.serve.compat_session import serve_compat
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine, EngineConfig
 from dia2stream.serve.http import HttpGate, HttpPolicy, unprotected_bind_warning
@@ -98,6 +100,10 @@ class Dia2Server:
     # -- one connection -------------------------------------------------------------------------
 
     async def handle(self, ws: ServerConnection) -> None:
+        adapter = compat.adapter_for(ws.request.path, list(self.engine.voices))
+        if adapter is not None:  # a hosted API's protocol on this port (docs/compat.md)
+            await serve_compat(self, ws, adapter)
+            return
         peer = ws.remote_address
         # The outbox exists before the call (it is the call's sink) and tells its connection,
         # made just below, when the client stops reading.
