@@ -5,6 +5,7 @@ real client's word times can be checked against ours."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -23,14 +24,14 @@ def need(*modules: str):
 
 
 def start_server(**overrides) -> ServerThread:
-    config = dict(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", log_level="WARNING",
+    config = dict(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", log_level=os.environ.get("DIA2_TEST_LOG", "WARNING"),
                   max_calls=MAX_CALLS)
     config.update(overrides)
     return ServerThread(ServerConfig(**config)).start()
 
 
 class ServerLog:
-    """Records, inside the in-process server, what the ElevenLabs adapter saw and sent: our
+    """Records, inside the in-process server, what the context adapters saw and sent: our
     `word` events on each context's clock, frames sent per context (and when), barge-ins and
     the `paused` answers. Installed by patching the adapter class for one test."""
 
@@ -51,10 +52,10 @@ class ServerLog:
 
         from dia2stream.call.call import AudioFrame
         from dia2stream.wire import protocol as p
-        from dia2stream.wire.compat.elevenlabs import FRAME_MS, ElevenLabsAdapter
+        from dia2stream.wire.compat.contexts import FRAME_MS, ContextAdapter
 
         log = cls()
-        translate, barge_in = ElevenLabsAdapter.translate, ElevenLabsAdapter._barge_in
+        translate, barge_in = ContextAdapter.translate, ContextAdapter.cancel_context
 
         def recording_translate(adapter, item):
             ctx = adapter.active
@@ -72,16 +73,16 @@ class ServerLog:
                 log.barge_ins.append(SimpleNamespace(context=ctx.id, at=time.monotonic()))
             return barge_in(adapter, ctx)
 
-        log._saved = {"translate": translate, "_barge_in": barge_in}
-        ElevenLabsAdapter.translate = recording_translate
-        ElevenLabsAdapter._barge_in = recording_barge_in
+        log._saved = {"translate": translate, "cancel_context": barge_in}
+        ContextAdapter.translate = recording_translate
+        ContextAdapter.cancel_context = recording_barge_in
         return log
 
     def uninstall(self) -> None:
-        from dia2stream.wire.compat.elevenlabs import ElevenLabsAdapter
+        from dia2stream.wire.compat.contexts import ContextAdapter
 
         for name, fn in self._saved.items():
-            setattr(ElevenLabsAdapter, name, fn)
+            setattr(ContextAdapter, name, fn)
 
     def words_by_context(self) -> dict:
         return dict(self.words)

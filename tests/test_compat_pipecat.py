@@ -149,7 +149,7 @@ async def test_elevenlabs_interruption_stops_and_next_turn_speaks(server):
             await h.say(LONG_TOKENS)
             await h.collector.until(lambda: len(h.collector.of(TTSAudioRawFrame)) >= 5)
             await h.interrupt()
-            await log.until(lambda: log.barge_ins)
+            await log.until(lambda: log.barge_ins and log.paused_after(log.barge_ins[0].context))
             first = h.collector.of(TTSTextFrame)
             await h.say(TOKENS)
             await h.collector.until(lambda: [f for f in h.collector.of(TTSStoppedFrame)])
@@ -162,3 +162,50 @@ async def test_elevenlabs_interruption_stops_and_next_turn_speaks(server):
     assert log.paused_after(interrupted.context)
     later = [f.text for f in h.collector.of(TTSTextFrame)][len(first):]
     assert later[-6:] == ["Hello", "there,", "how", "are", "you", "today?"]
+
+
+async def test_cartesia_words_audio_and_interruption(server):
+    from pipecat.services.cartesia.tts import CartesiaTTSService
+
+    log = ServerLog.install()
+    try:
+        service = CartesiaTTSService(api_key="any-key", url=f"ws://127.0.0.1:{server.port}/tts/websocket",
+                                     sample_rate=24000, settings=CartesiaTTSService.Settings(voice="default"))
+        async with Harness(service) as h:
+            await h.say(TOKENS)
+            await h.collector.until(lambda: h.collector.of(TTSStoppedFrame))
+            words = [f.text for f in h.collector.of(TTSTextFrame)]
+            await h.say(LONG_TOKENS)
+            await h.collector.until(lambda: h.audio_bytes() > 40 * 3840)
+            await h.interrupt()
+            await log.until(lambda: log.barge_ins and log.paused_after(log.barge_ins[0].context))
+    finally:
+        log.uninstall()
+    assert words == ["Hello", "there,", "how", "are", "you", "today?"]
+    times = [t for _, t in h.word_times]
+    assert times[:6] == sorted(times[:6])
+    (interrupted,) = log.barge_ins
+    assert all(t <= interrupted.at for t in log.frame_times[interrupted.context])
+    assert log.paused_after(interrupted.context)
+
+
+async def test_deepgram_words_audio_and_clear(server):
+    from pipecat.services.deepgram.tts import DeepgramTTSService
+
+    log = ServerLog.install()
+    try:
+        service = DeepgramTTSService(api_key="any-key", base_url=f"ws://127.0.0.1:{server.port}", sample_rate=24000,
+                                     settings=DeepgramTTSService.Settings(voice="aura-2-thalia-en"))
+        async with Harness(service) as h:
+            await h.say(TOKENS)
+            await h.collector.until(lambda: h.collector.of(TTSStoppedFrame))  # after `Flushed`
+            first, first_frames = h.audio_bytes(), log.frames["1"]
+            await h.say(LONG_TOKENS)
+            await h.collector.until(lambda: h.audio_bytes() > first + 5 * 3840)
+            await h.interrupt()
+            await log.until(lambda: log.barge_ins and log.paused_after("1"))
+    finally:
+        log.uninstall()
+    assert first == first_frames * 3840  # linear16 at 24 kHz: every frame of the first turn, in raw binary
+    (interrupted,) = log.barge_ins
+    assert interrupted.context == "1"  # Deepgram's one stream
