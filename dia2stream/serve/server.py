@@ -298,6 +298,20 @@ async def close_within(ws: ServerConnection, code: int, reason: str, timeout: fl
         ws.transport.abort()
 
 
+def tls_context(cert: str | None, key: str | None):
+    """An SSL context for wss:// when a certificate is given (clients such as the ElevenLabs SDK
+    only speak wss://), else None. ValueError when only one of the two files is given."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
 def resolve_kernels(setting: str, device) -> str:
     """`--kernels auto`: the fused Triton depformer where it can run (CUDA with triton), else torch."""
     from vendor_dia2 import kernels
@@ -403,11 +417,13 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
             except (NotImplementedError, RuntimeError, ValueError) as exc:
                 # not the main thread (tests), or a platform without loop signal handlers
                 log.debug("no %s handler on this loop: %s", sig.name, exc)
+        tls = tls_context(config.tls_cert, config.tls_key)
+        scheme = "wss" if tls is not None else "ws"
         async with serve(server.handle, config.host, config.port, process_request=server.process_request,
-                         **limits.websocket_settings()) as ws_server:
+                         ssl=tls, **limits.websocket_settings()) as ws_server:
             port = ws_server.sockets[0].getsockname()[1]
-            log.info("listening on ws://%s:%d/", config.host, port)
-            print(f"dia2stream ready on ws://{config.host}:{port}/", flush=True)
+            log.info("listening on %s://%s:%d/", scheme, config.host, port)
+            print(f"dia2stream ready on {scheme}://{config.host}:{port}/", flush=True)
             if ready is not None:
                 ready.set_result(port)
             await stop.wait()
