@@ -101,3 +101,12 @@ class ServerLog:
         async with asyncio.timeout(timeout):
             while not predicate():
                 await asyncio.sleep(0.02)
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (for --http-port in tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -50,6 +50,7 @@ class ServerConfig:
     ping_timeout_s: float = 20.0
     max_voices_per_connection: int = 4
     voice_cache_mb: int = 2048
+    http_port: int | None = None  # POST endpoints (ElevenLabs REST, /v1/speech) on their own port; None = off
     tls_cert: str | None = None  # PEM certificate (chain): the websocket port speaks wss:// (docs/compat.md)
     tls_key: str | None = None
 
@@ -104,6 +105,8 @@ _FLAGS = [  # (name, type, help)
     ("ping_timeout_s", float, "drop a connection whose pong is this late, seconds"),
     ("max_voices_per_connection", int, "distinct voices one connection may create (excess: too_many_voices)"),
     ("voice_cache_mb", int, "disk for cached prepared voices, MiB; least recently used evicted; 0 = no limit"),
+    ("http_port", int, "port for the POST endpoints (ElevenLabs REST text-to-speech, /v1/speech; aiohttp, "
+                       "the [compat] extra); 0 picks a free one; unset = none (docs/compat.md)"),
     ("tls_cert", str, "PEM certificate (chain) file: the websocket port speaks wss:// (with --tls-key)"),
     ("tls_key", str, "PEM private key file of --tls-cert"),
 ]

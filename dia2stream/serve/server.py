@@ -83,6 +83,7 @@ class Dia2Server:
         self._voice_loads = asyncio.Semaphore(MAX_PARALLEL_VOICE_LOADS)
         self.connections: set[Connection] = set()
         self.stopping = False
+        self.http_port: int | None = None  # where the POST endpoints listen, when --http-port is set
 
     # -- HTTP before the upgrade ----------------------------------------------------------------
 
@@ -424,11 +425,18 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
             port = ws_server.sockets[0].getsockname()[1]
             log.info("listening on %s://%s:%d/", scheme, config.host, port)
             print(f"dia2stream ready on {scheme}://{config.host}:{port}/", flush=True)
+            http_api = None
+            if config.http_port is not None:
+                from dia2stream.serve.http_api import start_http_api  # aiohttp: the [compat] extra
+
+                http_api, server.http_port = await start_http_api(server, config.host, config.http_port)
             if ready is not None:
                 ready.set_result(port)
             await stop.wait()
             ws_server.close(close_connections=False)  # stop accepting; our own close tells each call why
             await server.shut_down()
+            if http_api is not None:
+                await http_api.cleanup()
     except BaseException as exc:
         if ready is not None and not ready.done():
             if isinstance(exc, Exception):
