@@ -209,3 +209,22 @@ async def test_deepgram_words_audio_and_clear(server):
     assert first == first_frames * 3840  # linear16 at 24 kHz: every frame of the first turn, in raw binary
     (interrupted,) = log.barge_ins
     assert interrupted.context == "1"  # Deepgram's one stream
+
+
+async def test_native_plugin_words_audio_and_barge_in(server):
+    from dia2stream.integrations.pipecat import Dia2TTSService
+
+    async with Harness(Dia2TTSService(url=f"ws://127.0.0.1:{server.port}/")) as h:
+        await h.say(TOKENS)
+        await h.collector.until(lambda: h.collector.of(TTSStoppedFrame))
+        words = [f.text for f in h.collector.of(TTSTextFrame)]
+        times = [t for _, t in h.word_times]
+        await h.say(LONG_TOKENS)
+        await h.collector.until(lambda: h.audio_bytes() > 40 * 3840)
+        await h.interrupt()
+        await h.say(TOKENS)
+        await h.collector.until(lambda: len(h.collector.of(TTSStoppedFrame)) >= 2)
+    assert words == ["Hello", "there,", "how", "are", "you", "today?"]
+    assert times == sorted(times) and times[0] == pytest.approx(0.08)  # the lead-in frame, then the first word
+    later = [f.text for f in h.collector.of(TTSTextFrame)]
+    assert later[-6:] == ["Hello", "there,", "how", "are", "you", "today?"]
