@@ -98,3 +98,18 @@ async def test_cartesia_stream_words_and_audio(server):
     assert [w.strip() for w in words] == WORDS
     starts = [w.start_time for w in words]
     assert starts == sorted(starts)
+
+
+async def test_native_plugin_stream_and_synthesize(server):
+    from dia2stream.integrations.livekit import TTS
+
+    tts = TTS(url=f"ws://127.0.0.1:{server.port}/")
+    frames, words = await _speak(tts)
+    async with tts.synthesize("Second turn, same call.", conn_options=OPTIONS) as chunked:
+        more = [ev.frame async for ev in chunked]
+    await tts.aclose()
+    assert frames and frames[0].sample_rate == 24000
+    assert [w.strip() for w in words] == WORDS
+    starts = [w.start_time for w in words]
+    assert starts == sorted(starts) and all(w.end_time >= w.start_time for w in words)
+    assert more and sum(f.samples_per_channel for f in more) > 1920
