@@ -156,3 +156,21 @@ async def test_the_apis_key_headers_carry_the_token():
                     pass
     finally:
         srv.stop()
+
+
+async def test_shutdown_closes_compatible_connections_going_away():
+    srv = start_server()
+    try:
+        async with connect(f"ws://127.0.0.1:{srv.port}" + EL.format(voice="default", fmt="pcm_24000")) as ws:
+            await ws.send(json.dumps({"text": "One two three four five six seven eight nine ten. ", "context_id": "c"}))
+            await asyncio.wait_for(ws.recv(), WAIT_S)  # speaking
+            stopping = asyncio.create_task(asyncio.to_thread(srv.stop))
+            seen = []
+            with pytest.raises(ConnectionClosed):
+                await _messages(ws, lambda m: seen.append(m) and False)
+            assert ws.close_code == 1001
+            assert seen[-1]["error"] == "shutting_down"  # in ElevenLabs' error shape
+            await stopping
+    finally:
+        if srv._thread.is_alive():
+            srv.stop()

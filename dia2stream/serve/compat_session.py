@@ -26,6 +26,7 @@ from dia2stream.wire.compat.base import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Ada
 log = logging.getLogger("dia2stream.compat")
 
 IDLE_CHECK_S = 1.0
+CLOSE_GOING_AWAY = 1001
 
 
 class _Deferred:
@@ -42,6 +43,7 @@ class CompatSession:
         self.call = None
         self.closing = False
         self.closer: asyncio.Task | None = None
+        self.sender: asyncio.Task | None = None
 
     async def run(self) -> None:
         ws, server, adapter = self.ws, self.server, self.adapter
@@ -67,8 +69,9 @@ class CompatSession:
         idle_s = adapter.idle_timeout_s if adapter.idle_timeout_s is not None else self.limits.idle_timeout_s
         self.idle = IdleClock(idle_s)
         server.metrics.calls_active(self.engine.calls)
+        server.compat_sessions.add(self)
         log.info("%s client %s connected (call %d)", adapter.api, ws.remote_address, call.slot)
-        sender = asyncio.create_task(self._send_loop())
+        sender = self.sender = asyncio.create_task(self._send_loop())
         watchdog = asyncio.create_task(self._idle_watch()) if idle_s else None
         try:
             await self._carry_out_now(opening)
@@ -88,6 +91,7 @@ class CompatSession:
         except ConnectionClosed:
             pass
         finally:
+            server.compat_sessions.discard(self)
             self.engine.close_call(call)
             if self.closing and self.closer is not None:
                 await asyncio.gather(self.closer, return_exceptions=True)
@@ -146,9 +150,26 @@ class CompatSession:
         finally:
             meter.flush()
 
-    async def _close(self, code: int, reason: str) -> None:
+    async def shut_down(self, timeout: float) -> None:
+        """The server is stopping: the call stops within a frame, the client hears why in its
+        API's shape and is closed going away (1001), within `timeout`."""
+        if self.closing:
+            return
+        self.closing = True
+        self.engine.close_call(self.call)
+        if self.sender is not None:
+            self.sender.cancel()
         try:
-            async with asyncio.timeout(self.limits.close_timeout_s):
+            async with asyncio.timeout(timeout):
+                await self.ws.send(self.adapter.refuse(p.ErrorCode.SHUTTING_DOWN, "the server is shutting down; "
+                                                       "reconnect to another instance"))
+        except (TimeoutError, ConnectionClosed):
+            pass
+        await self._close(CLOSE_GOING_AWAY, "server shutting down", timeout)
+
+    async def _close(self, code: int, reason: str, timeout: float | None = None) -> None:
+        try:
+            async with asyncio.timeout(timeout or self.limits.close_timeout_s):
                 await self.ws.close(code, reason)
         except (TimeoutError, ConnectionClosed):
             pass

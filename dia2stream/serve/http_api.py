@@ -38,6 +38,7 @@ log = logging.getLogger("dia2stream.http")
 RETRY_AFTER_S = 1
 FRAME_S = 1 / p.FRAME_RATE
 MAX_BODY_BYTES = 64 * 1024
+SHUTDOWN_S = 0.5
 
 
 class Refused(Exception):
@@ -270,7 +271,8 @@ def _refusal(err: Refused, body: dict) -> web.Response:
 
 async def start_http_api(server, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Listen on `port` (0: a free one); the runner (cleanup() at shutdown) and the port."""
-    runner = web.AppRunner(HttpApi(server).app, access_log=None)
+    # a streaming request in flight must not hold a stopping server (aiohttp waits 60 s by default)
+    runner = web.AppRunner(HttpApi(server).app, access_log=None, shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()

@@ -82,6 +82,7 @@ class Dia2Server:
         # Voice audio decodes and transcriptions in worker threads, server-wide.
         self._voice_loads = asyncio.Semaphore(MAX_PARALLEL_VOICE_LOADS)
         self.connections: set[Connection] = set()
+        self.compat_sessions: set = set()  # serve.compat_session.CompatSession, one per compatible-API connection
         self.stopping = False
         self.http_port: int | None = None  # where the POST endpoints listen, when --http-port is set
 
@@ -277,6 +278,8 @@ class Dia2Server:
                                             "reconnect to another instance"),
                                timeout=min(SHUTDOWN_CLOSE_S, self.limits.close_timeout_s))
                    for conn in list(self.connections)]
+        closing += [session.shut_down(min(SHUTDOWN_CLOSE_S, self.limits.close_timeout_s))
+                    for session in list(self.compat_sessions)]
         if closing:
             t0 = time.perf_counter()
             await asyncio.gather(*closing, return_exceptions=True)
