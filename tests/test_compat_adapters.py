@@ -133,7 +133,8 @@ def test_elevenlabs_limits_and_refusals():
     assert bad == []
     refused = adapter_for("/v1/text-to-speech/bob/multi-stream-input", ["alice"]).opening()
     assert json.loads(refused[0].payload)["error"] == "voice_not_found" and isinstance(refused[1], Close)
-    assert json.loads(el("inactivity_timeout=500").opening()[0].payload)["error"] == "invalid_inactivity_timeout"
+    assert json.loads(el("output_format=pcm_24000&inactivity_timeout=500").opening()[0].payload)["error"] == \
+        "invalid_inactivity_timeout"
 
 
 def test_single_stream_ends_with_isfinal_and_a_close():
@@ -190,3 +191,33 @@ def test_gate_takes_each_apis_key_header():
         assert gate.respond(req(**good)) is None, good
     for bad in ({"xi-api-key": "nope"}, {"Authorization": "Basic t0k"}, {}):
         assert gate.respond(req(**bad)).status_code == 401, bad
+
+
+def test_mp3_without_lameenc_is_refused_clearly(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lameenc" else real(name, *a))
+    with pytest.raises(ValueError, match="no MP3 encoder"):
+        parse_elevenlabs_format("mp3_44100_128")
+    refused = adapter_for("/v1/text-to-speech/default/multi-stream-input", []).opening()  # the default is MP3
+    assert json.loads(refused[0].payload)["error"] == "invalid_output_format"
+
+
+def test_an_adapter_fault_is_answered_not_raised():
+    from dia2stream.serve.compat_session import CompatSession
+
+    class Broken(DeepgramAdapter):
+        def receive(self, message):
+            raise RuntimeError("boom")
+
+    class Metrics:
+        def error(self, code):
+            self.code = code
+
+    class Server:
+        engine = limits = None
+        metrics = Metrics()
+
+    session = CompatSession(Server(), ws=None, adapter=Broken({}, []))
+    session.call = type("Call", (), {"slot": 0})()
+    (reply,) = session._guarded(session.adapter.receive, "{}")
+    assert json.loads(reply.payload)["err_code"] == "internal_error" and Server.metrics.code == "internal_error"

@@ -21,12 +21,12 @@ from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.serve.limits import Admission, CommandRateLimiter, IdleClock, NOT_READING_CLOSE_CODE
 from dia2stream.serve.outbox import Outbox
 from dia2stream.wire import protocol as p
-from dia2stream.wire.compat.base import CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Adapter, Close, Later, Send, Submit
+from dia2stream.wire.compat.base import (CLOSE_GOING_AWAY, CLOSE_POLICY, CLOSE_TRY_AGAIN_LATER, Adapter, Close, Later,
+                                         Send, Submit)
 
 log = logging.getLogger("dia2stream.compat")
 
 IDLE_CHECK_S = 1.0
-CLOSE_GOING_AWAY = 1001
 
 
 class _Deferred:
@@ -87,7 +87,7 @@ class CompatSession:
                     self._carry_out([Send(adapter.refuse(p.ErrorCode.MESSAGE_TOO_LARGE,
                                                          f"a message may be at most {self.limits.max_command_bytes} bytes"))])
                     continue
-                self._carry_out(adapter.receive(message))  # a Close among them ends this loop from the sender
+                self._carry_out(self._guarded(adapter.receive, message))  # a Close ends this loop from the sender
         except ConnectionClosed:
             pass
         finally:
@@ -101,6 +101,16 @@ class CompatSession:
             self.meter.flush()
             server.metrics.calls_active(self.engine.calls)
             log.info("%s client %s disconnected (call %d)", adapter.api, ws.remote_address, call.slot)
+
+    def _guarded(self, step, arg) -> list:
+        """An adapter fault answers this message with an internal error; the call and the
+        server go on."""
+        try:
+            return step(arg)
+        except Exception as exc:
+            log.exception("%s call %d: adapter fault", self.adapter.api, self.call.slot)
+            self.server.metrics.error(p.ErrorCode.INTERNAL_ERROR)
+            return [Send(self.adapter.refuse(p.ErrorCode.INTERNAL_ERROR, f"internal error: {exc}"))]
 
     # -- actions -----------------------------------------------------------------------------------
 
@@ -144,7 +154,7 @@ class CompatSession:
                     meter.frame_sent()
                 else:
                     meter.event(item)
-                await self._carry_out_now(adapter.translate(item))
+                await self._carry_out_now(self._guarded(adapter.translate, item))
         except ConnectionClosed:
             pass
         finally:

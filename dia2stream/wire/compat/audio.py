@@ -13,6 +13,7 @@ MP3 comes from LAME through `lameenc` (a maintained binding with its own wheels)
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,15 +44,21 @@ def parse_elevenlabs_format(name: str) -> StreamFormat:
     """ElevenLabs' `output_format` (`pcm_24000`, `ulaw_8000`, `alaw_8000`, `mp3_22050_32`, ...);
     ValueError naming what is supported otherwise."""
     parts = name.split("_") if isinstance(name, str) else []
+    mp3 = None
     try:
         if len(parts) == 2 and parts[0] == "pcm" and int(parts[1]) in PCM_RATES:
             return StreamFormat(PCM_S16LE, int(parts[1]))
         if len(parts) == 2 and parts[0] in ("ulaw", "alaw") and parts[1] == "8000":
             return StreamFormat(ULAW if parts[0] == "ulaw" else ALAW, 8_000)
         if len(parts) == 3 and parts[0] == "mp3" and int(parts[1]) in MP3_RATES and int(parts[2]) in MP3_BITRATES:
-            return StreamFormat(MP3, int(parts[1]), int(parts[2]))
+            mp3 = StreamFormat(MP3, int(parts[1]), int(parts[2]))
     except ValueError:
         pass
+    if mp3 is not None:
+        if importlib.util.find_spec("lameenc") is None:
+            raise ValueError(f"output_format {name!r}: this server has no MP3 encoder (pip install "
+                             "dia2stream[compat]); use pcm_<rate>, ulaw_8000 or alaw_8000")
+        return mp3
     raise ValueError(f"output_format {name!r} is not supported; use pcm_<rate> ({', '.join(map(str, PCM_RATES))}), "
                      f"ulaw_8000, alaw_8000 or mp3_<rate>_<kbps> (rates {', '.join(map(str, MP3_RATES))}, "
                      f"kbps {', '.join(map(str, MP3_BITRATES))})")

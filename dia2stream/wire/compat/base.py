@@ -26,6 +26,7 @@ from typing import Any, Callable, Union
 log = logging.getLogger("dia2stream.compat")
 
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY = 1008  # what the hosted APIs close with after a fatal error in a request
 CLOSE_TRY_AGAIN_LATER = 1013
 
