@@ -5,7 +5,6 @@ only; skipped without the plugins."""
 from __future__ import annotations
 
 import asyncio
-import io
 
 import numpy as np
 import pytest

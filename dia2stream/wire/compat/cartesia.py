@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 
 from dia2stream.wire.compat.audio import ALAW, PCM_F32LE, PCM_RATES, PCM_S16LE, ULAW, StreamFormat
-from dia2stream.wire.compat.base import Close, IgnoredFields, Send, parse_object, to_json
+from dia2stream.wire.compat.base import IgnoredFields, Send, parse_object, to_json
 from dia2stream.wire.compat.contexts import FRAME_MS, Context, ContextAdapter
 
 ENCODINGS = {"pcm_s16le": PCM_S16LE, "pcm_f32le": PCM_F32LE, "pcm_mulaw": ULAW, "pcm_alaw": ALAW}
@@ -138,5 +138,3 @@ class CartesiaAdapter(ContextAdapter):
             msg["context_id"] = context_id
         return to_json(msg)
 
-
-__all__ = ["CartesiaAdapter", "Close"]

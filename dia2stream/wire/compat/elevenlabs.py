@@ -27,14 +27,12 @@ count from the context's first audio and a message with no word start carries em
 from __future__ import annotations
 
 import base64
-import logging
 from dataclasses import dataclass
 
 from dia2stream.wire.compat.audio import StreamFormat, parse_elevenlabs_format
 from dia2stream.wire.compat.base import CLOSE_NORMAL, CLOSE_POLICY, Close, IgnoredFields, Send, parse_object, to_json
 from dia2stream.wire.compat.contexts import FRAME_MS, Context, ContextAdapter
 
-log = logging.getLogger("dia2stream.compat")
 
 MAX_CONTEXTS = 5  # open contexts per connection, as the hosted service allows
 DEFAULT_INACTIVITY_S = 20.0
