@@ -20,7 +20,8 @@ def need(*modules: str):
     missing = [m for m in modules if importlib.util.find_spec(m.split(".")[0]) is None
                or importlib.util.find_spec(m) is None]
     if missing:
-        pytest.skip(f"needs {', '.join(missing)} (pip install -e '.[compat-test]')", allow_module_level=True)
+        pytest.skip(f"needs {', '.join(missing)} (the test clients: docs/compat.md, Running the tests)",
+                    allow_module_level=True)
 
 
 def start_server(**overrides) -> ServerThread:
