@@ -221,3 +221,17 @@ def test_an_adapter_fault_is_answered_not_raised():
     session.call = type("Call", (), {"slot": 0})()
     (reply,) = session._guarded(session.adapter.receive, "{}")
     assert json.loads(reply.payload)["err_code"] == "internal_error" and Server.metrics.code == "internal_error"
+
+
+def test_long_text_goes_out_in_commands_the_call_accepts_and_a_refused_start_is_undone():
+    a = el()
+    text = ("word " * 2000).strip() + ". "
+    cmds = commands(a.receive(json.dumps({"text": text, "context_id": "c"})))
+    assert isinstance(cmds[0], p.Start) and all(isinstance(c, p.Inject) for c in cmds[1:])
+    assert "".join(c.text for c in cmds) == text and max(len(c.text) for c in cmds) <= p.MAX_TEXT_CHARS
+    b = el()
+    (start,) = commands(b.receive(json.dumps({"text": "Hi. ", "context_id": "c"})))
+    (err,) = sent(b.translate(p.ErrorEvent(code="pending_text_full", message="too much", cmd="start", id=start.id)))
+    assert err["error"] == "pending_text_full" and err["contextId"] == "c"
+    (again,) = commands(b.receive(json.dumps({"text": "Hello. ", "context_id": "c"})))
+    assert isinstance(again, p.Start)

@@ -162,10 +162,15 @@ class ContextAdapter(Adapter):
 
     def _feed(self, ctx: Context, text: str) -> list:
         ctx.open_utterance = True
-        if not self.call_started:
-            self.call_started = True
-            return [Submit(p.Start(text=text, final=False, id=ctx.serial, voice=self.voice, format=NATIVE_FORMAT))]
-        return [Submit(p.Inject(text=text, final=False, id=ctx.serial))]
+        actions = []
+        for piece in _pieces(text, p.MAX_TEXT_CHARS):  # these APIs take longer texts than one command
+            if not self.call_started:
+                self.call_started = True
+                actions.append(Submit(p.Start(text=piece, final=False, id=ctx.serial, voice=self.voice,
+                                              format=NATIVE_FORMAT)))
+            else:
+                actions.append(Submit(p.Inject(text=piece, final=False, id=ctx.serial)))
+        return actions
 
     def _finish(self, ctx: Context) -> list:
         if self.active is not ctx or ctx.open_utterance:
@@ -215,4 +220,20 @@ class ContextAdapter(Adapter):
             self.call_started = False
             return [Submit(p.Reset(format=NATIVE_FORMAT))] + self.advance()
         owner = self.by_serial.get(event.id) if isinstance(event.id, int) else None
-        return [Send(self.error(event.code, event.message, owner.id if owner is not None else None))]
+        actions = [Send(self.error(event.code, event.message, owner.id if owner is not None else None))]
+        if event.cmd == "start":  # refused: no utterance began, and the next text must start one
+            self.call_started = False
+            if owner is not None:
+                owner.open_utterance = False
+            actions += self.advance()
+        return actions
+
+
+def _pieces(text: str, limit: int) -> list[str]:
+    """`text` in pieces of at most `limit` characters, cut after whitespace where there is some."""
+    pieces = []
+    while len(text) > limit:
+        cut = text.rfind(" ", 0, limit) + 1 or limit
+        pieces.append(text[:cut])
+        text = text[cut:]
+    return pieces + [text] if text.strip() or not pieces else pieces
