@@ -16,8 +16,9 @@ No sockets, no event loop: a pure function of the request, so it is tested witho
 - Any other path is the websocket: a token is required when one is configured
   (`Authorization: Bearer <token>`, or `?token=<token>` for clients that cannot set headers,
   such as browsers, or the key header of a hosted API whose client speaks to our compatible
-  paths: `xi-api-key`, `X-API-Key`, `Authorization: Token`); wrong or missing → 401 and no websocket. A browser (a request with an
-  `Origin` header) must come from an allowed origin → else 403.
+  paths: `xi-api-key`, `X-API-Key`, `Authorization: Token`); wrong or missing → 401 and no
+  websocket. A browser (a request with an `Origin` header) must come from an allowed origin →
+  else 403.
 """
 
 from __future__ import annotations
