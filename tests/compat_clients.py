@@ -25,7 +25,8 @@ def need(*modules: str):
 
 
 def start_server(**overrides) -> ServerThread:
-    config = dict(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu", log_level=os.environ.get("DIA2_TEST_LOG", "WARNING"),
+    config = dict(host="127.0.0.1", port=0, checkpoint="tiny", device="cpu",
+                  log_level=os.environ.get("DIA2_TEST_LOG", "WARNING"),
                   max_calls=MAX_CALLS,
                   # a deep buffer: on a shared, loaded CPU the tiny model can dip below real time,
                   # and a call that falls behind makes the engine refuse new calls for a while

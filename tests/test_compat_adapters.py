@@ -37,7 +37,8 @@ def run(actions):
 
 
 def sent(actions) -> list:
-    return [json.loads(a.payload) if isinstance(a.payload, str) else a.payload for a in run(actions) if isinstance(a, Send)]
+    return [json.loads(a.payload) if isinstance(a.payload, str) else a.payload
+            for a in run(actions) if isinstance(a, Send)]
 
 
 def commands(actions) -> list:
@@ -70,7 +71,8 @@ def test_elevenlabs_finishing_context_ends_with_isfinal_after_its_audio():
     a.translate(p.Started(id=start.id, position=0))
     a.translate(p.Word(id=start.id, word="Hello", start_s=0.0, frame=0))
     (audio,) = sent(a.translate(frame()))
-    assert audio["contextId"] == "c" and base64.b64decode(audio["audio"]) and audio["alignment"]["chars"][:5] == list("Hello")
+    assert audio["contextId"] == "c" and base64.b64decode(audio["audio"])
+    assert audio["alignment"]["chars"][:5] == list("Hello")
     final = sent(a.translate(p.Done(id=start.id, frames=1, audio_s=0.08, wall_s=0.1)))
     assert final[-1] == {"isFinal": True, "contextId": "c"}
 

@@ -50,7 +50,8 @@ async def _elevenlabs_turn(port: int, context: str = "c1") -> int:
 
 
 async def test_elevenlabs_refusals_at_connect(server):
-    for voice, fmt, code in (("nobody", "pcm_24000", "voice_not_found"), ("default", "opus_48000_32", "invalid_output_format"),
+    for voice, fmt, code in (("nobody", "pcm_24000", "voice_not_found"),
+                             ("default", "opus_48000_32", "invalid_output_format"),
                              ("default", "pcm_12345", "invalid_output_format")):
         async with connect(f"ws://127.0.0.1:{server.port}" + EL.format(voice=voice, fmt=fmt)) as ws:
             msg = json.loads(await asyncio.wait_for(ws.recv(), WAIT_S))

@@ -62,7 +62,8 @@ async def test_pipecat_elevenlabs_http_service(server):
 
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
         service = ElevenLabsHttpTTSService(api_key="any-key", aiohttp_session=http, base_url=server.http,
-                                           sample_rate=24000, settings=ElevenLabsHttpTTSService.Settings(voice="default"))
+                                           sample_rate=24000,
+                                           settings=ElevenLabsHttpTTSService.Settings(voice="default"))
         async with Harness(service) as h:
             await h.say(TOKENS)
             await h.collector.until(lambda: h.collector.of(TTSStoppedFrame))
@@ -75,7 +76,8 @@ async def test_native_speech_wav_and_frames(server):
     import soundfile as sf
 
     async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
-        async with http.post(f"{server.http}/v1/speech", json={"text": "[S1] Hello there.", "format": "pcm_16000"}) as r:
+        body = {"text": "[S1] Hello there.", "format": "pcm_16000"}
+        async with http.post(f"{server.http}/v1/speech", json=body) as r:
             assert r.status == 200 and r.content_type == "audio/wav"
             samples, rate = sf.read(io.BytesIO(await r.read()), dtype="int16")
         async with http.post(f"{server.http}/v1/speech", json={"text": "[S1] Hello there.", "format": "ulaw_8000"},
@@ -91,7 +93,8 @@ async def test_errors_in_each_shape_and_busy_is_503():
     base = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession(timeout=TIMEOUT) as http:
-            for url, body, status, code in ((f"{base}/v1/text-to-speech/nobody", {"text": "Hi"}, 404, "voice_not_found"),
+            for url, body, status, code in ((f"{base}/v1/text-to-speech/nobody", {"text": "Hi"}, 404,
+                                             "voice_not_found"),
                                             (f"{base}/v1/text-to-speech/default?output_format=ogg", {"text": "Hi"}, 422,
                                              "invalid_output_format"),
                                             (f"{base}/v1/text-to-speech/default", {"text": ""}, 400, "empty_text")):

@@ -41,8 +41,8 @@ def test_elevenlabs_sdk_over_wss_with_a_self_signed_certificate(tls_server, cert
 
     monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))  # the SDK's default context trusts our certificate
     client = ElevenLabs(api_key="any-key", base_url=f"https://127.0.0.1:{tls_server.port}")
-    chunks = list(client.text_to_speech.convert_realtime(voice_id="default", text=iter(["Hello there, ", "how are you?"]),
-                                                         output_format="pcm_24000"))
+    text = iter(["Hello there, ", "how are you?"])
+    chunks = list(client.text_to_speech.convert_realtime(voice_id="default", text=text, output_format="pcm_24000"))
     audio = b"".join(chunks)
     assert audio and len(audio) % (2 * 1920) == 0  # whole 80 ms frames of 16-bit PCM at 24 kHz
 

@@ -84,8 +84,9 @@ class CompatSession:
                     self._carry_out([Send(adapter.refuse(p.ErrorCode.RATE_LIMITED, "too many messages; slow down"))])
                     continue
                 if len(message) > self.limits.max_command_bytes:
+                    limit = self.limits.max_command_bytes
                     self._carry_out([Send(adapter.refuse(p.ErrorCode.MESSAGE_TOO_LARGE,
-                                                         f"a message may be at most {self.limits.max_command_bytes} bytes"))])
+                                                         f"a message may be at most {limit} bytes"))])
                     continue
                 self._carry_out(self._guarded(adapter.receive, message))  # a Close ends this loop from the sender
         except ConnectionClosed:

@@ -126,7 +126,8 @@ class HttpApi:
             return None
         voices = list(self.server.engine.voices)
         if name not in voices:
-            raise Refused(404, "voice_not_found", f"no voice named {name!r} (prepared: {', '.join(sorted(voices)) or 'none'})")
+            raise Refused(404, "voice_not_found",
+                          f"no voice named {name!r} (prepared: {', '.join(sorted(voices)) or 'none'})")
         return name
 
     @asynccontextmanager

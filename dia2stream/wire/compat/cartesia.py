@@ -23,7 +23,8 @@ ENCODINGS = {"pcm_s16le": PCM_S16LE, "pcm_f32le": PCM_F32LE, "pcm_mulaw": ULAW, 
 DEFAULT_VOICE_ID = "default"
 KNOWN_FIELDS = {"context_id", "transcript", "continue", "model_id", "voice", "output_format", "add_timestamps",
                 "add_phoneme_timestamps", "use_normalized_timestamps", "flush", "cancel", "max_buffer_delay_ms",
-                "language", "generation_config", "pronunciation_dict_id", "duration", "speed", "__experimental_controls"}
+                "language", "generation_config", "pronunciation_dict_id", "duration", "speed",
+                "__experimental_controls"}
 
 
 def parse_output(value) -> StreamFormat:
