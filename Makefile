@@ -12,6 +12,14 @@ TORCH_SPEC   ?= torch==2.13.0
 MOSHI_SPEC   ?= moshi==0.2.13
 WHISPER_SPEC ?= openai-whisper==20250625
 WHISPER_DEPS ?= tiktoken more-itertools numba
+# The real hosted-API clients the compatibility tests drive (docs/compat.md). pipecat-ai pins an old
+# soxr that lacks the resampler wire/formats.py uses, so it goes in last with --no-deps, after its
+# real needs.
+COMPAT_SPEC  ?= lameenc==1.9.0 "aiohttp>=3.9" livekit-agents==1.8.9 livekit-plugins-elevenlabs==1.8.9 \
+                livekit-plugins-cartesia==1.8.9 elevenlabs==2.78.0 cartesia==4.2.0
+PIPECAT_SPEC ?= pipecat-ai==1.14.0
+PIPECAT_DEPS ?= aiofiles docstring_parser loguru loudness Markdown sentencex==1.0.32 Pillow protobuf pydantic \
+                python-dotenv resampy openai wait_for2 pyyaml num2words onnxruntime "deepgram-sdk>=6.1.1,<8"
 
 .PHONY: test test-fast demo venv clean gpu-wheels system-deps
 
@@ -35,7 +43,7 @@ venv: $(STAMP)
 
 # moshi and openai-whisper go in last, with --no-deps: their pins would replace torch/numpy
 # (and whisper's triton is not needed). pip checks no conflicts under --no-deps.
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@if ! $(PY) -c "import torch" 2>/dev/null; then \
 	  if [ -z "$(TORCH_SPEC)" ]; then \
@@ -47,6 +55,9 @@ $(STAMP): requirements.txt pyproject.toml
 	@echo "installing requirements into $(VENV)"
 	@$(PIP) install -r requirements.txt $(WHISPER_DEPS)
 	@$(PIP) install --no-deps "$(MOSHI_SPEC)" "$(WHISPER_SPEC)"
+	@echo "installing the compatibility test clients into $(VENV)"
+	@$(PIP) install $(COMPAT_SPEC) $(PIPECAT_DEPS)
+	@$(PIP) install --no-deps "$(PIPECAT_SPEC)"
 	@touch $@
 
 clean:

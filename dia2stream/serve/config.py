@@ -84,6 +84,9 @@ class ServerConfig:
     # -- a fleet behind a balancer (issue 22); docs/deploy.md
     agent_port: int | None = None  # HAProxy agent-check responder (serve/agent.py); None = off, 0 = a free port
     drain_timeout_s: float = 30.0  # SIGTERM: how long calls may finish their utterance; 0 = close at once
+    http_port: int | None = None  # POST endpoints (ElevenLabs REST, /v1/speech) on their own port; None = off
+    tls_cert: str | None = None  # PEM certificate (chain): the websocket port speaks wss:// (docs/compat.md)
+    tls_key: str | None = None
 
     def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
@@ -198,6 +201,10 @@ _FLAGS = [  # (name, type, help)
                         "'down'); 0 picks a free one; off when unset"),
     ("drain_timeout_s", float, "on SIGTERM, how long calls may finish the utterance they are speaking before "
                                "they are closed (a second SIGTERM ends at once); 0 = close at once"),
+    ("http_port", int, "port for the POST endpoints (ElevenLabs REST text-to-speech, /v1/speech; aiohttp, "
+                       "the [compat] extra); 0 picks a free one; unset = none (docs/compat.md)"),
+    ("tls_cert", str, "PEM certificate (chain) file: the websocket port speaks wss:// (with --tls-key)"),
+    ("tls_key", str, "PEM private key file of --tls-cert"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 

@@ -22,9 +22,11 @@ No sockets, no event loop: a pure function of the request, so it is tested witho
   still the websocket); the dashboard's feed `/dashboard/feed`, behind the token like /metrics.
 - Any other path is the websocket: a token is required when one is configured
   (`Authorization: Bearer <token>`, or `?token=<token>` for clients that cannot set headers,
-  such as browsers); wrong or missing → 401 and no websocket. A browser (a request with an
-  `Origin` header) must come from an allowed origin → else 403. With the pages on, the server's
-  own origin (the page it served) is allowed too, when the Host is an IP address or `localhost`.
+  such as browsers, or the key header of a hosted API whose client speaks to our compatible
+  paths: `xi-api-key`, `X-API-Key`, `Authorization: Token`); wrong or missing → 401 and no
+  websocket. A browser (a request with an `Origin` header) must come from an allowed origin →
+  else 403. With the pages on, the server's own origin (the page it served) is allowed too,
+  when the Host is an IP address or `localhost`.
 """
 
 from __future__ import annotations
@@ -210,14 +212,24 @@ def is_ready(health: dict[str, Any]) -> bool:
     return health.get("status") == "ok" and not health.get("busy")
 
 
+# The key headers of the hosted APIs a compatible endpoint speaks (docs/compat.md): their
+# clients send the key there, so the operator's token goes where the client puts its API key.
+API_KEY_HEADERS = ("xi-api-key", "X-API-Key")
+
+
 def _presented_tokens(request: Request) -> list[str]:
-    """At most two candidates (the first Bearer header, the first `token` query value), so a
-    request cannot make us hash without bound."""
+    """At most four candidates (the first Authorization header, Bearer or Deepgram's Token; the
+    first of each API key header; the first `token` query value), so a request cannot make us
+    hash without bound."""
     found: list[str] = []
     for value in request.headers.get_all("Authorization")[:1]:
         scheme, _, credentials = value.partition(" ")
-        if scheme.lower() == "bearer" and credentials.strip():
+        if scheme.lower() in ("bearer", "token") and credentials.strip():
             found.append(credentials.strip())
+    for header in API_KEY_HEADERS:
+        for value in request.headers.get_all(header)[:1]:
+            if value.strip():
+                found.append(value.strip())
     for key, value in parse_qsl(urlsplit(request.path).query, keep_blank_values=True):
         if key == "token":
             found.append(value)

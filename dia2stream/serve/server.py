@@ -25,10 +25,12 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from dia2stream.clock import FRAME_RATE
+from dia2stream.wire import compat
 from dia2stream.wire import protocol as p
 from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, default_max_calls
 from dia2stream.call.call import AudioFrame, Call, Drained
 from dia2stream.serve.agent import AgentResponder
+from dia2stream.serve.compat_session import serve_compat
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine
 from dia2stream.serve.http import HttpGate, HttpPolicy, unprotected_bind_warning
@@ -90,7 +92,9 @@ class Dia2Server:
         self._no_connections = asyncio.Event()  # set whenever `connections` is empty
         self._no_connections.set()
         self.draining = False
+        self.compat_sessions: set = set()  # serve.compat_session.CompatSession, one per compatible-API connection
         self.stopping = False
+        self.http_port: int | None = None  # where the POST endpoints listen, when --http-port is set
 
     # -- HTTP before the upgrade ----------------------------------------------------------------
 
@@ -116,6 +120,10 @@ class Dia2Server:
     # -- one connection -------------------------------------------------------------------------
 
     async def handle(self, ws: ServerConnection) -> None:
+        adapter = compat.adapter_for(ws.request.path, list(self.engine.voices))
+        if adapter is not None:  # a hosted API's protocol on this port (docs/compat.md)
+            await serve_compat(self, ws, adapter)
+            return
         peer = ws.remote_address
         # The outbox exists before the call (it is the call's sink) and tells its connection,
         # made just below, when the client stops reading.
@@ -323,6 +331,8 @@ class Dia2Server:
         closing = [self._close(conn, CLOSE_GOING_AWAY, "server shutting down", _going_away_error(),
                                timeout=min(SHUTDOWN_CLOSE_S, self.limits.close_timeout_s))
                    for conn in list(self.connections)]
+        closing += [session.shut_down(min(SHUTDOWN_CLOSE_S, self.limits.close_timeout_s))
+                    for session in list(self.compat_sessions)]
         if closing:
             t0 = time.perf_counter()
             await asyncio.gather(*closing, return_exceptions=True)
@@ -348,6 +358,20 @@ async def close_within(ws: ServerConnection, code: int, reason: str, timeout: fl
         pass
     if ws.state is not State.CLOSED:
         ws.transport.abort()
+
+
+def tls_context(cert: str | None, key: str | None):
+    """An SSL context for wss:// when a certificate is given (clients such as the ElevenLabs SDK
+    only speak wss://), else None. ValueError when only one of the two files is given."""
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise ValueError("--tls-cert and --tls-key go together")
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def build_engine(config: ServerConfig, metrics: Metrics | None = None):
@@ -458,6 +482,8 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
             except (NotImplementedError, RuntimeError, ValueError) as exc:
                 # not the main thread (tests), or a platform without loop signal handlers
                 log.debug("no %s handler on this loop: %s", sig.name, exc)
+        tls = tls_context(config.tls_cert, config.tls_key)
+        scheme = "wss" if tls is not None else "ws"
         async with contextlib.AsyncExitStack() as stack:
             if config.agent_port is not None:
                 agent = await stack.enter_async_context(AgentResponder(server.health, config.host, config.agent_port))
@@ -466,11 +492,16 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
                     agent_ready.set_result(agent.port)
             ws_server = await stack.enter_async_context(
                 serve(server.handle, config.host, config.port, process_request=server.process_request,
-                      **limits.websocket_settings()))
+                      ssl=tls, **limits.websocket_settings()))
             port = ws_server.sockets[0].getsockname()[1]
-            log.info("listening on ws://%s:%d/%s", config.host, port,
+            log.info("listening on %s://%s:%d/%s", scheme, config.host, port,
                      f" (playground http://{config.host}:{port}/, dashboard /dashboard)" if config.web else "")
-            print(f"dia2stream ready on ws://{config.host}:{port}/", flush=True)
+            print(f"dia2stream ready on {scheme}://{config.host}:{port}/", flush=True)
+            http_api = None
+            if config.http_port is not None:
+                from dia2stream.serve.http_api import start_http_api  # aiohttp: the [compat] extra
+
+                http_api, server.http_port = await start_http_api(server, config.host, config.http_port)
             if ready is not None:
                 ready.set_result(port)
             await _first_set(drain, stop)
@@ -478,6 +509,8 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
                 await server.drain(config.drain_timeout_s, interrupted=stop)
             ws_server.close(close_connections=False)  # stop accepting; our own close tells each call why
             await server.shut_down()
+            if http_api is not None:
+                await http_api.cleanup()
     except BaseException as exc:
         for future in (ready, agent_ready):
             if future is not None and not future.done():

@@ -1,0 +1,180 @@
+"""`TTS`: a LiveKit Agents TTS speaking our native protocol (docs/protocol.md).
+
+    from dia2stream.integrations.livekit import TTS
+    session = AgentSession(tts=TTS(url="ws://127.0.0.1:8765/", voice="alice"), ...)
+
+One websocket per `TTS` is one call, shared by its streams one at a time, so the conversation
+stays warm across turns. A stream's text goes out as `start` (the first ever) or `inject` with
+`final: false`, its end as `flush`; frames become PCM (24 kHz) and our `word` events timed
+words (each ends where the next begins). A stream closed while it is speaking (an interruption)
+sends `pause` with `played_ms` = the audio of the turn it received (the plugin does not see
+playback, so that is what it knows): the call rolls back to it and the next turn's `inject`
+replaces the words not sent. `synthesize(text)` is one turn with all its text. Install with
+`pip install dia2stream[livekit]`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+
+from livekit.agents import APIConnectionError, APIConnectOptions, tts, utils
+from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
+from livekit.agents.voice.io import TimedString
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.protocol import State
+
+SAMPLE_RATE = 24_000
+FRAME_S = 0.08
+_HEADER = struct.Struct("<I")
+
+
+class TTS(tts.TTS):
+    def __init__(self, *, url: str = "ws://127.0.0.1:8765/", voice: str | None = None,
+                 auth_token: str | None = None) -> None:
+        super().__init__(capabilities=tts.TTSCapabilities(streaming=True, aligned_transcript=True),
+                         sample_rate=SAMPLE_RATE, num_channels=1)
+        self._call = _Call(url, voice, auth_token)
+
+    @property
+    def model(self) -> str:
+        return "dia2"
+
+    @property
+    def provider(self) -> str:
+        return "dia2stream"
+
+    def synthesize(self, text: str, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+                   ) -> "ChunkedStream":
+        return ChunkedStream(tts=self, input_text=text, conn_options=conn_options)
+
+    def stream(self, *, conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS) -> "SynthesizeStream":
+        return SynthesizeStream(tts=self, conn_options=conn_options)
+
+    async def aclose(self) -> None:
+        await self._call.close()
+
+
+class ChunkedStream(tts.ChunkedStream):
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        output_emitter.initialize(request_id=utils.shortuuid(), sample_rate=SAMPLE_RATE, num_channels=1,
+                                  mime_type="audio/pcm")
+
+        async def text():
+            yield self._input_text
+
+        await self._tts._call.speak(text(), output_emitter, self._conn_options.timeout)
+
+
+class SynthesizeStream(tts.SynthesizeStream):
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        request_id = utils.shortuuid()
+        output_emitter.initialize(request_id=request_id, sample_rate=SAMPLE_RATE, num_channels=1,
+                                  mime_type="audio/pcm", stream=True)
+        output_emitter.start_segment(segment_id=request_id)
+
+        async def text():
+            async for data in self._input_ch:
+                if isinstance(data, str) and data:
+                    self._mark_started()
+                    yield data  # flush sentinels: one turn per stream, ended by `flush` at end_input
+
+        await self._tts._call.speak(text(), output_emitter, self._conn_options.timeout)
+        output_emitter.end_segment()
+
+
+class _Call:
+    """The shared connection: one stream speaks at a time."""
+
+    def __init__(self, url: str, voice: str | None, token: str | None) -> None:
+        self.url, self.voice, self.token = url, voice, token
+        self.ws: ClientConnection | None = None
+        self.lock = asyncio.Lock()
+        self.started = False
+        self.turn_frames = 0  # frames of the call's utterance (it spans a resumed barge-in)
+
+    async def _connection(self, timeout: float) -> ClientConnection:
+        if self.ws is not None and self.ws.state is State.OPEN:
+            return self.ws
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            self.ws = await connect(self.url, additional_headers=headers, open_timeout=timeout)
+            ready = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        except (OSError, asyncio.TimeoutError) as exc:
+            raise APIConnectionError(f"dia2stream at {self.url}: {exc}") from exc
+        if ready.get("event") != "ready":
+            raise APIConnectionError(f"dia2stream refused the call: {ready.get('code')}: {ready.get('message')}")
+        self.started, self.turn_frames = False, 0
+        return self.ws
+
+    async def speak(self, texts, emitter: tts.AudioEmitter, timeout: float) -> None:
+        async with self.lock:
+            ws = await self._connection(timeout)
+            sent = asyncio.Event()  # some text went out: a `done` will come
+            sender = asyncio.create_task(self._send(ws, texts, sent))
+            try:
+                await self._receive(ws, emitter, sender, sent, timeout)
+            except asyncio.CancelledError:
+                if self.started and ws.state is State.OPEN:  # interrupted mid-turn: roll back to what we got
+                    await ws.send(json.dumps({"cmd": "pause", "played_ms": self.turn_frames * FRAME_S * 1000}))
+                raise
+            finally:
+                await utils.aio.gracefully_cancel(sender)
+
+    async def _send(self, ws: ClientConnection, texts, sent: asyncio.Event) -> None:
+        async for text in texts:
+            if not self.started:
+                self.started = True
+                command = {"cmd": "start", "text": text, "final": False}
+                if self.voice:
+                    command["voice"] = self.voice
+            else:
+                command = {"cmd": "inject", "text": text, "final": False}
+            await ws.send(json.dumps(command))
+            sent.set()
+        if sent.is_set():
+            await ws.send(json.dumps({"cmd": "flush"}))
+
+    async def _receive(self, ws, emitter, sender: asyncio.Task, sent: asyncio.Event, timeout: float) -> None:
+        origin = None  # utterance frames before this turn's first frame
+        last: tuple[str, float] | None = None
+        while True:
+            if sender.done() and not sent.is_set():
+                sender.result()
+                return  # no text: nothing to speak
+            try:
+                message = await asyncio.wait_for(ws.recv(), timeout)
+            except asyncio.TimeoutError:
+                if sender.done() and not sent.is_set():
+                    return
+                raise APIConnectionError("dia2stream sent nothing for the timeout") from None
+            if isinstance(message, bytes):
+                if origin is None:
+                    origin = self.turn_frames
+                self.turn_frames += 1
+                emitter.push(message[_HEADER.size:])
+                continue
+            event = json.loads(message)
+            kind = event.get("event")
+            if kind == "started":
+                self.turn_frames = 0
+                origin = None
+            elif kind == "word":
+                start = event["frame"] * FRAME_S - (origin or 0) * FRAME_S
+                if last is not None:
+                    emitter.push_timed_transcript(TimedString(text=last[0] + " ", start_time=last[1], end_time=start))
+                last = (event["word"], start)
+            elif kind == "done":
+                if last is not None:
+                    end = (self.turn_frames - (origin or 0)) * FRAME_S
+                    emitter.push_timed_transcript(TimedString(text=last[0] + " ", start_time=last[1], end_time=end))
+                emitter.flush()
+                return
+            elif kind == "error":
+                raise APIConnectionError(f"dia2stream {event.get('code')}: {event.get('message')}")
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            await self.ws.close()
+            self.ws = None

@@ -1,0 +1,107 @@
+"""What every compatible-API adapter is: a translator between one hosted TTS API's websocket
+messages and one native call, with no sockets and no engine.
+
+The server's compat session (`serve/compat_session.py`) owns the socket and the call. It hands
+each client message to `Adapter.receive` and each item the call emits (native events, and
+`AudioFrame`s not silenced by a barge-in) to `Adapter.translate`; both answer with a list of
+actions, carried out in order:
+
+- `Submit(command)`: a native command for the call (`Start`, `Inject`, `Flush`, `Pause`, `Reset`).
+- `Send(payload)`: a message for the client. From `receive` it is queued behind everything the
+  call has already emitted, so an answer never overtakes the audio before it.
+- `Later(fn)`: run `fn()` in the same place in that order, on the sending side; it returns
+  more actions (how an adapter finishes a stream after the audio queued before it).
+- `Close(code, reason)`: close the connection once what precedes it is sent.
+
+An adapter keeps its own state (contexts, alignment clocks, encoders) in plain attributes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Union
+
+log = logging.getLogger("dia2stream.compat")
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_POLICY = 1008  # what the hosted APIs close with after a fatal error in a request
+CLOSE_TRY_AGAIN_LATER = 1013
+
+
+@dataclass(frozen=True)
+class Submit:
+    command: object
+
+
+@dataclass(frozen=True)
+class Send:
+    payload: str | bytes
+
+
+@dataclass(frozen=True)
+class Later:
+    run: Callable[[], list]
+
+
+@dataclass(frozen=True)
+class Close:
+    code: int = CLOSE_NORMAL
+    reason: str = ""
+
+
+Action = Union[Submit, Send, Later, Close]
+
+
+class Adapter:
+    """The interface the compat session drives (see the module docstring)."""
+
+    api = "?"  # for logs and metrics
+    idle_timeout_s: float | None = None  # the API's own inactivity rule; None: the server's
+
+    def opening(self) -> list[Action]:
+        """Actions right after the upgrade (a refusal of the request's parameters, a greeting)."""
+        return []
+
+    def receive(self, message: str | bytes) -> list[Action]:
+        raise NotImplementedError
+
+    def translate(self, item: object) -> list[Action]:
+        raise NotImplementedError
+
+    def refuse(self, code: str, message: str) -> str:
+        """A connection-level refusal (`busy`, `idle_timeout`, `message_too_large`, ...) in the
+        API's error shape."""
+        raise NotImplementedError
+
+
+def to_json(obj: dict[str, Any]) -> str:
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_object(message: str | bytes) -> dict[str, Any]:
+    """A JSON object from a text message; ValueError with a readable reason otherwise."""
+    if isinstance(message, (bytes, bytearray, memoryview)):
+        raise ValueError("binary messages are not accepted; send JSON text")
+    try:
+        obj = json.loads(message)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"invalid JSON: {exc.msg} at position {exc.pos}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("expected a JSON object")
+    return obj
+
+
+class IgnoredFields:
+    """Logs, once per adapter and field, the fields an API defines that we accept and ignore."""
+
+    def __init__(self, api: str) -> None:
+        self.api, self._seen = api, set()
+
+    def note(self, keys) -> None:
+        for key in keys:
+            if key not in self._seen:
+                self._seen.add(key)
+                log.info("%s: accepting and ignoring %r", self.api, key)

@@ -1,0 +1,114 @@
+"""LiveKit Agents' own TTS plugins against our compatible endpoints: `elevenlabs.TTS` (pcm_24000
+and its default mp3_22050_32) and `cartesia.TTS`, with `tts.stream()` standalone. Loopback
+only; skipped without the plugins."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from compat_clients import need, start_server
+
+need("livekit.plugins.elevenlabs", "livekit.plugins.cartesia", "aiohttp")
+
+import aiohttp  # noqa: E402
+from livekit.agents import APIConnectOptions  # noqa: E402
+from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT  # noqa: E402
+from livekit.plugins import cartesia, elevenlabs  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+WAIT_S = 60.0
+# Generous: the plugins fail a context that is silent for `timeout` seconds, and a shared CPU can be slow.
+OPTIONS = APIConnectOptions(timeout=WAIT_S, max_retry=0)
+PIECES = ["Hello there, ", "how are ", "you today? ", "I am fine."]
+WORDS = ["Hello", "there,", "how", "are", "you", "today?", "I", "am", "fine."]
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = start_server()
+    yield srv
+    srv.stop()
+
+
+async def _speak(tts) -> tuple[list, list]:
+    """Push text as an LLM would, end the input, read every frame; (frames, timed words)."""
+    frames, words = [], []
+    async with tts.stream(conn_options=OPTIONS) as stream:
+        for piece in PIECES:
+            stream.push_text(piece)
+        stream.end_input()
+        async with asyncio.timeout(WAIT_S * 2):
+            async for ev in stream:
+                frames.append(ev.frame)
+                words.extend(ev.frame.userdata.get(USERDATA_TIMED_TRANSCRIPT) or [])
+    return frames, words
+
+
+def _seconds(frames) -> float:
+    return sum(f.samples_per_channel for f in frames) / frames[0].sample_rate
+
+
+async def test_elevenlabs_pcm_timed_words_in_order(server):
+    async with aiohttp.ClientSession() as session:
+        tts = elevenlabs.TTS(api_key="any-key", voice_id="default", base_url=f"http://127.0.0.1:{server.port}/v1",
+                             encoding="pcm_24000", http_session=session)
+        frames, words = await _speak(tts)
+        await tts.aclose()
+    assert frames and frames[0].sample_rate == 24000
+    assert [w.strip() for w in words] == WORDS
+    starts = [w.start_time for w in words]
+    assert starts == sorted(starts) and starts[0] >= 0
+    assert all(w.end_time >= w.start_time for w in words)
+    assert words[-1].start_time < _seconds(frames)
+    # whole 80 ms frames: the audio is a multiple of 1920 samples at 24 kHz
+    assert sum(f.samples_per_channel for f in frames) % 1920 == 0
+
+
+async def test_elevenlabs_default_mp3_decodes_to_the_right_length(server):
+    async with aiohttp.ClientSession() as session:
+        pcm_tts = elevenlabs.TTS(api_key="k", voice_id="default", base_url=f"http://127.0.0.1:{server.port}/v1",
+                                 encoding="pcm_24000", http_session=session)
+        mp3_tts = elevenlabs.TTS(api_key="k", voice_id="default", base_url=f"http://127.0.0.1:{server.port}/v1",
+                                 http_session=session)  # its default encoding: mp3_22050_32
+        pcm_frames, _ = await _speak(pcm_tts)
+        mp3_frames, mp3_words = await _speak(mp3_tts)
+        await pcm_tts.aclose()
+        await mp3_tts.aclose()
+    assert mp3_frames[0].sample_rate == 22050  # decoded by LiveKit's own MP3 decoder
+    assert [w.strip() for w in mp3_words] == WORDS
+    # Same text, same seed, same server: the same number of frames; MP3 adds at most an
+    # encoder frame of padding (1152 samples) and the resampler's tail.
+    assert abs(_seconds(mp3_frames) - _seconds(pcm_frames)) < 0.1, (_seconds(mp3_frames), _seconds(pcm_frames))
+    audio = np.concatenate([np.frombuffer(f.data, np.int16) for f in mp3_frames])
+    assert np.abs(audio).max() > 0
+
+
+async def test_cartesia_stream_words_and_audio(server):
+    async with aiohttp.ClientSession() as session:
+        tts = cartesia.TTS(api_key="any-key", voice="default", base_url=f"http://127.0.0.1:{server.port}",
+                           sample_rate=24000, http_session=session)
+        frames, words = await _speak(tts)
+        await tts.aclose()
+    assert frames and frames[0].sample_rate == 24000
+    assert [w.strip() for w in words] == WORDS
+    starts = [w.start_time for w in words]
+    assert starts == sorted(starts)
+
+
+async def test_native_plugin_stream_and_synthesize(server):
+    from dia2stream.integrations.livekit import TTS
+
+    tts = TTS(url=f"ws://127.0.0.1:{server.port}/")
+    frames, words = await _speak(tts)
+    async with tts.synthesize("Second turn, same call.", conn_options=OPTIONS) as chunked:
+        more = [ev.frame async for ev in chunked]
+    await tts.aclose()
+    assert frames and frames[0].sample_rate == 24000
+    assert [w.strip() for w in words] == WORDS
+    starts = [w.start_time for w in words]
+    assert starts == sorted(starts) and all(w.end_time >= w.start_time for w in words)
+    assert more and sum(f.samples_per_channel for f in more) > 1920
