@@ -108,6 +108,7 @@ class Engine:
         self._closed = False
         self.last_step_ms = 0.0
         self.last_step_calls = 0
+        self.host_ms = 0.0  # moving average of a step's generation-thread work outside the stepper and codec
         self.steps = 0
         self.overloaded = False
         self._behind_since: float | None = None
@@ -183,7 +184,7 @@ class Engine:
         calls = self.calls
         return {"calls": calls, "max_calls": self.max_calls, "busy": calls >= self.max_calls or self.overloaded,
                 "overloaded": self.overloaded, "step_ms": round(self.last_step_ms, 2),
-                "step_calls": self.last_step_calls}
+                "step_calls": self.last_step_calls, "host_ms": round(self.host_ms, 2)}
 
     @property
     def max_prefix_frames(self) -> int:
@@ -341,23 +342,27 @@ class Engine:
             except Exception as exc:
                 log.exception("call %d: error after a frame step", call.slot.index)
                 call.fail(exc)
+        device_s = result.seconds
         if decode:
             for call in decode:
                 call.mark_codec_if_due()
             pcm, seconds = self.runner.decode([call.slot.index for call in decode])
             self.scheduler.costs.observe_decode(seconds)
+            device_s += seconds
             for call in decode:
                 self._guarded(call, call.deliver, pcm[call.slot.index])
-        self.last_step_ms = (time.perf_counter() - t0) * 1000
-        self.last_step_calls = len(stepping)
-        self.steps += 1
-        if self.metrics is not None:
-            self.metrics.frame_step_ms(self.last_step_ms, self.last_step_calls)
         for call in stepping:
             if call.turn is not None:
                 self._guarded(call, call.check_end)
             if call.draining:
                 call.note_drained()
+        elapsed = time.perf_counter() - t0
+        self.last_step_ms = elapsed * 1000
+        self.last_step_calls = len(stepping)
+        self.host_ms += 0.1 * ((elapsed - device_s) * 1000 - self.host_ms)
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.frame_step_ms(self.last_step_ms, self.last_step_calls)
 
     def _guarded(self, call: Call, fn, *args) -> None:
         try:
