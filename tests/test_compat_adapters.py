@@ -220,7 +220,7 @@ def test_an_adapter_fault_is_answered_not_raised():
         metrics = Metrics()
 
     session = CompatSession(Server(), ws=None, adapter=Broken({}, []))
-    session.call = type("Call", (), {"slot": 0})()
+    session.call = type("Call", (), {"slot": type("Slot", (), {"index": 0})()})()
     (reply,) = session._guarded(session.adapter.receive, "{}")
     assert json.loads(reply.payload)["err_code"] == "internal_error" and Server.metrics.code == "internal_error"
 

@@ -129,16 +129,15 @@ class Engine:
         """A new call on a free slot, or None when every slot is taken or the engine cannot take
         one more call in real time."""
         with self._lock:
-            taken = sum(c is not None for c in self._calls)
-            if self.overloaded or (self.config.overload_refusal_s > 0 and not self.scheduler.admits(taken + 1)):
+            free = [slot for slot, occupant in enumerate(self._calls) if occupant is None]
+            if not free or self.overloaded:
                 return None
-            for slot, occupant in enumerate(self._calls):  # the lowest free slot: batches pad to the highest
-                if occupant is None:
-                    call = Call(self._slots[slot], self._call_settings, self._call_model, self.voices, sink)
-                    self._calls[slot] = call
-                    break
-            else:
+            taken = len(self._calls) - len(free)
+            if self.config.overload_refusal_s > 0 and not self.scheduler.admits(taken + 1):
                 return None
+            slot = free[0]  # the lowest free slot: a step is padded to the highest slot it runs
+            call = self._calls[slot] = Call(self._slots[slot], self._call_settings, self._call_model, self.voices,
+                                            sink)
         self._post(call, Attach(), call.epoch)
         return call
 

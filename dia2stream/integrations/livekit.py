@@ -25,8 +25,8 @@ from livekit.agents.voice.io import TimedString
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.protocol import State
 
-SAMPLE_RATE = 24_000
-FRAME_S = 0.08
+from dia2stream.clock import FRAME_SECONDS, SAMPLE_RATE
+
 _HEADER = struct.Struct("<I")
 
 
@@ -117,7 +117,7 @@ class _Call:
                 await self._receive(ws, emitter, sender, sent, timeout)
             except asyncio.CancelledError:
                 if self.started and ws.state is State.OPEN:  # interrupted mid-turn: roll back to what we got
-                    await ws.send(json.dumps({"cmd": "pause", "played_ms": self.turn_frames * FRAME_S * 1000}))
+                    await ws.send(json.dumps({"cmd": "pause", "played_ms": self.turn_frames * FRAME_SECONDS * 1000}))
                 raise
             finally:
                 await utils.aio.gracefully_cancel(sender)
@@ -161,13 +161,13 @@ class _Call:
                 self.turn_frames = 0
                 origin = None
             elif kind == "word":
-                start = event["frame"] * FRAME_S - (origin or 0) * FRAME_S
+                start = event["frame"] * FRAME_SECONDS - (origin or 0) * FRAME_SECONDS
                 if last is not None:
                     emitter.push_timed_transcript(TimedString(text=last[0] + " ", start_time=last[1], end_time=start))
                 last = (event["word"], start)
             elif kind == "done":
                 if last is not None:
-                    end = (self.turn_frames - (origin or 0)) * FRAME_S
+                    end = (self.turn_frames - (origin or 0)) * FRAME_SECONDS
                     emitter.push_timed_transcript(TimedString(text=last[0] + " ", start_time=last[1], end_time=end))
                 emitter.flush()
                 return

@@ -26,8 +26,8 @@ from pipecat.processors.frame_processor import FrameProcessorSetup
 from pipecat.services.settings import TTSSettings
 from pipecat.services.tts_service import WebsocketTTSService
 
-SAMPLE_RATE = 24_000  # the native format pcm_24000
-FRAME_S = 0.08
+from dia2stream.clock import FRAME_SECONDS, SAMPLE_RATE  # the plugins ask for pcm_24000, the native format
+
 _HEADER = struct.Struct("<I")
 
 
@@ -117,7 +117,7 @@ class Dia2TTSService(WebsocketTTSService):
         """Barge-in: roll the call back to what was handed on (see the module docstring)."""
         await self.stop_all_metrics()
         if self._websocket and self._started:
-            await self._send({"cmd": "pause", "played_ms": self._turn_frames * FRAME_S * 1000})
+            await self._send({"cmd": "pause", "played_ms": self._turn_frames * FRAME_SECONDS * 1000})
         self._context_origin.pop(context_id, None)
         await super().on_audio_context_interrupted(context_id)
 
@@ -139,7 +139,7 @@ class Dia2TTSService(WebsocketTTSService):
                 self._turn_frames = 0
             elif kind == "word" and context_id:
                 origin = max(self._context_origin.get(context_id, 0), 0)
-                await self.add_word_timestamps([(event["word"], event["frame"] * FRAME_S - origin * FRAME_S)],
+                await self.add_word_timestamps([(event["word"], event["frame"] * FRAME_SECONDS - origin * FRAME_SECONDS)],
                                                context_id)
             elif kind == "done" and context_id:
                 await self.stop_ttfb_metrics()

@@ -26,6 +26,7 @@ from aiohttp import web
 from websockets.datastructures import Headers
 from websockets.http11 import Request
 
+from dia2stream.clock import FRAME_SECONDS
 from dia2stream.call.call import AudioFrame
 from dia2stream.serve.outbox import Outbox
 from dia2stream.wire import protocol as p
@@ -36,7 +37,6 @@ from dia2stream.wire.formats import FORMATS, decode_frame
 log = logging.getLogger("dia2stream.http")
 
 RETRY_AFTER_S = 1
-FRAME_S = 1 / p.FRAME_RATE
 MAX_BODY_BYTES = 64 * 1024
 SHUTDOWN_S = 0.5
 
@@ -202,7 +202,7 @@ async def _elevenlabs_timestamps(request, items, text, voice, encoder) -> web.St
             if not response.prepared:
                 await response.prepare(request)
             line = {"audio_base64": base64.b64encode(encoder.encode(item.pcm)).decode("ascii")}
-            line.update(_http_alignment(words, frames * FRAME_S, FRAME_S))
+            line.update(_http_alignment(words, frames * FRAME_SECONDS, FRAME_SECONDS))
             words = []
             frames += 1
             await response.write(json.dumps(line).encode() + b"\n")
@@ -210,7 +210,7 @@ async def _elevenlabs_timestamps(request, items, text, voice, encoder) -> web.St
         await response.prepare(request)
     # the rest of the audio, and a " " to the end of it: the last word closes, and a client's
     # clock (pipecat adds the last end time) moves on by the whole utterance
-    end = round(frames * FRAME_S, 3)
+    end = round(frames * FRAME_SECONDS, 3)
     line = {"audio_base64": base64.b64encode(encoder.finish()).decode("ascii")}
     line.update(_http_alignment(words + [""], end, 0.0))
     await response.write(json.dumps(line).encode() + b"\n")

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import soxr
 
-from dia2stream.wire.formats import MODEL_RATE, alaw_encode, float_to_pcm16, ulaw_encode
+from dia2stream.clock import SAMPLE_RATE
+from dia2stream.wire.formats import alaw_encode, float_to_pcm16, ulaw_encode
 
 PCM_S16LE, PCM_F32LE, ULAW, ALAW, MP3 = "pcm_s16le", "pcm_f32le", "ulaw", "alaw", "mp3"
 PCM_RATES = (8_000, 16_000, 22_050, 24_000, 32_000, 44_100, 48_000)
@@ -69,8 +70,8 @@ class StreamEncoder:
 
     def __init__(self, fmt: StreamFormat):
         self.format = fmt
-        self._resampler = None if fmt.sample_rate == MODEL_RATE else soxr.ResampleStream(
-            MODEL_RATE, fmt.sample_rate, 1, dtype="float32", quality="HQ", vr=True)
+        self._resampler = None if fmt.sample_rate == SAMPLE_RATE else soxr.ResampleStream(
+            SAMPLE_RATE, fmt.sample_rate, 1, dtype="float32", quality="HQ", vr=True)
         self._mp3 = _mp3_encoder(fmt) if fmt.codec == MP3 else None
         self.samples_out = 0  # samples at the output rate handed to the codec so far
 
