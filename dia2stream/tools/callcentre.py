@@ -33,6 +33,7 @@ from websockets.exceptions import ConnectionClosed
 
 from dia2stream.clock import FRAME_SECONDS
 from dia2stream.tools import playback
+from dia2stream.tools.bounded import run_within
 from dia2stream.wire.protocol import MAX_MESSAGE_BYTES
 
 FRAGMENT_EVERY_S = 0.04  # an LLM's token cadence
@@ -200,10 +201,7 @@ async def run_pattern(args: argparse.Namespace) -> tuple[list[CallCentreCall], f
     t0 = time.perf_counter()
     tasks = [asyncio.create_task(run_call(c, args, t0, random.Random((args.seed or 0) * 1000 + c.index)))
              for c in calls]
-    _, pending = await asyncio.wait(tasks, timeout=args.duration_limit)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    pending = await run_within(tasks, args.duration_limit)
     for call, task in zip(calls, tasks):
         if task in pending:
             call.errors.append(f"stopped by --duration-limit {args.duration_limit:g} s")

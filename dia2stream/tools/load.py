@@ -35,6 +35,7 @@ import numpy as np
 from websockets.exceptions import ConnectionClosed
 
 from dia2stream.tools import callcentre, playback
+from dia2stream.tools.bounded import run_within
 from dia2stream.tools.retry import CLOSE_TRY_AGAIN_LATER, Busy, BusyRetry, Refusal, open_call
 from dia2stream.wire.formats import FORMAT_NAMES, decode_frame
 from dia2stream.wire.protocol import MAX_MESSAGE_BYTES
@@ -262,12 +263,9 @@ async def run_load(args: argparse.Namespace) -> tuple[list[Call], float]:
     tasks = [asyncio.create_task(run_call(call, args, progress)) for call in calls]
     reporter = asyncio.create_task(report_progress(progress, args))
     try:
-        _, pending = await asyncio.wait(tasks, timeout=args.duration_limit)
+        pending = await run_within(tasks, args.duration_limit)
     finally:
         reporter.cancel()
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
     for call, task in zip(calls, tasks):
         if task in pending:
             call.errors.append(f"stopped by --duration-limit {args.duration_limit:g} s")
