@@ -66,9 +66,8 @@ def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces
 
         stepper_snap, text_state, _ = call.checkpoint
         slot = call.slot
-        rows = slice(slot * engine.stepper.branches, (slot + 1) * engine.stepper.branches)
-        assert engine.stepper.host_positions[slot] == target
-        assert torch.equal(engine.stepper.tokens[rows], stepper_snap.tokens)  # the inputs of step `target`
+        assert engine.stepper.position(slot) == target
+        assert torch.equal(engine.stepper.step_inputs(slot), stepper_snap.tokens)  # the inputs of step `target`
         assert call.machine.state == text_state  # words, pads and look-ahead as they were
         live = engine.codec.snapshot_row(slot)
         for module, fields in call.checkpoint_codec.states.items():  # Mimi where frame target-1 left it

@@ -143,7 +143,7 @@ class Call:
 
     @property
     def position(self) -> int:
-        return self.engine.stepper.host_positions[self.slot]
+        return self.engine.stepper.position(self.slot)
 
     @property
     def generating(self) -> bool:
