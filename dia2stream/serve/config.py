@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    checkpoint: str = "tiny"
+    checkpoint: str | None = None  # None: the published model on a GPU, tiny on CPU (checkpoint_for)
     device: str | None = None
     dtype: str | None = None
     mimi: str | None = None
@@ -55,7 +55,8 @@ class ServerConfig:
 _FLAGS = [  # (name, type, help)
     ("host", str, "address to listen on"),
     ("port", int, "port to listen on (0 picks a free one)"),
-    ("checkpoint", str, "preset (tiny, 1b, 2b), local directory or Hugging Face repo id"),
+    ("checkpoint", str, "preset (tiny, 1b, 2b: random weights), local directory or Hugging Face repo id "
+                        "(default: nari-labs/Dia2-2B on a GPU, tiny on CPU)"),
     ("device", str, "cpu, cuda, cuda:N (default: cuda if available)"),
     ("dtype", str, "bf16 or fp32 (default: bf16 on cuda, fp32 on cpu)"),
     ("mimi", str, "codec source: random, random-small, a path or repo id (default: the checkpoint's)"),
@@ -146,3 +147,15 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if values["compile"] not in ("auto", "on", "off"):
         parser.error(f"--compile must be auto, on or off, not {values['compile']!r}")
     return ServerConfig(**values)
+
+
+def checkpoint_for(config: ServerConfig) -> str:
+    """The checkpoint to serve: the configured one, else the published model where the model runs
+    on CUDA and the random `tiny` elsewhere (a CPU cannot run the real one in real time)."""
+    if config.checkpoint:
+        return config.checkpoint
+    from vendor_dia2.api import default_device
+    from vendor_dia2.checkpoint import PUBLISHED_CHECKPOINT
+
+    device = config.device or default_device().type
+    return PUBLISHED_CHECKPOINT if str(device).startswith("cuda") else "tiny"

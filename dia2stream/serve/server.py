@@ -24,7 +24,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 
 from dia2stream.wire import protocol as p
-from dia2stream.serve.config import ServerConfig
+from dia2stream.serve.config import ServerConfig, checkpoint_for
 from dia2stream.call.call import AudioFrame, Call
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine, EngineConfig
@@ -313,6 +313,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     import torch
 
     from vendor_dia2 import Dia2
+    from vendor_dia2.checkpoint import PUBLISHED_CHECKPOINT, is_random_preset
 
     threads = config.threads
     if threads is None and (os.cpu_count() or 1) <= 2 and not (config.device or "").startswith("cuda") \
@@ -324,7 +325,11 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     # interval the event loop can hold it that long when the frame is done.
     sys.setswitchinterval(0.0005)
     t0 = time.perf_counter()
-    tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+    checkpoint = checkpoint_for(config)
+    tts = Dia2.from_pretrained(checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+    if is_random_preset(checkpoint):
+        log.warning("checkpoint %s has random weights: its audio is noise, not speech (the published model: "
+                    "--checkpoint %s, on a GPU)", checkpoint, PUBLISHED_CHECKPOINT)
     compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
     kernels = resolve_kernels(config.kernels, tts.device)
     max_calls = config.max_calls or default_max_calls(tts.device)
