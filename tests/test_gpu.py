@@ -68,7 +68,7 @@ def test_graphed_mimi_stream_matches_eager():
     eager = [codec.decode_frame(codes[:, :, i]) for i in range(8)]
     codec.use_cuda_graph = True
     codec.open_stream(1)
-    assert codec._graph is not None
+    assert codec.stream_graphed
     graphed = [codec.decode_frame(codes[:, :, i]) for i in range(4)]
     snap = codec.snapshot_stream()
     graphed += [codec.decode_frame(codes[:, :, i]) for i in range(4, 8)]

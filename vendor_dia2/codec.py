@@ -158,6 +158,11 @@ class MimiCodec:
         """Batch size of the open stream, or None."""
         return self._stream_batch
 
+    @property
+    def stream_graphed(self) -> bool:
+        """Whether the open stream's frame decode replays a CUDA graph."""
+        return self._graph is not None
+
     @torch.inference_mode()
     def open_stream(self, batch_size: int = 1) -> None:
         """Start (or restart, from a fresh state) streaming decode for `batch_size` rows."""
