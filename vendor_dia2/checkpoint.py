@@ -97,7 +97,8 @@ def hub_failure(repo_id: str, exc: Exception) -> str:
         how = (f"It was not in {where} either. Without network: download it where the hub can be reached "
                f"(`hf download {repo_id}`), copy that cache folder here and set HF_HUB_OFFLINE=1")
     return (f"could not fetch checkpoint {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {reason}). "
-            f"{how}; or pass a local checkpoint directory, or the preset 'tiny' (random weights: noise, not speech).")
+            f"{how}; or pass a local directory holding the checkpoint, or the preset 'tiny' "
+            "(random weights: noise, not speech).")
 
 
 def _files(root: Path, name: str) -> CheckpointFiles:
