@@ -1,10 +1,12 @@
-"""dia2stream server: `python server.py --checkpoint tiny --port 8765` (see --help)."""
+"""dia2stream server: `python server.py` (the published Dia2-2B on a GPU, random `tiny` on CPU;
+`--checkpoint` picks another, see --help)."""
 
 import asyncio
 import logging
 
 from dia2stream.serve.config import parse_args
 from dia2stream.serve.server import run
+from vendor_dia2.checkpoint import CheckpointError
 
 if __name__ == "__main__":
     config = parse_args()
@@ -13,3 +15,5 @@ if __name__ == "__main__":
         asyncio.run(run(config))
     except KeyboardInterrupt:
         pass
+    except CheckpointError as exc:  # a message for the user (no hub, no such directory), not a traceback
+        raise SystemExit(f"server.py: {exc}") from None

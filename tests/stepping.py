@@ -20,10 +20,10 @@ def step_pattern(tts, stepper, pattern, cfg: bool = True):
     for active in pattern:
         b = stepper.batch_size_for(max(i for i, on in enumerate(active) if on) + 1)
         lengths.append(stepper.cache_length_for(b))
-        choices = [m.preview(stepper.host_positions[i]) if active[i] else None for i, m in enumerate(machines)]
+        choices = [m.preview(stepper.position(i)) if active[i] else None for i, m in enumerate(machines)]
         got = stepper.step(choices, active)
         for i, m in enumerate(machines):
             if active[i]:
-                m.process(stepper.host_positions[i] - 1, got[i])
+                m.process(stepper.position(i) - 1, got[i])
         actions.append(got)
     return actions, lengths

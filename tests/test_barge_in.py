@@ -50,7 +50,7 @@ def record_state_before(engine, call, target: int, monkeypatch) -> dict:
     step, decode = engine.stepper.step, engine.codec.decode_frame
 
     def stepping(choices, active):
-        if "stepper" not in taken and engine.stepper.host_positions[call.slot.index] == target:
+        if "stepper" not in taken and engine.stepper.position(call.slot.index) == target:
             taken["stepper"], taken["text"] = engine.stepper.snapshot(call.slot.index), call.machine.snapshot()
         return step(choices, active)
 
@@ -96,9 +96,8 @@ def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces
                 break
             time.sleep(0.01)
         assert call.slot.pending_replay is None
-        rows = slice(slot * engine.stepper.branches, (slot + 1) * engine.stepper.branches)
-        assert engine.stepper.host_positions[slot] == target
-        assert torch.equal(engine.stepper.tokens[rows], stepper_snap.tokens)  # the inputs of step `target`
+        assert engine.stepper.position(slot) == target
+        assert torch.equal(engine.stepper.step_inputs(slot), stepper_snap.tokens)  # the inputs of step `target`
         assert call.machine.state == text_state  # words, pads and look-ahead as they were
         live = engine.codec.snapshot_row(slot)
         for module, fields in taken["codec"].states.items():  # Mimi where frame target-1 left it

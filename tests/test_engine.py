@@ -44,20 +44,22 @@ def small_tts(tiny_dir):
 
 
 def _slot_state(stepper, call: int) -> list[torch.Tensor]:
-    rows = slice(call * stepper.branches, (call + 1) * stepper.branches)
-    out = [stepper.tokens[rows], stepper.positions[call], stepper.buffer[call], stepper.prefix_frames[call],
-           stepper.cache_offset[call], stepper.seeds[call], stepper.stream_temperature[call]]
-    out += [c.k[rows] for c in stepper.decoder_caches] + [c.v[rows] for c in stepper.decoder_caches]
-    return [t.clone() for t in out]
+    return list(stepper.slot_tensors(call).values())
+
+
+def _cache_keys(stepper, call: int, length: int) -> list[torch.Tensor]:
+    """The decoder keys of a slot's first `length` cache slots, per layer."""
+    tensors = stepper.slot_tensors(call)
+    return [t[:, :, :length] for name, t in tensors.items() if name.startswith("decoder_cache.") and name.endswith(".k")]
 
 
 def _steps(stepper, machines, active, count):
     for _ in range(count):
-        choices = [m.preview(stepper.host_positions[i]) if active[i] else None for i, m in enumerate(machines)]
+        choices = [m.preview(stepper.position(i)) if active[i] else None for i, m in enumerate(machines)]
         actions = stepper.step(choices, active)
         for i, m in enumerate(machines):
             if active[i]:
-                m.process(stepper.host_positions[i] - 1, actions[i])
+                m.process(stepper.position(i) - 1, actions[i])
 
 
 def test_slot_reset_snapshot_restore_prefill_leave_other_slots_bit_identical(small_tts):
@@ -69,13 +71,13 @@ def test_slot_reset_snapshot_restore_prefill_leave_other_slots_bit_identical(sma
         m.push(parse_script(TEXTS[call], small_tts.tokenizer))
         machines.append(m)
     _steps(stepper, machines, [True] * 3, 6)
-    valid = {call: [c.k[call * 2:call * 2 + 2, :, :6].clone() for c in stepper.decoder_caches] for call in (0, 2)}
+    valid = {call: _cache_keys(stepper, call, 6) for call in (0, 2)}
     snap = stepper.snapshot(1)
     _steps(stepper, machines, [False, True, False], 3)  # only slot 1 advances
     # an inactive slot's cache may take a write past its position (overwritten by its next real
     # step); everything it holds up to its position is untouched
     for call, before in valid.items():
-        assert all(torch.equal(b, c.k[call * 2:call * 2 + 2, :, :6]) for b, c in zip(before, stepper.decoder_caches))
+        assert all(torch.equal(b, a) for b, a in zip(before, _cache_keys(stepper, call, 6)))
     others = {call: _slot_state(stepper, call) for call in (0, 2)}
     stepper.restore(snap, 1)
     d = small_tts.config.data
@@ -86,7 +88,7 @@ def test_slot_reset_snapshot_restore_prefill_leave_other_slots_bit_identical(sma
     for call, before in others.items():
         after = _slot_state(stepper, call)
         assert all(torch.equal(a, b) for a, b in zip(before, after)), f"slot {call} changed"
-    assert stepper.host_positions[0] == stepper.host_positions[2] == 6
+    assert stepper.position(0) == stepper.position(2) == 6
 
 
 def test_inactive_slots_do_not_advance_and_active_ones_match_running_alone(small_tts):
@@ -105,10 +107,10 @@ def test_inactive_slots_do_not_advance_and_active_ones_match_running_alone(small
 
     alone, m_alone = run(False)
     crowd, m_crowd = run(True)
-    assert alone.host_positions == [25, 0, 0]
-    assert torch.equal(alone.buffer[1], torch.full_like(alone.buffer[1], -2))  # never written
-    assert crowd.host_positions == [25, 25, 25]
-    assert torch.equal(alone.buffer[0], crowd.buffer[0])
+    assert [alone.position(c) for c in range(3)] == [25, 0, 0]
+    assert torch.equal(alone.written_codes(1), torch.full_like(alone.written_codes(1), -2))  # never written
+    assert [crowd.position(c) for c in range(3)] == [25, 25, 25]
+    assert torch.equal(alone.written_codes(0), crowd.written_codes(0))
     assert m_alone[0].transcript == m_crowd[0].transcript
 
 
@@ -133,15 +135,15 @@ def test_decoder_only_lane_gives_the_same_tokens_as_the_full_step(small_tts, pre
             for k, delay in enumerate(d.delay_pattern):
                 delayed[k, :delay] = d.audio_bos
             stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary=prefix)
-            start = stepper.host_positions[0]
+            start = stepper.position(0)
         machine.push(parse_script(TEXTS[0], small_tts.tokenizer))
         record, lanes = [], []
         for t in range(start, start + 30):
             action = stepper.step([machine.preview(t)])[0]
             machine.process(t, action)
             lanes.append(stepper.last_full)
-            record.append((action, stepper.text_out.clone(), stepper.tokens.clone()))
-        return record, stepper.buffer.clone(), machine.transcript, lanes
+            record.append((action, stepper.text_out.clone(), stepper.step_inputs(0)))
+        return record, stepper.written_codes(0).clone(), machine.transcript, lanes
 
     lite, buf_lite, words_lite, lanes_lite = run(True)
     full, buf_full, words_full, lanes_full = run(False)
@@ -186,13 +188,13 @@ def test_a_seeded_call_sounds_the_same_alone_and_alongside_three_others(small_tt
         assert [c.slot.index for c in calls] == [0, 1, 2, 3]
         engine.submit(calls[0], p.Start(text=TEXTS[0], seed=42, id="a"))
         alone = _collect(sinks[0])
-        buffer_alone = engine.stepper.buffer[0].clone()
+        buffer_alone = engine.stepper.written_codes(0).clone()
         engine.submit(calls[0], p.Reset())
         _collect(sinks[0], until=p.ResetDone)
         for i, call in enumerate(calls):
             engine.submit(call, p.Start(text=TEXTS[i], seed=42 if i == 0 else i, id=f"c{i}"))
         together = [_collect(s) for s in sinks]
-        assert torch.equal(engine.stepper.buffer[0], buffer_alone)
+        assert torch.equal(engine.stepper.written_codes(0), buffer_alone)
         assert _words(together[0]) == _words(alone)
         assert len(_frames(together[0])) == len(_frames(alone))
         for a, b in zip(_frames(together[0]), _frames(alone)):
@@ -221,7 +223,7 @@ def test_pause_of_one_call_stops_its_frames_while_the_others_stream(small_tts):
             item = a.get(timeout=60)
             if isinstance(item, p.Paused):
                 break
-        position = engine.stepper.host_positions[call_a.slot.index]
+        position = engine.stepper.position(call_a.slot.index)
         b_frames = 0
         while b_frames < 10:
             item = b.get(timeout=60)
@@ -229,7 +231,7 @@ def test_pause_of_one_call_stops_its_frames_while_the_others_stream(small_tts):
             while not a.empty():
                 after.append(a.get_nowait())
         assert not any(isinstance(i, AudioFrame) for i in after), "frame after paused"
-        assert engine.stepper.host_positions[call_a.slot.index] == position  # a paused call never advances
+        assert engine.stepper.position(call_a.slot.index) == position  # a paused call never advances
     finally:
         engine.close()
 

@@ -68,7 +68,7 @@ def test_graphed_mimi_stream_matches_eager():
     eager = [codec.decode_frame(codes[:, :, i]) for i in range(8)]
     codec.use_cuda_graph = True
     codec.open_stream(1)
-    assert codec._graph is not None
+    assert codec.stream_graphed
     graphed = [codec.decode_frame(codes[:, :, i]) for i in range(4)]
     snap = codec.snapshot_stream()
     graphed += [codec.decode_frame(codes[:, :, i]) for i in range(4, 8)]
@@ -110,7 +110,7 @@ def _batched_run(tts, graph: bool, pattern, cfg: bool = True, **options):
     """Four slots stepped under a changing active pattern (padding to 1, 2 and 4 slots, both lanes)."""
     stepper = tts.new_stepper(n_calls=4, cfg=cfg, max_positions=128, use_cuda_graph=graph, **options)
     actions, _ = step_pattern(tts, stepper, pattern, cfg)
-    return actions, stepper.buffer.clone(), list(stepper.host_positions)
+    return actions, torch.stack([stepper.written_codes(c) for c in range(4)]), [stepper.position(c) for c in range(4)]
 
 
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
@@ -134,7 +134,7 @@ def test_decoder_only_lane_in_graphs_matches_full_steps(gpu_tts):
         machine.push(parse_script("[S1] Hello there, how are you doing today?", gpu_tts.tokenizer))
         for t in range(30):
             machine.process(t, stepper.step([machine.preview(t)])[0])
-        results.append((stepper.buffer.clone(), machine.transcript))
+        results.append((stepper.written_codes(0).clone(), machine.transcript))
     assert torch.equal(results[0][0], results[1][0]) and results[0][1] == results[1][1]
 
 
@@ -158,20 +158,21 @@ def _prefixed_run(tts, graph: bool):
         machines.append(m)
     pattern = [[True, False, False]] * 3 + [[True, True, True]] * 12 + [[False, True, True]] * 4
     for active in pattern:
-        choices = [m.preview(stepper.host_positions[i]) if active[i] else None for i, m in enumerate(machines)]
+        choices = [m.preview(stepper.position(i)) if active[i] else None for i, m in enumerate(machines)]
         got = stepper.step(choices, active)
         for i, m in enumerate(machines):
             if active[i]:
-                m.process(stepper.host_positions[i] - 1, got[i])
+                m.process(stepper.position(i) - 1, got[i])
     stepper.restore(stepper.snapshot(0), 2)  # the offset travels with the snapshot
     stepper.set_sampling(2, SamplingParams(seed=0))
     machines[2].restore(machines[0].snapshot())
     for _ in range(6):
-        choices = [m.preview(stepper.host_positions[i]) for i, m in enumerate(machines)]
+        choices = [m.preview(stepper.position(i)) for i, m in enumerate(machines)]
         got = stepper.step(choices)
         for i, m in enumerate(machines):
-            m.process(stepper.host_positions[i] - 1, got[i])
-    return stepper.buffer.clone(), list(stepper.host_positions), list(stepper.host_cache_offset)
+            m.process(stepper.position(i) - 1, got[i])
+    return (torch.stack([stepper.written_codes(c) for c in range(3)]), [stepper.position(c) for c in range(3)],
+            [stepper.place(c).cache_offset for c in range(3)])
 
 
 def test_graphs_match_eager_after_prefixes_of_both_boundaries(gpu_tts):

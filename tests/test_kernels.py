@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from vendor_dia2 import kernels
-from vendor_dia2.model import StageShape, depformer_stage, depformer_stage_fused, gated_mlp
+from vendor_dia2.model import (StageLayerWeights, StageShape, StageWeights, depformer_stage, depformer_stage_fused,
+                               gated_mlp)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="needs CUDA, or triton with TRITON_INTERPRET=1")
@@ -87,16 +88,19 @@ def _stage_inputs(shape: StageShape, rows: int, dim: int, stages: int, slot: int
     layers = []
     for _ in range(2):
         qk_map = torch.randn(2, dh, dh, generator=g) * dh ** -0.5
-        layers.append((_randn(dim, generator=g), _randn(3 * h * dh, dim, scale=dim ** -0.5, generator=g),
-                       qk_map.to(DEVICE, torch.bfloat16), _randn(dim, h * dh, scale=(h * dh) ** -0.5, generator=g),
-                       _randn(dim, generator=g), _randn(2 * hidden, dim, scale=dim ** -0.5, generator=g),
-                       _randn(dim, hidden, scale=hidden ** -0.5, generator=g)))
+        layers.append(StageLayerWeights(
+            pre_norm=_randn(dim, generator=g), in_proj=_randn(3 * h * dh, dim, scale=dim ** -0.5, generator=g),
+            qk_map=qk_map.to(DEVICE, torch.bfloat16), out_proj=_randn(dim, h * dh, scale=(h * dh) ** -0.5, generator=g),
+            post_norm=_randn(dim, generator=g), wi=_randn(2 * hidden, dim, scale=dim ** -0.5, generator=g),
+            wo=_randn(dim, hidden, scale=hidden ** -0.5, generator=g)))
     caches = [(_randn(rows, h, stages, dh, generator=g), _randn(rows, h, stages, dh, generator=g)) for _ in layers]
     slots = torch.arange(stages, device=DEVICE)
-    return dict(projected=_randn(rows, dim, generator=g), embed=_randn(300, dim, generator=g),
-                prev=torch.randint(0, 300, (rows,), generator=g).to(DEVICE), layers=tuple(layers),
-                caches=caches, norm=_randn(dim, generator=g), logits=_randn(shape.real_codes + 2, dim, generator=g),
-                mask=(slots <= slot)[None, None, None, :], slot=slots[slot:slot + 1].clone())
+    projected, embed = _randn(rows, dim, generator=g), _randn(300, dim, generator=g)
+    prev = torch.randint(0, 300, (rows,), generator=g).to(DEVICE)
+    stage = StageWeights(embed=embed, layers=tuple(layers), norm=_randn(dim, generator=g),
+                         logits=_randn(shape.real_codes + 2, dim, generator=g),
+                         mask=(slots <= slot)[None, None, None, :], slot=slots[slot:slot + 1].clone())
+    return dict(projected=projected, stage=stage, prev=prev, caches=caches)
 
 
 SMALL = (StageShape(heads=4, head_dim=16, hidden=96, eps=1e-5, activations=("silu", "linear"), real_codes=128), 64, 4)
@@ -113,10 +117,8 @@ def test_fused_stage_matches_eager_stage(slot, size, tiling):
     args = _stage_inputs(shape, rows=rows, dim=dim, stages=31, slot=slot, seed=slot)
     eager_caches = [(k.clone(), v.clone()) for k, v in args["caches"]]
     fused_caches = [(k.clone(), v.clone()) for k, v in args["caches"]]
-    ref = depformer_stage(args["projected"], args["embed"], args["prev"], args["layers"], eager_caches,
-                          args["norm"], args["logits"], args["mask"], args["slot"], shape)
-    out = depformer_stage_fused(args["projected"], args["embed"], args["prev"], args["layers"], fused_caches,
-                                args["norm"], args["logits"], args["mask"], args["slot"], shape, stage=slot)
+    ref = depformer_stage(args["projected"], args["stage"], args["prev"], eager_caches, shape)
+    out = depformer_stage_fused(args["projected"], args["stage"], args["prev"], fused_caches, shape, index=slot)
     assert out.shape == ref.shape == (rows, shape.real_codes)
     assert _rel(out, ref) < 2e-2
     for (ek, ev), (fk, fv) in zip(eager_caches, fused_caches):

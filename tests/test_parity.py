@@ -247,7 +247,7 @@ def test_fresh_call_matches_naive_reference(tiny_tts, weights, cfg_scale):
     stepper = tiny_tts.stepper(cfg=cfg_scale != 1.0)
     stepper.reset_call(0)
     stepper.set_sampling(0, greedy(cfg_scale))
-    assert stepper.tokens[0, :2].tolist() == [1, tiny_tts.config.data.text_pad_token_id]  # the tiny <s>
+    assert list(stepper.text_inputs(0)) == [1, tiny_tts.config.data.text_pad_token_id]  # the tiny <s>
     machine = tiny_tts.new_state_machine()
     machine.push(script)
     got = runtime_frames(stepper, machine, 0, FRAMES)
@@ -276,7 +276,7 @@ def test_after_voice_prefix_matches_naive_reference(tiny_tts, weights, cfg_scale
     stepper.reset_call(0)
     stepper.set_sampling(0, greedy(cfg_scale))
     stepper.prefill(0, plan.delayed, text, F, **({} if boundary == "upstream" else {"boundary": boundary}))
-    start = stepper.host_positions[0]
+    start = stepper.position(0)
     got = runtime_frames(stepper, machine, start, FRAMES)
 
     # The reference reads the prefix as plain history, one entry per cache entry: steps 0..F-1 as

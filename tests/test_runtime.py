@@ -202,7 +202,7 @@ def test_frame_step_matches_naive_reference(tiny_tts, cfg_scale):
         live = [k for k in range(d.num_codebooks) if delays[k] <= t + 1]
         assert [stepper.codes[0, k].item() for k in live] == [codes[k] for k in live], f"frame {t}: codes differ"
         inputs = list(text) + [d.audio_bos if delays[k] > t + 1 else codes[k] for k in range(d.num_codebooks)]
-        assert stepper.tokens[0].tolist() == inputs
+        assert stepper.step_inputs(0)[0].tolist() == inputs
 
 
 @pytest.mark.parametrize("boundary", ["upstream", "clean"])
@@ -225,20 +225,20 @@ def test_prefill_matches_frame_by_frame(tiny_tts, boundary):
     # upstream's boundary stands at position frames-1 again, its next step written to cache slot
     # `frames` (docs/parity.md P6); the clean one at position `frames`
     column = frames - 1 if boundary == "upstream" else frames
-    assert stepper.host_positions == [column] and stepper.host_cache_offset == [frames - column]
-    caches_parallel = [(c.k[:, :, :frames].clone(), c.v[:, :, :frames].clone()) for c in stepper.decoder_caches]
-    tokens_parallel = stepper.tokens.clone()
+    assert (stepper.position(0), stepper.place(0).cache_offset) == (column, frames - column)
+    caches_parallel = [(k[:, :, :frames], v[:, :, :frames]) for k, v in stepper.snapshot(0).caches]
+    tokens_parallel = stepper.step_inputs(0)
 
-    # the same frames through the decoder one at a time
-    stepper.reset_call(0)
+    # the same frames through the decoder one at a time, into caches of the test's own
+    caches, _ = tiny_tts.model.new_caches(2, stepper.max_positions + 2)
     with torch.inference_mode():
         for t in range(frames):
             toks = torch.empty(2, 1, d.channels, dtype=torch.long)
             toks[:, 0, 2:] = delayed[:, t]
             toks[0, 0, :2] = text[t]
             toks[1, 0, :2] = torch.tensor([d.text_zero_token_id, d.text_pad_token_id])
-            tiny_tts.model.transformer(toks, torch.full((2, 1), t), stepper.decoder_caches)
-    for (k1, v1), cache in zip(caches_parallel, stepper.decoder_caches):
+            tiny_tts.model.transformer(toks, torch.full((2, 1), t), caches)
+    for (k1, v1), cache in zip(caches_parallel, caches):
         torch.testing.assert_close(k1, cache.k[:, :, :frames], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(v1, cache.v[:, :, :frames], atol=1e-5, rtol=1e-4)
     # the next step reads the text of step `frames` and the delayed column of its position
@@ -287,7 +287,7 @@ def test_snapshot_restore_replays_identically(tiny_tts):
         stepper.step([(pad, new)])
         first.append(stepper.codes.clone())
     stepper.restore(snap)
-    assert stepper.host_positions == [3]
+    assert stepper.position(0) == 3
     for expected in first:
         stepper.step([(pad, new)])
         assert torch.equal(stepper.codes, expected)
@@ -324,12 +324,12 @@ def test_snapshot_carries_the_cache_offset_of_an_upstream_boundary(tiny_tts):
         first.append(stepper.codes.clone())
     stepper.reset_call(0)
     stepper.restore(snap)
-    assert stepper.host_positions == [frames + 1] and stepper.host_cache_offset == [1]
+    assert (stepper.position(0), stepper.place(0).cache_offset) == (frames + 1, 1)
     for expected in first:
         stepper.step([(pad, new)])
         assert torch.equal(stepper.codes, expected)
     stepper.reset_call(0)
-    assert stepper.host_cache_offset == [0] and int(stepper.cache_offset[0]) == 0
+    assert stepper.place(0).cache_offset == 0 and int(stepper.slot_tensors(0)["cache_offset"]) == 0
 
 
 def test_rewind_after_an_upstream_boundary_keeps_the_cache_offset(tiny_tts):
@@ -341,12 +341,12 @@ def test_rewind_after_an_upstream_boundary_keeps_the_cache_offset(tiny_tts):
     pad, new = (d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 20)
     codes, text = {}, {}
     for _ in range(8):
-        position = stepper.host_positions[0]
+        position = stepper.position(0)
         stepper.step([(pad, new)])
         codes[position], text[position] = stepper.codes[0].clone(), tuple(stepper.text_out[0].tolist())
     target = frames + 3
     stepper.rewind(0, target, text[target - 1])
-    assert stepper.host_cache_offset == [1]
+    assert stepper.place(0).cache_offset == 1
     for position in range(target, frames - 1 + 8):
         stepper.step([(pad, new)])
         assert torch.equal(stepper.codes[0], codes[position]), position
@@ -364,7 +364,6 @@ def test_single_branch_stepper_rejects_cfg(tiny_tts):
     stepper = FrameStepper(tiny_tts.model, cfg=False, max_positions=32)
     with pytest.raises(ValueError, match="cfg_scale"):
         stepper.set_sampling(0, SamplingParams(cfg_scale=2.0))
-    tiny_tts._stepper = None  # the caches now belong to this stepper; let the instance rebuild its own
 
 
 def test_presets_have_published_shapes():
@@ -425,7 +424,7 @@ def test_kernel_and_weight_options_are_checked(tiny_tts, monkeypatch):
 def _bucket_run(tts, buckets, pattern):
     stepper = tts.new_stepper(n_calls=4, cfg=True, max_positions=64, use_cuda_graph=False, cache_buckets=buckets)
     actions, lengths = step_pattern(tts, stepper, pattern)
-    return actions, stepper.buffer.clone(), lengths
+    return actions, torch.stack([stepper.written_codes(call) for call in range(4)]), lengths
 
 
 def test_attending_over_the_filled_cache_only_changes_no_token(tiny_tts):

@@ -5,7 +5,6 @@ while the others coast, planned work never stalls a playing call, one slow step 
 from __future__ import annotations
 
 import queue
-import threading
 import time
 from dataclasses import dataclass, field
 

@@ -6,7 +6,6 @@ with soundfile; transcripts are always supplied (nothing downloads whisper weigh
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -29,9 +28,8 @@ from dia2stream.engine.engine import Engine
 from helpers import Client, ServerThread, engine_config, server_config
 from dia2stream.voices.voice import (VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, VoiceState, align_transcript,
                               read_audio, resolve_path, restore_voice)
-from vendor_dia2.prefix import PrefixSpeaker, TimedWord, build_prefix_plan, warm_up_text
+from vendor_dia2.prefix import PrefixSpeaker, build_prefix_plan, warm_up_text
 from vendor_dia2.tokenizer import step0_bos_id
-from vendor_dia2.runtime import SamplingParams
 from dia2stream.voices import voice as v
 from dia2stream.voices.voice import VoiceCache
 
@@ -163,29 +161,35 @@ def test_prefill_matches_frame_by_frame_warm_up_over_a_prefix_plan(tiny_tts):
     stepper = tiny_tts.stepper(cfg=True)
     model = tiny_tts.model
 
-    def next_logits(tokens):
+    def next_logits(tokens, caches):
         with torch.inference_mode():
-            action, cb0, _ = model.transformer(tokens[:, None].clone(), torch.full((2, 1), frames), stepper.decoder_caches)
+            action, cb0, _ = model.transformer(tokens[:, None].clone(), torch.full((2, 1), frames), caches)
         return action.clone(), cb0.clone()
+
+    def own_caches():
+        return model.new_caches(2, stepper.max_positions + 2)[0]
 
     stepper.reset_call(0)
     stepper.prefill(0, plan.delayed, text, frames, chunk=16)  # several chunks
-    caches = [(c.k[:, :, :frames].clone(), c.v[:, :, :frames].clone()) for c in stepper.decoder_caches]
-    tokens = stepper.tokens.clone()
-    parallel = next_logits(tokens)
+    caches = [(k[:, :, :frames], v[:, :, :frames]) for k, v in stepper.snapshot(0).caches]
+    tokens = stepper.step_inputs(0)
+    prefilled = own_caches()
+    for cache, (k, v) in zip(prefilled, caches):
+        cache.k[:, :, :frames], cache.v[:, :, :frames] = k, v
+    parallel = next_logits(tokens, prefilled)
 
-    stepper.reset_call(0)
+    stepped = own_caches()
     with torch.inference_mode():
         for t in range(frames):
             toks = torch.empty(2, 1, d.channels, dtype=torch.long)
             toks[:, 0, 2:] = plan.delayed[:, t]
             toks[0, 0, :2] = text[t]
             toks[1, 0, :2] = torch.tensor([d.text_zero_token_id, d.text_pad_token_id])
-            model.transformer(toks, torch.full((2, 1), t), stepper.decoder_caches)
-    for (k1, v1), cache in zip(caches, stepper.decoder_caches):
+            model.transformer(toks, torch.full((2, 1), t), stepped)
+    for (k1, v1), cache in zip(caches, stepped):
         torch.testing.assert_close(k1, cache.k[:, :, :frames], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(v1, cache.v[:, :, :frames], atol=1e-4, rtol=1e-4)
-    sequential = next_logits(tokens)
+    sequential = next_logits(tokens, stepped)
     for a, b in zip(parallel, sequential):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -227,7 +231,7 @@ def _turn(session, got, text="[S1] Good morning.", seed=7, voice="v"):
     first_word = next(i for i in items if isinstance(i, p.Word))
     # silence before the first word is not sent (the lead-in cannot reach back into the prefix)
     assert first_word.frame <= engine.config.lead_in_frames
-    return started, frames, words, engine.stepper.buffer[call.slot.index].clone(), engine.stepper.host_positions[call.slot.index]
+    return started, frames, words, engine.stepper.written_codes(call.slot.index).clone(), engine.stepper.position(call.slot.index)
 
 
 def test_turn_speaks_only_its_words_and_continues_the_prefix(voiced_session, tiny_tts):

@@ -3,7 +3,8 @@
 A checkpoint is a directory (or Hugging Face repo) with `config.json`, `model.safetensors` and
 tokenizer files, optionally described by a `dia2_assets.json` manifest (DIA2_SPEC.md §2).
 Preset names (`tiny`, `1b`, `2b`) stand for deterministic random checkpoints that we write once
-into a cache directory, because no published weights can be downloaded here.
+into a cache directory (their audio is noise); the published weights are the Hugging Face repo
+`PUBLISHED_CHECKPOINT`, fetched into (or, with HF_HUB_OFFLINE=1, read from) the hub's cache.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .model import Dia2Model
 
 log = logging.getLogger(__name__)
 
+PUBLISHED_CHECKPOINT = "nari-labs/Dia2-2B"  # Nari Labs' published Dia2 weights on the Hugging Face hub
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MANIFEST_FILE = "dia2_assets.json"
@@ -68,14 +70,35 @@ def resolve(checkpoint: str | os.PathLike) -> CheckpointFiles:
     return _files(_download(name), name)
 
 
+def is_random_preset(checkpoint: str | os.PathLike) -> bool:
+    """Whether `checkpoint` names one of our random presets (weights that make noise, not speech)."""
+    return str(checkpoint) in PRESETS
+
+
 def _download(repo_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(repo_id))
     except Exception as exc:  # offline, unknown repo, auth: all end the same way for the user
-        raise CheckpointError(
-            f"could not fetch checkpoint {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {exc}). "
-            "Offline? Download it elsewhere and pass the local directory, or use a preset such as 'tiny'.") from exc
+        raise CheckpointError(hub_failure(repo_id, exc)) from exc
+
+
+def hub_failure(repo_id: str, exc: Exception) -> str:
+    """What to tell a user whose checkpoint could not come from the hub: which repo, which cache
+    folder was looked in, and how to run offline."""
+    from huggingface_hub import constants
+
+    reason = (str(exc).strip().splitlines() or [""])[0].rstrip(". ")
+    where = f"the Hugging Face cache folder {constants.HF_HUB_CACHE} (HF_HUB_CACHE or HF_HOME move it)"
+    if constants.HF_HUB_OFFLINE:
+        how = (f"HF_HUB_OFFLINE is set, so only {where} was read, and it has no complete copy of {repo_id}. "
+               f"Download it where the hub can be reached (`hf download {repo_id}`) and copy that cache folder here")
+    else:
+        how = (f"It was not in {where} either. Without network: download it where the hub can be reached "
+               f"(`hf download {repo_id}`), copy that cache folder here and set HF_HUB_OFFLINE=1")
+    return (f"could not fetch checkpoint {repo_id!r} from the Hugging Face hub ({type(exc).__name__}: {reason}). "
+            f"{how}; or pass a local directory holding the checkpoint, or the preset 'tiny' "
+            "(random weights: noise, not speech).")
 
 
 def _files(root: Path, name: str) -> CheckpointFiles:

@@ -1,6 +1,7 @@
 """Mimi codec for Dia2: encode, batch decode, and streaming decode with snapshots.
 
-A thin wrapper over moshi's `MimiModel` (moshi 0.2.13). Dia2 frames are Mimi frames:
+A thin wrapper over moshi's `MimiModel` (moshi 0.2.13), through moshi's public API except for
+what `moshi_private.py` holds. Dia2 frames are Mimi frames:
 24 kHz audio, 12.5 frames/s, 1920 samples (80 ms) per frame, 32 codebooks of 2048 codes.
 
 Sources (`MimiCodec.load(source=...)`):
@@ -26,6 +27,7 @@ three runs):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import typing as tp
@@ -36,8 +38,8 @@ import torch
 from moshi.models import loaders
 from moshi.modules.streaming import StreamingContainer
 
+from . import moshi_private
 from .config import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
-
 NUM_CODEBOOKS = 32
 CODEBOOK_SIZE = 2048
 
@@ -153,11 +155,16 @@ class MimiCodec:
         """Batch size of the open stream, or None."""
         return self._stream_batch
 
+    @property
+    def stream_graphed(self) -> bool:
+        """Whether the open stream's frame decode replays a CUDA graph."""
+        return self._graph is not None
+
     @torch.inference_mode()
     def open_stream(self, batch_size: int = 1) -> None:
         """Start (or restart, from a fresh state) streaming decode for `batch_size` rows."""
         self.close_stream()
-        self._decoder_side.streaming_forever(batch_size)
+        self._decoder_side.start(batch_size)
         self._stream_batch = batch_size
         # One execution mask shared by every streaming module: rows that do not decode this frame
         # keep their state (moshi's modules honour it), and setting it is one copy.
@@ -170,7 +177,7 @@ class MimiCodec:
     def close_stream(self) -> None:
         """Drop the streaming state (no-op when none is open)."""
         if self._stream_batch is not None:
-            self._decoder_side._stop_streaming()
+            self._decoder_side.stop()
             self._stream_batch = None
             self._graph = None
 
@@ -234,14 +241,17 @@ class MimiCodec:
                 raise ValueError(f"mask must be [{self._stream_batch}], got {tuple(mask.shape)}")
         self._decoder_side.reset_streaming(mask)
 
+    def stream_states(self) -> dict[str, tp.Any]:
+        """The open stream's live moshi states by module name (references: read, do not keep)."""
+        self._check_stream(None)
+        return self._decoder_side.get_streaming_state()
+
     @torch.inference_mode()
     def snapshot_stream(self) -> CodecStreamSnapshot:
         """Copy the whole decoder state (moshi hands out live references: we clone)."""
         self._check_stream(None)
-        states = {
-            name: _copy_fields(state)
-            for name, state in self._decoder_side.get_streaming_state().items()
-        }
+        states = {name: moshi_private.copy_state(state)
+                  for name, state in self._decoder_side.get_streaming_state().items()}
         return CodecStreamSnapshot(self._stream_batch, states)
 
     @torch.inference_mode()
@@ -251,7 +261,7 @@ class MimiCodec:
         live = self._decoder_side.get_streaming_state()
         assert live.keys() == snapshot.states.keys(), "snapshot from another codec"
         for name, state in live.items():
-            _restore_fields(state, snapshot.states[name])
+            moshi_private.restore_state(state, snapshot.states[name])
 
     # ---- one row of the stream --------------------------------------------------------------
 
@@ -259,7 +269,7 @@ class MimiCodec:
     def snapshot_row(self, row: int) -> CodecStreamSnapshot:
         """Copies of one row's decoder state (a one-row snapshot, restorable into any row)."""
         self._check_stream(None)
-        states = {name: _row_fields(state, slice(row, row + 1))
+        states = {name: moshi_private.copy_state(state, slice(row, row + 1))
                   for name, state in self._decoder_side.get_streaming_state().items()}
         return CodecStreamSnapshot(1, states)
 
@@ -272,21 +282,18 @@ class MimiCodec:
         live = self._decoder_side.get_streaming_state()
         assert live.keys() == snapshot.states.keys(), "snapshot from another codec"
         for name, state in live.items():
-            _restore_row_fields(state, snapshot.states[name], slice(row, row + 1))
+            moshi_private.restore_state(state, snapshot.states[name], slice(row, row + 1))
 
     @torch.inference_mode()
     def warmed_row(self, codes: torch.Tensor) -> CodecStreamSnapshot:
         """A fresh one-row decoder state warmed with codes [1, 32, F] (a voice prefix), as a
         snapshot for `restore_row`. Runs on a stream of its own: the open stream is untouched."""
         codes = self._check_codes(codes, dims=3)
-        with self._stream_detached():
-            self._decoder_side.streaming_forever(1)
-            try:
-                for start in range(0, codes.shape[-1], _WARM_CHUNK_FRAMES):
-                    self.model.decode(codes[:, :, start:start + _WARM_CHUNK_FRAMES])
-                states = {name: _copy_fields(state) for name, state in self._decoder_side.get_streaming_state().items()}
-            finally:
-                self._decoder_side._stop_streaming()
+        with self._stream_detached(), self._decoder_side.streaming(1):
+            for start in range(0, codes.shape[-1], _WARM_CHUNK_FRAMES):
+                self.model.decode(codes[:, :, start:start + _WARM_CHUNK_FRAMES])
+            states = {name: moshi_private.copy_state(state)
+                      for name, state in self._decoder_side.get_streaming_state().items()}
         return CodecStreamSnapshot(1, states)
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -304,8 +311,10 @@ class MimiCodec:
         if batch_size is not None and batch_size != self._stream_batch:
             raise ValueError(f"stream has {self._stream_batch} rows, got {batch_size}")
 
-    def _stream_detached(self) -> "_Detached":
-        return _Detached(self._decoder_side if self._stream_batch is not None else None)
+    def _stream_detached(self) -> tp.ContextManager:
+        if self._stream_batch is None:
+            return contextlib.nullcontext()
+        return self._decoder_side.detached()
 
 
 # ---- decoder-side streaming container ----------------------------------------------------
@@ -327,85 +336,34 @@ class _DecoderSide(StreamingContainer):
         super().__init__()
         for name, mod in _decoder_modules(model):
             self.add_module(name, mod)
+        self._open: contextlib.ExitStack | None = None
 
+    def start(self, batch_size: int) -> None:
+        """Open a stream that stays open until `stop` (moshi's `streaming()`, kept open)."""
+        self._open = self.streaming(batch_size)
 
-class _Detached:
-    """Temporarily take the streaming state off the decoder modules (for batch decode)."""
+    def stop(self) -> None:
+        if self._open is not None:
+            self._open.close()
+            self._open = None
 
-    def __init__(self, container):
-        self.container = container
-        self.saved = None
-
-    def __enter__(self):
-        if self.container is not None:
-            self.saved = self.container.get_streaming_state()
-            self.container._stop_streaming()
-
-    def __exit__(self, *exc):
-        if self.container is not None:
-            self.container.set_streaming_state(self.saved)
-
-
-def _copy_fields(state) -> dict[str, tp.Any]:
-    """Copies of a moshi State's tensors (KV ring caches included) and int counters."""
-    out: dict[str, tp.Any] = {}
-    for key, value in vars(state).items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value.clone()
-        elif isinstance(value, (bool, int, float)):
-            out[key] = value
-        elif value is not None and hasattr(value, "cache") and hasattr(value, "end_offset"):
-            out[key] = {"cache": value.cache.clone(), "end_offset": value.end_offset.clone()}
-        # Anything else (CUDA graph wrappers, None) is not state.
-    return out
-
-
-def _row_fields(state, rows: slice) -> dict[str, tp.Any]:
-    """Like `_copy_fields`, for a range of batch rows. Ring KV caches hold rows on dim 1
-    ([2, B, H, T, D]); every other state tensor on dim 0. The execution mask is not state."""
-    out: dict[str, tp.Any] = {}
-    for key, value in vars(state).items():
-        if key == "exec_mask":
-            continue
-        if isinstance(value, torch.Tensor):
-            out[key] = value[rows].clone()
-        elif isinstance(value, (bool, int, float)):
-            out[key] = value
-        elif value is not None and hasattr(value, "cache") and hasattr(value, "end_offset"):
-            out[key] = {"cache": value.cache[:, rows].clone(), "end_offset": value.end_offset[rows].clone()}
-    return out
-
-
-def _restore_row_fields(state, saved: dict[str, tp.Any], rows: slice) -> None:
-    for key, value in saved.items():
-        if key == "exec_mask":
-            continue
-        current = getattr(state, key)
-        if isinstance(value, torch.Tensor):
-            current[rows] = value
-        elif isinstance(value, dict):
-            current.cache[:, rows] = value["cache"]
-            current.end_offset[rows] = value["end_offset"]
-        # plain ints (moshi's host-side offsets) are shared by all rows and unused by Mimi's decoder
-
-
-def _restore_fields(state, saved: dict[str, tp.Any]) -> None:
-    for key, value in saved.items():
-        current = getattr(state, key)
-        if isinstance(value, torch.Tensor):
-            current.copy_(value)
-        elif isinstance(value, dict):
-            current.cache.copy_(value["cache"])
-            current.end_offset.copy_(value["end_offset"])
-        else:
-            setattr(state, key, value)
+    @contextlib.contextmanager
+    def detached(self) -> tp.Iterator[None]:
+        """Take the open stream's state off the modules for a while (a batch decode, a side
+        stream), then put it back as it was."""
+        saved = self.get_streaming_state()
+        self.set_streaming_state({name: None for name in saved})
+        try:
+            yield
+        finally:
+            self.set_streaming_state(saved)
 
 
 # ---- building models ---------------------------------------------------------------------
 
 
 def _full_config() -> dict:
-    return loaders._mimi_config
+    return moshi_private.mimi_config()
 
 
 def _small_config() -> dict:
@@ -429,13 +387,7 @@ def _build_random(config: dict):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         model = loaders.get_mimi(None, config, device="cpu", num_codebooks=NUM_CODEBOOKS)
-        with torch.no_grad():
-            for module in model.modules():
-                if hasattr(module, "embedding_sum") and hasattr(module, "_initialized"):
-                    module.embedding_sum.normal_()
-                    module.cluster_usage.fill_(1.0)
-                    module._initialized.fill_(1.0)
-                    module.register_buffer("_embedding", None, persistent=False)
+        moshi_private.seed_codebooks(model)
     return model
 
 

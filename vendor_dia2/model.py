@@ -147,8 +147,10 @@ class DecoderAttention(nn.Module):
         self.k_norm = RMSNorm(dh, eps)
 
 
-class DecoderLayerWeights(NamedTuple):
-    """One decoder layer as plain tensors (a tuple, so one compiled graph serves every layer)."""
+@dataclass(frozen=True)
+class DecoderLayerWeights:
+    """One decoder layer as plain tensors (no module, so one compiled graph serves every layer:
+    only the tensors differ). Caches are passed on their own."""
 
     pre_norm: torch.Tensor
     qkv: torch.Tensor  # q, k and v projections fused: [(Hq + 2 Hkv) Dh, D]
@@ -171,9 +173,10 @@ class DecoderLayer(nn.Module):
     def weights(self) -> DecoderLayerWeights:
         a = self.attn
         qkv = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]).detach()
-        return DecoderLayerWeights(self.pre_norm.weight.detach(), qkv, a.q_norm.weight.detach(),
-                                   a.k_norm.weight.detach(), a.o_proj.weight.detach(), self.post_norm.weight.detach(),
-                                   self.mlp.wi.weight.detach(), self.mlp.wo.weight.detach())
+        return DecoderLayerWeights(pre_norm=self.pre_norm.weight.detach(), qkv=qkv, q_norm=a.q_norm.weight.detach(),
+                                   k_norm=a.k_norm.weight.detach(), o_proj=a.o_proj.weight.detach(),
+                                   post_norm=self.post_norm.weight.detach(), wi=self.mlp.wi.weight.detach(),
+                                   wo=self.mlp.wo.weight.detach())
 
 
 @dataclass(frozen=True)
@@ -201,22 +204,22 @@ def decoder_layer(x: torch.Tensor, weights: DecoderLayerWeights, cache: KVCache,
                   positions: torch.Tensor, mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
     """One pre-norm decoder layer over x [B, T, D] with the static cache: cos/sin carry the RoPE
     positions, `positions` [B, T] are the cache slots the keys/values are written to."""
-    pre_w, qkv_w, qn_w, kn_w, o_w, post_w, wi_w, wo_w = weights
+    w = weights
     cache_k, cache_v = cache
     b, t, _ = x.shape
     hq, hkv, dh = shape.q_heads, shape.kv_heads, shape.head_dim
-    qkv = F.linear(_rms(x, pre_w, shape.eps), qkv_w)
+    qkv = F.linear(_rms(x, w.pre_norm, shape.eps), w.qkv)
     q, k, v = qkv.split([hq * dh, hkv * dh, hkv * dh], dim=-1)
-    q = _rms(q.view(b, t, hq, dh), qn_w, shape.eps).transpose(1, 2)  # [B, Hq, T, Dh]
-    k = _rms(k.view(b, t, hkv, dh), kn_w, shape.eps).transpose(1, 2)  # [B, Hkv, T, Dh]
+    q = _rms(q.view(b, t, hq, dh), w.q_norm, shape.eps).transpose(1, 2)  # [B, Hq, T, Dh]
+    k = _rms(k.view(b, t, hkv, dh), w.k_norm, shape.eps).transpose(1, 2)  # [B, Hkv, T, Dh]
     v = v.view(b, t, hkv, dh).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     write_cache(cache_k, cache_v, positions, k, v)
     # scale 1.0: the q/k norms take the place of 1/sqrt(Dh)
     att = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=1.0,
                                          enable_gqa=hq != hkv)  # [B, Hq, T, Dh]
-    x = x + F.linear(att.transpose(1, 2).reshape(b, t, hq * dh), o_w)
-    return x + gated_mlp(_rms(x, post_w, shape.eps), wi_w, wo_w, shape.hidden, shape.activations)
+    x = x + F.linear(att.transpose(1, 2).reshape(b, t, hq * dh), w.o_proj)
+    return x + gated_mlp(_rms(x, w.post_norm, shape.eps), w.wi, w.wo, shape.hidden, shape.activations)
 
 
 class Decoder(nn.Module):
@@ -309,8 +312,10 @@ class StageShape:
     real_codes: int
 
 
-class StageLayerWeights(NamedTuple):
-    """One depformer layer as stage s sees it (its weight set's projections, its q/k map)."""
+@dataclass(frozen=True)
+class StageLayerWeights:
+    """One depformer layer as stage s sees it (its weight set's projections, its q/k map).
+    Projections may be `kernels.QuantWeight` for the fused FP8 path."""
 
     pre_norm: torch.Tensor
     in_proj: torch.Tensor
@@ -334,42 +339,40 @@ class StageWeights:
     slot: torch.Tensor  # [1] long: s
 
 
-def depformer_stage(projected: torch.Tensor, embed: torch.Tensor, prev: torch.Tensor, layers: tuple,
-                    caches: tuple, norm: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor, slot: torch.Tensor,
+def depformer_stage(projected: torch.Tensor, stage: StageWeights, prev: torch.Tensor, caches: Sequence[KVCache],
                     shape: StageShape) -> torch.Tensor:
-    """One depformer stage (arguments as in `StageWeights`, plus one `[R, H, S, Dh]` cache per
-    layer): its projected input [R, Dd] plus the embedding of the previous codebook's codes
-    prev [R] → logits [R, 2048] fp32. Writes the stage's keys/values into cache slot s; later
-    slots hold the previous frame's and are masked."""
-    x = (projected + F.embedding(prev, embed))[:, None]  # [R, 1, Dd]
+    """One depformer stage with its weights `stage` and one `[R, H, S, Dh]` cache per layer: its
+    projected input [R, Dd] plus the embedding of the previous codebook's codes prev [R] →
+    logits [R, 2048] fp32. Writes the stage's keys/values into cache slot s; later slots hold the
+    previous frame's and are masked."""
+    x = (projected + F.embedding(prev, stage.embed))[:, None]  # [R, 1, Dd]
     r, h, dh = x.shape[0], shape.heads, shape.head_dim
-    for (pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w), (cache_k, cache_v) in zip(layers, caches):
-        qkv = F.linear(_rms(x, pre_w, shape.eps), in_w).view(r, 3, h, dh)
+    for w, (cache_k, cache_v) in zip(stage.layers, caches):
+        qkv = F.linear(_rms(x, w.pre_norm, shape.eps), w.in_proj).view(r, 3, h, dh)
         qk = _rms(qkv[:, :2], None, shape.eps)  # [R, 2, H, Dh]
-        qk = torch.matmul(qk.transpose(0, 1).reshape(2, r * h, dh), qk_map).view(2, r, h, 1, dh)
-        cache_k.index_copy_(2, slot, qk[1])
-        cache_v.index_copy_(2, slot, qkv[:, 2, :, None])
-        att = F.scaled_dot_product_attention(qk[0], cache_k, cache_v, attn_mask=mask, scale=1.0)  # [R, H, 1, Dh]
-        x = x + F.linear(att.transpose(1, 2).reshape(r, 1, h * dh), out_w)
-        x = x + gated_mlp(_rms(x, post_w, shape.eps), wi_w, wo_w, shape.hidden, shape.activations)
-    return F.linear(_rms(x, norm, shape.eps), logits)[:, 0, : shape.real_codes].float()
+        qk = torch.matmul(qk.transpose(0, 1).reshape(2, r * h, dh), w.qk_map).view(2, r, h, 1, dh)
+        cache_k.index_copy_(2, stage.slot, qk[1])
+        cache_v.index_copy_(2, stage.slot, qkv[:, 2, :, None])
+        att = F.scaled_dot_product_attention(qk[0], cache_k, cache_v, attn_mask=stage.mask, scale=1.0)  # [R, H, 1, Dh]
+        x = x + F.linear(att.transpose(1, 2).reshape(r, 1, h * dh), w.out_proj)
+        x = x + gated_mlp(_rms(x, w.post_norm, shape.eps), w.wi, w.wo, shape.hidden, shape.activations)
+    return F.linear(_rms(x, stage.norm, shape.eps), stage.logits)[:, 0, : shape.real_codes].float()
 
 
-def depformer_stage_fused(projected: torch.Tensor, embed: torch.Tensor, prev: torch.Tensor, layers: tuple,
-                          caches: tuple, norm: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
-                          slot: torch.Tensor, shape: StageShape, *, stage: int) -> torch.Tensor:
+def depformer_stage_fused(projected: torch.Tensor, stage: StageWeights, prev: torch.Tensor,
+                          caches: Sequence[KVCache], shape: StageShape, *, index: int) -> torch.Tensor:
     """`depformer_stage` through the Triton kernels (`kernels.py`), five launches a layer: same
-    arguments (weights may be `kernels.QuantWeight`), same result within bf16 tolerance. `stage`
-    is the slot as a Python int, fixed per launch (the kernels take it as a scalar)."""
-    del mask, slot  # the attention kernel masks by `stage` itself
-    x = projected + F.embedding(prev, embed)  # [R, Dd]
-    for (pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w), (cache_k, cache_v) in zip(layers, caches):
-        qkv = kernels.linear(x, in_w, norm=pre_w, eps=shape.eps, kind="in_proj")
-        att = kernels.stage_attention(qkv, qk_map, cache_k, cache_v, stage, shape.heads, shape.eps)
-        x = kernels.linear(att, out_w, residual=x, kind="out_proj")
-        h = kernels.gated_mlp_in(x, wi_w, post_w, shape.eps, shape.hidden, shape.activations)
-        x = kernels.linear(h, wo_w, residual=x, kind="mlp_out")
-    return kernels.linear(x, logits, norm=norm, eps=shape.eps, n=shape.real_codes, kind="logits").float()
+    arguments (weights may be `kernels.QuantWeight`), same result within bf16 tolerance. `index`
+    is the stage's slot as a Python int, fixed per launch (the kernels take it as a scalar and
+    mask by it, so `stage.mask` and `stage.slot` are not read)."""
+    x = projected + F.embedding(prev, stage.embed)  # [R, Dd]
+    for w, (cache_k, cache_v) in zip(stage.layers, caches):
+        qkv = kernels.linear(x, w.in_proj, norm=w.pre_norm, eps=shape.eps, kind="in_proj")
+        att = kernels.stage_attention(qkv, w.qk_map, cache_k, cache_v, index, shape.heads, shape.eps)
+        x = kernels.linear(att, w.out_proj, residual=x, kind="out_proj")
+        h = kernels.gated_mlp_in(x, w.wi, w.post_norm, shape.eps, shape.hidden, shape.activations)
+        x = kernels.linear(h, w.wo, residual=x, kind="mlp_out")
+    return kernels.linear(x, stage.logits, norm=stage.norm, eps=shape.eps, n=shape.real_codes, kind="logits").float()
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -451,9 +454,9 @@ class Depformer(nn.Module):
         for s in range(stages):
             w = self.schedule[s]
             layers = tuple(
-                StageLayerWeights(plain(l.pre_norm.weight), plain(l.self_attention.in_proj[w].weight),
-                                  l.self_attention.qk_maps[s], plain(l.self_attention.out_proj[w].weight),
-                                  plain(l.post_norm.weight), plain(l.mlp.wi.weight), plain(l.mlp.wo.weight))
+                StageLayerWeights(pre_norm=plain(l.pre_norm.weight), in_proj=plain(l.self_attention.in_proj[w].weight),
+                                  qk_map=l.self_attention.qk_maps[s], out_proj=plain(l.self_attention.out_proj[w].weight),
+                                  post_norm=plain(l.post_norm.weight), wi=plain(l.mlp.wi.weight), wo=plain(l.mlp.wo.weight))
                 for l in self.layers)
             self.stage_weights.append(StageWeights(
                 embed=plain(self.audio_embeds[s].weight), layers=layers, norm=plain(self.norm.weight),

@@ -53,7 +53,7 @@ class SlotHandle:
 
     @property
     def position(self) -> int:
-        return self._stepper.host_positions[self.index]
+        return self._stepper.position(self.index)
 
     @property
     def ready_frame(self) -> int:

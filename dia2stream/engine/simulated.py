@@ -32,6 +32,7 @@ import torch
 from vendor_dia2.codec import CodecStreamSnapshot
 from vendor_dia2.config import FRAME_SAMPLES, MAX_TOP_K, Dia2Config, preset
 from vendor_dia2.runtime import PrefixBoundary, SamplingParams, StepperSnapshot, default_batch_sizes
+from vendor_dia2.slots import SlotPlace
 
 UNGENERATED = -1  # a delayed-buffer cell no step has written
 
@@ -151,9 +152,9 @@ class SimulatedStepper:
         self.ready_codes = torch.zeros(self.n, self.num_codebooks, dtype=torch.long)
         self.text = [(0, 0)] * self.n  # (main, second) text inputs of each slot's next step
         self.seeds = [0] * self.n
-        self.host_positions = [0] * self.n
-        self.host_prefix_frames = [0] * self.n
-        self.host_cache_offset = [0] * self.n
+        self._positions = [0] * self.n
+        self._prefix_frames = [0] * self.n
+        self._cache_offset = [0] * self.n
         self.last_batch, self.last_full = 0, True
         self.compile_max_calls = 0
         self.kernels, self.weights = "simulated", "simulated"
@@ -170,14 +171,26 @@ class SimulatedStepper:
         self.seeds[call] = params.seed
 
     def reset_call(self, call: int, position: int = 0) -> None:
-        self.host_positions[call] = position
-        self.host_prefix_frames[call] = 0
-        self.host_cache_offset[call] = 0
+        self._positions[call] = position
+        self._prefix_frames[call] = 0
+        self._cache_offset[call] = 0
         self.buffer[call].fill_(UNGENERATED)
         self.text[call] = (self.bos_token_id, self.config.data.text_pad_token_id)
 
+    def position(self, call: int) -> int:
+        return self._positions[call]
+
+    def place(self, call: int) -> SlotPlace:
+        return SlotPlace(self._positions[call], self._prefix_frames[call], self._cache_offset[call])
+
+    def step_inputs(self, call: int) -> torch.Tensor:
+        """The text inputs of the slot's next step (the audio inputs are not kept: nothing reads them)."""
+        tokens = torch.zeros(self.branches, 2, dtype=torch.long)
+        tokens[0] = torch.tensor(self.text[call])
+        return tokens
+
     def needs_depformer(self, call: int) -> bool:
-        return self.host_positions[call] + 1 >= self.first_stage_delay + self.host_prefix_frames[call]
+        return self._positions[call] + 1 >= self.first_stage_delay + self._prefix_frames[call]
 
     def batch_size_for(self, slots: int) -> int:
         for b in self.batch_sizes:
@@ -186,7 +199,7 @@ class SimulatedStepper:
         raise ValueError(f"slot {slots - 1} lies past the largest batch size {self.batch_sizes[-1]}")
 
     def ready_frame_index(self, call: int) -> int:
-        return self.host_positions[call] - self.max_delay
+        return self._positions[call] - self.max_delay
 
     def text_inputs(self, call: int) -> tuple[int, int]:
         return self.text[call]
@@ -195,7 +208,7 @@ class SimulatedStepper:
         index = torch.arange(start, stop)[None, :] + self.delays[:, None]
         return self.buffer[call].gather(1, index)
 
-    def written_codes(self, call: int, start: int, stop: int) -> torch.Tensor:
+    def written_codes(self, call: int, start: int = 0, stop: int | None = None) -> torch.Tensor:
         return self.buffer[call, :, start:stop]
 
     # -- the step
@@ -210,11 +223,11 @@ class SimulatedStepper:
         self.device_clock.launch(self.profile.step_seconds(b, full))
         out = [0] * self.n
         for call in live:
-            position = self.host_positions[call]
+            position = self._positions[call]
             action = int(_mix(self.seeds[call], position, call) % NEW_WORD_EVERY == 0)
             self._write_codes(call, position + 1)
             self.text[call] = choices[call][action]
-            self.host_positions[call] = position + 1
+            self._positions[call] = position + 1
             frame = self.ready_frame_index(call)
             if frame >= 0:
                 self.ready_codes[call] = self.aligned_codes(call, frame, frame + 1)[:, 0]
@@ -227,7 +240,7 @@ class SimulatedStepper:
         """Codes sampled at a step land in delayed column `column` (never over teacher-forced ones)."""
         if column >= self.buffer.shape[2]:
             return
-        forced = self.host_prefix_frames[call]
+        forced = self._prefix_frames[call]
         codebooks = self.delays + forced <= column
         if codebooks.any():
             value = _mix(self.seeds[call], column, call) % 2048
@@ -237,25 +250,23 @@ class SimulatedStepper:
     # -- snapshots, rewinds, prefills
 
     def snapshot(self, call: int = 0) -> StepperSnapshot:
-        position = self.host_positions[call]
-        tokens = torch.zeros(self.branches, 2, dtype=torch.long)
-        tokens[0] = torch.tensor(self.text[call])
-        return StepperSnapshot(torch.tensor([position]), tokens, self.buffer[call:call + 1].clone(),
-                               torch.tensor([self.host_prefix_frames[call]]), [], position + 1,
-                               self.host_cache_offset[call])
+        position = self._positions[call]
+        return StepperSnapshot(torch.tensor([position]), self.step_inputs(call), self.buffer[call:call + 1].clone(),
+                               torch.tensor([self._prefix_frames[call]]), [], position + 1,
+                               self._cache_offset[call])
 
     def restore(self, snap: StepperSnapshot, call: int = 0) -> None:
         self.buffer[call:call + 1].copy_(snap.buffer)
-        self.host_positions[call] = int(snap.positions[0])
-        self.host_prefix_frames[call] = int(snap.prefix_frames[0])
-        self.host_cache_offset[call] = int(snap.cache_offset)
+        self._positions[call] = int(snap.positions[0])
+        self._prefix_frames[call] = int(snap.prefix_frames[0])
+        self._cache_offset[call] = int(snap.cache_offset)
         main, second = snap.tokens[0, :2].tolist()
         self.text[call] = (main, second)
 
     def rewind(self, call: int, position: int, text: tuple[int, int]) -> None:
         self.text[call] = (int(text[0]), int(text[1]))
-        self.host_positions[call] = position
-        self.host_prefix_frames[call] = position
+        self._positions[call] = position
+        self._prefix_frames[call] = position
 
     def prefill(self, call: int, delayed: torch.Tensor, text: torch.Tensor, frames: int, chunk: int = 256, *,
                 boundary: PrefixBoundary | str = "upstream") -> None:
@@ -264,9 +275,9 @@ class SimulatedStepper:
         self.buffer[call].fill_(UNGENERATED)
         self.buffer[call, :, : delayed.shape[1]] = delayed.cpu()
         self.text[call] = tuple(int(t) for t in text[frames].tolist())
-        self.host_positions[call] = frames - 1 if boundary.repeat_last else frames
-        self.host_prefix_frames[call] = frames if boundary.teacher_force else 0
-        self.host_cache_offset[call] = 1 if boundary.repeat_last else 0
+        self._positions[call] = frames - 1 if boundary.repeat_last else frames
+        self._prefix_frames[call] = frames if boundary.teacher_force else 0
+        self._cache_offset[call] = 1 if boundary.repeat_last else 0
         self.device_clock.synchronize()
 
 

@@ -40,7 +40,7 @@ class KernelChoice(enum.StrEnum):
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8765
-    checkpoint: str = "tiny"
+    checkpoint: str | None = None  # None: the published model on a GPU, tiny on CPU (checkpoint_for)
     device: str | None = None
     dtype: str | None = None
     mimi: str | None = None
@@ -143,7 +143,8 @@ def _is_cuda(device) -> bool:
 _FLAGS = [  # (name, type, help)
     ("host", str, "address to listen on"),
     ("port", int, "port to listen on (0 picks a free one)"),
-    ("checkpoint", str, "preset (tiny, 1b, 2b), local directory or Hugging Face repo id"),
+    ("checkpoint", str, "preset (tiny, 1b, 2b: random weights), local directory or Hugging Face repo id "
+                        "(default: nari-labs/Dia2-2B on a GPU, tiny on CPU)"),
     ("device", str, "cpu, cuda, cuda:N (default: cuda if available)"),
     ("dtype", str, "bf16 or fp32 (default: bf16 on cuda, fp32 on cpu)"),
     ("mimi", str, "codec source: random, random-small, a path or repo id (default: the checkpoint's)"),
@@ -264,3 +265,15 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     if not values["drain_timeout_s"] >= 0:
         parser.error("--drain-timeout-s must be 0 or more")
     return ServerConfig(**values)
+
+
+def checkpoint_for(config: ServerConfig) -> str:
+    """The checkpoint to serve: the configured one, else the published model where the model runs
+    on CUDA and the random `tiny` elsewhere (a CPU cannot run the real one in real time)."""
+    if config.checkpoint:
+        return config.checkpoint
+    from vendor_dia2.api import default_device
+    from vendor_dia2.checkpoint import PUBLISHED_CHECKPOINT
+
+    device = config.device or default_device().type
+    return PUBLISHED_CHECKPOINT if str(device).startswith("cuda") else "tiny"

@@ -27,7 +27,7 @@ from websockets.protocol import State
 from dia2stream.clock import FRAME_RATE
 from dia2stream.wire import compat
 from dia2stream.wire import protocol as p
-from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, default_max_calls
+from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, checkpoint_for, default_max_calls
 from dia2stream.call.call import AudioFrame, Call, Drained
 from dia2stream.serve.agent import AgentResponder
 from dia2stream.serve.compat_session import serve_compat
@@ -379,6 +379,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     import torch
 
     from vendor_dia2 import Dia2
+    from vendor_dia2.checkpoint import PUBLISHED_CHECKPOINT, is_random_preset
 
     threads = config.threads
     if threads is None and (os.cpu_count() or 1) <= 2 and not (config.device or "").startswith("cuda") \
@@ -401,7 +402,11 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
                                              compile=CompileMode.OFF, kernels=KernelChoice.TORCH,
                                              voice=config.voice_settings())
     else:
-        tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+        checkpoint = checkpoint_for(config)
+        tts = Dia2.from_pretrained(checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+        if is_random_preset(checkpoint):
+            log.warning("checkpoint %s has random weights: its audio is noise, not speech (the published model: "
+                        "--checkpoint %s, on a GPU)", checkpoint, PUBLISHED_CHECKPOINT)
         engine_config = config.engine_config(tts.device)
     engine = Engine(tts, engine_config, metrics=metrics)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",

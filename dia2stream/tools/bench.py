@@ -121,16 +121,16 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
         active = [call < n for call in range(n_max)]
         for call in range(n):  # past the decoder-only stretch: full steps
             while stepper.needs_depformer(call) is False:
-                stepper.step([machines[c].preview(stepper.host_positions[c]) if active[c] else None
+                stepper.step([machines[c].preview(stepper.position(c)) if active[c] else None
                               for c in range(n_max)], active)
         times, decode = [], []
         rows = torch.tensor(active)
         for i in range(frames + 3):
             t0 = time.perf_counter()
-            choices = [machines[c].preview(stepper.host_positions[c]) if active[c] else None for c in range(n_max)]
+            choices = [machines[c].preview(stepper.position(c)) if active[c] else None for c in range(n_max)]
             actions = stepper.step(choices, active)
             for c in range(n):
-                machines[c].process(stepper.host_positions[c] - 1, actions[c])
+                machines[c].process(stepper.position(c) - 1, actions[c])
             t1 = time.perf_counter()
             codec.decode_frame(stepper.ready_codes, rows).cpu()
             t2 = time.perf_counter()
@@ -141,7 +141,7 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                        "padded_to": stepper.batch_size_for(n)}
         if profile and n == max(sizes):
             out[str(n)]["profile"] = _profile(lambda: stepper.step(
-                [machines[c].preview(stepper.host_positions[c]) if active[c] else None for c in range(n_max)], active))
+                [machines[c].preview(stepper.position(c)) if active[c] else None for c in range(n_max)], active))
         print(f"  batched {n} calls: step {out[str(n)]['step_ms']}, decode {out[str(n)]['mimi_decode_ms']}", flush=True)
     codec.close_stream()
     del stepper
@@ -180,7 +180,7 @@ def bench_fp8_agreement(tts: Dia2, frames: int = 200, cfg: bool = True) -> dict:
     """How often FP8 depformer weights change a greedy token against bf16 on this checkpoint.
 
     Two triton steppers (bf16 and fp8) step the same script greedily; before every step the fp8
-    one is given the bf16 one's inputs and delayed buffer, so each frame is compared on the same
+    one is given the bf16 one's slot (inputs, delayed buffer, caches), so each frame is compared on the same
     history (the decoder is bf16 in both: its caches follow from the inputs). Codebook 0 comes
     from the decoder and is excluded; a changed stage also changes the inputs of the stages after
     it in that frame, so `stage1_changed` (no such cascade) is reported beside the total."""
@@ -204,8 +204,7 @@ def bench_fp8_agreement(tts: Dia2, frames: int = 200, cfg: bool = True) -> dict:
             frames_changed += int(diff.any())
             actions_changed += int(action != other)
         machine.process(t, action)
-        fp8.tokens.copy_(ref.tokens)
-        fp8.buffer.copy_(ref.buffer)
+        fp8.restore(ref.snapshot(0), 0)  # inputs, delayed buffer (and the caches, equal already)
     return {"frames": frames, "token_change_rate": round(changed / total, 4),
             "stage1_change_rate": round(stage1 / frames, 4), "frames_with_a_change": round(frames_changed / frames, 4),
             "action_change_rate": round(actions_changed / frames, 4)}
@@ -246,15 +245,10 @@ def bench_prefill(tts: Dia2, seconds: float = 10.0, runs: int = 5) -> dict:
         _sync(tts.device)
         if i:
             parallel.append((time.perf_counter() - t0) * 1000)
-    tokens = torch.empty(2, frames, d.channels, dtype=torch.long, device=tts.device)
-    tokens[:, :, 2:] = delayed[:, :frames].T.to(tts.device)
-    tokens[:, :, :2] = d.text_pad_token_id
     stepper.reset_call(0)
     _sync(tts.device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        for t in range(frames):  # what upstream does on every request
-            tts.model.transformer(tokens[:, t:t + 1], torch.full((2, 1), t, device=tts.device), stepper.decoder_caches)
+    stepper.prefill(0, delayed, text, frames, chunk=1)  # frame by frame: what upstream does on every request
     _sync(tts.device)
     sequential = (time.perf_counter() - t0) * 1000
     snap = stepper.snapshot()

@@ -443,6 +443,11 @@ def voiced_span(wav: np.ndarray, rate: int = SAMPLE_RATE) -> tuple[float, float]
     return voiced[0] * win / rate, (voiced[-1] + 1) * win / rate
 
 
+def audio_digest(wav: np.ndarray) -> str:
+    """The content key of decoded audio (the transcript cache's file name, part of a voice's key)."""
+    return hashlib.sha256(wav.tobytes()).hexdigest()
+
+
 def align_transcript(transcript: str, wav: np.ndarray, rate: int = SAMPLE_RATE) -> list[TimedWord]:
     """Spread the words over the voiced span in proportion to len(word) + 1 (no recogniser)."""
     words = transcript_words(transcript)
@@ -462,8 +467,12 @@ class Transcriber:
         self._model = None
         self._lock = threading.Lock()  # loads run in worker threads: load the model once, run one at a time
 
+    def cache_file(self, digest: str) -> Path:
+        """Where the words heard in the audio with content key `digest` (`audio_digest`) are kept."""
+        return self.settings.cache_path() / "transcripts" / f"{digest}.json"
+
     def __call__(self, wav: np.ndarray, digest: str) -> list[TimedWord]:
-        cache = self.settings.cache_path() / "transcripts" / f"{digest}.json"
+        cache = self.cache_file(digest)
         if cache.is_file():
             return [TimedWord(*w) for w in json.loads(cache.read_text())["words"]]
         with self._lock:
@@ -542,7 +551,7 @@ class VoicePreparer:
         else:
             source = resolve_path(path, self.settings.voice_dir)
         wav = read_audio(source, self.settings.max_seconds, what)
-        digest = hashlib.sha256(wav.tobytes()).hexdigest()
+        digest = audio_digest(wav)
         words = align_transcript(transcript, wav) if transcript is not None else self.transcribe(wav, digest)
         return LoadedSpeaker(wav, words, digest, transcript)
 

@@ -1,0 +1,197 @@
+"""The per-slot device state of a `FrameStepper`, and the host mirrors its scheduling reads.
+
+Every tensor here has one row (or `branches` rows) per call slot and persists across frames, so
+a captured CUDA graph reads and writes the same memory on every replay. The frame advances a
+slot's position on the device; the host keeps a mirror of each slot's position, teacher-forced
+prefix and cache offset (`SlotPlace`) so that choosing a batch size, a lane or a cache bucket
+never reads the device. `SlotTable.place` is the one writer of a slot's place: device and host
+always change together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import Dia2Config
+from .model import Dia2Model
+
+UNGENERATED = -2  # delayed-buffer cell not written yet
+NEW_WORD_ACTION = 1  # upstream maps action index 1 to new_word and everything else to pad
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Upstream GenerationConfig defaults (DIA2_SPEC.md §8)."""
+
+    text_temperature: float = 0.6
+    text_top_k: int = 50
+    audio_temperature: float = 0.8
+    audio_top_k: int = 50
+    cfg_scale: float = 2.0
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SlotPlace:
+    """Where a slot stands, as the host sees it: the position its next step runs, the aligned
+    frames a prefix teacher-forces, and its cache slot minus its RoPE position."""
+
+    position: int = 0
+    prefix_frames: int = 0
+    cache_offset: int = 0
+
+
+@dataclass
+class StepperSnapshot:
+    """Copies of one slot's device state (row-sized), restorable into any slot of a stepper with the
+    same CFG mode and context size (`FrameStepper.restore`)."""
+
+    positions: torch.Tensor  # [1]
+    tokens: torch.Tensor  # [branches, C]
+    buffer: torch.Tensor  # [1, Q, max_positions + 2]
+    prefix_frames: torch.Tensor  # [1]
+    caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [branches, H, length, Dh]
+    length: int = 0  # cache slots that hold data (0..length-1); only those are copied
+    cache_offset: int = 0  # cache slot minus RoPE position (1 after an upstream-boundary prefill)
+
+
+class SlotTable:
+    """Inputs, outputs, caches and sampling settings of `n` slots, rows laid out `[slot, branch]`."""
+
+    # Buffers must be normal tensors even when built inside inference mode (as `Dia2.generate`
+    # builds its stepper): inference tensors cannot be updated in place outside it later.
+    @torch.inference_mode(False)
+    def __init__(self, model: Dia2Model, *, n: int, branches: int, max_positions: int, bos_token_id: int):
+        config: Dia2Config = model.config
+        d = config.data
+        dev = next(model.parameters()).device
+        self.config, self.device = config, dev
+        self.n, self.branches, self.rows = n, branches, n * branches
+        self.bos_token_id = int(bos_token_id)
+        # one cache slot more than positions: after an upstream-boundary prefill a slot runs one ahead
+        self.decoder_caches, self.depformer_caches = model.new_caches(self.rows, max_positions + 2)
+        long = dict(device=dev, dtype=torch.long)
+        f32 = dict(device=dev, dtype=torch.float32)
+        self.delays = torch.tensor(d.delay_pattern, **long)  # [Q]
+        # inputs of the next step
+        self.tokens = torch.zeros(self.rows, d.channels, **long)
+        self.positions = torch.zeros(n, **long)
+        self.buffer = torch.full((n, d.num_codebooks, max_positions + 2), UNGENERATED, **long)
+        self.prefix_frames = torch.zeros(n, **long)  # aligned frames teacher-forced (voice prefix, rollback)
+        self.cache_offset = torch.zeros(n, **long)  # cache slot = position + offset (PrefixBoundary)
+        self.text_choices = torch.zeros(n, 2, 2, **long)  # [call, action is new_word, (main, second)]
+        self.active = torch.zeros(n, device=dev, dtype=torch.bool)
+        # sampling, per draw stream: column 0 the action (text sampling), columns 1..Q the codebooks
+        self.seeds = torch.zeros(n, **long)
+        self.stream_temperature = torch.zeros(n, 1 + d.num_codebooks, **f32)
+        self.stream_top_k = torch.ones(n, 1 + d.num_codebooks, **long)
+        self.cfg_scale = torch.ones(n, **f32)
+        # outputs of the last step
+        self.action = torch.zeros(n, **long)
+        self.text_out = torch.zeros(n, 2, **long)
+        self.codes = torch.zeros(n, d.num_codebooks, **long)
+        self.ready_codes = torch.zeros(n, d.num_codebooks, **long)  # aligned frame position + 1 - max_delay
+        # host side: the mirrors, and pinned staging for the one copy in and the one copy out
+        self.places = [SlotPlace()] * n
+        pinned = dev.type == "cuda"
+        self._host_choices = torch.zeros(n, 2, 2, dtype=torch.long, pin_memory=pinned)
+        self._host_active = torch.zeros(n, dtype=torch.bool, pin_memory=pinned)
+        self._host_action = torch.zeros(n, dtype=torch.long, pin_memory=pinned)
+
+    def row_slice(self, call: int) -> slice:
+        return slice(call * self.branches, (call + 1) * self.branches)
+
+    # -- the one writer of a slot's place --------------------------------------------------------
+
+    def place(self, call: int, position: int, *, prefix_frames: int | None = None,
+              cache_offset: int | None = None) -> None:
+        """Stand slot `call` at `position` (and, where given, set its teacher-forced prefix and
+        cache offset), on the device and in the host mirror together."""
+        old = self.places[call]
+        new = SlotPlace(position=int(position),
+                        prefix_frames=old.prefix_frames if prefix_frames is None else int(prefix_frames),
+                        cache_offset=old.cache_offset if cache_offset is None else int(cache_offset))
+        self.positions[call] = new.position
+        self.prefix_frames[call] = new.prefix_frames
+        self.cache_offset[call] = new.cache_offset
+        self.places[call] = new
+
+    def advanced(self, live: list[int]) -> None:
+        """The frame moved every live slot one position on (on the device): follow on the host."""
+        for call in live:
+            self.places[call] = dataclasses.replace(self.places[call], position=self.places[call].position + 1)
+
+    # -- per-slot settings and inputs -----------------------------------------------------------
+
+    def set_sampling(self, call: int, params: SamplingParams) -> None:
+        self.stream_temperature[call, 0] = params.text_temperature
+        self.stream_temperature[call, 1:] = params.audio_temperature
+        self.stream_top_k[call, 0] = params.text_top_k
+        self.stream_top_k[call, 1:] = params.audio_top_k
+        self.cfg_scale[call] = params.cfg_scale
+        self.seeds[call] = params.seed
+
+    def reset(self, call: int, position: int = 0) -> None:
+        """The step-0 inputs of DIA2_SPEC.md §5, an empty delayed buffer, nothing forced."""
+        d = self.config.data
+        self.place(call, position, prefix_frames=0, cache_offset=0)
+        self.buffer[call].fill_(UNGENERATED)
+        rows = self.tokens[self.row_slice(call)]
+        rows[0, 0] = self.bos_token_id
+        rows[0, 1] = d.text_pad_token_id
+        if self.branches == 2:
+            rows[1, 0] = d.text_zero_token_id
+            rows[1, 1] = d.text_pad_token_id
+        rows[:, 2:] = d.audio_bos
+
+    def stage_step(self, choices, live: list[int]) -> None:
+        """Copy this step's text choices and active mask to the device (one copy each)."""
+        self._host_active.zero_()
+        for call in live:
+            (pad_main, pad_second), (new_main, new_second) = choices[call]
+            self._host_choices[call, 0, 0], self._host_choices[call, 0, 1] = pad_main, pad_second
+            self._host_choices[call, 1, 0], self._host_choices[call, 1, 1] = new_main, new_second
+            self._host_active[call] = True
+        self.text_choices.copy_(self._host_choices, non_blocking=True)
+        self.active.copy_(self._host_active, non_blocking=True)
+
+    def read_actions(self) -> list[int]:
+        """The sampled actions of the last step: the one device-to-host copy (synchronises)."""
+        self._host_action.copy_(self.action)
+        return self._host_action.tolist()
+
+    # -- one slot, copied ------------------------------------------------------------------------
+
+    def snapshot(self, call: int) -> StepperSnapshot:
+        place = self.places[call]
+        length = place.position + place.cache_offset + 1
+        rows = self.row_slice(call)
+        caches = [(c.k[rows, :, :length].clone(), c.v[rows, :, :length].clone()) for c in self.decoder_caches]
+        return StepperSnapshot(self.positions[call:call + 1].clone(), self.tokens[rows].clone(),
+                               self.buffer[call:call + 1].clone(), self.prefix_frames[call:call + 1].clone(),
+                               caches, length, place.cache_offset)
+
+    def restore(self, call: int, snap: StepperSnapshot) -> None:
+        rows = self.row_slice(call)
+        self.tokens[rows] = snap.tokens.to(self.device)
+        self.buffer[call:call + 1].copy_(snap.buffer)
+        for cache, (k, v) in zip(self.decoder_caches, snap.caches):
+            cache.k[rows, :, : snap.length].copy_(k)
+            cache.v[rows, :, : snap.length].copy_(v)
+        self.place(call, int(snap.positions[0]), prefix_frames=int(snap.prefix_frames[0]),
+                   cache_offset=int(snap.cache_offset))
+
+    def tensors(self, call: int) -> dict[str, torch.Tensor]:
+        """Copies of every device tensor a slot owns, whole (caches included, all slots of them):
+        for checking that work on one slot leaves another bit-identical."""
+        rows = self.row_slice(call)
+        out = {"tokens": self.tokens[rows], "positions": self.positions[call], "buffer": self.buffer[call],
+               "prefix_frames": self.prefix_frames[call], "cache_offset": self.cache_offset[call],
+               "seeds": self.seeds[call], "stream_temperature": self.stream_temperature[call],
+               "stream_top_k": self.stream_top_k[call], "cfg_scale": self.cfg_scale[call]}
+        for i, c in enumerate(self.decoder_caches):
+            out[f"decoder_cache.{i}.k"], out[f"decoder_cache.{i}.v"] = c.k[rows], c.v[rows]
+        return {name: t.clone() for name, t in out.items()}
