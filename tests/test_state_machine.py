@@ -230,3 +230,37 @@ def test_push_rejects_non_entries_and_bad_args():
         m.push([(10, 11)])
     with pytest.raises(ValueError):
         TextStateMachine(PAD, NW, max_padding=-1)
+
+
+# Property test: the read-only preview (every call, every frame) equals processing a copy of the
+# state, for any script, any text streaming (held, pushed late, finished) and any actions.
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+entry_st = st.one_of(
+    st.builds(lambda n, t: word(f"w{n}", *range(20, 20 + t)), st.integers(0, 99), st.integers(1, 4)),
+    st.builds(pause, st.integers(0, 5)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(script=st.lists(entry_st, max_size=8), later=st.lists(entry_st, max_size=4),
+       actions=st.lists(st.integers(0, 1), min_size=1, max_size=60), ahead=st.integers(0, 2),
+       final=st.booleans(), push_at=st.integers(0, 60), finish_at=st.integers(0, 80),
+       max_padding=st.integers(0, 6), initial_padding=st.integers(0, 3))
+def test_preview_is_processing_a_copy(script, later, actions, ahead, final, push_at, finish_at, max_padding,
+                                      initial_padding):
+    m = machine(script, final=final, second_stream_ahead=ahead, max_padding=max_padding,
+                initial_padding=initial_padding)
+    for step, action in enumerate(actions):
+        if step == push_at:
+            m.push(later, final=False)
+        if step == finish_at:
+            m.finish()
+        before = m.snapshot()
+        previews = m.preview(step)
+        assert m.snapshot() == before
+        for choice, expected in enumerate(previews):
+            copy = machine((), second_stream_ahead=ahead, max_padding=max_padding, initial_padding=initial_padding)
+            copy.restore(before)
+            assert copy.process(step, choice) == expected, (step, choice)
+        assert m.process(step, action) == previews[action]

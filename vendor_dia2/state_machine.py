@@ -132,10 +132,9 @@ class TextStateMachine:
         return _process(self, self._state, int(step), int(action), bool(forced))
 
     def preview(self, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
-        """(what `process(step, 0)` would return, what `process(step, 1)` would return)."""
-        pad = _process(self, self._state.copy(), int(step), ACTION_PAD, False)
-        new_word = _process(self, self._state.copy(), int(step), ACTION_NEW_WORD, False)
-        return pad, new_word
+        """(what `process(step, 0)` would return, what `process(step, 1)` would return), read
+        off the state without copying it (every call does this every frame)."""
+        return _outcome(self, self._state, ACTION_PAD), _outcome(self, self._state, ACTION_NEW_WORD)
 
     # --- state ------------------------------------------------------------------------------
 
@@ -240,6 +239,35 @@ def _process(m: TextStateMachine, st: TextState, step: int, action: int, forced:
     else:
         second = st.lookahead.pop(0) if st.lookahead else m.pad_id
     return main, second
+
+
+def _outcome(m: TextStateMachine, st: TextState, action: int) -> tuple[int, int]:
+    """The (main, second) tokens `_process(m, st, step, action)` returns, with `st` untouched.
+    What `_process` changes beyond that (budgets, the queue, the look-ahead it extends) does not
+    reach this step's tokens: a new word emits the marker and its first token only."""
+    new_word = action == ACTION_NEW_WORD
+    if st.pending or st.forced_padding > 0:
+        new_word = False
+    elif st.padding_budget <= 0 and not new_word:
+        new_word = True
+    pending = st.pending
+    if new_word:
+        if st.next_entry < len(st.entries):
+            entry = st.entries[st.next_entry]
+            if entry.tokens:
+                pending = entry.tokens
+            else:  # a break
+                new_word = False
+        elif not st.final:  # holding for more text
+            new_word = False
+        else:
+            new_word = m.second_stream_ahead > 0 and st.end_step is None
+    first = pending[0] if pending else m.pad_id
+    if m.second_stream_ahead == 0:
+        return (m.new_word_id, m.new_word_id) if new_word else (first, first)
+    if new_word:
+        return first, m.new_word_id
+    return first, (st.lookahead[0] if st.lookahead else m.pad_id)
 
 
 def _nth_upcoming_word(st: TextState, n: int) -> ScriptEntry | None:

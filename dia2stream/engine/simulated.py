@@ -221,31 +221,37 @@ class SimulatedStepper:
         b = self.batch_size_for(live[-1] + 1)
         full = any(self.needs_depformer(call) for call in live)
         self.device_clock.launch(self.profile.step_seconds(b, full))
+        positions = [self._positions[call] for call in live]
+        self._write_codes(live, positions)
         out = [0] * self.n
-        for call in live:
-            position = self._positions[call]
+        for call, position in zip(live, positions):
             action = int(_mix(self.seeds[call], position, call) % NEW_WORD_EVERY == 0)
-            self._write_codes(call, position + 1)
             self.text[call] = choices[call][action]
             self._positions[call] = position + 1
-            frame = self.ready_frame_index(call)
-            if frame >= 0:
-                self.ready_codes[call] = self.aligned_codes(call, frame, frame + 1)[:, 0]
             out[call] = action
         self.last_batch, self.last_full = b, full
         self.device_clock.synchronize()  # the action copy to the host, as on the GPU
         return out
 
-    def _write_codes(self, call: int, column: int) -> None:
-        """Codes sampled at a step land in delayed column `column` (never over teacher-forced ones)."""
-        if column >= self.buffer.shape[2]:
-            return
-        forced = self._prefix_frames[call]
-        codebooks = self.delays + forced <= column
-        if codebooks.any():
-            value = _mix(self.seeds[call], column, call) % 2048
-            cells = self.buffer[call, :, column]
-            cells[codebooks] = torch.where(cells[codebooks] == UNGENERATED, value, cells[codebooks])
+    def _write_codes(self, live: list[int], positions: list[int]) -> None:
+        """What a step writes, for every live slot in a few tensor operations (on the GPU this is
+        device work, so it must cost the host little here too): codes land in delayed column
+        position + 1 wherever a codebook is sampled there (not teacher-forced), and each slot's
+        ready frame is gathered for the decode."""
+        slots = torch.tensor(live)
+        columns = torch.tensor(positions) + 1
+        forced = torch.tensor([self._prefix_frames[call] for call in live])
+        width = self.buffer.shape[2]
+        sampled = (self.delays[None, :] + forced[:, None] <= columns[:, None]) & (columns[:, None] < width)
+        codebooks = torch.arange(self.num_codebooks)[None, :]
+        cells = (slots[:, None], codebooks, columns.clamp(max=width - 1)[:, None])  # [L, Q] each, broadcast
+        values = (torch.tensor([self.seeds[c] for c in live])[:, None] * 7919 + columns[:, None] * 31 + codebooks) % 2048
+        self.buffer[cells] = torch.where(sampled, values, self.buffer[cells])
+        frames = columns - self.max_delay
+        ready = frames >= 0
+        if ready.any():
+            index = (frames[ready][:, None] + self.delays[None, :]).clamp(max=width - 1)
+            self.ready_codes[slots[ready]] = self.buffer[slots[ready][:, None], codebooks, index]
 
     # -- snapshots, rewinds, prefills
 
@@ -303,6 +309,7 @@ class SimulatedCodec:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int | None = None
     states: dict = field(default_factory=dict)
+    _hiss: torch.Tensor | None = None  # the PCM every decode returns (computing none is the point)
 
     def open_stream(self, batch_size: int = 1) -> None:
         self.batch_size = batch_size
@@ -318,8 +325,9 @@ class SimulatedCodec:
         batch = codes.shape[0] if codes.dim() == 2 else 1
         self.device_clock.launch(self.profile.decode_seconds(self.batch_size or batch))
         self.device_clock.synchronize()  # the PCM copy to the host, as on the GPU
-        generator = torch.Generator().manual_seed(int(codes.sum()) & 0xFFFF)
-        return 0.01 * torch.randn(batch, FRAME_SAMPLES, generator=generator)
+        if self._hiss is None or self._hiss.shape[0] < batch:
+            self._hiss = 0.01 * torch.randn(batch, FRAME_SAMPLES, generator=torch.Generator().manual_seed(0))
+        return self._hiss[:batch]
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         frames = -(-wav.shape[-1] // FRAME_SAMPLES)
