@@ -53,6 +53,22 @@ if [[ $STAGES == *load* ]]; then
   done
   stop
 fi
+if [[ $STAGES == *callcentre* ]]; then  # issue 18's targets: the call-centre pattern, then lock-step
+  t0=$(date +%s)
+  serve callcentre --max-calls "${MAX_CALLS:-128}" --compile "${COMPILE:-auto}" ${SERVER_ARGS:-} && \
+    echo "server up in $(( $(date +%s) - t0 )) s: $(health)"
+  for n in ${CALLS_CC:-1 64 128}; do
+    python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --pattern call-centre --calls "$n" --turns "${TURNS:-4}" \
+      --arrival-window "${WINDOW:-20}" --seed 1 --quiet --json "$OUT/callcentre-$n.json" > "$OUT/callcentre-$n.txt" 2>&1
+    echo "== call-centre, $n calls (health after: $(health))"; cat "$OUT/callcentre-$n.txt"
+  done
+  for n in ${CALLS_LOCK:-64}; do
+    python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
+      --json "$OUT/lockstep-$n.json" > "$OUT/lockstep-$n.txt" 2>&1
+    echo "== lock-step, $n calls (health after: $(health))"; tail -12 "$OUT/lockstep-$n.txt"
+  done
+  stop
+fi
 if [[ $STAGES == *rollover* ]]; then
   serve rollover --max-calls 8 --context-frames 400 --compile "${COMPILE:-off}"
   LONG="[S1] $(for i in $(seq 1 120); do printf 'word%d ' "$i"; done)done."

@@ -106,6 +106,9 @@ def test_calls_not_read_or_waiting_for_a_replay_do_not_step():
 def test_admission_follows_the_measured_step_cost():
     assert scheduler(step_s=0.015).admits(32)
     assert not scheduler(step_s=0.070).admits(32)  # 70 ms + 4 ms decode > 80 % of a frame
+    one_call = StepCosts()
+    one_call.observe(1, True, 0.014)  # only one call measured so far: 64 calls are not refused on a guess
+    assert Scheduler(max_lead_s=1.0, max_unsent_frames=250, batch_size_for=lambda n: n, costs=one_call).admits(64)
 
 
 def test_step_costs_average_and_scale_to_unmeasured_sizes():
@@ -114,8 +117,10 @@ def test_step_costs_average_and_scale_to_unmeasured_sizes():
     costs.observe(8, True, 0.010)
     costs.observe(8, True, 0.020)
     assert costs.estimate(8) == pytest.approx(0.015)
-    assert costs.estimate(16) == pytest.approx(0.030)  # scaled up from the nearest smaller size
+    assert costs.estimate(16) == pytest.approx(0.015)  # unmeasured and larger: the largest measured, a lower bound
     assert costs.estimate(4) == pytest.approx(0.015)  # a smaller batch costs at most the measured one
+    costs.observe(32, True, 0.040)
+    assert costs.estimate(16) == pytest.approx(0.040)  # the next larger measured size bounds it from above
 
 
 # --- the simulated GPU ---------------------------------------------------------------------------

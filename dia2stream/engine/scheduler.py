@@ -50,19 +50,17 @@ class StepCosts:
         self.decode_seconds += self.smoothing * (seconds - self.decode_seconds) if self.decode_seconds else seconds
 
     def estimate(self, batch: int, full: bool = True) -> float:
-        """The cost of a step at `batch`: measured, else the nearest measured size scaled by
-        batch (an over-estimate for larger batches), else 0 (nothing measured yet)."""
+        """The cost of a step at `batch`: measured, else the nearest measured larger size (an
+        upper bound: a bigger batch never costs less), else the nearest smaller one (a lower
+        bound), else 0 (nothing measured yet)."""
         lane = {b: s for (b, f), s in self._seconds.items() if f == full} or \
             {b: s for (b, _), s in self._seconds.items()}
         if not lane:
             return 0.0
         if batch in lane:
             return lane[batch]
-        below = [b for b in lane if b < batch]
-        if below:
-            b = max(below)
-            return lane[b] * batch / b
-        return lane[min(lane)]
+        above = [b for b in lane if b > batch]
+        return lane[min(above)] if above else lane[max(lane)]
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,9 @@ class Scheduler:
         return max(top_up, min(self.coast_floor(n_calls), self.max_lead_s - FRAME_SECONDS))
 
     def admits(self, n_calls_after: int) -> bool:
-        """Whether a full step over `n_calls_after` calls and its decode fit in a frame."""
+        """Whether a full step over `n_calls_after` calls and its decode fit in a frame. A size
+        never measured is judged by the largest one measured below it, a lower bound: the engine
+        does not refuse on a guess (calls that then fall behind make it `overloaded`)."""
         step = self.costs.estimate(self.batch_size_for(n_calls_after), True)
         return step + self.costs.decode_seconds <= FRAME_BUDGET * FRAME_SECONDS
 
