@@ -285,3 +285,13 @@ def test_a_rollback_while_16_calls_play_delays_none_of_their_frames(sim_engine):
     time.sleep(0.5)
     late = [listener.underruns(mark) for listener, mark in zip(playing, marks)]
     assert sum(late) == 0, late
+
+
+def test_a_call_catching_up_after_a_rollback_is_not_behind():
+    from dia2stream.engine.scheduler import behind
+
+    late = FakeCall(0, lead=-0.5)
+    catching_up = FakeCall(1, lead=-0.5)
+    catching_up.catching_up = True
+    starting = FakeCall(2, lead=-0.5, starting=True)
+    assert behind([late, catching_up, starting]) == [late]

@@ -142,8 +142,9 @@ class Scheduler:
 
 
 def behind(calls) -> list:
-    """Playing calls whose caller is already waiting for audio."""
-    return [c for c in calls if not c.awaiting_first_audio and c.lead_seconds() < -BEHIND_S]
+    """Playing calls whose caller is already waiting for audio. A call still starting its turn,
+    or catching up after a rollback, is not: its caller hears the turn's onset, not an underrun."""
+    return [c for c in calls if not (c.awaiting_first_audio or c.catching_up) and c.lead_seconds() < -BEHIND_S]
 
 
 def _slot(call) -> int:
