@@ -108,6 +108,9 @@ class Turn:
     first_word_frame: int | None = None  # aligned frame of the turn's first word
     frames_sent: int = 0
     first_audio_at: float | None = None
+    # Resumed after a pause: the caller hears nothing until the next frame, so pacing restarts
+    # with that frame, and until then the turn is starting again, not behind real time.
+    resumed: bool = False
     # (words pushed by this turn's text commands up to and including one command, its id): the
     # n-th word of the turn belongs to the first command whose count exceeds n
     word_marks: list = field(default_factory=list)
@@ -174,14 +177,15 @@ class Call:
     def lead_seconds(self) -> float:
         """How far the audio sent so far runs ahead of a client playing it in real time."""
         turn = self.turn
-        if turn is None or turn.first_audio_at is None:
+        if turn is None or turn.first_audio_at is None or turn.resumed:
             return 0.0
         played = time.monotonic() - turn.pace_origin
         return (turn.frames_sent - turn.pace_frames) * FRAME_SECONDS - played
 
     @property
     def awaiting_first_audio(self) -> bool:
-        return self.turn is not None and self.turn.first_audio_at is None
+        """The caller waits for this turn's first audio, or for its first after a resume."""
+        return self.turn is not None and (self.turn.first_audio_at is None or self.turn.resumed)
 
     @property
     def catching_up(self) -> bool:
@@ -189,9 +193,6 @@ class Call:
         rollover (heard frames replayed) before the next frame can be decoded."""
         turn = self.turn
         return turn is not None and turn.next_frame > self.slot.ready_frame + 1
-
-    def needs_frames_now(self, lead: float, low_water: float) -> bool:
-        return self.awaiting_first_audio or self.catching_up or lead < low_water
 
     @property
     def unsent_frames(self) -> int:
@@ -276,7 +277,7 @@ class Call:
             self.phase = self._resume_phase
             self.encoder.reset()  # frames queued before the pause were dropped
             self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
-            self._restart_pacing()
+            self.turn.resumed = True
         if cmd.id is not None:
             self.turn.id = cmd.id
         self._push(entries, cmd.final, cmd.id)
@@ -353,7 +354,7 @@ class Call:
         self.phase = self._resume_phase
         self._drop_unspoken = False  # speak the words the caller did not hear, from where they stopped
         self.encoder.reset()  # frames queued before the pause were dropped
-        self._restart_pacing()
+        self.turn.resumed = True
         self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
 
     def _on_reset(self, cmd: p.Reset) -> None:
@@ -411,9 +412,10 @@ class Call:
             turn.send_from = frame
         self._emit_words_up_to(frame)
         self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent, self.encoder.encode(pcm)))
-        if turn.first_audio_at is None:
-            turn.first_audio_at = turn.pace_origin = time.monotonic()
-            turn.pace_frames = 0
+        if turn.first_audio_at is None or turn.resumed:
+            now = time.monotonic()
+            turn.first_audio_at = turn.first_audio_at or now
+            turn.pace_origin, turn.pace_frames, turn.resumed = now, turn.frames_sent, False
         turn.frames_sent += 1
         self.frames_emitted += 1
 
