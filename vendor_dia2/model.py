@@ -363,13 +363,21 @@ def depformer_stage_fused(projected: torch.Tensor, embed: torch.Tensor, prev: to
     is the slot as a Python int, fixed per launch (the kernels take it as a scalar)."""
     del mask, slot  # the attention kernel masks by `stage` itself
     x = projected + F.embedding(prev, embed)  # [R, Dd]
+    return depformer_stage_logits_fused(x, layers, caches, norm, logits, shape, stage=stage).float()
+
+
+def depformer_stage_logits_fused(x: torch.Tensor, layers: tuple, caches: tuple, norm: torch.Tensor,
+                                 logits: torch.Tensor, shape: StageShape, *, stage: int) -> torch.Tensor:
+    """The Triton stage from its input rows x [R, Dd] (projected input plus the previous codebook's
+    embedding) to its logits [R, real codes], in the weights' dtype: 5 launches a layer and one
+    for the logits, each a Triton kernel (so each may launch programmatically dependent)."""
     for (pre_w, in_w, qk_map, out_w, post_w, wi_w, wo_w), (cache_k, cache_v) in zip(layers, caches):
         qkv = kernels.linear(x, in_w, norm=pre_w, eps=shape.eps, kind="in_proj")
         att = kernels.stage_attention(qkv, qk_map, cache_k, cache_v, stage, shape.heads, shape.eps)
         x = kernels.linear(att, out_w, residual=x, kind="out_proj")
         h = kernels.gated_mlp_in(x, wi_w, post_w, shape.eps, shape.hidden, shape.activations)
         x = kernels.linear(h, wo_w, residual=x, kind="mlp_out")
-    return kernels.linear(x, logits, norm=norm, eps=shape.eps, n=shape.real_codes, kind="logits").float()
+    return kernels.linear(x, logits, norm=norm, eps=shape.eps, n=shape.real_codes, kind="logits")
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

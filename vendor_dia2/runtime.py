@@ -36,11 +36,13 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from .config import Dia2Config
+from . import fused_pick
 from . import kernels as fused_kernels
 from .model import (Dia2Model, KVCache, StageShape, StageWeights, decoder_layer, depformer_stage,
-                    depformer_stage_fused)
+                    depformer_stage_fused, depformer_stage_logits_fused)
 from .sampling import draw, draw_noise, guided_candidates, gumbel_noise, top_candidates
 
 UNGENERATED = -2  # delayed-buffer cell not written yet
@@ -150,6 +152,7 @@ class FrameFunctions(NamedTuple):
     layer: Callable
     stage: Callable
     pick_stage: Callable
+    stage_logits: Callable  # the stage without its draw (the fused pick draws)
 
 
 # Decoder cache lengths a bucketed batch may attend over (plus the whole cache): a turn's first
@@ -181,7 +184,7 @@ class FrameStepper:
                  max_top_k: int = 256, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
                  compile: bool = False, bos_token_id: int = 1, batch_sizes: tuple[int, ...] | None = None,
                  kernels: str = "torch", weights: str = "bf16", compile_max_calls: int | None = None,
-                 cache_buckets: tuple[int, ...] | None = None):
+                 cache_buckets: tuple[int, ...] | None = None, sampler: str = "auto"):
         config: Dia2Config = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
@@ -241,9 +244,11 @@ class FrameStepper:
         statics = dict(branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
         self._pick = functools.partial(pick, **statics)
         eager = FrameFunctions(layer=decoder_layer, pick_stage=functools.partial(pick_forced, **statics),
-                               stage=functools.partial(stage_and_pick, shape=model.depformer.shape, **statics))
+                               stage=functools.partial(stage_and_pick, shape=model.depformer.shape, **statics),
+                               stage_logits=functools.partial(depformer_stage, shape=model.depformer.shape))
         self.kernels, self.weights = kernels, weights
         self._fused_stages = self._fused_stage_weights(kernels, weights)
+        self.sampler = self._sampler(sampler, kernels)
         self._eager_fns = self._compiled_fns = eager
         # Batch sizes above `compile_max_calls` (default: none) run the eager functions inside
         # their CUDA graphs; compiled ones were measured faster at every size once the cache write
@@ -256,7 +261,8 @@ class FrameStepper:
             from torch import _dynamo
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
             self._compiled_fns = FrameFunctions(layer=torch.compile(eager.layer), stage=torch.compile(eager.stage),
-                                                pick_stage=torch.compile(eager.pick_stage))
+                                                pick_stage=torch.compile(eager.pick_stage),
+                                                stage_logits=torch.compile(eager.stage_logits))
         for call in range(self.n):
             self.set_sampling(call, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
             self.reset_call(call)
@@ -500,7 +506,8 @@ class FrameStepper:
         noise, inv_temp = draw_noise(gumbel_noise(self.seeds[:b], pos, q + 1, self.max_top_k),
                                      self.stream_temperature[:b], self.stream_top_k[:b])  # [N, 1 + Q, K], [N, 1 + Q]
         cfg_scale = self.cfg_scale[:b]
-        action = self._pick(action_logits[:, 0], inv_temp[:, 0], noise[:, 0], cfg_scale)
+        top_k = self.stream_top_k[:b]
+        action = self._draw(action_logits[:, 0], 0, inv_temp, noise, cfg_scale, top_k)
         text = self.text_choices[:b][torch.arange(b, device=self.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
 
         write_pos = pos + 1  # step t fills delayed column t+1
@@ -509,10 +516,10 @@ class FrameStepper:
         aligned_index = write_pos[:, None] - self.delays[None, :]  # [N, Q]
         forced = (aligned_index >= 0) & (aligned_index < self.prefix_frames[:b, None])  # teacher forcing
 
-        code = self._pick(cb0_logits[:, 0], inv_temp[:, 1], noise[:, 1], cfg_scale, banned=(d.audio_pad, d.audio_bos))
+        code = self._draw(cb0_logits[:, 0], 1, inv_temp, noise, cfg_scale, top_k, banned=(d.audio_pad, d.audio_bos))
         code = torch.where(forced[:, 0], known[:, 0], code)
         if full:
-            codes_t = self._depformer_codes(b, hidden, text, code, inv_temp, noise, forced, known, cfg_scale)
+            codes_t = self._depformer_codes(b, hidden, text, code, inv_temp, noise, forced, known, cfg_scale, top_k)
         else:
             codes_t = torch.cat([code[:, None], known[:, 1:]], dim=1)  # stages skipped: their cells keep what they hold
 
@@ -530,7 +537,16 @@ class FrameStepper:
         self.codes[:b].copy_(codes_t)
         self.positions[:b].add_(active.long())
 
-    def _depformer_codes(self, b, hidden, text, code, inv_temp, noise, forced, known, cfg_scale) -> torch.Tensor:
+    def _draw(self, logits, stream, inv_temp, noise, cfg_scale, top_k, banned=()) -> torch.Tensor:
+        """One draw per call from stream `stream`'s logits [N * branches, V]: the sorted torch path
+        or the fused kernel (`sampler`), which take the same tokens."""
+        if self.sampler == "triton":
+            return fused_pick.pick(logits, inv_temp[:, stream], noise[:, stream], cfg_scale, top_k[:, stream],
+                                   branches=self.branches, filter_k=self.cfg_filter_k, banned=banned)
+        return self._pick(logits, inv_temp[:, stream], noise[:, stream], cfg_scale, banned=banned)
+
+    def _depformer_codes(self, b, hidden, text, code, inv_temp, noise, forced, known, cfg_scale,
+                         top_k) -> torch.Tensor:
         """Codebooks 1..Q-1, stage after stage, after codebook 0's `code`: all codes [N, Q]."""
         dep = self.model.depformer
         rows = b * self.branches
@@ -541,7 +557,28 @@ class FrameStepper:
         projected = dep.first_stage_text(dep.project_inputs(hidden), dep_text)  # [S, R, Dd]
         codes = [code]
         fns = self._fns(b)
-        if self._fused_stages and (rows <= fused_kernels.FUSED_MAX_ROWS or self.weights == "fp8"):
+        fused = self._fused_stages and (rows <= fused_kernels.FUSED_MAX_ROWS or self.weights == "fp8")
+        if self.sampler == "triton":
+            draw = functools.partial(fused_pick.pick, cfg_scale=cfg_scale, branches=self.branches,
+                                     filter_k=self.cfg_filter_k)
+            stages = self._fused_stages if fused else dep.stage_weights
+            if fused:  # every launch of the stages a Triton kernel, the next stage's input written by the draw
+                x = projected[0] + F.embedding(code.repeat_interleave(self.branches), stages[0].embed)
+            for s, w in enumerate(stages):
+                if fused:
+                    logits = depformer_stage_logits_fused(x, w.layers, caches, w.norm, w.logits, dep.shape, stage=s)
+                else:
+                    logits = fns.stage_logits(projected[s], w.embed, code.repeat_interleave(self.branches), w.layers,
+                                              caches, w.norm, w.logits, w.mask, w.slot)
+                following = None
+                if fused and s + 1 < len(stages):
+                    x = torch.empty_like(x)
+                    following = (projected[s + 1], stages[s + 1].embed, x)
+                code = draw(logits, inv_temp[:, 2 + s], noise[:, 2 + s], top_k=top_k[:, 2 + s],
+                            forced=forced[:, s + 1], known=known[:, s + 1], next_embed=following)
+                codes.append(code)
+            return torch.stack(codes, dim=1)
+        if fused:
             for s, w in enumerate(self._fused_stages):
                 logits = depformer_stage_fused(projected[s], w.embed, code.repeat_interleave(self.branches), w.layers,
                                                caches, w.norm, w.logits, w.mask, w.slot, dep.shape, stage=s)
@@ -554,6 +591,16 @@ class FrameStepper:
                                   inv_temp[:, 2 + s], noise[:, 2 + s], forced[:, s + 1], known[:, s + 1], cfg_scale)
             codes.append(code)
         return torch.stack(codes, dim=1)
+
+    def _sampler(self, sampler: str, kernels: str) -> str:
+        """"torch" (sorted candidates) or "triton" (`fused_pick`); "auto" follows the depformer kernels."""
+        if sampler == "auto":
+            return "triton" if kernels == "triton" else "torch"
+        if sampler not in ("torch", "triton"):
+            raise ValueError(f"sampler must be 'auto', 'torch' or 'triton', not {sampler!r}")
+        if sampler == "triton" and not fused_kernels.available(self.device):
+            raise ValueError(f"the fused sampler needs CUDA and triton; this stepper runs on {self.device}")
+        return sampler
 
     def _fns(self, b: int) -> "FrameFunctions":
         return self._compiled_fns if b <= self.compile_max_calls else self._eager_fns
@@ -572,6 +619,8 @@ class FrameStepper:
             return []
         if not fused_kernels.available(self.device):
             raise ValueError(f"the triton kernels need CUDA and triton; this stepper runs on {self.device}")
+        if self.device.type == "cuda":
+            fused_kernels.use_gpu_tilings(torch.cuda.get_device_name(self.device))
         stages = self.model.depformer.stage_weights
         if weights == "bf16":
             return list(stages)
