@@ -25,6 +25,7 @@ class ServerConfig:
     compile_max_calls: int | None = None
     kernels: str = "auto"
     weights: str = "bf16"
+    pdl: str = "auto"
     log_level: str = "INFO"
     voice_dir: str | None = None
     voice_cache: str | None = None
@@ -73,6 +74,8 @@ _FLAGS = [  # (name, type, help)
                      "triton (fused Triton kernels, five launches a layer; docs/benchmarks.md)"),
     ("weights", str, "depformer projection weights: bf16, or fp8 (e4m3, one scale per row; needs the triton "
                      "kernels; changes some greedy tokens, measured in docs/benchmarks.md)"),
+    ("pdl", str, "programmatic dependent launch between the triton kernels: auto (on for Hopper and later), on, "
+                 "off (docs/benchmarks.md)"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
@@ -143,6 +146,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error(f"--kernels must be auto, torch or triton, not {values['kernels']!r}")
     if values["weights"] not in ("bf16", "fp8"):
         parser.error(f"--weights must be bf16 or fp8, not {values['weights']!r}")
+    if values["pdl"] not in ("auto", "on", "off"):
+        parser.error(f"--pdl must be auto, on or off, not {values['pdl']!r}")
     if values["compile"] not in ("auto", "on", "off"):
         parser.error(f"--compile must be auto, on or off, not {values['compile']!r}")
     return ServerConfig(**values)

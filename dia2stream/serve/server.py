@@ -327,6 +327,8 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
     tts = Dia2.from_pretrained(config.checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
     compile_steps = config.compile == "on" or (config.compile == "auto" and tts.device.type == "cuda")
     kernels = resolve_kernels(config.kernels, tts.device)
+    from vendor_dia2 import kernels as fused_kernels
+    fused_kernels.PDL = {"auto": None, "on": True, "off": False}[config.pdl]  # read as the graphs are captured
     max_calls = config.max_calls or default_max_calls(tts.device)
     # allow_download=False: whisper weights are never fetched while serving (finding 11); without
     # local weights a set_voice with no transcript is `transcript_required`.
