@@ -13,6 +13,12 @@ folded into the prologue and the residual add, or the gate activation, into the 
 Accumulation is fp32; outputs are rounded once (the eager path rounds after every op), so the
 two agree within bf16 tolerance, not bit for bit (tests/test_kernels.py).
 
+On Hopper and later every kernel here (and the fused draw, `fused_pick.py`) launches with
+programmatic dependent launch (`PDL`, `--pdl`): it may start while the kernel before it ends,
+reads its first weight tile, then waits (`griddepcontrol.wait`) before it reads anything that
+kernel wrote, and lets the next one start at once. A stage of the Triton path is then a chain of
+Triton launches only, the draw writing the next stage's input.
+
 Weights may be bf16, or FP8 e4m3 with one fp32 scale per output row (`QuantWeight`,
 `--weights fp8`): the kernel widens each tile to bf16 as it loads it, halving the bytes.
 
