@@ -32,7 +32,11 @@ triton, tl = kernels.triton, kernels.tl
 
 # Rows of candidates ranked against each other per step of the pairwise count (registers).
 RANK_CHUNK = 64
-PICK_WARPS = 4
+# Warps per draw. The 32 counts of the threshold select are reductions over the whole row, one
+# after the other: with 4 warps each crosses shared memory and a barrier, and a CFG draw took
+# 19 us on the H200 (run 13); one warp reduces by shuffles alone. Without CFG the candidates
+# ranked pairwise go up to 256, which one warp would hold in too many registers.
+PICK_WARPS = {True: 1, False: 4}  # by CFG
 
 if triton is not None:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -167,7 +171,7 @@ def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_
     proj, table, x_next = next_embed if next_embed is not None else (logits, logits, logits)
     d = proj.shape[1] if next_embed is not None else 1
     # no fused multiply-add: the draw's `logit * inverse temperature + noise` rounds twice, as eager torch does
-    opts = {} if kernels.INTERPRETED else dict(num_warps=PICK_WARPS, launch_pdl=kernels.pdl_enabled(),
+    opts = {} if kernels.INTERPRETED else dict(num_warps=PICK_WARPS[branches == 2], launch_pdl=kernels.pdl_enabled(),
                                                enable_fp_fusion=False)
     _pick_kernel[(n,)](logits, logits.stride(0), v, cfg_scale, inv_temp, inv_temp.stride(0), noise, noise.stride(0),
                        noise.shape[1], top_k, top_k.stride(0),

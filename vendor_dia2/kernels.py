@@ -301,8 +301,20 @@ _H100: dict[tuple[str, str], TileConfig] = {
     ("in_proj", "many"): TileConfig(32, 256, 4, 3, True), ("gated", "many"): TileConfig(32, 128, 4, 3, True),
     ("in_proj", "most"): TileConfig(32, 256, 4, 3, True), ("gated", "most"): TileConfig(32, 128, 4, 3, True),
 }
-# H200 (sweep-h200.json): the same chip with faster memory; until its own sweep, the H100's
-_H200: dict[tuple[str, str], TileConfig] = dict(_H100)
+# H200 (docs/bench/run13-h200/sweep.log, PDL on): at 2 rows the thin CUDA-core tiles win again, a
+# little differently (out_proj 1.6 us, logits 2.4, in_proj 3.3, mlp_out 4.9, gated 6.0); at 16 and
+# 256 rows cuBLAS beats every tiling tried at 4 of 5 sites, so FUSED_MAX_ROWS stays 4
+_H200: dict[tuple[str, str], TileConfig] = dict(_H100) | {
+    ("in_proj", "few"): TileConfig(8, 1024, 4, 4, False), ("out_proj", "few"): TileConfig(8, 1024, 4, 2, False),
+    ("gated", "few"): TileConfig(4, 1024, 4, 4, False), ("mlp_out", "few"): TileConfig(8, 1024, 4, 4, False),
+    ("logits", "few"): TileConfig(8, 1024, 4, 2, False),
+    ("in_proj", "some"): TileConfig(32, 256, 4, 5, True), ("out_proj", "some"): TileConfig(16, 256, 4, 3, True),
+    ("gated", "some"): TileConfig(32, 256, 4, 3, True), ("mlp_out", "some"): TileConfig(16, 256, 4, 3, True),
+    ("logits", "some"): TileConfig(16, 256, 4, 3, True),
+    ("in_proj", "most"): TileConfig(64, 128, 4, 3, True), ("out_proj", "most"): TileConfig(32, 128, 4, 3, True),
+    ("gated", "most"): TileConfig(64, 128, 4, 3, True), ("mlp_out", "most"): TileConfig(32, 256, 4, 5, True),
+    ("logits", "most"): TileConfig(64, 256, 4, 3, True),
+}
 GPU_TILINGS: dict[str, dict[tuple[str, str], TileConfig]] = {"H100": _H100, "H200": _H200}
 # bf16 weights: above this many rows the compiled torch stage is faster (per GPU model)
 GPU_FUSED_MAX_ROWS: dict[str, int] = {"H100": 4, "H200": 4}
