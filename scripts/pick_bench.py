@@ -51,9 +51,9 @@ def main() -> int:
             row[f"fused_{warps}w_equal"] = bool(torch.equal(fn(), want))
         rows.append(row)
         print(row, flush=True)
-    result = {"device": torch.cuda.get_device_name(), "draws": rows}
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        if args.json:  # after every row: a run cut short keeps what it measured
+            result = {"device": torch.cuda.get_device_name(), "draws": rows}
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -32,11 +32,10 @@ triton, tl = kernels.triton, kernels.tl
 
 # Rows of candidates ranked against each other per step of the pairwise count (registers).
 RANK_CHUNK = 64
-# Warps per draw. The 32 counts of the threshold select are reductions over the whole row, one
-# after the other: with 4 warps each crosses shared memory and a barrier, and a CFG draw took
-# 19 us on the H200 (run 13); one warp reduces by shuffles alone. Without CFG the candidates
-# ranked pairwise go up to 256, which one warp would hold in too many registers.
-PICK_WARPS = {True: 1, False: 4}  # by CFG
+# Warps per draw, by CFG. Measured on the H200 (docs/bench/run13-h200/pick-13b.txt, a CFG draw
+# in a CUDA graph): 4 warps 11.5 us, 2 warps 14.4, 1 warp 36.6 (the sorted path 40-61 us); with one
+# warp each lane counts 64 keys 32 times over, which costs more than the shared-memory reductions.
+PICK_WARPS = {True: 4, False: 4}
 
 if triton is not None:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
