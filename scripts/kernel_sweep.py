@@ -1,9 +1,11 @@
 """Tile sweep for the fused depformer kernels on the GPU (vendor_dia2/kernels.py).
 
 For each call site of a 2b depformer layer (in_proj, out_proj, gated MLP in, MLP out, logits) and
-each rows class (2 rows: one call with CFG; 16: 8 calls; 64: 32 calls) it times every candidate
-tiling inside a CUDA graph (as the frame runs them) next to cuBLAS doing the bare matrix product,
-and prints the best. Weights are random: speed does not depend on their values.
+each rows class (2 rows: one call with CFG; 16: 8 calls; 64: 32 calls; 256: 128 calls) it times
+every candidate tiling inside a CUDA graph (as the frame runs them) next to cuBLAS doing the bare
+matrix product, and prints the best, then the winners as a `kernels.GPU_TILINGS` table for this
+GPU model. Weights are random: speed does not depend on their values. Launches use programmatic
+dependent launch where the frame does (`kernels.pdl_enabled`).
 
     python3 scripts/kernel_sweep.py --json sweep.json
 """
@@ -37,7 +39,8 @@ def candidates(m: int, wide: bool) -> list[kernels.TileConfig]:
     if wide and m <= 4:  # past the edges of the first sweep's winners (bn 8, bk 512)
         return [kernels.TileConfig(bn, bk, w, st, False)
                 for bn, bk, w, st in itertools.product((4, 8), (512, 1024), (4, 8), (2, 4))]
-    dot = [kernels.TileConfig(bn, bk, 4, st, True) for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3, 5))]
+    dot = [kernels.TileConfig(bn, bk, 4, st, True) for bn, bk, st in itertools.product((16, 32, 64), (128, 256), (3,))]
+    dot += [kernels.TileConfig(16, 128, 4, 5, True), kernels.TileConfig(32, 256, 4, 5, True)]
     if m > 4:
         return dot
     few = [kernels.TileConfig(bn, bk, w, st, False)
@@ -109,7 +112,7 @@ def sweep_attention() -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="2,16,64")
+    parser.add_argument("--rows", default="2,16,64,256")
     parser.add_argument("--weights", default="bf16", help="comma list: bf16, fp8")
     parser.add_argument("--wide", action="store_true", help="few rows: thinner and longer tiles than the first sweep")
     parser.add_argument("--json", default=None)
@@ -120,8 +123,14 @@ def main() -> int:
         for m in (int(r) for r in args.rows.split(",")):
             for kind in SITES:
                 rows.append(sweep_site(kind, m, args.wide, weights))
-    result = {"device": torch.cuda.get_device_name(), "sites": rows, "attention_us": sweep_attention(),
-              "seconds": round(time.perf_counter() - t0, 1)}
+    result = {"device": torch.cuda.get_device_name(), "pdl": kernels.pdl_enabled(), "sites": rows,
+              "attention_us": sweep_attention(), "seconds": round(time.perf_counter() - t0, 1)}
+    print(f"# {result['device']}: winners as a kernels.GPU_TILINGS table (bf16), and where Triton beat cuBLAS")
+    for row in rows:
+        if row["weights"] == "bf16":
+            wins = "beats" if row["best_us"] < row["cublas_matmul_us"] else "loses to"
+            print(f'    ("{row["kind"]}", "{kernels.rows_class(row["rows"])}"): TileConfig(**{row["best"]}),'
+                  f'  # {row["best_us"]} us, {wins} cuBLAS {row["cublas_matmul_us"]} us')
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     print(f"sweep took {result['seconds']} s")

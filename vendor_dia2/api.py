@@ -92,15 +92,17 @@ class Dia2:
                     use_cuda_graph: bool | None = None, compile: bool = False,
                     batch_sizes: tuple[int, ...] | None = None, max_top_k: int = MAX_TOP_K, kernels: str = "torch",
                     weights: str = "bf16", compile_max_calls: int | None = None,
-                    cache_buckets: tuple[int, ...] | None = None) -> FrameStepper:
+                    cache_buckets: tuple[int, ...] | None = None, sampler: str = "torch") -> FrameStepper:
         """A frame stepper with its own caches for `n_calls` call slots. `compile` runs
         torch.compile inside the CUDA graphs (fewer, fused kernels; costs time once, here).
         `kernels="triton"` runs the depformer through the fused kernels (CUDA), `weights="fp8"`
-        with FP8 projections; `compile_max_calls` bounds the batch sizes that run compiled."""
+        with FP8 projections; `compile_max_calls` bounds the batch sizes that run compiled;
+        `sampler="triton"` draws through one fused kernel per draw ("auto": with the triton kernels;
+        off by default until its whole-frame GPU token tests have run)."""
         return FrameStepper(self.model, n_calls=n_calls, cfg=cfg, max_positions=max_positions,
                             use_cuda_graph=use_cuda_graph, compile=compile, bos_token_id=self.bos_token_id,
                             batch_sizes=batch_sizes, max_top_k=max_top_k, kernels=kernels, weights=weights,
-                            compile_max_calls=compile_max_calls, cache_buckets=cache_buckets)
+                            compile_max_calls=compile_max_calls, cache_buckets=cache_buckets, sampler=sampler)
 
     def stepper(self, *, cfg: bool, max_positions: int | None = None, use_cuda_graph: bool | None = None) -> FrameStepper:
         """The single-call stepper `generate` uses, kept between calls; rebuilt when the CFG mode

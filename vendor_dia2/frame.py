@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple, Sequence
 
 import torch
+import torch.nn.functional as F
 
+from . import fused_pick
 from . import kernels as fused_kernels
-from .model import Dia2Model, KVCache, StageShape, StageWeights, decoder_layer, depformer_stage, depformer_stage_fused
+from .model import (Dia2Model, KVCache, StageShape, StageWeights, decoder_layer, depformer_stage, depformer_stage_fused,
+                    depformer_stage_logits_fused)
 from .sampling import draw, draw_noise, guided_candidates, gumbel_noise, top_candidates
 from .slots import NEW_WORD_ACTION, SlotTable
 
@@ -29,6 +32,7 @@ class FrameFunctions(NamedTuple):
     layer: Callable
     stage: Callable
     pick_stage: Callable
+    stage_logits: Callable  # a torch depformer stage without its draw (the fused draw draws)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class StageDraw:
     noise: torch.Tensor
     forced: torch.Tensor
     known: torch.Tensor
+    top_k: torch.Tensor  # [N] the stream's top-k (the fused draw reads it; the noise already carries it)
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,20 @@ def stage_and_pick(projected: torch.Tensor, stage: StageWeights, prev: torch.Ten
 def eager_functions(rule: PickRule, shape: StageShape) -> FrameFunctions:
     statics = dataclasses.asdict(rule)
     return FrameFunctions(layer=decoder_layer, pick_stage=functools.partial(pick_forced, **statics),
-                          stage=functools.partial(stage_and_pick, shape=shape, **statics))
+                          stage=functools.partial(stage_and_pick, shape=shape, **statics),
+                          stage_logits=functools.partial(depformer_stage, shape=shape))
+
+
+def resolve_sampler(sampler: str, kernels: str, device: torch.device) -> str:
+    """"torch" (sorted candidates) or "triton" (`fused_pick`: one launch a draw, the same tokens);
+    "auto" follows the depformer kernels."""
+    if sampler == "auto":
+        return "triton" if kernels == "triton" else "torch"
+    if sampler not in ("torch", "triton"):
+        raise ValueError(f"sampler must be 'auto', 'torch' or 'triton', not {sampler!r}")
+    if sampler == "triton" and not fused_kernels.available(device):
+        raise ValueError(f"the fused sampler needs CUDA and triton; this stepper runs on {device}")
+    return sampler
 
 
 class Frame:
@@ -101,9 +119,9 @@ class Frame:
     decoder-only lane), attending over the first `length` cache slots."""
 
     def __init__(self, model: Dia2Model, slots: SlotTable, rule: PickRule, fused_stages: list[StageWeights],
-                 weights: str):
+                 weights: str, sampler: str = "torch"):
         self.model, self.slots, self.rule = model, slots, rule
-        self.fused_stages, self.weights = fused_stages, weights
+        self.fused_stages, self.weights, self.sampler = fused_stages, weights, sampler
         self.max_delay = model.config.data.max_delay
         self._pick = functools.partial(pick, **dataclasses.asdict(rule))
 
@@ -121,8 +139,8 @@ class Frame:
             slots=slots.repeat_interleave(br)[:, None])
         noise, inv_temp = draw_noise(gumbel_noise(s.seeds[:b], pos, q + 1, self.rule.max_top_k),
                                      s.stream_temperature[:b], s.stream_top_k[:b])  # [N, 1 + Q, K], [N, 1 + Q]
-        cfg_scale = s.cfg_scale[:b]
-        action = self._pick(action_logits[:, 0], inv_temp[:, 0], noise[:, 0], cfg_scale)
+        cfg_scale, top_k = s.cfg_scale[:b], s.stream_top_k[:b]
+        action = self._draw(action_logits[:, 0], inv_temp[:, 0], noise[:, 0], cfg_scale, top_k[:, 0])
         text = s.text_choices[:b][torch.arange(b, device=pos.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
 
         write_pos = pos + 1  # step t fills delayed column t+1
@@ -131,10 +149,12 @@ class Frame:
         aligned_index = write_pos[:, None] - s.delays[None, :]  # [N, Q]
         forced = (aligned_index >= 0) & (aligned_index < s.prefix_frames[:b, None])  # teacher forcing
 
-        code = self._pick(cb0_logits[:, 0], inv_temp[:, 1], noise[:, 1], cfg_scale, banned=(d.audio_pad, d.audio_bos))
+        code = self._draw(cb0_logits[:, 0], inv_temp[:, 1], noise[:, 1], cfg_scale, top_k[:, 1],
+                          banned=(d.audio_pad, d.audio_bos))
         code = torch.where(forced[:, 0], known[:, 0], code)
         if full:
-            draws = [StageDraw(inv_temp[:, 1 + k], noise[:, 1 + k], forced[:, k], known[:, k]) for k in range(q)]
+            draws = [StageDraw(inv_temp[:, 1 + k], noise[:, 1 + k], forced[:, k], known[:, k], top_k[:, 1 + k])
+                     for k in range(q)]
             codes_t = self._depformer_codes(fns, b, hidden, text, code, draws, cfg_scale)
         else:
             codes_t = torch.cat([code[:, None], known[:, 1:]], dim=1)  # stages skipped: their cells keep what they hold
@@ -165,7 +185,10 @@ class Frame:
         dep_text = text.repeat_interleave(br, dim=0)  # [N * branches, 2], rows [call, branch]
         projected = dep.first_stage_text(dep.project_inputs(hidden), dep_text)  # [S, R, Dd]
         codes = [code]
-        if self.fused_stages and (rows <= fused_kernels.FUSED_MAX_ROWS or self.weights == "fp8"):
+        fused = bool(self.fused_stages) and (rows <= fused_kernels.FUSED_MAX_ROWS or self.weights == "fp8")
+        if self.sampler == "triton":
+            return self._depformer_codes_fused_draw(fns, fused, projected, caches, codes, draws, cfg_scale)
+        if fused:
             for s, stage in enumerate(self.fused_stages):
                 logits = depformer_stage_fused(projected[s], stage, code.repeat_interleave(br), caches, dep.shape,
                                                index=s)
@@ -174,6 +197,39 @@ class Frame:
             return torch.stack(codes, dim=1)
         for s, stage in enumerate(dep.stage_weights):
             code = fns.stage(projected[s], stage, code, caches, draws[s + 1], cfg_scale)
+            codes.append(code)
+        return torch.stack(codes, dim=1)
+
+
+    def _draw(self, logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_scale: torch.Tensor,
+              top_k: torch.Tensor, banned: tuple[int, ...] = ()) -> torch.Tensor:
+        """One draw per call: the sorted torch path, or the fused kernel (`sampler`): the same tokens."""
+        if self.sampler == "triton":
+            return fused_pick.pick(logits, inv_temp, noise, cfg_scale, top_k, branches=self.rule.branches,
+                                   filter_k=self.rule.filter_k, banned=banned)
+        return self._pick(logits, inv_temp, noise, cfg_scale, banned=banned)
+
+    def _depformer_codes_fused_draw(self, fns: FrameFunctions, fused: bool, projected: torch.Tensor, caches,
+                                    codes: list[torch.Tensor], draws: list[StageDraw],
+                                    cfg_scale: torch.Tensor) -> torch.Tensor:
+        """The stages with the fused draw: each draw also applies the teacher forcing and, with the
+        Triton stages, writes the next stage's input rows, so no torch kernel runs between stages."""
+        dep, br = self.model.depformer, self.rule.branches
+        stages = self.fused_stages if fused else dep.stage_weights
+        code = codes[-1]
+        x = projected[0] + F.embedding(code.repeat_interleave(br), stages[0].embed) if fused else None
+        for s, stage in enumerate(stages):
+            if fused:
+                logits = depformer_stage_logits_fused(x, stage, caches, dep.shape, index=s)
+            else:
+                logits = fns.stage_logits(projected[s], stage, code.repeat_interleave(br), caches)
+            following = None
+            if fused and s + 1 < len(stages):
+                x = torch.empty_like(x)
+                following = (projected[s + 1], stages[s + 1].embed, x)
+            d = draws[s + 1]
+            code = fused_pick.pick(logits, d.inv_temp, d.noise, cfg_scale, d.top_k, branches=br,
+                                   filter_k=self.rule.filter_k, forced=d.forced, known=d.known, next_embed=following)
             codes.append(code)
         return torch.stack(codes, dim=1)
 

@@ -119,4 +119,4 @@ def _compiled_functions(eager: FrameFunctions) -> FrameFunctions:
     from torch import _dynamo
     _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
     return FrameFunctions(layer=torch.compile(eager.layer), stage=torch.compile(eager.stage),
-                          pick_stage=torch.compile(eager.pick_stage))
+                          pick_stage=torch.compile(eager.pick_stage), stage_logits=torch.compile(eager.stage_logits))

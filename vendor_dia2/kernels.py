@@ -13,6 +13,12 @@ folded into the prologue and the residual add, or the gate activation, into the 
 Accumulation is fp32; outputs are rounded once (the eager path rounds after every op), so the
 two agree within bf16 tolerance, not bit for bit (tests/test_kernels.py).
 
+On Hopper and later every kernel here (and the fused draw, `fused_pick.py`) launches with
+programmatic dependent launch (`PDL`, `--pdl`): it may start while the kernel before it ends,
+reads its first weight tile, then waits (`griddepcontrol.wait`) before it reads anything that
+kernel wrote, and lets the next one start at once. A stage of the Triton path is then a chain of
+Triton launches only, the draw writing the next stage's input.
+
 Weights may be bf16, or FP8 e4m3 with one fp32 scale per output row (`QuantWeight`,
 `--weights fp8`): the kernel widens each tile to bf16 as it loads it, halving the bytes.
 
@@ -37,6 +43,21 @@ except ImportError:  # pragma: no cover - depends on the install
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 # Triton decides interpreter or compiler when it decorates the kernels, at import: so do we.
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Programmatic dependent launch (Hopper and later): each kernel is launched so that it may start
+# while the one before it finishes, reads its weights, then waits for that kernel's results
+# (griddepcontrol.wait). None: on where the GPU and Triton support it (`pdl_enabled`).
+PDL: bool | None = None
+
+
+def pdl_enabled() -> bool:
+    """Whether the kernels launch with programmatic dependent launch (never under the interpreter)."""
+    if INTERPRETED or triton is None:
+        return False
+    if PDL is not None:
+        return PDL
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9
 
 
 def available(device: torch.device | str) -> bool:
@@ -75,6 +96,7 @@ def _split(weight) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     @triton.jit
     def _row_rstd(x_ptr, stride_xm, rows, row_mask, K: tl.constexpr, eps, BM: tl.constexpr, BK: tl.constexpr):
@@ -125,19 +147,33 @@ if triton is not None:
                        stride_xm, stride_wn, stride_rm, stride_om, eps,
                        HAS_NORM: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_RES: tl.constexpr,
                        USE_DOT: tl.constexpr, WIDE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                       BK: tl.constexpr):
+                       BK: tl.constexpr, PDL: tl.constexpr):
         """out[M, N] = norm(x) @ w.T (* scale) (+ res)."""
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         cols_n = tl.program_id(0) * BN + tl.arange(0, BN)
         row_mask, n_mask = rows < M, cols_n < N
-        rstd = tl.zeros([BM], dtype=tl.float32)
-        if HAS_NORM:
-            rstd = _row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BM, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            x = _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K, rstd, HAS_NORM, BK)
-            w = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0, K, BK)
-            acc = _tile_product(x, w, acc, USE_DOT, WIDE_DOT)
+        if PDL:
+            # the first weight tile does not depend on the kernel before: read it while that one ends
+            w_next = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, 0, K, BK)
+            gdc_wait()
+            gdc_launch_dependents()
+            rstd = tl.zeros([BM], dtype=tl.float32)
+            if HAS_NORM:
+                rstd = _row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BM, BK)
+            for k0 in range(0, K, BK):
+                w = w_next
+                w_next = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0 + BK, K, BK)
+                x = _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K, rstd, HAS_NORM, BK)
+                acc = _tile_product(x, w, acc, USE_DOT, WIDE_DOT)
+        else:
+            rstd = tl.zeros([BM], dtype=tl.float32)
+            if HAS_NORM:
+                rstd = _row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BM, BK)
+            for k0 in range(0, K, BK):
+                x = _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K, rstd, HAS_NORM, BK)
+                w = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0, K, BK)
+                acc = _tile_product(x, w, acc, USE_DOT, WIDE_DOT)
         if HAS_SCALE:
             acc = acc * tl.load(scale_ptr + cols_n, mask=n_mask, other=0.0)[None, :]
         out_mask = row_mask[:, None] & n_mask[None, :]
@@ -158,20 +194,35 @@ if triton is not None:
     @triton.jit
     def _gated_kernel(x_ptr, w_ptr, scale_ptr, norm_ptr, out_ptr, M, HIDDEN, K: tl.constexpr, stride_xm, stride_wn, stride_om, eps,
                       ACT0: tl.constexpr, ACT1: tl.constexpr, HAS_SCALE: tl.constexpr, USE_DOT: tl.constexpr,
-                      WIDE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                      WIDE_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                      PDL: tl.constexpr):
         """out[M, HIDDEN] = act0(gate) * act1(up), [gate | up] = norm(x) @ w.T, w [2 HIDDEN, K]."""
         rows = tl.program_id(1) * BM + tl.arange(0, BM)
         cols_n = tl.program_id(0) * BN + tl.arange(0, BN)
         row_mask, n_mask = rows < M, cols_n < HIDDEN
-        rstd = _row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BM, BK)
         gate = tl.zeros([BM, BN], dtype=tl.float32)
         up = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            x = _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K, rstd, True, BK)
-            w_gate = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0, K, BK)
-            w_up = _weight_tile(w_ptr, stride_wn, cols_n + HIDDEN, n_mask, k0, K, BK)
-            gate = _tile_product(x, w_gate, gate, USE_DOT, WIDE_DOT)
-            up = _tile_product(x, w_up, up, USE_DOT, WIDE_DOT)
+        if PDL:
+            gate_next = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, 0, K, BK)
+            up_next = _weight_tile(w_ptr, stride_wn, cols_n + HIDDEN, n_mask, 0, K, BK)
+            gdc_wait()
+            gdc_launch_dependents()
+            rstd = _row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BM, BK)
+            for k0 in range(0, K, BK):
+                w_gate, w_up = gate_next, up_next
+                gate_next = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0 + BK, K, BK)
+                up_next = _weight_tile(w_ptr, stride_wn, cols_n + HIDDEN, n_mask, k0 + BK, K, BK)
+                x = _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K, rstd, True, BK)
+                gate = _tile_product(x, w_gate, gate, USE_DOT, WIDE_DOT)
+                up = _tile_product(x, w_up, up, USE_DOT, WIDE_DOT)
+        else:
+            rstd = _row_rstd(x_ptr, stride_xm, rows, row_mask, K, eps, BM, BK)
+            for k0 in range(0, K, BK):
+                x = _normed_tile(x_ptr, stride_xm, norm_ptr, rows, row_mask, k0, K, rstd, True, BK)
+                w_gate = _weight_tile(w_ptr, stride_wn, cols_n, n_mask, k0, K, BK)
+                w_up = _weight_tile(w_ptr, stride_wn, cols_n + HIDDEN, n_mask, k0, K, BK)
+                gate = _tile_product(x, w_gate, gate, USE_DOT, WIDE_DOT)
+                up = _tile_product(x, w_up, up, USE_DOT, WIDE_DOT)
         if HAS_SCALE:
             gate = gate * tl.load(scale_ptr + cols_n, mask=n_mask, other=0.0)[None, :]
             up = up * tl.load(scale_ptr + HIDDEN + cols_n, mask=n_mask, other=0.0)[None, :]
@@ -184,22 +235,25 @@ if triton is not None:
 
     @triton.jit
     def _stage_attention_kernel(qkv_ptr, map_ptr, ck_ptr, cv_ptr, out_ptr, slot, H, stride_qkv, stride_cr, stride_ch,
-                                stride_out, eps, DH: tl.constexpr, SP: tl.constexpr):
+                                stride_out, eps, DH: tl.constexpr, SP: tl.constexpr, PDL: tl.constexpr):
         """One (row, head) of a depformer stage's attention: q, k RMS-normalised and mapped by the
         stage's [Dh, Dh] norm-times-RoPE matrices, k and v written to cache slot `slot`, then
         attention of q over slots 0..slot (scale 1: the norms stand in for 1/sqrt(Dh))."""
         r = tl.program_id(0)
         h = tl.program_id(1)
         d = tl.arange(0, DH)
+        # row i of a map holds input dim i: out[j] = sum_i x[i] * map[i, j]
+        q_map = tl.load(map_ptr + d[:, None] * DH + d[None, :]).to(tl.float32)
+        k_map = tl.load(map_ptr + DH * DH + d[:, None] * DH + d[None, :]).to(tl.float32)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         base = qkv_ptr + r * stride_qkv + h * DH
         q = tl.load(base + d).to(tl.float32)
         k = tl.load(base + H * DH + d).to(tl.float32)
         v = tl.load(base + 2 * H * DH + d)
         q = (q / tl.sqrt(tl.sum(q * q, axis=0) / DH + eps)).to(tl.bfloat16).to(tl.float32)
         k = (k / tl.sqrt(tl.sum(k * k, axis=0) / DH + eps)).to(tl.bfloat16).to(tl.float32)
-        # row i of a map holds input dim i: out[j] = sum_i x[i] * map[i, j]
-        q_map = tl.load(map_ptr + d[:, None] * DH + d[None, :]).to(tl.float32)
-        k_map = tl.load(map_ptr + DH * DH + d[:, None] * DH + d[None, :]).to(tl.float32)
         q = tl.sum(q[:, None] * q_map, axis=0).to(tl.bfloat16).to(tl.float32)
         k = tl.sum(k[:, None] * k_map, axis=0).to(tl.bfloat16)
         cache = r * stride_cr + h * stride_ch
@@ -233,25 +287,62 @@ class TileConfig(NamedTuple):
     dot: bool = True
 
 
-# Chosen per (kernel, rows class) by scripts/kernel_sweep.py on the H100 (docs/bench/sweep-h100*.json,
-# docs/benchmarks.md); `configure` replaces them (the sweep itself uses it). At 2 rows the CUDA-core
-# product with thin, long tiles won every site; at 16 and 64 rows cuBLAS beat every tiling tried,
-# so the runtime takes these kernels there only for FP8 weights (FUSED_MAX_ROWS).
+# Chosen per GPU model and (kernel, rows class) by scripts/kernel_sweep.py (docs/bench/sweep-*.json,
+# docs/benchmarks.md); `use_gpu_tilings` loads a model's table into CONFIGS at start-up, from the
+# device name, and `configure` replaces single entries (the sweep itself uses it). H100: at 2 rows
+# the CUDA-core product with thin, long tiles won every site; at 16 and 64 rows cuBLAS beat every
+# tiling tried, so the runtime takes these kernels there only for FP8 weights (FUSED_MAX_ROWS).
 _FEW_WIDE = TileConfig(bn=8, bk=1024, warps=8, stages=4, dot=False)
 _FEW_THIN = TileConfig(bn=4, bk=1024, warps=4, stages=4, dot=False)
-CONFIGS: dict[tuple[str, str], TileConfig] = {
+_H100: dict[tuple[str, str], TileConfig] = {
     ("in_proj", "few"): _FEW_WIDE, ("logits", "few"): _FEW_WIDE,
     ("out_proj", "few"): _FEW_THIN, ("gated", "few"): _FEW_THIN, ("mlp_out", "few"): _FEW_THIN,
     ("in_proj", "some"): TileConfig(32, 256, 4, 3, True), ("gated", "some"): TileConfig(32, 256, 4, 3, True),
     ("in_proj", "many"): TileConfig(32, 256, 4, 3, True), ("gated", "many"): TileConfig(32, 128, 4, 3, True),
+    ("in_proj", "most"): TileConfig(32, 256, 4, 3, True), ("gated", "most"): TileConfig(32, 128, 4, 3, True),
 }
+# H200 (docs/bench/run13-h200/sweep.log, PDL on): at 2 rows the thin CUDA-core tiles win again, a
+# little differently (out_proj 1.6 us, logits 2.4, in_proj 3.3, mlp_out 4.9, gated 6.0); at 16 and
+# 256 rows cuBLAS beats every tiling tried at 4 of 5 sites, so FUSED_MAX_ROWS stays 4
+_H200: dict[tuple[str, str], TileConfig] = dict(_H100) | {
+    ("in_proj", "few"): TileConfig(8, 1024, 4, 4, False), ("out_proj", "few"): TileConfig(8, 1024, 4, 2, False),
+    ("gated", "few"): TileConfig(4, 1024, 4, 4, False), ("mlp_out", "few"): TileConfig(8, 1024, 4, 4, False),
+    ("logits", "few"): TileConfig(8, 1024, 4, 2, False),
+    ("in_proj", "some"): TileConfig(32, 256, 4, 5, True), ("out_proj", "some"): TileConfig(16, 256, 4, 3, True),
+    ("gated", "some"): TileConfig(32, 256, 4, 3, True), ("mlp_out", "some"): TileConfig(16, 256, 4, 3, True),
+    ("logits", "some"): TileConfig(16, 256, 4, 3, True),
+    ("in_proj", "most"): TileConfig(64, 128, 4, 3, True), ("out_proj", "most"): TileConfig(32, 128, 4, 3, True),
+    ("gated", "most"): TileConfig(64, 128, 4, 3, True), ("mlp_out", "most"): TileConfig(32, 256, 4, 5, True),
+    ("logits", "most"): TileConfig(64, 256, 4, 3, True),
+}
+GPU_TILINGS: dict[str, dict[tuple[str, str], TileConfig]] = {"H100": _H100, "H200": _H200}
+# bf16 weights: above this many rows the compiled torch stage is faster (per GPU model)
+GPU_FUSED_MAX_ROWS: dict[str, int] = {"H100": 4, "H200": 4}
+DEFAULT_GPU = "H100"
+CONFIGS: dict[tuple[str, str], TileConfig] = dict(_H100)
 DEFAULT_CONFIG = TileConfig(bn=16, bk=256, warps=4, stages=3, dot=True)
-FUSED_MAX_ROWS = 4  # bf16 weights: above this many rows the compiled torch stage is faster
+FUSED_MAX_ROWS = GPU_FUSED_MAX_ROWS[DEFAULT_GPU]
 ATTENTION_WARPS = 1  # one (row, head) per program, 64 dims over at most 32 slots: 3.2 us vs 4.2 with 4 warps
 
 
+def gpu_model(device_name: str) -> str:
+    """The tiling table for a device name as torch reports it ("NVIDIA H200" → "H200"); the
+    H100's for a GPU that has no table of its own."""
+    return next((model for model in GPU_TILINGS if model in device_name), DEFAULT_GPU)
+
+
+def use_gpu_tilings(device_name: str) -> str:
+    """Load the tilings (and FUSED_MAX_ROWS) swept on this GPU model; returns the model chosen."""
+    global FUSED_MAX_ROWS
+    model = gpu_model(device_name)
+    CONFIGS.clear()
+    CONFIGS.update(GPU_TILINGS[model])
+    FUSED_MAX_ROWS = GPU_FUSED_MAX_ROWS[model]
+    return model
+
+
 def rows_class(m: int) -> str:
-    return "few" if m <= 4 else ("some" if m <= 32 else "many")
+    return "few" if m <= 4 else ("some" if m <= 32 else ("many" if m <= 128 else "most"))
 
 
 def configure(kind: str, rows: str, config: TileConfig | None) -> None:
@@ -273,8 +364,9 @@ def _launch_opts(config: TileConfig, m: int, k: int) -> dict:
     opts = dict(BM=bm, BN=config.bn, BK=min(config.bk, triton.next_power_of_2(k)), USE_DOT=config.dot)
     if INTERPRETED:
         # the interpreter multiplies bf16 tiles as their raw bits: widen them to fp32 first
-        return dict(opts, WIDE_DOT=True)
-    return dict(opts, WIDE_DOT=False, num_warps=config.warps, num_stages=config.stages)
+        return dict(opts, WIDE_DOT=True, PDL=False)
+    pdl = pdl_enabled()
+    return dict(opts, WIDE_DOT=False, num_warps=config.warps, num_stages=config.stages, PDL=pdl, launch_pdl=pdl)
 
 
 def linear(x: torch.Tensor, weight, *, norm: torch.Tensor | None = None, eps: float = 1e-5,
@@ -326,5 +418,6 @@ def stage_attention(qkv: torch.Tensor, qk_map: torch.Tensor, cache_k: torch.Tens
     sp = triton.next_power_of_2(cache_k.shape[2])
     _stage_attention_kernel[(r, heads)](qkv, qk_map, cache_k, cache_v, out, slot, heads, qkv.stride(0),
                                         cache_k.stride(0), cache_k.stride(1), out.stride(0), eps, DH=dh, SP=sp,
-                                        **({} if INTERPRETED else dict(num_warps=ATTENTION_WARPS)))
+                                        PDL=pdl_enabled(), **({} if INTERPRETED else dict(
+                                            num_warps=ATTENTION_WARPS, launch_pdl=pdl_enabled())))
     return out

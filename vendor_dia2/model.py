@@ -366,13 +366,21 @@ def depformer_stage_fused(projected: torch.Tensor, stage: StageWeights, prev: to
     is the stage's slot as a Python int, fixed per launch (the kernels take it as a scalar and
     mask by it, so `stage.mask` and `stage.slot` are not read)."""
     x = projected + F.embedding(prev, stage.embed)  # [R, Dd]
+    return depformer_stage_logits_fused(x, stage, caches, shape, index=index).float()
+
+
+def depformer_stage_logits_fused(x: torch.Tensor, stage: StageWeights, caches: Sequence[KVCache], shape: StageShape,
+                                 *, index: int) -> torch.Tensor:
+    """The Triton stage from its input rows x [R, Dd] (projected input plus the previous codebook's
+    embedding) to its logits [R, real codes], in the weights' dtype: 5 launches a layer and one
+    for the logits, each a Triton kernel (so each may launch programmatically dependent)."""
     for w, (cache_k, cache_v) in zip(stage.layers, caches):
         qkv = kernels.linear(x, w.in_proj, norm=w.pre_norm, eps=shape.eps, kind="in_proj")
         att = kernels.stage_attention(qkv, w.qk_map, cache_k, cache_v, index, shape.heads, shape.eps)
         x = kernels.linear(att, w.out_proj, residual=x, kind="out_proj")
         h = kernels.gated_mlp_in(x, w.wi, w.post_norm, shape.eps, shape.hidden, shape.activations)
         x = kernels.linear(h, w.wo, residual=x, kind="mlp_out")
-    return kernels.linear(x, stage.logits, norm=stage.norm, eps=shape.eps, n=shape.real_codes, kind="logits").float()
+    return kernels.linear(x, stage.logits, norm=stage.norm, eps=shape.eps, n=shape.real_codes, kind="logits")
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

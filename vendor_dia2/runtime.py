@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import MAX_TOP_K, Dia2Config
-from .frame import Frame, FrameFunctions, PickRule, eager_functions, fused_stage_weights, pick
+from .frame import Frame, FrameFunctions, PickRule, eager_functions, fused_stage_weights, pick, resolve_sampler
 from .graphs import CACHE_BUCKETS, FrameGraphs, default_batch_sizes
 from .model import Dia2Model
 from .slots import NEW_WORD_ACTION, UNGENERATED, SamplingParams, SlotPlace, SlotTable, StepperSnapshot
@@ -94,7 +94,7 @@ class FrameStepper:
                  max_top_k: int = MAX_TOP_K, cfg_filter_k: int = 50, use_cuda_graph: bool | None = None,
                  compile: bool = False, bos_token_id: int = 1, batch_sizes: tuple[int, ...] | None = None,
                  kernels: str = "torch", weights: str = "bf16", compile_max_calls: int | None = None,
-                 cache_buckets: tuple[int, ...] | None = None):
+                 cache_buckets: tuple[int, ...] | None = None, sampler: str = "torch"):
         config: Dia2Config = model.config
         p = next(model.parameters())
         self.model, self.config = model, config
@@ -118,7 +118,10 @@ class FrameStepper:
         self.slots = SlotTable(model, n=self.n, branches=self.branches, max_positions=self.max_positions,
                                bos_token_id=self.bos_token_id)
         rule = PickRule(branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
-        self.frame = Frame(model, self.slots, rule, fused, weights)
+        # The fused draw (`sampler="triton"`) stays off by default until its whole-frame token tests
+        # have run on a GPU (docs/benchmarks.md, run 13: 0.08 ms a frame on the H200).
+        self.sampler = resolve_sampler(sampler, kernels, self.device)
+        self.frame = Frame(model, self.slots, rule, fused, weights, self.sampler)
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda"
         self.graphs = FrameGraphs(eager_functions(rule, model.depformer.shape), n_calls=self.n,

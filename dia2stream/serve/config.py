@@ -21,7 +21,8 @@ from dia2stream.wire.protocol import MAX_TEXT_CHARS
 
 
 class CompileMode(enum.StrEnum):
-    """torch.compile inside the frame's CUDA graphs: on with CUDA (auto), always, or never."""
+    """A switch decided by the device when `auto`: torch.compile inside the frame's CUDA graphs (on
+    with CUDA), programmatic dependent launch between Triton kernels (on for Hopper and later)."""
 
     AUTO = "auto"
     ON = "on"
@@ -54,6 +55,7 @@ class ServerConfig:
     compile_max_calls: int | None = None
     kernels: KernelChoice = KernelChoice.AUTO
     weights: Weights = Weights.BF16
+    pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
     log_level: str = "INFO"
     voice_dir: str | None = None
     voice_cache: str | None = None
@@ -165,6 +167,8 @@ _FLAGS = [  # (name, type, help)
                      "triton (fused Triton kernels, five launches a layer; docs/benchmarks.md)"),
     ("weights", Weights, "depformer projection weights: bf16, or fp8 (e4m3, one scale per row; needs the triton "
                      "kernels; changes some greedy tokens, measured in docs/benchmarks.md)"),
+    ("pdl", CompileMode, "programmatic dependent launch between the triton kernels: auto (on for Hopper and later), on, "
+                 "off (docs/benchmarks.md)"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),

@@ -408,6 +408,9 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
             log.warning("checkpoint %s has random weights: its audio is noise, not speech (the published model: "
                         "--checkpoint %s, on a GPU)", checkpoint, PUBLISHED_CHECKPOINT)
         engine_config = config.engine_config(tts.device)
+        from vendor_dia2 import kernels as fused_kernels
+
+        fused_kernels.PDL = {"auto": None, "on": True, "off": False}[config.pdl]  # read as the graphs are captured
     engine = Engine(tts, engine_config, metrics=metrics)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
              tts.name, tts.device, tts.dtype, time.perf_counter() - t0, engine_config.max_calls,

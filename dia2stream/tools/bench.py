@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from vendor_dia2 import Dia2
+from vendor_dia2 import kernels as fused_kernels
 from vendor_dia2.checkpoint import write_random_checkpoint
 from vendor_dia2.config import preset
 from vendor_dia2.runtime import FrameStepper, SamplingParams
@@ -55,13 +56,14 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool = False,
-                profile: bool = False, kernels: str = "torch", weights: str = "bf16") -> dict:
+                profile: bool = False, kernels: str = "torch", weights: str = "bf16", sampler: str = "auto") -> dict:
     """Time `frames` steps (after a warm-up) of a fresh one-call stepper, host state machine
     included; the decoder-only lane is timed over the first steps of fresh calls."""
     if tts.device.type == "cuda":
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
-    stepper = tts.new_stepper(cfg=cfg, use_cuda_graph=graph, compile=compile, kernels=kernels, weights=weights)
+    stepper = tts.new_stepper(cfg=cfg, use_cuda_graph=graph, compile=compile, kernels=kernels, weights=weights,
+                              sampler=sampler)
     build_s = time.perf_counter() - t0
     stepper.set_sampling(0, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
     machine = tts.new_state_machine()
@@ -98,7 +100,7 @@ def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool
 
 
 def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, kernels: str = "torch",
-                  profile: bool = False, compile_max_calls: int | None = None) -> dict:
+                  profile: bool = False, compile_max_calls: int | None = None, sampler: str = "auto") -> dict:
     """One stepper with max(sizes) slots (as the server builds it); ms per step with the first N
     slots active, and the batched Mimi decode of N rows."""
     n_max = max(sizes)
@@ -106,9 +108,10 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
         torch.cuda.empty_cache()
     t0 = time.perf_counter()
     stepper = tts.new_stepper(n_calls=n_max, cfg=True, compile=compile, kernels=kernels,
-                              compile_max_calls=compile_max_calls)
+                              compile_max_calls=compile_max_calls, sampler=sampler)
     out: dict = {"build_s": round(time.perf_counter() - t0, 2), "batch_sizes": list(stepper.batch_sizes),
-                 "kernels": kernels, "compiled_up_to_calls": stepper.compile_max_calls}
+                 "kernels": kernels, "sampler": stepper.sampler, "pdl": fused_kernels.pdl_enabled(),
+                 "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
     codec.open_stream(n_max)
     machines = []
@@ -436,12 +439,25 @@ def step_variants(args, device: torch.device) -> list[str]:
     return keys
 
 
+VARIANT_OPTIONS = {  # variant name parts that change a default, to time one change against it
+    "sortdraw": ("sampler", "torch"),  # the sorted torch draw under the triton kernels
+    "fuseddraw": ("sampler", "triton"),  # the fused draw under the torch kernels
+    "nopdl": ("pdl", False),  # triton kernels without programmatic dependent launch
+}
+
+
+def variant_options(key: str) -> dict:
+    return dict(VARIANT_OPTIONS[p] for p in key.split("_") if p in VARIANT_OPTIONS)
+
+
 def parse_variant(key: str) -> tuple[bool, bool, str, str, bool]:
-    """`graph_compiled_triton_fp8_cfg2` → (graph, compile, kernels, weights, cfg)."""
+    """`graph_compiled_triton_fp8_cfg2` → (graph, compile, kernels, weights, cfg); the parts of
+    VARIANT_OPTIONS may follow (`variant_options`)."""
     parts = key.split("_")
     if parts[0] not in ("graph", "eager") or parts[-1] not in ("cfg1", "cfg2") or \
-            not set(parts[1:-1]) <= {"compiled", "triton", "fp8"}:
-        raise SystemExit(f"unknown step variant {key!r}: (graph|eager)[_compiled][_triton][_fp8]_(cfg1|cfg2)")
+            not set(parts[1:-1]) <= {"compiled", "triton", "fp8", *VARIANT_OPTIONS}:
+        raise SystemExit(f"unknown step variant {key!r}: (graph|eager)[_compiled][_triton][_fp8]"
+                         f"[_{'|'.join(VARIANT_OPTIONS)}]_(cfg1|cfg2)")
     return (parts[0] == "graph", "compiled" in parts, "triton" if "triton" in parts else "torch",
             "fp8" if "fp8" in parts else "bf16", parts[-1] == "cfg2")
 
@@ -461,12 +477,17 @@ def run_preset(name: str, args) -> dict:
     steps = {}
     for key in step_variants(args, device):
         graph, compile, kernels, weights, cfg = parse_variant(key)
+        options = variant_options(key)
         frames = args.frames if graph else max(20, args.frames // 4)
         try:
+            fused_kernels.PDL = options.get("pdl")  # None: the default (on where the GPU has it)
             steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
-                                     weights=weights, profile=args.profile and graph and cfg and key != "graph_cfg2")
+                                     weights=weights, sampler=options.get("sampler", "auto"),
+                                     profile=args.profile and graph and cfg and key != "graph_cfg2")
         except Exception as exc:  # a variant that fails (compile, triton) is reported, not fatal to the run
             steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+        finally:
+            fused_kernels.PDL = None
         print(f"[{name}] step {key}: {steps[key]}", flush=True)
     if args.fp8_agreement and device.type == "cuda":
         result["fp8_agreement"] = bench_fp8_agreement(tts, frames=args.fp8_agreement)
@@ -477,7 +498,7 @@ def run_preset(name: str, args) -> dict:
         result["batched"] = bench_batched(tts, sizes=sizes, frames=max(20, args.frames // 4),
                                           compile=args.compile and device.type == "cuda", kernels=args.kernels,
                                           profile=args.profile and device.type == "cuda",
-                                          compile_max_calls=args.compile_max_calls)
+                                          compile_max_calls=args.compile_max_calls, sampler=args.sampler)
     result["mimi_decode_ms"] = bench_mimi(tts, args.frames)
     result["voice_prefill"] = bench_prefill(tts)
     print(f"[{name}] voice prefill: {result['voice_prefill']}", flush=True)
@@ -544,6 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                         "graph_compiled_triton_cfg2 (default: eager/graph at cfg 1 and 2, compiled with --compile)")
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                         help="depformer kernels of the batched steps and the server runs")
+    parser.add_argument("--sampler", default="auto", choices=["auto", "torch", "triton"],
+                        help="batched steps: the draw (auto: the fused one with the triton kernels)")
     parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",

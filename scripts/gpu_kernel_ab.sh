@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Issue 24 on a CUDA machine in one command: the kernel tests, the one-call frame step with each
+# change on and off (sorted vs fused draw, without and with programmatic dependent launch), with
+# a kernel profile, the batched steps and one call through the server, then the tile sweep. Installs the wheels of `make gpu-wheels` from $WHL
+# (default .whl). Results land in $OUT (default .) as JSON and logs.
+#   OUT=/tmp/o scripts/gpu_kernel_ab.sh
+#   STAGES=sweep scripts/gpu_kernel_ab.sh
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-.}"
+WHL="${WHL:-.whl}"
+if compgen -G "$WHL/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dia2-site "$WHL"/*.whl
+  export PYTHONPATH="/tmp/dia2-site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 DIA2_CACHE="${DIA2_CACHE:-/tmp/dia2cache}"
+STAGES="${STAGES:-tests,bench,sweep}"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader
+python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
+
+if [[ $STAGES == *tests* ]]; then
+  timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_fused_pick.py \
+    tests/test_fused_frame.py tests/test_kernels.py tests/test_gpu.py -k "${TESTS_K:-not nothing}" > "$OUT/gpu-tests.log" 2>&1
+  echo "tests rc $?"; grep -E "passed|failed|Error|^FAILED" "$OUT/gpu-tests.log" | tail -12
+fi
+if [[ $STAGES == *bench* ]]; then
+  # one process: the one-call step with each change off and on (profiled), the batched steps,
+  # then one call through the real server (onset)
+  timeout "${BENCH_TIMEOUT:-400}" python3 -m dia2stream.tools.bench --presets 2b --frames 100 --runs "${RUNS:-10}" \
+    --compile --profile --kernels triton --batched "${BATCHED:-1,8,16,32,64,128,256}" --json "$OUT/bench.json" \
+    --steps "${AB_STEPS:-graph_compiled_triton_sortdraw_nopdl_cfg2,graph_compiled_triton_nopdl_cfg2,graph_compiled_triton_cfg2}" \
+    ${BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
+  echo "bench rc $?"; grep -E "step graph|batched|server|loaded|error|Error" "$OUT/bench.log" | cut -c1-330
+fi
+if [[ $STAGES == *sweep* ]]; then
+  timeout "${SWEEP_TIMEOUT:-200}" python3 scripts/kernel_sweep.py --rows "${SWEEP_ROWS:-2,16,64,256}" --weights bf16 --wide \
+    --json "$OUT/sweep.json" > "$OUT/sweep.log" 2>&1
+  echo "sweep rc $?"; grep -v "^  " "$OUT/sweep.log" | tail -45
+fi

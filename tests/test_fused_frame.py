@@ -1,0 +1,79 @@
+"""Whole frames with the fused draw (and, on Hopper, programmatic dependent launch) against the
+sorted torch draw: the same tokens, greedy and sampled, fresh and after a voice prefix, cfg 1 and 2.
+
+100 frames of the tiny checkpoint in bf16 (the server's dtype, where tied logits are common),
+in CUDA graphs. GPU only: under Triton's interpreter one frame of the Triton depformer takes
+minutes; tests/test_fused_pick.py checks the draw kernel itself there.
+"""
+
+import pytest
+import torch
+
+from vendor_dia2 import kernels
+from vendor_dia2.runtime import SamplingParams
+from vendor_dia2.script import parse_script
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda"
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (CUDA and kernels.available(DEVICE)), reason="needs CUDA and triton")]
+FRAMES = 100
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_dir):
+    from vendor_dia2 import Dia2
+
+    return Dia2.from_pretrained(str(tiny_dir), device=DEVICE, dtype=torch.bfloat16)
+
+
+def _run(tts, *, cfg: bool, prefix: bool, temperature: float, graph: bool, **options):
+    d = tts.config.data
+    stepper = tts.new_stepper(cfg=cfg, max_positions=FRAMES + 40, use_cuda_graph=graph, **options)
+    stepper.set_sampling(0, SamplingParams(seed=5, cfg_scale=2.0 if cfg else 1.0, text_temperature=temperature,
+                                           audio_temperature=temperature))
+    if prefix:  # a voice prefix, the published runtime's boundary
+        frames = 12
+        delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay),
+                                generator=torch.Generator().manual_seed(4))
+        for k, delay in enumerate(d.delay_pattern):
+            delayed[k, :delay] = d.audio_bos
+        stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary="upstream")
+    machine = tts.new_state_machine()
+    machine.push(parse_script("[S1] Hello there, how are you doing today? " * 4, tts.tokenizer))
+    actions, codes = [], []
+    for _ in range(FRAMES):
+        t = stepper.host_positions[0]
+        action = stepper.step([machine.preview(t)])[0]
+        machine.process(t, action)
+        actions.append(action)
+        codes.append(stepper.codes.clone())
+    return actions, torch.stack(codes).cpu()
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+@pytest.mark.parametrize("prefix", [False, True])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_fused_draw_and_pdl_take_the_sorted_paths_tokens(tts, monkeypatch, cfg, prefix, temperature):
+    graph = True
+    monkeypatch.setattr(kernels, "PDL", False)
+    ref = _run(tts, cfg=cfg, prefix=prefix, temperature=temperature, graph=graph, kernels="triton", sampler="torch")
+    monkeypatch.setattr(kernels, "PDL", None)  # the default: on where the GPU has it
+    new = _run(tts, cfg=cfg, prefix=prefix, temperature=temperature, graph=graph, kernels="triton", sampler="triton")
+    assert ref[0] == new[0]
+    assert torch.equal(ref[1], new[1])
+    assert sum(ref[0]) > 0  # words were taken, so the text draws were exercised
+
+
+@pytest.mark.parametrize("cfg", [False, True])
+def test_fused_draw_after_the_torch_depformer_takes_the_same_tokens(tts, cfg):
+    ref = _run(tts, cfg=cfg, prefix=True, temperature=0.0, graph=True, kernels="torch", sampler="torch")
+    new = _run(tts, cfg=cfg, prefix=True, temperature=0.0, graph=True, kernels="torch", sampler="triton")
+    assert ref[0] == new[0]
+    assert torch.equal(ref[1], new[1])
+
+
+def test_fused_path_graphs_match_eager(tts):
+    eager = _run(tts, cfg=True, prefix=False, temperature=0.8, graph=False, kernels="triton", sampler="triton")
+    graph = _run(tts, cfg=True, prefix=False, temperature=0.8, graph=True, kernels="triton", sampler="triton")
+    assert eager[0] == graph[0]
+    assert torch.equal(eager[1], graph[1])

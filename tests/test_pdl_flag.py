@@ -1,0 +1,38 @@
+"""`--pdl` (programmatic dependent launch between the Triton kernels): validated, read from the
+environment, and never on without a GPU that has it."""
+
+import pytest
+
+from dia2stream.serve.config import parse_args
+from vendor_dia2 import kernels
+
+
+def test_pdl_flag_is_validated_and_read_from_the_environment():
+    with pytest.raises(SystemExit):
+        parse_args(["--pdl", "maybe"], environ={})
+    assert parse_args([], environ={}).pdl == "auto"
+    assert parse_args([], environ={"DIA2_PDL": "off"}).pdl == "off"
+    assert parse_args(["--pdl", "on"], environ={"DIA2_PDL": "off"}).pdl == "on"
+
+
+def test_pdl_is_off_without_a_hopper_gpu(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(kernels, "PDL", None)
+    if torch.cuda.is_available() and kernels.triton is not None and not kernels.INTERPRETED:
+        assert kernels.pdl_enabled() == (torch.cuda.get_device_capability()[0] >= 9)
+    else:
+        assert kernels.pdl_enabled() is False
+    monkeypatch.setattr(kernels, "PDL", False)
+    assert kernels.pdl_enabled() is False
+
+
+def test_gpu_tilings_are_chosen_by_device_name(monkeypatch):
+    monkeypatch.setattr(kernels, "CONFIGS", dict(kernels.CONFIGS))
+    monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", kernels.FUSED_MAX_ROWS)
+    assert kernels.gpu_model("NVIDIA H200") == "H200"
+    assert kernels.gpu_model("NVIDIA H100 80GB HBM3") == "H100"
+    assert kernels.gpu_model("NVIDIA A100-SXM4-80GB") == kernels.DEFAULT_GPU  # no table of its own
+    assert kernels.use_gpu_tilings("NVIDIA H200") == "H200"
+    assert kernels.CONFIGS == kernels.GPU_TILINGS["H200"]
+    assert kernels.FUSED_MAX_ROWS == kernels.GPU_FUSED_MAX_ROWS["H200"]
