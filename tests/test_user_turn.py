@@ -366,3 +366,18 @@ async def test_hostile_user_turns_get_coded_errors_and_the_call_goes_on(small_se
     finally:
         await client.close()
 
+
+
+async def test_test_client_sends_a_user_turn_between_turns(small_server, tmp_path, capsys):
+    import asyncio
+
+    import test_client as tc
+
+    path = tmp_path / "caller.wav"
+    path.write_bytes(wav_bytes(tone(3.0, 16_000), 16_000))
+    argv = [AGENT, "--url", small_server.url, "--user-turn", str(path), CALLER, "--inject", ANSWER,
+            "-o", str(tmp_path / "out.wav"), "--timeout", "120"]
+    assert await asyncio.to_thread(tc.main, argv) == 0
+    out = capsys.readouterr().out
+    assert '"cmd": "user_turn"' in out and "user_turn_done" in out
+    assert out.index("user_turn_done") < out.index('"id": "inject-1"')  # the answer follows the caller's turn
