@@ -562,12 +562,13 @@ class Call:
                          "does not roll over (--rollover-frames 0); reset the call")
 
     def _append_user_turn(self, loaded: "LoadedUserTurn", client_id) -> None:
-        """The model work of a caller's turn (planned): Mimi-encode it, force its words through
-        the text state machine as [S2] speech, and rebuild the context as what came before (all
-        of it, or the recent window if it would not fit) plus these frames in one parallel
-        prefill. Mimi's row goes on over the caller's frames (planned, never sent). The frames
-        the last turn generated past what was decoded (its silent tail, or what the caller did
-        not hear) are dropped, as a rollover drops them."""
+        """The model work of a caller's turn (planned, after any codec re-decode of a rollback):
+        Mimi-encode it, force its words through the text state machine as [S2] speech, and
+        rebuild the context as what came before (all of it, or the recent window if it would not
+        fit) plus these frames in one parallel prefill. The frames the last turn generated past
+        what was decoded (its silent tail, or what the caller did not hear) are dropped, as a
+        rollover drops them."""
+        assert self.slot.pending_replay is None, "the engine finishes a rollback's re-decode first"
         t0 = time.perf_counter()
         settings, slot, turn = self.settings, self.slot, self.turn
         floor = self._floor_frame
@@ -595,9 +596,12 @@ class Call:
         text[1:] = said.numpy()
         delta = self._rebuild(resume_at, window, text_in, appended=(codes, text))
         end = start + n
-        if slot.pending_replay is None:  # the row stands before frame `start`: a rollback may re-decode from here
-            self._codec_marks.append((start, slot.codec_snapshot()))
-        slot.decode_after_replay(codes)
+        # Mimi's row stays where the agent's last decoded frame left it: the caller's frames are
+        # never decoded (never sent), and the next turn's first decoded frames are its unsent
+        # lead-in. A rollback re-decodes from here, never over the caller's frames. (Running the
+        # row over the caller's frames one by one, as planned work, starved 64 simulated calls.)
+        self._codec_marks.clear()
+        self._codec_marks.append((end, slot.codec_snapshot()))
         self._caller_until = end
         turn.next_frame = end  # the slot stands before step `end`: the live text state is its state
         self._speaker_tag = "[S1]"  # the agent answers as speaker 1

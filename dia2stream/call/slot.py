@@ -3,9 +3,9 @@
 A call reads and resets its own device state through this handle and nothing else; it never
 sees the engine or another call's rows. Model work a command asks for is not run in the command
 handler: it waits here until the engine's scheduler plans it between frames, and the call does
-not step until it is done: `pending_replay` (re-decoding the Mimi row after a rollback, or
-running it over a caller's turn, one frame at a time) and `pending_prefill` (a caller's turn
-appended to the context in one parallel prefill).
+not step until it is done: `pending_replay` (re-decoding the Mimi row after a rollback, one
+frame at a time) and `pending_prefill` (a caller's turn appended to the context in one parallel
+prefill, run once the replay is done).
 """
 
 from __future__ import annotations
@@ -134,17 +134,6 @@ class SlotHandle:
         engine does it between frames (`take_replay_frame`), before this slot decodes again."""
         self._codec.restore_row(self.index, snapshot)
         self.pending_replay = CodecReplay(snapshot, codes) if codes.shape[1] else None
-
-    def decode_after_replay(self, codes: torch.Tensor) -> None:
-        """Ask for the codec row to go on over `codes` [Q, F] (never sent), after any re-decode
-        already pending: a caller's turn keeps Mimi's stream continuous with the context."""
-        if not codes.shape[1]:
-            return
-        replay = self.pending_replay
-        if replay is None:
-            self.pending_replay = CodecReplay(None, codes)
-        else:
-            replay.codes = torch.cat([replay.codes, codes.to(replay.codes.device)], dim=1)
 
     def plan_prefill(self, work: PlannedPrefill) -> None:
         assert self.pending_prefill is None, "one planned prefill at a time (the engine runs it before the next command)"

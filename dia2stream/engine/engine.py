@@ -263,13 +263,16 @@ class Engine:
     def _prefill_one(self) -> bool:
         """One planned prefill (a caller's turn), for the first slot that has one."""
         with self._lock:
-            call = next((c for c in self._calls if c is not None and c.slot.pending_prefill is not None), None)
+            call = next((c for c in self._calls if c is not None and c.slot.pending_prefill is not None
+                         and c.slot.pending_replay is None), None)
         if call is None:
             return False
         self._run_prefill(call)
         return True
 
     def _run_prefill(self, call: Call) -> None:
+        while call.slot.pending_replay is not None:  # a rollback's re-decode first (at most a few frames)
+            self._replay_frame(call)
         work = call.slot.take_prefill()
         if work is None:
             return
@@ -284,15 +287,18 @@ class Engine:
         with self._lock:
             calls = [c for c in self._calls if c is not None and c.slot.pending_replay is not None]
         for call in calls:
-            codes = call.slot.next_replay_codes()
-            try:
-                self.runner.replay(call.slot.index, codes)
-                call.slot.replay_frame_done()
-            except Exception as exc:
-                log.exception("call %d: error re-decoding after a rollback", call.slot.index)
-                call.fail(exc)
+            self._replay_frame(call)
             return True
         return False
+
+    def _replay_frame(self, call: Call) -> None:
+        codes = call.slot.next_replay_codes()
+        try:
+            self.runner.replay(call.slot.index, codes)
+            call.slot.replay_frame_done()
+        except Exception as exc:
+            log.exception("call %d: error re-decoding after a rollback", call.slot.index)
+            call.fail(exc)
 
     def _watch_load(self, calls: list[Call]) -> None:
         """Overloaded: calls have been behind real time for SUSTAINED_BEHIND_S (not one slow

@@ -157,7 +157,10 @@ async def speak_turn(ws, call: CallCentreCall, t: int, kind: str, barge: bool, a
     turn_id = f"c{call.index}-t{t}"
     text = AGENT_LINES[(call.index + t) % len(AGENT_LINES)]
     pieces = fragments(text, rng)
-    base = call.turns[-1].frames_at_pause if kind == "after_barge_in" else 0
+    # after a barge-in the inject resumes the paused utterance (its frames count on from what was
+    # heard), unless a caller's turn came between: that ended it, and the answer is a new utterance
+    resumes = kind == "after_barge_in" and not args.user_turn_seconds
+    base = call.turns[-1].frames_at_pause if resumes else 0
     turn = AgentTurn(kind, turn_id, time.perf_counter(), base_frame=base)
     call.turns.append(turn)
     first = {"cmd": "start", "text": "[S1] " + pieces[0]} if t == 0 else {"cmd": "inject", "text": " " + pieces[0]}
