@@ -9,7 +9,7 @@ thread; each reaches its own device state through a `SlotHandle` only. The loop:
     drain the inbox (each command handled by its call, between frames)
     plan    the scheduler picks the calls to step by deadline (engine/scheduler.py), and any
             planned model work (a caller's turn's prefill, a codec re-decode) when nothing is
-            urgent; a call's planned prefill also runs before that call's next command
+            urgent; a call's commands behind its planned prefill wait for it
     run     the runner steps those slots and decodes the ready frames (engine/runner.py)
     apply   each call takes its action and its PCM row and emits frames and events
 
@@ -108,6 +108,7 @@ class Engine:
         self._calls: list[Call | None] = [None] * config.max_calls
         self._lock = threading.Lock()
         self._inbox: queue.Queue[Envelope] = queue.Queue()
+        self._deferred: dict[Call, list[Envelope]] = {}  # a call's commands behind its planned prefill
         self._closed = False
         self.last_step_ms = 0.0
         self.last_step_calls = 0
@@ -281,6 +282,8 @@ class Engine:
         except Exception as exc:
             log.exception("call %d: error in planned work (%s)", call.slot.index, work.what)
             call.fail(exc)
+        for envelope in self._deferred.pop(call, []):  # in the order they came
+            self._dispatch(envelope)
 
     def _replay_one_frame(self) -> bool:
         """One frame of a rollback's codec re-decode, for the first slot that has one pending."""
@@ -334,7 +337,12 @@ class Engine:
                 self.voices.forget(names)
                 return
         if call.slot.pending_prefill is not None and not isinstance(message, (Attach, Detach)):
-            self._run_prefill(call)  # the call's commands see the context with its caller's turn in it
+            # the call's next commands wait for its planned prefill (they must see the caller's
+            # turn in the context), which still waits for a moment no call is near running dry
+            self._deferred.setdefault(call, []).append(envelope)
+            return
+        if isinstance(message, Detach):
+            self._deferred.pop(call, None)
         try:
             match message:
                 case Attach():
