@@ -381,3 +381,16 @@ async def test_test_client_sends_a_user_turn_between_turns(small_server, tmp_pat
     out = capsys.readouterr().out
     assert '"cmd": "user_turn"' in out and "user_turn_done" in out
     assert out.index("user_turn_done") < out.index('"id": "inject-1"')  # the answer follows the caller's turn
+
+
+def test_an_inject_sent_right_behind_the_user_turn_waits_for_its_prefill(engine, call):
+    got = call.test_events
+    engine.submit(call, p.Start(text=AGENT, id="a"))
+    collect(got, p.Done)
+    send_user_turn(engine, call, user_turn(wav_bytes(tone(3.0, 16_000), 16_000), id="u"))
+    engine.submit(call, p.Inject(text=ANSWER, id="b"))  # no wait for user_turn_done: an LLM's first words
+    items = collect(got, p.Done)
+    events = [i for i in items if not isinstance(i, AudioFrame)]
+    assert isinstance(events[0], p.UserTurnDone) and isinstance(events[1], p.Started)
+    assert events[1].position == events[0].position  # the answer begins after the caller's turn
+    assert words(items) == ANSWER.split()
