@@ -394,3 +394,19 @@ def test_an_inject_sent_right_behind_the_user_turn_waits_for_its_prefill(engine,
     assert isinstance(events[0], p.UserTurnDone) and isinstance(events[1], p.Started)
     assert events[1].position == events[0].position  # the answer begins after the caller's turn
     assert words(items) == ANSWER.split()
+
+
+def test_two_caller_turns_in_a_row_append_one_after_the_other(engine, call):
+    got = call.test_events
+    engine.submit(call, p.Start(text=AGENT, id="a"))
+    collect(got, p.Done)
+    resume_at = call.turn.next_frame
+    send_user_turn(engine, call, user_turn(wav_bytes(tone(3.0, 16_000), 16_000), transcript="hello there", id="u1"))
+    send_user_turn(engine, call, user_turn(wav_bytes(tone(3.0, 8_000, freq=300.0), 8_000), transcript="are you",
+                                           id="u2"))
+    first, second = collect(got, p.UserTurnDone)[-1], collect(got, p.UserTurnDone)[-1]
+    assert (first.id, second.id) == ("u1", "u2")
+    assert first.position == resume_at + first.frames and second.position == first.position + second.frames
+    assert [w for w, _ in call.machine.transcript][-4:] == ["hello", "there", "are", "you"]
+    engine.submit(call, p.Inject(text=ANSWER, id="b"))
+    assert words(collect(got, p.Done)) == ANSWER.split()
