@@ -5,7 +5,7 @@
         [--inject TEXT --inject-at SECONDS] [--pause-at SECONDS [--played-ms MS|auto]]
         [--resume-at SECONDS] [--voice NAME] [--seed N] [--stream-words [--word-interval S]]
         [--format pcm_24000|pcm_16000|pcm_8000|ulaw_8000|alaw_8000] [-o out.wav] [--timeout S] [--quiet]
-        [--busy-retries N]
+        [--busy-retries N] [--user-turn FILE.wav "TRANSCRIPT" [--inject TEXT]]
 
 Times given to --inject-at/--pause-at/--resume-at are seconds after `start` was sent.
 --format asks for that wire format; the WAV is written at its rate (G.711 decoded to 16-bit PCM).
@@ -17,12 +17,17 @@ or, when the last scheduled command is a pause, half a second after `paused` (ch
 audio frame arrives after it). Exit status: 0 ok, 1 error event / protocol violation / closed
 connection, 2 timeout. A `busy` refusal is tried again up to --busy-retries times after a short
 backoff, as a client behind a balancer must (dia2stream/tools/retry.py).
+--user-turn sends the caller's turn (a WAV/FLAC file and what was said in it) between turns: after
+the first utterance's `done`, then waits for `user_turn_done`; --inject is then the agent's answer,
+sent at once (not at --inject-at), and the client stops at its `done` (at `user_turn_done` without it).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import collections
 import json
 import re
 import sys
@@ -40,6 +45,7 @@ from dia2stream.tools.retry import Busy, BusyRetry, open_call
 from dia2stream.wire import protocol as p
 START_ID = "turn-1"
 INJECT_ID = "inject-1"
+USER_TURN_ID = "user-turn-1"
 PAUSE_GRACE_S = 0.5  # after a final pause: how long to watch for (forbidden) late frames
 
 
@@ -97,6 +103,9 @@ class Run:
     failure: str | None = None
     sent_at: dict = field(default_factory=dict)  # command id -> perf_counter when sent
     utterances: list[Utterance] = field(default_factory=list)
+    # commands sent in answer to events, not at a time: the caller's turn after the first `done`,
+    # then the agent's answer after `user_turn_done`
+    followups: collections.deque = field(default_factory=collections.deque)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
 async def run(args: argparse.Namespace) -> int:
     actions = build_actions(args)
     state = Run()
+    if args.user_turn:
+        try:
+            state.followups.extend(user_turn_followups(args))
+        except OSError as e:
+            return fail(f"cannot read {args.user_turn[0]}: {e}")
     if args.format:
         state.format = formats.get_format(args.format)
     deadline = time.perf_counter() + args.timeout
@@ -172,7 +186,7 @@ def build_actions(args: argparse.Namespace) -> list[Action]:
         actions.append(Action(len(fragments) * args.word_interval, p.Flush()))
     else:
         actions.append(Action(0.0, p.Start(text=args.text, id=START_ID, **tuning)))
-    if args.inject is not None:
+    if args.inject is not None and not args.user_turn:
         actions.append(Action(args.inject_at, p.Inject(text=args.inject, id=INJECT_ID)))
     if args.pause_at is not None:
         actions.append(Action(args.pause_at, p.Pause(id="pause-1"), played_ms=args.played_ms))
@@ -180,6 +194,19 @@ def build_actions(args: argparse.Namespace) -> list[Action]:
         actions.append(Action(args.resume_at, p.Resume(id="resume-1")))
     actions.sort(key=lambda a: a.at_s)  # stable: equal times keep the order above
     return actions
+
+
+def user_turn_followups(args: argparse.Namespace) -> list[p.Command]:
+    """The caller's turn from --user-turn FILE TRANSCRIPT (format from the file's extension), and
+    the agent's answer (--inject) after it."""
+    path, transcript = args.user_turn
+    fmt = "flac" if path.lower().endswith(".flac") else "wav"
+    with open(path, "rb") as f:
+        audio = base64.b64encode(f.read()).decode()
+    out: list[p.Command] = [p.UserTurn(audio_b64=audio, format=fmt, transcript=transcript, id=USER_TURN_ID)]
+    if args.inject is not None:
+        out.append(p.Inject(text=args.inject, id=INJECT_ID))
+    return out
 
 
 def text_fragments(text: str) -> list[str]:
@@ -262,8 +289,26 @@ async def receive_until_finished(ws, actions: list[Action], state: Run, deadline
         elif isinstance(event, p.Done):
             state.dones.append(event)
             if all_sent and (event.id == final_id or event.id is None):
+                if state.followups:  # the caller speaks between turns
+                    final_id = await send_followup(ws, state, args)
+                    continue
                 state.t_end = time.perf_counter()
                 return 0
+        elif isinstance(event, p.UserTurnDone):
+            if not state.followups:
+                state.t_end = time.perf_counter()
+                return 0
+            final_id = await send_followup(ws, state, args)
+
+
+async def send_followup(ws, state: Run, args: argparse.Namespace) -> str | int | None:
+    """Send the next event-driven command; returns the id of the `done` to wait for next."""
+    command = state.followups.popleft()
+    state.sent_at[command.id] = time.perf_counter()
+    message = p.command_to_json(command)
+    await ws.send(message)
+    say(args, f"[{elapsed(state):7.3f}s] -> {short(message)}")
+    return command.id
 
 
 def handle_audio(message: bytes, state: Run) -> bool:
@@ -389,6 +434,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--busy-retries", type=int, default=3, metavar="N",
                     help="when refused busy (close 1013, or HTTP 503 from a balancer or a draining server), "
                          "try again up to N times after a short backoff (default 3)")
+    ap.add_argument("--user-turn", nargs=2, metavar=("FILE", "TRANSCRIPT"),
+                    help="after the first utterance, send the caller's turn (WAV/FLAC file and what was said); "
+                         "--inject is then the agent's answer")
     ap.add_argument("--quiet", action="store_true", help="print only ready, errors and summary")
     args = ap.parse_args(argv)
     if args.busy_retries < 0:

@@ -101,6 +101,18 @@ def build_prefix_plan(speakers: Sequence[PrefixSpeaker], tokenizer, delays: Sequ
         shift = SPEAKER1_SHIFT if i == 0 else offset
         planned += speaker_entries(speaker.words, tokenizer, speaker.tag, shift)
         offset += c.shape[1]
+    entries, steps, dropped = fit_word_steps(planned, frames, fit_words=fit_words)
+    delayed = delay_codes(aligned, list(delays), audio_pad)
+    for k, delay in enumerate(delays):
+        delayed[k, :delay] = audio_bos
+    return PrefixPlan(entries, steps, aligned, delayed, [c.shape[1] for c in codes], dropped)
+
+
+def fit_word_steps(planned: Sequence[tuple[ScriptEntry, int]], frames: int, *, fit_words: bool
+                   ) -> tuple[list[ScriptEntry], list[int], list[str]]:
+    """(entries, new-word steps, dropped words) of `planned` over `frames` frames. `fit_words`:
+    push a word that collides with the previous one later, drop a word whose tokens would not be
+    out by the last frame (see the module docstring); else keep upstream's steps."""
     entries, steps, dropped = [], [], []
     free_at = 0  # first step at which the previous word's tokens are all out
     for entry, step in planned:
@@ -112,10 +124,16 @@ def build_prefix_plan(speakers: Sequence[PrefixSpeaker], tokenizer, delays: Sequ
         entries.append(entry)
         steps.append(step)
         free_at = step + len(entry.tokens) + 1
-    delayed = delay_codes(aligned, list(delays), audio_pad)
-    for k, delay in enumerate(delays):
-        delayed[k, :delay] = audio_bos
-    return PrefixPlan(entries, steps, aligned, delayed, [c.shape[1] for c in codes], dropped)
+    return entries, steps, dropped
+
+
+def turn_word_steps(words: Sequence[TimedWord], tokenizer, tag: str, frames: int
+                    ) -> tuple[list[ScriptEntry], list[int], list[str]]:
+    """One speaker's turn placed on `frames` frames of its own audio, to be appended to a
+    conversation (a caller's turn): entries and new-word steps counted from the turn's first
+    frame, as speaker 2 of a prefix is placed from its own first frame (no shift); a colliding
+    word is pushed later and words that do not fit come back as dropped (`fit_words`)."""
+    return fit_word_steps(speaker_entries(words, tokenizer, tag, 0), frames, fit_words=True)
 
 
 def warm_up_text(machine: TextStateMachine, plan: PrefixPlan, pad_id: int, bos_id: int, *,
@@ -133,12 +151,22 @@ def warm_up_text(machine: TextStateMachine, plan: PrefixPlan, pad_id: int, bos_i
     in `machine` (upstream's behaviour: they are spoken by the first turn).
     """
     machine.push([*plan.entries, *script], final=True)
-    new_word_steps = set(plan.steps)
-    text = torch.full((plan.frames + 1, 2), pad_id, dtype=torch.long)
-    text[0, 0] = bos_id
-    for t in range(plan.frames):
-        action = ACTION_NEW_WORD if t in new_word_steps else ACTION_PAD
-        text[t + 1] = torch.tensor(machine.process(t, action, forced=True))
+    text = torch.empty((plan.frames + 1, 2), dtype=torch.long)
+    text[0, 0], text[0, 1] = bos_id, pad_id
+    text[1:] = forced_text(machine, plan.steps, plan.frames)
     if clear_lookahead:
         machine.state.lookahead.clear()  # look-ahead of prefix words must not leak into the turn
+    return text
+
+
+def forced_text(machine: TextStateMachine, new_word_steps: Sequence[int], frames: int, start: int = 0) -> torch.Tensor:
+    """Drive `machine` through steps start..start + frames - 1 with forced actions (a new word at
+    `start + s` for each s in `new_word_steps`, else pad) over the entries already pushed; the
+    (main, second) text it answers at each step, [frames, 2]. A voice prefix starts at 0; a
+    caller's turn appended to a conversation starts at the call's position."""
+    new_word = set(new_word_steps)
+    text = torch.empty((frames, 2), dtype=torch.long)
+    for t in range(frames):
+        action = ACTION_NEW_WORD if t in new_word else ACTION_PAD
+        text[t] = torch.tensor(machine.process(start + t, action, forced=True))
     return text

@@ -29,16 +29,18 @@ import torch
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import ScriptError, parse_script
 from vendor_dia2.delays import delay_codes
+from vendor_dia2.prefix import forced_text
 from vendor_dia2.state_machine import TextState, shifted
 
 from dia2stream.clock import FRAME_RATE, FRAME_SECONDS, MAX_TOP_K
 from dia2stream.wire import protocol as p
 from dia2stream.wire.formats import DEFAULT_FORMAT, FrameEncoder
 from dia2stream.wire.protocol import ErrorCode
-from dia2stream.call.slot import CallSettings, SlotHandle
+from dia2stream.call.slot import CallSettings, PlannedPrefill, SlotHandle
 from dia2stream.call.pending import check_turn_text
 
 if TYPE_CHECKING:
+    from dia2stream.call.user_turn import LoadedUserTurn
     from dia2stream.voices.registry import VoiceRegistry
 
 log = logging.getLogger(__name__)
@@ -158,6 +160,11 @@ class Call:
         # Text inputs of every step in the context, for a rollover to prefill them again.
         self._text_log = np.zeros((settings.context_frames + 2, 2), dtype=np.int64)
         self.rollovers = 0
+        # A caller's turn (issue 21): aligned frames before `_caller_until` are in Mimi's stream
+        # already (never decoded by a turn), and the agent's next words are tagged [S1].
+        self._caller_until = 0
+        self._speaker_tag: str | None = None
+        self.user_turns = 0
 
     # -- state shared with the engine ----------------------------------------------------------
 
@@ -268,7 +275,9 @@ class Call:
         if self.phase is Phase.NONE:
             raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to continue: send start first", cmd="inject",
                                   id=cmd.id)
-        entries = self._parse(cmd.text, cmd, leading_speaker=None)
+        entries = self._parse(cmd.text, cmd, leading_speaker=self._speaker_tag)
+        if any(e.tokens for e in entries):
+            self._speaker_tag = None  # tagged once, on the first word after the caller's turn
         if self._drop_unspoken:  # after a barge-in: the new text replaces what the caller did not hear
             self._drop_words_not_heard()
         if self.phase is Phase.IDLE:
@@ -318,6 +327,9 @@ class Call:
                                   cmd="pause", id=cmd.id)
         start = turn.send_from if turn.send_from is not None else turn.next_frame
         target = start + heard  # first aligned frame the caller has not heard
+        if target < self._caller_until:
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, "played_ms: the caller's turn came after this utterance; "
+                                  "there is nothing of it to roll back", cmd="pause", id=cmd.id)
         record = next((r for r in self._history if r.position == target), None)
         mark = next((m for m in reversed(self._codec_marks) if m[0] <= target), None)
         if record is None or mark is None or target > self.position:
@@ -457,38 +469,158 @@ class Call:
         if turn is None:
             return False
         resume_at = turn.next_frame  # every frame before it is decoded (complete)
-        record = next((r for r in self._history if r.position == resume_at), None)
+        before = self._state_before(resume_at)
         window = min(settings.rollover_frames, resume_at - floor, (settings.context_frames - floor) // 2)
-        if record is None or window < slot.max_delay:
+        if before is None or window < slot.max_delay:
             return False
         t0 = time.perf_counter()
-        d = self.model.data
-        frames = floor + window
-        # the prefix as prepared: with upstream's boundary the turn sampled over its delayed tail
-        codes = torch.cat([self._prefix_codes,
-                           slot.aligned_codes(resume_at - window, resume_at)], dim=1)  # [Q, F + W]
-        delayed = delay_codes(codes.cpu(), list(d.delay_pattern), d.audio_pad)
-        for k, delay in enumerate(d.delay_pattern):
-            delayed[k, :delay] = d.audio_bos
-        text = np.empty((frames + 1, 2), dtype=np.int64)
-        text[:floor] = self._text_log[:floor]
-        text[floor:frames] = self._text_log[resume_at - window:resume_at]
-        text[frames] = record.text_in
-        # clean boundary, whatever the voices use: this is conversation already heard, kept as it was
-        slot.prefill(delayed, torch.from_numpy(text), frames, boundary="clean")
-        delta = frames - resume_at
-        self._rebase(delta, keep_from=resume_at - window, upto=resume_at)
-        self._text_log[floor:frames + 1] = text[floor:]
-        self.machine.restore(shifted(self._state_at(record), delta))
-        self._last_text = record.text_in
-        for name in ("start_position", "first_frame", "next_frame", "send_from", "first_word_frame"):
-            value = getattr(turn, name)
-            if value is not None:
-                setattr(turn, name, value + delta)
+        state, text_in = before
+        self.machine.restore(shifted(state, floor + window - resume_at))
+        self._rebuild(resume_at, window, text_in)
         self.rollovers += 1
         log.info("call %d: context rolled over at frame %d: prefix %d + last %d frames, %.1f ms", self.slot.index,
                  resume_at, floor, window, (time.perf_counter() - t0) * 1000)
         return True
+
+    def _rebuild(self, resume_at: int, window: int, text_in: tuple[int, int],
+                 appended: tuple[torch.Tensor, np.ndarray] | None = None) -> int:
+        """Rebuild the slot's context as the voice prefix + the `window` frames of conversation
+        before `resume_at` (+ `appended` known frames: codes [Q, N] and the text inputs of their
+        steps and of the step after them [N + 1, 2]) in one parallel prefill, standing before the
+        step after them. `text_in`: the text inputs of step `resume_at`. The state machine is the
+        caller's to set. Returns the shift of positions (new - old) for frames before `resume_at`."""
+        slot, turn, floor, d = self.slot, self.turn, self._floor_frame, self.model.data
+        frames = floor + window
+        # the prefix as prepared: with upstream's boundary the turn sampled over its delayed tail
+        parts = [self._prefix_codes, slot.aligned_codes(resume_at - window, resume_at)]
+        if appended is not None:
+            parts.append(appended[0].to(parts[0].device))
+        codes = torch.cat(parts, dim=1)  # [Q, F + W (+ N)]
+        total = codes.shape[1]
+        delayed = delay_codes(codes.cpu(), list(d.delay_pattern), d.audio_pad)
+        for k, delay in enumerate(d.delay_pattern):
+            delayed[k, :delay] = d.audio_bos
+        text = np.empty((total + 1, 2), dtype=np.int64)
+        text[:floor] = self._text_log[:floor]
+        text[floor:frames] = self._text_log[resume_at - window:resume_at]
+        text[frames] = text_in
+        if appended is not None:
+            text[frames:] = appended[1]
+        # clean boundary, whatever the voices use: this is conversation already heard, kept as it was
+        slot.prefill(delayed, torch.from_numpy(text), total, boundary="clean")
+        delta = frames - resume_at
+        self._rebase(delta, keep_from=resume_at - window, upto=resume_at)
+        self._text_log[floor:total + 1] = text[floor:]
+        self._last_text = tuple(int(t) for t in text[total])
+        self._caller_until = max(0, self._caller_until + delta)
+        for name in ("start_position", "first_frame", "next_frame", "send_from", "first_word_frame"):
+            value = getattr(turn, name)
+            if value is not None:
+                setattr(turn, name, value + delta)
+        return delta
+
+    def _state_before(self, position: int) -> tuple[TextState, tuple[int, int]] | None:
+        """The text state and text inputs before step `position`: the live ones when the slot
+        stands there (after a rollback), else the rollback history's (None if it is too old)."""
+        if self.position == position:
+            return self.machine.snapshot(), self._last_text
+        record = next((r for r in self._history if r.position == position), None)
+        return None if record is None else (self._state_at(record), record.text_in)
+
+    # -- the caller's turn (issue 21) ------------------------------------------------------------
+
+    def plan_user_turn(self, loaded: "LoadedUserTurn", client_id) -> None:
+        """A caller's turn, loaded off this thread: checked now, appended to the context as
+        planned work (`_append_user_turn`) that the engine runs between frames."""
+        try:
+            self._check_user_turn(loaded, client_id)
+        except p.ProtocolError as err:
+            self.emit(err.to_event())
+            return
+        self.slot.plan_prefill(PlannedPrefill(lambda: self._append_user_turn(loaded, client_id),
+                                              f"user turn of {loaded.frames} frames"))
+
+    def _check_user_turn(self, loaded: "LoadedUserTurn", client_id) -> None:
+        def refuse(code, message):
+            return p.ProtocolError(code, message, cmd="user_turn", id=client_id)
+
+        if self.draining:
+            raise refuse(ErrorCode.DRAINING, "the server is draining for a restart and takes no new turn on this "
+                         "call; reconnect to be served by another server")
+        if self.phase is Phase.NONE or self.turn is None:
+            raise refuse(ErrorCode.NOT_STARTED, "a caller's turn joins a conversation: send start first")
+        if self.speaking:
+            raise refuse(ErrorCode.BUSY, "an utterance is being generated; user_turn is accepted when idle, or "
+                         "when paused with played_ms (barge-in)")
+        if self.phase is Phase.PAUSED and not self._drop_unspoken:
+            raise refuse(ErrorCode.BUSY, "the utterance is paused without played_ms: pause with played_ms (what "
+                         "the caller heard) before the caller's turn, or resume it")
+        room = self.settings.context_frames - self.settings.min_turn_frames - self._floor_frame
+        if loaded.frames > room:
+            raise refuse(ErrorCode.BAD_AUDIO, f"the caller's turn of {loaded.frames} frames does not fit this call's "
+                         f"context beside the voice prefix ({room} frames)")
+        if self.turn.next_frame + loaded.frames > room + self._floor_frame and self.settings.rollover_frames <= 0:
+            raise refuse(ErrorCode.CONTEXT_FULL, "the caller's turn does not fit the context left and this server "
+                         "does not roll over (--rollover-frames 0); reset the call")
+
+    def _append_user_turn(self, loaded: "LoadedUserTurn", client_id) -> None:
+        """The model work of a caller's turn (planned, after any codec re-decode of a rollback):
+        Mimi-encode it, force its words through the text state machine as [S2] speech, and
+        rebuild the context as what came before (all of it, or the recent window if it would not
+        fit) plus these frames in one parallel prefill. The frames the last turn generated past
+        what was decoded (its silent tail, or what the caller did not hear) are dropped, as a
+        rollover drops them."""
+        assert self.slot.pending_replay is None, "the engine finishes a rollback's re-decode first"
+        t0 = time.perf_counter()
+        settings, slot, turn = self.settings, self.slot, self.turn
+        floor = self._floor_frame
+        resume_at = turn.next_frame  # frames before it are decoded (heard, or the tail's start)
+        before = self._state_before(resume_at)
+        if before is None:
+            raise RuntimeError(f"no text state kept for frame {resume_at}")
+        codes = slot.encode(loaded.wav)[:, : loaded.frames]  # [Q, N]
+        n = codes.shape[1]
+        room = settings.context_frames - settings.min_turn_frames - floor - n
+        window = resume_at - floor
+        if window > room:  # roll over: keep the most recent conversation of both speakers
+            window = max(0, min(settings.rollover_frames, room))
+        start = floor + window  # where the caller's turn lands in the rebuilt context
+        state, text_in = before
+        self.machine.restore(shifted(state, start - resume_at))
+        self.machine.drop_queued()  # what the caller did not hear is not said (a barge-in)
+        self.machine.state.pending.clear()  # nor the rest of a word the caller cut off
+        self.machine.push(list(loaded.entries), final=True)
+        said = forced_text(self.machine, loaded.steps, n, start=start)
+        self.machine.state.lookahead.clear()  # the caller's words must not leak into the agent's turn
+        assert not self.machine.remaining_entries, "the caller's words were placed to fit its frames"
+        text = np.empty((n + 1, 2), dtype=np.int64)
+        text[0] = text_in
+        text[1:] = said.numpy()
+        delta = self._rebuild(resume_at, window, text_in, appended=(codes, text))
+        end = start + n
+        # Mimi's row stays where the agent's last decoded frame left it: the caller's frames are
+        # never decoded (never sent), and the next turn's first decoded frames are its unsent
+        # lead-in. A rollback re-decodes from here, never over the caller's frames. (Running the
+        # row over the caller's frames one by one, as planned work, starved 64 simulated calls.)
+        self._codec_marks.clear()
+        self._codec_marks.append((end, slot.codec_snapshot()))
+        self._caller_until = end
+        turn.next_frame = end  # the slot stands before step `end`: the live text state is its state
+        self._speaker_tag = "[S1]"  # the agent answers as speaker 1
+        self._drop_unspoken = False
+        if self.phase is Phase.PAUSED:
+            self.phase = Phase.IDLE  # the paused utterance ended where the caller cut in
+        self.user_turns += 1
+        prefill_ms = round((time.perf_counter() - t0) * 1000, 1)
+        if delta:
+            self.rollovers += 1
+        log.info("call %d: caller's turn of %d frames appended at frame %d (%d kept before it), %.1f ms",
+                 slot.index, n, start, window, prefill_ms)
+        self.emit(p.UserTurnDone(id=client_id, frames=n, position=self.position, prefill_ms=prefill_ms))
+
+    def context_text(self) -> np.ndarray:
+        """The text inputs of the steps in the context so far, [position + 1, 2] (a copy)."""
+        return self._text_log[: self.position + 1].copy()
 
     def _state_at(self, record: StepRecord) -> TextState:
         """The full text state before `record`'s step: the transcript only grows between records,
@@ -521,6 +653,8 @@ class Call:
 
     def clean_reset(self) -> None:
         self._floor_frame = 0
+        self._caller_until = 0
+        self._speaker_tag = None
         self.slot.reset()
         self.machine.reset()
         if self.turn is not None:
@@ -580,7 +714,8 @@ class Call:
             self.roll_over()  # between turns, where it is cheapest; else a long turn rolls over mid-way
         position = self.position
         first = max(0, position + 1 - self.slot.max_delay)  # first aligned frame this turn decodes
-        first = max(first, self._floor_frame)  # prefix frames: already in Mimi's stream, never decoded
+        # prefix frames and a caller's turn: already in Mimi's stream, never decoded by a turn
+        first = max(first, self._floor_frame, self._caller_until)
         self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=self._received_at,
                          next_frame=first, words_before=len(self.machine.transcript))
         self.turn.words_emitted = self.turn.words_before

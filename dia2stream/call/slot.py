@@ -1,14 +1,17 @@
 """A call's handle on its slot: its rows of the engine's stepper and its row of the codec.
 
 A call reads and resets its own device state through this handle and nothing else; it never
-sees the engine or another call's rows. Model work a command asks for (re-decoding the Mimi row
-after a rollback) is not run in the command handler: it waits here as `pending_replay` until the
-engine's scheduler plans it between frames, and the call does not step until it is done.
+sees the engine or another call's rows. Model work a command asks for is not run in the command
+handler: it waits here until the engine's scheduler plans it between frames, and the call does
+not step until it is done: `pending_replay` (re-decoding the Mimi row after a rollback, one
+frame at a time) and `pending_prefill` (a caller's turn appended to the context in one parallel
+prefill, run once the replay is done).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -42,12 +45,23 @@ class CodecReplay:
         return self.codes.shape[1] - self.done
 
 
+@dataclass(frozen=True)
+class PlannedPrefill:
+    """Planned work: `run` appends known frames to the call's context (a caller's turn) through
+    this handle's `encode` and `prefill`; the engine runs it between frames, when no call is near
+    running dry, and before the call's next command."""
+
+    run: Callable[[], None]
+    what: str  # for logs
+
+
 class SlotHandle:
     """Slot `index` of `stepper` (its CFG rows) and row `index` of `codec`'s stream."""
 
     def __init__(self, stepper, codec, index: int):
         self._stepper, self._codec, self.index = stepper, codec, index
         self.pending_replay: CodecReplay | None = None
+        self.pending_prefill: PlannedPrefill | None = None
 
     # -- the slot's state, read
 
@@ -89,6 +103,7 @@ class SlotHandle:
 
     def reset_codec(self) -> None:
         self.pending_replay = None
+        self.pending_prefill = None
         mask = torch.zeros(self._codec.stream_batch_size, dtype=torch.bool)
         mask[self.index] = True
         self._codec.reset_stream(mask)
@@ -109,6 +124,7 @@ class SlotHandle:
         from dia2stream.voices.voice import restore_voice
 
         self.pending_replay = None
+        self.pending_prefill = None
         restore_voice(state, self._stepper, machine, self._codec, self.index)
 
     # -- planned model work
@@ -118,6 +134,18 @@ class SlotHandle:
         engine does it between frames (`take_replay_frame`), before this slot decodes again."""
         self._codec.restore_row(self.index, snapshot)
         self.pending_replay = CodecReplay(snapshot, codes) if codes.shape[1] else None
+
+    def plan_prefill(self, work: PlannedPrefill) -> None:
+        assert self.pending_prefill is None, "one planned prefill at a time (the engine runs it before the next command)"
+        self.pending_prefill = work
+
+    def take_prefill(self) -> PlannedPrefill | None:
+        work, self.pending_prefill = self.pending_prefill, None
+        return work
+
+    def encode(self, wav) -> torch.Tensor:
+        """Mimi codes [Q, F] of 24 kHz mono audio (model work: planned, never in a handler)."""
+        return self._codec.encode(torch.as_tensor(wav))[0]
 
     def next_replay_codes(self) -> torch.Tensor | None:
         """The next frame of the pending replay, [Q], or None when there is none."""

@@ -8,7 +8,8 @@ thread; each reaches its own device state through a `SlotHandle` only. The loop:
 
     drain the inbox (each command handled by its call, between frames)
     plan    the scheduler picks the calls to step by deadline (engine/scheduler.py), and any
-            planned model work (a rollback's codec re-decode) when nothing is urgent
+            planned model work (a caller's turn's prefill, a codec re-decode) when nothing is
+            urgent; a call's commands behind its planned prefill wait for it
     run     the runner steps those slots and decodes the ready frames (engine/runner.py)
     apply   each call takes its action and its PCM row and emits frames and events
 
@@ -35,6 +36,7 @@ from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
 from dia2stream.wire import protocol as p
 from dia2stream.call.call import Call, CallModel, Phase, Sink
 from dia2stream.call.slot import CallSettings, SlotHandle
+from dia2stream.call.user_turn import LoadedUserTurn, load_user_turn
 from dia2stream.engine.runner import Runner
 from dia2stream.engine.scheduler import BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind
 from dia2stream.wire.protocol import ErrorCode
@@ -65,6 +67,7 @@ class EngineConfig:
     weights: Weights
     voice: VoiceSettings
     overload_refusal_s: float  # refuse new calls this long after one fell behind real time; 0 = never
+    max_user_turn_seconds: float  # longest caller's turn (user_turn audio)
     max_unsent_frames: int = 250  # frames generated but not yet taken by a slow client, per call
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
@@ -105,6 +108,7 @@ class Engine:
         self._calls: list[Call | None] = [None] * config.max_calls
         self._lock = threading.Lock()
         self._inbox: queue.Queue[Envelope] = queue.Queue()
+        self._deferred: dict[Call, list[Envelope]] = {}  # a call's commands behind its planned prefill
         self._closed = False
         self.last_step_ms = 0.0
         self.last_step_calls = 0
@@ -229,11 +233,18 @@ class Engine:
                 log.exception("engine loop error")
 
     def _next_envelope(self) -> "Envelope | None":
-        timeout = self.scheduler.wait_seconds(self._active_calls())
+        timeout = 0.0 if self._planned_work_waiting() else self.scheduler.wait_seconds(self._active_calls())
         try:
             return self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
         except queue.Empty:
             return None
+
+    def _planned_work_waiting(self) -> bool:
+        """Some call (generating or not: a paused or idle call's work is planned too) waits for
+        planned model work."""
+        with self._lock:
+            return any(c is not None and (c.slot.pending_prefill is not None or c.slot.pending_replay is not None)
+                       for c in self._calls)
 
     def _active_calls(self) -> list[Call]:
         with self._lock:
@@ -245,25 +256,52 @@ class Engine:
         self._watch_load(calls)
         plan = self.scheduler.plan(calls)
         if plan is None or plan.reason != "deadline":
-            if self._replay_one_frame():
-                return  # a rolled-back call's re-decode before anything but a call running dry
+            if self._prefill_one() or self._replay_one_frame():
+                return  # planned work before anything but a call running dry
         if plan is not None:
             self._step(list(plan.calls))
+
+    def _prefill_one(self) -> bool:
+        """One planned prefill (a caller's turn), for the first slot that has one."""
+        with self._lock:
+            call = next((c for c in self._calls if c is not None and c.slot.pending_prefill is not None
+                         and c.slot.pending_replay is None), None)
+        if call is None:
+            return False
+        self._run_prefill(call)
+        return True
+
+    def _run_prefill(self, call: Call) -> None:
+        while call.slot.pending_replay is not None:  # a rollback's re-decode first (at most a few frames)
+            self._replay_frame(call)
+        work = call.slot.take_prefill()
+        if work is None:
+            return
+        try:
+            work.run()
+        except Exception as exc:
+            log.exception("call %d: error in planned work (%s)", call.slot.index, work.what)
+            call.fail(exc)
+        for envelope in self._deferred.pop(call, []):  # in the order they came
+            self._dispatch(envelope)
 
     def _replay_one_frame(self) -> bool:
         """One frame of a rollback's codec re-decode, for the first slot that has one pending."""
         with self._lock:
             calls = [c for c in self._calls if c is not None and c.slot.pending_replay is not None]
         for call in calls:
-            codes = call.slot.next_replay_codes()
-            try:
-                self.runner.replay(call.slot.index, codes)
-                call.slot.replay_frame_done()
-            except Exception as exc:
-                log.exception("call %d: error re-decoding after a rollback", call.slot.index)
-                call.fail(exc)
+            self._replay_frame(call)
             return True
         return False
+
+    def _replay_frame(self, call: Call) -> None:
+        codes = call.slot.next_replay_codes()
+        try:
+            self.runner.replay(call.slot.index, codes)
+            call.slot.replay_frame_done()
+        except Exception as exc:
+            log.exception("call %d: error re-decoding after a rollback", call.slot.index)
+            call.fail(exc)
 
     def _watch_load(self, calls: list[Call]) -> None:
         """Overloaded: calls have been behind real time for SUSTAINED_BEHIND_S (not one slow
@@ -298,6 +336,13 @@ class Engine:
             case ForgetVoices(names=names):
                 self.voices.forget(names)
                 return
+        if call.slot.pending_prefill is not None and not isinstance(message, (Attach, Detach)):
+            # the call's next commands wait for its planned prefill (they must see the caller's
+            # turn in the context), which still waits for a moment no call is near running dry
+            self._deferred.setdefault(call, []).append(envelope)
+            return
+        if isinstance(message, Detach):
+            self._deferred.pop(call, None)
         try:
             match message:
                 case Attach():
@@ -312,6 +357,8 @@ class Engine:
                     call.drain()
                 case BuildVoice():
                     self._on_build_voice(call, message)
+                case CallerTurn(loaded=loaded, id=client_id):
+                    call.plan_user_turn(loaded, client_id)
                 case _:
                     call.handle(message, envelope.received_at, envelope.epoch)
         except Exception as exc:
@@ -381,6 +428,16 @@ class Engine:
         """Queue the model part of a loaded set_voice for `call`, in its command order; the voice
         is stored under `key` and announced to the client as `cmd.name`."""
         self._post(call, BuildVoice(cmd.name, cmd.id, loaded, key), call.epoch)
+
+    def load_user_turn(self, cmd: p.UserTurn) -> LoadedUserTurn:
+        """Decode a user_turn's audio and place its words: blocking host work, no model work. Call
+        it in a worker thread, never the generation thread. p.ProtocolError."""
+        return load_user_turn(cmd, self.tts.tokenizer, self.config.max_user_turn_seconds)
+
+    def submit_user_turn(self, call: Call, cmd: p.UserTurn, loaded: LoadedUserTurn) -> None:
+        """Queue a loaded caller's turn for `call`, in its command order; the call plans its model
+        work (Mimi encode, prefill) and answers `user_turn_done`."""
+        self._post(call, CallerTurn(loaded, cmd.id), call.epoch)
 
     def forget_voices(self, keys: list[str]) -> None:
         """Drop voices (a connection's own, when it leaves), after every command queued before."""
@@ -463,6 +520,14 @@ class BuildVoice:
     id: p.ClientId | None
     loaded: LoadedVoice
     key: str  # the name it is stored under (a connection's own voices are private)
+
+
+@dataclass(frozen=True)
+class CallerTurn:
+    """A user_turn whose audio and words were loaded off this thread."""
+
+    loaded: LoadedUserTurn
+    id: p.ClientId | None
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class ServerConfig:
     voice_dir: str | None = None
     voice_cache: str | None = None
     max_voice_seconds: float = 30.0
+    max_user_turn_seconds: float = 30.0
     whisper_model: str = "turbo"
     voices: tuple[str, ...] = ()  # NAME=PATH[,TRANSCRIPT], preloaded at start-up
     max_calls: int | None = None  # concurrent calls (slots); None = 1 on CPU, 64 on a GPU
@@ -173,6 +174,7 @@ _FLAGS = [  # (name, type, help)
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
     ("max_voice_seconds", float, "longest prefix audio per speaker, seconds"),
+    ("max_user_turn_seconds", float, "longest caller's turn (user_turn audio), seconds"),
     ("whisper_model", str, "openai-whisper model name or checkpoint path for voice transcripts"),
     ("max_calls", int, "concurrent calls, one engine slot each; more get 'busy' (default: 1 on CPU, 64 on a GPU)"),
     ("lead_in_frames", int, "frames (80 ms each) sent before a turn's first word; silence before them is not sent"),
@@ -260,6 +262,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--overload-refusal-s must be 0 or more")
     if values["lead_in_frames"] < 0:
         parser.error("--lead-in-frames must be 0 or more")
+    if not values["max_user_turn_seconds"] > 0:
+        parser.error("--max-user-turn-seconds must be more than 0")
     if values["max_pending_text_chars"] < MAX_TEXT_CHARS:
         parser.error(f"--max-pending-text-chars must be at least one text ({MAX_TEXT_CHARS})")
     if values["compile_max_calls"] is not None and values["compile_max_calls"] < 1:

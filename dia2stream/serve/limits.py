@@ -18,7 +18,7 @@ Nothing here touches a socket; the server wires it in (see docs/operations.md, *
 
 Message sizes: websockets refuses (close 1009) anything above `max_size` =
 max(max_command_bytes, max_voice_message_bytes) before it is buffered whole. A message above
-`max_command_bytes` may only be a `set_voice` carrying audio: it is parsed (JSON + base64 check)
+`max_command_bytes` may only be a `set_voice` or `user_turn` carrying audio: it is parsed (JSON + base64 check)
 in a worker thread, at most `max_parallel_large` at a time across the server, never on the
 event loop; any other command that large is `message_too_large`. With
 max_voice_message_bytes = 0 no inline audio is accepted at all (voices by server-side path only).
@@ -124,13 +124,16 @@ def is_large(message: str | bytes, limit: int) -> bool:
     return len(message.encode("utf-8", "surrogatepass")) > limit
 
 
-def parse_large(message: str) -> p.SetVoice:
-    """Parse a message above max_command_bytes: only a set_voice (with audio) may be that large.
-    Blocking (JSON and base64 of megabytes): run it off the event loop."""
+AUDIO_COMMANDS = (p.SetVoice, p.UserTurn)  # the commands that carry base64 audio: the large size class
+
+
+def parse_large(message: str) -> p.SetVoice | p.UserTurn:
+    """Parse a message above max_command_bytes: only a set_voice or user_turn (with audio) may be
+    that large. Blocking (JSON and base64 of megabytes): run it off the event loop."""
     command = p.parse_command(message)
-    if not isinstance(command, p.SetVoice):
+    if not isinstance(command, AUDIO_COMMANDS):
         raise p.ProtocolError(p.ErrorCode.MESSAGE_TOO_LARGE,
-                              f"only set_voice with audio may exceed the command limit; {command.cmd!r} "
+                              f"only set_voice or user_turn with audio may exceed the command limit; {command.cmd!r} "
                               f"is too large", cmd=command.cmd, id=command.id)
     return command
 
@@ -148,7 +151,7 @@ class LargeMessageGate:
             if self.limits.max_voice_message_bytes == 0:
                 raise p.ProtocolError(p.ErrorCode.MESSAGE_TOO_LARGE,
                                       f"messages are limited to {self.limits.max_command_bytes} bytes "
-                                      "(this server takes no inline voice audio: use set_voice 'path')")
+                                      "(this server takes no inline audio: use set_voice 'path')")
             async with self._slots:
                 return await asyncio.to_thread(parse_large, message)
         return p.parse_command(message)

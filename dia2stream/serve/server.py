@@ -51,7 +51,7 @@ IDLE_CHECK_S = 1.0  # the idle watchdog looks at most this often (timeouts are m
 # client takes milliseconds); then it is cut off. Leaves room in the 2 s an orchestrator waits
 # for the process to exit, after the engine's last frame and the interpreter's teardown (~0.6 s).
 SHUTDOWN_CLOSE_S = 0.5
-MAX_PARALLEL_VOICE_LOADS = 2  # set_voice audio decodes / transcriptions at once, server-wide
+MAX_PARALLEL_VOICE_LOADS = 2  # set_voice / user_turn audio decodes and transcriptions at once, server-wide
 
 
 @dataclass(eq=False)
@@ -210,6 +210,8 @@ class Dia2Server:
                                                  cmd=command.cmd, id=command.id))
         elif isinstance(command, p.SetVoice):
             await self._set_voice(conn, command)
+        elif isinstance(command, p.UserTurn):
+            await self._user_turn(conn, command)
         else:  # voices too: the list is made on the generation thread, in command order
             self.engine.submit(call, command)
 
@@ -233,6 +235,20 @@ class Dia2Server:
                 return
         conn.voices.made(command.name, key)
         self.engine.submit_voice(conn.call, command, loaded, key)
+
+    async def _user_turn(self, conn: Connection, command: p.UserTurn) -> None:
+        """Decode the caller's audio and place its words in a worker thread (never on the event
+        loop or the generation thread), under the same server-wide bound as voice loads; then hand
+        it to the engine, whose model work is planned between frames. Like set_voice, the next
+        command of this connection is read once the audio is loaded, so answers keep their order."""
+        async with self._voice_loads:
+            try:
+                loaded = await asyncio.to_thread(self.engine.load_user_turn, command)
+            except p.ProtocolError as err:
+                log.info("call %d: user_turn refused: %s %s", conn.call.slot.index, err.code, err.message)
+                self.engine.reply(conn.call, err.to_event())
+                return
+        self.engine.submit_user_turn(conn.call, command, loaded)
 
     async def _send_loop(self, conn: Connection) -> None:
         ws, call, meter = conn.ws, conn.call, conn.meter

@@ -1,7 +1,7 @@
 """The call-centre load pattern: the server driven as an orchestrator drives it during real calls.
 
     python -m dia2stream.tools.load ws://127.0.0.1:8765/ --pattern call-centre --calls 64 --turns 4 \
-        --arrival-window 20 [--barge-in-every 5] [--seed 0] [--json out.json]
+        --arrival-window 20 [--barge-in-every 5] [--user-turn-seconds 5] [--seed 0] [--json out.json]
 
 - Calls arrive at random (a Poisson process) over `--arrival-window` seconds, not all at once.
 - Each agent turn's text is streamed as an LLM writes it: `final: false` fragments of a word or
@@ -11,6 +11,10 @@
 - About one turn in `--barge-in-every` is interrupted: after 0.5-2 s of its audio has played, a
   `pause` with the `played_ms` the player actually played, and at once the next turn (an
   `inject`, which replaces the words not heard).
+- With `--user-turn-seconds S`, the caller's speech goes into the call's context before each agent
+  turn after the first (after the caller spoke, and after a barge-in): a `user_turn` of S seconds
+  of synthetic µ-law audio and a transcript that fits it, sent right before the turn's first text
+  (the worst case: no LLM gap to hide the prefill in). `user_turn_done.prefill_ms` is reported.
 
 Onset is reported per turn kind: `first` (the call's opening turn, a `start`), `next` (a turn
 after the caller spoke), `after_barge_in` (the turn sent right after an interruption); with
@@ -22,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import functools
 import json
 import random
 import time
@@ -31,14 +37,21 @@ from typing import Any
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+import numpy as np
+
 from dia2stream.clock import FRAME_SECONDS
 from dia2stream.tools import playback
 from dia2stream.tools.bounded import run_within
+from dia2stream.wire.formats import ulaw_encode
 from dia2stream.wire.protocol import MAX_MESSAGE_BYTES
 
 FRAGMENT_EVERY_S = 0.04  # an LLM's token cadence
 CALLER_SPEAKS_S = (1.5, 4.0)
 BARGE_IN_AFTER_S = (0.5, 2.0)  # audio played before the caller interrupts
+
+CALLER_WORDS = ("yes", "that", "is", "right", "my", "name", "is", "Smith", "please", "thanks")
+CALLER_WORDS_PER_S = 2.0  # a calm speaker: leaves every word its tokens' frames
+CALLER_RATE = 8_000  # the synthetic caller's audio: telephony µ-law
 
 AGENT_LINES = [
     "Thanks for calling, my name is Sam. How can I help you today?",
@@ -83,10 +96,12 @@ class CallCentreCall:
     turns: list[AgentTurn] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     finished: bool = False
+    prefill_ms: list[float] = field(default_factory=list)  # user_turn_done.prefill_ms of each caller's turn
 
     def to_dict(self) -> dict[str, Any]:
         return {"index": self.index, "arrives_at": round(self.arrives_at, 3), "busy": self.busy,
-                "finished": self.finished, "errors": self.errors, "turns": [t.metrics() for t in self.turns]}
+                "finished": self.finished, "errors": self.errors, "turns": [t.metrics() for t in self.turns],
+                "user_turn_prefill_ms": self.prefill_ms}
 
 
 def arrival_times(calls: int, window_s: float, rng: random.Random) -> list[float]:
@@ -121,6 +136,8 @@ async def run_call(call: CallCentreCall, args: argparse.Namespace, t0: float, rn
                 return
             kind = "first"
             for t in range(args.turns):
+                if t and args.user_turn_seconds:  # the caller's turn (or interruption) enters the context
+                    await ws.send(user_turn_message(args.user_turn_seconds, f"c{call.index}-u{t}"))
                 barge = args.barge_in_every > 0 and rng.random() < 1.0 / args.barge_in_every and t < args.turns - 1
                 turn = await speak_turn(ws, call, t, kind, barge, args, rng)
                 if turn.interrupted:
@@ -141,7 +158,10 @@ async def speak_turn(ws, call: CallCentreCall, t: int, kind: str, barge: bool, a
     turn_id = f"c{call.index}-t{t}"
     text = AGENT_LINES[(call.index + t) % len(AGENT_LINES)]
     pieces = fragments(text, rng)
-    base = call.turns[-1].frames_at_pause if kind == "after_barge_in" else 0
+    # after a barge-in the inject resumes the paused utterance (its frames count on from what was
+    # heard), unless a caller's turn came between: that ended it, and the answer is a new utterance
+    resumes = kind == "after_barge_in" and not args.user_turn_seconds
+    base = call.turns[-1].frames_at_pause if resumes else 0
     turn = AgentTurn(kind, turn_id, time.perf_counter(), base_frame=base)
     call.turns.append(turn)
     first = {"cmd": "start", "text": "[S1] " + pieces[0]} if t == 0 else {"cmd": "inject", "text": " " + pieces[0]}
@@ -170,10 +190,29 @@ async def speak_turn(ws, call: CallCentreCall, t: int, kind: str, barge: bool, a
             elif name == "done" and event.get("id") == turn_id:
                 turn.done = True
                 return turn
+            elif name == "user_turn_done":
+                call.prefill_ms.append(float(event["prefill_ms"]))
             elif name == "error":
                 raise RuntimeError(f"error {event.get('code')}: {event.get('message')}")
     finally:
         streamer.cancel()
+
+
+@functools.lru_cache(maxsize=4)
+def caller_audio(seconds: float) -> str:
+    """`seconds` of a synthetic caller (a voiced, wavering tone with noise) as base64 µ-law."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(seconds * CALLER_RATE)) / CALLER_RATE
+    voice = 0.25 * np.sin(2 * np.pi * (140 + 20 * np.sin(2 * np.pi * 0.7 * t)) * t) * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))
+    pcm = np.clip((voice + 0.01 * rng.standard_normal(t.size)) * 32767, -32768, 32767).astype(np.int16)
+    return base64.b64encode(bytes(ulaw_encode(pcm))).decode()
+
+
+def user_turn_message(seconds: float, turn_id: str) -> str:
+    words = max(1, int(seconds * CALLER_WORDS_PER_S))
+    transcript = " ".join(CALLER_WORDS[i % len(CALLER_WORDS)] for i in range(words))
+    return json.dumps({"cmd": "user_turn", "audio": caller_audio(seconds), "format": "ulaw_8000",
+                       "transcript": transcript, "id": turn_id})
 
 
 async def stream_rest(ws, pieces: list[str], turn_id: str) -> None:
@@ -223,6 +262,8 @@ def summarize(calls: list[CallCentreCall], wall_s: float, percentiles) -> dict[s
         "turns": len(turns), "barge_ins": sum(t["interrupted"] for t in turns), "wall_s": round(wall_s, 3),
         "by_kind": by_kind,
         "underruns": sum(t["underruns"] for t in turns),
+        "user_turns": sum(len(c.prefill_ms) for c in served),
+        "user_turn_prefill_ms": percentiles([ms for c in served for ms in c.prefill_ms]),
         "underruns_per_call": percentiles([sum(t["underruns"] for t in ts) for ts in per_call]),
         "stall_ms_per_call": percentiles([sum(t["stall_ms"] for t in ts) for ts in per_call]),
     }
@@ -232,6 +273,8 @@ def format_table(summary: dict[str, Any]) -> str:
     rows = [(f"onset, {kind.replace('_', ' ')} turns (ms)", summary["by_kind"][kind]["onset_ms"])
             for kind in ("first", "next", "after_barge_in")]
     rows += [("underruns per call", summary["underruns_per_call"]), ("stall per call (ms)", summary["stall_ms_per_call"])]
+    if summary["user_turns"]:
+        rows.append(("caller's turn prefill (ms)", summary["user_turn_prefill_ms"]))
     cell = lambda v: "-" if v is None else f"{v:g}"  # noqa: E731
     lines = [f"{'call-centre':34}{'n':>6}{'p50':>10}{'p95':>10}{'p99':>10}{'max':>10}"]
     for name, s in rows:

@@ -376,6 +376,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="call-centre: calls arrive at random over S seconds (default 20)")
     ap.add_argument("--barge-in-every", type=int, default=5, metavar="N",
                     help="call-centre: about one turn in N is interrupted (default 5; 0: never)")
+    ap.add_argument("--user-turn-seconds", type=float, default=0.0, metavar="S",
+                    help="call-centre: send S seconds of synthetic caller audio as a user_turn before each agent "
+                         "turn after the first (default 0: none)")
     ap.add_argument("--busy-retries", type=int, default=3, metavar="N",
                     help="a call refused busy (close 1013, or HTTP 503 from a balancer or a draining server) "
                          "tries again up to N times after a short backoff, as a client behind a balancer "
@@ -399,6 +402,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--pause-every and --ramp must be >= 0, --duration-limit and --step-timeout > 0")
     if args.arrival_window < 0 or args.barge_in_every < 0:
         ap.error("--arrival-window and --barge-in-every must be >= 0")
+    if not 0 <= args.user_turn_seconds <= 30:
+        ap.error("--user-turn-seconds must be in 0..30 (the server's default --max-user-turn-seconds)")
     if args.plot:
         try:  # before any call is made, not after the run
             import matplotlib  # noqa: F401

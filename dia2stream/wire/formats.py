@@ -197,6 +197,19 @@ def decode_frame(data: bytes | bytearray | memoryview, fmt: str | AudioFormat = 
     return np.frombuffer(payload, "<i2").astype(np.int16)
 
 
+def decode_samples(payload: bytes | bytearray | memoryview, fmt: str | AudioFormat) -> np.ndarray:
+    """int16 samples (at the format's rate) of headerless audio in a wire format: what a client
+    sends as a caller's turn. ValueError when the bytes are not whole samples."""
+    fmt = get_format(fmt)
+    if len(payload) % fmt.bytes_per_sample:
+        raise ValueError(f"{len(payload)} bytes are not whole {fmt.name} samples of {fmt.bytes_per_sample} bytes")
+    if fmt.encoding == ULAW:
+        return ulaw_decode(np.frombuffer(payload, np.uint8))
+    if fmt.encoding == ALAW:
+        return alaw_decode(np.frombuffer(payload, np.uint8))
+    return np.frombuffer(payload, "<i2").astype(np.int16)
+
+
 # ---------------------------------------------------------------------------------------------
 # G.711 (ITU-T G.711 segment coding, vectorised). Encoders take int16 PCM; like the classic
 # reference coders they first drop to 14 bits (µ-law) or 13 bits (A-law) with an arithmetic

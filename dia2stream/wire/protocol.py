@@ -41,6 +41,12 @@ MAX_PATH_CHARS = 4_096
 # The server must pass at least this as websockets' `max_size`.
 MAX_MESSAGE_BYTES = 2 * MAX_AUDIO_B64_CHARS + 64 * 1024
 
+# `user_turn` audio: the telephony formats the server sends (headerless samples), or a file
+# (WAV/FLAC, header checked before decoding as a voice's is).
+USER_TURN_FILE_FORMATS = ("wav", "flac")
+USER_TURN_FORMATS: tuple[str, ...] = (*FORMAT_NAMES, *USER_TURN_FILE_FORMATS)
+MAX_USER_TURN_WORDS = 2_000  # entries of `words` (a 30 s turn has well under 200)
+
 VOICE_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
 # Sampling ranges (inclusive). temperature 0 means greedy (argmax). TOP_K_RANGE's upper end is
@@ -102,7 +108,7 @@ class ErrorCode(enum.StrEnum):
     BUSY = "busy"  # another client holds the session, or start while generating
     CONTEXT_FULL = "context_full"  # the context limit was reached; the session was reset
     UNKNOWN_VOICE = "unknown_voice"  # start/reset names a voice that was never prepared
-    BAD_AUDIO = "bad_audio"  # voice audio unreadable, corrupt, silent, empty or too long
+    BAD_AUDIO = "bad_audio"  # voice or caller audio unreadable, corrupt, silent, empty or too long
     PATH_NOT_ALLOWED = "path_not_allowed"  # set_voice path outside the operator's folder
     TRANSCRIPT_REQUIRED = "transcript_required"  # no transcript and no whisper available
     VOICE_ERROR = "voice_error"  # voice preparation failed for another reason
@@ -137,6 +143,16 @@ class ProtocolError(Exception):
 
 
 ClientId = Union[str, int]
+
+
+@dataclass(frozen=True)
+class TimedWordField:
+    """One entry of `user_turn.words`: a word and where the caller said it, seconds from the
+    audio's start."""
+
+    word: str
+    start_s: float
+    end_s: float
 
 # ---------------------------------------------------------------------------------------------
 # Commands (client -> server)
@@ -228,6 +244,21 @@ class SetVoice:
 
 
 @dataclass(frozen=True)
+class UserTurn:
+    """The caller's speech between agent turns: it enters the call's context as speaker 2."""
+
+    cmd: ClassVar[str] = "user_turn"
+    audio_b64: str  # JSON field `audio`
+    format: str  # USER_TURN_FORMATS
+    transcript: str
+    words: tuple[TimedWordField, ...] | None = None  # the STT's word times, when it gave them
+    id: ClientId | None = None
+
+    def audio_bytes(self) -> bytes:
+        return base64.b64decode(self.audio_b64)
+
+
+@dataclass(frozen=True)
 class ListVoices:
     cmd: ClassVar[str] = "voices"
     id: ClientId | None = None
@@ -239,7 +270,7 @@ class Ping:
     id: ClientId | None = None
 
 
-Command = Union[Start, Inject, Flush, Pause, Resume, Reset, SetVoice, ListVoices, Ping]
+Command = Union[Start, Inject, Flush, Pause, Resume, Reset, SetVoice, UserTurn, ListVoices, Ping]
 
 # JSON field name -> dataclass attribute, where they differ.
 _JSON_TO_ATTR = {"audio": "audio_b64", "speaker2_audio": "speaker2_audio_b64"}
@@ -252,6 +283,8 @@ def command_to_json(command: Command) -> str:
     for f in dataclasses.fields(command):
         value = getattr(command, f.name)
         if value is not None:
+            if f.name == "words":
+                value = [dataclasses.asdict(w) for w in value]
             obj[_ATTR_TO_JSON.get(f.name, f.name)] = value
     return json.dumps(obj, ensure_ascii=False)
 
@@ -380,6 +413,17 @@ class VoiceReady(_Event):
 
 
 @dataclass(frozen=True, kw_only=True)
+class UserTurnDone(_Event):
+    """The caller's turn is in the call's context; no audio is sent for it."""
+
+    event: ClassVar[str] = "user_turn_done"
+    id: ClientId | None = None
+    frames: int  # frames of caller audio appended (12.5 per second)
+    position: int  # context position (frames) after it: where the next turn begins
+    prefill_ms: float  # the model work: Mimi encode, text warm-up and the prefill
+
+
+@dataclass(frozen=True, kw_only=True)
 class Voices(_Event):
     event: ClassVar[str] = "voices"
     voices: list[dict[str, Any]]  # [{"name", "prefix_s", "speakers"}, ...]
@@ -393,12 +437,12 @@ class Pong(_Event):
 
 
 Event = Union[
-    Ready, Started, Word, Done, Paused, Resumed, ResetDone, ErrorEvent, VoiceReady, Voices, Pong
+    Ready, Started, Word, Done, Paused, Resumed, ResetDone, ErrorEvent, VoiceReady, UserTurnDone, Voices, Pong
 ]
 EVENT_TYPES: dict[str, type] = {
     cls.event: cls
     for cls in (Ready, Started, Word, Done, Paused, Resumed, ResetDone, ErrorEvent,
-                VoiceReady, Voices, Pong)
+                VoiceReady, UserTurnDone, Voices, Pong)
 }
 
 
@@ -657,6 +701,42 @@ def _check_format(key: str, value: Any) -> str:
     return value
 
 
+def _check_user_turn_format(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise _type_error(key, "a string", value)
+    if value not in USER_TURN_FORMATS:
+        raise _FieldError(
+            ErrorCode.INVALID_FIELD,
+            f"field {key!r} must be one of {', '.join(USER_TURN_FORMATS)}, got {printable(value)!r}",
+        )
+    return value
+
+
+def _check_words(key: str, value: Any) -> tuple[TimedWordField, ...]:
+    """`words`: [{"word", "start_s", "end_s"}, ...], in order, each ending after it starts. Whether
+    they fit the audio and the transcript is checked once the audio is decoded."""
+    if not isinstance(value, list):
+        raise _type_error(key, "a list of {word, start_s, end_s} objects", value)
+    if not value or len(value) > MAX_USER_TURN_WORDS:
+        raise _FieldError(ErrorCode.INVALID_FIELD, f"field {key!r} must hold 1 to {MAX_USER_TURN_WORDS} words")
+    seconds = _float_in(0.0, MAX_PLAYED_MS / 1000)
+    out = []
+    for i, item in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(item, dict) or set(item) != {"word", "start_s", "end_s"}:
+            raise _FieldError(ErrorCode.INVALID_FIELD, f"{where} must be an object with exactly 'word', 'start_s' "
+                              "and 'end_s'")
+        word = _check_str(f"{where}.word", item["word"]).strip()
+        if not word or len(word) > MAX_TEXT_CHARS:
+            raise _FieldError(ErrorCode.INVALID_FIELD, f"{where}.word must be a non-empty word")
+        start, end = seconds(f"{where}.start_s", item["start_s"]), seconds(f"{where}.end_s", item["end_s"])
+        if end < start or (out and start < out[-1].start_s):
+            raise _FieldError(ErrorCode.INVALID_FIELD, f"{where}: words must be in order, each ending after it "
+                              f"starts (got {start:g}-{end:g} s)")
+        out.append(TimedWordField(word, start, end))
+    return tuple(out)
+
+
 def _check_voice_sources(command: SetVoice) -> None:
     if (command.audio_b64 is None) == (command.path is None):
         raise _FieldError(ErrorCode.INVALID_FIELD, "give exactly one of 'audio' or 'path'")
@@ -716,6 +796,16 @@ _COMMANDS: dict[str, tuple[type, _FieldSpec]] = {
             "speaker2_audio": (False, _check_b64),
             "speaker2_path": (False, _check_path),
             "speaker2_transcript": (False, _check_transcript),
+            **_ID,
+        },
+    ),
+    "user_turn": (
+        UserTurn,
+        {
+            "audio": (True, _check_b64),
+            "format": (True, _check_user_turn_format),
+            "transcript": (True, _check_transcript),
+            "words": (False, _check_words),
             **_ID,
         },
     ),
