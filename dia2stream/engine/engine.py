@@ -45,6 +45,8 @@ from dia2stream.voices.voice import LoadedVoice, VoiceError, VoiceRequest, Voice
 
 log = logging.getLogger(__name__)
 
+PLANNED_WORK_EVERY = 3  # deadline steps in a row after which a waiting re-decode gets one frame anyway
+
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,7 @@ class Engine:
         self._closed = False
         self.last_step_ms = 0.0
         self.last_step_calls = 0
+        self._deadline_steps = 0  # deadline steps in a row while planned work waited
         self.host_ms = 0.0  # moving average of a step's generation-thread work outside the stepper and codec
         self.steps = 0
         self.overloaded = False
@@ -255,10 +258,18 @@ class Engine:
         calls = self._active_calls()
         self._watch_load(calls)
         plan = self.scheduler.plan(calls)
+        # Planned work goes before anything but a call running dry, and at least every few steps
+        # even then: at 128 calls on the H200 the playing calls were short often enough to starve a
+        # rollback's re-decode for seconds (run 14: 5 s after-barge-in onset at p95).
         if plan is None or plan.reason != "deadline":
             if self._prefill_one() or self._replay_one_frame():
-                return  # planned work before anything but a call running dry
+                self._deadline_steps = 0
+                return
+        elif self._deadline_steps >= PLANNED_WORK_EVERY and self._replay_one_frame():
+            self._deadline_steps = 0  # one re-decoded frame (a decode's cost), never a whole prefill
+            return
         if plan is not None:
+            self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
             self._step(list(plan.calls))
 
     def _prefill_one(self) -> bool:
