@@ -23,6 +23,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Union
 
+MAX_CONTEXT_ID_CHARS = 256  # the longest context id a client may name (ElevenLabs, Cartesia)
+
 log = logging.getLogger("dia2stream.compat")
 
 CLOSE_NORMAL = 1000

@@ -16,7 +16,8 @@ from __future__ import annotations
 import base64
 
 from dia2stream.wire.compat.audio import ALAW, PCM_F32LE, PCM_RATES, PCM_S16LE, ULAW, StreamFormat
-from dia2stream.wire.compat.base import IgnoredFields, Send, parse_object, to_json
+from dia2stream.clock import SAMPLE_RATE
+from dia2stream.wire.compat.base import MAX_CONTEXT_ID_CHARS, IgnoredFields, Send, parse_object, to_json
 from dia2stream.wire.compat.contexts import FRAME_MS, Context, ContextAdapter
 
 ENCODINGS = {"pcm_s16le": PCM_S16LE, "pcm_f32le": PCM_F32LE, "pcm_mulaw": ULAW, "pcm_alaw": ALAW}
@@ -49,7 +50,7 @@ class CartesiaAdapter(ContextAdapter):
     max_contexts = 5
 
     def __init__(self, query: dict[str, str], voices: list[str]):
-        super().__init__(voice=None, output=StreamFormat(PCM_S16LE, 24_000))
+        super().__init__(voice=None, output=StreamFormat(PCM_S16LE, SAMPLE_RATE))
         self.voices = voices
         self.voice_chosen = False
         self.ignored = IgnoredFields(self.api)
@@ -64,9 +65,9 @@ class CartesiaAdapter(ContextAdapter):
         if unknown:
             self.ignored.note(sorted(unknown))
         cid = msg.get("context_id")
-        if not isinstance(cid, str) or not cid or len(cid) > 256:
-            return [Send(self.error("invalid_message", "context_id must be a non-empty string of at most 256 "
-                                    "characters"))]
+        if not isinstance(cid, str) or not cid or len(cid) > MAX_CONTEXT_ID_CHARS:
+            return [Send(self.error("invalid_message", "context_id must be a non-empty string of at most "
+                                    f"{MAX_CONTEXT_ID_CHARS} characters"))]
         ctx = self.contexts.get(cid)
         if msg.get("cancel") is True:
             return self.cancel_context(ctx) if ctx is not None else []
@@ -103,7 +104,7 @@ class CartesiaAdapter(ContextAdapter):
             raise ValueError(f"voice {name!r} not found (prepared: {', '.join(sorted(self.voices)) or 'none'}; "
                              "'default' is the server's default voice)")
         output = parse_output(msg.get("output_format", {"container": "raw", "encoding": "pcm_s16le",
-                                                        "sample_rate": 24_000}))
+                                                        "sample_rate": SAMPLE_RATE}))
         if not self.voice_chosen:  # the call has one voice: the first context's
             self.voice, self.voice_chosen = (None if name == DEFAULT_VOICE_ID else name), True
         ctx = self.open_context(cid, output)

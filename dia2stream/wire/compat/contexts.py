@@ -28,13 +28,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 
 from dia2stream.call.call import AudioFrame
+from dia2stream.clock import FRAME_MS
 from dia2stream.wire import protocol as p
 from dia2stream.wire.compat.audio import StreamEncoder, StreamFormat
 from dia2stream.wire.compat.base import Adapter, Later, Send, Submit
 
 log = logging.getLogger("dia2stream.compat")
 
-FRAME_MS = 1000 / p.FRAME_RATE  # 80
 NATIVE_FORMAT = "pcm_24000"  # what the call encodes; adapters re-encode its float frames themselves
 
 

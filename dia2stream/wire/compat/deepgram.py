@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import uuid
 
+from dia2stream.clock import SAMPLE_RATE
 from dia2stream.wire.compat.audio import ALAW, PCM_S16LE, ULAW, StreamEncoder, StreamFormat
 from dia2stream.wire.compat.base import CLOSE_NORMAL, CLOSE_POLICY, Close, IgnoredFields, Send, parse_object, to_json
 from dia2stream.wire.compat.contexts import Context, ContextAdapter
@@ -45,7 +46,7 @@ class DeepgramAdapter(ContextAdapter):
         try:
             output = parse_query(query)
         except ValueError as exc:
-            self._refusal, output = str(exc), StreamFormat(PCM_S16LE, 24_000)
+            self._refusal, output = str(exc), StreamFormat(PCM_S16LE, SAMPLE_RATE)
         super().__init__(voice=None, output=output)
         self.model = query.get("model", DEFAULT_MODEL)
         self.ignored = IgnoredFields(self.api)

@@ -30,7 +30,8 @@ import base64
 from dataclasses import dataclass
 
 from dia2stream.wire.compat.audio import StreamFormat, parse_elevenlabs_format
-from dia2stream.wire.compat.base import CLOSE_NORMAL, CLOSE_POLICY, Close, IgnoredFields, Send, parse_object, to_json
+from dia2stream.wire.compat.base import (CLOSE_NORMAL, CLOSE_POLICY, MAX_CONTEXT_ID_CHARS, Close, IgnoredFields, Send,
+                                         parse_object, to_json)
 from dia2stream.wire.compat.contexts import FRAME_MS, Context, ContextAdapter
 
 
@@ -128,9 +129,9 @@ class ElevenLabsAdapter(ContextAdapter):
             if text:
                 return [Send(self.error("invalid_message", "context_id is required with text on multi-stream-input"))]
             return []  # keep-alive
-        if not isinstance(cid, str) or not cid or len(cid) > 256:
-            return [Send(self.error("invalid_message", "context_id must be a non-empty string of at most 256 "
-                                    "characters"))]
+        if not isinstance(cid, str) or not cid or len(cid) > MAX_CONTEXT_ID_CHARS:
+            return [Send(self.error("invalid_message", "context_id must be a non-empty string of at most "
+                                    f"{MAX_CONTEXT_ID_CHARS} characters"))]
         ctx = self.contexts.get(cid)
         if msg.get("close_context"):
             if ctx is None:
