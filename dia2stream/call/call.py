@@ -34,6 +34,7 @@ from vendor_dia2.state_machine import TextState, shifted
 
 from dia2stream.clock import FRAME_RATE, FRAME_SECONDS, MAX_TOP_K
 from dia2stream.wire import protocol as p
+from dia2stream.wire.frames import AudioFrame
 from dia2stream.wire.formats import DEFAULT_FORMAT, FrameEncoder
 from dia2stream.wire.protocol import ErrorCode
 from dia2stream.call.slot import CallSettings, PlannedPrefill, SlotHandle
@@ -58,14 +59,6 @@ class StepRecord:
     text: TextState  # the state machine before the step, transcript left out (see `words`)
     words: int  # transcript length before the step: the live transcript's prefix of that length
     text_in: tuple[int, int]  # the step's text inputs (what the previous step gave)
-
-
-@dataclass(frozen=True)
-class AudioFrame:
-    pcm: np.ndarray  # float32 [FRAME_SAMPLES] in [-1, 1] at SAMPLE_RATE
-    epoch: int
-    index: int  # frame index within the utterance
-    data: bytes = b""  # the binary message in the call's format (header + samples)
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from dia2stream.call.call import AudioFrame
+from dia2stream.wire.frames import AudioFrame
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.serve.limits import Admission, CommandRateLimiter, IdleClock, NOT_READING_CLOSE_CODE
 from dia2stream.serve.outbox import Outbox

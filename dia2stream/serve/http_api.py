@@ -27,7 +27,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request
 
 from dia2stream.clock import FRAME_SECONDS
-from dia2stream.call.call import AudioFrame
+from dia2stream.wire.frames import AudioFrame
 from dia2stream.serve.outbox import Outbox
 from dia2stream.wire import protocol as p
 from dia2stream.wire.compat.audio import StreamEncoder, parse_elevenlabs_format

@@ -28,7 +28,8 @@ from dia2stream.clock import FRAME_RATE
 from dia2stream.wire import compat
 from dia2stream.wire import protocol as p
 from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, checkpoint_for, default_max_calls
-from dia2stream.call.call import AudioFrame, Call, Drained
+from dia2stream.call.call import Call, Drained
+from dia2stream.wire.frames import AudioFrame
 from dia2stream.serve.agent import AgentResponder
 from dia2stream.serve.compat_session import serve_compat
 from dia2stream.serve.delivery import DeliveryMeter

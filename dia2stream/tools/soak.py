@@ -25,7 +25,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from dia2stream.wire import protocol as p
-from dia2stream.call.call import AudioFrame
+from dia2stream.wire.frames import AudioFrame
 
 WORDS = "so here is one more sentence about the weather and the long road home tonight".split()
 

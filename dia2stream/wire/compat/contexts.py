@@ -27,10 +27,10 @@ import logging
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from dia2stream.call.call import AudioFrame
 from dia2stream.clock import FRAME_MS
 from dia2stream.wire import protocol as p
 from dia2stream.wire.compat.audio import StreamEncoder, StreamFormat
+from dia2stream.wire.frames import AudioFrame
 from dia2stream.wire.compat.base import Adapter, Later, Send, Submit
 
 log = logging.getLogger("dia2stream.compat")
