@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from dia2stream.engine.engine import Engine, EngineConfig
+from dia2stream.engine.engine import Engine
 from dia2stream.voices.voice import (Transcriber, VoiceError, VoicePreparer, VoiceRequest, VoiceSettings, audio_digest,
                                      read_audio)
 from dia2stream.wire import protocol as p
-from dia2stream.call.call import AudioFrame
+from dia2stream.wire.frames import AudioFrame
+
+from helpers import engine_config
 
 whisper = pytest.importorskip("whisper", reason="openai-whisper is not installed (make test installs it)")
 
@@ -84,7 +86,7 @@ def whisper_engine(tiny_tts, random_whisper, tmp_path_factory):
     """An engine whose voices are transcribed by the random whisper, with one call open."""
     cache = tmp_path_factory.mktemp("voice-cache")
     settings = VoiceSettings(whisper_model=str(random_whisper), cache_dir=str(cache), allow_download=False)
-    engine = Engine(tiny_tts, EngineConfig(max_lead_ms=1e6, voice=settings))
+    engine = Engine(tiny_tts, engine_config(tiny_tts, max_lead_ms=1e6, voice=settings))
     events: queue.Queue = queue.Queue()
     call = engine.open_call(events.put)
     assert call is not None
