@@ -22,7 +22,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: server.py and test_client.py
 READY_RE = re.compile(r"dia2stream ready on ws://([^:/]+):(\d+)/")
 
 
