@@ -2,6 +2,7 @@
 
 import asyncio
 import logging
+import sys
 
 from dia2stream.serve.config import parse_args
 from dia2stream.serve.server import run
@@ -10,6 +11,6 @@ if __name__ == "__main__":
     config = parse_args()
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run(config))
+        sys.exit(asyncio.run(run(config)))  # 1 after an engine failure: the supervisor restarts us
     except KeyboardInterrupt:
         pass

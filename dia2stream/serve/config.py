@@ -74,6 +74,7 @@ class ServerConfig:
     max_voice_message_bytes: int = 8 * 1024 * 1024
     commands_per_second: float = 50.0
     command_burst: int = 100
+    flood_close_s: float = 2.0  # sustained excess over the command rate before the connection is closed (1008)
     max_pending_text_chars: int = 16_384
     idle_timeout_s: float = 300.0
     ping_interval_s: float = 20.0
@@ -84,6 +85,8 @@ class ServerConfig:
     # -- a fleet behind a balancer (issue 22); docs/deploy.md
     agent_port: int | None = None  # HAProxy agent-check responder (serve/agent.py); None = off, 0 = a free port
     drain_timeout_s: float = 30.0  # SIGTERM: how long calls may finish their utterance; 0 = close at once
+    # -- liveness (issue 19); docs/operations.md
+    engine_stall_s: float = 5.0  # calls waiting for a frame step this long: the engine has failed; 0 = no watchdog
 
     def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
@@ -186,6 +189,8 @@ _FLAGS = [  # (name, type, help)
                                      "path only"),
     ("commands_per_second", float, "commands per second a connection may send (excess: rate_limited)"),
     ("command_burst", int, "commands a connection may send at once before the rate applies"),
+    ("flood_close_s", float, "close a connection (1008) that stays over the command rate this long, or sends 10x "
+                             "the burst over it; 0 = only refuse, never close"),
     ("max_pending_text_chars", int, "text queued on a call but not yet spoken (excess: pending_text_full)"),
     ("idle_timeout_s", float, "close a connection with no command and nothing generating after this; 0 = never"),
     ("ping_interval_s", float, "websocket keepalive ping interval, seconds; 0 = no pings"),
@@ -198,6 +203,8 @@ _FLAGS = [  # (name, type, help)
                         "'down'); 0 picks a free one; off when unset"),
     ("drain_timeout_s", float, "on SIGTERM, how long calls may finish the utterance they are speaking before "
                                "they are closed (a second SIGTERM ends at once); 0 = close at once"),
+    ("engine_stall_s", float, "no frame step for this long while calls wait for one: the engine has failed "
+                              "(/health 503, calls get internal_error, the process exits 1); 0 = no watchdog"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 
@@ -246,6 +253,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--rollover-frames must be 0 or more")
     if values["overload_refusal_s"] < 0:
         parser.error("--overload-refusal-s must be 0 or more")
+    if values["engine_stall_s"] < 0 or values["flood_close_s"] < 0:
+        parser.error("--engine-stall-s and --flood-close-s must be 0 or more")
     if values["lead_in_frames"] < 0:
         parser.error("--lead-in-frames must be 0 or more")
     if values["max_pending_text_chars"] < MAX_TEXT_CHARS:
