@@ -220,6 +220,7 @@ def test_sustained_excess_is_an_offence_after_flood_close_s_but_bursts_now_and_t
     # flood_close_s = 0: only refuse, never close
     never = lim.AbuseWatch(lim.Limits(flood_close_s=0), clock)
     assert all(never.refused() is None for _ in range(100_000))
+    assert all(never.bad_message(lim.Offence.BINARY) is None for _ in range(1000))
 
 
 def test_binary_and_oversize_messages_are_told_apart_before_parsing_and_tolerated_a_few_times():

@@ -190,7 +190,8 @@ _FLAGS = [  # (name, type, help)
     ("commands_per_second", float, "commands per second a connection may send (excess: rate_limited)"),
     ("command_burst", int, "commands a connection may send at once before the rate applies"),
     ("flood_close_s", float, "close a connection (1008) that stays over the command rate this long, or sends 10x "
-                             "the burst over it; 0 = only refuse, never close"),
+                             "the burst over it, or keeps sending binary or oversize messages; 0 = only refuse, "
+                             "never close"),
     ("max_pending_text_chars", int, "text queued on a call but not yet spoken (excess: pending_text_full)"),
     ("idle_timeout_s", float, "close a connection with no command and nothing generating after this; 0 = never"),
     ("ping_interval_s", float, "websocket keepalive ping interval, seconds; 0 = no pings"),

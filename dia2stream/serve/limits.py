@@ -25,8 +25,8 @@ Abuse (see docs/operations.md, *Abuse policy*): refusing is enough for a client 
 and then; one that stays over the command rate for `flood_close_s` (2 s), or has 10 x the burst
 refused in one stretch, or keeps sending binary or oversize messages (more than
 `bad_message_burst` at once, or more than `bad_messages_per_second` sustained), is closed with
-1008 and a `policy_violation` error naming the rule. Every decision is made from the message's
-type and length, before any parsing.
+1008 and a `policy_violation` error naming the rule; `flood_close_s = 0` turns closing off (the
+limits only refuse). Every decision is made from the message's type and length, before any parsing.
 
 Message sizes: websockets refuses (close 1009) anything above `max_size` =
 max(max_command_bytes, max_voice_message_bytes) before it is buffered whole. A message above
@@ -74,7 +74,7 @@ class Limits:
     recv_queue_frames: int = 4  # frames buffered per connection before reading pauses
     max_outbox_items: int = 1024  # events + frames waiting to be sent: past this the client is not reading
     # Abuse: when refusing is not enough and the connection is closed (POLICY_CLOSE_CODE).
-    flood_close_s: float = _SERVER.flood_close_s  # sustained excess over the command rate; 0 = never close
+    flood_close_s: float = _SERVER.flood_close_s  # sustained excess over the command rate; 0 = never close for abuse
     flood_close_bursts: int = 10  # or this many bursts' worth of messages refused in one stretch
     bad_message_burst: int = 10  # binary or oversize messages tolerated at once...
     bad_messages_per_second: float = 1.0  # ...and sustained
@@ -268,8 +268,9 @@ class AbuseWatch:
         return None
 
     def bad_message(self, kind: Offence) -> Offence | None:
-        """A binary or oversize message: `kind` when the allowance is spent."""
-        return None if self._bad[kind].take() else kind
+        """A binary or oversize message: `kind` when the allowance is spent (never with
+        flood_close_s = 0: the policy then only refuses)."""
+        return None if self._bad[kind].take() or not self._close_after_s else kind
 
 
 def misfit(message: str | bytes, limits: Limits) -> Offence | None:
