@@ -278,6 +278,7 @@ class Engine:
             self._last_progress = time.monotonic()  # nothing is waiting for a step
         if plan is None or plan.reason != "deadline":
             if self._replay_one_frame():
+                self._last_progress = time.monotonic()
                 return  # a rolled-back call's re-decode before anything but a call running dry
         if plan is not None:
             self._step(list(plan.calls))
