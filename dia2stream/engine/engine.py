@@ -107,8 +107,9 @@ class Engine:
         self._inbox: queue.Queue[Envelope] = queue.Queue()
         self._closed = False
         # Liveness (issue 19): why the engine cannot serve any more (a sticky device error, the
-        # thread gone), and the last moment it was known to keep up: a step completed, or no
-        # call needed one. Read from other threads (`health`), written only by this one.
+        # thread gone), and the last moment it was known to keep up: a step or a command
+        # completed, or no call needed a step. Read from other threads (`health`), written only
+        # by this one.
         self.failure: str | None = None
         self._last_progress = time.monotonic()
         self.last_step_ms = 0.0

@@ -192,9 +192,9 @@ class Dia2Server:
     async def _dispatch(self, conn: Connection, message) -> None:
         # Answers made here still go through the engine's queue, so events answer commands in the
         # order the commands were received (an error for a bad message never overtakes the
-        # `started` of the `start` before it).
-        # Everything before `parse` looks at the message's type and length only: a flood, binary
-        # junk or megabytes of text cost no parse, and a connection that keeps at it is closed.
+        # `started` of the `start` before it). Everything before `parse` looks at the message's
+        # type and length only: a flood, binary junk or megabytes of text cost no parse, and a
+        # connection that keeps at it is closed (limits.AbuseWatch).
         call = conn.call
         verdict = conn.rate.admit()
         if verdict is not Admission.ACCEPT:
@@ -544,7 +544,7 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
             stack.callback(watchdog.cancel)
             await _first_set(drain, stop, server.failed)
             if not stop.is_set() and not server.failed.is_set() and config.drain_timeout_s > 0:
-                await server.drain(config.drain_timeout_s, interrupted=stop)  # a failure ends every call, and so it
+                await server.drain(config.drain_timeout_s, interrupted=stop)  # a failure closes every call: it ends
             if server.failure is not None:
                 await asyncio.sleep(FAILED_EXIT_DELAY_S)  # /health says why to a probe on its way
             ws_server.close(close_connections=False)  # stop accepting; our own close tells each call why
