@@ -26,6 +26,8 @@ every call has closed and the engine has stopped (against before it was built).
 from __future__ import annotations
 
 import argparse
+import asyncio
+import concurrent.futures
 import gc
 import json
 import os
@@ -91,6 +93,8 @@ class LongCallsReport:
     after: Sample  # every call closed, engine stopped
     totals: CallTally
     samples: list[Sample] = field(default_factory=list)
+    through_server: bool = False  # over websockets through the real server (else on the engine)
+    leaked_tasks: int | None = None  # the server loop's tasks after every call closed, less before (server only)
 
     @property
     def rss_growth_pct(self) -> float:
@@ -110,14 +114,89 @@ class LongCallsReport:
 
     def summary(self) -> str:
         t = self.totals
-        return (f"longcalls (simulated GPU): {self.calls} calls x {self.audio_s_per_call:.0f} s of audio in "
+        where = "through the server" if self.through_server else "on the engine"
+        tasks = f", server tasks {self.leaked_tasks:+d}" if self.leaked_tasks is not None else ""
+        return (f"longcalls (simulated GPU, {where}): {self.calls} calls x {self.audio_s_per_call:.0f} s of audio in "
                 f"{self.wall_s:.0f} s; {t.turns} turns, {t.utterances_done} done, {t.barge_ins} barge-ins, "
                 f"{t.voice_switches} voice switches, {t.rollovers} rollovers; underruns {t.underruns}; words "
                 f"{t.words_sent} sent = {t.words_spoken} spoken + {t.words_unspoken} unspoken, "
                 f"{t.word_mismatches} mismatched utterances; errors {t.errors or 'none'}; RSS "
                 f"{self.baseline.rss_mb} -> {self.final.rss_mb} MiB after warm-up ({self.rss_growth_pct:+.2f} %); "
                 f"threads {self.before.threads} -> {self.after.threads}, fds {self.before.fds} -> {self.after.fds} "
-                f"(before the engine -> after it stopped)")
+                f"(before the engine -> after it stopped){tasks}")
+
+
+# -- how a caller reaches its call ------------------------------------------------------------------
+
+
+class EngineLine:
+    """A call on the engine itself, no server: commands are submitted, events and frames arrive
+    in `inbox` as (index, item), and frames are acknowledged as the server's send loop does."""
+
+    def __init__(self, engine, index: int, inbox: queue.Queue) -> None:
+        self.engine = engine
+        self.call = engine.open_call(lambda item: inbox.put((index, item)))
+        if self.call is None:
+            raise RuntimeError(f"call {index}: refused (busy)")
+
+    def send(self, command) -> None:
+        self.engine.submit(self.call, command)
+
+    def plays(self, frame: AudioFrame) -> bool:
+        """Acknowledge a frame; False if a pause or reset silenced it (never played)."""
+        self.call.frames_acked += 1
+        return frame.epoch >= self.call.epoch
+
+    def close(self) -> None:
+        self.engine.close_call(self.call)
+
+
+class SocketLine:
+    """A call through the real server: one websocket, read by a task on `loop` that puts
+    (index, frame bytes or typed event) in `inbox`; commands go out in order through a writer task."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, url: str, index: int, inbox: queue.Queue) -> None:
+        self.loop, self.index, self.inbox = loop, index, inbox
+        self._out: asyncio.Queue | None = None
+        self._ws = None
+        asyncio.run_coroutine_threadsafe(self._open(url), loop).result(timeout=60)
+
+    async def _open(self, url: str) -> None:
+        from websockets.asyncio.client import connect
+
+        self._ws = await connect(url, open_timeout=60, max_size=None)
+        ready = p.parse_event(await self._ws.recv())
+        if not isinstance(ready, p.Ready):
+            raise RuntimeError(f"call {self.index}: refused ({ready})")
+        self._out = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._write())]
+
+    async def _read(self) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for message in self._ws:
+                self.inbox.put((self.index, message if isinstance(message, bytes) else p.parse_event(message)))
+        except ConnectionClosed:
+            pass
+
+    async def _write(self) -> None:
+        while True:
+            await self._ws.send(await self._out.get())
+
+    def send(self, command) -> None:
+        self.loop.call_soon_threadsafe(self._out.put_nowait, p.command_to_json(command))
+
+    def plays(self, frame: bytes) -> bool:
+        return True  # the server drops silenced frames itself
+
+    def close(self) -> None:
+        async def close() -> None:
+            for task in self._tasks:
+                task.cancel()
+            await self._ws.close()
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(timeout=30)
 
 
 # -- one caller -------------------------------------------------------------------------------------
@@ -127,15 +206,11 @@ class Caller:
     """A caller's side of one call: sends the next command when the last one's answer arrives,
     counts frames as a real-time player hears them and keeps the word account."""
 
-    def __init__(self, engine, index: int, inbox: queue.Queue, target_frames: int, options: "Options",
-                 metrics: Metrics) -> None:
-        self.engine, self.index, self.options = engine, index, options
+    def __init__(self, line, index: int, target_frames: int, options: "Options", metrics: Metrics) -> None:
+        self.line, self.index, self.options = line, index, options
         self.target_frames = target_frames
         self.tally = CallTally()
         self.meter = DeliveryMeter(metrics)
-        self.call = engine.open_call(lambda item: inbox.put((index, item)))
-        if self.call is None:
-            raise RuntimeError(f"call {index}: refused (busy)")
         self.voice = VOICES[index % len(VOICES)]
         self.finished = False
         self._expected: list[str] = []  # the words this utterance should speak
@@ -192,7 +267,7 @@ class Caller:
             self._submit(p.Resume(id=f"r{self.tally.turns}"))
 
     def _submit(self, command) -> None:
-        self.engine.submit(self.call, command)
+        self.line.send(command)
 
     def _words(self, n: int) -> list[str]:
         k = self.options.turn_words
@@ -201,9 +276,8 @@ class Caller:
     # -- what arrives
 
     def on_item(self, item: object) -> None:
-        if isinstance(item, AudioFrame):
-            self.call.frames_acked += 1  # as the server's send loop acknowledges a frame it takes
-            if item.epoch < self.call.epoch:
+        if isinstance(item, (AudioFrame, bytes)):
+            if not self.line.plays(item):
                 return  # silenced by a pause/reset: never played
             now = time.monotonic()
             self.meter.frame_sent()
@@ -290,13 +364,97 @@ def write_voice(path: Path, seconds: float, pitch_hz: float) -> None:
     soundfile.write(str(path), 0.2 * np.sin(2 * np.pi * pitch_hz * t), SAMPLE_RATE)
 
 
+class EngineCalls:
+    """The calls on an engine built as the server builds it, driven directly (no sockets)."""
+
+    leaked_tasks = None  # no event loop here
+
+    def __init__(self, config, metrics: Metrics) -> None:
+        from dia2stream.serve.server import build_engine
+
+        _, self.engine = build_engine(config, metrics)
+
+    def line(self, index: int, inbox: queue.Queue) -> EngineLine:
+        return EngineLine(self.engine, index, inbox)
+
+    def alive(self) -> bool:
+        return self.engine.running
+
+    def all_closed(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+class ServedCalls:
+    """The calls through the real server (`serve.server.run` on its own loop and thread), each a
+    websocket from a client loop on another thread. Counts the server loop's asyncio tasks before
+    the first call and after the last one closed (`leaked_tasks`)."""
+
+    def __init__(self, config) -> None:
+        from dia2stream.serve.server import run
+
+        self._port: concurrent.futures.Future = concurrent.futures.Future()
+        self._status: concurrent.futures.Future = concurrent.futures.Future()
+        self._server: dict = {}
+
+        async def serve() -> int:
+            self._server["loop"], self._server["stop"] = asyncio.get_running_loop(), asyncio.Event()
+            return await run(config, self._port, stop=self._server["stop"])
+
+        self._server_thread = threading.Thread(target=lambda: self._status.set_result(asyncio.run(serve())),
+                                               name="longcalls-server", daemon=True)
+        self._server_thread.start()
+        self.port = self._port.result(timeout=300)
+        self.client_loop = asyncio.new_event_loop()
+        self._client_thread = threading.Thread(target=self.client_loop.run_forever, name="longcalls-clients",
+                                               daemon=True)
+        self._client_thread.start()
+        self.tasks_before = self._server_tasks()
+        self.leaked_tasks: int | None = None
+
+    def line(self, index: int, inbox: queue.Queue) -> SocketLine:
+        return SocketLine(self.client_loop, f"ws://127.0.0.1:{self.port}/", index, inbox)
+
+    def alive(self) -> bool:
+        return self._server_thread.is_alive()
+
+    def all_closed(self) -> None:
+        """Every call has closed: wait until the server has let go of them, then count its tasks."""
+        import urllib.request
+
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=10) as response:
+                if json.loads(response.read())["calls"] == 0:
+                    break
+            time.sleep(0.1)
+        time.sleep(0.5)  # handlers wind down after their call is freed
+        self.leaked_tasks = self._server_tasks() - self.tasks_before
+
+    def _server_tasks(self) -> int:
+        async def count() -> int:
+            return len(asyncio.all_tasks())
+
+        return asyncio.run_coroutine_threadsafe(count(), self._server["loop"]).result(timeout=30)
+
+    def close(self) -> None:
+        self._server["loop"].call_soon_threadsafe(self._server["stop"].set)
+        self._server_thread.join(timeout=60)
+        self.client_loop.call_soon_threadsafe(self.client_loop.stop)
+        self._client_thread.join(timeout=30)
+        self.client_loop.close()
+
+
 def long_calls(calls: int, audio_s: float, profile: str = DEFAULT_PROFILE, context_frames: int = 400,
                rollover_frames: int = 150, warmup_s: float | None = None, report_every_s: float = 60.0,
-               options: Options = Options(), out=sys.stdout, max_wall_s: float | None = None) -> LongCallsReport:
+               options: Options = Options(), out=sys.stdout, max_wall_s: float | None = None,
+               through_server: bool = False) -> LongCallsReport:
     """Run the calls until each has heard `audio_s` of audio (or `max_wall_s` passed); prints a
-    progress line every `report_every_s` to `out` (None: silent)."""
+    progress line every `report_every_s` to `out` (None: silent). `through_server`: over
+    websockets through the real server, else on the engine directly."""
     from dia2stream.serve.config import ServerConfig
-    from dia2stream.serve.server import build_engine
 
     gc.collect()
     t0 = time.perf_counter()
@@ -307,11 +465,12 @@ def long_calls(calls: int, audio_s: float, profile: str = DEFAULT_PROFILE, conte
             path = Path(tmp) / f"{name}.wav"
             write_voice(path, 2.0, 180.0 + 60 * i)
             voices.append(f"{name}={path},[S1] Hello, this is {name} speaking.")
-        config = ServerConfig(simulate_gpu=profile, max_calls=calls, context_frames=context_frames,
-                              rollover_frames=rollover_frames, overload_refusal_s=0.0, voices=tuple(voices),
-                              voice_cache=str(Path(tmp) / "cache"), log_level="WARNING")
+        config = ServerConfig(host="127.0.0.1", port=0, simulate_gpu=profile, max_calls=calls,
+                              context_frames=context_frames, rollover_frames=rollover_frames, overload_refusal_s=0.0,
+                              voices=tuple(voices), voice_cache=str(Path(tmp) / "cache"), log_level="WARNING",
+                              web=False)
         metrics = Metrics(gpu_memory=None, process=False)
-        _, engine = build_engine(config, metrics)
+        place = ServedCalls(config) if through_server else EngineCalls(config, metrics)
         inbox: queue.Queue = queue.Queue()
         target = int(audio_s / FRAME_SECONDS)
         warmup_s = min(60.0, audio_s / 5) if warmup_s is None else warmup_s
@@ -320,7 +479,7 @@ def long_calls(calls: int, audio_s: float, profile: str = DEFAULT_PROFILE, conte
         samples: list[Sample] = []
         deadline = None if max_wall_s is None else time.monotonic() + max_wall_s
         try:
-            callers = [Caller(engine, i, inbox, target, options, metrics) for i in range(calls)]
+            callers = [Caller(place.line(i, inbox), i, target, options, metrics) for i in range(calls)]
             for caller in callers:
                 caller.next_turn()
             next_sample = warmup_s
@@ -328,8 +487,8 @@ def long_calls(calls: int, audio_s: float, profile: str = DEFAULT_PROFILE, conte
                 if deadline is not None and time.monotonic() > deadline:
                     print(f"longcalls: stopped after {max_wall_s:.0f} s of wall time", file=out or sys.stderr)
                     break
-                if not engine.running:
-                    raise RuntimeError("the engine stopped")
+                if not place.alive():
+                    raise RuntimeError("the engine or server stopped")
                 try:
                     index, item = inbox.get(timeout=1.0)
                 except queue.Empty:
@@ -348,22 +507,25 @@ def long_calls(calls: int, audio_s: float, profile: str = DEFAULT_PROFILE, conte
             heard = sum(c.tally.frames for c in callers) * FRAME_SECONDS / calls
             final = process_sample(heard, t0)
             samples.append(final)
-        finally:
             for caller in callers:
-                engine.close_call(caller.call)
-            engine.close()
+                caller.line.close()
+            place.all_closed()
+        finally:
+            place.close()
     wall = time.perf_counter() - t0
     totals = add_tallies([c.tally for c in callers])
     for caller in callers:
         caller.tally.underruns = caller.meter.underruns
     totals.underruns = sum(c.meter.underruns for c in callers)
+    leaked_tasks = place.leaked_tasks
     callers.clear()
-    del engine
+    del place
     gc.collect()
     after = process_sample(0.0, t0)
     return LongCallsReport(calls=calls, audio_s_per_call=round(final.audio_s, 1), wall_s=round(wall, 1),
                            context_frames=context_frames, rollover_frames=rollover_frames, before=before,
-                           baseline=baseline or final, final=final, after=after, totals=totals, samples=samples)
+                           baseline=baseline or final, final=final, after=after, totals=totals, samples=samples,
+                           through_server=through_server, leaked_tasks=leaked_tasks)
 
 
 def add_tallies(tallies: list[CallTally]) -> CallTally:
@@ -389,6 +551,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: a fifth of --audio-s, at most 60 s)")
     parser.add_argument("--report-every-s", type=float, default=60.0, help="audio per call between samples")
     parser.add_argument("--max-wall-s", type=float, default=None, help="stop after this much wall time")
+    parser.add_argument("--server", action="store_true", help="through the real server over websockets (checks "
+                        "the server's tasks too); default: on the engine directly")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     if args.calls < 1 or args.audio_s <= 0:
@@ -397,7 +561,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = long_calls(args.calls, args.audio_s, args.simulate_gpu, args.context_frames, args.rollover_frames,
-                        args.warmup_s, args.report_every_s, max_wall_s=args.max_wall_s)
+                        args.warmup_s, args.report_every_s, max_wall_s=args.max_wall_s,
+                        through_server=args.server)
     print(report.summary(), flush=True)
     if args.json:
         Path(args.json).write_text(report.to_json())
