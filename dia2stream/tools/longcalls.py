@@ -1,13 +1,15 @@
 """Long calls at scale: N concurrent calls on the simulated GPU, in real time, for minutes of audio each.
 
     python -m dia2stream.tools.longcalls --calls 64 --audio-s 1800 --json longcalls.json   # 30 min each
-    python -m dia2stream.tools.longcalls --calls 16 --audio-s 60                           # the suite's length
+    python -m dia2stream.tools.longcalls --calls 16 --audio-s 60 --server                  # the suite's run
 
 The engine runs as `server.py --simulate-gpu profiles/h100-2b.json` runs it (every timing is
 simulated; host work is real), with a small context (`--context-frames`) so calls roll their
-context over every few turns, and two preloaded voices. Each call is one caller in a loop of
-turns, all driven from one thread (the engine's sinks feed one queue), playing its audio in real
-time as it arrives:
+context over every few turns, and two preloaded voices. The callers talk to the engine directly
+(default), or with `--server` over websockets through the real server in this process (then the
+server loop's asyncio tasks are counted too). Each call is one caller in a loop of turns, all
+driven from one thread (every call's events and frames feed one queue), playing its audio in
+real time as it arrives:
 
 - a turn is an `inject` after `done` (warm, the same conversation), every `--switch-every`th a
   `start` naming the other voice (a voice switch);
