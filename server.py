@@ -3,6 +3,7 @@
 
 import asyncio
 import logging
+import sys
 
 from dia2stream.serve.config import parse_args
 from dia2stream.serve.server import run
@@ -12,7 +13,7 @@ if __name__ == "__main__":
     config = parse_args()
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        asyncio.run(run(config))
+        sys.exit(asyncio.run(run(config)))  # 1 after an engine failure: the supervisor restarts us
     except KeyboardInterrupt:
         pass
     except CheckpointError as exc:  # a message for the user (no hub, no such directory), not a traceback

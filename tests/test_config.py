@@ -66,7 +66,7 @@ def test_operations_doc_table_matches_the_flags_and_defaults():
         assert env == "DIA2_" + name.upper()
         documented[name] = default.strip()
     access_and_limits = ["auth_token", "auth_token_file", "allowed_origins", "max_command_bytes",
-                         "max_voice_message_bytes", "commands_per_second", "command_burst",
+                         "max_voice_message_bytes", "commands_per_second", "command_burst", "flood_close_s",
                          "max_pending_text_chars", "idle_timeout_s", "ping_interval_s", "ping_timeout_s",
                          "max_voices_per_connection", "voice_cache_mb"]
     assert list(documented) == access_and_limits

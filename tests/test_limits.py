@@ -186,3 +186,68 @@ def test_outbox_overflow():
     limits = lim.Limits(max_outbox_items=100)
     assert not lim.outbox_overflowing(100, limits)
     assert lim.outbox_overflowing(101, limits)
+
+
+# --- abuse: when refusing is not enough (issue 19) ----------------------------------------------
+
+
+def test_a_full_speed_flood_is_an_offence_after_ten_bursts_of_refusals():
+    clock = FakeClock()
+    limits = lim.Limits(commands_per_second=50, command_burst=100)
+    rate, abuse = lim.CommandRateLimiter(50, 100, clock=clock), lim.AbuseWatch(limits, clock)
+    verdicts = []
+    for _ in range(100 + 10 * 100 + 1):  # all within one instant: nothing refills
+        if rate.admit() is not lim.Admission.ACCEPT:
+            verdicts.append(abuse.refused())
+    assert verdicts[:-1] == [None] * (10 * 100) and verdicts[-1] is lim.Offence.FLOOD
+
+
+def test_sustained_excess_is_an_offence_after_flood_close_s_but_bursts_now_and_then_are_not():
+    clock = FakeClock()
+    limits = lim.Limits(commands_per_second=50, command_burst=100, flood_close_s=2.0)
+    abuse = lim.AbuseWatch(limits, clock)
+    # a refusal every 0.5 s (gaps under EXCESS_GAP_S): one stretch, an offence once it passes 2 s
+    got = []
+    for _ in range(6):
+        got.append(abuse.refused())
+        clock.now += 0.5
+    assert got == [None, None, None, None, None, lim.Offence.FLOOD]
+    # a burst over the rate every few seconds: each stretch starts over
+    calm = lim.AbuseWatch(limits, clock)
+    for _ in range(10):
+        assert [calm.refused() for _ in range(50)] == [None] * 50
+        clock.now += lim.EXCESS_GAP_S + 1.5
+    # flood_close_s = 0: only refuse, never close
+    never = lim.AbuseWatch(lim.Limits(flood_close_s=0), clock)
+    assert all(never.refused() is None for _ in range(100_000))
+    assert all(never.bad_message(lim.Offence.BINARY) is None for _ in range(1000))
+
+
+def test_binary_and_oversize_messages_are_told_apart_before_parsing_and_tolerated_a_few_times():
+    limits = lim.Limits(max_command_bytes=1024, max_voice_message_bytes=1 << 20, bad_message_burst=3,
+                        bad_messages_per_second=1.0)
+    assert lim.misfit(b"\x00binary", limits) is lim.Offence.BINARY
+    assert lim.misfit('{"cmd": "ping"}', limits) is None
+    assert lim.misfit('{"cmd": "ping", "id": 1' + " " * 2000 + "}", limits) is lim.Offence.OVERSIZE
+    assert lim.misfit(voice_message(4000), limits) is None  # may be a set_voice: parsed (off the loop)
+    no_inline = lim.Limits(max_command_bytes=1024, max_voice_message_bytes=0)
+    assert lim.misfit(voice_message(4000), no_inline) is lim.Offence.OVERSIZE
+    assert lim.misfit_error(lim.Offence.BINARY, limits).code == "binary_not_supported"
+    assert lim.misfit_error(lim.Offence.OVERSIZE, no_inline).code == "message_too_large"
+
+    clock = FakeClock()
+    abuse = lim.AbuseWatch(limits, clock)
+    assert [abuse.bad_message(lim.Offence.BINARY) for _ in range(4)] == [None, None, None, lim.Offence.BINARY]
+    assert abuse.bad_message(lim.Offence.OVERSIZE) is None  # a bucket per kind
+    clock.now += 1.0
+    assert abuse.bad_message(lim.Offence.BINARY) is None  # refilled at one a second
+    for offence in lim.Offence:
+        event = lim.policy_error(offence, limits)
+        assert event.code == "policy_violation" and "closing" in event.message
+
+
+def test_abuse_settings_are_checked():
+    with pytest.raises(ValueError):
+        lim.Limits(flood_close_s=-1)
+    with pytest.raises(ValueError):
+        lim.Limits(bad_message_burst=0)

@@ -112,6 +112,12 @@ class Engine:
         self._inbox: queue.Queue[Envelope] = queue.Queue()
         self._deferred: dict[Call, list[Envelope]] = {}  # a call's commands behind its planned prefill
         self._closed = False
+        # Liveness (issue 19): why the engine cannot serve any more (a sticky device error, the
+        # thread gone), and the last moment it was known to keep up: a step or a command
+        # completed, or no call needed a step. Read from other threads (`health`), written only
+        # by this one.
+        self.failure: str | None = None
+        self._last_progress = time.monotonic()
         self.last_step_ms = 0.0
         self.last_step_calls = 0
         self._deadline_steps = 0  # deadline steps in a row while planned work waited
@@ -172,8 +178,23 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        """The generation thread is alive: calls can be served."""
-        return self._thread.is_alive() and not self._closed
+        """The generation thread is alive and not failed: calls can be served."""
+        return self._thread.is_alive() and not self._closed and self.failure is None
+
+    def failure_reason(self) -> str | None:
+        """Why the engine cannot serve (its thread recorded a device error, or is gone), or None."""
+        if self.failure is None and not self._closed and not self._thread.is_alive():
+            return "the generation thread stopped"
+        return self.failure
+
+    def stalled_s(self) -> float:
+        """While calls are generating: seconds since the generation thread last showed progress
+        (a frame step or a command completed, or no call needed a step); 0 with no call
+        generating. Grows without bound while calls wait on a hung or failing step; a watchdog
+        on another thread compares it with its limit."""
+        if not self._active_calls():
+            return 0.0
+        return max(0.0, time.monotonic() - self._last_progress)
 
     def reply(self, call: Call, event: object) -> None:
         """An event the event loop answers itself (ping, parse errors), sent in command order."""
@@ -190,7 +211,8 @@ class Engine:
         calls = self.calls
         return {"calls": calls, "max_calls": self.max_calls, "busy": calls >= self.max_calls or self.overloaded,
                 "overloaded": self.overloaded, "step_ms": round(self.last_step_ms, 2),
-                "step_calls": self.last_step_calls, "host_ms": round(self.host_ms, 2)}
+                "step_calls": self.last_step_calls, "host_ms": round(self.host_ms, 2),
+                "stalled_s": round(self.stalled_s(), 2), "failure": self.failure_reason()}
 
     @property
     def max_prefix_frames(self) -> int:
@@ -225,15 +247,24 @@ class Engine:
             # The current device is per thread: kernels launched here without one (Triton's, CUDA
             # graph capture and replay streams) must land on the model's GPU, cuda:N for any N.
             torch.cuda.set_device(self.tts.device)
-        while not self._closed:
-            try:
-                envelope = self._next_envelope()
-                if envelope is not None:
-                    self._dispatch(envelope)
-                    continue  # drain every pending command before the next frame
-                self._step_once()
-            except Exception:  # a bug outside any one call: report it and go on
-                log.exception("engine loop error")
+        try:
+            while not self._closed:
+                try:
+                    envelope = self._next_envelope()
+                    if envelope is not None:
+                        self._dispatch(envelope)
+                        self._last_progress = time.monotonic()
+                        continue  # drain every pending command before the next frame
+                    self._step_once()
+                except Exception as exc:
+                    if is_device_fault(exc):
+                        raise
+                    log.exception("engine loop error")  # a bug outside any one call: report it and go on
+        except BaseException as exc:
+            # A device error poisons the process (every later kernel fails or lies): stop here
+            # and say why; the server turns this into /health 503 and a restart.
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.critical("engine failed, no call can be served any more: %s", self.failure, exc_info=True)
 
     def _next_envelope(self) -> "Envelope | None":
         timeout = 0.0 if self._planned_work_waiting() else self.scheduler.wait_seconds(self._active_calls())
@@ -258,15 +289,19 @@ class Engine:
         calls = self._active_calls()
         self._watch_load(calls)
         plan = self.scheduler.plan(calls)
+        if plan is None:
+            self._last_progress = time.monotonic()  # nothing is waiting for a step
         # Planned work goes before anything but a call running dry, and at least every few steps
         # even then: at 128 calls on the H200 the playing calls were short often enough to starve a
         # rollback's re-decode for seconds (run 14: 5 s after-barge-in onset at p95).
         if plan is None or plan.reason != "deadline":
             if self._prefill_one() or self._replay_one_frame():
                 self._deadline_steps = 0
+                self._last_progress = time.monotonic()
                 return
         elif self._deadline_steps >= PLANNED_WORK_EVERY and self._replay_one_frame():
             self._deadline_steps = 0  # one re-decoded frame (a decode's cost), never a whole prefill
+            self._last_progress = time.monotonic()
             return
         if plan is not None:
             self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
@@ -311,6 +346,8 @@ class Engine:
             self.runner.replay(call.slot.index, codes)
             call.slot.replay_frame_done()
         except Exception as exc:
+            if is_device_fault(exc):
+                raise
             log.exception("call %d: error re-decoding after a rollback", call.slot.index)
             call.fail(exc)
 
@@ -373,6 +410,8 @@ class Engine:
                 case _:
                     call.handle(message, envelope.received_at, envelope.epoch)
         except Exception as exc:
+            if is_device_fault(exc):
+                raise
             log.exception("call %d: error handling %s", call.slot.index, getattr(message, "cmd", type(message).__name__))
             call.fail(exc)
         if call.draining:
@@ -397,6 +436,8 @@ class Engine:
                 if call.advance(result.actions[call.slot.index]):
                     decode.append(call)
             except Exception as exc:
+                if is_device_fault(exc):
+                    raise
                 log.exception("call %d: error after a frame step", call.slot.index)
                 call.fail(exc)
         device_s = result.seconds
@@ -425,6 +466,8 @@ class Engine:
         try:
             fn(*args)
         except Exception as exc:
+            if is_device_fault(exc):
+                raise
             log.exception("call %d: error in %s", call.slot.index, getattr(fn, "__name__", "frame"))
             call.fail(exc)
 
@@ -485,6 +528,26 @@ class Engine:
                     if call is not None and call.current_voice is None and call.phase is Phase.NONE:
                         call.current_voice = state.name
         message.future.set_result(state)
+
+
+# -- device faults ------------------------------------------------------------------------------------
+
+# How CUDA errors read when torch raises them as plain RuntimeErrors (before torch.AcceleratorError,
+# and from libraries that wrap them). Once one happened, the context is unusable: later kernels
+# fail too, or return garbage.
+_DEVICE_FAULT_TEXT = ("CUDA error", "CUBLAS_STATUS", "CUDNN_STATUS", "device-side assert", "illegal memory access",
+                      "unspecified launch failure", "ECC error")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    """A sticky device error: the process cannot serve any more. Out-of-memory is not one (the
+    allocator recovers); a call's own bug is not one (it stays in its call)."""
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        return False
+    accelerator_error = getattr(torch, "AcceleratorError", None)  # torch >= 2.8 raises CUDA errors as this
+    if accelerator_error is not None and isinstance(exc, accelerator_error):
+        return True
+    return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_FAULT_TEXT)
 
 
 # -- the inbox: what the event loop hands the generation thread -----------------------------------

@@ -77,6 +77,7 @@ class ServerConfig:
     max_voice_message_bytes: int = 8 * 1024 * 1024
     commands_per_second: float = 50.0
     command_burst: int = 100
+    flood_close_s: float = 2.0  # sustained excess over the command rate before the connection is closed (1008)
     max_pending_text_chars: int = 16_384
     idle_timeout_s: float = 300.0
     ping_interval_s: float = 20.0
@@ -90,6 +91,8 @@ class ServerConfig:
     http_port: int | None = None  # POST endpoints (ElevenLabs REST, /v1/speech) on their own port; None = off
     tls_cert: str | None = None  # PEM certificate (chain): the websocket port speaks wss:// (docs/compat.md)
     tls_key: str | None = None
+    # -- liveness (issue 19); docs/operations.md
+    engine_stall_s: float = 5.0  # calls waiting for a frame step this long: the engine has failed; 0 = no watchdog
 
     def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
@@ -196,6 +199,9 @@ _FLAGS = [  # (name, type, help)
                                      "path only"),
     ("commands_per_second", float, "commands per second a connection may send (excess: rate_limited)"),
     ("command_burst", int, "commands a connection may send at once before the rate applies"),
+    ("flood_close_s", float, "close a connection (1008) that stays over the command rate this long, or sends 10x "
+                             "the burst over it, or keeps sending binary or oversize messages; 0 = only refuse, "
+                             "never close"),
     ("max_pending_text_chars", int, "text queued on a call but not yet spoken (excess: pending_text_full)"),
     ("idle_timeout_s", float, "close a connection with no command and nothing generating after this; 0 = never"),
     ("ping_interval_s", float, "websocket keepalive ping interval, seconds; 0 = no pings"),
@@ -212,6 +218,8 @@ _FLAGS = [  # (name, type, help)
                        "the [compat] extra); 0 picks a free one; unset = none (docs/compat.md)"),
     ("tls_cert", str, "PEM certificate (chain) file: the websocket port speaks wss:// (with --tls-key)"),
     ("tls_key", str, "PEM private key file of --tls-cert"),
+    ("engine_stall_s", float, "no frame step for this long while calls wait for one: the engine has failed "
+                              "(/health 503, calls get internal_error, the process exits 1); 0 = no watchdog"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 
@@ -260,6 +268,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--rollover-frames must be 0 or more")
     if values["overload_refusal_s"] < 0:
         parser.error("--overload-refusal-s must be 0 or more")
+    if values["engine_stall_s"] < 0 or values["flood_close_s"] < 0:
+        parser.error("--engine-stall-s and --flood-close-s must be 0 or more")
     if values["lead_in_frames"] < 0:
         parser.error("--lead-in-frames must be 0 or more")
     if not values["max_user_turn_seconds"] > 0:

@@ -10,11 +10,23 @@ Nothing here touches a socket; the server wires it in (see docs/operations.md, *
     idle = IdleClock(limits.idle_timeout_s)
     voices = VoiceQuota(limits.max_voices_per_connection)
     # per message:
+    abuse = AbuseWatch(limits)
+    # per message:
     verdict = rate.admit()                                # before parsing: a flood costs no parse
+    if verdict is not Admission.ACCEPT and abuse.refused(): close(POLICY_CLOSE_CODE, ...)
     if verdict is Admission.REFUSE: reply(rate_limited_error()); continue
     if verdict is Admission.DROP: continue               # no reply: replies are capped too
+    kind = misfit(message, limits)                        # binary / oversize, told before parsing
+    if kind and abuse.bad_message(kind): close(POLICY_CLOSE_CODE, ...)
     command = await large.parse(message)                  # ProtocolError -> error event
     idle.activity()
+
+Abuse (see docs/operations.md, *Abuse policy*): refusing is enough for a client that bursts now
+and then; one that stays over the command rate for `flood_close_s` (2 s), or has 10 x the burst
+refused in one stretch, or keeps sending binary or oversize messages (more than
+`bad_message_burst` at once, or more than `bad_messages_per_second` sustained), is closed with
+1008 and a `policy_violation` error naming the rule; `flood_close_s = 0` turns closing off (the
+limits only refuse). Every decision is made from the message's type and length, before any parsing.
 
 Message sizes: websockets refuses (close 1009) anything above `max_size` =
 max(max_command_bytes, max_voice_message_bytes) before it is buffered whole. A message above
@@ -61,6 +73,11 @@ class Limits:
     close_timeout_s: float = 1.0  # closing handshake wait (websockets' default 10 s held SIGTERM)
     recv_queue_frames: int = 4  # frames buffered per connection before reading pauses
     max_outbox_items: int = 1024  # events + frames waiting to be sent: past this the client is not reading
+    # Abuse: when refusing is not enough and the connection is closed (POLICY_CLOSE_CODE).
+    flood_close_s: float = _SERVER.flood_close_s  # sustained excess over the command rate; 0 = never close for abuse
+    flood_close_bursts: int = 10  # or this many bursts' worth of messages refused in one stretch
+    bad_message_burst: int = 10  # binary or oversize messages tolerated at once...
+    bad_messages_per_second: float = 1.0  # ...and sustained
 
     def __post_init__(self) -> None:
         if self.max_command_bytes < 1024:
@@ -75,6 +92,9 @@ class Limits:
             raise ValueError("max_voices_per_connection >= 0, max_parallel_large >= 1, recv_queue_frames >= 1")
         if self.max_outbox_items < 16:
             raise ValueError("max_outbox_items must be at least 16")
+        if self.flood_close_s < 0 or self.flood_close_bursts < 1 or self.bad_message_burst < 1 \
+                or self.bad_messages_per_second <= 0:
+            raise ValueError("flood_close_s >= 0; flood_close_bursts, bad_message_burst, bad_messages_per_second > 0")
 
     @classmethod
     def from_config(cls, config: ServerConfig) -> "Limits":
@@ -200,6 +220,98 @@ class CommandRateLimiter:
             return Admission.ACCEPT
         self.refused += 1
         return Admission.REFUSE if self._refusals.take() else Admission.DROP
+
+
+# --- abuse: closing a connection that refusals do not stop ------------------------------------
+
+
+POLICY_CLOSE_CODE = 1008  # policy violation; the reason names the rule
+EXCESS_GAP_S = 1.0  # a second with no refused message ends a stretch of excess
+
+
+class Offence(enum.StrEnum):
+    """Why a connection was closed for abuse; also the `reason` label of the closures metric."""
+
+    FLOOD = "flood"  # over the command rate for flood_close_s, or flood_close_bursts x burst refused
+    BINARY = "binary"  # binary messages past the bad-message allowance
+    OVERSIZE = "oversize"  # messages past the command limit that cannot be a set_voice, past the allowance
+
+
+class AbuseWatch:
+    """Per connection: decides, from counts and times only, when a connection has to be closed.
+
+    Flood: a *stretch of excess* begins at a refused message and lasts while refusals keep coming
+    (less than EXCESS_GAP_S apart). A stretch longer than `flood_close_s`, or one with more than
+    `flood_close_bursts x command_burst` refused messages (a client sending as fast as it can
+    reaches it within milliseconds), is a flood. Binary and oversize messages are never useful:
+    each takes a token from a bucket of `bad_message_burst` refilled at `bad_messages_per_second`,
+    and an empty bucket is an offence."""
+
+    def __init__(self, limits: Limits, clock: Clock = time.monotonic) -> None:
+        self._clock = clock
+        self._close_after_s = limits.flood_close_s
+        self._close_after_refusals = limits.flood_close_bursts * limits.command_burst
+        self._since: float | None = None  # the current stretch of excess began
+        self._last = 0.0
+        self._refused = 0  # in the current stretch
+        self._bad = {kind: TokenBucket(limits.bad_messages_per_second, limits.bad_message_burst, clock)
+                     for kind in (Offence.BINARY, Offence.OVERSIZE)}
+
+    def refused(self) -> Offence | None:
+        """A message was refused for the rate: FLOOD when the connection must now be closed."""
+        now = self._clock()
+        if self._since is None or now - self._last > EXCESS_GAP_S:
+            self._since, self._refused = now, 0
+        self._last = now
+        self._refused += 1
+        if not self._close_after_s:
+            return None
+        if self._refused > self._close_after_refusals or now - self._since > self._close_after_s:
+            return Offence.FLOOD
+        return None
+
+    def bad_message(self, kind: Offence) -> Offence | None:
+        """A binary or oversize message: `kind` when the allowance is spent (never with
+        flood_close_s = 0: the policy then only refuses)."""
+        return None if self._bad[kind].take() or not self._close_after_s else kind
+
+
+def misfit(message: str | bytes, limits: Limits) -> Offence | None:
+    """What is wrong with a message before it is parsed, from its type and length (and, for a
+    large text, one substring search): BINARY for a binary message, OVERSIZE for a text above
+    the command limit that cannot be a set_voice (it never names the command) or that is above
+    the voice limit, else None."""
+    if not isinstance(message, str):
+        return Offence.BINARY
+    if not is_large(message, limits.max_command_bytes):
+        return None
+    if limits.max_voice_message_bytes == 0 or '"set_voice"' not in message:
+        return Offence.OVERSIZE
+    return None
+
+
+def policy_error(offence: Offence, limits: Limits) -> p.ErrorEvent:
+    """The error a connection gets just before it is closed for `offence`."""
+    why = {
+        Offence.FLOOD: f"more than {limits.commands_per_second:g} commands a second for over "
+                       f"{limits.flood_close_s:g} s, or {limits.flood_close_bursts} x the burst of "
+                       f"{limits.command_burst} at once",
+        Offence.BINARY: "binary messages, repeatedly (commands are JSON text)",
+        Offence.OVERSIZE: f"messages over {limits.max_command_bytes} bytes that are not a set_voice with audio, "
+                          "repeatedly",
+    }[offence]
+    return p.ErrorEvent(code=p.ErrorCode.POLICY_VIOLATION, message=f"closing this connection: {why}")
+
+
+def misfit_error(kind: Offence, limits: Limits) -> p.ErrorEvent:
+    """The reply to a binary or oversize message that is tolerated (not parsed)."""
+    if kind is Offence.BINARY:
+        return p.ErrorEvent(code=p.ErrorCode.BINARY_NOT_SUPPORTED,
+                            message="binary messages are not accepted; send JSON text")
+    voice = ("this server takes no inline voice audio: use set_voice 'path'" if limits.max_voice_message_bytes == 0
+             else "only set_voice with audio may exceed it")
+    return p.ErrorEvent(code=p.ErrorCode.MESSAGE_TOO_LARGE,
+                        message=f"messages are limited to {limits.max_command_bytes} bytes; {voice}")
 
 
 def rate_limited_error(refused: int = 0) -> p.ErrorEvent:

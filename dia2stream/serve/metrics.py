@@ -10,6 +10,7 @@ about a microsecond each); no knowledge of sockets or models:
     metrics.frames_sent(1); metrics.underrun()  # per call, as frames go out / arrive late
     metrics.first_byte_ms(180.0); metrics.speech_onset_ms(230.0)
     metrics.calls_active(3); metrics.call_refused("busy"); metrics.error("rate_limited")
+    metrics.connection_closed("flood")        # the server closed a connection itself, and why
     body, content_type = metrics.render()      # HttpGate's /metrics callback
 
 Names and meanings are listed in docs/operations.md (tested against METRIC_NAMES).
@@ -35,6 +36,8 @@ STEP_BUCKETS = (0.002, 0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.025, 0.03, 0.
 _ERROR_CODES = frozenset(code.value for code in ErrorCode)
 OTHER = "other"  # label for an error code or refusal reason not known here (bounds cardinality)
 REFUSAL_REASONS = frozenset({"busy", "unauthorized", "origin", "method", "shutting_down", "overloaded"})
+# Why the server closed a connection itself (abuse policy, a client not reading, idle, a failed engine).
+CLOSE_REASONS = frozenset({"flood", "binary", "oversize", "not_reading", "idle_timeout", "engine_failed"})
 
 GpuProbe = Callable[[], "tuple[float, float] | None"]  # (allocated, reserved) bytes, or None
 
@@ -76,6 +79,10 @@ class Metrics:
                                 "shutting_down, overloaded)", ["reason"], registry=r)
         self._errors = Counter(f"{PREFIX}_errors", "error events sent, by protocol error code", ["code"],
                                registry=r)
+        self._closed = Counter(f"{PREFIX}_connections_closed",
+                               "connections the server closed itself, by reason (flood, binary, oversize: the "
+                               "abuse policy, 1008; not_reading; idle_timeout; engine_failed)", ["reason"],
+                               registry=r)
         self._gpu_allocated = Gauge(f"{PREFIX}_gpu_memory_allocated_bytes",
                                     "GPU memory held by tensors (torch allocator); 0 without a GPU", registry=r)
         self._gpu_reserved = Gauge(f"{PREFIX}_gpu_memory_reserved_bytes",
@@ -90,6 +97,8 @@ class Metrics:
             self._errors.labels(code=code)  # every code present from the start, as 0
         for reason in REFUSAL_REASONS | {OTHER}:
             self._refused.labels(reason=reason)
+        for reason in CLOSE_REASONS | {OTHER}:
+            self._closed.labels(reason=reason)
 
     # -- what the engine and server report ----------------------------------------------------
 
@@ -120,6 +129,9 @@ class Metrics:
     def call_refused(self, reason: str) -> None:
         self._refused.labels(reason=reason if reason in REFUSAL_REASONS else OTHER).inc()
 
+    def connection_closed(self, reason: str) -> None:
+        self._closed.labels(reason=reason if reason in CLOSE_REASONS else OTHER).inc()
+
     def error(self, code: str) -> None:
         self._errors.labels(code=code if code in _ERROR_CODES else OTHER).inc()
 
@@ -147,6 +159,7 @@ METRIC_NAMES = (
     f"{PREFIX}_calls_active",
     f"{PREFIX}_calls_refused_total",
     f"{PREFIX}_errors_total",
+    f"{PREFIX}_connections_closed_total",
     f"{PREFIX}_gpu_memory_allocated_bytes",
     f"{PREFIX}_gpu_memory_reserved_bytes",
 )

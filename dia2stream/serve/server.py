@@ -35,8 +35,11 @@ from dia2stream.serve.compat_session import serve_compat
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine
 from dia2stream.serve.http import HttpGate, HttpPolicy, unprotected_bind_warning
-from dia2stream.serve.limits import (IDLE_CLOSE_CODE, NOT_READING_CLOSE_CODE, Admission, CommandRateLimiter, IdleClock,
-                     LargeMessageGate, Limits, VoiceQuota, idle_timeout_error, rate_limited_error)
+from dia2stream.serve.limits import (IDLE_CLOSE_CODE, NOT_READING_CLOSE_CODE, POLICY_CLOSE_CODE, AbuseWatch, Admission,
+                                    CommandRateLimiter, IdleClock, LargeMessageGate, Limits, Offence, VoiceQuota,
+                                    idle_timeout_error, misfit, misfit_error, policy_error, rate_limited_error)
+from dia2stream.serve.liveness import (ENGINE_FAILED_CLOSE_CODE, EXIT_ENGINE_FAILED, FAILED_EXIT_DELAY_S,
+                                      WATCH_INTERVAL_S, engine_failure)
 from dia2stream.serve.metrics import Metrics
 from dia2stream.serve.outbox import Outbox
 from dia2stream.voices.voice import VoiceError, VoiceRequest
@@ -66,6 +69,7 @@ class Connection:
     idle: IdleClock
     voices: VoiceScope
     meter: DeliveryMeter
+    abuse: AbuseWatch
     sender: asyncio.Task | None = None
     closer: asyncio.Future | None = None  # a close started from a callback (kept: the loop holds tasks weakly)
     closing: bool = False  # a close was started (idle, not reading, shutdown): send nothing more
@@ -75,10 +79,11 @@ class Connection:
 class Dia2Server:
     def __init__(self, engine: Engine, model_name: str, device: str, max_lead_ms: float,
                  limits: Limits | None = None, policy: HttpPolicy | None = None, metrics: Metrics | None = None,
-                 web: bool = True):
+                 web: bool = True, engine_stall_s: float | None = None):
         """`metrics`: the registry the engine records frame steps in (`Engine(metrics=...)`); a
         fresh one when None (then /metrics has no frame-step figures). `web`: serve the
-        playground and dashboard pages (`--no-web`: False)."""
+        playground and dashboard pages (`--no-web`: False). `engine_stall_s`: the watchdog's
+        stall limit (`liveness.engine_failure`; None: the configuration's default)."""
         self.engine, self.model_name, self.device, self.max_lead_ms = engine, model_name, device, max_lead_ms
         self.limits = limits or Limits()
         self.metrics = metrics or Metrics()
@@ -96,23 +101,31 @@ class Dia2Server:
         self.compat_sessions: set = set()  # serve.compat_session.CompatSession, one per compatible-API connection
         self.stopping = False
         self.http_port: int | None = None  # where the POST endpoints listen, when --http-port is set
+        self.engine_stall_s = ServerConfig().engine_stall_s if engine_stall_s is None else engine_stall_s
+        self.failure: str | None = None  # why the engine cannot serve (`watch_engine`); then the process exits
+        self.failed = asyncio.Event()  # set once every call was told of the failure
 
     # -- HTTP before the upgrade ----------------------------------------------------------------
 
     def health(self) -> dict:
         """The /health and /ready body, and what the agent check answers from."""
-        return {"status": self.status, "model": self.model_name, "device": self.device, **self.engine.health()}
+        figures = self.engine.health()
+        failure = self.failure or figures.get("failure")
+        return {"status": self.status, "model": self.model_name, "device": self.device, **figures, "failure": failure}
 
     @property
     def status(self) -> str:
+        if self.failure is not None or not self.engine.running:
+            return "failed"
         if self.stopping:
             return "stopping"
-        if not self.engine.running:
-            return "failed"
         return "draining" if self.draining else "ok"
 
     def process_request(self, connection: ServerConnection, request: Request) -> Response | None:
         response = self.gate.respond(request)
+        if response is None and self.status == "failed":
+            self.metrics.call_refused("other")
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "the engine has failed; the server restarts\n")
         if response is None and (self.stopping or self.draining):
             self.metrics.call_refused("shutting_down")
             return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "the server is shutting down\n")
@@ -138,7 +151,7 @@ class Dia2Server:
                           CommandRateLimiter(limits.commands_per_second, limits.command_burst,
                                              limits.refusals_per_second),
                           IdleClock(limits.idle_timeout_s), VoiceScope(VoiceQuota(limits.max_voices_per_connection)),
-                          DeliveryMeter(self.metrics))
+                          DeliveryMeter(self.metrics), AbuseWatch(limits))
         self.connections.add(conn)
         self._no_connections.clear()
         if self.draining:  # upgraded just before the drain began: it ends like the others
@@ -156,6 +169,8 @@ class Dia2Server:
             if self.limits.idle_timeout_s:
                 watchdog = asyncio.create_task(self._idle_watch(conn))
             async for message in ws:
+                if conn.closing:
+                    break  # the server closed it (abuse, idle, failure): what is still buffered is not read
                 conn.idle.activity()
                 await self._dispatch(conn, message)
         except ConnectionClosed:
@@ -186,13 +201,24 @@ class Dia2Server:
     async def _dispatch(self, conn: Connection, message) -> None:
         # Answers made here still go through the engine's queue, so events answer commands in the
         # order the commands were received (an error for a bad message never overtakes the
-        # `started` of the `start` before it).
+        # `started` of the `start` before it). Everything before `parse` looks at the message's
+        # type and length only: a flood, binary junk or megabytes of text cost no parse, and a
+        # connection that keeps at it is closed (limits.AbuseWatch).
         call = conn.call
-        verdict = conn.rate.admit()  # before parsing: a flood costs no parse
-        if verdict is Admission.DROP:
+        verdict = conn.rate.admit()
+        if verdict is not Admission.ACCEPT:
+            offence = conn.abuse.refused()
+            if offence is not None:
+                await self._close_for_abuse(conn, offence)
+            elif verdict is Admission.REFUSE:
+                self.engine.reply(call, rate_limited_error(conn.rate.refused))
             return
-        if verdict is Admission.REFUSE:
-            self.engine.reply(call, rate_limited_error(conn.rate.refused))
+        kind = misfit(message, self.limits)
+        if kind is not None:
+            if conn.abuse.bad_message(kind) is not None:
+                await self._close_for_abuse(conn, kind)
+            else:
+                self.engine.reply(call, misfit_error(kind, self.limits))
             return
         try:
             command = await self.large.parse(message)
@@ -291,20 +317,30 @@ class Dia2Server:
             await asyncio.sleep(max(conn.idle.remaining() or 0.0, IDLE_CHECK_S))
             if conn.idle.expired(busy=conn.call.generating):
                 log.info("call %d: idle for %g s; closing", conn.call.slot.index, self.limits.idle_timeout_s)
-                await self._close(conn, IDLE_CLOSE_CODE, "idle timeout", idle_timeout_error(self.limits.idle_timeout_s))
+                await self._close(conn, IDLE_CLOSE_CODE, "idle timeout", idle_timeout_error(self.limits.idle_timeout_s),
+                                  why="idle_timeout")
 
     def _not_reading(self, conn: Connection) -> None:
         log.warning("call %d: the client stopped reading (%d items queued); closing", conn.call.slot.index,
                     self.limits.max_outbox_items)
-        conn.closer = asyncio.ensure_future(self._close(conn, NOT_READING_CLOSE_CODE, "not reading"))
+        conn.closer = asyncio.ensure_future(self._close(conn, NOT_READING_CLOSE_CODE, "not reading",
+                                                        why="not_reading"))
+
+    async def _close_for_abuse(self, conn: Connection, offence: Offence) -> None:
+        log.warning("call %d: closing the connection (1008): %s", conn.call.slot.index, offence.value)
+        await self._close(conn, POLICY_CLOSE_CODE, f"policy violation: {offence.value}",
+                          policy_error(offence, self.limits), why=offence.value)
 
     async def _close(self, conn: Connection, code: int, reason: str, error: p.ErrorEvent | None = None,
-                     timeout: float | None = None) -> None:
+                     timeout: float | None = None, why: str | None = None) -> None:
         """Stop this connection's audio, tell the client why (if it still reads) and close, all
-        within the close timeout; a client that does not read is cut off after it."""
+        within the close timeout; a client that does not read is cut off after it. `why`: the
+        reason the closures metric counts (None: a close it does not count, such as shutdown)."""
         if conn.closing:
             return
         conn.closing = True
+        if why is not None:
+            self.metrics.connection_closed(why)
         self._end_call(conn)  # generation stops within a frame
         if conn.sender is not None:
             conn.sender.cancel()  # a frame being written is written whole; nothing after it
@@ -316,6 +352,35 @@ class Dia2Server:
         if not conn.call_closed:
             conn.call_closed = True
             self.engine.close_call(conn.call)
+
+    # -- liveness ------------------------------------------------------------------------------------
+
+    async def watch_engine(self) -> None:
+        """The watchdog (issue 19), on the event loop, never on the generation thread: a few times
+        a second, look at the engine's figures; once it cannot serve (`liveness.engine_failure`),
+        fail the server."""
+        while self.failure is None:
+            reason = engine_failure(self.engine.health(), self.engine_stall_s)
+            if reason is not None:
+                await self.fail(reason)
+                return
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+    async def fail(self, reason: str) -> None:
+        """The engine cannot serve: from now on /health, /ready and the agent say `failed` and
+        upgrades get 503; every connection gets `internal_error` with the reason and close 1011,
+        concurrently, each within the close timeout; then `failed` is set (run() exits 1)."""
+        if self.failure is not None:
+            return
+        self.failure = reason
+        log.critical("the engine cannot serve (%s): closing %d connection(s); the process exits with status %d "
+                     "for its supervisor to restart it", reason, len(self.connections), EXIT_ENGINE_FAILED)
+        error = p.ErrorEvent(code=p.ErrorCode.INTERNAL_ERROR,
+                             message=f"the server's engine failed ({reason}); the utterance is lost. The server "
+                                     "restarts: reconnect (a balancer sends you to another server)")
+        await asyncio.gather(*[self._close(conn, ENGINE_FAILED_CLOSE_CODE, "engine failed", error, why="engine_failed")
+                               for conn in list(self.connections)], return_exceptions=True)
+        self.failed.set()
 
     async def drain(self, timeout_s: float, interrupted: asyncio.Event) -> bool:
         """The first SIGTERM: take no new call (upgrades 503, /ready 503, agent `drain`), let every
@@ -476,8 +541,10 @@ def parse_voice_spec(spec: str) -> VoiceRequest:
 
 async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.Future | None = None,
               stop: asyncio.Event | None = None, limits: Limits | None = None,
-              drain: asyncio.Event | None = None, agent_ready: concurrent.futures.Future | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, `drain` or `stop`, then shut down.
+              drain: asyncio.Event | None = None, agent_ready: concurrent.futures.Future | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, `drain` or `stop`, then shut down; or until the engine fails.
+    Returns the process's exit status: 0 after a stop, EXIT_ENGINE_FAILED (1) after an engine
+    failure (`Dia2Server.watch_engine`), so a supervisor restarts it.
 
     The first SIGTERM/SIGINT (or `drain` set) drains (`Dia2Server.drain`, up to
     `--drain-timeout-s`); a second one (or `stop` set) ends at once (`Dia2Server.shut_down`).
@@ -499,7 +566,7 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
         tts, engine = await asyncio.to_thread(build_engine, config, metrics)
         use_device(str(tts.device))  # /metrics reads the allocator's figures on this thread
         server = Dia2Server(engine, tts.name, str(tts.device), config.max_lead_ms, limits=limits, policy=policy,
-                            metrics=metrics, web=config.web)
+                            metrics=metrics, web=config.web, engine_stall_s=config.engine_stall_s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             try:
@@ -529,13 +596,18 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
                 http_api, server.http_port = await start_http_api(server, config.host, config.http_port)
             if ready is not None:
                 ready.set_result(port)
-            await _first_set(drain, stop)
-            if not stop.is_set() and config.drain_timeout_s > 0:
-                await server.drain(config.drain_timeout_s, interrupted=stop)
+            watchdog = asyncio.create_task(server.watch_engine())
+            stack.callback(watchdog.cancel)
+            await _first_set(drain, stop, server.failed)
+            if not stop.is_set() and not server.failed.is_set() and config.drain_timeout_s > 0:
+                await server.drain(config.drain_timeout_s, interrupted=stop)  # a failure closes every call: it ends
+            if server.failure is not None:
+                await asyncio.sleep(FAILED_EXIT_DELAY_S)  # /health says why to a probe on its way
             ws_server.close(close_connections=False)  # stop accepting; our own close tells each call why
             await server.shut_down()
             if http_api is not None:
                 await http_api.cleanup()
+            return EXIT_ENGINE_FAILED if server.failure is not None else 0
     except BaseException as exc:
         for future in (ready, agent_ready):
             if future is not None and not future.done():

@@ -120,6 +120,7 @@ class ErrorCode(enum.StrEnum):
     IDLE_TIMEOUT = "idle_timeout"  # no command for too long; the connection is closed after it
     SHUTTING_DOWN = "shutting_down"  # the server is stopping; the connection is closed after it
     DRAINING = "draining"  # the server is draining for a restart: no new turn here; reconnect
+    POLICY_VIOLATION = "policy_violation"  # flood, or repeated binary/oversize messages: closed (1008) after it
 
 
 class ProtocolError(Exception):
