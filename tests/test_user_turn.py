@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import io
 import queue
-import time
 
 import numpy as np
 import pytest

@@ -326,6 +326,8 @@ class Engine:
         try:
             work.run()
         except Exception as exc:
+            if is_device_fault(exc):
+                raise
             log.exception("call %d: error in planned work (%s)", call.slot.index, work.what)
             call.fail(exc)
         for envelope in self._deferred.pop(call, []):  # in the order they came
