@@ -18,6 +18,7 @@ An adapter keeps its own state (contexts, alignment clocks, encoders) in plain a
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 from dataclasses import dataclass
@@ -57,7 +58,7 @@ class Close:
 Action = Union[Submit, Send, Later, Close]
 
 
-class Adapter:
+class Adapter(abc.ABC):
     """The interface the compat session drives (see the module docstring)."""
 
     api = "?"  # for logs and metrics
@@ -67,16 +68,18 @@ class Adapter:
         """Actions right after the upgrade (a refusal of the request's parameters, a greeting)."""
         return []
 
+    @abc.abstractmethod
     def receive(self, message: str | bytes) -> list[Action]:
-        raise NotImplementedError
+        """What one client message asks for."""
 
+    @abc.abstractmethod
     def translate(self, item: object) -> list[Action]:
-        raise NotImplementedError
+        """What one of the call's events or frames becomes on this API's wire."""
 
+    @abc.abstractmethod
     def refuse(self, code: str, message: str) -> str:
         """A connection-level refusal (`busy`, `idle_timeout`, `message_too_large`, ...) in the
         API's error shape."""
-        raise NotImplementedError
 
 
 def to_json(obj: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ and errors into its error shape (`error`).
 
 from __future__ import annotations
 
+import abc
 import itertools
 import logging
 from collections import OrderedDict
@@ -71,14 +72,17 @@ class ContextAdapter(Adapter):
 
     # -- for subclasses ---------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def audio_messages(self, ctx: Context, audio: bytes, words: list[str]) -> list:
-        raise NotImplementedError
+        """A context's audio (and its words) in this API's messages."""
 
+    @abc.abstractmethod
     def final_messages(self, ctx: Context, tail: bytes, words: list[str]) -> list:
-        raise NotImplementedError
+        """The last of a finished context: its tail audio and the API's end message."""
 
+    @abc.abstractmethod
     def error(self, code: str, message: str, context_id: str | None = None) -> str:
-        raise NotImplementedError
+        """An error in this API's shape."""
 
     def utterance_done(self, ctx: Context) -> list:
         """The call finished speaking what a context was given so far (after a flush)."""
