@@ -457,6 +457,7 @@ class Engine:
             if call.draining:
                 call.note_drained()
         elapsed = time.perf_counter() - t0
+        self._last_progress = time.monotonic()  # the liveness watchdog's clock: a step completed
         self.last_step_ms = elapsed * 1000
         self.last_step_calls = len(stepping)
         self.host_ms += 0.1 * ((elapsed - device_s) * 1000 - self.host_ms)

@@ -279,15 +279,18 @@ class AbuseWatch:
 def misfit(message: str | bytes, limits: Limits) -> Offence | None:
     """What is wrong with a message before it is parsed, from its type and length (and, for a
     large text, one substring search): BINARY for a binary message, OVERSIZE for a text above
-    the command limit that cannot be a set_voice (it never names the command) or that is above
-    the voice limit, else None."""
+    the command limit that cannot be a set_voice or user_turn (it names neither command) or that
+    is above the audio limit, else None."""
     if not isinstance(message, str):
         return Offence.BINARY
     if not is_large(message, limits.max_command_bytes):
         return None
-    if limits.max_voice_message_bytes == 0 or '"set_voice"' not in message:
+    if limits.max_voice_message_bytes == 0 or not any(cmd in message for cmd in LARGE_COMMANDS):
         return Offence.OVERSIZE
     return None
+
+
+LARGE_COMMANDS = ('"set_voice"', '"user_turn"')  # the commands that may carry audio past the command limit
 
 
 def policy_error(offence: Offence, limits: Limits) -> p.ErrorEvent:
