@@ -99,6 +99,15 @@ def parse_object(message: str | bytes) -> dict[str, Any]:
     return obj
 
 
+def parse_known(message: str | bytes, known: frozenset | set, ignored: "IgnoredFields") -> dict[str, Any]:
+    """`parse_object`, noting (once, in the log) the fields this API has that we ignore."""
+    obj = parse_object(message)
+    unknown = set(obj) - known
+    if unknown:
+        ignored.note(sorted(unknown))
+    return obj
+
+
 class IgnoredFields:
     """Logs, once per adapter and field, the fields an API defines that we accept and ignore."""
 

@@ -17,7 +17,7 @@ import base64
 
 from dia2stream.wire.compat.audio import ALAW, PCM_F32LE, PCM_RATES, PCM_S16LE, ULAW, StreamFormat
 from dia2stream.clock import SAMPLE_RATE
-from dia2stream.wire.compat.base import MAX_CONTEXT_ID_CHARS, IgnoredFields, Send, parse_object, to_json
+from dia2stream.wire.compat.base import MAX_CONTEXT_ID_CHARS, IgnoredFields, Send, parse_known, to_json
 from dia2stream.wire.compat.contexts import FRAME_MS, Context, ContextAdapter
 
 ENCODINGS = {"pcm_s16le": PCM_S16LE, "pcm_f32le": PCM_F32LE, "pcm_mulaw": ULAW, "pcm_alaw": ALAW}
@@ -58,12 +58,9 @@ class CartesiaAdapter(ContextAdapter):
 
     def receive(self, message) -> list:
         try:
-            msg = parse_object(message)
+            msg = parse_known(message, KNOWN_FIELDS, self.ignored)
         except ValueError as exc:
             return [Send(self.error("invalid_message", str(exc)))]
-        unknown = set(msg) - KNOWN_FIELDS
-        if unknown:
-            self.ignored.note(sorted(unknown))
         cid = msg.get("context_id")
         if not isinstance(cid, str) or not cid or len(cid) > MAX_CONTEXT_ID_CHARS:
             return [Send(self.error("invalid_message", "context_id must be a non-empty string of at most "

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from dia2stream.wire.compat.audio import StreamFormat, parse_elevenlabs_format
 from dia2stream.wire.compat.base import (CLOSE_NORMAL, CLOSE_POLICY, MAX_CONTEXT_ID_CHARS, Close, IgnoredFields, Send,
-                                         parse_object, to_json)
+                                         parse_known, to_json)
 from dia2stream.wire.compat.contexts import FRAME_MS, Context, ContextAdapter
 
 
@@ -105,12 +105,9 @@ class ElevenLabsAdapter(ContextAdapter):
 
     def receive(self, message) -> list:
         try:
-            msg = parse_object(message)
+            msg = parse_known(message, KNOWN_FIELDS, self.ignored)
         except ValueError as exc:
             return [Send(self.error("invalid_message", str(exc)))]
-        unknown = set(msg) - KNOWN_FIELDS
-        if unknown:
-            self.ignored.note(sorted(unknown))
         text = msg.get("text")
         if text is not None and not isinstance(text, str):
             return [Send(self.error("invalid_message", "text must be a string"))]
