@@ -42,6 +42,27 @@ serve() {  # serve NAME ARGS...: the real server in the background, waits for /h
   echo "server $name did not come up"; tail -20 "$OUT/server-$name.log"; return 1
 }
 stop() { kill -TERM "$SERVER" 2>/dev/null; wait "$SERVER" 2>/dev/null; }
+# While a load runs: /health (step_ms, step_calls, host_ms) and the GPU's busy share (nvidia-smi's
+# utilization.gpu: the share of each sample period with a kernel running) every 0.5 s.
+sample() {
+  nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -lms 500 > "$OUT/gpu-util-$1.txt" 2>/dev/null &
+  local smi=$!
+  trap 'kill $smi 2>/dev/null; exit 0' TERM
+  while true; do health >> "$OUT/health-$1.jsonl" 2>/dev/null; sleep 0.5; done
+}
+summarise() {  # the samples taken while calls were active
+  python3 - "$OUT/health-$1.jsonl" "$OUT/gpu-util-$1.txt" <<'PY'
+import json, statistics, sys
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip().startswith("{")]
+rows = [r for r in rows if r.get("calls", 0) > 0]
+util = [float(x) for x in open(sys.argv[2]).read().split() if x.replace(".", "").isdigit()]
+def q(xs, f): return round(sorted(xs)[min(len(xs) - 1, int(f * len(xs)))], 2) if xs else None
+host = [r["host_ms"] for r in rows]; step = [r["step_ms"] for r in rows]
+print(f"samples {len(rows)}: host_ms p50 {q(host, .5)} p95 {q(host, .95)}; step_ms p50 {q(step, .5)} p95 {q(step, .95)}; "
+      f"calls max {max((r['calls'] for r in rows), default=0)}; GPU busy % p50 {q(util, .5)} mean "
+      f"{round(statistics.mean(util), 1) if util else None}")
+PY
+}
 
 if [[ $STAGES == *load* ]]; then
   t0=$(date +%s)
@@ -58,9 +79,12 @@ if [[ $STAGES == *callcentre* ]]; then  # issue 18's targets: the call-centre pa
   serve callcentre --max-calls "${MAX_CALLS:-128}" --compile "${COMPILE:-auto}" ${SERVER_ARGS:-} && \
     echo "server up in $(( $(date +%s) - t0 )) s: $(health)"
   for n in ${CALLS_CC:-1 64 128}; do
+    sample "callcentre-$n" &
+    SAMPLER=$!
     python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --pattern call-centre --calls "$n" --turns "${TURNS:-4}" \
       --arrival-window "${WINDOW:-20}" --seed 1 --quiet --json "$OUT/callcentre-$n.json" > "$OUT/callcentre-$n.txt" 2>&1
-    echo "== call-centre, $n calls (health after: $(health))"; cat "$OUT/callcentre-$n.txt"
+    kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null
+    echo "== call-centre, $n calls (health after: $(health))"; cat "$OUT/callcentre-$n.txt"; summarise "callcentre-$n"
   done
   for n in ${CALLS_LOCK:-64}; do
     python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
