@@ -5,6 +5,7 @@
 # (default .whl). Results land in $OUT (default .) as JSON and logs.
 #   OUT=/tmp/o scripts/gpu_kernel_ab.sh
 #   STAGES=sweep scripts/gpu_kernel_ab.sh
+#   STAGES=tests,pick,bench scripts/gpu_kernel_ab.sh   # pick: scripts/pick_bench.py, the draw alone
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-.}"
@@ -22,6 +23,10 @@ if [[ $STAGES == *tests* ]]; then
   timeout "${TESTS_TIMEOUT:-240}" python3 -m pytest -q -p no:cacheprovider tests/test_fused_pick.py \
     tests/test_fused_frame.py tests/test_kernels.py tests/test_gpu.py -k "${TESTS_K:-not nothing}" > "$OUT/gpu-tests.log" 2>&1
   echo "tests rc $?"; grep -E "passed|failed|Error|^FAILED" "$OUT/gpu-tests.log" | tail -12
+fi
+if [[ $STAGES == *pick* ]]; then  # the draw alone: sorted vs fused, by warps and select bits
+  timeout "${PICK_TIMEOUT:-90}" python3 scripts/pick_bench.py --json "$OUT/pick.json" > "$OUT/pick.log" 2>&1
+  echo "pick rc $?"; cut -c1-400 "$OUT/pick.log" | tail -6
 fi
 if [[ $STAGES == *bench* ]]; then
   # one process: the one-call step with each change off and on (profiled), the batched steps,
