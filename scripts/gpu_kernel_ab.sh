@@ -45,8 +45,10 @@ if [[ $STAGES == *ab* ]]; then
   # run 15 each later variant's decoder-only lane ran 0.1-0.3 ms slower for it
   steps="${AB_STEPS:-graph_compiled_triton_sortdraw_cfg2,graph_compiled_triton_cfg2}"
   for v in ${steps//,/ }; do
+    sampler=auto; [[ $v == *sortdraw* ]] && sampler=torch  # the batched rows draw as the variant does
     timeout "${AB_TIMEOUT:-150}" python3 -m dia2stream.tools.bench --presets 2b --frames 100 --compile --profile \
-      --kernels triton --batched "${BATCHED:-1,64}" --skip-server --steps "$v" --json "$OUT/ab-$v.json" \
+      --kernels triton --sampler "$sampler" --batched "${BATCHED:-1,64}" --skip-server --steps "$v" \
+      --json "$OUT/ab-$v.json" \
       > "$OUT/ab-$v.log" 2>&1
     echo "ab $v rc $?"; grep -E "step graph|batched|error|Error" "$OUT/ab-$v.log" | cut -c1-200
   done
