@@ -1,6 +1,7 @@
 """The draw alone on the GPU: the sorted torch path (`runtime.pick`) against the fused kernel
-(`fused_pick.pick`) at 1 warp, 2 and 4, each in a CUDA graph, for a frame's logits at 1-128 calls
-with CFG and 1 call without. Prints µs per draw and whether the tokens agree.
+(`fused_pick.pick`) at 4 and 8 warps and 1, 2 or 4 threshold bits a counting pass
+(`SELECT_BITS`), each in a CUDA graph, for a frame's logits at 1-128 calls with CFG and 1 call
+without. Prints µs per draw and whether the tokens agree.
 
     python3 scripts/pick_bench.py --json pick.json
 """
@@ -32,7 +33,7 @@ def main() -> int:
     args = parser.parse_args()
     dev = torch.device("cuda")
     rows = []
-    for calls, branches in ((1, 2), (8, 2), (32, 2), (128, 2), (1, 1)):
+    for calls, branches in ((1, 2), (1, 1), (64, 2), (128, 2)):
         g = torch.Generator(device=dev).manual_seed(calls)
         logits = (torch.randn(calls * branches, 2048, device=dev, generator=g) * 3).bfloat16().float()
         keys = torch.arange(calls, device=dev)
@@ -44,11 +45,14 @@ def main() -> int:
         ref = lambda: pick(logits, inv, noise, scale, branches=branches, filter_k=50, max_top_k=256)  # noqa: E731
         row = {"calls": calls, "cfg": branches == 2, "sorted_us": round(time_graph(ref), 2)}
         want = ref()
-        for warps in (1, 2, 4):
-            fused_pick.PICK_WARPS = {True: warps, False: warps}
-            fn = lambda: fused_pick.pick(logits, inv, noise, scale, top, branches=branches, filter_k=50)  # noqa: E731
-            row[f"fused_{warps}w_us"] = round(time_graph(fn), 2)
-            row[f"fused_{warps}w_equal"] = bool(torch.equal(fn(), want))
+        for warps in (4, 8):
+            for bits in (1, 2, 4):
+                fused_pick.PICK_WARPS = {True: warps, False: warps}
+                fused_pick.SELECT_BITS = bits
+                def fn():
+                    return fused_pick.pick(logits, inv, noise, scale, top, branches=branches, filter_k=50)
+                row[f"fused_{warps}w_{bits}b_us"] = round(time_graph(fn), 2)
+                row[f"fused_{warps}w_{bits}b_equal"] = bool(torch.equal(fn(), want))
         rows.append(row)
         print(row, flush=True)
         if args.json:  # after every row: a run cut short keeps what it measured

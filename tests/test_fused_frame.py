@@ -42,7 +42,7 @@ def _run(tts, *, cfg: bool, prefix: bool, temperature: float, graph: bool, **opt
     machine.push(parse_script("[S1] Hello there, how are you doing today? " * 4, tts.tokenizer))
     actions, codes = [], []
     for _ in range(FRAMES):
-        t = stepper.host_positions[0]
+        t = stepper.position(0)
         action = stepper.step([machine.preview(t)])[0]
         machine.process(t, action)
         actions.append(action)
@@ -77,3 +77,35 @@ def test_fused_path_graphs_match_eager(tts):
     graph = _run(tts, cfg=True, prefix=False, temperature=0.8, graph=True, kernels="triton", sampler="triton")
     assert eager[0] == graph[0]
     assert torch.equal(eager[1], graph[1])
+
+
+def _batched(tts, calls: int, *, cfg: bool, temperature: float, **options):
+    """`calls` slots stepped together for 30 frames (one padded batch size), each with its own seed
+    and text: actions and every slot's delayed buffer."""
+    stepper = tts.new_stepper(n_calls=calls, cfg=cfg, max_positions=64, use_cuda_graph=True, batch_sizes=(calls,),
+                              kernels="triton", **options)
+    machines = []
+    for call in range(calls):
+        stepper.set_sampling(call, SamplingParams(seed=call, cfg_scale=2.0 if cfg else 1.0,
+                                                  text_temperature=temperature, audio_temperature=temperature))
+        machine = tts.new_state_machine()
+        machine.push(parse_script(f"[S1] Call {call} says hello there, how are you doing today? " * 2, tts.tokenizer))
+        machines.append(machine)
+    actions = []
+    for _ in range(30):
+        got = stepper.step([m.preview(stepper.position(c)) for c, m in enumerate(machines)])
+        for c, m in enumerate(machines):
+            m.process(stepper.position(c) - 1, got[c])
+        actions.append(got)
+    return actions, torch.stack([stepper.written_codes(c) for c in range(calls)]).cpu()
+
+
+# rows = calls x branches: 2 (the Triton depformer), 16, 64 and 256 (the compiled torch depformer)
+@pytest.mark.parametrize("calls,cfg", [(2, False), (8, True), (32, True), (128, True)])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_batched_frames_with_the_fused_draw_take_the_sorted_paths_tokens(tts, calls, cfg, temperature):
+    ref = _batched(tts, calls, cfg=cfg, temperature=temperature, sampler="torch")
+    new = _batched(tts, calls, cfg=cfg, temperature=temperature, sampler="triton")
+    assert ref[0] == new[0]
+    assert torch.equal(ref[1], new[1])
+    assert sum(map(sum, ref[0])) > 0

@@ -136,3 +136,51 @@ def test_strided_stream_views_are_read_as_such():
     ref = pick(logits.clone(), inv_temp[:, 1], noise[:, 1], scale, branches=2, filter_k=FILTER_K,
                max_top_k=MAX_TOP_K)
     assert torch.equal(out, ref)
+
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_every_select_width_takes_the_same_tokens(monkeypatch, bits):
+    # the threshold select decides 1, 2 or 4 bits a pass (SELECT_BITS): the same candidates, so the
+    # same tokens, with and without CFG, top-k at the row's edges; on bf16-rounded logits (ties at
+    # the threshold, as the depformer's have them) against the one-bit select, and on fp32 ones
+    # against the sorted path
+    for branches, top_k in ((1, 1), (1, 256), (2, 50)):
+        logits, inv_temp, noise, scale, top = _frame(16, branches, seed=40 + top_k, temperature=0.8, top_k=top_k)
+        tied = logits.bfloat16().float()
+        monkeypatch.setattr(fused_pick, "SELECT_BITS", 1)
+        one_bit = fused_pick.pick(tied, inv_temp, noise, scale, top, branches=branches, filter_k=FILTER_K)
+        monkeypatch.setattr(fused_pick, "SELECT_BITS", bits)
+        out = fused_pick.pick(tied, inv_temp, noise, scale, top, branches=branches, filter_k=FILTER_K)
+        assert torch.equal(out, one_bit)
+        out, ref = _both(logits, inv_temp, noise, scale, top, branches)
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cfg", [False, True])
+def test_whole_greedy_frames_take_the_sorted_paths_tokens(tiny_dir, cfg):
+    # bf16 logits tie at the top in about one draw in fifty: both draws must take the lower id
+    # (on the CPU, torch's top-k alone orders ties otherwise). 12 frames of the tiny checkpoint
+    # with the torch depformer (the Triton one takes minutes a frame under the interpreter).
+    from vendor_dia2 import Dia2
+    from vendor_dia2.runtime import SamplingParams
+    from vendor_dia2.script import parse_script
+
+    tts = Dia2.from_pretrained(str(tiny_dir), device=DEVICE, dtype=torch.bfloat16)
+    runs = []
+    for sampler in ("torch", "triton"):
+        stepper = tts.new_stepper(cfg=cfg, max_positions=40, kernels="torch", sampler=sampler)
+        stepper.set_sampling(0, SamplingParams(seed=5, cfg_scale=2.0 if cfg else 1.0, text_temperature=0.0,
+                                               audio_temperature=0.0))
+        machine = tts.new_state_machine()
+        machine.push(parse_script("[S1] Hello there, how are you doing today? " * 2, tts.tokenizer))
+        actions, codes = [], []
+        for _ in range(12):
+            t = stepper.position(0)
+            actions.append(stepper.step([machine.preview(t)])[0])
+            machine.process(t, actions[-1])
+            codes.append(stepper.codes.clone())
+        runs.append((actions, torch.stack(codes)))
+    assert runs[0][0] == runs[1][0]
+    assert torch.equal(runs[0][1], runs[1][1])

@@ -72,7 +72,7 @@ def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_
         if banned:
             for token in banned:
                 values = values.masked_fill(ids == token, float("-inf"))
-            values, order = values.sort(dim=-1, descending=True)  # keep the rank order top-k relies on
+            values, order = values.sort(dim=-1, descending=True, stable=True)  # keep the rank order top-k relies on
             ids = ids.gather(1, order)
     return draw(values, ids, inv_temp, noise)
 

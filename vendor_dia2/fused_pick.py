@@ -6,9 +6,10 @@ forcing); in a frame that is 33 draws, 0.66 ms of the H100's 7.5 ms step (docs/b
 Here one program per call does the same arithmetic over the logits row(s):
 
 1. guided = lerp(uncond, cond, scale) with CFG (torch.lerp's formula), else the logits;
-2. the k-th largest guided value by a bitwise bisection over order-preserving 32-bit keys
-   (a threshold select: 32 counts over the row, no sort), k = the CFG filter or the stream's
-   top-k; ties at the threshold go to the lower ids, as torch's top-k takes them;
+2. the k-th largest guided value by a bisection over order-preserving 32-bit keys, SELECT_BITS
+   bits a pass (a threshold select: 32 / SELECT_BITS rounds of counts over the row, no sort),
+   k = the CFG filter or the stream's top-k; ties at the threshold go to the lower ids, the
+   sorted path's rule (`sampling.top_candidates`);
 3. the candidates (at most `KP`) compacted in id order through a small scratch row, each ranked
    by (conditional logit desc, guided desc, id asc): the order the sorted path's two stable
    sorts leave them in;
@@ -18,8 +19,9 @@ Here one program per call does the same arithmetic over the logits row(s):
 
 With `next_embed` the kernel also writes the next depformer stage's input rows
 (`projected + embed[code]` on both CFG branches), which the stage would otherwise spend three
-launches on. Tokens equal `runtime.pick` wherever the logits have no ties that the sorted path
-orders differently (tests/test_fused_pick.py; the GPU tests compare whole greedy runs).
+launches on. Tokens equal `runtime.pick`'s, ties included (bf16 logits tie at the top in about
+one draw in fifty): tests/test_fused_pick.py (with whole frames after the torch depformer), and
+whole frames on the GPU in tests/test_fused_frame.py.
 """
 
 from __future__ import annotations
@@ -32,10 +34,16 @@ triton, tl = kernels.triton, kernels.tl
 
 # Rows of candidates ranked against each other per step of the pairwise count (registers).
 RANK_CHUNK = 64
-# Warps per draw, by CFG. Measured on the H200 (docs/bench/run13-h200/pick-13b.txt, a CFG draw
-# in a CUDA graph): 4 warps 11.5 us, 2 warps 14.4, 1 warp 36.6 (the sorted path 40-61 us); with one
-# warp each lane counts 64 keys 32 times over, which costs more than the shared-memory reductions.
-PICK_WARPS = {True: 4, False: 4}
+# Warps per draw (by CFG) and bits of the threshold decided per counting pass (1, 2 or 4: 32 /
+# SELECT_BITS dependent block reductions a draw, each of 2^SELECT_BITS counts). Measured on the
+# H200 (docs/bench/run15-h200/pick.log: the draw alone in a CUDA graph, µs at 1 / 64 calls with
+# CFG, and 1 call without; the sorted path 39.7 / 59.7 and 47.7):
+#   4 warps, 1 bit 17.2 / 17.8 and 139; 4 warps, 4 bits 39.6 / 40.4 and 186 (spilled counts);
+#   8 warps, 1 bit 14.3 / 14.6 and 22.7; 8 warps, 2 bits 11.5 / 11.8 and 19.9; 8 warps, 4 bits
+#   15.0 / 15.2 and 27.1.
+# Without CFG the pairwise rank of up to 256 candidates needs the 8 warps' registers.
+PICK_WARPS = {True: 8, False: 8}
+SELECT_BITS = 2
 
 if triton is not None:
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -53,7 +61,8 @@ if triton is not None:
                      top_k_ptr, stride_tk, forced_ptr, stride_f, known_ptr, stride_kn, out_ptr, scratch_ptr,
                      proj_ptr, stride_p, embed_ptr, stride_e, x_next_ptr, stride_x,
                      banned0, banned1, filter_k,
-                     CFG: tl.constexpr, BR: tl.constexpr, HAS_FORCED: tl.constexpr, HAS_NEXT: tl.constexpr, PDL: tl.constexpr,
+                     CFG: tl.constexpr, BR: tl.constexpr, DIGIT: tl.constexpr, HAS_FORCED: tl.constexpr,
+                     HAS_NEXT: tl.constexpr, PDL: tl.constexpr,
                      VB: tl.constexpr, KP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, DB: tl.constexpr):
         n = tl.program_id(0)
         if PDL:
@@ -74,12 +83,15 @@ if triton is not None:
             guided = tl.where((offs == banned0) | (offs == banned1), -3.4028234663852886e38, cond)
             k = tl.minimum(tl.load(top_k_ptr + n * stride_tk).to(tl.int32), V)
         key = _order_key(guided)
-        # the k-th largest key: the largest t with at least k keys >= t, one bit at a time
+        # the k-th largest key: the largest t with at least k keys >= t, DIGIT bits at a time (each
+        # pass counts the keys above all 2^DIGIT trial values at once: one reduction, not DIGIT)
         t = tl.zeros([], dtype=tl.uint32)
-        for i in tl.static_range(32):
-            trial = t | tl.full([], 1 << (31 - i), tl.uint32)
-            count = tl.sum(((key >= trial) & valid).to(tl.int32), axis=0)
-            t = tl.where(count >= k, trial, t)
+        digit = tl.arange(0, 1 << DIGIT).to(tl.uint32)
+        for i in tl.static_range(32 // DIGIT):
+            trial = t | (digit << (32 - DIGIT * (i + 1)))  # [2^DIGIT], non-decreasing
+            counts = tl.sum(((key[:, None] >= trial[None, :]) & valid[:, None]).to(tl.int32), axis=0)
+            # counts do not increase with the digit, and digit 0 (t itself) always has k keys
+            t = tl.max(tl.where(counts >= k, trial, t), axis=0)
         above = valid & (key > t)
         tied = valid & (key == t)
         need = k - tl.sum(above.to(tl.int32), axis=0)
@@ -177,7 +189,8 @@ def pick(logits: torch.Tensor, inv_temp: torch.Tensor, noise: torch.Tensor, cfg_
                        forced if forced is not None else dummy, forced.stride(0) if forced is not None else 0,
                        known if known is not None else dummy, known.stride(0) if known is not None else 0,
                        out, scratch, proj, proj.stride(0), table, table.stride(0), x_next, x_next.stride(0),
-                       b0, b1, filter_k, CFG=branches == 2, BR=branches, HAS_FORCED=forced is not None,
+                       b0, b1, filter_k, CFG=branches == 2, BR=branches, DIGIT=SELECT_BITS,
+                       HAS_FORCED=forced is not None,
                        HAS_NEXT=next_embed is not None, PDL=kernels.pdl_enabled(),
                        VB=triton.next_power_of_2(v), KP=kp, CHUNK=RANK_CHUNK, D=d,
                        DB=min(1024, triton.next_power_of_2(d)), **opts)

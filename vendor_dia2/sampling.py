@@ -51,18 +51,28 @@ def gumbel_noise(seed: torch.Tensor, position: torch.Tensor, streams: int, width
 
 
 def top_candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k best (values, ids), sorted descending. logits `[N, V]`."""
-    values, ids = logits.float().topk(min(k, logits.shape[1]), dim=-1)
-    return values, ids
+    """The k best (values, ids), sorted descending, equal values lowest id first (bf16 logits tie
+    at the top in about one draw in fifty, and the fused draw, `fused_pick`, follows this rule).
+    logits `[N, V]`."""
+    logits = logits.float()
+    k = min(k, logits.shape[1])
+    if logits.device.type == "cpu" or k <= 32:
+        # CPU's top-k orders equal values as its partial sort leaves them, and CUDA's orders up to
+        # 32 of them by a sorting network: a stable sort keeps the rule
+        values, ids = logits.sort(dim=-1, descending=True, stable=True)
+        return values[:, :k], ids[:, :k]
+    # CUDA's top-k keeps it for more: its radix select gathers the candidates in id order and a
+    # stable sort orders them (whole greedy frames against the fused draw: tests/test_fused_frame.py)
+    return logits.topk(k, dim=-1)
 
 
 def guided_candidates(cond: torch.Tensor, uncond: torch.Tensor, scale: torch.Tensor,
                       filter_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """CFG: the top-`filter_k` ids of `uncond + scale * (cond - uncond)`, ranked (sorted) by the
-    conditional logits. cond, uncond `[N, V]`; scale `[N]`."""
+    conditional logits, equal ones in the guided order. cond, uncond `[N, V]`; scale `[N]`."""
     guided = torch.lerp(uncond.float(), cond.float(), scale[:, None])
-    ids = guided.topk(min(filter_k, cond.shape[1]), dim=-1).indices
-    values, order = cond.float().gather(1, ids).sort(dim=-1, descending=True)
+    _, ids = top_candidates(guided, filter_k)
+    values, order = cond.float().gather(1, ids).sort(dim=-1, descending=True, stable=True)
     return values, ids.gather(1, order)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from vendor_dia2 import Dia2
+from vendor_dia2 import fused_pick
 from vendor_dia2 import kernels as fused_kernels
 from vendor_dia2.checkpoint import write_random_checkpoint
 from vendor_dia2.config import preset
@@ -443,6 +444,9 @@ VARIANT_OPTIONS = {  # variant name parts that change a default, to time one cha
     "sortdraw": ("sampler", "torch"),  # the sorted torch draw under the triton kernels
     "fuseddraw": ("sampler", "triton"),  # the fused draw under the torch kernels
     "nopdl": ("pdl", False),  # triton kernels without programmatic dependent launch
+    "bits1": ("select_bits", 1),  # the fused draw's threshold select, 1, 2 or 4 bits a pass
+    "bits2": ("select_bits", 2),
+    "bits4": ("select_bits", 4),
 }
 
 
@@ -479,8 +483,10 @@ def run_preset(name: str, args) -> dict:
         graph, compile, kernels, weights, cfg = parse_variant(key)
         options = variant_options(key)
         frames = args.frames if graph else max(20, args.frames // 4)
+        select_bits = fused_pick.SELECT_BITS
         try:
             fused_kernels.PDL = options.get("pdl")  # None: the default (on where the GPU has it)
+            fused_pick.SELECT_BITS = options.get("select_bits", select_bits)  # read when the graphs are captured
             steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
                                      weights=weights, sampler=options.get("sampler", "auto"),
                                      profile=args.profile and graph and cfg and key != "graph_cfg2")
@@ -488,6 +494,7 @@ def run_preset(name: str, args) -> dict:
             steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         finally:
             fused_kernels.PDL = None
+            fused_pick.SELECT_BITS = select_bits
         print(f"[{name}] step {key}: {steps[key]}", flush=True)
     if args.fp8_agreement and device.type == "cuda":
         result["fp8_agreement"] = bench_fp8_agreement(tts, frames=args.fp8_agreement)
