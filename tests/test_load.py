@@ -115,3 +115,17 @@ def test_duration_limit_stops_the_run_and_keeps_what_was_measured(server, tmp_pa
     assert status == 1
     assert any("duration-limit" in e for e in report["summary"]["errors"])
     assert report["calls"][0]["turns"][0]["frames"] > 0  # the cut-off turn is still reported
+
+
+@pytest.mark.slow
+def test_call_centre_sends_a_callers_turn_before_each_agent_turn_after_the_first(server, tmp_path):
+    out = tmp_path / "load.json"
+    status = load.main([server.url, "--pattern", "call-centre", "--calls", "1", "--turns", "2", "--arrival-window", "0",
+                        "--barge-in-every", "0", "--user-turn-seconds", "2", "--seed", "0", "--quiet",
+                        "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert status == 0, report["summary"]["errors"]
+    summary, (call,) = report["summary"], report["calls"]
+    assert summary["user_turns"] == 1 and summary["user_turn_prefill_ms"]["n"] == 1
+    assert len(call["user_turn_prefill_ms"]) == 1 and call["user_turn_prefill_ms"][0] >= 0
+    assert [t["kind"] for t in call["turns"]] == ["first", "next"] and all(t["done"] for t in call["turns"])

@@ -43,8 +43,8 @@ from .graphs import CACHE_BUCKETS, FrameGraphs, default_batch_sizes
 from .model import Dia2Model
 from .slots import NEW_WORD_ACTION, UNGENERATED, SamplingParams, SlotPlace, SlotTable, StepperSnapshot
 
-__all__ = ["CACHE_BUCKETS", "FrameFunctions", "FrameStepper", "NEW_WORD_ACTION", "PREFIX_BOUNDARIES", "PrefillSpan", "PrefixBoundary",
-           "SamplingParams", "SlotPlace", "StepperSnapshot", "UNGENERATED", "default_batch_sizes", "pick"]
+__all__ = ["CACHE_BUCKETS", "FrameFunctions", "FrameStepper", "NEW_WORD_ACTION", "PREFIX_BOUNDARIES", "PrefillSpan",
+           "PrefixBoundary", "SamplingParams", "SlotPlace", "StepperSnapshot", "UNGENERATED", "default_batch_sizes", "pick"]
 
 
 @dataclass(frozen=True)
