@@ -530,10 +530,8 @@ class Call:
         except p.ProtocolError as err:
             self.emit(err.to_event())
             return
-        window, rolls_over = self._kept_before_user_turn(loaded.frames)
-        prefilled = loaded.frames + (self._floor_frame + window if rolls_over else 0)
         self.slot.plan_prefill(PlannedPrefill(lambda: self._append_user_turn(loaded, client_id),
-                                              f"user turn of {loaded.frames} frames", prefilled))
+                                              f"user turn of {loaded.frames} frames"))
 
     def _check_user_turn(self, loaded: "LoadedUserTurn", client_id) -> None:
         def refuse(code, message):
@@ -568,7 +566,7 @@ class Call:
         rollback drops them."""
         assert self.slot.pending_replay is None, "the engine finishes a rollback's re-decode first"
         t0 = time.perf_counter()
-        slot, turn = self.slot, self.turn
+        settings, slot, turn = self.settings, self.slot, self.turn
         floor = self._floor_frame
         resume_at = turn.next_frame  # frames before it are decoded (heard, or the tail's start)
         before = self._state_before(resume_at)
@@ -576,7 +574,11 @@ class Call:
             raise RuntimeError(f"no text state kept for frame {resume_at}")
         codes = slot.encode(loaded.wav)[:, : loaded.frames]  # [Q, N]
         n = codes.shape[1]
-        window, rolls_over = self._kept_before_user_turn(n)
+        room = settings.context_frames - settings.min_turn_frames - floor - n
+        window = resume_at - floor
+        rolls_over = window > room
+        if rolls_over:  # keep the most recent conversation of both speakers
+            window = max(0, min(settings.rollover_frames, room))
         start = floor + window  # where the caller's turn lands
         state, text_in = before
         self.machine.restore(shifted(state, start - resume_at))
@@ -612,17 +614,6 @@ class Call:
         log.info("call %d: caller's turn of %d frames appended at frame %d (%d kept before it%s), %.1f ms",
                  slot.index, n, start, window, ", rolled over" if rolls_over else "", prefill_ms)
         self.emit(p.UserTurnDone(id=client_id, frames=n, position=self.position, prefill_ms=prefill_ms))
-
-    def _kept_before_user_turn(self, frames: int) -> tuple[int, bool]:
-        """The conversation frames kept before a caller's turn of `frames` frames (all since the
-        voice prefix, or the recent window when the turn would not fit), and whether that is a
-        rollover."""
-        settings, floor = self.settings, self._floor_frame
-        room = settings.context_frames - settings.min_turn_frames - floor - frames
-        window = self.turn.next_frame - floor
-        if window > room:  # keep the most recent conversation of both speakers
-            return max(0, min(settings.rollover_frames, room)), True
-        return window, False
 
     def _append_at(self, start: int, codes: torch.Tensor, text: np.ndarray) -> None:
         """Prefill known frames (codes [Q, N], the text inputs of steps start..start + N [N + 1, 2])

@@ -49,12 +49,10 @@ class CodecReplay:
 class PlannedPrefill:
     """Planned work: `run` appends known frames to the call's context (a caller's turn) through
     this handle's `encode` and `prefill`; the engine runs it between frames, when no call is near
-    running dry (or, for a small one, after a few steps for calls near it), and before the call's
-    next command."""
+    running dry, and before the call's next command."""
 
     run: Callable[[], None]
     what: str  # for logs
-    frames: int  # the positions it runs through the decoder: its cost grows with them
 
 
 class SlotHandle:

@@ -299,25 +299,19 @@ class Engine:
                 self._deadline_steps = 0
                 self._last_progress = time.monotonic()
                 return
-        elif self._deadline_steps >= PLANNED_WORK_EVERY and (
-                self._replay_one_frame() or self._prefill_one(max_frames=self.max_calls)):
-            # one re-decoded frame (a decode's cost), or a caller's turn of at most max_calls
-            # frames: a decoder pass over no more rows than one step's (about a decoder-only
-            # step's cost); a larger prefill (a long turn, a rollover) waits for a calm moment
-            self._deadline_steps = 0
+        elif self._deadline_steps >= PLANNED_WORK_EVERY and self._replay_one_frame():
+            self._deadline_steps = 0  # one re-decoded frame (a decode's cost), never a whole prefill
             self._last_progress = time.monotonic()
             return
         if plan is not None:
             self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
             self._step(list(plan.calls))
 
-    def _prefill_one(self, max_frames: int | None = None) -> bool:
-        """One planned prefill (a caller's turn), for the first slot that has one (of at most
-        `max_frames` frames, where given)."""
+    def _prefill_one(self) -> bool:
+        """One planned prefill (a caller's turn), for the first slot that has one."""
         with self._lock:
-            call = next((c for c in self._calls if c is not None and (work := c.slot.pending_prefill) is not None
-                         and c.slot.pending_replay is None and (max_frames is None or work.frames <= max_frames)),
-                        None)
+            call = next((c for c in self._calls if c is not None and c.slot.pending_prefill is not None
+                         and c.slot.pending_replay is None), None)
         if call is None:
             return False
         self._run_prefill(call)
