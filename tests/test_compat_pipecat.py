@@ -64,9 +64,9 @@ class Collector(FrameProcessor):
 class Harness:
     """A pipeline [service, collector] run by pipecat's own worker, fed like an LLM would."""
 
-    def __init__(self, service):
+    def __init__(self, service, before=()):
         self.service, self.collector = service, Collector()
-        self.worker = PipelineWorker(Pipeline([service, self.collector]), params=PipelineParams(),
+        self.worker = PipelineWorker(Pipeline([*before, service, self.collector]), params=PipelineParams(),
                                      cancel_on_idle_timeout=False)
         self.runner = WorkerRunner()
         self.word_times: list[tuple[str, float]] = []  # what the service computed from our alignment
@@ -228,3 +228,54 @@ async def test_native_plugin_words_audio_and_barge_in(server):
     assert times == sorted(times) and times[0] == pytest.approx(0.08)  # the lead-in frame, then the first word
     later = [f.text for f in h.collector.of(TTSTextFrame)]
     assert later[-6:] == ["Hello", "there,", "how", "are", "you", "today?"]
+
+
+def _caller_audio(seconds: float, rate: int = 16_000) -> list[bytes]:
+    """A voiced stretch between quiet ones, in 20 ms chunks of 16-bit PCM, as a transport sends them."""
+    import numpy as np
+
+    t = np.arange(int(seconds * rate)) / rate
+    voiced = (t > 0.5) & (t < seconds - 0.5)
+    pcm = (0.3 * 32767 * np.sin(2 * np.pi * 220 * t) * voiced).astype("<i2").tobytes()
+    chunk = rate // 50 * 2
+    return [pcm[i:i + chunk] for i in range(0, len(pcm), chunk)]
+
+
+async def test_native_plugin_sends_the_callers_turns_between_agent_turns_and_after_a_barge_in(server):
+    """The tap after the STT hands the caller's audio and final transcript to the service, which
+    sends them as one `user_turn` before the agent's next turn: between turns, and after a barge-in."""
+    from pipecat.frames.frames import InputAudioRawFrame, TranscriptionFrame
+
+    from dia2stream.integrations.pipecat import Dia2CallerTap, Dia2TTSService
+
+    service = Dia2TTSService(url=f"ws://127.0.0.1:{server.port}/")
+    tap = service.caller_tap()
+    assert isinstance(tap, Dia2CallerTap)
+    h = Harness(service, before=[tap])
+
+    async def caller_says(text: str) -> None:
+        for chunk in _caller_audio(3.0):
+            await h.worker.queue_frame(InputAudioRawFrame(audio=chunk, sample_rate=16_000, num_channels=1))
+        await h.worker.queue_frame(TranscriptionFrame(text, "caller", "2026-01-01T00:00:00Z"))
+
+    async with h:
+        await caller_says("this was said before the call had a conversation")  # dropped: nowhere to put it
+        await h.say(TOKENS)
+        await h.collector.until(lambda: h.collector.of(TTSStoppedFrame))
+        await caller_says("yes, it's Smith")
+        await h.say(TOKENS)
+        await h.collector.until(lambda: len(h.collector.of(TTSStoppedFrame)) >= 2)
+        assert service.caller_turns_sent == 1 and len(service.caller_turns_done) == 1
+        before = h.audio_bytes()
+        await h.say(LONG_TOKENS)
+        await h.collector.until(lambda: h.audio_bytes() > before + 30 * 3840)  # the long turn is speaking
+        await h.interrupt()
+        await caller_says("wait, stop")
+        await h.say(["Sorry", ",", " go", " ahead", "."])
+        # the answer's own words (the interrupted turn's stop frame may come first)
+        await h.collector.until(lambda: [f.text for f in h.collector.of(TTSTextFrame)][-3:] == ["Sorry,", "go", "ahead."])
+    first, second = service.caller_turns_done
+    # 3 s heard, 2 s of it voiced: the quiet ends are trimmed to a 0.2 s margin each side
+    assert (first["id"], second["id"]) == ("caller-1", "caller-2")
+    assert first["frames"] == second["frames"] == 30
+    assert second["position"] > first["position"] + first["frames"]

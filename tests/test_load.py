@@ -37,7 +37,8 @@ def test_turn_metrics_and_summary_from_a_hand_made_timeline():
 
 def test_arguments_are_bounded():
     for bad in (["--calls", "0"], ["--calls", "100000"], ["--turns", "0"], ["http://127.0.0.1:1/"],
-                ["--duration-limit", "0"]):
+                ["--duration-limit", "0"], ["--user-turn-file", "caller.mp3", "hi"],
+                ["--user-turn-file", "missing.wav", "hi"]):
         with pytest.raises(SystemExit):
             load.parse_args(bad)
     assert load.parse_args([]).url == "ws://127.0.0.1:8765/"
@@ -115,3 +116,28 @@ def test_duration_limit_stops_the_run_and_keeps_what_was_measured(server, tmp_pa
     assert status == 1
     assert any("duration-limit" in e for e in report["summary"]["errors"])
     assert report["calls"][0]["turns"][0]["frames"] > 0  # the cut-off turn is still reported
+
+
+def recorded_caller(path) -> list[str]:
+    """A 2 s recorded caller's turn (a 16 kHz WAV file) for `--user-turn-file`."""
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(32_000) / 16_000
+    sf.write(path, 0.3 * np.sin(2 * np.pi * 180 * t), 16_000, subtype="PCM_16")
+    return ["--user-turn-file", str(path), "yes that is right"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("caller", ["synthetic", "recorded"])
+def test_call_centre_sends_a_callers_turn_before_each_agent_turn_after_the_first(server, tmp_path, caller):
+    out = tmp_path / "load.json"
+    turn = ["--user-turn-seconds", "2"] if caller == "synthetic" else recorded_caller(tmp_path / "caller.wav")
+    status = load.main([server.url, "--pattern", "call-centre", "--calls", "1", "--turns", "2", "--arrival-window", "0",
+                        "--barge-in-every", "0", *turn, "--seed", "0", "--quiet", "--json", str(out)])
+    report = json.loads(out.read_text())
+    assert status == 0, report["summary"]["errors"]
+    summary, (call,) = report["summary"], report["calls"]
+    assert summary["user_turns"] == 1 and summary["user_turn_prefill_ms"]["n"] == 1
+    assert len(call["user_turn_prefill_ms"]) == 1 and call["user_turn_prefill_ms"][0] >= 0
+    assert [t["kind"] for t in call["turns"]] == ["first", "next"] and all(t["done"] for t in call["turns"])

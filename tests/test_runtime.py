@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from vendor_dia2.config import preset
-from vendor_dia2.runtime import FrameStepper, SamplingParams
+from vendor_dia2.delays import delay_codes
+from vendor_dia2.runtime import FrameStepper, PrefillSpan, SamplingParams, SlotPlace
 from vendor_dia2.script import parse_script
 
 from stepping import step_pattern
@@ -244,6 +245,63 @@ def test_prefill_matches_frame_by_frame(tiny_tts, boundary):
     # the next step reads the text of step `frames` and the delayed column of its position
     assert tokens_parallel[0, :2].tolist() == text[frames].tolist()
     assert tokens_parallel[0, 2:].tolist() == delayed[:, column].tolist()
+
+
+def test_an_append_at_a_position_equals_one_prefill_of_all_the_frames(tiny_tts):
+    """`prefill(start=)` (a caller's turn) runs only the appended frames over the cache the slot
+    has, and leaves the slot as one clean prefill of every frame would."""
+    d = tiny_tts.config.data
+    before, appended = 9, 6
+    frames = before + appended
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 2048, (d.num_codebooks, frames), generator=gen)
+    text = torch.randint(0, 100, (frames + 1, 2), generator=gen)
+    grid = delay_codes(codes, list(d.delay_pattern), d.audio_pad)
+    for k, delay in enumerate(d.delay_pattern):
+        grid[k, :delay] = d.audio_bos
+
+    whole = tiny_tts.stepper(cfg=True)
+    whole.reset_call(0)
+    whole.prefill(0, grid, text, frames, boundary="clean")
+    expected = {name: t for name, t in whole.slot_tensors(0).items() if "cache" not in name}
+    caches_whole = [(k[:, :, :frames].clone(), v[:, :, :frames].clone()) for k, v in whole.snapshot(0).caches]
+
+    parts = tiny_tts.stepper(cfg=True)  # the shared stepper: the first prefill rewrites the whole slot
+    parts.reset_call(0)
+    first = delay_codes(codes[:, :before], list(d.delay_pattern), d.audio_pad)
+    for k, delay in enumerate(d.delay_pattern):
+        first[k, :delay] = d.audio_bos
+    parts.prefill(0, first, text[: before + 1], before, boundary="clean")
+    # the appended frames' own delayed grid: its cells of frames before `before` are the slot's
+    parts.prefill(0, delay_codes(codes[:, before:], list(d.delay_pattern), d.audio_pad), text[before:], appended,
+                  boundary="clean", start=before)
+    assert parts.last_prefill == PrefillSpan(before, appended)
+    got = {name: t for name, t in parts.slot_tensors(0).items() if "cache" not in name}
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    for (k1, v1), (k2, v2) in zip(caches_whole, parts.snapshot(0).caches):
+        torch.testing.assert_close(k2[:, :, :frames], k1, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v2[:, :, :frames], v1, atol=1e-5, rtol=1e-4)
+
+
+def test_an_append_keeps_the_cache_offset_and_needs_the_frames_before_it_complete(tiny_tts):
+    d = tiny_tts.config.data
+    stepper = _prefilled_stepper(tiny_tts, 6, sampling_seed=1, codes_seed=4)  # upstream: cache offset 1
+    pad, new = (d.text_pad_token_id, d.text_pad_token_id), (d.text_new_word_token_id, 20)
+    for _ in range(d.max_delay + 3):
+        stepper.step([(pad, new)])
+    position = stepper.position(0)
+    codes = torch.randint(0, 2048, (d.num_codebooks, 4), generator=torch.Generator().manual_seed(5))
+    grid = delay_codes(codes, list(d.delay_pattern), d.audio_pad)
+    text = torch.full((5, 2), d.text_pad_token_id)
+    with pytest.raises(ValueError, match="not complete"):  # the last max_delay frames are still being written
+        stepper.prefill(0, grid, text, 4, boundary="clean", start=position)
+    with pytest.raises(ValueError, match="clean boundary"):
+        stepper.prefill(0, grid, text, 4, start=position - d.max_delay + 1)
+    start = position - d.max_delay + 1  # every aligned frame before it is complete
+    stepper.prefill(0, grid, text, 4, boundary="clean", start=start)
+    assert stepper.place(0) == SlotPlace(position=start + 4, prefix_frames=start + 4, cache_offset=1)
+    assert torch.equal(stepper.aligned_codes(0, start, start + 4), codes)
 
 
 @pytest.mark.parametrize("boundary", ["upstream", "clean"])

@@ -15,7 +15,7 @@ import torch
 
 from vendor_dia2.delays import delay_codes
 from vendor_dia2.prefix import forced_text
-from vendor_dia2.runtime import SamplingParams
+from vendor_dia2.runtime import PrefillSpan, SamplingParams
 from vendor_dia2.script import parse_script
 
 from dia2stream.call.call import AudioFrame
@@ -144,16 +144,19 @@ def test_user_turn_appends_the_callers_frames_as_s2_and_the_next_turn_answers_as
     assert s2_at and s1_after and s2_at[0] < s1_after[0]
 
 
-def test_the_next_turn_has_the_greedy_tokens_of_the_same_context_prefilled_with_the_runtime(engine, call, tts):
-    """Reference: a stepper of its own prefills, in one go, the call's context before the caller's
-    turn (its codes and text inputs) plus the same caller's audio (Mimi-encoded here) and words
-    (forced through a fresh state machine), then generates the answer greedily."""
+def test_the_next_turn_has_the_greedy_tokens_of_a_reference_run_with_the_runtime(engine, call, tts):
+    """Reference: a one-call stepper of its own generates the agent's turn greedily (the same
+    tokens as the engine's: nothing of the engine's batching, slots or lead-in changes them),
+    stops at the first frame the engine did not decode, prefills the same caller's audio (Mimi-
+    encoded here) and words (forced through its own state machine) at that position, then
+    generates the answer greedily. The engine's turn ran past that frame (its silent tail): the
+    caller's turn replaces what it left there."""
     got = call.test_events
     engine.submit(call, p.Start(text=AGENT, temperature=0.0, seed=3, id="a"))
     collect(got, p.Done)
-    resume_at = call.turn.next_frame
-    context_codes = engine.stepper.aligned_codes(call.slot.index, 0, resume_at).clone()
-    context_text = torch.from_numpy(call.context_text()[: resume_at + 1])  # text inputs of steps 0..resume_at
+    resume_at, ran_to = call.turn.next_frame, call.position
+    assert ran_to > resume_at  # the turn's tail ran past the last decoded frame
+    agent_codes = engine.stepper.aligned_codes(call.slot.index, 0, resume_at).clone().cpu()
     cmd = user_turn(wav_bytes(tone(2.5, 24_000, freq=330.0), 24_000))
     loaded = engine.load_user_turn(cmd)
     engine.submit_user_turn(call, cmd, loaded)
@@ -169,24 +172,83 @@ def test_the_next_turn_has_the_greedy_tokens_of_the_same_context_prefilled_with_
     stepper = tts.new_stepper(n_calls=1, cfg=True, max_positions=engine.context_frames)
     stepper.set_sampling(0, SamplingParams(text_temperature=0.0, audio_temperature=0.0, cfg_scale=2.0, seed=3))
     machine = tts.new_state_machine()
+    machine.push(parse_script(AGENT, tts.tokenizer, leading_speaker=None, keep_own_speaker=True), final=True)
+    generate(stepper, machine, 0, resume_at)
+    state_at, text_in = machine.snapshot(), stepper.text_inputs(0)
+    generate(stepper, machine, resume_at, ran_to)  # the tail, as the engine ran it
+    assert torch.equal(stepper.aligned_codes(0, 0, resume_at).cpu(), agent_codes)  # the engine's agent turn
+    machine.restore(state_at)
     machine.push(list(loaded.entries), final=True)
     said = forced_text(machine, loaded.steps, loaded.frames, start=resume_at)
     machine.state.lookahead.clear()
-    caller_codes = tts.codec.encode(torch.from_numpy(loaded.wav))[0][:, : loaded.frames]
-    codes = torch.cat([context_codes, caller_codes], dim=1).cpu()
+    caller_codes = tts.codec.encode(torch.from_numpy(loaded.wav))[0][:, : loaded.frames].cpu()
     d = tts.config.data
-    delayed = delay_codes(codes, list(d.delay_pattern), d.audio_pad)
-    for k, delay in enumerate(d.delay_pattern):
-        delayed[k, :delay] = d.audio_bos
-    stepper.prefill(0, delayed, torch.cat([context_text, said]), start, boundary="clean")
+    grid = delay_codes(torch.cat([agent_codes, caller_codes], dim=1), list(d.delay_pattern), d.audio_pad)
+    stepper.prefill(0, grid[:, resume_at:], torch.cat([torch.tensor([text_in]), said]), loaded.frames,
+                    boundary="clean", start=resume_at)
+    assert stepper.last_prefill == PrefillSpan(resume_at, loaded.frames)
     machine.push(parse_script(ANSWER, tts.tokenizer, leading_speaker="[S1]", keep_own_speaker=True), final=True)
-    for position in range(start, call.position):
-        action = stepper.step([machine.preview(position)])[0]
-        machine.process(position, action)
+    generate(stepper, machine, start, call.position)
     assert torch.equal(stepper.aligned_codes(0, start, start + compare).cpu(), got_codes)
-    caller_and_answer = machine.transcript
-    assert [w for w, _ in caller_and_answer] == CALLER.split() + ANSWER.split()
-    assert caller_and_answer == got_words[-len(caller_and_answer):]  # same words at the same steps
+    assert machine.transcript == got_words  # the same words at the same steps, the agent's, the caller's, the answer's
+
+
+def generate(stepper, machine, start: int, stop: int) -> None:
+    """Steps start..stop - 1 of slot 0, the state machine answering each."""
+    for position in range(start, stop):
+        machine.process(position, stepper.step([machine.preview(position)])[0])
+
+
+def test_a_one_call_stepper_runs_the_engines_turns_token_for_token_beside_another_call(own_tts):
+    """Why the reference above is faithful: an engine's call, batched with another call's turn
+    (a padded step over two slots) and sampled (not greedy), gets the tokens a fresh one-call
+    stepper gets for the same text, seed and positions; the draws are keyed by (seed, position),
+    not by slot or batch. (A reference must compare complete frames only: the last max_delay
+    aligned frames before a call's position are not all written yet, and an append onto such
+    frames is refused by `FrameStepper.prefill`.)"""
+    tts = own_tts
+    eng = Engine(tts, engine_config(tts, max_lead_ms=1e6, max_calls=2))
+    got, other_got = queue.Queue(), queue.Queue()
+    call, other = eng.open_call(got.put), eng.open_call(other_got.put)
+    try:
+        eng.submit(other, p.Start(text="[S1] Someone else is talking on the other slot, for quite a while.", id="o"))
+        eng.submit(call, p.Start(text=AGENT, seed=3, id="a"))
+        collect(got, p.Done)
+        mid = call.position
+        eng.submit(call, p.Inject(text=ANSWER, id="b"))
+        collect(got, p.Done)
+        end = call.position - eng.stepper.max_delay
+        engine_codes = eng.stepper.aligned_codes(call.slot.index, 0, end).cpu()
+        collect(other_got, p.Done)
+    finally:
+        eng.close_call(call)
+        eng.close_call(other)
+        eng.close()
+    stepper = tts.new_stepper(n_calls=1, cfg=True, max_positions=eng.context_frames)
+    stepper.set_sampling(0, SamplingParams(cfg_scale=2.0, seed=3))
+    machine = tts.new_state_machine()
+    machine.push(parse_script(AGENT, tts.tokenizer, leading_speaker=None, keep_own_speaker=True), final=True)
+    generate(stepper, machine, 0, mid)
+    machine.push(parse_script(ANSWER, tts.tokenizer, leading_speaker=None, keep_own_speaker=True), final=True)
+    generate(stepper, machine, mid, end + stepper.max_delay)
+    assert torch.equal(stepper.aligned_codes(0, 0, end).cpu(), engine_codes)
+
+
+def test_the_callers_turn_prefills_only_its_own_frames_however_long_the_context(engine, call):
+    """The prefill appends at the call's position: its work is the caller's frames, the same
+    after a short context and after a long one."""
+    got = call.test_events
+    spans = []
+    for turn, text in enumerate((AGENT, " And now a much longer answer, with many more words than the first one had.")):
+        engine.submit(call, p.Start(text=text, id=f"a{turn}") if turn == 0 else p.Inject(text=text, id=f"a{turn}"))
+        collect(got, p.Done)
+        resume_at = call.turn.next_frame
+        send_user_turn(engine, call, user_turn(wav_bytes(tone(2.0, 16_000), 16_000), id=f"u{turn}"))
+        done = collect(got, p.UserTurnDone)[-1]
+        spans.append((engine.stepper.last_prefill, resume_at, done.frames))
+    (first, at1, n1), (second, at2, n2) = spans
+    assert first == PrefillSpan(at1, n1) and second == PrefillSpan(at2, n2)
+    assert at2 > 2 * at1 and n1 == n2 == 25  # a longer context, the same work
 
 
 # -- when a caller's turn is accepted -------------------------------------------------------------

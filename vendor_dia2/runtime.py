@@ -43,8 +43,8 @@ from .graphs import CACHE_BUCKETS, FrameGraphs, default_batch_sizes
 from .model import Dia2Model
 from .slots import NEW_WORD_ACTION, UNGENERATED, SamplingParams, SlotPlace, SlotTable, StepperSnapshot
 
-__all__ = ["CACHE_BUCKETS", "FrameFunctions", "FrameStepper", "NEW_WORD_ACTION", "PREFIX_BOUNDARIES", "PrefixBoundary",
-           "SamplingParams", "SlotPlace", "StepperSnapshot", "UNGENERATED", "default_batch_sizes", "pick"]
+__all__ = ["CACHE_BUCKETS", "FrameFunctions", "FrameStepper", "NEW_WORD_ACTION", "PREFIX_BOUNDARIES", "PrefillSpan",
+           "PrefixBoundary", "SamplingParams", "SlotPlace", "StepperSnapshot", "UNGENERATED", "default_batch_sizes", "pick"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,14 @@ class PrefixBoundary:
             return PREFIX_BOUNDARIES[boundary]
         except KeyError:
             raise ValueError(f"prefix boundary {boundary!r}: expected one of {', '.join(PREFIX_BOUNDARIES)}") from None
+
+
+@dataclass(frozen=True)
+class PrefillSpan:
+    """The positions a prefill ran through the decoder: `frames` of them from `start`."""
+
+    start: int
+    frames: int
 
 
 PREFIX_BOUNDARIES = {
@@ -129,6 +137,7 @@ class FrameStepper:
                                   compile=compile, compile_max_calls=compile_max_calls,
                                   use_cuda_graph=use_cuda_graph, cache_buckets=cache_buckets)
         self.last_batch, self.last_full = 0, True  # what the last step ran (for metrics and tests)
+        self.last_prefill = PrefillSpan(0, 0)  # the positions the last prefill ran (for tests)
         self.skip_unread_stages = True  # the decoder-only lane (off only to compare against it)
         for call in range(self.n):
             self.set_sampling(call, SamplingParams(cfg_scale=2.0 if cfg else 1.0))
@@ -287,7 +296,7 @@ class FrameStepper:
 
     @torch.inference_mode()
     def prefill(self, call: int, delayed: torch.Tensor, text: torch.Tensor, frames: int, chunk: int = 256, *,
-                boundary: PrefixBoundary | str = "upstream") -> None:
+                boundary: PrefixBoundary | str = "upstream", start: int = 0) -> None:
         """Run the decoder over `frames` known steps of one call in parallel, filling its cache
         rows, no sampling; the other calls' rows are not touched.
 
@@ -302,28 +311,54 @@ class FrameStepper:
         machine steps from frames - 1. "clean": the call stands at position `frames` and the
         prefix codes that the delay reaches past that position are teacher-forced (a context
         rollover needs this: its prefix is conversation already heard).
+
+        `start` > 0 appends known frames to a call at its position `start` (a caller's turn): the
+        call's cache before `start` and its cache offset are kept and only the `frames` new steps
+        run, so the work is the new frames', not the context's. `delayed` then holds delayed
+        columns start .. start + frames + max_delay - 1 and `text` the text tokens of steps
+        start .. start + frames; the cells of those columns that hold aligned frames before
+        `start` are the call's own (already in its buffer) and are kept. Appending needs the clean
+        boundary: the frames before `start` were generated, not prefilled.
         """
         boundary = PrefixBoundary.named(boundary)
         if boundary.repeat_last and frames < 1:
             raise ValueError("repeating the last prefix position needs at least one prefix frame")
+        if start and boundary.repeat_last:
+            raise ValueError("appending at a call's position continues with the clean boundary")
         d, s = self.config.data, self.slots
+        width = delayed.shape[1]
+        if start + width > s.buffer.shape[2]:
+            raise ValueError(f"{frames} frames at position {start} do not fit the call's {self.max_positions} positions")
         delayed, text = delayed.to(self.device), text.to(self.device)
+        offset = s.places[call].cache_offset if start else 0
+        columns = torch.arange(start, start + width, device=self.device)
+        aligned = columns[None, :] - s.delays[:, None]  # [Q, width] aligned frame of each delayed cell
+        if start:  # the call's own cells (aligned frames before `start`) stay as they are
+            own = (aligned < start) & (aligned >= 0)
+            kept = s.buffer[call, :, start:start + width]
+            if bool((kept[own] == UNGENERATED).any()):  # one read; an unwritten cell would embed as a wrong code
+                raise ValueError(f"appending at {start}: the aligned frames before it are not complete yet "
+                                 f"(the call must have run to position {start + self.max_delay - 1} at least)")
+            delayed = torch.where(aligned >= start, delayed, kept)
         tokens = torch.empty(self.branches, frames + 1, d.channels, dtype=torch.long, device=self.device)
-        tokens[:, :, 2:] = delayed[:, : frames + 1].T
+        tokens[:, :, 2:] = torch.where(aligned < 0, d.audio_bos, delayed)[:, : frames + 1].T
         tokens[0, :, :2] = text
         if self.branches == 2:
             tokens[1, :, 0] = d.text_zero_token_id
             tokens[1, :, 1] = d.text_pad_token_id
         rows = s.row_slice(call)
         caches = [cache.rows(rows.start, rows.stop) for cache in s.decoder_caches]
-        for start in range(0, frames, chunk):
-            stop = min(frames, start + chunk)
-            pos = torch.arange(start, stop, device=self.device)[None].expand(self.branches, -1)
-            self.model.transformer(tokens[:, start:stop], pos, caches)
-        position = frames - 1 if boundary.repeat_last else frames
-        s.tokens[rows] = tokens[:, frames]  # the text of step `frames` either way ...
-        s.tokens[rows, 2:] = tokens[:, position, 2:]  # ... with the audio of the column the step reads
-        s.buffer[call].fill_(UNGENERATED)
-        s.buffer[call, :, : delayed.shape[1]] = delayed
-        s.place(call, position, prefix_frames=frames if boundary.teacher_force else 0,
-                cache_offset=1 if boundary.repeat_last else 0)
+        for first in range(0, frames, chunk):
+            stop = min(frames, first + chunk)
+            pos = torch.arange(start + first, start + stop, device=self.device)[None].expand(self.branches, -1)
+            self.model.transformer(tokens[:, first:stop], pos, caches, slots=pos + offset if offset else None)
+        position = start + frames - 1 if boundary.repeat_last else start + frames
+        s.tokens[rows] = tokens[:, frames]  # the text of step `start + frames` either way ...
+        s.tokens[rows, 2:] = tokens[:, position - start, 2:]  # ... with the audio of the column the step reads
+        tail = s.buffer[call, :, start:]  # every cell of an aligned frame from `start` on is rewritten
+        tail.masked_fill_(torch.arange(start, start + tail.shape[1], device=self.device)[None, :]
+                          - s.delays[:, None] >= start, UNGENERATED)
+        tail[:, :width] = delayed
+        s.place(call, position, prefix_frames=start + frames if boundary.teacher_force else 0,
+                cache_offset=1 if boundary.repeat_last else offset)
+        self.last_prefill = PrefillSpan(start, frames)

@@ -559,10 +559,11 @@ class Call:
     def _append_user_turn(self, loaded: "LoadedUserTurn", client_id) -> None:
         """The model work of a caller's turn (planned, after any codec re-decode of a rollback):
         Mimi-encode it, force its words through the text state machine as [S2] speech, and
-        rebuild the context as what came before (all of it, or the recent window if it would not
-        fit) plus these frames in one parallel prefill. The frames the last turn generated past
+        prefill its frames at the first frame the last turn did not decode, on the context as it
+        stands (only the caller's frames run); where they would not fit, rebuild the context as
+        the recent window plus these frames (a rollover). The frames the last turn generated past
         what was decoded (its silent tail, or what the caller did not hear) are dropped, as a
-        rollover drops them."""
+        rollback drops them."""
         assert self.slot.pending_replay is None, "the engine finishes a rollback's re-decode first"
         t0 = time.perf_counter()
         settings, slot, turn = self.settings, self.slot, self.turn
@@ -575,9 +576,10 @@ class Call:
         n = codes.shape[1]
         room = settings.context_frames - settings.min_turn_frames - floor - n
         window = resume_at - floor
-        if window > room:  # roll over: keep the most recent conversation of both speakers
+        rolls_over = window > room
+        if rolls_over:  # keep the most recent conversation of both speakers
             window = max(0, min(settings.rollover_frames, room))
-        start = floor + window  # where the caller's turn lands in the rebuilt context
+        start = floor + window  # where the caller's turn lands
         state, text_in = before
         self.machine.restore(shifted(state, start - resume_at))
         self.machine.drop_queued()  # what the caller did not hear is not said (a barge-in)
@@ -589,7 +591,11 @@ class Call:
         text = np.empty((n + 1, 2), dtype=np.int64)
         text[0] = text_in
         text[1:] = said.numpy()
-        delta = self._rebuild(resume_at, window, text_in, appended=(codes, text))
+        if rolls_over:
+            self._rebuild(resume_at, window, text_in, appended=(codes, text))
+            self.rollovers += 1
+        else:
+            self._append_at(resume_at, codes, text)
         end = start + n
         # Mimi's row stays where the agent's last decoded frame left it: the caller's frames are
         # never decoded (never sent), and the next turn's first decoded frames are its unsent
@@ -605,11 +611,20 @@ class Call:
             self.phase = Phase.IDLE  # the paused utterance ended where the caller cut in
         self.user_turns += 1
         prefill_ms = round((time.perf_counter() - t0) * 1000, 1)
-        if delta:
-            self.rollovers += 1
-        log.info("call %d: caller's turn of %d frames appended at frame %d (%d kept before it), %.1f ms",
-                 slot.index, n, start, window, prefill_ms)
+        log.info("call %d: caller's turn of %d frames appended at frame %d (%d kept before it%s), %.1f ms",
+                 slot.index, n, start, window, ", rolled over" if rolls_over else "", prefill_ms)
         self.emit(p.UserTurnDone(id=client_id, frames=n, position=self.position, prefill_ms=prefill_ms))
+
+    def _append_at(self, start: int, codes: torch.Tensor, text: np.ndarray) -> None:
+        """Prefill known frames (codes [Q, N], the text inputs of steps start..start + N [N + 1, 2])
+        at `start` on the slot's context as it stands: the cache, codes and text before `start`
+        are kept, and what the slot held from `start` on (a turn's undecoded tail) is replaced."""
+        d, n = self.model.data, codes.shape[1]
+        delayed = delay_codes(codes.cpu(), list(d.delay_pattern), d.audio_pad)  # columns start.. of the grid
+        self.slot.prefill(delayed, torch.from_numpy(text), n, boundary="clean", start=start)
+        self._rebase(0, keep_from=0, upto=start)  # steps past `start` were not heard: a rollback cannot go there
+        self._text_log[start:start + n + 1] = text
+        self._last_text = tuple(int(t) for t in text[n])
 
     def context_text(self) -> np.ndarray:
         """The text inputs of the steps in the context so far, [position + 1, 2] (a copy)."""

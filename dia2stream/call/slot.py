@@ -114,8 +114,8 @@ class SlotHandle:
     def rewind(self, position: int, text: tuple[int, int]) -> None:
         self._stepper.rewind(self.index, position, text)
 
-    def prefill(self, delayed: torch.Tensor, text: torch.Tensor, frames: int, boundary) -> None:
-        self._stepper.prefill(self.index, delayed, text, frames, boundary=boundary)
+    def prefill(self, delayed: torch.Tensor, text: torch.Tensor, frames: int, boundary, start: int = 0) -> None:
+        self._stepper.prefill(self.index, delayed, text, frames, boundary=boundary, start=start)
 
     def codec_snapshot(self):
         return self._codec.snapshot_row(self.index)

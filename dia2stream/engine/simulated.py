@@ -31,7 +31,7 @@ import torch
 
 from vendor_dia2.codec import CodecStreamSnapshot
 from vendor_dia2.config import FRAME_SAMPLES, MAX_TOP_K, Dia2Config, preset
-from vendor_dia2.runtime import PrefixBoundary, SamplingParams, StepperSnapshot, default_batch_sizes
+from vendor_dia2.runtime import PrefillSpan, PrefixBoundary, SamplingParams, StepperSnapshot, default_batch_sizes
 from vendor_dia2.slots import SlotPlace
 
 UNGENERATED = -1  # a delayed-buffer cell no step has written
@@ -156,6 +156,7 @@ class SimulatedStepper:
         self._prefix_frames = [0] * self.n
         self._cache_offset = [0] * self.n
         self.last_batch, self.last_full = 0, True
+        self.last_prefill = PrefillSpan(0, 0)
         self.compile_max_calls = 0
         self.kernels, self.weights = "simulated", "simulated"
         for call in range(self.n):
@@ -275,15 +276,24 @@ class SimulatedStepper:
         self._prefix_frames[call] = position
 
     def prefill(self, call: int, delayed: torch.Tensor, text: torch.Tensor, frames: int, chunk: int = 256, *,
-                boundary: PrefixBoundary | str = "upstream") -> None:
+                boundary: PrefixBoundary | str = "upstream", start: int = 0) -> None:
+        """As `FrameStepper.prefill`, `start` included (an append keeps the cells of the frames
+        before it), in the profile's time for `frames` frames."""
         boundary = PrefixBoundary.named(boundary)
+        if start and boundary.repeat_last:
+            raise ValueError("appending at a call's position continues with the clean boundary")
         self.device_clock.launch(frames * self.profile.prefill_ms_per_frame / 1000)
-        self.buffer[call].fill_(UNGENERATED)
-        self.buffer[call, :, : delayed.shape[1]] = delayed.cpu()
+        width = delayed.shape[1]
+        tail = self.buffer[call, :, start:]
+        aligned = torch.arange(start, start + tail.shape[1])[None, :] - self.delays[:, None]
+        new = torch.where(aligned[:, :width] >= start, delayed.cpu(), tail[:, :width])
+        tail.masked_fill_(aligned >= start, UNGENERATED)
+        tail[:, :width] = new
         self.text[call] = tuple(int(t) for t in text[frames].tolist())
-        self._positions[call] = frames - 1 if boundary.repeat_last else frames
-        self._prefix_frames[call] = frames if boundary.teacher_force else 0
-        self._cache_offset[call] = 1 if boundary.repeat_last else 0
+        self._positions[call] = start + frames - 1 if boundary.repeat_last else start + frames
+        self._prefix_frames[call] = start + frames if boundary.teacher_force else 0
+        self._cache_offset[call] = 1 if boundary.repeat_last else (self._cache_offset[call] if start else 0)
+        self.last_prefill = PrefillSpan(start, frames)
         self.device_clock.synchronize()
 
 

@@ -11,31 +11,63 @@ sends `pause` with `played_ms` = the audio of the turn it received (the plugin d
 playback, so that is what it knows): the call rolls back to it and the next turn's `inject`
 replaces the words not sent. `synthesize(text)` is one turn with all its text. Install with
 `pip install dia2stream[livekit]`.
+
+The caller's turns (`user_turn`, issue 21): LiveKit hands a TTS only text, never the session, so
+the application tells the plugin which session to listen to, after starting it:
+
+    await session.start(agent=..., room=...)
+    tts.hear_caller(session)
+
+That chains a tap onto the session's audio input (as LiveKit's own recorder does: every frame
+goes on to the STT unchanged) and follows its final `user_input_transcribed` events. Before the
+first text of each agent turn after the first, what was heard since the last turn goes out as one
+`user_turn` (see `caller.CallerSpeech`): after an interruption's `pause`, or between turns. The
+transcription events carry no word times, so the server spreads the words over the voiced audio.
+What the caller says before the agent's first turn is dropped: the call has no conversation yet
+to put it in. Without `hear_caller` nothing is sent and the call keeps only the agent's side.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import struct
 
 from livekit.agents import APIConnectionError, APIConnectOptions, tts, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
-from livekit.agents.voice.io import TimedString
+from livekit.agents.voice.io import AudioInput, TimedString
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.protocol import State
 
 from dia2stream.clock import FRAME_SECONDS, SAMPLE_RATE
+from dia2stream.integrations.caller import CallerSpeech
+
+log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<I")
 
 
 class TTS(tts.TTS):
     def __init__(self, *, url: str = "ws://127.0.0.1:8765/", voice: str | None = None,
-                 auth_token: str | None = None) -> None:
+                 auth_token: str | None = None, max_user_turn_seconds: float = 30.0) -> None:
         super().__init__(capabilities=tts.TTSCapabilities(streaming=True, aligned_transcript=True),
                          sample_rate=SAMPLE_RATE, num_channels=1)
-        self._call = _Call(url, voice, auth_token)
+        self._call = _Call(url, voice, auth_token, CallerSpeech(max_seconds=max_user_turn_seconds))
+
+    def hear_caller(self, session) -> None:
+        """Send the caller's turns of this `AgentSession` (see the module docstring); call it
+        after `session.start`, once the session has its audio input."""
+        if session.input.audio is None:
+            raise RuntimeError("the session has no audio input yet: call hear_caller after session.start")
+        caller = self._call.caller
+        session.input.audio = _CallerAudioTap(caller, session.input.audio)
+        session.on("user_input_transcribed", lambda ev: caller.add_transcript(ev.transcript) if ev.is_final else None)
+
+    @property
+    def caller_turns_done(self) -> list[dict]:
+        """The server's `user_turn_done` answers, in order."""
+        return self._call.caller_turns_done
 
     @property
     def model(self) -> str:
@@ -87,8 +119,10 @@ class SynthesizeStream(tts.SynthesizeStream):
 class _Call:
     """The shared connection: one stream speaks at a time."""
 
-    def __init__(self, url: str, voice: str | None, token: str | None) -> None:
-        self.url, self.voice, self.token = url, voice, token
+    def __init__(self, url: str, voice: str | None, token: str | None, caller: CallerSpeech) -> None:
+        self.url, self.voice, self.token, self.caller = url, voice, token, caller
+        self.caller_turns_sent = 0
+        self.caller_turns_done: list[dict] = []
         self.ws: ClientConnection | None = None
         self.lock = asyncio.Lock()
         self.started = False
@@ -126,15 +160,24 @@ class _Call:
         async for text in texts:
             if not self.started:
                 self.started = True
+                self.caller.clear()  # said before the conversation existed: nowhere to put it
                 command = {"cmd": "start", "text": text, "final": False}
                 if self.voice:
                     command["voice"] = self.voice
             else:
+                if not sent.is_set():  # the turn's first text: the caller's turn goes before it
+                    await self._send_caller_turn(ws)
                 command = {"cmd": "inject", "text": text, "final": False}
             await ws.send(json.dumps(command))
             sent.set()
         if sent.is_set():
             await ws.send(json.dumps({"cmd": "flush"}))
+
+    async def _send_caller_turn(self, ws: ClientConnection) -> None:
+        command = self.caller.take_turn(f"caller-{self.caller_turns_sent + 1}")
+        if command is not None:
+            self.caller_turns_sent += 1
+            await ws.send(json.dumps(command))
 
     async def _receive(self, ws, emitter, sender: asyncio.Task, sent: asyncio.Event, timeout: float) -> None:
         origin = None  # utterance frames before this turn's first frame
@@ -171,6 +214,10 @@ class _Call:
                     emitter.push_timed_transcript(TimedString(text=last[0] + " ", start_time=last[1], end_time=end))
                 emitter.flush()
                 return
+            elif kind == "user_turn_done":
+                self.caller_turns_done.append(event)
+            elif kind == "error" and event.get("cmd") == "user_turn":  # the agent's turn goes on without it
+                log.warning("the caller's turn was refused: %s: %s", event.get("code"), event.get("message"))
             elif kind == "error":
                 raise APIConnectionError(f"dia2stream {event.get('code')}: {event.get('message')}")
 
@@ -178,3 +225,16 @@ class _Call:
         if self.ws is not None:
             await self.ws.close()
             self.ws = None
+
+
+class _CallerAudioTap(AudioInput):
+    """Chained onto a session's audio input: every frame goes on, a copy to the caller's turn."""
+
+    def __init__(self, caller: CallerSpeech, source: AudioInput) -> None:
+        super().__init__(label="dia2stream-caller", source=source)
+        self._caller = caller
+
+    async def __anext__(self):
+        frame = await self.source.__anext__()
+        self._caller.add_audio(bytes(frame.data), frame.sample_rate, frame.num_channels)
+        return frame

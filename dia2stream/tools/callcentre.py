@@ -1,7 +1,8 @@
 """The call-centre load pattern: the server driven as an orchestrator drives it during real calls.
 
     python -m dia2stream.tools.load ws://127.0.0.1:8765/ --pattern call-centre --calls 64 --turns 4 \
-        --arrival-window 20 [--barge-in-every 5] [--user-turn-seconds 5] [--seed 0] [--json out.json]
+        --arrival-window 20 [--barge-in-every 5] [--user-turn-seconds 5 | --user-turn-file caller.wav "TRANSCRIPT"] \
+        [--seed 0] [--json out.json]
 
 - Calls arrive at random (a Poisson process) over `--arrival-window` seconds, not all at once.
 - Each agent turn's text is streamed as an LLM writes it: `final: false` fragments of a word or
@@ -15,6 +16,8 @@
   turn after the first (after the caller spoke, and after a barge-in): a `user_turn` of S seconds
   of synthetic µ-law audio and a transcript that fits it, sent right before the turn's first text
   (the worst case: no LLM gap to hide the prefill in). `user_turn_done.prefill_ms` is reported.
+  `--user-turn-file FILE TRANSCRIPT` sends a recorded caller's turn (WAV or FLAC, and what is said
+  in it) instead.
 
 Onset is reported per turn kind: `first` (the call's opening turn, a `start`), `next` (a turn
 after the caller spoke), `after_barge_in` (the turn sent right after an interruption); with
@@ -32,6 +35,7 @@ import json
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from websockets.asyncio.client import connect
@@ -136,8 +140,8 @@ async def run_call(call: CallCentreCall, args: argparse.Namespace, t0: float, rn
                 return
             kind = "first"
             for t in range(args.turns):
-                if t and args.user_turn_seconds:  # the caller's turn (or interruption) enters the context
-                    await ws.send(user_turn_message(args.user_turn_seconds, f"c{call.index}-u{t}"))
+                if t and sends_user_turns(args):  # the caller's turn (or interruption) enters the context
+                    await ws.send(user_turn_message(args, f"c{call.index}-u{t}"))
                 barge = args.barge_in_every > 0 and rng.random() < 1.0 / args.barge_in_every and t < args.turns - 1
                 turn = await speak_turn(ws, call, t, kind, barge, args, rng)
                 if turn.interrupted:
@@ -160,7 +164,7 @@ async def speak_turn(ws, call: CallCentreCall, t: int, kind: str, barge: bool, a
     pieces = fragments(text, rng)
     # after a barge-in the inject resumes the paused utterance (its frames count on from what was
     # heard), unless a caller's turn came between: that ended it, and the answer is a new utterance
-    resumes = kind == "after_barge_in" and not args.user_turn_seconds
+    resumes = kind == "after_barge_in" and not sends_user_turns(args)
     base = call.turns[-1].frames_at_pause if resumes else 0
     turn = AgentTurn(kind, turn_id, time.perf_counter(), base_frame=base)
     call.turns.append(turn)
@@ -208,11 +212,30 @@ def caller_audio(seconds: float) -> str:
     return base64.b64encode(bytes(ulaw_encode(pcm))).decode()
 
 
-def user_turn_message(seconds: float, turn_id: str) -> str:
-    words = max(1, int(seconds * CALLER_WORDS_PER_S))
+def sends_user_turns(args: argparse.Namespace) -> bool:
+    return bool(args.user_turn_seconds or args.user_turn_file)
+
+
+def user_turn_message(args: argparse.Namespace, turn_id: str) -> str:
+    """The recorded caller's turn (`--user-turn-file`), else `--user-turn-seconds` of the synthetic one."""
+    if args.user_turn_file:
+        path, transcript = args.user_turn_file
+        audio, fmt = recorded_audio(path)
+        return json.dumps({"cmd": "user_turn", "audio": audio, "format": fmt, "transcript": transcript, "id": turn_id})
+    words = max(1, int(args.user_turn_seconds * CALLER_WORDS_PER_S))
     transcript = " ".join(CALLER_WORDS[i % len(CALLER_WORDS)] for i in range(words))
-    return json.dumps({"cmd": "user_turn", "audio": caller_audio(seconds), "format": "ulaw_8000",
+    return json.dumps({"cmd": "user_turn", "audio": caller_audio(args.user_turn_seconds), "format": "ulaw_8000",
                        "transcript": transcript, "id": turn_id})
+
+
+RECORDED_FORMATS = {".wav": "wav", ".flac": "flac"}  # file suffix -> user_turn format
+
+
+@functools.lru_cache(maxsize=2)
+def recorded_audio(path: str) -> tuple[str, str]:
+    """A WAV/FLAC file as user_turn's (base64 audio, format); read once for every call."""
+    fmt = RECORDED_FORMATS[Path(path).suffix.lower()]
+    return base64.b64encode(Path(path).read_bytes()).decode(), fmt
 
 
 async def stream_rest(ws, pieces: list[str], turn_id: str) -> None:

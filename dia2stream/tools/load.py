@@ -28,6 +28,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -379,6 +380,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--user-turn-seconds", type=float, default=0.0, metavar="S",
                     help="call-centre: send S seconds of synthetic caller audio as a user_turn before each agent "
                          "turn after the first (default 0: none)")
+    ap.add_argument("--user-turn-file", nargs=2, metavar=("FILE", "TRANSCRIPT"),
+                    help="call-centre: send this recorded caller's turn (WAV or FLAC, and what is said in it) as a "
+                         "user_turn before each agent turn after the first")
     ap.add_argument("--busy-retries", type=int, default=3, metavar="N",
                     help="a call refused busy (close 1013, or HTTP 503 from a balancer or a draining server) "
                          "tries again up to N times after a short backoff, as a client behind a balancer "
@@ -404,6 +408,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--arrival-window and --barge-in-every must be >= 0")
     if not 0 <= args.user_turn_seconds <= 30:
         ap.error("--user-turn-seconds must be in 0..30 (the server's default --max-user-turn-seconds)")
+    if args.user_turn_file:
+        path = Path(args.user_turn_file[0])
+        if args.user_turn_seconds:
+            ap.error("--user-turn-file and --user-turn-seconds: give one of them")
+        if path.suffix.lower() not in (".wav", ".flac") or not path.is_file():
+            ap.error(f"--user-turn-file: {path} is not a .wav or .flac file")
     if args.plot:
         try:  # before any call is made, not after the run
             import matplotlib  # noqa: F401
