@@ -515,6 +515,12 @@ def engine_main(command_fd: int, event_fd: int) -> None:
                       max_calls=side.engine.max_calls, context_frames=side.engine.context_frames,
                       tokenizer=side.tts.tokenizer, figures=side.figures()))
     side.serve(commands)
+    # Everything is closed and flushed: skip the interpreter's teardown (over a second with torch
+    # loaded), which a stopping server would wait for.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class EngineSide:
