@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bystander_flood.py                   # tiny checkpoint, CPU, --max-calls 2
     .venv/bin/python scripts/bystander_flood.py --flood-s 6 --json out.json
+    .venv/bin/python scripts/bystander_flood.py --flood-close-s 0 --engine-process off   # one process, no policy
 
 A server runs in this process (`serve.server.run`, the server's defaults but `--max-calls 2`). A
 bystander call speaks long utterances back to back, played by a client without a jitter buffer
@@ -11,6 +12,12 @@ quiet, and a new connection tries to get a call. Printed per phase: the bystande
 (against the 12.5 a second it should get), its underruns and the total gap it heard; the
 flooder's messages, replies and close code; whether the newcomer got `ready` or `busy`.
 Only public pieces are used, so the script runs unchanged on older trees (a before/after).
+
+The flooder runs in a process of its own (`--flooder-here` keeps it on this process's event loop,
+as before): here it would take this interpreter from the bystander's client, and the figures
+would show the clients' contention, not the server's. `--flood-close-s 0` turns the abuse policy
+off so the flood lasts `--flood-s` (the worst case the server must survive); `--engine-process`
+picks where the engine runs (default: the server's default).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import multiprocessing
 import json
 import sys
 import threading
@@ -96,6 +104,10 @@ async def flooder(url: str, seconds: float) -> dict:
     return {"sent": sent, "replies": replies, "close_code": ws.close_code, "closed_after_s": closed_after}
 
 
+def flood_in_this_process(url: str, seconds: float) -> dict:
+    return asyncio.run(flooder(url, seconds))
+
+
 def phase_figures(utterances: list[list[float]], start: float, end: float) -> dict:
     frames = underruns = 0
     gap = 0.0
@@ -112,15 +124,21 @@ def phase_figures(utterances: list[list[float]], start: float, end: float) -> di
             "underruns": underruns, "stalled_ms": round(gap * 1000)}
 
 
-async def measure(url: str, before_s: float, flood_s: float, after_s: float) -> dict:
+async def measure(url: str, before_s: float, flood_s: float, after_s: float, flooder_here: bool = False) -> dict:
     stop, utterances = asyncio.Event(), []
     speaker = asyncio.create_task(bystander(url, stop, utterances))
     while not any(utterances):
         await asyncio.sleep(0.05)
     t0 = time.monotonic()
     await asyncio.sleep(before_s)
-    t1 = time.monotonic()
-    flood = await flooder(url, flood_s)
+    if flooder_here:
+        t1 = time.monotonic()
+        flood = await flooder(url, flood_s)
+    else:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            await asyncio.get_running_loop().run_in_executor(pool, time.sleep, 0)  # the process is up
+            t1 = time.monotonic()
+            flood = await asyncio.get_running_loop().run_in_executor(pool, flood_in_this_process, url, flood_s)
     t2 = time.monotonic()
     await asyncio.sleep(after_s)
     t3 = time.monotonic()
@@ -144,12 +162,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="tiny")
     parser.add_argument("--mimi", default=None)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--flood-close-s", type=float, default=None, help="the server's abuse policy (0 = off)")
+    parser.add_argument("--engine-process", choices=("on", "off"), default=None,
+                        help="where the server runs its engine (default: the server's default)")
+    parser.add_argument("--flooder-here", action="store_true", help="flood from this process's event loop")
     args = parser.parse_args(argv)
+    extra = {name: value for name, value in (("flood_close_s", args.flood_close_s),
+                                               ("engine_process", args.engine_process)) if value is not None}
     config = ServerConfig(host="127.0.0.1", port=0, checkpoint=args.checkpoint, mimi=args.mimi, device="cpu",
-                          max_calls=2, log_level="ERROR")
+                          max_calls=2, log_level="ERROR", **extra)
     port, stop = start_server(config)
     try:
-        result = asyncio.run(measure(f"ws://127.0.0.1:{port}/", args.before_s, args.flood_s, args.after_s))
+        result = asyncio.run(measure(f"ws://127.0.0.1:{port}/", args.before_s, args.flood_s, args.after_s,
+                                     args.flooder_here))
     finally:
         stop()
     for name in ("before", "flood", "after"):

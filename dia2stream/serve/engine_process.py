@@ -613,24 +613,30 @@ class EngineSide:
                     call = self._calls.get(serial)
                     if call is not None:
                         call.frames_acked = n
+                return
             case Open(serial=serial, slot=slot):
                 self._calls[serial] = engine.open_call(self._sink(serial), slot=slot)
-            case Close(serial=serial):
-                call = self._calls.pop(serial, None)
-                if call is not None:
-                    engine.close_call(call)
-            case Submit(serial=serial, command=command):
-                engine.submit(self._calls[serial], command)
-            case Reply(serial=serial, token=token):
-                engine.reply(self._calls[serial], ReplyMark(token))
-            case DrainCall(serial=serial):
-                engine.drain_call(self._calls[serial])
-            case SubmitVoice(serial=serial, command=command, loaded=loaded, key=key):
-                engine.submit_voice(self._calls[serial], command, loaded, key)
-            case SubmitUserTurn(serial=serial, command=command, loaded=loaded):
-                engine.submit_user_turn(self._calls[serial], command, loaded)
+                return
             case ForgetVoices(keys=keys):
                 engine.forget_voices(list(keys))
+                return
+        call = self._calls.get(message.serial)
+        if call is None:
+            return  # closed already: as a command that raced with a disconnect in one process
+        match message:
+            case Close():
+                del self._calls[message.serial]
+                engine.close_call(call)
+            case Submit(command=command):
+                engine.submit(call, command)
+            case Reply(token=token):
+                engine.reply(call, ReplyMark(token))
+            case DrainCall():
+                engine.drain_call(call)
+            case SubmitVoice(command=command, loaded=loaded, key=key):
+                engine.submit_voice(call, command, loaded, key)
+            case SubmitUserTurn(command=command, loaded=loaded):
+                engine.submit_user_turn(call, command, loaded)
             case _:
                 raise TypeError(f"unknown command {message!r}")
 
