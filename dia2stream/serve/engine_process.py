@@ -237,6 +237,7 @@ class EngineProxy:
         self._serials = itertools.count(1)
         self._closed = False
         self._death: str | None = None  # why the engine process is gone, when it went by itself
+        self.batches = 0  # batches received (each engine step's output is one)
         self._outgoing: queue.SimpleQueue = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_commands, name="dia2-engine-commands", daemon=True)
         self._reader = threading.Thread(target=self._read_batches, name="dia2-engine-batches", daemon=True)
@@ -423,6 +424,7 @@ class EngineProxy:
             log.critical("%s", self._death)
 
     def _apply(self, batch: Batch) -> None:
+        self.batches += 1
         self._figures = batch.figures
         self.voices = batch.figures.voices
         if self.metrics is not None:
