@@ -538,6 +538,9 @@ class EngineSide:
         self._batches: queue.SimpleQueue = queue.SimpleQueue()
         self.engine = None
         self.tts, self.engine = build_engine(config, metrics=self, flush=self.flush)
+        # The scheduler's step costs change on the generation thread only: read them there (at
+        # each flush) and let the heartbeat repeat the last figure.
+        self._admits_calls = self.engine.admits_calls()
         self._sender = threading.Thread(target=self._send_batches, name="dia2-engine-sender", daemon=True)
         self._sender.start()
 
@@ -552,8 +555,12 @@ class EngineSide:
 
     def flush(self) -> None:
         """What the calls emitted since the last flush, as one batch (the generation thread)."""
-        if self.engine is None or not (self._items or self._steps):
+        if self.engine is None:
             return
+        admits = self.engine.admits_calls()  # overload ends between steps too: say so at once
+        if not (self._items or self._steps or admits != self._admits_calls):
+            return
+        self._admits_calls = admits
         items = self._items.copy()
         self._items.clear()  # in place: the calls' sinks hold this list
         steps, self._steps = self._steps, []
@@ -568,7 +575,7 @@ class EngineSide:
         engine = self.engine
         calls = dict(self._calls) if calls is None else calls
         return Figures(health=engine.health(), generating=sum(call.generating for call in calls.values()),
-                       admits_calls=engine.admits_calls(), voices=tuple(engine.voices),
+                       admits_calls=self._admits_calls, voices=tuple(engine.voices),
                        gpu_memory=_gpu_memory(), at=time.monotonic())
 
     # the sender thread
@@ -578,7 +585,11 @@ class EngineSide:
             try:
                 batch = self._batches.get(timeout=HEARTBEAT_S)
             except queue.Empty:
-                batch = self._batch([], [])  # a heartbeat: fresh figures, nothing else
+                try:
+                    batch = self._batch([], [])  # a heartbeat: fresh figures, nothing else
+                except Exception:  # noqa: BLE001 - this thread must outlive any one figure
+                    log.exception("engine process: no heartbeat")
+                    continue
             if batch is None:
                 return
             try:
