@@ -1,8 +1,9 @@
 """The websockets server: connects the wire protocol to the engine's calls.
 
 One handler coroutine per connection opens a call on the engine, parses commands and hands them
-to it; one sender task per connection writes the call's events and frames in order. No model
-work happens on the event loop.
+to it; one sender task per connection writes the call's events and frames in order, encoding
+the frames in the call's format. No model work happens on the event loop; by default the engine
+runs in a process of its own (`engine_process.EngineProxy`), so none of this work can slow it.
 """
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ class Dia2Server:
     def __init__(self, engine: Engine | EngineProxy, model_name: str, device: str, max_lead_ms: float,
                  limits: Limits | None = None, policy: HttpPolicy | None = None, metrics: Metrics | None = None,
                  web: bool = True, engine_stall_s: float | None = None):
-        """`metrics`: the registry the engine records frame steps in (`Engine(metrics=...)`); a
-        fresh one when None (then /metrics has no frame-step figures). `web`: serve the
+        """`engine`: an `Engine` on a thread of this process, or an `EngineProxy` to one in its own
+        process (`--engine-process`), used alike. `metrics`: the registry the engine's frame steps
+        are recorded in (`Engine(metrics=...)`, or the proxy's from each batch); a fresh one when
+        None (then /metrics has no frame-step figures). `web`: serve the
         playground and dashboard pages (`--no-web`: False). `engine_stall_s`: the watchdog's
         stall limit (`liveness.engine_failure`; None: the configuration's default)."""
         self.engine, self.model_name, self.device, self.max_lead_ms = engine, model_name, device, max_lead_ms
