@@ -2,7 +2,7 @@
 its API server: connection work (websockets, parsing, compatible APIs, HTTP, encoders) runs on
 the server's interpreter and can no longer take the generation thread's interpreter lock.
 
-    server process                                       engine process (spawned, CUDA-safe)
+    server process                                       engine process (a fresh interpreter)
     event loop ── EngineProxy.submit(...) ─► writer ══ commands ══► reader ─► Engine (unchanged):
                   CallHandle per call       thread      (pipe)      thread    inbox, generation
                                                                               thread, Calls
