@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/bystander_flood.py                   # tiny checkpoint, CPU, --max-calls 2
     .venv/bin/python scripts/bystander_flood.py --flood-s 6 --json out.json
+    .venv/bin/python scripts/bystander_flood.py --flood-close-s 0 --engine-process off   # one process, no policy
 
-A server runs in this process (`serve.server.run`, the server's defaults but `--max-calls 2`). A
+A server runs (`python server.py`, the server's defaults but `--max-calls 2`). A
 bystander call speaks long utterances back to back, played by a client without a jitter buffer
 (`tools.playback.simulate`). After `--before-s`, a second connection sends `ping` as fast as it
 can for `--flood-s` while reading its replies (until the server closes it); then `--after-s` of
@@ -11,6 +12,13 @@ quiet, and a new connection tries to get a call. Printed per phase: the bystande
 (against the 12.5 a second it should get), its underruns and the total gap it heard; the
 flooder's messages, replies and close code; whether the newcomer got `ready` or `busy`.
 Only public pieces are used, so the script runs unchanged on older trees (a before/after).
+
+The server runs as `server.py` in its own process(es) and the flooder in a process of its own
+(`--server-here` and `--flooder-here` put them back in this one, as the script first did): in
+one interpreter with the bystander's client they would take it from the client, and the figures
+would show the harness's contention, not the server's. `--flood-close-s 0` turns the abuse policy
+off so the flood lasts `--flood-s` (the worst case the server must survive); `--engine-process`
+picks where the engine runs (default: the server's default).
 """
 
 from __future__ import annotations
@@ -18,6 +26,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import multiprocessing
+import os
+import signal
+import subprocess
 import json
 import sys
 import threading
@@ -30,14 +42,15 @@ from websockets.asyncio.client import connect  # noqa: E402
 from websockets.exceptions import ConnectionClosed  # noqa: E402
 
 from dia2stream.clock import FRAME_RATE  # noqa: E402
-from dia2stream.serve.config import ServerConfig  # noqa: E402
-from dia2stream.serve.server import run  # noqa: E402
 from dia2stream.tools.playback import simulate  # noqa: E402
 
 TEXT = "[S1] " + " ".join(["one two three four five six seven eight nine ten"] * 4)
 
 
-def start_server(config: ServerConfig):
+def start_server_here(config):
+    """The server on a thread of this process (`--server-here`), as the script first did."""
+    from dia2stream.serve.server import run  # here: the flooder's process need not import torch
+
     port: concurrent.futures.Future = concurrent.futures.Future()
     holder: dict = {}
 
@@ -49,6 +62,29 @@ def start_server(config: ServerConfig):
     thread.start()
     return port.result(timeout=300), lambda: (holder["loop"].call_soon_threadsafe(holder["stop"].set),
                                               thread.join(30))
+
+
+def start_server_process(flags: list[str], cpus: set[int] | None = None):
+    """`python server.py FLAGS` in its own process, as it is deployed: the bystander's client (this
+    process) and the flooder (another) do not share its interpreter."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "server.py", *flags], cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    for line in proc.stdout:
+        if line.startswith("dia2stream ready on "):
+            port = int(line.strip().rstrip("/").rsplit(":", 1)[1])
+            break
+    else:
+        raise SystemExit(f"server.py exited with {proc.wait()} before it was ready")
+    threading.Thread(target=proc.stdout.read, daemon=True).start()  # keep its pipe from filling
+
+    def stop() -> None:
+        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # the second one stops at once (no drain)
+        proc.wait(60)
+
+    return port, stop
 
 
 async def bystander(url: str, stop: asyncio.Event, utterances: list[list[float]]) -> None:
@@ -96,6 +132,35 @@ async def flooder(url: str, seconds: float) -> dict:
     return {"sent": sent, "replies": replies, "close_code": ws.close_code, "closed_after_s": closed_after}
 
 
+def flood_in_this_process(url: str, seconds: float, nice: int = 0) -> dict:
+    if nice:
+        os.nice(nice)  # (its CPU affinity is this process's: see --pin)
+    return asyncio.run(flooder(url, seconds))
+
+
+def step_figures(url: str) -> dict:
+    """The engine's frame-step histogram from /metrics (count, sum, steps over 80 ms)."""
+    import urllib.request
+
+    http = url.replace("ws://", "http://").rstrip("/") + "/metrics"
+    out = {"count": 0.0, "sum": 0.0, "under_80ms": 0.0}
+    with urllib.request.urlopen(http, timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("dia2_frame_step_seconds_count "):
+                out["count"] = float(line.split()[-1])
+            elif line.startswith("dia2_frame_step_seconds_sum "):
+                out["sum"] = float(line.split()[-1])
+            elif line.startswith('dia2_frame_step_seconds_bucket{le="0.08"}'):
+                out["under_80ms"] = float(line.split()[-1])
+    return out
+
+
+def step_delta(before: dict, after: dict) -> dict:
+    steps = after["count"] - before["count"]
+    return {"steps": int(steps), "mean_ms": round(1000 * (after["sum"] - before["sum"]) / max(steps, 1), 1),
+            "over_80ms": int(steps - (after["under_80ms"] - before["under_80ms"]))}
+
+
 def phase_figures(utterances: list[list[float]], start: float, end: float) -> dict:
     frames = underruns = 0
     gap = 0.0
@@ -112,16 +177,27 @@ def phase_figures(utterances: list[list[float]], start: float, end: float) -> di
             "underruns": underruns, "stalled_ms": round(gap * 1000)}
 
 
-async def measure(url: str, before_s: float, flood_s: float, after_s: float) -> dict:
+async def measure(url: str, before_s: float, flood_s: float, after_s: float, flooder_here: bool = False,
+                  flooder_nice: int = 0) -> dict:
     stop, utterances = asyncio.Event(), []
     speaker = asyncio.create_task(bystander(url, stop, utterances))
     while not any(utterances):
         await asyncio.sleep(0.05)
     t0 = time.monotonic()
     await asyncio.sleep(before_s)
-    t1 = time.monotonic()
-    flood = await flooder(url, flood_s)
+    steps = [await asyncio.to_thread(step_figures, url)]
+    if flooder_here:
+        t1 = time.monotonic()
+        flood = await flooder(url, flood_s)
+    else:
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            await asyncio.get_running_loop().run_in_executor(pool, time.sleep, 0)  # the process is up
+            steps = [await asyncio.to_thread(step_figures, url)]
+            t1 = time.monotonic()
+            flood = await asyncio.get_running_loop().run_in_executor(pool, flood_in_this_process, url, flood_s,
+                                                                     flooder_nice)
     t2 = time.monotonic()
+    steps.append(await asyncio.to_thread(step_figures, url))
     await asyncio.sleep(after_s)
     t3 = time.monotonic()
     try:
@@ -133,7 +209,8 @@ async def measure(url: str, before_s: float, flood_s: float, after_s: float) -> 
     stop.set()
     await asyncio.wait_for(speaker, 120)
     return {"before": phase_figures(utterances, t0, t1), "flood": phase_figures(utterances, t1, t2),
-            "after": phase_figures(utterances, t2, t3), "flooder": flood, "newcomer": newcomer}
+            "after": phase_figures(utterances, t2, t3), "flooder": flood, "newcomer": newcomer,
+            "steps_during_flood": step_delta(*steps)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,18 +221,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", default="tiny")
     parser.add_argument("--mimi", default=None)
     parser.add_argument("--json", help="write the figures here")
+    parser.add_argument("--flood-close-s", type=float, default=None, help="the server's abuse policy (0 = off)")
+    parser.add_argument("--engine-process", choices=("on", "off"), default=None,
+                        help="where the server runs its engine (default: the server's default)")
+    parser.add_argument("--overload-refusal-s", type=float, default=None,
+                        help="the server's refusal after calls fell behind (0 = never; on a busy machine the "
+                             "flooder may otherwise be refused as busy)")
+    parser.add_argument("--flooder-here", action="store_true", help="flood from this process's event loop")
+    parser.add_argument("--server-here", action="store_true", help="run the server on a thread of this process")
+    parser.add_argument("--pin", action="store_true",
+                        help="server (and its engine process) on CPU 0, the clients (this process, the flooder) on "
+                             "CPU 1: one core for the server whatever its processes, the clients' CPU not its own")
+    parser.add_argument("--flooder-nice", type=int, default=0,
+                        help="raise the flooder process's niceness (a remote client's CPU is not the server's)")
     args = parser.parse_args(argv)
-    config = ServerConfig(host="127.0.0.1", port=0, checkpoint=args.checkpoint, mimi=args.mimi, device="cpu",
-                          max_calls=2, log_level="ERROR")
-    port, stop = start_server(config)
+    settings = {"checkpoint": args.checkpoint, "mimi": args.mimi, "device": "cpu", "max_calls": 2,
+                "log_level": "ERROR", "flood_close_s": args.flood_close_s, "engine_process": args.engine_process,
+                "overload_refusal_s": args.overload_refusal_s}
+    settings = {name: value for name, value in settings.items() if value is not None}
+    if args.server_here:
+        from dia2stream.serve.config import ServerConfig
+
+        port, stop = start_server_here(ServerConfig(host="127.0.0.1", port=0, **settings))
+    else:
+        flags = ["--host", "127.0.0.1", "--port", "0"]
+        for name, value in settings.items():
+            flags += ["--" + name.replace("_", "-"), str(value)]
+        port, stop = start_server_process(flags, {0} if args.pin else None)
+    if args.pin:
+        os.sched_setaffinity(0, {1})  # the flooder's process, started later, inherits it
     try:
-        result = asyncio.run(measure(f"ws://127.0.0.1:{port}/", args.before_s, args.flood_s, args.after_s))
+        result = asyncio.run(measure(f"ws://127.0.0.1:{port}/", args.before_s, args.flood_s, args.after_s,
+                                     args.flooder_here, args.flooder_nice))
     finally:
         stop()
     for name in ("before", "flood", "after"):
         r = result[name]
         print(f"{name:>6}: {r['seconds']:5.1f} s, bystander {r['frames']} frames ({r['expected']} expected), "
               f"{r['underruns']} underruns, stalled {r['stalled_ms']} ms")
+    st = result["steps_during_flood"]
+    print(f"engine during the flood: {st['steps']} frame steps, mean {st['mean_ms']} ms, {st['over_80ms']} over 80 ms")
     f = result["flooder"]
     print(f"flooder: {f['sent']} sent, {f['replies']} replies, close code {f['close_code']}"
           + (f" after {f['closed_after_s']:.2f} s" if f["closed_after_s"] is not None else " (never closed)")

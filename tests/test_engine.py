@@ -407,5 +407,6 @@ def test_a_call_behind_real_time_makes_the_engine_refuse_new_calls(small_tts):
         health = engine.health()
         assert health["overloaded"] is True and health["busy"] is True
         assert engine.open_call(queue.Queue().put) is None  # busy: refused, though a slot is free
+        assert engine.admits_calls() == 0  # the same rule as a figure (what an engine process publishes)
     finally:
         engine.close()

@@ -3,16 +3,20 @@ with the reason, every client gets `internal_error` with a message and close 101
 silence), and the server exits non-zero for its supervisor to restart it.
 
 Faults are injected in the test's own stepper by wrapping `FrameStepper.step` (no hook in the
-server): a CUDA error (sticky: the engine stops at once), a step that hangs (the watchdog sees no
-frame step while calls wait), and, through a real `server.py` process, a CUDA error that makes
-the process exit with status 1."""
+server): in the engine's process (the default, `--engine-process on`) by a function `run()` calls
+there before the engine is built (`engine_init`), armed by a file; in one process
+(`--engine-process off`) by monkeypatch. A CUDA error (sticky: the engine stops at once), a step
+that hangs (the watchdog sees no frame step while calls wait), the engine process killed, and,
+through a real `server.py` process, its engine process killed: the process exits with status 1."""
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -38,8 +42,8 @@ CUDA_FAULT = "CUDA error: an illegal memory access was encountered"
 class ServerRun:
     """`run()` on its own loop in a thread, keeping what it returns (the exit status)."""
 
-    def __init__(self, config) -> None:
-        self.config = config
+    def __init__(self, config, engine_init=None) -> None:
+        self.config, self.engine_init = config, engine_init
         self.port_future: concurrent.futures.Future = concurrent.futures.Future()
         self.status: concurrent.futures.Future = concurrent.futures.Future()
         self._stop: asyncio.Event | None = None
@@ -54,7 +58,7 @@ class ServerRun:
 
     async def _serve(self) -> int:
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        return await run(self.config, self.port_future, stop=self._stop)
+        return await run(self.config, self.port_future, stop=self._stop, engine_init=self.engine_init)
 
     def start(self) -> "ServerRun":
         self._thread.start()
@@ -69,22 +73,68 @@ class ServerRun:
 
 
 class FaultyStep:
-    """Wraps FrameStepper.step: once armed, the next step raises `error` or blocks until released."""
+    """Wraps FrameStepper.step in this process (`--engine-process off`): once armed, the next step
+    raises `error` or blocks until released."""
 
     def __init__(self, monkeypatch, error: BaseException | None = None) -> None:
-        self.error, self.armed, self.hit = error, threading.Event(), threading.Event()
-        self.release = threading.Event()
+        self._armed, self._hit, self._released = threading.Event(), threading.Event(), threading.Event()
         real = FrameStepper.step
 
         def step(stepper, *args, **kwargs):
-            if self.armed.is_set():
-                self.hit.set()
-                if self.error is not None:
-                    raise self.error
-                self.release.wait(60)  # a hung device
+            if self._armed.is_set():
+                self._hit.set()
+                if error is not None:
+                    raise error
+                self._released.wait(60)  # a hung device
             return real(stepper, *args, **kwargs)
 
         monkeypatch.setattr(FrameStepper, "step", step)
+
+    def arm(self) -> None:
+        self._armed.set()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def was_hit(self) -> bool:
+        return self._hit.is_set()
+
+
+class FaultyStepInEngineProcess:
+    """The same fault in the engine's own process: `engine_init` wraps its FrameStepper.step there;
+    it is armed by creating a file, and a hung step is released by removing it."""
+
+    engine_process = "on"
+
+    def __init__(self, tmp_path: Path, error: str | None = None) -> None:
+        self.arm_file = tmp_path / "arm"
+        self.engine_init = functools.partial(wrap_step_in_this_process, str(self.arm_file), error)
+
+    def arm(self) -> None:
+        self.arm_file.touch()
+
+    def release(self) -> None:
+        self.arm_file.unlink(missing_ok=True)
+
+    def was_hit(self) -> bool:
+        return Path(str(self.arm_file) + ".hit").exists()
+
+
+def wrap_step_in_this_process(arm_file: str, error: str | None) -> None:
+    """Run in the engine's process before its engine is built (`run(engine_init=...)`)."""
+    real = FrameStepper.step
+
+    def step(stepper, *args, **kwargs):
+        if os.path.exists(arm_file):
+            Path(arm_file + ".hit").touch()
+            if error is not None:
+                raise torch.AcceleratorError(error)
+            deadline = time.monotonic() + 60
+            while os.path.exists(arm_file) and time.monotonic() < deadline:  # a hung device
+                time.sleep(0.05)
+        return real(stepper, *args, **kwargs)
+
+    FrameStepper.step = step
 
 
 async def health_503(port: int, timeout: float = 30.0) -> tuple[float, dict]:
@@ -111,31 +161,41 @@ async def told_and_closed(client: Client) -> tuple[dict, int | None]:
     return last, client.ws.close_code
 
 
-async def fail_while_speaking(monkeypatch, fault: FaultyStep, **config) -> tuple[float, dict, list, int]:
-    server = ServerRun(server_config(mimi="random-small", log_level="CRITICAL", max_calls=2, **config)).start()
+async def fail_while_speaking(fault, **config) -> tuple[float, dict, list, int]:
+    """Two clients (one speaking), then `fault` (a callable that breaks the engine): how long
+    /health took to say 503, its body, each client's last event and close code, the exit status."""
+    server = ServerRun(server_config(mimi="random-small", log_level="CRITICAL", max_calls=2, **config),
+                       engine_init=getattr(fault, "engine_init", None)).start()
     try:
         speaker, _ = await Client.open(server.url)
         idle, _ = await Client.open(server.url)
         await speaker.send(cmd="start", text=LONG_TEXT * 3, id="u")
         await speaker.until("started", id="u")
         await speaker.frames(2)
-        fault.armed.set()
+        await asyncio.to_thread(fault.arm)
         took, body = await health_503(server.port)
         ends = await asyncio.gather(told_and_closed(speaker), told_and_closed(idle))
-        fault.release.set()
+        fault.release()
         status = await asyncio.to_thread(server.status.result, 60)
         return took, body, ends, status
     finally:
-        fault.release.set()
+        fault.release()
         server.stop()
 
 
-async def test_a_cuda_error_in_the_step_fails_health_tells_clients_and_exits_1(monkeypatch, capsys):
-    fault = FaultyStep(monkeypatch, torch.AcceleratorError(CUDA_FAULT))
-    took, body, ends, status = await fail_while_speaking(monkeypatch, fault)
+@pytest.mark.parametrize("engine_process", ["on", "off"])
+async def test_a_cuda_error_in_the_step_fails_health_tells_clients_and_exits_1(engine_process, monkeypatch, tmp_path,
+                                                                                capsys):
+    if engine_process == "on":
+        fault = FaultyStepInEngineProcess(tmp_path, CUDA_FAULT)
+    else:
+        fault = FaultyStep(monkeypatch, torch.AcceleratorError(CUDA_FAULT))
+    took, body, ends, status = await fail_while_speaking(fault, engine_process=engine_process)
     with capsys.disabled():
-        print(f"\n[liveness] CUDA error: /health 503 {took:.2f} s after the fault was armed")
-    assert fault.hit.is_set()
+        print(f"\n[liveness] CUDA error (--engine-process {engine_process}): /health 503 {took:.2f} s after the "
+              "fault was armed")
+    assert fault.was_hit()
+    assert took < 2.0
     assert body["status"] == "failed" and "AcceleratorError" in body["failure"] and CUDA_FAULT in body["failure"]
     for event, code in ends:
         assert event["event"] == "error" and event["code"] == "internal_error", event
@@ -144,9 +204,9 @@ async def test_a_cuda_error_in_the_step_fails_health_tells_clients_and_exits_1(m
     assert status == EXIT_ENGINE_FAILED
 
 
-async def test_a_hung_step_is_seen_by_the_watchdog(monkeypatch, capsys):
-    fault = FaultyStep(monkeypatch)  # blocks instead of raising
-    took, body, ends, status = await fail_while_speaking(monkeypatch, fault, engine_stall_s=1.0)
+async def test_a_hung_step_is_seen_by_the_watchdog(tmp_path, capsys):
+    fault = FaultyStepInEngineProcess(tmp_path)  # blocks instead of raising
+    took, body, ends, status = await fail_while_speaking(fault, engine_stall_s=1.0)
     with capsys.disabled():
         print(f"\n[liveness] hung step, --engine-stall-s 1: /health 503 {took:.2f} s after the fault was armed")
     assert body["status"] == "failed" and "no frame step" in body["failure"]
@@ -171,31 +231,47 @@ async def test_a_healthy_idle_server_is_not_failed_by_the_watchdog(monkeypatch):
     assert server.status.result(30) == 0
 
 
-WRAPPER = """
-import runpy, sys, torch
-from vendor_dia2.runtime import FrameStepper
-real, steps = FrameStepper.step, [0]
-def step(self, *args, **kwargs):
-    steps[0] += 1
-    if steps[0] > 40:  # the test's own stepper: a CUDA fault mid-utterance
-        raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
-    return real(self, *args, **kwargs)
-FrameStepper.step = step
-sys.argv = ["server.py"] + sys.argv[1:]
-runpy.run_path("server.py", run_name="__main__")
-"""
+async def test_the_engine_process_killed_fails_health_tells_clients_and_exits_1(capsys):
+    server = ServerRun(server_config(mimi="random-small", log_level="CRITICAL", max_calls=2)).start()
+    try:
+        _, _, body = await asyncio.to_thread(http_call, server.port, "GET", "/health")
+        engine_pid = json.loads(body)["engine_pid"]
+        assert engine_pid != os.getpid()
+        speaker, _ = await Client.open(server.url)
+        idle, _ = await Client.open(server.url)
+        await speaker.send(cmd="start", text=LONG_TEXT * 3, id="u")
+        await speaker.frames(2)
+        os.kill(engine_pid, signal.SIGKILL)
+        took, body = await health_503(server.port)
+        ends = await asyncio.gather(told_and_closed(speaker), told_and_closed(idle))
+        exit_status = await asyncio.to_thread(server.status.result, 60)
+    finally:
+        server.stop()
+    with capsys.disabled():
+        print(f"\n[liveness] engine process killed: /health 503 {took:.2f} s after the kill")
+    assert took < 2.0
+    assert body["status"] == "failed" and "SIGKILL" in body["failure"], body
+    for event, code in ends:
+        assert event["code"] == "internal_error" and "engine process" in event["message"], event
+        assert code == ENGINE_FAILED_CLOSE_CODE
+    assert exit_status == EXIT_ENGINE_FAILED
 
 
-async def test_a_real_server_process_exits_1_after_a_cuda_error(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, "--checkpoint", "tiny", "--mimi", "random-small",
+async def test_a_real_server_process_exits_1_when_its_engine_process_dies(tmp_path):
+    proc = subprocess.Popen([sys.executable, "server.py", "--checkpoint", "tiny", "--mimi", "random-small",
                              "--port", "0", "--device", "cpu", "--log-level", "WARNING"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         line = await asyncio.wait_for(asyncio.to_thread(_ready_line, proc), 180)
         url = line.split(" on ", 1)[1].strip()
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        _, _, body = await asyncio.to_thread(http_call, port, "GET", "/health")
+        engine_pid = json.loads(body)["engine_pid"]
         client, _ = await Client.open(url)
         await client.send(cmd="start", text=LONG_TEXT * 4, id="u")
+        await client.frames(2)
+        os.kill(engine_pid, signal.SIGKILL)
         event, code = await told_and_closed(client)
         assert event["code"] == "internal_error" and code == ENGINE_FAILED_CLOSE_CODE, event
         assert await asyncio.to_thread(proc.wait, 60) == EXIT_ENGINE_FAILED
@@ -204,7 +280,7 @@ async def test_a_real_server_process_exits_1_after_a_cuda_error(tmp_path):
             proc.kill()
             proc.wait(10)
     output = proc.stdout.read()
-    assert "the engine cannot serve" in output
+    assert "the engine cannot serve" in output and "SIGKILL" in output
 
 
 def _ready_line(proc: subprocess.Popen) -> str:

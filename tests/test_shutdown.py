@@ -21,6 +21,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from helpers import http_call
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,6 +77,8 @@ async def test_sigterm_exits_0_promptly_with_a_client_that_does_not_read(stop_by
     proc, port, output = await asyncio.to_thread(start_server, "--max-calls", "2", "--max-lead-ms", "5000", *drain)
     try:
         url = f"ws://127.0.0.1:{port}/"
+        _, _, health = await asyncio.to_thread(http_call, port, "GET", "/health")
+        engine_pid = json.loads(health)["engine_pid"]  # the engine runs in its own process (the default)
         reader = await connect(url, open_timeout=30)
         assert json.loads(await reader.recv())["event"] == "ready"
         # max_queue=1: the client library stops reading the socket once one message waits
@@ -110,4 +114,5 @@ async def test_sigterm_exits_0_promptly_with_a_client_that_does_not_read(stop_by
     assert elapsed < EXIT_WITHIN_S, f"exit took {elapsed:.2f} s\n{output[-2000:]}"
     assert events and events[-1]["event"] == "error" and events[-1]["code"] == "shutting_down"
     assert reader.close_code == 1001
+    assert not Path(f"/proc/{engine_pid}").exists(), "the engine process outlived its server"
     stuck.transport.abort()

@@ -35,7 +35,7 @@ from vendor_dia2.state_machine import TextState, shifted
 from dia2stream.clock import FRAME_RATE, FRAME_SECONDS, MAX_TOP_K
 from dia2stream.wire import protocol as p
 from dia2stream.wire.frames import AudioFrame
-from dia2stream.wire.formats import DEFAULT_FORMAT, FrameEncoder
+from dia2stream.wire.formats import DEFAULT_FORMAT, get_format
 from dia2stream.wire.protocol import ErrorCode
 from dia2stream.call.slot import CallSettings, PlannedPrefill, SlotHandle
 from dia2stream.call.pending import check_turn_text
@@ -124,8 +124,10 @@ class Call:
         self.machine = model.new_state_machine()
         self.defaults = SamplingParams(cfg_scale=settings.cfg_scale, seed=settings.seed)
         self.current_voice: str | None = voices.default
-        # Per call and stateful (streaming resampler): a new format applies from the next turn.
-        self.encoder = FrameEncoder(DEFAULT_FORMAT)
+        # The wire format asked for: a new one applies from the next turn. Frames go out as PCM
+        # stamped with it; the sender encodes them (wire/frames.FrameWriter), off this thread.
+        self.format = DEFAULT_FORMAT
+        self._fresh_audio = True  # the next frame does not continue the last one sent
         self.phase = Phase.NONE
         self.turn: Turn | None = None
         self.last_turn: Turn | None = None
@@ -277,7 +279,7 @@ class Call:
             self._begin_turn(cmd.id)  # the next turn, from the warm state
         elif self.phase is Phase.PAUSED:
             self.phase = self._resume_phase
-            self.encoder.reset()  # frames queued before the pause were dropped
+            self._fresh_audio = True  # frames queued before the pause were dropped
             self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
             self.turn.resumed = True
         if cmd.id is not None:
@@ -358,7 +360,7 @@ class Call:
                                   cmd="resume", id=cmd.id)
         self.phase = self._resume_phase
         self._drop_unspoken = False  # speak the words the caller did not hear, from where they stopped
-        self.encoder.reset()  # frames queued before the pause were dropped
+        self._fresh_audio = True  # frames queued before the pause were dropped
         self.turn.resumed = True
         self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
 
@@ -416,7 +418,8 @@ class Call:
             turn.first_word_frame = first_word
             turn.send_from = frame
         self._emit_words_up_to(frame)
-        self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent, self.encoder.encode(pcm)))
+        self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent, self.format, self._fresh_audio))
+        self._fresh_audio = False
         if turn.first_audio_at is None or turn.resumed:
             now = time.monotonic()
             turn.first_audio_at = turn.first_audio_at or now
@@ -727,7 +730,7 @@ class Call:
         self.turn = Turn(id=client_id, start_position=position, first_frame=first, started_at=self._received_at,
                          next_frame=first, words_before=len(self.machine.transcript))
         self.turn.words_emitted = self.turn.words_before
-        self.encoder.reset()  # the turn's first sent frame does not continue the last one sent
+        self._fresh_audio = True  # the turn's first sent frame does not continue the last one sent
         self.phase = Phase.GENERATING
         self.emit(p.Started(id=client_id, voice=self.current_voice if self._floor_frame else None, position=position))
 
@@ -762,8 +765,8 @@ class Call:
         turn.words_pushed = kept
 
     def _set_format(self, name: str | None) -> None:
-        if name is not None and name != self.encoder.format.name:
-            self.encoder = FrameEncoder(name)
+        if name is not None:
+            self.format = get_format(name).name
 
     def _restart_pacing(self, lead: float = 0.0) -> None:
         turn = self.turn

@@ -26,6 +26,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -76,8 +77,13 @@ class EngineConfig:
 
 
 class Engine:
-    def __init__(self, tts: Dia2, config: EngineConfig, metrics=None):
-        self.metrics = metrics  # a metrics.Metrics: frame steps are recorded there
+    def __init__(self, tts: Dia2, config: EngineConfig, metrics=None, flush: Callable[[], None] | None = None):
+        """`metrics`: where frame steps are recorded (`metrics.Metrics`, or anything with its
+        `frame_step_ms`). `flush`: called on the generation thread when what it emitted so far is
+        complete, after each frame step and before it waits for the inbox; an engine in its own
+        process (`serve/engine_process.py`) sends its calls' items across then, one message a step."""
+        self.metrics = metrics
+        self._flush = flush
         if config.max_calls < 1:
             raise ValueError("max_calls must be at least 1")
         self.tts, self.config = tts, config
@@ -138,21 +144,37 @@ class Engine:
         with self._lock:
             return sum(c is not None for c in self._calls)
 
-    def open_call(self, sink: Sink) -> Call | None:
+    def open_call(self, sink: Sink, slot: int | None = None) -> Call | None:
         """A new call on a free slot, or None when every slot is taken or the engine cannot take
-        one more call in real time."""
+        one more call in real time. `slot`: open on this free slot without the admission check
+        (an engine process's parent admitted the call from the figures this engine published)."""
         with self._lock:
-            free = [slot for slot, occupant in enumerate(self._calls) if occupant is None]
-            if not free or self.overloaded:
+            free = [index for index, occupant in enumerate(self._calls) if occupant is None]
+            if slot is not None:
+                if slot not in free:
+                    raise ValueError(f"slot {slot} is not free")
+            elif not free or not self._admits_one_more(len(self._calls) - len(free)):
                 return None
-            taken = len(self._calls) - len(free)
-            if self.config.overload_refusal_s > 0 and not self.scheduler.admits(taken + 1):
-                return None
-            slot = free[0]  # the lowest free slot: a step is padded to the highest slot it runs
+            else:
+                slot = free[0]  # the lowest free slot: a step is padded to the highest slot it runs
             call = self._calls[slot] = Call(self._slots[slot], self._call_settings, self._call_model, self.voices,
                                             sink)
         self._post(call, Attach(), call.epoch)
         return call
+
+    def admits_calls(self) -> int:
+        """How many calls in all the engine would take now (the admission rule of `open_call`,
+        as a figure another process can check against)."""
+        if self.overloaded:
+            return 0
+        if self.config.overload_refusal_s <= 0:
+            return self.max_calls
+        return next((n for n in range(self.max_calls, 0, -1) if self.scheduler.admits(n)), 0)
+
+    def _admits_one_more(self, taken: int) -> bool:
+        if self.overloaded:
+            return False
+        return self.config.overload_refusal_s <= 0 or self.scheduler.admits(taken + 1)
 
     def close_call(self, call: Call) -> None:
         """The client left: its call stops within one frame. The slot is free at once: the queue
@@ -256,6 +278,8 @@ class Engine:
                         self._last_progress = time.monotonic()
                         continue  # drain every pending command before the next frame
                     self._step_once()
+                    if self._flush is not None:
+                        self._flush()
                 except Exception as exc:
                     if is_device_fault(exc):
                         raise
@@ -269,7 +293,11 @@ class Engine:
     def _next_envelope(self) -> "Envelope | None":
         timeout = 0.0 if self._planned_work_waiting() else self.scheduler.wait_seconds(self._active_calls())
         try:
-            return self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+            if not timeout:
+                return self._inbox.get_nowait()  # a step is due: what was emitted goes out after it
+            if self._flush is not None:
+                self._flush()  # nothing is due: what the commands answered goes out before the wait
+            return self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None
 

@@ -37,6 +37,11 @@ class KernelChoice(enum.StrEnum):
     TRITON = "triton"
 
 
+class Switch(enum.StrEnum):
+    ON = "on"
+    OFF = "off"
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -93,6 +98,8 @@ class ServerConfig:
     tls_key: str | None = None
     # -- liveness (issue 19); docs/operations.md
     engine_stall_s: float = 5.0  # calls waiting for a frame step this long: the engine has failed; 0 = no watchdog
+    # the engine in a process of its own (serve/engine_process.py): connection work cannot slow the frame loop
+    engine_process: Switch = Switch.ON
 
     def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
@@ -220,6 +227,8 @@ _FLAGS = [  # (name, type, help)
     ("tls_key", str, "PEM private key file of --tls-cert"),
     ("engine_stall_s", float, "no frame step for this long while calls wait for one: the engine has failed "
                               "(/health 503, calls get internal_error, the process exits 1); 0 = no watchdog"),
+    ("engine_process", Switch, "run the engine in a process of its own, so connection work (parsing, floods, "
+                               "encoding) cannot slow the frame loop: on, or off (one process: debugging)"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 

@@ -27,7 +27,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request
 
 from dia2stream.clock import FRAME_SECONDS
-from dia2stream.wire.frames import AudioFrame
+from dia2stream.wire.frames import AudioFrame, FrameWriter
 from dia2stream.serve.outbox import Outbox
 from dia2stream.wire import protocol as p
 from dia2stream.wire.compat.audio import StreamEncoder, parse_elevenlabs_format
@@ -101,12 +101,15 @@ class HttpApi:
                     response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
                     response.enable_chunked_encoding()
                     await response.prepare(request)
+                    writer = FrameWriter()
                     async for item in items(start):
                         if isinstance(item, AudioFrame):
-                            await response.write(item.data)
+                            await response.write(writer.message(item))
                     await response.write_eof()
                     return response
-                pcm = [decode_frame(item.data, fmt) async for item in items(start) if isinstance(item, AudioFrame)]
+                writer = FrameWriter()
+                pcm = [decode_frame(writer.message(item), fmt) async for item in items(start)
+                       if isinstance(item, AudioFrame)]
                 return web.Response(body=_wav(pcm, FORMATS[fmt].sample_rate), content_type="audio/wav")
         except Refused as err:
             return _refusal(err, {"event": "error", "code": err.code, "message": err.message})

@@ -100,6 +100,16 @@ class Metrics:
         for reason in CLOSE_REASONS | {OTHER}:
             self._closed.labels(reason=reason)
 
+    def engine_process(self, pid: int) -> None:
+        """The engine's own process (`--engine-process on`): its RSS, CPU and fds as
+        `dia2_engine_process_*`, beside the server process's `dia2_process_*`."""
+        ProcessCollector(namespace=f"{PREFIX}_engine", pid=lambda: pid, registry=self.registry)
+
+    def gpu_memory_from(self, probe: GpuProbe) -> None:
+        """Read the GPU memory gauges from `probe` from now on (the engine process's figures)."""
+        self._gpu_allocated.set_function(lambda: (probe() or (0.0, 0.0))[0])
+        self._gpu_reserved.set_function(lambda: (probe() or (0.0, 0.0))[1])
+
     # -- what the engine and server report ----------------------------------------------------
 
     def set_info(self, **labels: object) -> None:

@@ -1,8 +1,9 @@
 """The websockets server: connects the wire protocol to the engine's calls.
 
 One handler coroutine per connection opens a call on the engine, parses commands and hands them
-to it; one sender task per connection writes the call's events and frames in order. No model
-work happens on the event loop.
+to it; one sender task per connection writes the call's events and frames in order, encoding
+the frames in the call's format. No model work happens on the event loop; by default the engine
+runs in a process of its own (`engine_process.EngineProxy`), so none of this work can slow it.
 """
 
 from __future__ import annotations
@@ -27,13 +28,15 @@ from websockets.protocol import State
 from dia2stream.clock import FRAME_RATE
 from dia2stream.wire import compat
 from dia2stream.wire import protocol as p
-from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, checkpoint_for, default_max_calls
+from dia2stream.serve.config import (CompileMode, KernelChoice, ServerConfig, Switch, checkpoint_for,
+                                     default_max_calls)
 from dia2stream.call.call import Call, Drained
-from dia2stream.wire.frames import AudioFrame
+from dia2stream.wire.frames import AudioFrame, FrameWriter
 from dia2stream.serve.agent import AgentResponder
 from dia2stream.serve.compat_session import serve_compat
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine
+from dia2stream.serve.engine_process import CallHandle, EngineProxy
 from dia2stream.serve.http import HttpGate, HttpPolicy, unprotected_bind_warning
 from dia2stream.serve.limits import (IDLE_CLOSE_CODE, NOT_READING_CLOSE_CODE, POLICY_CLOSE_CODE, AbuseWatch, Admission,
                                     CommandRateLimiter, IdleClock, LargeMessageGate, Limits, Offence, VoiceQuota,
@@ -63,13 +66,14 @@ class Connection:
     """What the server keeps per connection (the call itself lives on the engine)."""
 
     ws: ServerConnection
-    call: Call
+    call: Call | CallHandle
     outbox: Outbox
     rate: CommandRateLimiter
     idle: IdleClock
     voices: VoiceScope
     meter: DeliveryMeter
     abuse: AbuseWatch
+    writer: FrameWriter = dataclasses.field(default_factory=FrameWriter)  # frames to binary messages, here
     sender: asyncio.Task | None = None
     closer: asyncio.Future | None = None  # a close started from a callback (kept: the loop holds tasks weakly)
     closing: bool = False  # a close was started (idle, not reading, shutdown): send nothing more
@@ -77,11 +81,13 @@ class Connection:
 
 
 class Dia2Server:
-    def __init__(self, engine: Engine, model_name: str, device: str, max_lead_ms: float,
+    def __init__(self, engine: Engine | EngineProxy, model_name: str, device: str, max_lead_ms: float,
                  limits: Limits | None = None, policy: HttpPolicy | None = None, metrics: Metrics | None = None,
                  web: bool = True, engine_stall_s: float | None = None):
-        """`metrics`: the registry the engine records frame steps in (`Engine(metrics=...)`); a
-        fresh one when None (then /metrics has no frame-step figures). `web`: serve the
+        """`engine`: an `Engine` on a thread of this process, or an `EngineProxy` to one in its own
+        process (`--engine-process`), used alike. `metrics`: the registry the engine's frame steps
+        are recorded in (`Engine(metrics=...)`, or the proxy's from each batch); a fresh one when
+        None (then /metrics has no frame-step figures). `web`: serve the
         playground and dashboard pages (`--no-web`: False). `engine_stall_s`: the watchdog's
         stall limit (`liveness.engine_failure`; None: the configuration's default)."""
         self.engine, self.model_name, self.device, self.max_lead_ms = engine, model_name, device, max_lead_ms
@@ -292,7 +298,7 @@ class Dia2Server:
                     if item.epoch < call.epoch:
                         continue  # generated before a pause/reset: never play stale audio
                     meter.frame_sent()
-                    await ws.send(item.data)
+                    await ws.send(conn.writer.message(item))
                     sent_in_turn += 1
                     continue
                 if isinstance(item, p.Started):
@@ -456,8 +462,9 @@ def tls_context(cert: str | None, key: str | None):
     return context
 
 
-def build_engine(config: ServerConfig, metrics: Metrics | None = None):
-    """Load the model and make the engine (CUDA graphs, if any, are captured here, not on the first request)."""
+def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=None):
+    """Load the model and make the engine (CUDA graphs, if any, are captured here, not on the first
+    request). `metrics`, `flush`: the engine's (`Engine`); the engine process passes its own."""
     import torch
 
     from vendor_dia2 import Dia2
@@ -493,7 +500,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None):
         from vendor_dia2 import kernels as fused_kernels
 
         fused_kernels.PDL = {"auto": None, "on": True, "off": False}[config.pdl]  # read as the graphs are captured
-    engine = Engine(tts, engine_config, metrics=metrics)
+    engine = Engine(tts, engine_config, metrics=metrics, flush=flush)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
              tts.name, tts.device, tts.dtype, time.perf_counter() - t0, engine_config.max_calls,
              engine.stepper.batch_sizes, engine_config.kernels, engine_config.weights)
@@ -541,7 +548,8 @@ def parse_voice_spec(spec: str) -> VoiceRequest:
 
 async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.Future | None = None,
               stop: asyncio.Event | None = None, limits: Limits | None = None,
-              drain: asyncio.Event | None = None, agent_ready: concurrent.futures.Future | None = None) -> int:
+              drain: asyncio.Event | None = None, agent_ready: concurrent.futures.Future | None = None,
+              engine_init=None) -> int:
     """Serve until SIGTERM/SIGINT, `drain` or `stop`, then shut down; or until the engine fails.
     Returns the process's exit status: 0 after a stop, EXIT_ENGINE_FAILED (1) after an engine
     failure (`Dia2Server.watch_engine`), so a supervisor restarts it.
@@ -551,7 +559,9 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
     `ready` receives the listening port (useful with port 0), or the exception if the server
     could not start; a `concurrent.futures.Future` lets another thread wait for it. `agent_ready`
     receives the agent-check port (with `--agent-port`). `limits` replaces the ones the
-    configuration asks for (tests, embedding).
+    configuration asks for (tests, embedding). `engine_init`: a picklable function called where the
+    engine runs (its process with `--engine-process on`, else here) before it is built (tests wrap
+    their own stepper there).
     """
     stop = stop or asyncio.Event()
     drain = drain or asyncio.Event()
@@ -563,9 +573,16 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
         if warning:
             log.warning(warning)
         metrics = Metrics()
-        tts, engine = await asyncio.to_thread(build_engine, config, metrics)
-        use_device(str(tts.device))  # /metrics reads the allocator's figures on this thread
-        server = Dia2Server(engine, tts.name, str(tts.device), config.max_lead_ms, limits=limits, policy=policy,
+        if config.engine_process == Switch.ON:
+            engine = await asyncio.to_thread(EngineProxy.start, config, metrics, engine_init)
+            metrics.gpu_memory_from(engine.gpu_memory)  # the engine process's allocator, as it last said
+            metrics.engine_process(engine.pid)
+            model_name, device = engine.model_name, engine.device
+        else:
+            tts, engine = await asyncio.to_thread(_build_here, config, metrics, engine_init)
+            use_device(str(tts.device))  # /metrics reads the allocator's figures on this thread
+            model_name, device = tts.name, str(tts.device)
+        server = Dia2Server(engine, model_name, device, config.max_lead_ms, limits=limits, policy=policy,
                             metrics=metrics, web=config.web, engine_stall_s=config.engine_stall_s)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -619,6 +636,12 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
     finally:
         if engine is not None:
             await asyncio.to_thread(engine.close)
+
+
+def _build_here(config: ServerConfig, metrics: Metrics, engine_init=None):
+    if engine_init is not None:
+        engine_init()
+    return build_engine(config, metrics)
 
 
 def _first_drain_then_stop(sig: signal.Signals, drain: asyncio.Event, stop: asyncio.Event) -> None:

@@ -452,10 +452,11 @@ class ServedCalls:
 def long_calls(calls: int, audio_s: float, profile: str = DEFAULT_PROFILE, context_frames: int = 400,
                rollover_frames: int = 150, warmup_s: float | None = None, report_every_s: float = 60.0,
                options: Options = Options(), out=sys.stdout, max_wall_s: float | None = None,
-               through_server: bool = False) -> LongCallsReport:
+               through_server: bool = False, engine_process: str = "on") -> LongCallsReport:
     """Run the calls until each has heard `audio_s` of audio (or `max_wall_s` passed); prints a
     progress line every `report_every_s` to `out` (None: silent). `through_server`: over
-    websockets through the real server, else on the engine directly."""
+    websockets through the real server (its engine in a process of its own unless
+    `engine_process` is "off"), else on the engine directly."""
     from dia2stream.serve.config import ServerConfig
 
     gc.collect()
@@ -470,7 +471,7 @@ def long_calls(calls: int, audio_s: float, profile: str = DEFAULT_PROFILE, conte
         config = ServerConfig(host="127.0.0.1", port=0, simulate_gpu=profile, max_calls=calls,
                               context_frames=context_frames, rollover_frames=rollover_frames, overload_refusal_s=0.0,
                               voices=tuple(voices), voice_cache=str(Path(tmp) / "cache"), log_level="WARNING",
-                              web=False)
+                              web=False, engine_process=engine_process)
         metrics = Metrics(gpu_memory=None, process=False)
         place = ServedCalls(config) if through_server else EngineCalls(config, metrics)
         inbox: queue.Queue = queue.Queue()
@@ -555,6 +556,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wall-s", type=float, default=None, help="stop after this much wall time")
     parser.add_argument("--server", action="store_true", help="through the real server over websockets (checks "
                         "the server's tasks too); default: on the engine directly")
+    parser.add_argument("--engine-process", choices=("on", "off"), default="on",
+                        help="with --server: the server's engine in a process of its own (default) or not")
     parser.add_argument("--json", help="write the report here")
     args = parser.parse_args(argv)
     if args.calls < 1 or args.audio_s <= 0:
@@ -564,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = long_calls(args.calls, args.audio_s, args.simulate_gpu, args.context_frames, args.rollover_frames,
                         args.warmup_s, args.report_every_s, max_wall_s=args.max_wall_s,
-                        through_server=args.server)
+                        through_server=args.server, engine_process=args.engine_process)
     print(report.summary(), flush=True)
     if args.json:
         Path(args.json).write_text(report.to_json())
