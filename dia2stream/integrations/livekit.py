@@ -42,6 +42,7 @@ from websockets.protocol import State
 
 from dia2stream.clock import FRAME_SECONDS, SAMPLE_RATE
 from dia2stream.integrations.caller import CallerSpeech
+from dia2stream.integrations.native import answers_pause
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,9 @@ class _Call:
         self.lock = asyncio.Lock()
         self.started = False
         self.turn_frames = 0  # frames of the call's utterance (it spans a resumed barge-in)
+        # An interruption's `pause` went out: until its `paused` comes back, what arrives is the
+        # interrupted turn's tail (frames and words generated before the server took the pause).
+        self.pause_pending = False
 
     async def _connection(self, timeout: float) -> ClientConnection:
         if self.ws is not None and self.ws.state is State.OPEN:
@@ -139,7 +143,7 @@ class _Call:
             raise APIConnectionError(f"dia2stream at {self.url}: {exc}") from exc
         if ready.get("event") != "ready":
             raise APIConnectionError(f"dia2stream refused the call: {ready.get('code')}: {ready.get('message')}")
-        self.started, self.turn_frames = False, 0
+        self.started, self.turn_frames, self.pause_pending = False, 0, False
         return self.ws
 
     async def speak(self, texts, emitter: tts.AudioEmitter, timeout: float) -> None:
@@ -152,6 +156,7 @@ class _Call:
             except asyncio.CancelledError:
                 if self.started and ws.state is State.OPEN:  # interrupted mid-turn: roll back to what we got
                     await ws.send(json.dumps({"cmd": "pause", "played_ms": self.turn_frames * FRAME_SECONDS * 1000}))
+                    self.pause_pending = True
                 raise
             finally:
                 await utils.aio.gracefully_cancel(sender)
@@ -192,6 +197,9 @@ class _Call:
                 if sender.done() and not sent.is_set():
                     return
                 raise APIConnectionError("dia2stream sent nothing for the timeout") from None
+            if self.pause_pending:
+                self.pause_pending = not answers_pause(message)
+                continue
             if isinstance(message, bytes):
                 if origin is None:
                     origin = self.turn_frames

@@ -44,6 +44,7 @@ from pipecat.services.tts_service import WebsocketTTSService
 
 from dia2stream.clock import FRAME_SECONDS, SAMPLE_RATE  # the plugins ask for pcm_24000, the native format
 from dia2stream.integrations.caller import CallerSpeech
+from dia2stream.integrations.native import answers_pause
 
 _HEADER = struct.Struct("<I")
 
@@ -58,6 +59,7 @@ class Dia2TTSService(WebsocketTTSService):
         self._url, self._voice, self._token = url, voice, auth_token
         self._receive_task = None
         self._started = False  # a `start` went out on this connection: later turns `inject`
+        self._pause_pending = False  # an interruption's `pause` is not answered yet
         self._turn_frames = 0  # frames of the call's utterance received (the utterance spans a resumed barge-in)
         self._context_origin: dict[str, int] = {}  # context -> utterance frames before its first frame
         self.caller = CallerSpeech(max_seconds=max_user_turn_seconds)  # filled by `caller_tap()`
@@ -97,7 +99,7 @@ class Dia2TTSService(WebsocketTTSService):
             ready = json.loads(await self._websocket.recv())
             if ready.get("event") != "ready":
                 raise RuntimeError(f"dia2stream refused the call: {ready.get('code')}: {ready.get('message')}")
-            self._started = False
+            self._started, self._pause_pending = False, False
             await self._call_event_handler("on_connected")
         except Exception as e:
             self._websocket = None
@@ -154,11 +156,17 @@ class Dia2TTSService(WebsocketTTSService):
         await self.stop_all_metrics()
         if self._websocket and self._started:
             await self._send({"cmd": "pause", "played_ms": self._turn_frames * FRAME_SECONDS * 1000})
+            # until `paused` comes back, what arrives is the interrupted turn's tail (generated
+            # before the server took the pause): it must not play in the next turn's context
+            self._pause_pending = True
         self._context_origin.pop(context_id, None)
         await super().on_audio_context_interrupted(context_id)
 
     async def _receive_messages(self):
         async for message in self._websocket:
+            if self._pause_pending:
+                self._pause_pending = not answers_pause(message)
+                continue
             context_id = self.get_active_audio_context_id()
             if isinstance(message, bytes):
                 (count,) = _HEADER.unpack_from(message)
