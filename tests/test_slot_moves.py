@@ -85,3 +85,40 @@ def test_the_mimi_stream_decodes_leading_rows_and_swaps_rows_as_the_whole_stream
     order = [0, 6, 2, 3, 4, 5, 1, 7]
     swapped = torch.stack([codec.decode_frame(codes[order, :, t]) for t in range(3, 6)], 1)
     torch.testing.assert_close(swapped[order], whole[:, 3:], atol=1e-5, rtol=1e-4)
+
+
+def test_the_simulated_gpu_moves_a_call_as_the_stepper_does():
+    """The simulated stepper keeps slot state as FrameStepper does: a moved call draws the same
+    actions and writes the same codes as one that never moved."""
+    from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedStepper
+    from vendor_dia2.config import preset
+
+    profile = GpuProfile(gpu="test", preset="tiny", full_step_ms={1: 0.0}, lite_step_ms={1: 0.0}, decode_ms={1: 0.0},
+                         swap_ms=0.0)
+
+    def run(moves):
+        stepper = SimulatedStepper(preset("tiny"), profile, SimulatedDevice(), n_calls=4)
+        from vendor_dia2.runtime import SamplingParams
+        for call in range(4):
+            stepper.set_sampling(call, SamplingParams(seed=call))
+        row, actions = list(range(4)), [[] for _ in range(4)]
+        for i, calls_on in enumerate(PATTERN):
+            if i in moves:
+                a, b = moves[i]
+                stepper.swap_rows(a, b)
+                call_a, call_b = row.index(a), row.index(b)
+                row[call_a], row[call_b] = b, a
+            active, choices = [False] * 4, [None] * 4
+            for call, on in enumerate(calls_on):
+                if on:
+                    active[row[call]], choices[row[call]] = True, ((call, 0), (call, 1))
+            got = stepper.step(choices, active)
+            for call, on in enumerate(calls_on):
+                if on:
+                    actions[call].append(got[row[call]])
+        return actions, [stepper.written_codes(row[c]).clone() for c in range(4)], [stepper.text_inputs(row[c])
+                                                                                    for c in range(4)]
+
+    still, moved = run({}), run(MOVES)
+    assert moved[0] == still[0] and moved[2] == still[2]
+    assert all(torch.equal(a, b) for a, b in zip(moved[1], still[1]))

@@ -269,8 +269,10 @@ class MimiCodec:
         """Exchange rows `a` and `b` of the open stream's state (a call moved to another slot)."""
         self._check_stream(None)
         if a != b:
+            pair = torch.tensor([a, b], device=self.device)
+            crossed = pair.flip(0)
             for state in self._decoder_side.get_streaming_state().values():
-                moshi_private.swap_rows(state, a, b)
+                moshi_private.swap_rows(state, pair, crossed)
 
     @torch.inference_mode()
     def warm_stream(self, codes: torch.Tensor) -> None:

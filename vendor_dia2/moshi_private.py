@@ -107,9 +107,9 @@ def restore_state(state: tp.Any, saved: dict[str, tp.Any], rows: slice | None = 
         # with rows: plain ints (moshi's host-side offsets) are shared by all rows and unused by Mimi's decoder
 
 
-def swap_rows(state: tp.Any, a: int, b: int) -> None:
-    """Exchange rows `a` and `b` of every tensor and ring cache of a state, in place."""
-    pair, crossed = [a, b], [b, a]
+def swap_rows(state: tp.Any, pair: torch.Tensor, crossed: torch.Tensor) -> None:
+    """Exchange rows `pair` = [a, b] and `crossed` = [b, a] (index tensors on the state's device)
+    of every tensor and ring cache of a state, in place."""
     for value in state_fields(state).values():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == state.batch_size:
             value[pair] = value[crossed]

@@ -174,10 +174,11 @@ class SlotTable:
         if a == b:
             return
         br = self.branches
-        calls = torch.tensor([a, b], device=self.device)
-        crossed = torch.tensor([b, a], device=self.device)
-        rows = torch.cat([torch.arange(a * br, (a + 1) * br), torch.arange(b * br, (b + 1) * br)]).to(self.device)
-        rows_crossed = torch.cat([rows[br:], rows[:br]])
+        calls = torch.tensor([a, b], device=self.device)  # the one host-to-device copy of a swap
+        crossed = calls.flip(0)
+        within = torch.arange(br, device=self.device)
+        rows = (calls[:, None] * br + within).flatten()  # [a's rows, b's rows]
+        rows_crossed = (crossed[:, None] * br + within).flatten()
         for t in self._per_slot_tensors():
             t[calls] = t[crossed]
         self.tokens[rows] = self.tokens[rows_crossed]

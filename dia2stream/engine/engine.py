@@ -38,7 +38,7 @@ from dia2stream.call.call import Call, CallModel, Phase, Sink
 from dia2stream.call.slot import CallSettings, SlotHandle
 from dia2stream.call.user_turn import LoadedUserTurn, load_user_turn
 from dia2stream.engine.runner import Runner
-from dia2stream.engine.scheduler import BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind
+from dia2stream.engine.scheduler import BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind, compacting_moves
 from dia2stream.wire.protocol import ErrorCode
 from dia2stream.voices.registry import VoiceRegistry
 from dia2stream.voices.voice import LoadedVoice, VoiceError, VoiceRequest, VoiceSettings, VoiceState
@@ -92,13 +92,13 @@ class Engine:
                                        kernels=config.kernels, weights=config.weights,
                                        compile_max_calls=config.compile_max_calls)
         self.codec = tts.codec
-        self.codec.open_stream(config.max_calls)
+        # a decode runs over the stream's first rows, padded as a step is (the calls it needs sit lowest)
+        self.codec.open_stream(config.max_calls, decode_sizes=self.stepper.batch_sizes)
         self.voices = VoiceRegistry(tts, self.stepper, self.codec, config.voice, spare_slot=self.spare_slot,
                                     max_prefix_frames=self.max_prefix_frames, boundary=config.prefix_boundary)
         self.runner = Runner(self.stepper, self.codec, config.max_calls)
         self.scheduler = Scheduler(max_lead_s=config.max_lead_ms / 1000, max_unsent_frames=config.max_unsent_frames,
                                    batch_size_for=self.stepper.batch_size_for)
-        self._slots = [SlotHandle(self.stepper, self.codec, i) for i in range(config.max_calls)]
         self._call_settings = CallSettings(
             context_frames=self.context_frames, max_lead_ms=config.max_lead_ms, lead_in_frames=config.lead_in_frames,
             rollover_frames=config.rollover_frames, min_turn_frames=config.min_turn_frames,
@@ -123,6 +123,7 @@ class Engine:
         self._deadline_steps = 0  # deadline steps in a row while planned work waited
         self.host_ms = 0.0  # moving average of a step's generation-thread work outside the stepper and codec
         self.steps = 0
+        self.slot_moves = 0  # calls moved to a lower slot so that a step ran smaller
         self.overloaded = False
         self._behind_since: float | None = None
         self._last_behind = 0.0
@@ -149,8 +150,8 @@ class Engine:
             if self.config.overload_refusal_s > 0 and not self.scheduler.admits(taken + 1):
                 return None
             slot = free[0]  # the lowest free slot: a step is padded to the highest slot it runs
-            call = self._calls[slot] = Call(self._slots[slot], self._call_settings, self._call_model, self.voices,
-                                            sink)
+            handle = SlotHandle(self.stepper, self.codec, slot)
+            call = self._calls[slot] = Call(handle, self._call_settings, self._call_model, self.voices, sink)
         self._post(call, Attach(), call.epoch)
         return call
 
@@ -305,7 +306,34 @@ class Engine:
             return
         if plan is not None:
             self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
+            self._compact(plan.calls)
             self._step(list(plan.calls))
+
+    def _compact(self, calls) -> None:
+        """Move the calls about to step into the lowest slots: a step is padded to the highest
+        slot it runs, so a new turn on slot 50 would pay a 64-slot step for each of its ~18
+        start-up steps while the playing calls coast. Each move swaps places with an attached
+        call that does not step now (never with a free slot: a closed call's reset may still be
+        queued for it), and costs one copy of both calls' state, not one per step."""
+        stepping = sorted(call.slot.index for call in calls)
+        with self._lock:
+            movable = [slot for slot, c in enumerate(self._calls)
+                       if c is not None and c.attached and slot not in stepping]
+        for high, low in compacting_moves(stepping, movable, self.stepper.batch_sizes):
+            self._swap_slots(high, low)
+
+    def _swap_slots(self, a: int, b: int) -> None:
+        with self._lock:
+            call_a, call_b = self._calls[a], self._calls[b]
+            if call_a is None or call_b is None:
+                return  # closed meanwhile: its reset is queued for the slot it held
+            self._calls[a], self._calls[b] = call_b, call_a
+            call_a.slot.moved_to(b)
+            call_b.slot.moved_to(a)
+        # after the bookkeeping: a close from now on queues its reset behind this thread's swap
+        self.stepper.swap_rows(a, b)
+        self.codec.swap_rows(a, b)
+        self.slot_moves += 1
 
     def _prefill_one(self) -> bool:
         """One planned prefill (a caller's turn), for the first slot that has one."""
