@@ -282,6 +282,29 @@ def test_a_burst_of_new_turns_while_16_calls_play(sim_engine):
 
 
 @pytest.mark.slow
+def test_calls_with_short_buffers_step_between_a_bursts_start_up_steps(sim_engine):
+    """With 300 ms buffers the playing calls cannot coast through four new turns' ~18 start-up
+    steps: each time one runs short it steps (with everyone, the new turns included) before the
+    new turns' next step, and none runs dry."""
+    engine = sim_engine(max_calls=20, max_lead_ms=300)
+    playing = open_calls(engine, 16)
+    for i, listener in enumerate(playing):
+        engine.submit(listener.call, p.Start(text=LONG, seed=i))
+    wait_until(lambda: all(len(listener.frames) >= 20 for listener in playing))
+    marks = [len(listener.frames) for listener in playing]
+    burst = open_calls(engine, 4)
+    steps = record_steps(engine, burst)
+    for i, listener in enumerate(burst):
+        engine.submit(listener.call, p.Start(text=LONG, seed=100 + i))
+    wait_until(lambda: all(listener.frames for listener in burst))
+    time.sleep(0.5)
+    assert sum(listener.underruns(mark) for listener, mark in zip(playing, marks)) == 0
+    alone = [i for i, (only_burst, _) in enumerate(steps) if only_burst]
+    together = [i for i, (only_burst, _) in enumerate(steps) if not only_burst]
+    assert alone and together and min(together) < max(alone)  # the playing calls stepped in between
+
+
+@pytest.mark.slow
 def test_one_slow_step_refuses_no_call(sim_engine):
     engine = sim_engine(max_calls=8, max_lead_ms=200, overload_refusal_s=5.0)
     playing = open_calls(engine, 3)
