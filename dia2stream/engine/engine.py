@@ -306,15 +306,18 @@ class Engine:
             return
         if plan is not None:
             self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
-            self._compact(plan.calls)
+            if plan.reason == "starting":
+                self._compact(plan.calls)
             self._step(list(plan.calls))
 
     def _compact(self, calls) -> None:
-        """Move the calls about to step into the lowest slots: a step is padded to the highest
-        slot it runs, so a new turn on slot 50 would pay a 64-slot step for each of its ~18
-        start-up steps while the playing calls coast. Each move swaps places with an attached
+        """Move the starting calls about to step into the lowest slots: a step is padded to the
+        highest slot it runs, so a new turn on slot 50 would pay a 64-slot step for each of its
+        ~18 start-up steps while the playing calls coast. Each move swaps places with an attached
         call that does not step now (never with a free slot: a closed call's reset may still be
-        queued for it), and costs one copy of both calls' state, not one per step."""
+        queued for it), and costs one copy of both calls' state, not one per step. Steps of
+        playing calls move nobody: a swap never changes which slots are taken, and moving them
+        down would push the starting calls up again (one swap back and forth per step)."""
         stepping = sorted(call.slot.index for call in calls)
         with self._lock:
             movable = [slot for slot, c in enumerate(self._calls)
