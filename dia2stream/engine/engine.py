@@ -73,6 +73,7 @@ class EngineConfig:
     max_unsent_frames: int = 250  # frames generated but not yet taken by a slow client, per call
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
+    move_slots: bool = True  # move starting calls to the lowest slots before they step (off: to measure it)
 
 
 class Engine:
@@ -306,7 +307,7 @@ class Engine:
             return
         if plan is not None:
             self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
-            if plan.reason == "starting":
+            if plan.reason == "starting" and self.config.move_slots:
                 self._compact(plan.calls)
             self._step(list(plan.calls))
 
