@@ -274,10 +274,10 @@ def test_a_burst_of_new_turns_while_16_calls_play(sim_engine):
     alone = [batch for only_burst, batch in steps if only_burst]
     assert len(alone) >= 18 and max(alone) <= 4, alone
     assert engine.slot_moves >= 4
-    # 19 steps before a fresh turn's first frame (the 2b delay, plus the lead-in), at the costs the
-    # engine measured on this machine, with room for one full step of every call on top
+    # 19 steps before a fresh turn's first frame (the 2b delay, plus the lead-in) at the cost of a
+    # 4-slot step the engine measured on this machine, with room for two full steps of every call
     costs = engine.scheduler.costs
-    predicted = 19 * costs.estimate(32, True) + 2 * costs.estimate(32, True) + 2 * costs.decode_seconds
+    predicted = 19 * costs.estimate(4, True) + 2 * costs.estimate(20, True) + 2 * costs.decode_seconds
     assert first_audio <= predicted + 0.25, (first_audio, predicted)
 
 
