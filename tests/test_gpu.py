@@ -1,5 +1,6 @@
 """CUDA-only checks of the graph path (skipped without a GPU; run on the GPU machine)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -252,3 +253,20 @@ def test_graphed_mimi_decodes_of_leading_rows_and_swaps_match_the_whole_stream_e
     for t in range(3, 6):
         out[order, t] = codec.decode_frame(codes[order, :, t])
     torch.testing.assert_close(out, whole, atol=1e-4, rtol=1e-3)
+
+
+def test_a_decode_queued_with_its_pcm_on_the_way_gives_what_a_blocking_decode_gives():
+    from vendor_dia2.codec import MimiCodec
+
+    codec = MimiCodec.load("random", device="cuda")
+    codes = torch.randint(0, 2048, (4, 32, 4), generator=torch.Generator().manual_seed(1)).cuda()
+    rows = torch.tensor([True, True, False, False])
+    codec.open_stream(4, decode_sizes=(1, 2))
+    snap = codec.snapshot_stream()
+    blocking = [codec.decode_frame(codes[:, :, t], rows).cpu().numpy() for t in range(4)]
+    codec.restore_stream(snap)
+    pending = [codec.decode_frame_async(codes[:, :, t], rows) for t in range(1)]
+    queued = [pending[0].wait()] + [codec.decode_frame_async(codes[:, :, t], rows).wait() for t in range(1, 4)]
+    for a, b in zip(blocking, queued):
+        assert a.shape == b.shape == (2, 1920)
+        np.testing.assert_allclose(a, b, atol=1e-6)

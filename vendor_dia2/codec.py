@@ -63,6 +63,20 @@ class CodecStreamSnapshot:
     states: dict[str, dict[str, tp.Any]]  # module name -> field name -> copied value
 
 
+@dataclass(frozen=True)
+class PendingPcm:
+    """PCM rows [b, 1920] on their way to the host; `wait` blocks until they are there."""
+
+    pcm: torch.Tensor  # host memory (pinned on CUDA, reused by the next decode: `wait` copies it out)
+    done: tp.Any  # a torch.cuda.Event, or None when the PCM is on the host already
+
+    def wait(self):
+        if self.done is not None:
+            self.done.synchronize()
+            return self.pcm.numpy().copy()
+        return self.pcm.numpy()
+
+
 def sanitize_codes(codes: torch.Tensor | tp.Sequence) -> torch.Tensor:
     """Map every id outside [0, 2048) (bos 2048, pad 2049, the -2 marker) to 0; never clamp.
 
@@ -221,6 +235,23 @@ class MimiCodec:
             graph[0].replay()
             return graph[1].clone()
         return self._decode_rows(codes[:b, :, None])
+
+    @torch.inference_mode()
+    def decode_frame_async(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> "PendingPcm":
+        """`decode_frame`, with the PCM on its way to the host: on CUDA the decode and a copy into
+        pinned memory are queued and this returns at once (the host works on while they run);
+        `PendingPcm.wait` gives the PCM rows [b, 1920] as a host array of their own."""
+        pcm = self.decode_frame(codes, rows)
+        if pcm.device.type != "cuda":
+            return PendingPcm(pcm, None)
+        b = pcm.shape[0]
+        if getattr(self, "_pinned_pcm", None) is None or self._pinned_pcm.shape[0] < b:
+            self._pinned_pcm = torch.empty(self._stream_batch, FRAME_SAMPLES, dtype=torch.float32, pin_memory=True)
+        host = self._pinned_pcm[:b]
+        host.copy_(pcm, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingPcm(host, done)
 
     def _decode_rows(self, codes: torch.Tensor) -> torch.Tensor:
         """Decode codes [b, 32, 1] over the stream's first b rows."""

@@ -464,25 +464,32 @@ class Engine:
         t0 = time.perf_counter()
         result = self.runner.step({call.slot.index: call.preview() for call in stepping})
         self.scheduler.costs.observe(result.batch, result.full, result.seconds)
-        decode = []
+        # Which calls have a frame is known from positions alone, before the text state machines
+        # take the step's actions: the decode is queued first and runs while they do.
+        decode = [call for call in stepping if call.frame_ready()]
+        pending = None
+        if decode:
+            for call in decode:
+                call.mark_codec_if_due()
+            pending = self.runner.decode_later([call.slot.index for call in decode])
+        failed = set()
         for call in stepping:
             try:
-                if call.advance(result.actions[call.slot.index]):
-                    decode.append(call)
+                call.advance(result.actions[call.slot.index])
             except Exception as exc:
                 if is_device_fault(exc):
                     raise
                 log.exception("call %d: error after a frame step", call.slot.index)
                 call.fail(exc)
+                failed.add(call)
         device_s = result.seconds
-        if decode:
-            for call in decode:
-                call.mark_codec_if_due()
-            pcm, seconds = self.runner.decode([call.slot.index for call in decode])
+        if pending is not None:
+            pcm, seconds = pending.wait()
             self.scheduler.costs.observe_decode(seconds)
             device_s += seconds
             for call in decode:
-                self._guarded(call, call.deliver, pcm[call.slot.index])
+                if call not in failed:
+                    self._guarded(call, call.deliver, pcm[call.slot.index])
         for call in stepping:
             if call.turn is not None:
                 self._guarded(call, call.check_end)

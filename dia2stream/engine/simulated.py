@@ -352,16 +352,27 @@ class SimulatedCodec:
         return self.batch_size
 
     def decode_frame(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        pcm = self._decode(codes, rows)
+        self.device_clock.synchronize()  # the PCM copy to the host, as on the GPU
+        return pcm
+
+    def _decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Queue a decode's time on the simulated device; the PCM it will give."""
         batch = codes.shape[0] if codes.dim() == 2 else 1
         if self.batch_size is not None:
             # the real codec runs over the first rows only, up to the highest one decoding
             on = torch.as_tensor(rows, dtype=torch.bool).nonzero() if rows is not None else None
             batch = self.decode_size_for(int(on[-1]) + 1) if on is not None and len(on) else self.batch_size
         self.device_clock.launch(self.profile.decode_seconds(batch))
-        self.device_clock.synchronize()  # the PCM copy to the host, as on the GPU
         if self._hiss is None or self._hiss.shape[0] < batch:
             self._hiss = 0.01 * torch.randn(batch, FRAME_SAMPLES, generator=torch.Generator().manual_seed(0))
         return self._hiss[:batch]
+
+    def decode_frame_async(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> "SimulatedPcm":
+        """As `MimiCodec.decode_frame_async`: the decode is queued on the simulated device and the
+        host goes on; `wait` is the PCM copy's synchronisation."""
+        pcm = self._decode(codes, rows)
+        return SimulatedPcm(pcm, self.device_clock)
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         frames = -(-wav.shape[-1] // FRAME_SAMPLES)
@@ -381,6 +392,18 @@ class SimulatedCodec:
         self.device_clock.launch(self.profile.decode_seconds(1) * codes.shape[-1])
         self.device_clock.synchronize()
         return CodecStreamSnapshot(1, {})
+
+
+@dataclass(frozen=True)
+class SimulatedPcm:
+    """PCM on its way to the host: `wait` waits for the simulated device, as a CUDA event would."""
+
+    pcm: torch.Tensor
+    device_clock: SimulatedDevice
+
+    def wait(self):
+        self.device_clock.synchronize()
+        return self.pcm.numpy()
 
 
 # -- the model ------------------------------------------------------------------------------------
