@@ -2,8 +2,9 @@
 
 The runner knows slots, not calls: a step takes each stepped slot's two possible text answers
 and returns its sampled action; a decode takes the slots whose frame is ready and returns their
-PCM rows (`decode_later` queues it and returns, so the host can work while the device decodes); a replay re-decodes one frame of a slot's rolled-back codec row. Timing of each piece
-feeds the scheduler's cost model.
+PCM rows (`decode_later` queues it and returns, so the host can work while the device decodes);
+a replay re-decodes one frame of a slot's rolled-back codec row. Timing of each piece feeds the
+scheduler's cost model.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ class PendingDecode:
     """A decode queued on the device, its PCM on the way to the host."""
 
     pcm: object  # the codec's pending PCM (`wait()` -> [rows, samples] on the host)
-    started: float
+    launch_seconds: float  # host time the launch took
 
     def wait(self) -> tuple[np.ndarray, float]:
-        """The PCM rows on the host, and the seconds from the launch until they were there."""
+        """The PCM rows on the host, and the seconds the decode held the host up: its launch
+        and the wait (the host's own work in between is not the decode's cost)."""
+        t0 = time.perf_counter()
         pcm = self.pcm.wait()
-        return pcm, time.perf_counter() - self.started
+        return pcm, self.launch_seconds + time.perf_counter() - t0
 
 
 class Runner:
@@ -68,7 +71,8 @@ class Runner:
         self._decode_rows.zero_()
         self._decode_rows[slots] = True
         t0 = time.perf_counter()
-        return PendingDecode(self.codec.decode_frame_async(self.stepper.ready_codes[: self.rows], self._decode_rows), t0)
+        pcm = self.codec.decode_frame_async(self.stepper.ready_codes[: self.rows], self._decode_rows)
+        return PendingDecode(pcm, time.perf_counter() - t0)
 
     def replay(self, slot: int, codes: torch.Tensor) -> float:
         """Decode one frame `codes` [Q] into `slot`'s codec row alone (a rollback's re-decode)."""
