@@ -27,3 +27,46 @@ def step_pattern(tts, stepper, pattern, cfg: bool = True):
                 m.process(stepper.position(i) - 1, got[i])
         actions.append(got)
     return actions, lengths
+
+
+def step_with_moves(tts, stepper, pattern, moves, cfg: bool = True):
+    """Four calls, each speaking SCRIPT with its own seed (call 2 with its own temperatures, call
+    3 after a 6-frame prefix prefilled with the upstream boundary, so a cache offset of 1),
+    stepped once per entry of `pattern` (which *calls* are active) while `moves[i]` (a pair of
+    slots) is swapped before step i. Returns, per call, its actions, its delayed codes and its
+    position, whatever slot it ended on."""
+    import torch
+
+    d = tts.config.data
+    machines = []
+    for call in range(4):
+        temperature = dict(text_temperature=1.1, audio_temperature=0.5, audio_top_k=7) if call == 2 else {}
+        stepper.set_sampling(call, SamplingParams(seed=call, cfg_scale=2.0 if cfg else 1.0, **temperature))
+        machine = tts.new_state_machine()
+        machine.push(parse_script(SCRIPT, tts.tokenizer))
+        machines.append(machine)
+    frames = 6
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(3))
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    stepper.prefill(3, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary="upstream")
+    row = list(range(4))  # call -> the slot it sits on
+    actions: list[list[int]] = [[] for _ in range(4)]
+    for i, calls_on in enumerate(pattern):
+        if i in moves:
+            a, b = moves[i]
+            stepper.swap_rows(a, b)
+            call_a, call_b = row.index(a), row.index(b)
+            row[call_a], row[call_b] = b, a
+        active = [False] * 4
+        choices = [None] * 4
+        for call, on in enumerate(calls_on):
+            if on:
+                active[row[call]] = True
+                choices[row[call]] = machines[call].preview(stepper.position(row[call]))
+        got = stepper.step(choices, active)
+        for call, on in enumerate(calls_on):
+            if on:
+                machines[call].process(stepper.position(row[call]) - 1, got[row[call]])
+                actions[call].append(got[row[call]])
+    return actions, [stepper.written_codes(row[c]).clone() for c in range(4)], [stepper.position(row[c]) for c in range(4)]

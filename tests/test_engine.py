@@ -207,6 +207,36 @@ def test_a_seeded_call_sounds_the_same_alone_and_alongside_three_others(small_tt
         engine.close()
 
 
+def test_calls_moved_between_slots_sound_as_they_do_unmoved(small_tts):
+    """A turn starting alone on slot 3 is moved to slot 0 (the idle call there goes to slot 3),
+    and that call's next turn, warm, is moved back: every turn keeps its words and audio, as on
+    an engine that never moves a call."""
+    def run(move_slots: bool):
+        engine = Engine(small_tts, engine_config(small_tts, max_calls=4, max_lead_ms=1e6, move_slots=move_slots))
+        try:
+            sinks = [queue.Queue() for _ in range(4)]
+            calls = [engine.open_call(s.put) for s in sinks]
+            turns, slots = [], []
+            for call, command in ((0, p.Start(text=TEXTS[0], seed=7)), (3, p.Start(text=TEXTS[3], seed=42)),
+                                  (0, p.Inject(text=" And one more thing."))):
+                engine.submit(calls[call], command)
+                turns.append(_collect(sinks[call]))
+                slots.append([c.slot.index for c in calls])
+            return turns, slots, engine.slot_moves
+        finally:
+            engine.close()
+
+    still, still_slots, still_moves = run(move_slots=False)
+    moved, moved_slots, moves = run(move_slots=True)
+    assert still_moves == 0 and still_slots[-1] == [0, 1, 2, 3]
+    assert moves == 2 and moved_slots == [[0, 1, 2, 3], [3, 1, 2, 0], [0, 1, 2, 3]]
+    for turn_moved, turn_still in zip(moved, still):
+        assert _words(turn_moved) == _words(turn_still)
+        assert len(_frames(turn_moved)) == len(_frames(turn_still)) > 0
+        for a, b in zip(_frames(turn_moved), _frames(turn_still)):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_pause_of_one_call_stops_its_frames_while_the_others_stream(small_tts):
     engine = Engine(small_tts, engine_config(small_tts, max_calls=2, max_lead_ms=1e6))
     try:

@@ -1,5 +1,6 @@
 """CUDA-only checks of the graph path (skipped without a GPU; run on the GPU machine)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -200,3 +201,72 @@ def test_bucketed_cache_graphs_match_whole_cache_eager(gpu_tts, compile):
     graph = _batched_run(gpu_tts, graph=True, pattern=pattern, cache_buckets=(8, 16), compile=compile)
     assert eager[0] == graph[0]
     assert torch.equal(eager[1], graph[1])
+
+
+# -- calls moved between slots (issue 18) --------------------------------------------------------
+
+MOVE_PATTERN = [[True, True, True, True]] * 8 + [[False, False, False, True]] * 6 + \
+               [[True, False, True, True]] * 8 + [[True, True, True, True]] * 6
+MOVES = {8: (0, 3), 12: (1, 2), 14: (3, 0), 20: (0, 2)}
+
+
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_moved_calls_under_graphs_give_the_tokens_of_unmoved_calls_in_eager(gpu_tts, kernels):
+    """With the torch depformer a call's tokens do not depend on its slot: moved and graphed, it
+    draws what it draws unmoved and eager. The Triton depformer runs at <= 4 model rows only
+    (cuBLAS above), so its tokens follow the padded batch a call steps in, which a move changes
+    (as its neighbours always did): there, moved under graphs equals moved in eager."""
+    from stepping import step_with_moves
+
+    def run(graph: bool, moves):
+        stepper = gpu_tts.new_stepper(n_calls=4, cfg=True, max_positions=128, use_cuda_graph=graph, kernels=kernels)
+        return step_with_moves(gpu_tts, stepper, MOVE_PATTERN, moves)
+
+    eager, graphed = run(False, {} if kernels == "torch" else MOVES), run(True, MOVES)
+    assert graphed[0] == eager[0]
+    assert all(torch.equal(a, b) for a, b in zip(graphed[1], eager[1]))
+    assert graphed[2] == eager[2]
+
+
+def test_graphed_mimi_decodes_of_leading_rows_and_swaps_match_the_whole_stream_eager():
+    from vendor_dia2.codec import MimiCodec
+
+    codec = MimiCodec.load("random", device="cuda")
+    codes = torch.randint(0, 2048, (8, 32, 6), generator=torch.Generator().manual_seed(0)).cuda()
+    codec.use_cuda_graph = False
+    codec.open_stream(8)
+    whole = torch.stack([codec.decode_frame(codes[:, :, t]) for t in range(6)], 1)
+    codec.use_cuda_graph = True
+    codec.open_stream(8, decode_sizes=(1, 2, 4))
+    assert codec.stream_graphed
+    low, high = torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)
+    low[:3], high[3:] = True, True
+    out = torch.zeros_like(whole)
+    for t in range(3):
+        pcm = codec.decode_frame(codes[:, :, t], low)
+        assert pcm.shape[0] == 4
+        out[:3, t] = pcm[:3]
+    for t in range(3):
+        out[3:, t] = codec.decode_frame(codes[:, :, t], high)[3:]
+    codec.swap_rows(1, 6)
+    order = [0, 6, 2, 3, 4, 5, 1, 7]
+    for t in range(3, 6):
+        out[order, t] = codec.decode_frame(codes[order, :, t])
+    torch.testing.assert_close(out, whole, atol=1e-4, rtol=1e-3)
+
+
+def test_a_decode_queued_with_its_pcm_on_the_way_gives_what_a_blocking_decode_gives():
+    from vendor_dia2.codec import MimiCodec
+
+    codec = MimiCodec.load("random", device="cuda")
+    codes = torch.randint(0, 2048, (4, 32, 4), generator=torch.Generator().manual_seed(1)).cuda()
+    rows = torch.tensor([True, True, False, False])
+    codec.open_stream(4, decode_sizes=(1, 2))
+    snap = codec.snapshot_stream()
+    blocking = [codec.decode_frame(codes[:, :, t], rows).cpu().numpy() for t in range(4)]
+    codec.restore_stream(snap)
+    pending = [codec.decode_frame_async(codes[:, :, t], rows) for t in range(1)]
+    queued = [pending[0].wait()] + [codec.decode_frame_async(codes[:, :, t], rows).wait() for t in range(1, 4)]
+    for a, b in zip(blocking, queued):
+        assert a.shape == b.shape == (2, 1920)
+        np.testing.assert_allclose(a, b, atol=1e-6)

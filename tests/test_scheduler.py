@@ -12,7 +12,7 @@ import pytest
 
 from dia2stream.call.call import CODEC_MARK_EVERY, AudioFrame
 from dia2stream.engine.engine import Engine
-from dia2stream.engine.scheduler import URGENT_MARGIN_S, Scheduler, StepCosts
+from dia2stream.engine.scheduler import URGENT_MARGIN_S, Scheduler, StepCosts, compacting_moves
 from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedDia2, _interpolate
 from dia2stream.tools import playback
 from dia2stream.wire import protocol as p
@@ -101,6 +101,20 @@ def test_calls_not_read_or_waiting_for_a_replay_do_not_step():
     replaying.slot.pending_replay = object()
     assert s.plan([stuck, replaying]) is None
     assert s.wait_seconds([stuck, replaying]) == 0.0  # the replay is work to do now
+
+
+def test_the_calls_a_step_needs_are_moved_under_the_smallest_batch_the_moves_reach():
+    sizes = (1, 2, 4, 8, 16, 32, 64)
+    # a new turn on slot 50 swaps with the call on slot 0, which coasts: a 1-slot step, not 64
+    assert compacting_moves([50], movable=[0, 1, 2, 7], batch_sizes=sizes) == [(50, 0)]
+    # four new turns: the ones at or above 4 go to the lowest slots not stepping
+    assert compacting_moves([1, 9, 33, 40], movable=[0, 2, 3, 5], batch_sizes=sizes) == [(9, 0), (33, 2), (40, 3)]
+    # too few movable slots below 4 or 8: the smallest size the moves reach (16)
+    assert compacting_moves([1, 9, 33, 40], movable=[0, 6], batch_sizes=sizes) == [(33, 0), (40, 6)]
+    # already as small as it gets, or no move would shrink it: nothing moves
+    assert compacting_moves([0, 3], movable=[1, 2], batch_sizes=sizes) == [(3, 1)]  # 2 slots, not 4
+    assert compacting_moves([0, 1], movable=[2, 3], batch_sizes=sizes) == []
+    assert compacting_moves([5, 60], movable=[40], batch_sizes=sizes) == []
 
 
 def test_admission_follows_the_measured_step_cost():
@@ -209,6 +223,21 @@ def wait_until(condition, timeout: float = 60.0) -> None:
         time.sleep(0.01)
 
 
+def record_steps(engine: Engine, watched: list[Listener]) -> list[tuple[bool, int]]:
+    """From now on, for each step: whether only `watched` calls stepped, and its padded batch."""
+    steps: list[tuple[bool, int]] = []
+    step = engine.stepper.step
+
+    def recording(choices, active=None):
+        out = step(choices, active)
+        rows = {row for row, on in enumerate(active) if on}
+        steps.append((rows <= {listener.call.slot.index for listener in watched}, engine.stepper.last_batch))
+        return out
+
+    engine.stepper.step = recording
+    return steps
+
+
 @pytest.fixture
 def sim_engine():
     engines = []
@@ -231,7 +260,9 @@ def test_a_burst_of_new_turns_while_16_calls_play(sim_engine):
     for i, listener in enumerate(playing):
         engine.submit(listener.call, p.Start(text=LONG, seed=i))
     wait_until(lambda: all(len(listener.frames) >= 20 for listener in playing))
-    burst = open_calls(engine, 4)
+    burst = open_calls(engine, 4)  # on slots 16-19: a step over them alone would pad to 32 slots
+    assert sorted(listener.call.slot.index for listener in burst) == [16, 17, 18, 19]
+    steps = record_steps(engine, burst)
     sent = time.monotonic()
     for i, listener in enumerate(burst):
         engine.submit(listener.call, p.Start(text=LONG, seed=100 + i))
@@ -239,11 +270,38 @@ def test_a_burst_of_new_turns_while_16_calls_play(sim_engine):
     first_audio = max(listener.frames[0] for listener in burst) - sent
     time.sleep(1.0)  # the burst's calls play on beside the others
     assert sum(listener.underruns() for listener in playing) == 0
-    # 19 steps before a fresh turn's first frame (the 2b delay, plus the lead-in), at the costs the
-    # engine measured on this machine, with room for one full step of every call on top
+    # the new turns were moved to the lowest slots and stepped there, in 4-slot steps
+    alone = [batch for only_burst, batch in steps if only_burst]
+    assert len(alone) >= 18 and max(alone) <= 4, alone
+    assert engine.slot_moves >= 4
+    # 19 steps before a fresh turn's first frame (the 2b delay, plus the lead-in) at the cost of a
+    # 4-slot step the engine measured on this machine, with room for two full steps of every call
     costs = engine.scheduler.costs
-    predicted = 19 * costs.estimate(32, True) + 2 * costs.estimate(32, True) + 2 * costs.decode_seconds
+    predicted = 19 * costs.estimate(4, True) + 2 * costs.estimate(20, True) + 2 * costs.decode_seconds
     assert first_audio <= predicted + 0.25, (first_audio, predicted)
+
+
+@pytest.mark.slow
+def test_calls_with_short_buffers_step_between_a_bursts_start_up_steps(sim_engine):
+    """With 300 ms buffers the playing calls cannot coast through four new turns' ~18 start-up
+    steps: each time one runs short it steps (with everyone, the new turns included) before the
+    new turns' next step, and none runs dry."""
+    engine = sim_engine(max_calls=20, max_lead_ms=300)
+    playing = open_calls(engine, 16)
+    for i, listener in enumerate(playing):
+        engine.submit(listener.call, p.Start(text=LONG, seed=i))
+    wait_until(lambda: all(len(listener.frames) >= 20 for listener in playing))
+    marks = [len(listener.frames) for listener in playing]
+    burst = open_calls(engine, 4)
+    steps = record_steps(engine, burst)
+    for i, listener in enumerate(burst):
+        engine.submit(listener.call, p.Start(text=LONG, seed=100 + i))
+    wait_until(lambda: all(listener.frames for listener in burst))
+    time.sleep(0.5)
+    assert sum(listener.underruns(mark) for listener, mark in zip(playing, marks)) == 0
+    alone = [i for i, (only_burst, _) in enumerate(steps) if only_burst]
+    together = [i for i, (only_burst, _) in enumerate(steps) if not only_burst]
+    assert alone and together and min(together) < max(alone)  # the playing calls stepped in between
 
 
 @pytest.mark.slow

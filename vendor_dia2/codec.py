@@ -63,6 +63,20 @@ class CodecStreamSnapshot:
     states: dict[str, dict[str, tp.Any]]  # module name -> field name -> copied value
 
 
+@dataclass(frozen=True)
+class PendingPcm:
+    """PCM rows [b, 1920] on their way to the host; `wait` blocks until they are there."""
+
+    pcm: torch.Tensor  # host memory (pinned on CUDA, reused by the next decode: `wait` copies it out)
+    done: tp.Any  # a torch.cuda.Event, or None when the PCM is on the host already
+
+    def wait(self):
+        if self.done is not None:
+            self.done.synchronize()
+            return self.pcm.numpy().copy()
+        return self.pcm.numpy()
+
+
 def sanitize_codes(codes: torch.Tensor | tp.Sequence) -> torch.Tensor:
     """Map every id outside [0, 2048) (bos 2048, pad 2049, the -2 marker) to 0; never clamp.
 
@@ -96,7 +110,8 @@ class MimiCodec:
         self._decoder_side = _DecoderSide(model)
         self._stream_batch: int | None = None
         self.use_cuda_graph = True  # streaming decode as one CUDA graph on GPU (set before open_stream)
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # decode size -> graph, its PCM
+        self.decode_sizes: tuple[int, ...] = ()
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -158,70 +173,137 @@ class MimiCodec:
     @property
     def stream_graphed(self) -> bool:
         """Whether the open stream's frame decode replays a CUDA graph."""
-        return self._graph is not None
+        return bool(self._stream_batch is not None and self._graphs)
 
     @torch.inference_mode()
-    def open_stream(self, batch_size: int = 1) -> None:
-        """Start (or restart, from a fresh state) streaming decode for `batch_size` rows."""
+    def open_stream(self, batch_size: int = 1, decode_sizes: tp.Sequence[int] = ()) -> None:
+        """Start (or restart, from a fresh state) streaming decode for `batch_size` rows. A decode
+        runs over the first rows only, padded to the smallest of `decode_sizes` (and
+        `batch_size`) that covers the highest row decoding (each size one CUDA graph on GPU)."""
         self.close_stream()
         self._decoder_side.start(batch_size)
         self._stream_batch = batch_size
         # One execution mask shared by every streaming module: rows that do not decode this frame
         # keep their state (moshi's modules honour it), and setting it is one copy.
         self._exec_mask = torch.ones(batch_size, dtype=torch.bool, device=self.device)
-        for state in self._decoder_side.get_streaming_state().values():
+        whole = self._decoder_side.get_streaming_state()
+        for state in whole.values():
             state.exec_mask = self._exec_mask
+        self.decode_sizes = tuple(sorted({b for b in decode_sizes if 0 < b < batch_size} | {batch_size}))
+        # the state over the first b rows, as views of the whole state
+        self._states = {b: {name: moshi_private.leading_rows(state, b, self._exec_mask[:b])
+                            for name, state in whole.items()} if b < batch_size else whole
+                        for b in self.decode_sizes}
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.device.type == "cuda" and self.use_cuda_graph:
-            self._capture_decode(batch_size)
+            self._capture_decodes(batch_size)
 
     def close_stream(self) -> None:
         """Drop the streaming state (no-op when none is open)."""
         if self._stream_batch is not None:
             self._decoder_side.stop()
             self._stream_batch = None
-            self._graph = None
+            self._graphs = {}
+
+    def decode_size_for(self, rows: int) -> int:
+        """The padded rows a decode whose highest decoding row is `rows - 1` runs over."""
+        return next(b for b in self.decode_sizes if b >= rows)
 
     @torch.inference_mode()
     def decode_frame(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """One frame per row, codes [B, 32] ([32] for B = 1) -> float32 PCM [B, 1920]. With the
-        bool mask `rows` [B], only those rows advance (the others' output is meaningless)."""
+        """One frame per row, codes [B, 32] ([32] for B = 1) -> float32 PCM [b, 1920]. With the
+        bool mask `rows` [B], only those rows advance (the others' output is meaningless), and on
+        the host the decode runs over the first `b = decode_size_for(highest row + 1)` rows only
+        (b = B otherwise): row i of the PCM is row i of the stream."""
         codes = torch.as_tensor(codes)
         if codes.dim() == 1:
             codes = codes[None]
         codes = self._check_codes(codes, dims=2)
         self._check_stream(codes.shape[0])
+        b = self._stream_batch
         if rows is None:
             self._exec_mask.fill_(True)
         else:
-            self._exec_mask.copy_(torch.as_tensor(rows, dtype=torch.bool), non_blocking=True)
-        if self._graph is not None:
-            self._graph_codes.copy_(codes[:, :, None])
-            self._graph.replay()
-            return self._graph_pcm.clone()
-        return self._decode_step(codes[:, :, None])
+            rows = torch.as_tensor(rows, dtype=torch.bool)
+            if rows.device.type == "cpu":  # where each row decodes is known without a device read
+                on = rows.nonzero()
+                b = self.decode_size_for(int(on[-1]) + 1) if len(on) else self.decode_sizes[0]
+            self._exec_mask.copy_(rows, non_blocking=True)
+        graph = self._graphs.get(b)
+        if graph is not None:
+            self._graph_codes[:b].copy_(codes[:b, :, None])
+            graph[0].replay()
+            return graph[1].clone()
+        return self._decode_rows(codes[:b, :, None])
+
+    @torch.inference_mode()
+    def decode_frame_async(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> "PendingPcm":
+        """`decode_frame`, with the PCM on its way to the host: on CUDA the decode and a copy into
+        pinned memory are queued and this returns at once (the host works on while they run);
+        `PendingPcm.wait` gives the PCM rows [b, 1920] as a host array of their own."""
+        pcm = self.decode_frame(codes, rows)
+        if pcm.device.type != "cuda":
+            return PendingPcm(pcm, None)
+        b = pcm.shape[0]
+        if getattr(self, "_pinned_pcm", None) is None or self._pinned_pcm.shape[0] < b:
+            self._pinned_pcm = torch.empty(self._stream_batch, FRAME_SAMPLES, dtype=torch.float32, pin_memory=True)
+        host = self._pinned_pcm[:b]
+        host.copy_(pcm, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return PendingPcm(host, done)
+
+    def _decode_rows(self, codes: torch.Tensor) -> torch.Tensor:
+        """Decode codes [b, 32, 1] over the stream's first b rows."""
+        b = codes.shape[0]
+        if b == self._stream_batch:
+            return self._decode_step(codes)
+        whole = self._decoder_side.get_streaming_state()
+        self._decoder_side.set_streaming_state(self._states[b])
+        try:
+            return self._decode_step(codes)
+        finally:
+            self._decoder_side.set_streaming_state(whole)
 
     def _decode_step(self, codes: torch.Tensor) -> torch.Tensor:
         pcm = self.model.decode(codes)  # codes [B, 32, 1] -> [B, 1, 1920]
         return pcm[:, 0].float().clamp(-1.0, 1.0)
 
     @torch.inference_mode()
-    def _capture_decode(self, batch_size: int) -> None:
-        """One CUDA graph for a streaming frame decode. moshi's streaming states are tensors
-        updated in place (its own server graphs them too), so a replay advances the same state
-        the eager path would; ~85 small kernels per frame otherwise pay a launch each."""
+    def _capture_decodes(self, batch_size: int) -> None:
+        """One CUDA graph for a streaming frame decode per decode size. moshi's streaming states
+        are tensors updated in place (its own server graphs them too), so a replay advances the
+        same state the eager path would; ~85 small kernels per frame otherwise pay a launch each."""
         self._graph_codes = torch.zeros(batch_size, NUM_CODEBOOKS, 1, dtype=torch.long, device=self.device)
         fresh = self.snapshot_stream()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._decode_step(self._graph_codes)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._graph_pcm = self._decode_step(self._graph_codes)
-        self._graph = graph
+        for b in self.decode_sizes:
+            codes = self._graph_codes[:b]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._decode_rows(codes)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            whole = self._decoder_side.get_streaming_state()
+            self._decoder_side.set_streaming_state(self._states[b])
+            try:
+                with torch.cuda.graph(graph):
+                    pcm = self._decode_step(codes)
+            finally:
+                self._decoder_side.set_streaming_state(whole)
+            self._graphs[b] = (graph, pcm)
         self.restore_stream(fresh)
+
+    @torch.inference_mode()
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange rows `a` and `b` of the open stream's state (a call moved to another slot)."""
+        self._check_stream(None)
+        if a != b:
+            pair = torch.tensor([a, b], device=self.device)
+            crossed = pair.flip(0)
+            for state in self._decoder_side.get_streaming_state().values():
+                moshi_private.swap_rows(state, pair, crossed)
 
     @torch.inference_mode()
     def warm_stream(self, codes: torch.Tensor) -> None:

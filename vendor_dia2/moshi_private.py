@@ -11,7 +11,11 @@ naming both versions when one moves):
   `_embedding` of `EuclideanCodebook`;
 - copying streaming state row by row: moshi hands out its `State` dataclasses through the public
   `get_streaming_state()`, but what their fields hold (tensors with the batch on dim 0, ring KV
-  caches with the batch on dim 1 and an `end_offset`) is moshi's business.
+  caches with the batch on dim 1 and an `end_offset`) is moshi's business;
+- exchanging two rows of a state in place (`swap_rows`) and a state over the first rows only
+  whose tensors are views of the whole one (`leading_rows`): every update Mimi's decoder makes
+  to its state is in place (`[:] =`, `scatter_`), so a decode over the views advances those rows
+  of the whole state.
 
 Streaming itself goes through the public API (`streaming()`, `get_streaming_state()`,
 `set_streaming_state()`, `reset_streaming()`), in `codec.py`.
@@ -101,3 +105,33 @@ def restore_state(state: tp.Any, saved: dict[str, tp.Any], rows: slice | None = 
         elif rows is None:
             setattr(state, key, value)
         # with rows: plain ints (moshi's host-side offsets) are shared by all rows and unused by Mimi's decoder
+
+
+def swap_rows(state: tp.Any, pair: torch.Tensor, crossed: torch.Tensor) -> None:
+    """Exchange rows `pair` = [a, b] and `crossed` = [b, a] (index tensors on the state's device)
+    of every tensor and ring cache of a state, in place."""
+    for value in state_fields(state).values():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == state.batch_size:
+            value[pair] = value[crossed]
+        elif is_ring_cache(value):
+            value.cache[:, pair] = value.cache[:, crossed]
+            if value.end_offset.shape[0] == state.batch_size:
+                value.end_offset[pair] = value.end_offset[crossed]
+
+
+def leading_rows(state: tp.Any, rows: int, exec_mask: torch.Tensor) -> tp.Any:
+    """A copy of a state object whose tensors and ring caches are views of its first `rows` rows
+    (writes land in the whole state), with `exec_mask` (a view too) as its execution mask."""
+    narrow = copy.copy(state)
+    for key, value in state_fields(state).items():
+        if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == state.batch_size:
+            setattr(narrow, key, value[:rows])
+        elif is_ring_cache(value):
+            cache = copy.copy(value)
+            cache.cache = value.cache[:, :rows]
+            if value.end_offset.shape[0] == state.batch_size:
+                cache.end_offset = value.end_offset[:rows]
+            setattr(narrow, key, cache)
+    narrow.batch_size = rows
+    narrow.exec_mask = exec_mask
+    return narrow

@@ -266,6 +266,16 @@ class FrameStepper:
         """Copies of every device tensor the call's slot owns (see `SlotTable.tensors`)."""
         return self.slots.tensors(call)
 
+    # -- moving calls between slots ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange slots `a` and `b` whole (caches, inputs, positions, delayed buffers, sampling
+        settings, last outputs): each call steps on as it would have on its old slot, token for
+        token. A step runs over slots 0..b-1, so moving the calls a step needs to the lowest
+        slots makes the step small (one copy per move, none per step)."""
+        self.slots.swap(a, b)
+
     # -- snapshots (one slot, row-sized copies) ----------------------------------------------------
 
     def snapshot(self, call: int = 0) -> StepperSnapshot:

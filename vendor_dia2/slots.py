@@ -163,6 +163,42 @@ class SlotTable:
         self._host_action.copy_(self.action)
         return self._host_action.tolist()
 
+    # -- two slots, exchanged ---------------------------------------------------------------------
+
+    def swap(self, a: int, b: int) -> None:
+        """Exchange everything slots `a` and `b` own, device and host, so a call keeps going on its
+        new row as it would have on its old one (the draws are keyed by seed and position, not
+        by row). One indexed copy per tensor: the decoder caches only over the slots either call
+        has filled, the rest of a cache row is never read (the causal mask stops at a slot's
+        position). The depformer caches are not state: every frame writes them before reading."""
+        if a == b:
+            return
+        br = self.branches
+        calls = torch.tensor([a, b], device=self.device)  # the one host-to-device copy of a swap
+        crossed = calls.flip(0)
+        within = torch.arange(br, device=self.device)
+        rows = (calls[:, None] * br + within).flatten()  # [a's rows, b's rows]
+        rows_crossed = (crossed[:, None] * br + within).flatten()
+        for t in self._per_slot_tensors():
+            t[calls] = t[crossed]
+        self.tokens[rows] = self.tokens[rows_crossed]
+        filled = max(self._filled(a), self._filled(b))
+        for cache in self.decoder_caches:
+            for t in (cache.k, cache.v):
+                t[rows, :, :filled] = t[rows_crossed, :, :filled]
+        self.places[a], self.places[b] = self.places[b], self.places[a]
+
+    def _filled(self, call: int) -> int:
+        """Decoder cache slots a slot has written (those a step may read), at most the cache."""
+        place = self.places[call]
+        return min(place.position + place.cache_offset + 1, self.decoder_caches[0].length)
+
+    def _per_slot_tensors(self) -> list[torch.Tensor]:
+        """Every device tensor with one row per slot (the decoder rows, `[slot, branch]`, apart)."""
+        return [self.positions, self.buffer, self.prefix_frames, self.cache_offset, self.text_choices, self.active,
+                self.seeds, self.stream_temperature, self.stream_top_k, self.cfg_scale, self.action, self.text_out,
+                self.codes, self.ready_codes]
+
     # -- one slot, copied ------------------------------------------------------------------------
 
     def snapshot(self, call: int) -> StepperSnapshot:

@@ -391,12 +391,16 @@ class Call:
             self._text_log[position] = self._last_text
         return self.machine.preview(position)
 
+    def frame_ready(self) -> bool:
+        """After a step: whether it made an aligned frame of this turn ready to decode (from the
+        position alone, so the decode can be queued before `advance`)."""
+        return self.slot.ready_frame >= self.turn.next_frame
+
     def advance(self, action: int) -> bool:
         """Apply the step's sampled action (the step already advanced the position). True when an
         aligned frame of this turn is ready to decode."""
         self._last_text = self.machine.process(self.position - 1, action)
-        ready = self.slot.ready_frame
-        return ready >= self.turn.next_frame
+        return self.frame_ready()
 
     def mark_codec_if_due(self) -> None:
         """Before the announced frame is decoded: every few frames, snapshot the call's Mimi row

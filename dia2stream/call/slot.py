@@ -56,12 +56,19 @@ class PlannedPrefill:
 
 
 class SlotHandle:
-    """Slot `index` of `stepper` (its CFG rows) and row `index` of `codec`'s stream."""
+    """Slot `index` of `stepper` (its CFG rows) and row `index` of `codec`'s stream. The engine
+    may move the call to another slot between frames (its whole device state goes with it:
+    `FrameStepper.swap_rows`), and tells the handle so (`moved_to`): a call always reaches its own
+    state through its handle, whichever slot it sits on."""
 
     def __init__(self, stepper, codec, index: int):
         self._stepper, self._codec, self.index = stepper, codec, index
         self.pending_replay: CodecReplay | None = None
         self.pending_prefill: PlannedPrefill | None = None
+
+    def moved_to(self, index: int) -> None:
+        """The engine moved this call's state to slot `index` (stepper rows and codec row)."""
+        self.index = index
 
     # -- the slot's state, read
 

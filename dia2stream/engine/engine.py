@@ -39,7 +39,7 @@ from dia2stream.call.call import Call, CallModel, Phase, Sink
 from dia2stream.call.slot import CallSettings, SlotHandle
 from dia2stream.call.user_turn import LoadedUserTurn, load_user_turn
 from dia2stream.engine.runner import Runner
-from dia2stream.engine.scheduler import BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind
+from dia2stream.engine.scheduler import BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind, compacting_moves
 from dia2stream.wire.protocol import ErrorCode
 from dia2stream.voices.registry import VoiceRegistry
 from dia2stream.voices.voice import LoadedVoice, VoiceError, VoiceRequest, VoiceSettings, VoiceState
@@ -74,6 +74,7 @@ class EngineConfig:
     max_unsent_frames: int = 250  # frames generated but not yet taken by a slow client, per call
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
+    move_slots: bool = True  # move starting calls to the lowest slots before they step (off: to measure it)
 
 
 class Engine:
@@ -98,13 +99,13 @@ class Engine:
                                        kernels=config.kernels, weights=config.weights,
                                        compile_max_calls=config.compile_max_calls)
         self.codec = tts.codec
-        self.codec.open_stream(config.max_calls)
+        # a decode runs over the stream's first rows, padded as a step is (the calls it needs sit lowest)
+        self.codec.open_stream(config.max_calls, decode_sizes=self.stepper.batch_sizes)
         self.voices = VoiceRegistry(tts, self.stepper, self.codec, config.voice, spare_slot=self.spare_slot,
                                     max_prefix_frames=self.max_prefix_frames, boundary=config.prefix_boundary)
         self.runner = Runner(self.stepper, self.codec, config.max_calls)
         self.scheduler = Scheduler(max_lead_s=config.max_lead_ms / 1000, max_unsent_frames=config.max_unsent_frames,
                                    batch_size_for=self.stepper.batch_size_for)
-        self._slots = [SlotHandle(self.stepper, self.codec, i) for i in range(config.max_calls)]
         self._call_settings = CallSettings(
             context_frames=self.context_frames, max_lead_ms=config.max_lead_ms, lead_in_frames=config.lead_in_frames,
             rollover_frames=config.rollover_frames, min_turn_frames=config.min_turn_frames,
@@ -129,6 +130,7 @@ class Engine:
         self._deadline_steps = 0  # deadline steps in a row while planned work waited
         self.host_ms = 0.0  # moving average of a step's generation-thread work outside the stepper and codec
         self.steps = 0
+        self.slot_moves = 0  # calls moved to a lower slot so that a step ran smaller
         self.overloaded = False
         self._behind_since: float | None = None
         self._last_behind = 0.0
@@ -157,8 +159,8 @@ class Engine:
                 return None
             else:
                 slot = free[0]  # the lowest free slot: a step is padded to the highest slot it runs
-            call = self._calls[slot] = Call(self._slots[slot], self._call_settings, self._call_model, self.voices,
-                                            sink)
+            handle = SlotHandle(self.stepper, self.codec, slot)
+            call = self._calls[slot] = Call(handle, self._call_settings, self._call_model, self.voices, sink)
         self._post(call, Attach(), call.epoch)
         return call
 
@@ -333,7 +335,37 @@ class Engine:
             return
         if plan is not None:
             self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
+            if plan.reason == "starting" and self.config.move_slots:
+                self._compact(plan.calls)
             self._step(list(plan.calls))
+
+    def _compact(self, calls) -> None:
+        """Move the starting calls about to step into the lowest slots: a step is padded to the
+        highest slot it runs, so a new turn on slot 50 would pay a 64-slot step for each of its
+        ~18 start-up steps while the playing calls coast. Each move swaps places with an attached
+        call that does not step now (never with a free slot: a closed call's reset may still be
+        queued for it), and costs one copy of both calls' state, not one per step. Steps of
+        playing calls move nobody: a swap never changes which slots are taken, and moving them
+        down would push the starting calls up again (one swap back and forth per step)."""
+        stepping = sorted(call.slot.index for call in calls)
+        with self._lock:
+            movable = [slot for slot, c in enumerate(self._calls)
+                       if c is not None and c.attached and slot not in stepping]
+        for high, low in compacting_moves(stepping, movable, self.stepper.batch_sizes):
+            self._swap_slots(high, low)
+
+    def _swap_slots(self, a: int, b: int) -> None:
+        with self._lock:
+            call_a, call_b = self._calls[a], self._calls[b]
+            if call_a is None or call_b is None:
+                return  # closed meanwhile: its reset is queued for the slot it held
+            self._calls[a], self._calls[b] = call_b, call_a
+            call_a.slot.moved_to(b)
+            call_b.slot.moved_to(a)
+        # after the bookkeeping: a close from now on queues its reset behind this thread's swap
+        self.stepper.swap_rows(a, b)
+        self.codec.swap_rows(a, b)
+        self.slot_moves += 1
 
     def _prefill_one(self) -> bool:
         """One planned prefill (a caller's turn), for the first slot that has one."""
@@ -460,25 +492,32 @@ class Engine:
         t0 = time.perf_counter()
         result = self.runner.step({call.slot.index: call.preview() for call in stepping})
         self.scheduler.costs.observe(result.batch, result.full, result.seconds)
-        decode = []
+        # Which calls have a frame is known from positions alone, before the text state machines
+        # take the step's actions: the decode is queued first and runs while they do.
+        decode = [call for call in stepping if call.frame_ready()]
+        pending = None
+        if decode:
+            for call in decode:
+                call.mark_codec_if_due()
+            pending = self.runner.decode_later([call.slot.index for call in decode])
+        failed = set()
         for call in stepping:
             try:
-                if call.advance(result.actions[call.slot.index]):
-                    decode.append(call)
+                call.advance(result.actions[call.slot.index])
             except Exception as exc:
                 if is_device_fault(exc):
                     raise
                 log.exception("call %d: error after a frame step", call.slot.index)
                 call.fail(exc)
+                failed.add(call)
         device_s = result.seconds
-        if decode:
-            for call in decode:
-                call.mark_codec_if_due()
-            pcm, seconds = self.runner.decode([call.slot.index for call in decode])
+        if pending is not None:
+            pcm, seconds = pending.wait()
             self.scheduler.costs.observe_decode(seconds)
             device_s += seconds
             for call in decode:
-                self._guarded(call, call.deliver, pcm[call.slot.index])
+                if call not in failed:
+                    self._guarded(call, call.deliver, pcm[call.slot.index])
         for call in stepping:
             if call.turn is not None:
                 self._guarded(call, call.check_end)

@@ -2,8 +2,9 @@
 
 The runner knows slots, not calls: a step takes each stepped slot's two possible text answers
 and returns its sampled action; a decode takes the slots whose frame is ready and returns their
-PCM rows; a replay re-decodes one frame of a slot's rolled-back codec row. Timing of each piece
-feeds the scheduler's cost model.
+PCM rows (`decode_later` queues it and returns, so the host can work while the device decodes);
+a replay re-decodes one frame of a slot's rolled-back codec row. Timing of each piece feeds the
+scheduler's cost model.
 """
 
 from __future__ import annotations
@@ -21,6 +22,21 @@ class StepResult:
     batch: int  # the padded batch size it ran at
     full: bool  # the full lane (False: decoder-only)
     seconds: float
+
+
+@dataclass(frozen=True)
+class PendingDecode:
+    """A decode queued on the device, its PCM on the way to the host."""
+
+    pcm: object  # the codec's pending PCM (`wait()` -> [rows, samples] on the host)
+    launch_seconds: float  # host time the launch took
+
+    def wait(self) -> tuple[np.ndarray, float]:
+        """The PCM rows on the host, and the seconds the decode held the host up: its launch
+        and the wait (the host's own work in between is not the decode's cost)."""
+        t0 = time.perf_counter()
+        pcm = self.pcm.wait()
+        return pcm, self.launch_seconds + time.perf_counter() - t0
 
 
 class Runner:
@@ -47,11 +63,16 @@ class Runner:
 
     def decode(self, slots: list[int]) -> tuple[np.ndarray, float]:
         """One batched decode of the ready frame of `slots`; PCM rows [rows, samples] on the host."""
+        return self.decode_later(slots).wait()
+
+    def decode_later(self, slots: list[int]) -> "PendingDecode":
+        """Queue one batched decode of the ready frame of `slots` and return at once: the host
+        works on while the device decodes; `wait()` gives the PCM rows on the host."""
         self._decode_rows.zero_()
         self._decode_rows[slots] = True
         t0 = time.perf_counter()
-        pcm = self.codec.decode_frame(self.stepper.ready_codes[: self.rows], self._decode_rows).cpu().numpy()
-        return pcm, time.perf_counter() - t0
+        pcm = self.codec.decode_frame_async(self.stepper.ready_codes[: self.rows], self._decode_rows)
+        return PendingDecode(pcm, time.perf_counter() - t0)
 
     def replay(self, slot: int, codes: torch.Tensor) -> float:
         """Decode one frame `codes` [Q] into `slot`'s codec row alone (a rollback's re-decode)."""

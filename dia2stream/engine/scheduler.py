@@ -7,8 +7,11 @@ rollover that must replay heard frames) is *starting*: its caller is waiting now
 ~18 steps before its first word is paid in onset. So:
 
 - while any call is starting and no playing call is near its deadline, only the starting calls
-  step, in small, fast batches (the decoder-only lane while none of them reads a codebook; a
-  step is still padded up to the highest slot it runs, as the stepper's batches are);
+  step, in small, fast batches (the decoder-only lane while none of them reads a codebook). A
+  step is padded up to the highest slot it runs (the stepper's batches are slots 0..b-1), so
+  before a step the engine moves the calls it needs into the lowest slots (`compacting_moves`:
+  a swap with a call that is not stepping, one copy per move; a new turn on slot 50 then costs
+  a one-call step, not a 64-call one, for each of its ~18 start-up steps);
 - a playing call is near its deadline when its lead falls below `coast_floor`: two frames plus
   twice the measured cost of a step and decode over every call. Then every call that may run
   ahead steps together (the batch costs little more than one call alone, and tops everyone up),
@@ -139,6 +142,27 @@ class Scheduler:
         does not refuse on a guess (calls that then fall behind make it `overloaded`)."""
         step = self.costs.estimate(self.batch_size_for(n_calls_after), True)
         return step + self.costs.decode_seconds <= FRAME_BUDGET * FRAME_SECONDS
+
+
+def compacting_moves(stepping: list[int], movable: list[int], batch_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Slot swaps (high, low) that bring the slots a step needs (`stepping`) under the smallest
+    padded batch size the moves can reach: each stepping slot at or above it goes to the lowest
+    `movable` slot below it (a slot whose call is not stepping and may go up instead). No moves
+    when none would shrink the step."""
+    if not stepping:
+        return []
+    current = next(b for b in batch_sizes if b > max(stepping))
+    movable = sorted(movable)
+    for target in batch_sizes:
+        if target < len(stepping):
+            continue
+        if target >= current:
+            return []
+        high = sorted(slot for slot in stepping if slot >= target)
+        low = [slot for slot in movable if slot < target]
+        if len(low) >= len(high):
+            return list(zip(high, low))
+    return []
 
 
 def behind(calls) -> list:

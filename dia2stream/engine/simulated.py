@@ -10,7 +10,9 @@ counter rule, and spend the profile's time for every piece of GPU work:
   earlier work and returns at once; a synchronisation (the action copy after a step, the PCM
   copy after a decode) waits until the simulated work is done;
 - a step takes the profile's time for its padded batch size and lane (full, or decoder-only);
-  a decode the profile's time for the codec's rows; a prefill its time per frame.
+  a decode the profile's time for the rows it runs over (the first rows of the stream, padded as
+  the real codec pads them); a prefill its time per frame; moving a call to another slot
+  (`swap_rows`) the profile's `swap_ms`.
 
 The model's shape that decides timing beyond the step (the 16-18 frame codebook delay, so the 18
 steps before a turn's first audio) is the profiled preset's; the tokenizer and text ids are the
@@ -35,6 +37,10 @@ from vendor_dia2.runtime import PrefillSpan, PrefixBoundary, SamplingParams, Ste
 from vendor_dia2.slots import SlotPlace
 
 UNGENERATED = -1  # a delayed-buffer cell no step has written
+# A slot swap on the GPU when a profile has no measured figure: ~60 small indexed copies (a few
+# µs each to launch) and the filled decoder caches of two calls (~0.1 MB a position at 2b, cfg 2,
+# bf16: ~100 MB for two calls 500 frames in, ~0.05 ms at H100/H200 bandwidth). An ESTIMATE.
+SWAP_MS = 0.3
 
 
 # -- the profile -------------------------------------------------------------------------------------
@@ -50,6 +56,7 @@ class GpuProfile:
     lite_step_ms: dict[int, float]  # the decoder-only lane (no codebook is read yet)
     decode_ms: dict[int, float]  # one batched Mimi decode over that many stream rows
     prefill_ms_per_frame: float = 0.11
+    swap_ms: float = SWAP_MS  # exchanging two slots' device state (caches, buffers, Mimi rows)
     source: str = ""
 
     @classmethod
@@ -60,7 +67,7 @@ class GpuProfile:
                        full_step_ms=_by_size(raw["full_step_ms"]), lite_step_ms=_by_size(raw["lite_step_ms"]),
                        decode_ms=_by_size(raw["decode_ms"]),
                        prefill_ms_per_frame=float(raw.get("prefill_ms_per_frame", cls.prefill_ms_per_frame)),
-                       source=raw.get("source", ""))
+                       swap_ms=float(raw.get("swap_ms", cls.swap_ms)), source=raw.get("source", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a GPU profile ({exc}); see profiles/README.md") from None
 
@@ -152,6 +159,7 @@ class SimulatedStepper:
         self.ready_codes = torch.zeros(self.n, self.num_codebooks, dtype=torch.long)
         self.text = [(0, 0)] * self.n  # (main, second) text inputs of each slot's next step
         self.seeds = [0] * self.n
+        self.streams = list(range(self.n))  # what the action rule is keyed by besides seed and position: moves with the call
         self._positions = [0] * self.n
         self._prefix_frames = [0] * self.n
         self._cache_offset = [0] * self.n
@@ -226,7 +234,7 @@ class SimulatedStepper:
         self._write_codes(live, positions)
         out = [0] * self.n
         for call, position in zip(live, positions):
-            action = int(_mix(self.seeds[call], position, call) % NEW_WORD_EVERY == 0)
+            action = int(_mix(self.seeds[call], position, self.streams[call]) % NEW_WORD_EVERY == 0)
             self.text[call] = choices[call][action]
             self._positions[call] = position + 1
             out[call] = action
@@ -253,6 +261,20 @@ class SimulatedStepper:
         if ready.any():
             index = (frames[ready][:, None] + self.delays[None, :]).clamp(max=width - 1)
             self.ready_codes[slots[ready]] = self.buffer[slots[ready][:, None], codebooks, index]
+
+    # -- moving calls between slots
+
+    def swap_rows(self, a: int, b: int) -> None:
+        """Exchange slots `a` and `b` whole, as `FrameStepper.swap_rows` does (the profile's
+        `swap_ms` on the device, Mimi rows included)."""
+        if a == b:
+            return
+        self.device_clock.launch(self.profile.swap_ms / 1000)
+        pair, crossed = [a, b], [b, a]
+        self.buffer[pair] = self.buffer[crossed]
+        self.ready_codes[pair] = self.ready_codes[crossed]
+        for per_slot in (self.text, self.seeds, self.streams, self._positions, self._prefix_frames, self._cache_offset):
+            per_slot[a], per_slot[b] = per_slot[b], per_slot[a]
 
     # -- snapshots, rewinds, prefills
 
@@ -318,11 +340,19 @@ class SimulatedCodec:
     source: str = "simulated"
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int | None = None
+    decode_sizes: tuple[int, ...] = ()
     states: dict = field(default_factory=dict)
     _hiss: torch.Tensor | None = None  # the PCM every decode returns (computing none is the point)
 
-    def open_stream(self, batch_size: int = 1) -> None:
+    def open_stream(self, batch_size: int = 1, decode_sizes=()) -> None:
         self.batch_size = batch_size
+        self.decode_sizes = tuple(sorted({b for b in decode_sizes if 0 < b < batch_size} | {batch_size}))
+
+    def decode_size_for(self, rows: int) -> int:
+        return next(b for b in self.decode_sizes if b >= rows)
+
+    def swap_rows(self, a: int, b: int) -> None:
+        return None  # timed with the stepper's swap
 
     def close_stream(self) -> None:
         self.batch_size = None
@@ -332,12 +362,27 @@ class SimulatedCodec:
         return self.batch_size
 
     def decode_frame(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        batch = codes.shape[0] if codes.dim() == 2 else 1
-        self.device_clock.launch(self.profile.decode_seconds(self.batch_size or batch))
+        pcm = self._decode(codes, rows)
         self.device_clock.synchronize()  # the PCM copy to the host, as on the GPU
+        return pcm
+
+    def _decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Queue a decode's time on the simulated device; the PCM it will give."""
+        batch = codes.shape[0] if codes.dim() == 2 else 1
+        if self.batch_size is not None:
+            # the real codec runs over the first rows only, up to the highest one decoding
+            on = torch.as_tensor(rows, dtype=torch.bool).nonzero() if rows is not None else None
+            batch = self.decode_size_for(int(on[-1]) + 1) if on is not None and len(on) else self.batch_size
+        self.device_clock.launch(self.profile.decode_seconds(batch))
         if self._hiss is None or self._hiss.shape[0] < batch:
             self._hiss = 0.01 * torch.randn(batch, FRAME_SAMPLES, generator=torch.Generator().manual_seed(0))
         return self._hiss[:batch]
+
+    def decode_frame_async(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> "SimulatedPcm":
+        """As `MimiCodec.decode_frame_async`: the decode is queued on the simulated device and the
+        host goes on; `wait` is the PCM copy's synchronisation."""
+        pcm = self._decode(codes, rows)
+        return SimulatedPcm(pcm, self.device_clock)
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         frames = -(-wav.shape[-1] // FRAME_SAMPLES)
@@ -357,6 +402,18 @@ class SimulatedCodec:
         self.device_clock.launch(self.profile.decode_seconds(1) * codes.shape[-1])
         self.device_clock.synchronize()
         return CodecStreamSnapshot(1, {})
+
+
+@dataclass(frozen=True)
+class SimulatedPcm:
+    """PCM on its way to the host: `wait` waits for the simulated device, as a CUDA event would."""
+
+    pcm: torch.Tensor
+    device_clock: SimulatedDevice
+
+    def wait(self):
+        self.device_clock.synchronize()
+        return self.pcm.numpy()
 
 
 # -- the model ------------------------------------------------------------------------------------

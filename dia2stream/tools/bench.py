@@ -103,7 +103,9 @@ def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool
 def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, kernels: str = "torch",
                   profile: bool = False, compile_max_calls: int | None = None, sampler: str = "auto") -> dict:
     """One stepper with max(sizes) slots (as the server builds it); ms per step with the first N
-    slots active, and the batched Mimi decode of N rows."""
+    slots active (the full frame, then the decoder-only lane over fresh calls), the batched Mimi
+    decode of N rows (the stream runs over its first rows only, padded as a step is), and one
+    slot swap (a call moved to another slot: stepper and Mimi rows)."""
     n_max = max(sizes)
     if tts.device.type == "cuda":
         torch.cuda.empty_cache()
@@ -114,42 +116,104 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                  "kernels": kernels, "sampler": stepper.sampler, "pdl": fused_kernels.pdl_enabled(),
                  "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
-    codec.open_stream(n_max)
-    machines = []
-    for call in range(n_max):
-        stepper.set_sampling(call, SamplingParams(seed=call))
-        machine = tts.new_state_machine()
-        machine.push(parse_script(SCRIPT * 3, tts.tokenizer))
-        machines.append(machine)
+    codec.open_stream(n_max, decode_sizes=stepper.batch_sizes)
+    machines = [_machine(tts, stepper, call) for call in range(n_max)]
+
+    def step(active) -> None:
+        choices = [machines[c].preview(stepper.position(c)) if active[c] else None for c in range(n_max)]
+        actions = stepper.step(choices, active)
+        for c in range(n_max):
+            if active[c]:
+                machines[c].process(stepper.position(c) - 1, actions[c])
+
     for n in sizes:
         active = [call < n for call in range(n_max)]
-        for call in range(n):  # past the decoder-only stretch: full steps
-            while stepper.needs_depformer(call) is False:
-                stepper.step([machines[c].preview(stepper.position(c)) if active[c] else None
-                              for c in range(n_max)], active)
+        while not all(stepper.needs_depformer(c) for c in range(n)):  # past the decoder-only stretch
+            step(active)
         times, decode = [], []
         rows = torch.tensor(active)
         for i in range(frames + 3):
             t0 = time.perf_counter()
-            choices = [machines[c].preview(stepper.position(c)) if active[c] else None for c in range(n_max)]
-            actions = stepper.step(choices, active)
-            for c in range(n):
-                machines[c].process(stepper.position(c) - 1, actions[c])
+            step(active)
             t1 = time.perf_counter()
             codec.decode_frame(stepper.ready_codes, rows).cpu()
             t2 = time.perf_counter()
             if i >= 3:
                 times.append((t1 - t0) * 1000)
                 decode.append((t2 - t1) * 1000)
-        out[str(n)] = {"step_ms": stats(times), "mimi_decode_ms": stats(decode),
-                       "padded_to": stepper.batch_size_for(n)}
+        lite = []
+        for _ in range(2):  # the decoder-only lane: the first steps of fresh calls
+            for c in range(n):
+                stepper.reset_call(c)
+                machines[c] = _machine(tts, stepper, c)
+            while not any(stepper.needs_depformer(c) for c in range(n)):
+                t0 = time.perf_counter()
+                step(active)
+                if not stepper.last_full:
+                    lite.append((time.perf_counter() - t0) * 1000)
+        out[str(n)] = {"step_ms": stats(times), "lite_step_ms": stats(lite[2:]), "mimi_decode_ms": stats(decode),
+                       "padded_to": stepper.batch_size_for(n), "decode_rows": codec.decode_size_for(n)}
         if profile and n == max(sizes):
             out[str(n)]["profile"] = _profile(lambda: stepper.step(
                 [machines[c].preview(stepper.position(c)) if active[c] else None for c in range(n_max)], active))
-        print(f"  batched {n} calls: step {out[str(n)]['step_ms']}, decode {out[str(n)]['mimi_decode_ms']}", flush=True)
+        print(f"  batched {n} calls: step {out[str(n)]['step_ms']}, decoder-only {out[str(n)]['lite_step_ms']}, "
+              f"decode {out[str(n)]['mimi_decode_ms']}", flush=True)
+    swaps = []
+    for _ in range(12):  # the call on the top slot moves to slot 0 and back, as the engine moves a new turn
+        _sync(tts.device)
+        t0 = time.perf_counter()
+        stepper.swap_rows(0, n_max - 1)
+        codec.swap_rows(0, n_max - 1)
+        _sync(tts.device)
+        swaps.append((time.perf_counter() - t0) * 1000)
+    out["swap_ms"] = stats(swaps[2:])
     codec.close_stream()
     del stepper
     return out
+
+
+def _machine(tts: Dia2, stepper: FrameStepper, call: int):
+    stepper.set_sampling(call, SamplingParams(seed=call))
+    machine = tts.new_state_machine()
+    machine.push(parse_script(SCRIPT * 3, tts.tokenizer))
+    return machine
+
+
+def gpu_profile(result: dict, source: str) -> dict:
+    """A GPU profile for the simulated GPU (profiles/README.md) from one preset's results (this
+    bench's JSON, `results[i]`). Figures a run did not measure are estimated as the README says,
+    and `source` says which."""
+    batched = result.get("batched") or {}
+    sizes = sorted(int(k) for k in batched if k.isdigit())
+    if not sizes:
+        raise ValueError("a profile needs the batched steps (--batched 1,8,...)")
+    notes = [source]
+    full = {n: batched[str(n)]["step_ms"]["p50"] for n in sizes}
+    lite = {n: batched[str(n)]["lite_step_ms"]["p50"] for n in sizes if "lite_step_ms" in batched[str(n)]}
+    if not lite:
+        one = min((v for k, v in result["step_ms"].items() if k.endswith("cfg2") and "p50" in v and "fp8" not in k),
+                  key=lambda v: v["p50"])
+        ratio = one["decoder_only"]["p50"] / one["p50"]
+        lite = {n: round(ms * ratio, 3) for n, ms in full.items()}
+        notes.append(f"decoder-only lane ESTIMATED as the full step times the one-call ratio ({ratio:.3f}), "
+                     "not measured batched")
+    if all("decode_rows" in batched[str(n)] for n in sizes):
+        decode = {batched[str(n)]["decode_rows"]: batched[str(n)]["mimi_decode_ms"]["p50"] for n in sizes}
+    else:  # older runs decoded the whole stream (max(sizes) rows) at every size
+        decode = {1: result["mimi_decode_ms"]["p50"], max(sizes): batched[str(max(sizes))]["mimi_decode_ms"]["p50"]}
+        notes.append(f"Mimi decode: 1 row from a one-row stream, {max(sizes)} rows from the batched run (which "
+                     "decoded the whole stream at every size); sizes between are interpolated")
+    profile = {"gpu": result["device"], "preset": result["preset"], "cfg": 2, "full_step_ms": full,
+               "lite_step_ms": lite, "decode_ms": decode}
+    prefill = result.get("voice_prefill")
+    if prefill:
+        profile["prefill_ms_per_frame"] = round(prefill["parallel_prefill_ms"]["p50"] / prefill["prefix_frames"], 4)
+    if "swap_ms" in batched:
+        profile["swap_ms"] = batched["swap_ms"]["p50"]
+    else:
+        notes.append("slot swap not measured: the simulator's estimate (engine.simulated.SWAP_MS)")
+    profile["source"] = "; ".join(notes)
+    return {k: ({str(n): ms for n, ms in v.items()} if isinstance(v, dict) else v) for k, v in profile.items()}
 
 
 def profile_steps(stepper: FrameStepper, machine, t0: int, steps: int = 5) -> dict:
@@ -580,16 +644,35 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure how often fp8 depformer weights change a greedy token (CUDA)")
     parser.add_argument("--batched", default="", help="comma-separated call counts for batched steps, e.g. 1,8,16,32,64")
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile-out", default=None, metavar="FILE",
+                        help="write a GPU profile for --simulate-gpu from the measured figures (profiles/README.md)")
+    parser.add_argument("--profile-from", default=None, metavar="BENCH_JSON",
+                        help="with --profile-out: build the profile from this earlier run's --json, measure nothing")
     args = parser.parse_args(argv)
+    command = "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.profile_from:
+        if not args.profile_out:
+            parser.error("--profile-from needs --profile-out")
+        earlier = json.loads(Path(args.profile_from).read_text())
+        write_profile(earlier["results"][0], args.profile_out, f"{args.profile_from} ({earlier.get('date', '?')}: "
+                      f"{earlier.get('command', '?')})")
+        return 0
     results = [run_preset(name.strip(), args) for name in args.presets.split(",") if name.strip()]
     print_table(results)
     payload = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
-               "command": "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "results": results}
+               "command": command, "results": results}
     print(json.dumps(payload, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=2) + "\n")
+    if args.profile_out:
+        write_profile(results[0], args.profile_out, f"{payload['date']}: {command}")
     return 0
+
+
+def write_profile(result: dict, path: str, source: str) -> None:
+    profile = gpu_profile(result, source)
+    Path(path).write_text(json.dumps(profile, indent=2) + "\n")
+    print(f"GPU profile written to {path}", flush=True)
 
 
 if __name__ == "__main__":
