@@ -133,3 +133,26 @@ def test_the_engine_process_exits_when_its_server_dies():
     assert out.returncode == 3, out.stderr[-2000:]
     pid = int(out.stdout.split()[-1])
     assert gone(pid), f"engine process {pid} outlived its server"
+
+
+def test_a_call_opened_after_moved_calls_closed_is_served():
+    """Calls move between slots in the engine process (a turn starting alone on the top slot is
+    brought to slot 0), so the server cannot know which slot a closed call leaves free: the
+    engine opens the next call on its own lowest free slot, and that call is served."""
+    engine = EngineProxy.start(server_config(mimi="random-small", max_calls=2, log_level="WARNING",
+                                             max_lead_ms=1e6), None)
+    try:
+        inboxes = [queue.Queue(), queue.Queue()]
+        calls = [engine.open_call(inboxes[0].put), engine.open_call(inboxes[1].put)]
+        engine.submit(calls[1], p.Start(text="[S1] Moved down.", id="moved"))  # alone: moved to slot 0
+        until(inboxes[1], p.Done)
+        engine.close_call(calls[1])  # frees slot 0 in the engine; slot 1 as this side counted it
+        newcomer = queue.Queue()
+        call = engine.open_call(newcomer.put)
+        engine.submit(call, p.Start(text="[S1] Still served.", id="new"))
+        engine.reply(call, p.Pong(id="after"))
+        items = until(newcomer, p.Done)
+        assert [i.word for i in items if isinstance(i, p.Word)] == ["Still", "served."]
+        assert any(isinstance(i, p.Pong) for i in items)
+    finally:
+        engine.close()

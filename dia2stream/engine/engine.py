@@ -146,19 +146,21 @@ class Engine:
         with self._lock:
             return sum(c is not None for c in self._calls)
 
-    def open_call(self, sink: Sink, slot: int | None = None) -> Call | None:
-        """A new call on a free slot, or None when every slot is taken or the engine cannot take
-        one more call in real time. `slot`: open on this free slot without the admission check
-        (an engine process's parent admitted the call from the figures this engine published)."""
+    def open_call(self, sink: Sink, admitted: bool = False) -> Call | None:
+        """A new call on the lowest free slot, or None when every slot is taken or the engine
+        cannot take one more call in real time. `admitted`: without the admission check (an
+        engine process's parent admitted the call from the figures this engine published). The
+        slot is the engine's to choose, never the caller's: calls move between slots (`_compact`),
+        so only the engine knows which slot a closed call left free."""
         with self._lock:
             free = [index for index, occupant in enumerate(self._calls) if occupant is None]
-            if slot is not None:
-                if slot not in free:
-                    raise ValueError(f"slot {slot} is not free")
-            elif not free or not self._admits_one_more(len(self._calls) - len(free)):
+            if not free:
+                if admitted:
+                    raise RuntimeError("a call was admitted with every slot taken")
                 return None
-            else:
-                slot = free[0]  # the lowest free slot: a step is padded to the highest slot it runs
+            if not admitted and not self._admits_one_more(len(self._calls) - len(free)):
+                return None
+            slot = free[0]  # the lowest free slot: a step is padded to the highest slot it runs
             handle = SlotHandle(self.stepper, self.codec, slot)
             call = self._calls[slot] = Call(handle, self._call_settings, self._call_model, self.voices, sink)
         self._post(call, Attach(), call.epoch)

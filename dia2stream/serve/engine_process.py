@@ -18,9 +18,10 @@ the last one goes out as one `Batch` (every call's frames and events, the frame 
 generation thread never waits on the server. With nothing to send, a heartbeat `Batch` every
 `HEARTBEAT_S` keeps the figures fresh.
 
-The server never waits on the engine: `open_call` admits from the last published figures and
-names the slot (the engine process frees and fills slots in the same order, so its lowest free
-slot is the same one), epochs are counted on both sides in the same command order, and the
+The server never waits on the engine: `open_call` admits from the last published figures (the
+engine process opens the admitted call on its own lowest free slot: calls move between slots
+there, so a handle's `slot.index` is the slot it was opened on as this side counts them, a name
+for logs, not where the call is now), epochs are counted on both sides in the same command order, and the
 frames a client has taken (`frames_acked`, which the engine paces on) go back every `ACK_EVERY_S`.
 Replies the event loop answers itself (`reply`) keep their place in the call's event order as a
 `ReplyMark` that crosses and comes back; the reply itself never leaves this process (a compatible
@@ -77,7 +78,6 @@ class Build:
 @dataclass(frozen=True)
 class Open:
     serial: int  # the call's name on both sides (a slot is reused; a serial never is)
-    slot: int
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ class EngineProxy:
                 return None
             handle = CallHandle(next(self._serials), free[0], sink)
             self._slots[free[0]] = self._handles[handle.serial] = handle
-        self._send(Open(handle.serial, handle.slot.index))
+        self._send(Open(handle.serial))
         return handle
 
     def close_call(self, call: CallHandle) -> None:
@@ -627,8 +627,8 @@ class EngineSide:
                     if call is not None:
                         call.frames_acked = n
                 return
-            case Open(serial=serial, slot=slot):
-                self._calls[serial] = engine.open_call(self._sink(serial), slot=slot)
+            case Open(serial=serial):
+                self._calls[serial] = engine.open_call(self._sink(serial), admitted=True)
                 return
             case ForgetVoices(keys=keys):
                 engine.forget_voices(list(keys))
