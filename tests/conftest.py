@@ -29,6 +29,6 @@ def server():
     """One tiny-checkpoint server for a test module, on a free loopback port."""
     from helpers import ServerThread, server_config
 
-    srv = ServerThread(server_config(log_level="WARNING")).start()
+    srv = ServerThread(server_config(log_level="WARNING", engine_process="on")).start()  # as the product runs
     yield srv
     srv.stop()

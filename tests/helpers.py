@@ -26,9 +26,13 @@ def engine_config(tts, **overrides):
 
 def server_config(**fields) -> ServerConfig:
     """A tiny-checkpoint CPU server on a free loopback port. It does not refuse calls because this
-    machine is slow (`overload_refusal_s=0`): the refusal itself has a test of its own."""
+    machine is slow (`overload_refusal_s=0`): the refusal itself has a test of its own. Its engine
+    runs in the test's process unless `engine_process="on"` (the server's default): an engine
+    process costs ~4 s to start here, and most tests start a server of their own. The module-wide
+    `server` fixture (conftest.py), the isolation, liveness and engine-process tests and every
+    real `server.py` run the engine in its own process."""
     fields = {"host": "127.0.0.1", "port": 0, "checkpoint": "tiny", "device": "cpu", "overload_refusal_s": 0.0,
-              **fields}
+              "engine_process": "off", **fields}
     return ServerConfig(**fields)
 
 

@@ -206,7 +206,7 @@ async def test_a_cuda_error_in_the_step_fails_health_tells_clients_and_exits_1(e
 
 async def test_a_hung_step_is_seen_by_the_watchdog(tmp_path, capsys):
     fault = FaultyStepInEngineProcess(tmp_path)  # blocks instead of raising
-    took, body, ends, status = await fail_while_speaking(fault, engine_stall_s=1.0)
+    took, body, ends, status = await fail_while_speaking(fault, engine_stall_s=1.0, engine_process="on")
     with capsys.disabled():
         print(f"\n[liveness] hung step, --engine-stall-s 1: /health 503 {took:.2f} s after the fault was armed")
     assert body["status"] == "failed" and "no frame step" in body["failure"]
@@ -217,7 +217,8 @@ async def test_a_hung_step_is_seen_by_the_watchdog(tmp_path, capsys):
 
 
 async def test_a_healthy_idle_server_is_not_failed_by_the_watchdog(monkeypatch):
-    server = ServerRun(server_config(mimi="random-small", log_level="WARNING", engine_stall_s=0.5)).start()
+    server = ServerRun(server_config(mimi="random-small", log_level="WARNING", engine_stall_s=0.5,
+                                     engine_process="on")).start()
     try:
         client, _ = await Client.open(server.url)
         await client.send(cmd="start", text="[S1] Hello there.", id="a")
@@ -232,7 +233,8 @@ async def test_a_healthy_idle_server_is_not_failed_by_the_watchdog(monkeypatch):
 
 
 async def test_the_engine_process_killed_fails_health_tells_clients_and_exits_1(capsys):
-    server = ServerRun(server_config(mimi="random-small", log_level="CRITICAL", max_calls=2)).start()
+    server = ServerRun(server_config(mimi="random-small", log_level="CRITICAL", max_calls=2,
+                                     engine_process="on")).start()
     try:
         _, _, body = await asyncio.to_thread(http_call, server.port, "GET", "/health")
         engine_pid = json.loads(body)["engine_pid"]

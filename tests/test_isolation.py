@@ -36,7 +36,7 @@ BYSTANDER_TEXT = "[S1] " + " ".join(["one two three four five six seven eight ni
 
 @pytest.fixture(scope="module")
 def srv():
-    server = ServerThread(server_config(mimi="random-small", log_level="WARNING", max_calls=3,
+    server = ServerThread(server_config(mimi="random-small", log_level="WARNING", max_calls=3, engine_process="on",
                                         max_command_bytes=MAX_COMMAND_BYTES)).start()
     yield server
     server.stop()
