@@ -113,7 +113,7 @@ def test_the_published_model_is_the_default_on_a_gpu_and_tiny_on_cpu():
 
 
 def test_a_random_checkpoint_says_once_in_the_log_that_its_audio_is_noise(caplog):
-    from dia2stream.serve.server import build_engine
+    from dia2stream.serve.build import build_engine
 
     with caplog.at_level("WARNING", logger="dia2stream"):
         _, engine = build_engine(ServerConfig(device="cpu", mimi="random-small", context_frames=40))

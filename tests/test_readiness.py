@@ -288,7 +288,7 @@ async def test_drain_ends_at_the_timeout_or_a_second_signal(ends_by):
 def test_device_cuda_n_beyond_the_machines_gpus_is_a_clear_error():
     import torch
 
-    from dia2stream.serve.server import use_device
+    from dia2stream.serve.build import use_device
 
     use_device(None)
     use_device("cpu")

@@ -255,7 +255,7 @@ def test_whisper_weights_are_never_downloaded_while_serving(tmp_path, monkeypatc
     """The server builds its engine with allow_download=False: with no local weights, a
     set_voice without a transcript is transcript_required and whisper's loader is never called,
     even where downloads are allowed (HF_HUB_OFFLINE unset)."""
-    from dia2stream.serve.server import build_engine
+    from dia2stream.serve.build import build_engine
 
     loads = []
 

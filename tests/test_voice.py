@@ -22,7 +22,7 @@ import torch
 
 from dia2stream.wire import protocol as p
 from dia2stream.serve.config import parse_args
-from dia2stream.serve.server import parse_voice_spec
+from dia2stream.serve.build import parse_voice_spec
 from dia2stream.call.call import AudioFrame
 from dia2stream.engine.engine import Engine
 from helpers import Client, ServerThread, engine_config, server_config

@@ -529,7 +529,7 @@ class EngineSide:
     """The engine and its calls in the engine process, with the sender of its batches."""
 
     def __init__(self, config, events) -> None:
-        from dia2stream.serve.server import build_engine
+        from dia2stream.serve.build import build_engine
 
         self._events = events
         self._items: list = []  # (serial, item) emitted since the last flush: generation thread only

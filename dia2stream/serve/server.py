@@ -13,9 +13,7 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
-import os
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -28,11 +26,11 @@ from websockets.protocol import State
 from dia2stream.clock import FRAME_RATE
 from dia2stream.wire import compat
 from dia2stream.wire import protocol as p
-from dia2stream.serve.config import (CompileMode, KernelChoice, ServerConfig, Switch, checkpoint_for,
-                                     default_max_calls)
+from dia2stream.serve.config import ServerConfig, Switch
 from dia2stream.call.call import Call, Drained
 from dia2stream.wire.frames import AudioFrame, FrameWriter
 from dia2stream.serve.agent import AgentResponder
+from dia2stream.serve.build import build_engine, use_device
 from dia2stream.serve.compat_session import serve_compat
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine
@@ -45,7 +43,7 @@ from dia2stream.serve.liveness import (ENGINE_FAILED_CLOSE_CODE, EXIT_ENGINE_FAI
                                       WATCH_INTERVAL_S, engine_failure)
 from dia2stream.serve.metrics import Metrics
 from dia2stream.serve.outbox import Outbox
-from dia2stream.voices.voice import VoiceError, VoiceRequest
+from dia2stream.voices.voice import VoiceError
 from dia2stream.serve.voice_scope import VoiceScope
 from dia2stream.serve.web_pages import WebPages
 
@@ -460,90 +458,6 @@ def tls_context(cert: str | None, key: str | None):
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     return context
-
-
-def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=None):
-    """Load the model and make the engine (CUDA graphs, if any, are captured here, not on the first
-    request). `metrics`, `flush`: the engine's (`Engine`); the engine process passes its own."""
-    import torch
-
-    from vendor_dia2 import Dia2
-    from vendor_dia2.checkpoint import PUBLISHED_CHECKPOINT, is_random_preset
-
-    threads = config.threads
-    if threads is None and (os.cpu_count() or 1) <= 2 and not (config.device or "").startswith("cuda") \
-            and not torch.cuda.is_available():
-        threads = 1  # two spinning OpenMP threads fight the event loop on a 2-core box (up to 10x slower)
-    if threads:
-        torch.set_num_threads(threads)
-    # The generation thread waits on the GPU once a frame; with the default 5 ms GIL switch
-    # interval the event loop can hold it that long when the frame is done.
-    sys.setswitchinterval(0.0005)
-    use_device(config.device)  # this thread captures the CUDA graphs
-    t0 = time.perf_counter()
-    if config.simulate_gpu:
-        from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
-
-        tts = SimulatedDia2(GpuProfile.load(config.simulate_gpu))
-        log.warning("simulated GPU (%s, %s shape, profile %s): every timing figure is simulated and the audio is "
-                    "noise", tts.profile.gpu, tts.profile.preset, config.simulate_gpu)
-        engine_config = config.engine_config("cuda", max_calls=config.max_calls or default_max_calls("cuda"),
-                                             compile=CompileMode.OFF, kernels=KernelChoice.TORCH,
-                                             voice=config.voice_settings())
-    else:
-        checkpoint = checkpoint_for(config)
-        tts = Dia2.from_pretrained(checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
-        if is_random_preset(checkpoint):
-            log.warning("checkpoint %s has random weights: its audio is noise, not speech (the published model: "
-                        "--checkpoint %s, on a GPU)", checkpoint, PUBLISHED_CHECKPOINT)
-        engine_config = config.engine_config(tts.device)
-        from vendor_dia2 import kernels as fused_kernels
-
-        fused_kernels.PDL = {"auto": None, "on": True, "off": False}[config.pdl]  # read as the graphs are captured
-    engine = Engine(tts, engine_config, metrics=metrics, flush=flush)
-    log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
-             tts.name, tts.device, tts.dtype, time.perf_counter() - t0, engine_config.max_calls,
-             engine.stepper.batch_sizes, engine_config.kernels, engine_config.weights)
-    try:
-        for spec in config.voices:
-            state = engine.preload_voice(parse_voice_spec(spec))
-            log.info("voice %s ready (%.2f s prefix, %.0f ms)", state.name, state.prefix_s, state.prepare_ms)
-    except BaseException:
-        engine.close()
-        raise
-    return tts, engine
-
-
-def use_device(device: str | None) -> None:
-    """Make `--device cuda:N` this thread's current CUDA device. Work that names no device (CUDA
-    graph capture, side streams, Triton launches, synchronize, the allocator's figures) uses the
-    current one, which is per thread and cuda:0 by default: every thread that touches the GPU
-    calls this (the engine's thread does the same for itself)."""
-    if device and device.startswith("cuda:"):  # plain "cuda" is cuda:0, already current
-        import torch
-
-        index = torch.device(device).index
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if index >= count:
-            raise ValueError(f"--device {device}: this machine has {count} CUDA device(s)"
-                             + (f" (cuda:0 to cuda:{count - 1})" if count else ""))
-        torch.cuda.set_device(index)
-
-
-def parse_voice_spec(spec: str) -> VoiceRequest:
-    """`NAME=PATH[,TRANSCRIPT]` (the transcript is everything after the first comma; a transcript
-    starting with @ names a text file)."""
-    name, sep, rest = spec.partition("=")
-    if not sep or not name or not rest:
-        raise ValueError(f"--voice {spec!r}: expected NAME=PATH[,TRANSCRIPT]")
-    if not p.VOICE_NAME_RE.match(name):
-        raise ValueError(f"--voice {spec!r}: the name must be 1-64 characters of A-Z a-z 0-9 _ . -")
-    path, _, transcript = rest.partition(",")
-    transcript = transcript.strip() or None
-    if transcript and transcript.startswith("@"):
-        with open(transcript[1:], encoding="utf-8") as f:
-            transcript = f.read().strip()
-    return VoiceRequest(name=name, path=path, transcript=transcript, trusted=True)
 
 
 async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.Future | None = None,

@@ -368,7 +368,7 @@ def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: st
     from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig
     from dia2stream.serve.server import Dia2Server
 
-    sys.setswitchinterval(0.0005)  # as server.build_engine does
+    sys.setswitchinterval(0.0005)  # as serve/build.py build_engine does
     config = ServerConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, kernels=KernelChoice(kernels),
                           compile=CompileMode.ON if compile else CompileMode.OFF)
     engine = Engine(tts, config.engine_config(tts.device))

@@ -372,7 +372,7 @@ class EngineCalls:
     leaked_tasks = None  # no event loop here
 
     def __init__(self, config, metrics: Metrics) -> None:
-        from dia2stream.serve.server import build_engine
+        from dia2stream.serve.build import build_engine
 
         _, self.engine = build_engine(config, metrics)
 
