@@ -353,3 +353,36 @@ def test_a_call_catching_up_after_a_rollback_is_not_behind():
     catching_up.catching_up = True
     starting = FakeCall(2, lead=-0.5, starting=True)
     assert behind([late, catching_up, starting]) == [late]
+
+
+@pytest.mark.slow
+def test_a_rollover_between_turns_runs_as_planned_work_not_in_the_command_handler(sim_engine):
+    """The next turn on a nearly full context rolls the context over first: a prefill, run by
+    the engine between frames as planned work (where it waits for the playing calls' buffers),
+    never inside the inject's handler, where it stalled every call for as long as it took."""
+    engine = sim_engine(max_calls=2, max_lead_ms=1e6, max_unsent_frames=10**9, context_frames=120,
+                        rollover_frames=40)
+    (listener,) = open_calls(engine, 1)
+    call = listener.call
+    in_handler, prefills_in_handler, prefills = [False], [], []
+    handle, prefill = call.handle, engine.stepper.prefill
+
+    def handling(*args, **kwargs):
+        in_handler[0] = True
+        try:
+            return handle(*args, **kwargs)
+        finally:
+            in_handler[0] = False
+
+    def prefilling(*args, **kwargs):
+        prefills.append(in_handler[0])
+        return prefill(*args, **kwargs)
+
+    call.handle, engine.stepper.prefill = handling, prefilling
+    engine.submit(call, p.Start(text="[S1] One two three four five six seven eight nine ten.", seed=1))
+    for turn in range(3):
+        listener.wait_for(p.Done)
+        engine.submit(call, p.Inject(text=" Eleven twelve thirteen fourteen fifteen sixteen.", id=turn))
+    listener.wait_for(p.Done)
+    assert call.rollovers >= 2  # the context rolled over before the next turns
+    assert prefills and not any(prefills), prefills  # and never inside a command's handler

@@ -142,6 +142,7 @@ class Call:
         self._drained_sent = False
         self._resume_phase = Phase.GENERATING
         self._floor_frame = 0  # aligned frames before this belong to the voice prefix (never decoded)
+        self._rolled_over_at: int | None = None  # where the last planned rollover left the context
         self._prefix_codes: torch.Tensor | None = None  # its aligned codes as prepared (set by voice_reset)
         self._received_at = 0.0
         # Barge-in rollback: the last steps' text states and inputs, and Mimi row snapshots every
@@ -724,9 +725,26 @@ class Call:
         except ScriptError as exc:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"text: {exc}", cmd=cmd.cmd, id=cmd.id) from None
 
+    def plan_rollover_before(self, cmd: object) -> bool:
+        """Before `cmd` starts the next turn from the warm state on a nearly full context: plan
+        the context's rollover (between turns, where it is cheapest; else the turn rolls over
+        mid-way) as model work the engine runs between frames, and say so: the engine then holds
+        `cmd` back until it has run. A prefill inside the command handler would stall every
+        other call's next frame for as long as it takes."""
+        if not (isinstance(cmd, p.Inject) and self.phase is Phase.IDLE and self.turn is not None):
+            return False
+        if self.position + self.settings.min_turn_frames < self.settings.context_frames:
+            return False
+        if self._rolled_over_at == self.position:
+            return False  # rolled over (or found no room) for this very turn: it goes on as it can
+        self.slot.plan_prefill(PlannedPrefill(self._roll_over_between_turns, "rollover before the next turn"))
+        return True
+
+    def _roll_over_between_turns(self) -> None:
+        self.roll_over()
+        self._rolled_over_at = self.position
+
     def _begin_turn(self, client_id) -> None:
-        if self.turn is not None and self.position + self.settings.min_turn_frames >= self.settings.context_frames:
-            self.roll_over()  # between turns, where it is cheapest; else a long turn rolls over mid-way
         position = self.position
         first = max(0, position + 1 - self.slot.max_delay)  # first aligned frame this turn decodes
         # prefix frames and a caller's turn: already in Mimi's stream, never decoded by a turn

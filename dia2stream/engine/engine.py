@@ -471,6 +471,8 @@ class Engine:
                     self._on_build_voice(call, message)
                 case CallerTurn(loaded=loaded, id=client_id):
                     call.plan_user_turn(loaded, client_id)
+                case _ if call.plan_rollover_before(message):
+                    self._deferred.setdefault(call, []).append(envelope)  # handled once the rollover ran
                 case _:
                     call.handle(message, envelope.received_at, envelope.epoch)
         except Exception as exc:
