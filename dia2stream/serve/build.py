@@ -4,6 +4,7 @@ process (`--engine-process off`, the tools) and the engine process (`serve/engin
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -67,7 +68,17 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
     except BaseException:
         engine.close()
         raise
+    freeze_startup_objects()
     return tts, engine
+
+
+def freeze_startup_objects() -> None:
+    """Keep what start-up made (the model, torch's and the libraries' objects, ~300,000 of them)
+    out of the cyclic garbage collector's full passes: they live as long as the process, and a
+    full pass over them on the generation thread took 225-250 ms every ~40 s at 64 simulated
+    calls (CPU), a stall every call heard as underruns. Frozen, a full pass took 13-20 ms."""
+    gc.collect()
+    gc.freeze()
 
 
 def use_device(device: str | None) -> None:

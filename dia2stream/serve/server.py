@@ -30,7 +30,7 @@ from dia2stream.serve.config import ServerConfig, Switch
 from dia2stream.call.call import Call, Drained
 from dia2stream.wire.frames import AudioFrame, FrameWriter
 from dia2stream.serve.agent import AgentResponder
-from dia2stream.serve.build import build_engine, use_device
+from dia2stream.serve.build import build_engine, freeze_startup_objects, use_device
 from dia2stream.serve.compat_session import serve_compat
 from dia2stream.serve.delivery import DeliveryMeter
 from dia2stream.engine.engine import Engine
@@ -492,6 +492,7 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
             metrics.gpu_memory_from(engine.gpu_memory)  # the engine process's allocator, as it last said
             metrics.engine_process(engine.pid)
             model_name, device = engine.model_name, engine.device
+            freeze_startup_objects()  # this process sends every frame: its full GC passes stall them too
         else:
             tts, engine = await asyncio.to_thread(_build_here, config, metrics, engine_init)
             use_device(str(tts.device))  # /metrics reads the allocator's figures on this thread
