@@ -9,9 +9,9 @@
 - every closure is counted in /metrics by reason.
 
 The server runs as by default, its engine in a process of its own. The bystander's underruns
-are measured and printed, not asserted: the server's event loop still shares this interpreter
-with the flooders and the test's own clients, and the two cores with whatever else runs
-(scripts/bystander_flood.py measures the engine's isolation with the clients elsewhere)."""
+are printed here, not asserted: this server's event loop shares this interpreter with the
+flooders and the test's own clients. `test_bystander.py` asserts them, with `server.py` and the
+attackers each in a process of their own (`tools/bystander.py`)."""
 
 from __future__ import annotations
 

@@ -1,24 +1,28 @@
-"""What one flooding connection does to another call on the same server (issue 19's measurement).
+"""What one hostile connection does to another call on the same server (issue 19's measurement).
 
-    .venv/bin/python scripts/bystander_flood.py                   # tiny checkpoint, CPU, --max-calls 2
-    .venv/bin/python scripts/bystander_flood.py --flood-s 6 --json out.json
-    .venv/bin/python scripts/bystander_flood.py --flood-close-s 0 --engine-process off   # one process, no policy
+    python -m dia2stream.tools.bystander                       # tiny checkpoint, CPU, --max-calls 2
+    python -m dia2stream.tools.bystander --attack churn         # 5 clients connecting and closing
+    python -m dia2stream.tools.bystander --attack large         # maximum-size messages back to back
+    python -m dia2stream.tools.bystander --flood-close-s 0 --engine-process off   # one process, no policy
 
-A server runs (`python server.py`, the server's defaults but `--max-calls 2`). A
-bystander call speaks long utterances back to back, played by a client without a jitter buffer
-(`tools.playback.simulate`). After `--before-s`, a second connection sends `ping` as fast as it
-can for `--flood-s` while reading its replies (until the server closes it); then `--after-s` of
-quiet, and a new connection tries to get a call. Printed per phase: the bystander's frames
-(against the 12.5 a second it should get), its underruns and the total gap it heard; the
-flooder's messages, replies and close code; whether the newcomer got `ready` or `busy`.
-Only public pieces are used, so the script runs unchanged on older trees (a before/after).
+A server runs (`python server.py`, the server's defaults but `--max-calls 2`). A bystander call
+speaks long utterances back to back, played by a client without a jitter buffer
+(`tools.playback.simulate`). After `--before-s`, the attacker runs for up to `--flood-s`:
+`ping` as fast as it can while reading its replies (`--attack ping`, until the server closes
+it), connect/close cycles from five clients at once (`churn`), or valid messages of exactly
+the server's command limit back to back (`large`); then `--after-s` of quiet, and a new
+connection tries to get a call. Printed per phase: the bystander's frames (against the 12.5 a
+second it should get), its underruns and the total gap it heard; the attacker's messages or
+cycles and close code; whether the newcomer got `ready` or `busy`.
 
-The server runs as `server.py` in its own process(es) and the flooder in a process of its own
-(`--server-here` and `--flooder-here` put them back in this one, as the script first did): in
-one interpreter with the bystander's client they would take it from the client, and the figures
-would show the harness's contention, not the server's. `--flood-close-s 0` turns the abuse policy
-off so the flood lasts `--flood-s` (the worst case the server must survive); `--engine-process`
-picks where the engine runs (default: the server's default).
+The server runs as `server.py` in its own process(es) and the attacker in a process of its own,
+niced by `--flooder-nice` (a remote client's CPU is not the server's); `--server-here` and
+`--flooder-here` put them back in this one: in one interpreter with the bystander's client they
+would take it from the client, and the figures would show the harness's contention, not the
+server's. `--flood-close-s 0` turns the abuse policy off so a flood lasts `--flood-s` (the worst
+case the server must survive); `--engine-process` picks where the engine runs (default: the
+server's default). `tests/test_bystander.py` runs the three attacks and asserts the bystander
+hears no underrun.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from websockets.asyncio.client import connect  # noqa: E402
-from websockets.exceptions import ConnectionClosed  # noqa: E402
+from dia2stream.clock import FRAME_RATE
+from dia2stream.tools.playback import simulate
 
-from dia2stream.clock import FRAME_RATE  # noqa: E402
-from dia2stream.tools.playback import simulate  # noqa: E402
+ATTACKS = ("ping", "churn", "large")
+CHURN_CLIENTS = 5
 
 TEXT = "[S1] " + " ".join(["one two three four five six seven eight nine ten"] * 4)
 
@@ -67,7 +72,7 @@ def start_server_here(config):
 def start_server_process(flags: list[str], cpus: set[int] | None = None):
     """`python server.py FLAGS` in its own process, as it is deployed: the bystander's client (this
     process) and the flooder (another) do not share its interpreter."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen([sys.executable, "server.py", *flags], cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
@@ -103,7 +108,7 @@ async def bystander(url: str, stop: asyncio.Event, utterances: list[list[float]]
                     break
 
 
-async def flooder(url: str, seconds: float) -> dict:
+async def flooder(url: str, seconds: float, message: str = '{"cmd": "ping"}') -> dict:
     ws = await connect(url, open_timeout=60, max_size=None)
     json.loads(await ws.recv())
     replies = 0
@@ -120,7 +125,7 @@ async def flooder(url: str, seconds: float) -> dict:
     sent, t0 = 0, time.monotonic()
     try:
         while time.monotonic() - t0 < seconds and not reader.done():
-            await ws.send('{"cmd": "ping"}')
+            await ws.send(message)
             sent += 1
             if sent % 64 == 0:
                 await asyncio.sleep(0)  # let the reader run
@@ -132,10 +137,37 @@ async def flooder(url: str, seconds: float) -> dict:
     return {"sent": sent, "replies": replies, "close_code": ws.close_code, "closed_after_s": closed_after}
 
 
-def flood_in_this_process(url: str, seconds: float, nice: int = 0) -> dict:
+async def churner(url: str, seconds: float) -> dict:
+    """Connect, read the first message (`ready` or `busy`) and close, from five clients at once."""
+    outcomes: dict[str, int] = {}
+    t0 = time.monotonic()
+
+    async def cycle() -> None:
+        while time.monotonic() - t0 < seconds:
+            async with connect(url, open_timeout=60, close_timeout=2) as ws:
+                first = json.loads(await ws.recv())
+                key = first["event"] if first["event"] != "error" else first["code"]
+                outcomes[key] = outcomes.get(key, 0) + 1
+
+    await asyncio.gather(*[cycle() for _ in range(CHURN_CLIENTS)])
+    return {"sent": sum(outcomes.values()), "replies": sum(outcomes.values()), "close_code": None,
+            "closed_after_s": None, "outcomes": outcomes}
+
+
+def largest_ping(max_command_bytes: int) -> str:
+    """A valid `ping` of exactly `max_command_bytes` (padded with spaces inside the object)."""
+    head, tail = '{"cmd": "ping", "id": 1', "}"
+    return head + " " * (max_command_bytes - len(head) - len(tail)) + tail
+
+
+def attack_in_this_process(url: str, seconds: float, nice: int = 0, attack: str = "ping",
+                           max_command_bytes: int = 64 * 1024) -> dict:
     if nice:
         os.nice(nice)  # (its CPU affinity is this process's: see --pin)
-    return asyncio.run(flooder(url, seconds))
+    if attack == "churn":
+        return asyncio.run(churner(url, seconds))
+    message = largest_ping(max_command_bytes) if attack == "large" else '{"cmd": "ping"}'
+    return asyncio.run(flooder(url, seconds, message))
 
 
 def step_figures(url: str) -> dict:
@@ -178,7 +210,7 @@ def phase_figures(utterances: list[list[float]], start: float, end: float) -> di
 
 
 async def measure(url: str, before_s: float, flood_s: float, after_s: float, flooder_here: bool = False,
-                  flooder_nice: int = 0) -> dict:
+                  flooder_nice: int = 0, attack: str = "ping", max_command_bytes: int = 64 * 1024) -> dict:
     stop, utterances = asyncio.Event(), []
     speaker = asyncio.create_task(bystander(url, stop, utterances))
     while not any(utterances):
@@ -188,14 +220,15 @@ async def measure(url: str, before_s: float, flood_s: float, after_s: float, flo
     steps = [await asyncio.to_thread(step_figures, url)]
     if flooder_here:
         t1 = time.monotonic()
-        flood = await flooder(url, flood_s)
+        flood = await (churner(url, flood_s) if attack == "churn" else
+                       flooder(url, flood_s, largest_ping(max_command_bytes) if attack == "large" else '{"cmd": "ping"}'))
     else:
         with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
             await asyncio.get_running_loop().run_in_executor(pool, time.sleep, 0)  # the process is up
             steps = [await asyncio.to_thread(step_figures, url)]
             t1 = time.monotonic()
-            flood = await asyncio.get_running_loop().run_in_executor(pool, flood_in_this_process, url, flood_s,
-                                                                     flooder_nice)
+            flood = await asyncio.get_running_loop().run_in_executor(pool, attack_in_this_process, url, flood_s,
+                                                                     flooder_nice, attack, max_command_bytes)
     t2 = time.monotonic()
     steps.append(await asyncio.to_thread(step_figures, url))
     await asyncio.sleep(after_s)
@@ -215,6 +248,8 @@ async def measure(url: str, before_s: float, flood_s: float, after_s: float, flo
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--attack", choices=ATTACKS, default="ping", help="what the hostile client does")
+    parser.add_argument("--max-calls", type=int, default=2)
     parser.add_argument("--before-s", type=float, default=3.0)
     parser.add_argument("--flood-s", type=float, default=6.0)
     parser.add_argument("--after-s", type=float, default=5.0)
@@ -235,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--flooder-nice", type=int, default=0,
                         help="raise the flooder process's niceness (a remote client's CPU is not the server's)")
     args = parser.parse_args(argv)
-    settings = {"checkpoint": args.checkpoint, "mimi": args.mimi, "device": "cpu", "max_calls": 2,
+    settings = {"checkpoint": args.checkpoint, "mimi": args.mimi, "device": "cpu", "max_calls": args.max_calls,
                 "log_level": "ERROR", "flood_close_s": args.flood_close_s, "engine_process": args.engine_process,
                 "overload_refusal_s": args.overload_refusal_s}
     settings = {name: value for name, value in settings.items() if value is not None}
@@ -252,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {1})  # the flooder's process, started later, inherits it
     try:
         result = asyncio.run(measure(f"ws://127.0.0.1:{port}/", args.before_s, args.flood_s, args.after_s,
-                                     args.flooder_here, args.flooder_nice))
+                                     args.flooder_here, args.flooder_nice, args.attack))
     finally:
         stop()
     for name in ("before", "flood", "after"):
@@ -262,9 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     st = result["steps_during_flood"]
     print(f"engine during the flood: {st['steps']} frame steps, mean {st['mean_ms']} ms, {st['over_80ms']} over 80 ms")
     f = result["flooder"]
-    print(f"flooder: {f['sent']} sent, {f['replies']} replies, close code {f['close_code']}"
-          + (f" after {f['closed_after_s']:.2f} s" if f["closed_after_s"] is not None else " (never closed)")
-          + f"; a new connection right after: {result['newcomer']}")
+    if args.attack == "churn":
+        print(f"churn: {f['sent']} connect/close cycles ({f['outcomes']}); a new connection right after: "
+              f"{result['newcomer']}")
+    else:
+        print(f"{args.attack} flooder: {f['sent']} sent, {f['replies']} replies, close code {f['close_code']}"
+              + (f" after {f['closed_after_s']:.2f} s" if f["closed_after_s"] is not None else " (never closed)")
+              + f"; a new connection right after: {result['newcomer']}")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
