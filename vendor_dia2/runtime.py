@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .config import MAX_TOP_K, Dia2Config
@@ -206,8 +207,7 @@ class FrameStepper:
         """Whether the next step of `call` samples codes that some output reads (else the
         decoder-only lane gives the same tokens). After an upstream-boundary prefill nothing is
         teacher-forced (prefix_frames 0), so the codes right after the prefix are read."""
-        place = self.slots.places[call]
-        return place.position + 1 >= self.first_stage_delay + place.prefix_frames
+        return self.slots.places.need_codes(np.array([call]), self.first_stage_delay)
 
     def batch_size_for(self, slots: int) -> int:
         """The padded batch size a step over slots 0..slots-1 runs at."""
@@ -216,27 +216,25 @@ class FrameStepper:
     def cache_length_for(self, b: int) -> int:
         """The decoder cache slots a step over slots 0..b-1 reads: every slot any of them writes
         this step (its position plus cache offset), rounded up to a bucket."""
-        places = self.slots.places[:b]
-        return self.graphs.length_for(max(p.position + p.cache_offset for p in places) + 1)
+        return self.graphs.length_for(self.slots.places.furthest_cache_slot(b) + 1)
 
     def step(self, choices, active=None) -> list[int]:
         """Run one frame for every active call. `choices[call]` = ((main, second) if the sampled
         action is pad, (main, second) if it is new_word); entries of inactive calls are ignored.
         `active` (default: all) lists which calls advance. Returns the sampled actions (0 pad,
         1 new_word; 0 for inactive calls)."""
-        active = [True] * self.n if active is None else list(active)
-        live = [call for call, on in enumerate(active) if on]
-        if not live:
+        live = np.arange(self.n) if active is None else np.flatnonzero(np.asarray(active, dtype=bool))
+        if not len(live):
             return [0] * self.n
-        b = self.batch_size_for(live[-1] + 1)
-        full = not self.skip_unread_stages or any(self.needs_depformer(call) for call in live)
+        b = self.batch_size_for(int(live[-1]) + 1)
+        full = not self.skip_unread_stages or self.slots.places.need_codes(live, self.first_stage_delay)
         self.slots.stage_step(choices, live)
         self.graphs.run(self.frame, b, full, self.cache_length_for(b))
         actions = self.slots.read_actions()
         self.slots.advanced(live)
         self.last_batch, self.last_full = b, full
         out = [0] * self.n
-        for call in live:
+        for call in live.tolist():
             out[call] = int(actions[call] == NEW_WORD_ACTION)
         return out
 
