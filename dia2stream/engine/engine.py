@@ -47,6 +47,7 @@ from dia2stream.voices.voice import LoadedVoice, VoiceError, VoiceRequest, Voice
 log = logging.getLogger(__name__)
 
 PLANNED_WORK_EVERY = 3  # deadline steps in a row after which a waiting re-decode gets one frame anyway
+STEP_MARK = "dia2.engine_step"  # the profiler range around each frame step the engine runs
 
 
 
@@ -339,7 +340,8 @@ class Engine:
             self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
             if plan.reason == "starting" and self.config.move_slots:
                 self._compact(plan.calls)
-            self._step(list(plan.calls))
+            with torch.profiler.record_function(STEP_MARK):  # a profile's frame steps (tools/gpu_idle.py)
+                self._step(list(plan.calls))
 
     def _compact(self, calls) -> None:
         """Move the starting calls about to step into the lowest slots: a step is padded to the
