@@ -23,8 +23,8 @@ resets both counters to 0, after every program has passed its last wait, so the 
 resident all at once: at most one program per SM, 4 warps each. Loads of rows written inside
 the launch bypass L1 (`.cg`), which is not coherent across SMs.
 
-The products are the few-rows CUDA-core tiles of `kernels.py` (same helpers, the H200 table's
-tile widths, 4 warps), so each phase rounds where the five-launch path does: qkv, the attention
+The products are the few-rows CUDA-core tiles of `kernels.py` (same helpers, the tile widths of
+the active table, `kernels.CONFIGS`; 4 warps), so each phase rounds where the five-launch path does: qkv, the attention
 output, x after each residual add, the gated hidden rows and the logits, each once to bf16.
 Under Triton's interpreter (`TRITON_INTERPRET=1`) the grid is one program, whose barrier is
 trivial: that is how the CPU checks it (tests/test_persistent_stage.py). Behind
@@ -46,11 +46,8 @@ triton, tl = kernels.triton, kernels.tl
 # read when a stepper's frame is built.
 ENABLED = False
 MAX_LAYERS = 4  # the kernel takes each layer's tensors as its own arguments
-MAX_PROGRAMS = 128  # divides the phases' tile counts at the 2b shape (in_proj 384, out_proj 128, gated 1024, ...)
-WARPS = 4  # the H200's few-rows tiles (kernels._H200) use 4 warps: the same product layouts, the same sums
-# tile widths (outputs per tile) per phase, as kernels._H200's "few" rows; every tile reads all of K
-BN_IN, BN_OUT, BN_GATE, BN_MLP, BN_LOGITS = 8, 8, 4, 8, 8
-BK_MAX = 1024
+MAX_PROGRAMS = 128  # divides the phases' tile counts at the 2b shape (in_proj 384, out_proj 256, gated 1024, ...)
+WARPS = 4  # as most of the five-launch path's few-rows tiles (in_proj and logits there take 8 on the H100 table)
 
 
 if triton is not None:
@@ -289,7 +286,9 @@ if triton is not None:
                       stride_e, wo, wo, xbuf_ptr, D, M, D, eps, HIDDEN, False, True, BR, BM, BN_MLP, BK_HID)
         _arrive(counter_ptr)
 
-    @triton.jit
+    # one compiled kernel for every stage and row count: the slot (0 and 16 are multiples of 16)
+    # and the rows are not specialised on
+    @triton.jit(do_not_specialize=["M", "slot"])
     def _stage_kernel(x_ptr, stride_x, emb_ptr, code_ptr, stride_e, xbuf_ptr, qkv_ptr, att_ptr, h_ptr, out_ptr,
                       counter_ptr,
                       pn0, ip0, qm0, op0, po0, wi0, wo0, ck0, cv0,
@@ -395,14 +394,18 @@ def stage_logits(x: torch.Tensor, stage: StageWeights, caches: Sequence, shape: 
     emb = code is not None
     pdl = kernels.pdl_enabled()
     opts = {} if kernels.INTERPRETED else dict(num_warps=WARPS, num_stages=1, launch_pdl=pdl)
-    bk = lambda k: min(BK_MAX, triton.next_power_of_2(k))  # noqa: E731
+    tiles = {kind: kernels._config(kind, m) for kind in ("in_proj", "out_proj", "gated", "mlp_out", "logits")}
+    # the five-launch path's K tile of the same product (one per phase: the phases share a weight tile loader)
+    bk = lambda k, kind: min(tiles[kind].bk, triton.next_power_of_2(k))  # noqa: E731
     p = grid or programs(dev)
     _stage_kernel[(p,)](x, x.stride(0), stage.embed, code if emb else x, stage.embed.stride(0), xbuf, qkv, att, hid,
                         out, counters, *per_layer, stage.norm, stage.logits, m, index, stride_cr, stride_ch,
                         shape.eps, P=p, D=d, H=h, DH=dh, HIDDEN=hidden, V=v, LAYERS=len(layers), EMB=emb, BR=branches,
                         ACT0=kernels._ACTIVATIONS[shape.activations[0]],
                         ACT1=kernels._ACTIVATIONS[shape.activations[1]], BM=triton.next_power_of_2(m),
-                        BK_D=bk(d), BK_HD=bk(h * dh), BK_HID=bk(hidden), SP=triton.next_power_of_2(cache_k0.shape[2]),
-                        BN_IN=BN_IN, BN_OUT=BN_OUT, BN_GATE=BN_GATE, BN_MLP=BN_MLP, BN_LOGITS=BN_LOGITS,
+                        BK_D=bk(d, "in_proj"), BK_HD=bk(h * dh, "out_proj"), BK_HID=bk(hidden, "mlp_out"),
+                        SP=triton.next_power_of_2(cache_k0.shape[2]), BN_IN=tiles["in_proj"].bn,
+                        BN_OUT=tiles["out_proj"].bn, BN_GATE=tiles["gated"].bn, BN_MLP=tiles["mlp_out"].bn,
+                        BN_LOGITS=tiles["logits"].bn,
                         PDL=pdl, **opts)
     return out
