@@ -27,8 +27,13 @@ The products are the few-rows CUDA-core tiles of `kernels.py` (same helpers, the
 the active table, `kernels.CONFIGS`; 4 warps), so each phase rounds where the five-launch path does: qkv, the attention
 output, x after each residual add, the gated hidden rows and the logits, each once to bf16.
 Under Triton's interpreter (`TRITON_INTERPRET=1`) the grid is one program, whose barrier is
-trivial: that is how the CPU checks it (tests/test_persistent_stage.py). Behind
-`--persistent-stage` (off by default until measured on the GPU).
+trivial: that is how the CPU checks it (tests/test_persistent_stage.py).
+
+Measured on the H200 (docs/benchmarks.md, run 17): correct, the same greedy tokens as the five
+launches, but slower: 201 µs a stage against ~107 µs of kernel time (one call's step 9.60 ms
+against 6.86), because inside a program each phase is a chain of dependent latencies (barrier,
+input rows from L2, one weight tile ahead) that the five-launch path overlaps across hundreds
+of programs. So it stays behind `--persistent-stage` (off).
 """
 
 from __future__ import annotations
