@@ -7,6 +7,9 @@
 #   STAGES=sweep scripts/gpu_kernel_ab.sh
 #   STAGES=tests,pick,bench scripts/gpu_kernel_ab.sh   # pick: scripts/pick_bench.py, the draw alone
 #   STAGES=tests,ab scripts/gpu_kernel_ab.sh   # ab: each AB_STEPS variant in its own bench process
+#   TESTS=tests/test_persistent_stage.py STAGES=tests,ab \
+#     AB_STEPS=graph_compiled_triton_sortdraw_cfg2,graph_compiled_triton_sortdraw_persist_cfg2 scripts/gpu_kernel_ab.sh
+#     # the persistent stage (`_persist`: `--persistent-stage on`, batched rows too) against the default
 # The whole-frame token tests run first: on a fresh machine their Triton compiles take minutes
 # (run 15 cut them at 220 s inside the first case).
 set -uo pipefail
@@ -23,9 +26,16 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noh
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 
 if [[ $STAGES == *tests* ]]; then
-  timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -v -p no:cacheprovider tests/test_fused_frame.py \
-    tests/test_gpu.py tests/test_kernels.py tests/test_fused_pick.py -k "${TESTS_K:-not nothing}" > "$OUT/gpu-tests.log" 2>&1
-  echo "tests rc $?"; grep -E "passed|failed|Error|^FAILED" "$OUT/gpu-tests.log" | tail -12
+  timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest -v -p no:cacheprovider ${TESTS:-tests/test_persistent_stage.py \
+    tests/test_fused_frame.py tests/test_gpu.py tests/test_kernels.py tests/test_fused_pick.py} \
+    -k "${TESTS_K:-not nothing}" > "$OUT/gpu-tests.log" 2>&1
+  tests_rc=$?
+  echo "tests rc $tests_rc"; grep -E "passed|failed|Error|^FAILED" "$OUT/gpu-tests.log" | tail -12
+  # with GATE_PERSIST, a persistent stage whose kernel tests failed (or hung: rc 124) is not timed
+  if [[ -n ${GATE_PERSIST:-} ]] && { [[ $tests_rc == 124 ]] || \
+      grep -qE "^FAILED .*(one_launch|full_size|counters)" "$OUT/gpu-tests.log"; }; then
+    AB_STEPS="$(tr , '\n' <<<"${AB_STEPS:-}" | grep -v persist | paste -sd,)"; echo "persist variants dropped"
+  fi
 fi
 if [[ $STAGES == *pick* ]]; then  # the draw alone: sorted vs fused, by warps and select bits
   timeout "${PICK_TIMEOUT:-90}" python3 scripts/pick_bench.py --json "$OUT/pick.json" > "$OUT/pick.log" 2>&1
@@ -46,8 +56,10 @@ if [[ $STAGES == *ab* ]]; then
   steps="${AB_STEPS:-graph_compiled_triton_sortdraw_cfg2,graph_compiled_triton_cfg2}"
   for v in ${steps//,/ }; do
     sampler=auto; [[ $v == *sortdraw* ]] && sampler=torch  # the batched rows draw as the variant does
+    persist=off; [[ $v == *persist* ]] && persist=on  # and run their stages as it does
     timeout "${AB_TIMEOUT:-150}" python3 -m dia2stream.tools.bench --presets 2b --frames 100 --compile --profile \
-      --kernels triton --sampler "$sampler" --batched "${BATCHED:-1,64}" --skip-server --steps "$v" \
+      --kernels triton --sampler "$sampler" --persistent-stage "$persist" --batched "${BATCHED:-1,64}" --skip-server \
+      --steps "$v" \
       --json "$OUT/ab-$v.json" \
       > "$OUT/ab-$v.log" 2>&1
     echo "ab $v rc $?"; grep -E "step graph|batched|error|Error" "$OUT/ab-$v.log" | cut -c1-200

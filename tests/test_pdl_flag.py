@@ -36,3 +36,20 @@ def test_gpu_tilings_are_chosen_by_device_name(monkeypatch):
     assert kernels.use_gpu_tilings("NVIDIA H200") == "H200"
     assert kernels.CONFIGS == kernels.GPU_TILINGS["H200"]
     assert kernels.FUSED_MAX_ROWS == kernels.GPU_FUSED_MAX_ROWS["H200"]
+
+
+def test_persistent_stage_flag_is_off_by_default_validated_and_read_from_the_environment():
+    with pytest.raises(SystemExit):
+        parse_args(["--persistent-stage", "maybe"], environ={})
+    assert parse_args([], environ={}).persistent_stage == "off"
+    assert parse_args([], environ={"DIA2_PERSISTENT_STAGE": "on"}).persistent_stage == "on"
+    assert parse_args(["--persistent-stage", "off"], environ={"DIA2_PERSISTENT_STAGE": "on"}).persistent_stage == "off"
+
+
+def test_persistent_stage_needs_the_triton_depformer(tiny_tts, monkeypatch):
+    """The flag only changes how Triton stages launch: the torch depformer never takes it."""
+    from vendor_dia2 import persistent_stage
+
+    monkeypatch.setattr(persistent_stage, "ENABLED", True)
+    stepper = tiny_tts.new_stepper(cfg=True, max_positions=32, kernels="torch")
+    assert stepper.frame.stage_counters is None

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from . import fused_pick
 from . import kernels as fused_kernels
+from . import persistent_stage
 from .model import (Dia2Model, KVCache, StageShape, StageWeights, decoder_layer, depformer_stage, depformer_stage_fused,
                     depformer_stage_logits_fused)
 from .sampling import draw, draw_noise, guided_candidates, gumbel_noise, top_candidates
@@ -124,6 +125,15 @@ class Frame:
         self.fused_stages, self.weights, self.sampler = fused_stages, weights, sampler
         self.max_delay = model.config.data.max_delay
         self._pick = functools.partial(pick, **dataclasses.asdict(rule))
+        # each Triton stage as one launch (`--persistent-stage`), read once here: the graphs
+        # captured from this frame keep the choice
+        self.stage_counters = None
+        if persistent_stage.ENABLED and fused_stages:
+            self.stage_counters = persistent_stage.StageCounters(len(fused_stages), slots.positions.device)
+
+    def _one_launch(self, stage: StageWeights, rows: int) -> bool:
+        """Whether this stage runs as one persistent launch at this many rows."""
+        return self.stage_counters is not None and persistent_stage.supported(stage, rows)
 
     def __call__(self, fns: FrameFunctions, b: int, full: bool, length: int) -> None:
         s, br = self.slots, self.rule.branches
@@ -190,8 +200,13 @@ class Frame:
             return self._depformer_codes_fused_draw(fns, fused, projected, caches, codes, draws, cfg_scale)
         if fused:
             for s, stage in enumerate(self.fused_stages):
-                logits = depformer_stage_fused(projected[s], stage, code.repeat_interleave(br), caches, dep.shape,
-                                               index=s)
+                if self._one_launch(stage, rows):
+                    logits = persistent_stage.stage_logits(projected[s], stage, caches, dep.shape, index=s,
+                                                           counters=self.stage_counters.of(s), code=code,
+                                                           branches=br).float()
+                else:
+                    logits = depformer_stage_fused(projected[s], stage, code.repeat_interleave(br), caches,
+                                                   dep.shape, index=s)
                 code = fns.pick_stage(logits, draws[s + 1], cfg_scale)
                 codes.append(code)
             return torch.stack(codes, dim=1)
@@ -219,7 +234,10 @@ class Frame:
         code = codes[-1]
         x = projected[0] + F.embedding(code.repeat_interleave(br), stages[0].embed) if fused else None
         for s, stage in enumerate(stages):
-            if fused:
+            if fused and self._one_launch(stage, x.shape[0]):
+                logits = persistent_stage.stage_logits(x, stage, caches, dep.shape, index=s,
+                                                       counters=self.stage_counters.of(s))
+            elif fused:
                 logits = depformer_stage_logits_fused(x, stage, caches, dep.shape, index=s)
             else:
                 logits = fns.stage_logits(projected[s], stage, code.repeat_interleave(br), caches)

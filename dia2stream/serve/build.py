@@ -11,7 +11,7 @@ import sys
 import time
 
 from dia2stream.engine.engine import Engine
-from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, checkpoint_for, default_max_calls
+from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, Switch, checkpoint_for, default_max_calls
 from dia2stream.serve.metrics import Metrics
 from dia2stream.voices.voice import VoiceRequest
 from dia2stream.wire import protocol as p
@@ -57,6 +57,9 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
         from vendor_dia2 import kernels as fused_kernels
 
         fused_kernels.PDL = {"auto": None, "on": True, "off": False}[config.pdl]  # read as the graphs are captured
+        from vendor_dia2 import persistent_stage
+
+        persistent_stage.ENABLED = config.persistent_stage == Switch.ON  # read as the engine's stepper is built
     engine = Engine(tts, engine_config, metrics=metrics, flush=flush)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
              tts.name, tts.device, tts.dtype, time.perf_counter() - t0, engine_config.max_calls,

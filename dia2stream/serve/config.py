@@ -61,6 +61,7 @@ class ServerConfig:
     kernels: KernelChoice = KernelChoice.AUTO
     weights: Weights = Weights.BF16
     pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
+    persistent_stage: Switch = Switch.OFF  # each Triton depformer stage in one launch; off until measured faster
     log_level: str = "INFO"
     voice_dir: str | None = None
     voice_cache: str | None = None
@@ -180,6 +181,9 @@ _FLAGS = [  # (name, type, help)
                      "kernels; changes some greedy tokens, measured in docs/benchmarks.md)"),
     ("pdl", CompileMode, "programmatic dependent launch between the triton kernels: auto (on for Hopper and later), on, "
                  "off (docs/benchmarks.md)"),
+    ("persistent_stage", Switch, "run each Triton depformer stage (all its layers and the logits, at 1-4 rows) as one "
+                                 "persistent launch with grid barriers instead of 21 launches: on, off "
+                                 "(docs/benchmarks.md)"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),

@@ -31,6 +31,7 @@ import torch
 from vendor_dia2 import Dia2
 from vendor_dia2 import fused_pick
 from vendor_dia2 import kernels as fused_kernels
+from vendor_dia2 import persistent_stage
 from vendor_dia2.checkpoint import write_random_checkpoint
 from vendor_dia2.config import preset
 from vendor_dia2.runtime import FrameStepper, SamplingParams
@@ -114,6 +115,7 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                               compile_max_calls=compile_max_calls, sampler=sampler)
     out: dict = {"build_s": round(time.perf_counter() - t0, 2), "batch_sizes": list(stepper.batch_sizes),
                  "kernels": kernels, "sampler": stepper.sampler, "pdl": fused_kernels.pdl_enabled(),
+                 "persistent_stage": stepper.frame.stage_counters is not None,
                  "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
     codec.open_stream(n_max, decode_sizes=stepper.batch_sizes)
@@ -511,6 +513,7 @@ VARIANT_OPTIONS = {  # variant name parts that change a default, to time one cha
     "bits1": ("select_bits", 1),  # the fused draw's threshold select, 1, 2 or 4 bits a pass
     "bits2": ("select_bits", 2),
     "bits4": ("select_bits", 4),
+    "persist": ("persistent", True),  # each Triton stage as one persistent launch (`--persistent-stage on`)
 }
 
 
@@ -548,8 +551,10 @@ def run_preset(name: str, args) -> dict:
         options = variant_options(key)
         frames = args.frames if graph else max(20, args.frames // 4)
         select_bits = fused_pick.SELECT_BITS
+        persistent = persistent_stage.ENABLED
         try:
             fused_kernels.PDL = options.get("pdl")  # None: the default (on where the GPU has it)
+            persistent_stage.ENABLED = options.get("persistent", persistent)  # read as the stepper is built
             fused_pick.SELECT_BITS = options.get("select_bits", select_bits)  # read when the graphs are captured
             steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
                                      weights=weights, sampler=options.get("sampler", "auto"),
@@ -559,6 +564,7 @@ def run_preset(name: str, args) -> dict:
         finally:
             fused_kernels.PDL = None
             fused_pick.SELECT_BITS = select_bits
+            persistent_stage.ENABLED = persistent
         print(f"[{name}] step {key}: {steps[key]}", flush=True)
     if args.fp8_agreement and device.type == "cuda":
         result["fp8_agreement"] = bench_fp8_agreement(tts, frames=args.fp8_agreement)
@@ -638,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="depformer kernels of the batched steps and the server runs")
     parser.add_argument("--sampler", default="auto", choices=["auto", "torch", "triton"],
                         help="batched steps: the draw (auto: the fused one with the triton kernels)")
+    parser.add_argument("--persistent-stage", default="off", choices=["on", "off"],
+                        help="each Triton depformer stage as one persistent launch, for the batched steps and the "
+                             "server runs (as the server's flag; the step variants take `_persist`)")
     parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
@@ -649,6 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-from", default=None, metavar="BENCH_JSON",
                         help="with --profile-out: build the profile from this earlier run's --json, measure nothing")
     args = parser.parse_args(argv)
+    persistent_stage.ENABLED = args.persistent_stage == "on"
     command = "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.profile_from:
         if not args.profile_out:
