@@ -288,8 +288,10 @@ class TileConfig(NamedTuple):
 
 
 # Chosen per GPU model and (kernel, rows class) by scripts/kernel_sweep.py (docs/bench/sweep-*.json,
-# docs/benchmarks.md); `use_gpu_tilings` loads a model's table into CONFIGS at start-up, from the
-# device name, and `configure` replaces single entries (the sweep itself uses it). H100: at 2 rows
+# docs/benchmarks.md); `use_gpu_tilings` loads a model's table into CONFIGS from the device name,
+# but nothing calls it at start-up yet: every H200 run so far (13, 15, 17, 18) ran the H100 table,
+# and the frame step with the H200 one is not measured. `configure` replaces single entries (the
+# sweep itself uses it). H100: at 2 rows
 # the CUDA-core product with thin, long tiles won every site; at 16 and 64 rows cuBLAS beat every
 # tiling tried, so the runtime takes these kernels there only for FP8 weights (FUSED_MAX_ROWS).
 _FEW_WIDE = TileConfig(bn=8, bk=1024, warps=8, stages=4, dot=False)
