@@ -13,10 +13,14 @@ bystander plays with no jitter buffer (its only slack is the lead the server kee
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 
 import pytest
 
 from dia2stream.tools.bystander import measure, start_server_process
+
+from helpers import Client, http_call, speak
 
 pytestmark = pytest.mark.slow
 
@@ -24,9 +28,26 @@ FLAGS = ["--host", "127.0.0.1", "--port", "0", "--checkpoint", "tiny", "--mimi",
          "--max-calls", "2", "--log-level", "ERROR"]
 
 
+def warmed_server(flags: list[str]):
+    """`server.py FLAGS`, after one short utterance (a fresh engine's first steps on a CPU are
+    slow, and may count as falling behind real time) and once /health takes calls."""
+    port, stop = start_server_process(flags)
+
+    async def warm() -> None:
+        client, _ = await Client.open(f"ws://127.0.0.1:{port}/")
+        await speak(client, "[S1] Warming up.", id="warm")
+        await client.close()
+
+    asyncio.run(warm())
+    deadline = time.monotonic() + 30
+    while json.loads(http_call(port, "GET", "/health")[2])["busy"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return port, stop
+
+
 @pytest.fixture(scope="module")
 def url():
-    port, stop = start_server_process(FLAGS)
+    port, stop = warmed_server(FLAGS)
     yield f"ws://127.0.0.1:{port}/"
     stop()
 
@@ -40,7 +61,7 @@ def attack(url: str, kind: str) -> dict:
     refused = result["flooder"]["close_code"] == 1013 and not result["flooder"]["sent"]
     if result["before"]["underruns"] or refused:
         pytest.skip(f"the machine is too busy to measure isolation: {result['before']['underruns']} underruns "
-                    f"before the attack{', the attacker refused as busy' if refused else ''}")
+                    f"before the attack{', the attacker refused: ' + result['flooder']['first'] if refused else ''}")
     return result
 
 
@@ -78,7 +99,7 @@ def test_a_bystander_hears_no_underrun_through_connection_churn(url, capsys):
 
 @pytest.fixture(scope="module")
 def url_without_policy():
-    port, stop = start_server_process(FLAGS + ["--flood-close-s", "0"])
+    port, stop = warmed_server(FLAGS + ["--flood-close-s", "0"])
     yield f"ws://127.0.0.1:{port}/"
     stop()
 
@@ -91,7 +112,7 @@ def test_a_bystander_hears_no_underrun_through_five_seconds_of_flood_the_policy_
     result = attack(url_without_policy, "ping")
     with capsys.disabled():
         print("\n" + report("ping, no abuse policy", result))
-    assert result["flooder"]["close_code"] is None and result["flooder"]["sent"] > 1000, result["flooder"]
+    assert result["flooder"]["closed_after_s"] is None and result["flooder"]["sent"] > 1000, result["flooder"]  # never closed
     assert result["flood"]["seconds"] >= 4.5
     assert result["newcomer"] == "ready"
     assert_bystander_kept_cadence(result)

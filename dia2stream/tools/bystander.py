@@ -110,7 +110,7 @@ async def bystander(url: str, stop: asyncio.Event, utterances: list[list[float]]
 
 async def flooder(url: str, seconds: float, message: str = '{"cmd": "ping"}') -> dict:
     ws = await connect(url, open_timeout=60, max_size=None)
-    json.loads(await ws.recv())
+    first = json.loads(await ws.recv())  # `ready`, or the error a refusal carries
     replies = 0
 
     async def read() -> None:
@@ -134,7 +134,8 @@ async def flooder(url: str, seconds: float, message: str = '{"cmd": "ping"}') ->
     closed_after = time.monotonic() - t0 if reader.done() else None
     await ws.close()
     await reader
-    return {"sent": sent, "replies": replies, "close_code": ws.close_code, "closed_after_s": closed_after}
+    return {"sent": sent, "replies": replies, "close_code": ws.close_code, "closed_after_s": closed_after,
+            "first": first.get("message", first["event"])}
 
 
 async def churner(url: str, seconds: float) -> dict:
