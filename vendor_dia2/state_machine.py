@@ -136,6 +136,7 @@ class TextStateMachine:
         self.max_padding = int(max_padding)
         self.initial_padding = int(initial_padding)
         self.second_stream_ahead = int(second_stream_ahead)
+        self._batch, self._slot = None, -1  # a TextBatch holding the row, once bound (`bind`)
         self.reset()
 
     # --- text in ----------------------------------------------------------------------------
@@ -156,6 +157,7 @@ class TextStateMachine:
         elif final:
             c.starved = 0
         c.final = int(bool(final))
+        self._changed()
 
     def drop_queued(self) -> list[str]:
         """Forget every entry not consumed yet, and the look-ahead taken from them (a barge-in
@@ -164,6 +166,7 @@ class TextStateMachine:
         c = self._cur
         c.queue_end = c.next_entry
         c.ahead_pos = c.ahead_end
+        self._changed()
         return dropped
 
     def finish(self) -> None:
@@ -174,10 +177,12 @@ class TextStateMachine:
     def clear_pending(self) -> None:
         """Forget the rest of the word being spoken (the caller cut it off)."""
         self._cur.pending_pos = self._cur.pending_end
+        self._changed()
 
     def clear_lookahead(self) -> None:
         """Forget the second stream's look-ahead (words that must not leak into what follows)."""
         self._cur.ahead_pos = self._cur.ahead_end
+        self._changed()
 
     # --- frames -----------------------------------------------------------------------------
 
@@ -186,7 +191,10 @@ class TextStateMachine:
 
         `forced=True` (prefix warm-up) takes the action as given, except while tokens are pending.
         """
-        return _process(self, self._cur, self._logs, int(step), int(action), bool(forced))
+        out = _process(self, self._cur, self._logs, int(step), int(action), bool(forced))
+        if self._batch is not None:
+            self._batch.refresh(self._slot)
+        return out
 
     def preview(self, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(what `process(step, 0)` would return, what `process(step, 1)` would return), read
@@ -198,6 +206,8 @@ class TextStateMachine:
     def mark(self) -> tuple[int, ...]:
         """The state as a row of ints (`ROW_FIELDS`), valid for `rewind` until the next
         `reset()` or `restore()`."""
+        if self._batch is not None:
+            return tuple(self._batch.rows[self._slot].tolist())
         c = self._cur
         return (c.next_entry, c.queue_end, c.pending_pos, c.pending_end, c.ahead_pos, c.ahead_end, c.end_step,
                 c.padding_budget, c.forced_padding, c.final, c.starved, c.words)
@@ -209,8 +219,8 @@ class TextStateMachine:
         logs = self._logs
         assert values[1] <= len(logs.entries) and values[3] <= len(logs.tokens) and values[5] <= len(logs.ahead) \
             and values[ROW_WORDS] <= len(logs.transcript), "a row from before the last reset or restore"
-        self._cur = TextCursor(*values)
         del logs.transcript[values[ROW_WORDS]:]
+        self._set_cursor(TextCursor(*values))
 
     def shift_steps(self, delta: int) -> None:
         """Move every step of the state (transcript, end) by `delta`: the context was rebuilt at
@@ -238,15 +248,47 @@ class TextStateMachine:
         logs.ahead.extend(state.lookahead)
         logs.transcript.extend(state.transcript)
         self._append_entries(state.entries[state.next_entry:])
-        self._cur = TextCursor(
+        self._set_cursor(TextCursor(
             next_entry=0, queue_end=len(logs.entries), pending_pos=0, pending_end=len(state.pending), ahead_pos=0,
             ahead_end=len(state.lookahead), end_step=NO_STEP if state.end_step is None else state.end_step,
             padding_budget=state.padding_budget, forced_padding=state.forced_padding, final=int(state.final),
-            starved=int(state.starved), words=len(logs.transcript))
+            starved=int(state.starved), words=len(logs.transcript)))
 
     def reset(self) -> None:
         self._logs = TextLogs()
-        self._cur = TextCursor(padding_budget=self.initial_padding, forced_padding=self.initial_padding)
+        self._set_cursor(TextCursor(padding_budget=self.initial_padding, forced_padding=self.initial_padding))
+
+    # --- a row of a TextBatch (every slot's machine stepped at once) -------------------------
+
+    def bind(self, batch, slot: int) -> None:
+        """Keep the row in `batch`'s table at `slot` from now on (`TextBatch.bind` calls this)."""
+        values = self.mark()
+        self._batch, self._slot = batch, slot
+        self._cur = batch.row(slot)
+        self._set_cursor(TextCursor(*values))
+
+    def unbind(self) -> None:
+        """Keep the row here again (the batch's slot was given to another call)."""
+        values = self.mark()
+        self._batch, self._slot = None, -1
+        self._cur = TextCursor(*values)
+
+    def moved_to(self, slot: int) -> None:
+        """The batch moved the row to `slot` (the call moved)."""
+        self._slot = slot
+        self._cur = self._batch.row(slot)
+
+    def _set_cursor(self, cursor: TextCursor) -> None:
+        if self._batch is None:
+            self._cur = cursor
+        else:
+            self._batch.rows[self._slot] = [getattr(cursor, name) for name in ROW_FIELDS]
+            self._changed()
+
+    def _changed(self) -> None:
+        """Python changed the logs or offsets: a batch holding the row caches them again."""
+        if self._batch is not None:
+            self._batch.refresh(self._slot)
 
     @property
     def state(self) -> "LiveTextState":
