@@ -107,16 +107,43 @@ assert tuple(f.name for f in fields(TextCursor)) == ROW_FIELDS
 
 
 class TextLogs:
-    """What the rows point into; only ever appended to (see the module docstring)."""
+    """What the rows point into; only ever appended to (see the module docstring). Entries are
+    kept as columns (a word's text, where its tokens begin, how many, its padding), not as
+    `ScriptEntry` objects: a long conversation keeps every word it was given, and strings and
+    int arrays are nothing the garbage collector has to walk."""
 
-    __slots__ = ("entries", "starts", "tokens", "ahead", "transcript")
+    __slots__ = ("texts", "starts", "counts", "paddings", "tokens", "ahead", "transcript")
 
     def __init__(self):
-        self.entries: list[ScriptEntry] = []
-        self.starts = array("q")  # starts[i]: where entries[i]'s tokens begin in `tokens`
+        self.texts: list[str] = []  # entry i's text
+        self.starts = array("q")  # where entry i's tokens begin in `tokens`
+        self.counts = array("q")  # how many it has (0: a break)
+        self.paddings = array("q")
         self.tokens = array("q")
         self.ahead = array("q")
         self.transcript: list[tuple[str, int]] = []
+
+    @property
+    def entry_count(self) -> int:
+        """How many entries were logged."""
+        return len(self.texts)
+
+    def entry(self, index: int) -> ScriptEntry:
+        start = self.starts[index]
+        return ScriptEntry(text=self.texts[index], tokens=tuple(self.tokens[start:start + self.counts[index]]),
+                           padding=self.paddings[index])
+
+    def append(self, entry: ScriptEntry) -> None:
+        self.texts.append(entry.text)
+        self.starts.append(len(self.tokens))
+        self.counts.append(len(entry.tokens))
+        self.paddings.append(entry.padding)
+        self.tokens.extend(entry.tokens)
+
+    def append_copies(self, start: int, end: int) -> None:
+        """Entries start..end again at the end (their tokens are not copied: they never change)."""
+        for column in (self.texts, self.starts, self.counts, self.paddings):
+            column.extend(column[start:end])
 
 
 class TextStateMachine:
@@ -151,7 +178,7 @@ class TextStateMachine:
         if new:
             self._queue_at_log_end()
             self._append_entries(new)
-            c.queue_end = len(self._logs.entries)
+            c.queue_end = self._logs.entry_count
             c.starved = 0
             c.end_step = NO_STEP  # text injected after the end: the utterance continues
         elif final:
@@ -217,7 +244,7 @@ class TextStateMachine:
         moved by `shift_steps` as the machine's were): the transcript is cut back to its length."""
         values = [int(v) for v in row]
         logs = self._logs
-        assert values[1] <= len(logs.entries) and values[3] <= len(logs.tokens) and values[5] <= len(logs.ahead) \
+        assert values[1] <= logs.entry_count and values[3] <= len(logs.tokens) and values[5] <= len(logs.ahead) \
             and values[ROW_WORDS] <= len(logs.transcript), "a row from before the last reset or restore"
         del logs.transcript[values[ROW_WORDS]:]
         self._set_cursor(TextCursor(*values))
@@ -232,7 +259,7 @@ class TextStateMachine:
 
     def snapshot(self) -> TextState:
         c, logs = self._cur, self._logs
-        return TextState(entries=logs.entries[c.next_entry:c.queue_end], next_entry=0,
+        return TextState(entries=self.queued_entries(), next_entry=0,
                          padding_budget=c.padding_budget, forced_padding=c.forced_padding,
                          pending=logs.tokens[c.pending_pos:c.pending_end].tolist(),
                          lookahead=logs.ahead[c.ahead_pos:c.ahead_end].tolist(),
@@ -249,7 +276,7 @@ class TextStateMachine:
         logs.transcript.extend(state.transcript)
         self._append_entries(state.entries[state.next_entry:])
         self._set_cursor(TextCursor(
-            next_entry=0, queue_end=len(logs.entries), pending_pos=0, pending_end=len(state.pending), ahead_pos=0,
+            next_entry=0, queue_end=logs.entry_count, pending_pos=0, pending_end=len(state.pending), ahead_pos=0,
             ahead_end=len(state.lookahead), end_step=NO_STEP if state.end_step is None else state.end_step,
             padding_budget=state.padding_budget, forced_padding=state.forced_padding, final=int(state.final),
             starved=int(state.starved), words=len(logs.transcript)))
@@ -332,11 +359,16 @@ class TextStateMachine:
 
     def queued_entries(self) -> list[ScriptEntry]:
         """The entries pushed and not consumed yet, in order."""
-        return self._logs.entries[self._cur.next_entry:self._cur.queue_end]
+        return [self._logs.entry(i) for i in range(self._cur.next_entry, self._cur.queue_end)]
 
     def queued_words(self) -> list[str]:
         """The words (not breaks) pushed and not consumed yet."""
-        return [e.text for e in self.queued_entries() if e.tokens]
+        logs = self._logs
+        return [logs.texts[i] for i in range(self._cur.next_entry, self._cur.queue_end) if logs.counts[i]]
+
+    def queued_chars(self) -> int:
+        """Characters of the entries pushed and not consumed yet."""
+        return sum(len(text) for text in self._logs.texts[self._cur.next_entry:self._cur.queue_end])
 
     @property
     def last_word_step(self) -> int | None:
@@ -349,20 +381,15 @@ class TextStateMachine:
         """Entries are appended at the entry log's end: if the queue does not end there (a rewind
         or a drop since), copy it there first, leaving the entries older rows see in place."""
         c, logs = self._cur, self._logs
-        if c.queue_end != len(logs.entries):
-            queued = logs.entries[c.next_entry:c.queue_end]
-            starts = logs.starts[c.next_entry:c.queue_end]
-            c.next_entry = len(logs.entries)
-            logs.entries.extend(queued)
-            logs.starts.extend(starts)  # tokens never move: a copy of an entry points at the same ones
-            c.queue_end = len(logs.entries)
+        if c.queue_end != logs.entry_count:
+            start, end = c.next_entry, c.queue_end
+            c.next_entry = logs.entry_count
+            logs.append_copies(start, end)
+            c.queue_end = logs.entry_count
 
     def _append_entries(self, entries) -> None:
-        logs = self._logs
         for entry in entries:
-            logs.entries.append(entry)
-            logs.starts.append(len(logs.tokens))
-            logs.tokens.extend(entry.tokens)
+            self._logs.append(entry)
 
     def _extend_lookahead(self, tokens) -> None:
         """Append to the look-ahead run, at the look-ahead log's end (copied there first if a
@@ -481,22 +508,23 @@ def _process(m: TextStateMachine, c: TextCursor, logs: TextLogs, step: int, acti
     if new_word:
         if c.next_entry < c.queue_end:
             index = c.next_entry
-            entry = logs.entries[index]
             c.next_entry = index + 1
-            if entry.tokens:
-                logs.transcript.append((entry.text, step))
+            count = logs.counts[index]
+            if count:
+                logs.transcript.append((logs.texts[index], step))
                 c.words += 1
                 c.pending_pos = logs.starts[index]
-                c.pending_end = c.pending_pos + len(entry.tokens)
+                c.pending_end = c.pending_pos + count
                 pending = True
                 if m.second_stream_ahead > 0:
                     ahead = _nth_upcoming_word(c, logs, m.second_stream_ahead)
                     if ahead is not None:
-                        m._extend_lookahead(ahead.tokens)
+                        start = logs.starts[ahead]
+                        m._extend_lookahead(logs.tokens[start:start + logs.counts[ahead]])
                 c.padding_budget = m.max_padding
             else:  # a break: pad for its length
                 new_word = False
-            c.forced_padding = entry.padding
+            c.forced_padding = logs.paddings[index]
         elif not c.final:  # HOLD: wait for more text; the utterance does not end
             new_word = False
             c.starved = 1
@@ -549,9 +577,8 @@ def _outcome(m: TextStateMachine, c: TextCursor, logs: TextLogs, action: int) ->
     first = logs.tokens[c.pending_pos] if pending else m.pad_id
     if new_word:
         if c.next_entry < c.queue_end:
-            entry = logs.entries[c.next_entry]
-            if entry.tokens:
-                first = entry.tokens[0]
+            if logs.counts[c.next_entry]:
+                first = logs.tokens[logs.starts[c.next_entry]]
             else:  # a break
                 new_word = False
         elif not c.final:  # holding for more text
@@ -565,13 +592,12 @@ def _outcome(m: TextStateMachine, c: TextCursor, logs: TextLogs, action: int) ->
     return first, (logs.ahead[c.ahead_pos] if c.ahead_pos < c.ahead_end else m.pad_id)
 
 
-def _nth_upcoming_word(c: TextCursor, logs: TextLogs, n: int) -> ScriptEntry | None:
-    """The n-th (1-based) entry with tokens still in the queue."""
+def _nth_upcoming_word(c: TextCursor, logs: TextLogs, n: int) -> int | None:
+    """The index of the n-th (1-based) entry with tokens still in the queue."""
     seen = 0
     for index in range(c.next_entry, c.queue_end):
-        entry = logs.entries[index]
-        if entry.tokens:
+        if logs.counts[index]:
             seen += 1
             if seen == n:
-                return entry
+                return index
     return None

@@ -111,9 +111,9 @@ class TextBatch:
         row, logs = self.rows[slot], machine.logs
         start, end = int(row[NEXT_ENTRY]), int(row[QUEUE_END])
         if start < end:
-            tokens = logs.entries[start].tokens
-            self.next_count[slot] = len(tokens)
-            self.next_first[slot] = tokens[0] if tokens else self.pad_id
+            count = logs.counts[start]
+            self.next_count[slot] = count
+            self.next_first[slot] = logs.tokens[logs.starts[start]] if count else self.pad_id
         else:
             self.next_count[slot] = -1
         for pos_k, end_k, base, window, log in ((PENDING_POS, PENDING_END, self.pending_base, self.pending_window,
