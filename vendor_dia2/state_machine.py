@@ -218,9 +218,14 @@ class TextStateMachine:
 
         `forced=True` (prefix warm-up) takes the action as given, except while tokens are pending.
         """
-        out = _process(self, self._cur, self._logs, int(step), int(action), bool(forced))
-        if self._batch is not None:
-            self._batch.refresh(self._slot)
+        if self._batch is None:
+            return _process(self, self._cur, self._logs, int(step), int(action), bool(forced))
+        # bound: on a plain copy of the row (a field of the table costs a numpy scalar each)
+        row = self._batch.rows[self._slot]
+        c = TextCursor(*row.tolist())
+        out = _process(self, c, self._logs, int(step), int(action), bool(forced))
+        row[:] = _values(c)
+        self._batch.refresh(self._slot)
         return out
 
     def preview(self, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -235,9 +240,7 @@ class TextStateMachine:
         `reset()` or `restore()`."""
         if self._batch is not None:
             return tuple(self._batch.rows[self._slot].tolist())
-        c = self._cur
-        return (c.next_entry, c.queue_end, c.pending_pos, c.pending_end, c.ahead_pos, c.ahead_end, c.end_step,
-                c.padding_budget, c.forced_padding, c.final, c.starved, c.words)
+        return _values(self._cur)
 
     def rewind(self, row) -> None:
         """Back to the state `row` (from `mark()` since the last reset or restore, its steps
@@ -309,7 +312,7 @@ class TextStateMachine:
         if self._batch is None:
             self._cur = cursor
         else:
-            self._batch.rows[self._slot] = [getattr(cursor, name) for name in ROW_FIELDS]
+            self._batch.rows[self._slot] = _values(cursor)
             self._changed()
 
     def _changed(self) -> None:
@@ -391,10 +394,10 @@ class TextStateMachine:
         for entry in entries:
             self._logs.append(entry)
 
-    def _extend_lookahead(self, tokens) -> None:
-        """Append to the look-ahead run, at the look-ahead log's end (copied there first if a
-        rewind left it elsewhere)."""
-        c, ahead = self._cur, self._logs.ahead
+    def _extend_lookahead(self, c: TextCursor, tokens) -> None:
+        """Append to the look-ahead run of row `c`, at the look-ahead log's end (copied there
+        first if a rewind left it elsewhere)."""
+        ahead = self._logs.ahead
         if c.ahead_end != len(ahead):
             run = ahead[c.ahead_pos:c.ahead_end]
             c.ahead_pos = len(ahead)
@@ -520,7 +523,7 @@ def _process(m: TextStateMachine, c: TextCursor, logs: TextLogs, step: int, acti
                     ahead = _nth_upcoming_word(c, logs, m.second_stream_ahead)
                     if ahead is not None:
                         start = logs.starts[ahead]
-                        m._extend_lookahead(logs.tokens[start:start + logs.counts[ahead]])
+                        m._extend_lookahead(c, logs.tokens[start:start + logs.counts[ahead]])
                 c.padding_budget = m.max_padding
             else:  # a break: pad for its length
                 new_word = False
@@ -554,6 +557,12 @@ def _process(m: TextStateMachine, c: TextCursor, logs: TextLogs, step: int, acti
     else:
         second = m.pad_id
     return main, second
+
+
+def _values(c: TextCursor) -> tuple[int, ...]:
+    """The row `c` as a tuple, in `ROW_FIELDS` order."""
+    return (c.next_entry, c.queue_end, c.pending_pos, c.pending_end, c.ahead_pos, c.ahead_end, c.end_step,
+            c.padding_budget, c.forced_padding, c.final, c.starved, c.words)
 
 
 def _pop_pending(c: TextCursor, logs: TextLogs, pad_id: int) -> int:

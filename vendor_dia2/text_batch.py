@@ -107,9 +107,9 @@ class TextBatch:
     def refresh(self, slot: int) -> None:
         """Cache what the next steps read of `slot`'s logs (its machine changed them or its
         offsets from Python)."""
-        machine = self.machines[slot]
-        row, logs = self.rows[slot], machine.logs
-        start, end = int(row[NEXT_ENTRY]), int(row[QUEUE_END])
+        logs = self.machines[slot].logs
+        row = self.rows[slot].tolist()
+        start, end = row[NEXT_ENTRY], row[QUEUE_END]
         if start < end:
             count = logs.counts[start]
             self.next_count[slot] = count
@@ -119,8 +119,8 @@ class TextBatch:
         for pos_k, end_k, base, window, log in ((PENDING_POS, PENDING_END, self.pending_base, self.pending_window,
                                                  logs.tokens),
                                                 (AHEAD_POS, AHEAD_END, self.ahead_base, self.ahead_window, logs.ahead)):
-            pos = int(row[pos_k])
-            n = max(0, min(int(row[end_k]) - pos, self.window))
+            pos = row[pos_k]
+            n = max(0, min(row[end_k] - pos, self.window))
             base[slot] = pos
             if n:
                 window[slot, :n] = log[pos:pos + n]
