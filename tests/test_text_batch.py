@@ -121,6 +121,6 @@ def test_unbind_keeps_the_state():
     batch.bind(m, 0)
     batch.advance(np.array([0]), np.array([1]), np.array([0]))
     before = m.snapshot()
-    batch.unbind(0, m)
+    batch.unbind(0)
     assert m.snapshot() == before
     assert m.process(1, 1) == (PAD, PAD)  # initial padding still forced

@@ -76,17 +76,14 @@ class TextBatch:
 
     def bind(self, machine: TextStateMachine, slot: int) -> None:
         """`machine`'s state lives in row `slot` from now on (the slot's call was attached)."""
-        assert (machine.pad_id, machine.new_word_id, machine.second_stream_ahead) == \
-            (self.pad_id, self.new_word_id, self.ahead), "a machine of another text layout"
         if self.machines[slot] is not None and self.machines[slot] is not machine:
             self.machines[slot].unbind()
         self.machines[slot] = machine
         machine.bind(self, slot)
 
-    def unbind(self, slot: int, machine: TextStateMachine) -> None:
-        """`machine` keeps its state itself again, if it is the one bound to `slot`."""
-        if self.machines[slot] is machine:
-            self.machines[slot] = None
+    def unbind(self, slot: int) -> None:
+        machine, self.machines[slot] = self.machines[slot], None
+        if machine is not None:
             machine.unbind()
 
     def row(self, slot: int) -> RowCursor:
@@ -155,11 +152,9 @@ class TextBatch:
             out[i] = self.machines[slots[i]].preview(0)
         return out
 
-    def advance(self, slots: np.ndarray, actions: np.ndarray, steps: np.ndarray,
-                failed: list | None = None) -> np.ndarray:
+    def advance(self, slots: np.ndarray, actions: np.ndarray, steps: np.ndarray) -> np.ndarray:
         """Apply each slot's sampled action at its step (`steps[i]`: the position it stepped
-        from); the (main, second) tokens each emits, [k, 2]. `failed`: where a machine's own
-        `process` raises, (i, the exception) goes there and the others go on (else it raises)."""
+        from); the (main, second) tokens each emits, [k, 2]."""
         slots = np.asarray(slots, dtype=np.int64)
         actions, steps = np.asarray(actions), np.asarray(steps, dtype=np.int64)
         r = self.rows[slots]  # a copy: written back below for the vectorised slots
@@ -199,13 +194,7 @@ class TextBatch:
         # by the machine: a word or a break starts (the transcript and look-ahead grow), or a
         # window ran out; each refreshes its caches
         for i in np.flatnonzero(by_machine):
-            try:
-                out[i] = self.machines[slots[i]].process(int(steps[i]), int(actions[i]))
-            except Exception as exc:
-                if failed is None:
-                    raise
-                failed.append((int(i), exc))
-                out[i] = self.pad_id
+            out[i] = self.machines[slots[i]].process(int(steps[i]), int(actions[i]))
         return out
 
     def _heads(self, slots, r, pos_k, end_k, base, window):

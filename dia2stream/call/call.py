@@ -6,7 +6,7 @@ the sampling defaults, the current voice, pacing against real time, and the epoc
 stale audio. It has no thread and no model, and it never sees the engine: its device state is
 reached through a `SlotHandle` (one slot of the stepper, one row of the Mimi stream), its
 settings come as `CallSettings`, its voices from the registry. The engine calls its command handlers and
-its per-frame hooks (`record_step`, `advance`, `deliver`, `check_end`) on the generation thread.
+its per-frame hooks (`preview`, `advance`, `deliver`, `check_end`) on the generation thread.
 
 Speech onset: a turn's first sent frame is the frame where its first word starts, less
 `lead_in_frames`. Frames before it (initial padding, the previous turn's silent tail) are decoded,
@@ -193,7 +193,6 @@ class Call:
     # -- lifecycle (generation thread) -----------------------------------------------------------
 
     def attach(self) -> None:
-        self.slot.bind_text(self.machine)
         self.voice_reset()
         self.attached = True
 
@@ -201,7 +200,6 @@ class Call:
         self.attached = False
         self.phase = Phase.NONE
         self.clean_reset()
-        self.slot.unbind_text(self.machine)
 
     def drain(self) -> None:
         """The server is draining: the utterance being spoken goes on to its end, no new one
@@ -372,25 +370,24 @@ class Call:
     def context_left(self) -> bool:
         return self.position + 1 < self.settings.context_frames
 
-    def record_step(self) -> int:
-        """Before a step: keep what a rollback needs to stand before it again, and the step's
-        text inputs for a rollover. Returns the step's position. (The engine previews and
-        advances every stepping call's text state machine at once: vendor_dia2/text_batch.py.)"""
+    def preview(self):
+        """Both possible text answers of the next step (before it runs); records the step."""
         position = self.position
         self._history.record(position, self._last_text, self.machine.mark())
         if position >= self._floor_frame:  # upstream's boundary runs step F - 1 again: keep the prefix's text
             self._text_log[position] = self._last_text
-        return position
+        return self.machine.preview(position)
 
     def frame_ready(self) -> bool:
         """After a step: whether it made an aligned frame of this turn ready to decode (from the
         position alone, so the decode can be queued before `advance`)."""
         return self.slot.ready_frame >= self.turn.next_frame
 
-    def advance(self, text) -> None:
-        """After a step: the (main, second) text tokens its action gave this call (the engine
-        advanced every call's text state machine at once), the next step's text inputs."""
-        self._last_text = (text[0], text[1])
+    def advance(self, action: int) -> bool:
+        """Apply the step's sampled action (the step already advanced the position). True when an
+        aligned frame of this turn is ready to decode."""
+        self._last_text = self.machine.process(self.position - 1, action)
+        return self.frame_ready()
 
     def mark_codec_if_due(self) -> None:
         """Before the announced frame is decoded: every few frames, snapshot the call's Mimi row

@@ -61,22 +61,14 @@ class SlotHandle:
     `FrameStepper.swap_rows`), and tells the handle so (`moved_to`): a call always reaches its own
     state through its handle, whichever slot it sits on."""
 
-    def __init__(self, stepper, codec, texts, index: int):
-        self._stepper, self._codec, self._texts, self.index = stepper, codec, texts, index
+    def __init__(self, stepper, codec, index: int):
+        self._stepper, self._codec, self.index = stepper, codec, index
         self.pending_replay: CodecReplay | None = None
         self.pending_prefill: PlannedPrefill | None = None
 
     def moved_to(self, index: int) -> None:
-        """The engine moved this call's state to slot `index` (stepper rows, codec row, text row)."""
+        """The engine moved this call's state to slot `index` (stepper rows and codec row)."""
         self.index = index
-
-    def bind_text(self, machine) -> None:
-        """The call's text state machine keeps its row in the engine's `TextBatch` at this slot,
-        so the engine steps it with every other slot's at once."""
-        self._texts.bind(machine, self.index)
-
-    def unbind_text(self, machine) -> None:
-        self._texts.unbind(self.index, machine)
 
     # -- the slot's state, read
 

@@ -33,7 +33,6 @@ import torch
 from vendor_dia2 import Dia2
 from vendor_dia2.config import Kernels, PrefixBoundaryName, Weights
 from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
-from vendor_dia2.text_batch import TextBatch
 
 from dia2stream.wire import protocol as p
 from dia2stream.call.call import Call, CallModel, Phase, Sink
@@ -105,8 +104,6 @@ class Engine:
         self.voices = VoiceRegistry(tts, self.stepper, self.codec, config.voice, spare_slot=self.spare_slot,
                                     max_prefix_frames=self.max_prefix_frames, boundary=config.prefix_boundary)
         self.runner = Runner(self.stepper, self.codec, config.max_calls)
-        d = tts.config.data  # every call's text state machine, stepped at once (a row per slot)
-        self.texts = TextBatch(config.max_calls, d.text_pad_token_id, d.text_new_word_token_id, d.second_stream_ahead)
         self.scheduler = Scheduler(max_lead_s=config.max_lead_ms / 1000, max_unsent_frames=config.max_unsent_frames,
                                    batch_size_for=self.stepper.batch_size_for)
         self._call_settings = CallSettings(
@@ -164,7 +161,7 @@ class Engine:
             if not admitted and not self._admits_one_more(len(self._calls) - len(free)):
                 return None
             slot = free[0]  # the lowest free slot: a step is padded to the highest slot it runs
-            handle = SlotHandle(self.stepper, self.codec, self.texts, slot)
+            handle = SlotHandle(self.stepper, self.codec, slot)
             call = self._calls[slot] = Call(handle, self._call_settings, self._call_model, self.voices, sink)
         self._post(call, Attach(), call.epoch)
         return call
@@ -370,7 +367,6 @@ class Engine:
         # after the bookkeeping: a close from now on queues its reset behind this thread's swap
         self.stepper.swap_rows(a, b)
         self.codec.swap_rows(a, b)
-        self.texts.swap(a, b)
         self.slot_moves += 1
 
     def _prefill_one(self) -> bool:
@@ -496,10 +492,7 @@ class Engine:
         if not stepping:
             return
         t0 = time.perf_counter()
-        slots = [call.slot.index for call in stepping]
-        steps = [call.record_step() for call in stepping]
-        choices = self.texts.preview(slots)  # [calls, action, (main, second)], every call at once
-        result = self.runner.step(dict(zip(slots, choices.tolist())))
+        result = self.runner.step({call.slot.index: call.preview() for call in stepping})
         self.scheduler.costs.observe(result.batch, result.full, result.seconds)
         # Which calls have a frame is known from positions alone, before the text state machines
         # take the step's actions: the decode is queued first and runs while they do.
@@ -509,15 +502,10 @@ class Engine:
             for call in decode:
                 call.mark_codec_if_due()
             pending = self.runner.decode_later([call.slot.index for call in decode])
-        errors: list = []  # (index, exception) where a call's own text state machine raised
-        texts = self.texts.advance(slots, [result.actions[slot] for slot in slots], steps, failed=errors)
-        raised = dict(errors)
         failed = set()
-        for i, (call, text) in enumerate(zip(stepping, texts.tolist())):
+        for call in stepping:
             try:
-                if i in raised:
-                    raise raised[i]
-                call.advance(text)
+                call.advance(result.actions[call.slot.index])
             except Exception as exc:
                 if is_device_fault(exc):
                     raise
