@@ -155,7 +155,7 @@ def warm_up_text(machine: TextStateMachine, plan: PrefixPlan, pad_id: int, bos_i
     text[0, 0], text[0, 1] = bos_id, pad_id
     text[1:] = forced_text(machine, plan.steps, plan.frames)
     if clear_lookahead:
-        machine.state.lookahead.clear()  # look-ahead of prefix words must not leak into the turn
+        machine.clear_lookahead()  # look-ahead of prefix words must not leak into the turn
     return text
 
 

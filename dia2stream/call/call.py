@@ -30,13 +30,13 @@ from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import ScriptError, parse_script
 from vendor_dia2.delays import delay_codes
 from vendor_dia2.prefix import forced_text
-from vendor_dia2.state_machine import TextState, shifted
 
 from dia2stream.clock import FRAME_RATE, FRAME_SECONDS, MAX_TOP_K
 from dia2stream.wire import protocol as p
 from dia2stream.wire.frames import AudioFrame
 from dia2stream.wire.formats import DEFAULT_FORMAT, get_format
 from dia2stream.wire.protocol import ErrorCode
+from dia2stream.call.history import RollbackLog, StepBefore
 from dia2stream.call.slot import CallSettings, PlannedPrefill, SlotHandle
 from dia2stream.call.pending import check_turn_text
 
@@ -49,16 +49,6 @@ log = logging.getLogger(__name__)
 HISTORY_MARGIN = 64  # steps of history kept beyond what the lead and the delay need
 MAX_HISTORY = 2048
 CODEC_MARK_EVERY = 16  # frames between snapshots of the call's Mimi row (rollback re-decodes from one)
-
-
-@dataclass(frozen=True)
-class StepRecord:
-    """What a rollback needs to stand before step `position` again."""
-
-    position: int
-    text: TextState  # the state machine before the step, transcript left out (see `words`)
-    words: int  # transcript length before the step: the live transcript's prefix of that length
-    text_in: tuple[int, int]  # the step's text inputs (what the previous step gave)
 
 
 @dataclass(frozen=True)
@@ -145,12 +135,12 @@ class Call:
         self._rolled_over_at: int | None = None  # where the last planned rollover left the context
         self._prefix_codes: torch.Tensor | None = None  # its aligned codes as prepared (set by voice_reset)
         self._received_at = 0.0
-        # Barge-in rollback: the last steps' text states and inputs, and Mimi row snapshots every
-        # few frames, enough to go back over everything generated ahead of the caller.
+        # Barge-in rollback: the last steps' text states and inputs (rows of ints in a ring, see
+        # call/history.py), and Mimi row snapshots every few frames, enough to go back over
+        # everything generated ahead of the caller.
         lead_frames = int(settings.max_lead_ms / 1000 * FRAME_RATE) + 1
-        self._history: deque[StepRecord] = deque(
-            maxlen=min(MAX_HISTORY, lead_frames + slot.max_delay + HISTORY_MARGIN))
-        self._codec_marks: deque = deque(maxlen=self._history.maxlen // CODEC_MARK_EVERY + 2)
+        self._history = RollbackLog(min(MAX_HISTORY, lead_frames + slot.max_delay + HISTORY_MARGIN))
+        self._codec_marks: deque = deque(maxlen=self._history.capacity // CODEC_MARK_EVERY + 2)
         self._last_text: tuple[int, int] = (0, 0)
         self._drop_unspoken = False  # after a rollback, an inject replaces the words not heard
         # Text inputs of every step in the context, for a rollover to prefill them again.
@@ -326,26 +316,25 @@ class Call:
         if target < self._caller_until:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, "played_ms: the caller's turn came after this utterance; "
                                   "there is nothing of it to roll back", cmd="pause", id=cmd.id)
-        record = next((r for r in self._history if r.position == target), None)
+        record = self._history.find(target)
         mark = next((m for m in reversed(self._codec_marks) if m[0] <= target), None)
         if record is None or mark is None or target > self.position:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"played_ms: cannot roll back to {cmd.played_ms:g} ms "
                                   "(out of the range this call keeps)", cmd="pause", id=cmd.id)
         self.slot.rewind(target, record.text_in)
-        self.machine.restore(self._state_at(record))
+        self.machine.rewind(record.text)
         self.slot.replay_codec(mark[1], self.slot.aligned_codes(mark[0], target))  # planned: decoded between frames
-        while self._history and self._history[-1].position >= target:
-            self._history.pop()
+        self._history.drop_from(target)
         while self._codec_marks and self._codec_marks[-1][0] > target:
             self._codec_marks.pop()
         self._last_text = record.text_in
         turn.next_frame = target
         turn.frames_sent = heard
-        state = self.machine.state
-        turn.words_emitted = min(turn.words_emitted, len(state.transcript))
+        transcript = self.machine.words
+        turn.words_emitted = min(turn.words_emitted, len(transcript))
         spoken = [{"word": word, "start_s": round(max(0, step - start) * FRAME_SECONDS, 3)}
-                  for word, step in state.transcript[turn.words_before:]]
-        unspoken = [e.text for e in state.entries[state.next_entry:] if e.tokens]
+                  for word, step in transcript[turn.words_before:]]
+        unspoken = self.machine.queued_words()
         if self.phase is Phase.IDLE:  # the caller was still playing a finished utterance
             self.phase, self._resume_phase = Phase.PAUSED, Phase.GENERATING
         self._drop_unspoken = True
@@ -385,9 +374,7 @@ class Call:
     def preview(self):
         """Both possible text answers of the next step (before it runs); records the step."""
         position = self.position
-        state = self.machine.state
-        self._history.append(StepRecord(position, state.copy(transcript=False), len(state.transcript),
-                                        self._last_text))
+        self._history.record(position, self._last_text, self.machine.mark())
         if position >= self._floor_frame:  # upstream's boundary runs step F - 1 again: keep the prefix's text
             self._text_log[position] = self._last_text
         return self.machine.preview(position)
@@ -475,9 +462,9 @@ class Call:
         if before is None or window < slot.max_delay:
             return False
         t0 = time.perf_counter()
-        state, text_in = before
-        self.machine.restore(shifted(state, floor + window - resume_at))
-        self._rebuild(resume_at, window, text_in)
+        self.machine.rewind(before.text)
+        self.machine.shift_steps(floor + window - resume_at)
+        self._rebuild(resume_at, window, before.text_in)
         self.rollovers += 1
         log.info("call %d: context rolled over at frame %d: prefix %d + last %d frames, %.1f ms", self.slot.index,
                  resume_at, floor, window, (time.perf_counter() - t0) * 1000)
@@ -520,13 +507,12 @@ class Call:
                 setattr(turn, name, value + delta)
         return delta
 
-    def _state_before(self, position: int) -> tuple[TextState, tuple[int, int]] | None:
+    def _state_before(self, position: int) -> StepBefore | None:
         """The text state and text inputs before step `position`: the live ones when the slot
         stands there (after a rollback), else the rollback history's (None if it is too old)."""
         if self.position == position:
-            return self.machine.snapshot(), self._last_text
-        record = next((r for r in self._history if r.position == position), None)
-        return None if record is None else (self._state_at(record), record.text_in)
+            return StepBefore(position, self.machine.mark(), self._last_text)
+        return self._history.find(position)
 
     # -- the caller's turn (issue 21) ------------------------------------------------------------
 
@@ -588,13 +574,14 @@ class Call:
         if rolls_over:  # keep the most recent conversation of both speakers
             window = max(0, min(settings.rollover_frames, room))
         start = floor + window  # where the caller's turn lands
-        state, text_in = before
-        self.machine.restore(shifted(state, start - resume_at))
+        text_in = before.text_in
+        self.machine.rewind(before.text)
+        self.machine.shift_steps(start - resume_at)
         self.machine.drop_queued()  # what the caller did not hear is not said (a barge-in)
-        self.machine.state.pending.clear()  # nor the rest of a word the caller cut off
+        self.machine.clear_pending()  # nor the rest of a word the caller cut off
         self.machine.push(list(loaded.entries), final=True)
         said = forced_text(self.machine, loaded.steps, n, start=start)
-        self.machine.state.lookahead.clear()  # the caller's words must not leak into the agent's turn
+        self.machine.clear_lookahead()  # the caller's words must not leak into the agent's turn
         assert not self.machine.remaining_entries, "the caller's words were placed to fit its frames"
         text = np.empty((n + 1, 2), dtype=np.int64)
         text[0] = text_in
@@ -638,17 +625,9 @@ class Call:
         """The text inputs of the steps in the context so far, [position + 1, 2] (a copy)."""
         return self._text_log[: self.position + 1].copy()
 
-    def _state_at(self, record: StepRecord) -> TextState:
-        """The full text state before `record`'s step: the transcript only grows between records,
-        so its prefix is taken back from the live state."""
-        state = record.text.copy()
-        state.transcript = self.machine.state.transcript[: record.words]
-        return state
-
     def _rebase(self, delta: int, keep_from: int, upto: int) -> None:
         """Move the rollback history into the rebuilt context (what lies outside it is dropped)."""
-        self._history = deque((StepRecord(r.position + delta, shifted(r.text, delta), r.words, r.text_in)
-                               for r in self._history if keep_from <= r.position <= upto), maxlen=self._history.maxlen)
+        self._history.rebase(delta, keep_from, upto)
         self._codec_marks = deque(((frame + delta, snap) for frame, snap in self._codec_marks
                                    if keep_from <= frame <= upto), maxlen=self._codec_marks.maxlen)
 
@@ -757,7 +736,7 @@ class Call:
         self.emit(p.Started(id=client_id, voice=self.current_voice if self._floor_frame else None, position=position))
 
     def _first_word_frame(self) -> int | None:
-        transcript = self.machine.state.transcript
+        transcript = self.machine.words
         if len(transcript) <= self.turn.words_before:
             return None
         return max(transcript[self.turn.words_before][1], self.turn.first_frame)
@@ -782,7 +761,7 @@ class Call:
         self._drop_unspoken = False
         self.machine.drop_queued()
         turn = self.turn
-        kept = len(self.machine.state.transcript) - turn.words_before
+        kept = len(self.machine.words) - turn.words_before
         turn.word_marks = [(min(count, kept), owner) for count, owner in turn.word_marks]
         turn.words_pushed = kept
 
@@ -798,7 +777,7 @@ class Call:
         turn = self.turn
         if turn.send_from is None:
             return
-        transcript = self.machine.state.transcript
+        transcript = self.machine.words
         while turn.words_emitted < len(transcript) and transcript[turn.words_emitted][1] <= frame:
             word, step = transcript[turn.words_emitted]
             index = max(0, step - turn.send_from)

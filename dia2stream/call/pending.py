@@ -17,8 +17,7 @@ def check_pending_text(pending_chars: int, adding: str, limit: int, command: p.C
 
 def pending_text_chars(machine) -> int:
     """Characters pushed to a call's text state machine and not yet consumed by the model."""
-    state = machine.state
-    return sum(len(entry.text) for entry in state.entries[state.next_entry:])
+    return machine.queued_chars()
 
 
 def check_turn_text(machine, command: p.Start | p.Inject, limit: int) -> None:

@@ -1,0 +1,97 @@
+"""A call's rollback history: for each of its last steps, what a rollback needs to stand before
+that step again (its position, its text inputs, the text state machine's row), in one
+preallocated ring of ints.
+
+A call steps 12.5 times a second for as long as it lives; a Python object per step (a record
+holding a copy of the text state's lists) made hundreds of live objects per call for the garbage
+collector to walk: at 64 calls a full collection took ~250 ms on the engine's thread. Here a step
+writes one row of ints into an array allocated when the call is, and a rollover moves every
+position with one vectorised add.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vendor_dia2.state_machine import NO_STEP, ROW_END_STEP, ROW_FIELDS
+
+_POSITION, _TEXT_IN = 0, slice(1, 3)
+_TEXT = slice(3, 3 + len(ROW_FIELDS))
+_END_STEP = 3 + ROW_END_STEP
+
+
+@dataclass(frozen=True)
+class StepBefore:
+    """The state before step `position`: the text state machine's row and the step's text inputs."""
+
+    position: int
+    text: tuple[int, ...]  # `TextStateMachine.mark()` before the step
+    text_in: tuple[int, int]  # what the previous step gave
+
+
+class RollbackLog:
+    """The last `capacity` steps' `StepBefore`s of one call, oldest first, as rows of one array."""
+
+    def __init__(self, capacity: int):
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self.capacity = capacity
+        self._rows = np.zeros((capacity, 3 + len(ROW_FIELDS)), dtype=np.int64)  # [capacity, fields]
+        self._head = 0  # the oldest row
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def record(self, position: int, text_in: tuple[int, int], text: tuple[int, ...]) -> None:
+        """The state before step `position` (the oldest row goes when the ring is full)."""
+        index = self._head + self._count
+        if index >= self.capacity:
+            index -= self.capacity
+        if self._count == self.capacity:
+            self._head = index + 1 if index + 1 < self.capacity else 0
+        else:
+            self._count += 1
+        self._rows[index] = (position, *text_in, *text)
+
+    def find(self, position: int) -> StepBefore | None:
+        """The newest record of step `position`, or None if none is kept."""
+        rows = self._ordered()
+        hits = np.flatnonzero(rows[:, _POSITION] == position)
+        if not len(hits):
+            return None
+        row = rows[hits[-1]].tolist()
+        return StepBefore(position=row[_POSITION], text=tuple(row[_TEXT]), text_in=tuple(row[_TEXT_IN]))
+
+    def drop_from(self, position: int) -> None:
+        """Forget the newest records back to the last one before step `position` (a rollback:
+        the steps from there on are taken back)."""
+        earlier = np.flatnonzero(self._ordered()[:, _POSITION] < position)
+        self._count = int(earlier[-1]) + 1 if len(earlier) else 0
+
+    def rebase(self, delta: int, keep_from: int, upto: int) -> None:
+        """Keep the records of steps keep_from..upto, their steps moved by `delta` (a context
+        rebuilt at other positions); the rest is dropped."""
+        rows = self._ordered()
+        kept = rows[(rows[:, _POSITION] >= keep_from) & (rows[:, _POSITION] <= upto)]  # a copy
+        kept[:, _POSITION] += delta
+        end = kept[:, _END_STEP]
+        end[end != NO_STEP] += delta
+        self._rows[: len(kept)] = kept
+        self._head, self._count = 0, len(kept)
+
+    def clear(self) -> None:
+        self._head = self._count = 0
+
+    def positions(self) -> list[int]:
+        """The steps recorded, oldest first."""
+        return self._ordered()[:, _POSITION].tolist()
+
+    def _ordered(self) -> np.ndarray:
+        """The records oldest first: a view while they do not wrap, else a copy."""
+        end = self._head + self._count
+        if end <= self.capacity:
+            return self._rows[self._head:end]
+        return np.concatenate((self._rows[self._head:], self._rows[: end - self.capacity]))
