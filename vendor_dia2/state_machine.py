@@ -163,7 +163,6 @@ class TextStateMachine:
         self.max_padding = int(max_padding)
         self.initial_padding = int(initial_padding)
         self.second_stream_ahead = int(second_stream_ahead)
-        self._batch, self._slot = None, -1  # a TextBatch holding the row, once bound (`bind`)
         self.reset()
 
     # --- text in ----------------------------------------------------------------------------
@@ -184,7 +183,6 @@ class TextStateMachine:
         elif final:
             c.starved = 0
         c.final = int(bool(final))
-        self._changed()
 
     def drop_queued(self) -> list[str]:
         """Forget every entry not consumed yet, and the look-ahead taken from them (a barge-in
@@ -193,7 +191,6 @@ class TextStateMachine:
         c = self._cur
         c.queue_end = c.next_entry
         c.ahead_pos = c.ahead_end
-        self._changed()
         return dropped
 
     def finish(self) -> None:
@@ -204,12 +201,10 @@ class TextStateMachine:
     def clear_pending(self) -> None:
         """Forget the rest of the word being spoken (the caller cut it off)."""
         self._cur.pending_pos = self._cur.pending_end
-        self._changed()
 
     def clear_lookahead(self) -> None:
         """Forget the second stream's look-ahead (words that must not leak into what follows)."""
         self._cur.ahead_pos = self._cur.ahead_end
-        self._changed()
 
     # --- frames -----------------------------------------------------------------------------
 
@@ -218,15 +213,7 @@ class TextStateMachine:
 
         `forced=True` (prefix warm-up) takes the action as given, except while tokens are pending.
         """
-        if self._batch is None:
-            return _process(self, self._cur, self._logs, int(step), int(action), bool(forced))
-        # bound: on a plain copy of the row (a field of the table costs a numpy scalar each)
-        row = self._batch.rows[self._slot]
-        c = TextCursor(*row.tolist())
-        out = _process(self, c, self._logs, int(step), int(action), bool(forced))
-        row[:] = _values(c)
-        self._batch.refresh(self._slot)
-        return out
+        return _process(self, self._cur, self._logs, int(step), int(action), bool(forced))
 
     def preview(self, step: int) -> tuple[tuple[int, int], tuple[int, int]]:
         """(what `process(step, 0)` would return, what `process(step, 1)` would return), read
@@ -238,8 +225,6 @@ class TextStateMachine:
     def mark(self) -> tuple[int, ...]:
         """The state as a row of ints (`ROW_FIELDS`), valid for `rewind` until the next
         `reset()` or `restore()`."""
-        if self._batch is not None:
-            return tuple(self._batch.rows[self._slot].tolist())
         return _values(self._cur)
 
     def rewind(self, row) -> None:
@@ -250,7 +235,7 @@ class TextStateMachine:
         assert values[1] <= logs.entry_count and values[3] <= len(logs.tokens) and values[5] <= len(logs.ahead) \
             and values[ROW_WORDS] <= len(logs.transcript), "a row from before the last reset or restore"
         del logs.transcript[values[ROW_WORDS]:]
-        self._set_cursor(TextCursor(*values))
+        self._cur = TextCursor(*values)
 
     def shift_steps(self, delta: int) -> None:
         """Move every step of the state (transcript, end) by `delta`: the context was rebuilt at
@@ -278,47 +263,15 @@ class TextStateMachine:
         logs.ahead.extend(state.lookahead)
         logs.transcript.extend(state.transcript)
         self._append_entries(state.entries[state.next_entry:])
-        self._set_cursor(TextCursor(
+        self._cur = TextCursor(
             next_entry=0, queue_end=logs.entry_count, pending_pos=0, pending_end=len(state.pending), ahead_pos=0,
             ahead_end=len(state.lookahead), end_step=NO_STEP if state.end_step is None else state.end_step,
             padding_budget=state.padding_budget, forced_padding=state.forced_padding, final=int(state.final),
-            starved=int(state.starved), words=len(logs.transcript)))
+            starved=int(state.starved), words=len(logs.transcript))
 
     def reset(self) -> None:
         self._logs = TextLogs()
-        self._set_cursor(TextCursor(padding_budget=self.initial_padding, forced_padding=self.initial_padding))
-
-    # --- a row of a TextBatch (every slot's machine stepped at once) -------------------------
-
-    def bind(self, batch, slot: int) -> None:
-        """Keep the row in `batch`'s table at `slot` from now on (`TextBatch.bind` calls this)."""
-        values = self.mark()
-        self._batch, self._slot = batch, slot
-        self._cur = batch.row(slot)
-        self._set_cursor(TextCursor(*values))
-
-    def unbind(self) -> None:
-        """Keep the row here again (the batch's slot was given to another call)."""
-        values = self.mark()
-        self._batch, self._slot = None, -1
-        self._cur = TextCursor(*values)
-
-    def moved_to(self, slot: int) -> None:
-        """The batch moved the row to `slot` (the call moved)."""
-        self._slot = slot
-        self._cur = self._batch.row(slot)
-
-    def _set_cursor(self, cursor: TextCursor) -> None:
-        if self._batch is None:
-            self._cur = cursor
-        else:
-            self._batch.rows[self._slot] = _values(cursor)
-            self._changed()
-
-    def _changed(self) -> None:
-        """Python changed the logs or offsets: a batch holding the row caches them again."""
-        if self._batch is not None:
-            self._batch.refresh(self._slot)
+        self._cur = TextCursor(padding_budget=self.initial_padding, forced_padding=self.initial_padding)
 
     @property
     def state(self) -> "LiveTextState":
