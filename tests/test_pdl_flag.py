@@ -38,6 +38,32 @@ def test_gpu_tilings_are_chosen_by_device_name(monkeypatch):
     assert kernels.FUSED_MAX_ROWS == kernels.GPU_FUSED_MAX_ROWS["H200"]
 
 
+def test_gpu_tilings_flag_offers_the_tables_the_kernels_have():
+    from dia2stream.serve.config import GpuTilings
+
+    assert {str(t) for t in GpuTilings} - {"auto"} == set(kernels.GPU_TILINGS)
+    with pytest.raises(SystemExit):
+        parse_args(["--gpu-tilings", "A100"], environ={})
+    assert parse_args([], environ={}).gpu_tilings == "auto"
+    assert parse_args([], environ={"DIA2_GPU_TILINGS": "H100"}).gpu_tilings == "H100"
+
+
+def test_the_stepper_loads_the_table_named_or_its_gpus(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(kernels, "CONFIGS", dict(kernels.CONFIGS))
+    monkeypatch.setattr(kernels, "FUSED_MAX_ROWS", kernels.FUSED_MAX_ROWS)
+    monkeypatch.setattr(kernels, "TILINGS_MODEL", "H200")
+    assert kernels.load_tilings(torch.device("cpu")) == "H200"
+    assert kernels.CONFIGS == kernels.GPU_TILINGS["H200"]
+    monkeypatch.setattr(kernels, "TILINGS_MODEL", None)  # auto: no GPU name, the default table
+    assert kernels.load_tilings(torch.device("cpu")) == kernels.DEFAULT_GPU
+    assert kernels.CONFIGS == kernels.GPU_TILINGS[kernels.DEFAULT_GPU]
+    monkeypatch.setattr(kernels, "TILINGS_MODEL", "B200")
+    with pytest.raises(ValueError, match="no tiling table for 'B200'"):
+        kernels.load_tilings(torch.device("cpu"))
+
+
 def test_persistent_stage_flag_is_off_by_default_validated_and_read_from_the_environment():
     with pytest.raises(SystemExit):
         parse_args(["--persistent-stage", "maybe"], environ={})

@@ -266,6 +266,7 @@ def fused_stage_weights(model: Dia2Model, device: torch.device, kernels: str, we
         return []
     if not fused_kernels.available(device):
         raise ValueError(f"the triton kernels need CUDA and triton; this stepper runs on {device}")
+    fused_kernels.load_tilings(device)
     stages = model.depformer.stage_weights
     if weights == "bf16":
         return list(stages)

@@ -288,10 +288,9 @@ class TileConfig(NamedTuple):
 
 
 # Chosen per GPU model and (kernel, rows class) by scripts/kernel_sweep.py (docs/bench/sweep-*.json,
-# docs/benchmarks.md); `use_gpu_tilings` loads a model's table into CONFIGS from the device name,
-# but nothing calls it at start-up yet: every H200 run so far (13, 15, 17, 18) ran the H100 table,
-# and the frame step with the H200 one is not measured. `configure` replaces single entries (the
-# sweep itself uses it). H100: at 2 rows
+# docs/benchmarks.md). The stepper loads the table of the GPU it runs on when it builds the Triton
+# stages (`load_tilings`, from the device name, or the model `TILINGS_MODEL` names, `--gpu-tilings`);
+# `configure` replaces single entries (the sweep itself uses it). H100: at 2 rows
 # the CUDA-core product with thin, long tiles won every site; at 16 and 64 rows cuBLAS beat every
 # tiling tried, so the runtime takes these kernels there only for FP8 weights (FUSED_MAX_ROWS).
 _FEW_WIDE = TileConfig(bn=8, bk=1024, warps=8, stages=4, dot=False)
@@ -333,10 +332,24 @@ def gpu_model(device_name: str) -> str:
     return next((model for model in GPU_TILINGS if model in device_name), DEFAULT_GPU)
 
 
+TILINGS_MODEL: str | None = None  # None: the table of the GPU the stepper runs on; else a key of GPU_TILINGS
+TILINGS_LOADED = DEFAULT_GPU  # the model whose table CONFIGS holds (what a benchmark reports)
+
+
+def load_tilings(device: torch.device) -> str:
+    """Load the tiling table for `device` (or `TILINGS_MODEL`'s) before the stages are built and
+    captured (a graph keeps the tilings it was captured with); returns the model chosen."""
+    if TILINGS_MODEL is not None:
+        if TILINGS_MODEL not in GPU_TILINGS:
+            raise ValueError(f"no tiling table for {TILINGS_MODEL!r}; there are {', '.join(GPU_TILINGS)}")
+        return use_gpu_tilings(TILINGS_MODEL)
+    return use_gpu_tilings(torch.cuda.get_device_name(device) if device.type == "cuda" else "")
+
+
 def use_gpu_tilings(device_name: str) -> str:
     """Load the tilings (and FUSED_MAX_ROWS) swept on this GPU model; returns the model chosen."""
-    global FUSED_MAX_ROWS
-    model = gpu_model(device_name)
+    global FUSED_MAX_ROWS, TILINGS_LOADED
+    model = TILINGS_LOADED = gpu_model(device_name)
     CONFIGS.clear()
     CONFIGS.update(GPU_TILINGS[model])
     FUSED_MAX_ROWS = GPU_FUSED_MAX_ROWS[model]

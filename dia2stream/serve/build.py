@@ -11,7 +11,8 @@ import sys
 import time
 
 from dia2stream.engine.engine import Engine
-from dia2stream.serve.config import CompileMode, KernelChoice, ServerConfig, Switch, checkpoint_for, default_max_calls
+from dia2stream.serve.config import (CompileMode, GpuTilings, KernelChoice, ServerConfig, Switch, checkpoint_for,
+                                     default_max_calls)
 from dia2stream.serve.metrics import Metrics
 from dia2stream.voices.voice import VoiceRequest
 from dia2stream.wire import protocol as p
@@ -57,6 +58,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
         from vendor_dia2 import kernels as fused_kernels
 
         fused_kernels.PDL = {"auto": None, "on": True, "off": False}[config.pdl]  # read as the graphs are captured
+        fused_kernels.TILINGS_MODEL = None if config.gpu_tilings == GpuTilings.AUTO else str(config.gpu_tilings)  # read as the stepper is built
         from vendor_dia2 import persistent_stage
 
         persistent_stage.ENABLED = config.persistent_stage == Switch.ON  # read as the engine's stepper is built

@@ -37,6 +37,14 @@ class KernelChoice(enum.StrEnum):
     TRITON = "triton"
 
 
+class GpuTilings(enum.StrEnum):
+    """The Triton kernels' tile table (vendor_dia2/kernels.py GPU_TILINGS): auto picks the GPU's own."""
+
+    AUTO = "auto"
+    H100 = "H100"
+    H200 = "H200"
+
+
 class Switch(enum.StrEnum):
     ON = "on"
     OFF = "off"
@@ -62,6 +70,7 @@ class ServerConfig:
     weights: Weights = Weights.BF16
     pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
     persistent_stage: Switch = Switch.OFF  # each Triton depformer stage in one launch; off until measured faster
+    gpu_tilings: GpuTilings = GpuTilings.AUTO  # the Triton kernels' tile table: the GPU's own, or a named model's
     log_level: str = "INFO"
     voice_dir: str | None = None
     voice_cache: str | None = None
@@ -181,6 +190,8 @@ _FLAGS = [  # (name, type, help)
                      "kernels; changes some greedy tokens, measured in docs/benchmarks.md)"),
     ("pdl", CompileMode, "programmatic dependent launch between the triton kernels: auto (on for Hopper and later), on, "
                  "off (docs/benchmarks.md)"),
+    ("gpu_tilings", GpuTilings, "the triton kernels' tile table: auto (the table swept on this GPU model, from its name; "
+                         "the H100's for a model without one), H100, H200 (docs/benchmarks.md)"),
     ("persistent_stage", Switch, "run each Triton depformer stage (all its layers and the logits, at 1-4 rows) as one "
                                  "persistent launch with grid barriers instead of 21 launches: on, off "
                                  "(docs/benchmarks.md)"),

@@ -115,6 +115,7 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                               compile_max_calls=compile_max_calls, sampler=sampler)
     out: dict = {"build_s": round(time.perf_counter() - t0, 2), "batch_sizes": list(stepper.batch_sizes),
                  "kernels": kernels, "sampler": stepper.sampler, "pdl": fused_kernels.pdl_enabled(),
+                 "tilings": fused_kernels.TILINGS_LOADED if kernels == "triton" else None,
                  "persistent_stage": stepper.frame.stage_counters is not None,
                  "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
@@ -513,7 +514,9 @@ VARIANT_OPTIONS = {  # variant name parts that change a default, to time one cha
     "bits1": ("select_bits", 1),  # the fused draw's threshold select, 1, 2 or 4 bits a pass
     "bits2": ("select_bits", 2),
     "bits4": ("select_bits", 4),
-    "persist": ("persistent", True),  # each Triton stage as one persistent launch (`--persistent-stage on`)
+    "persist": ("persistent", True),
+    "h100tiles": ("tilings", "H100"),  # the Triton kernels with the H100's tile table (default: this GPU's)
+    "h200tiles": ("tilings", "H200"),  # each Triton stage as one persistent launch (`--persistent-stage on`)
 }
 
 
@@ -554,6 +557,7 @@ def run_preset(name: str, args) -> dict:
         persistent = persistent_stage.ENABLED
         try:
             fused_kernels.PDL = options.get("pdl")  # None: the default (on where the GPU has it)
+            fused_kernels.TILINGS_MODEL = options.get("tilings")  # None: this GPU's table
             persistent_stage.ENABLED = options.get("persistent", persistent)  # read as the stepper is built
             fused_pick.SELECT_BITS = options.get("select_bits", select_bits)  # read when the graphs are captured
             steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
@@ -563,6 +567,7 @@ def run_preset(name: str, args) -> dict:
             steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
         finally:
             fused_kernels.PDL = None
+            fused_kernels.TILINGS_MODEL = None
             fused_pick.SELECT_BITS = select_bits
             persistent_stage.ENABLED = persistent
         print(f"[{name}] step {key}: {steps[key]}", flush=True)
