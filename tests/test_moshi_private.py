@@ -76,3 +76,36 @@ def test_a_row_snapshot_carries_the_whole_decoder_state(codec):
         codec.close_stream()
     for a, b in zip(first, again):
         assert torch.equal(a, b), f"{MOVED}: a restored row decodes differently"
+
+
+def test_row_snapshots_taken_together_equal_one_at_a_time_and_restore_the_same(codec):
+    """The engine marks every row due in a step with one copy per state tensor
+    (`snapshot_rows`): each snapshot must hold what `snapshot_row` holds, and restoring it must
+    bring its row back to decode the same audio, whichever other rows were taken with it."""
+    codes = torch.randint(0, 2048, (3, 32, 6), generator=torch.Generator().manual_seed(1))
+    codec.open_stream(3)
+    try:
+        for t in range(3):
+            codec.decode_frame(codes[:, :, t])
+        together = codec.snapshot_rows([2, 0])
+        alone = [codec.snapshot_row(2), codec.snapshot_row(0)]
+        for a, b in zip(together, alone):
+            assert a.states.keys() == b.states.keys()
+            for name in a.states:
+                for key, value in a.states[name].items():
+                    other = b.states[name][key]
+                    if isinstance(value, dict):
+                        assert torch.equal(value["cache"], other["cache"]) and torch.equal(value["end_offset"],
+                                                                                            other["end_offset"])
+                    elif isinstance(value, torch.Tensor):
+                        assert torch.equal(value, other), (name, key)
+                    else:
+                        assert value == other
+        first = [codec.decode_frame(codes[:, :, t]) for t in range(3, 6)]
+        codec.restore_row(2, together[0])
+        codec.restore_row(0, together[1])
+        again = [codec.decode_frame(codes[:, :, t]) for t in range(3, 6)]
+    finally:
+        codec.close_stream()
+    for a, b in zip(first, again):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])

@@ -356,6 +356,20 @@ class MimiCodec:
         return CodecStreamSnapshot(1, states)
 
     @torch.inference_mode()
+    def snapshot_rows(self, rows: list[int]) -> list[CodecStreamSnapshot]:
+        """`snapshot_row` of each of `rows`, taken with one copy per state tensor for all of them.
+        The snapshots are views of those shared copies: memory is freed once all of them are
+        dropped (the calls marked in one step drop their marks at about the same age)."""
+        self._check_stream(None)
+        if not rows:
+            return []
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        gathered = {name: moshi_private.gather_rows(state, index)
+                    for name, state in self._decoder_side.get_streaming_state().items()}
+        return [CodecStreamSnapshot(1, {name: moshi_private.row_of(saved, i) for name, saved in gathered.items()})
+                for i in range(len(rows))]
+
+    @torch.inference_mode()
     def restore_row(self, row: int, snapshot: CodecStreamSnapshot) -> None:
         """Copy a one-row snapshot into row `row` of the open stream; other rows are untouched."""
         self._check_stream(None)

@@ -86,6 +86,35 @@ def copy_state(state: tp.Any, rows: slice | None = None) -> dict[str, tp.Any]:
     return out
 
 
+def gather_rows(state: tp.Any, index: torch.Tensor) -> dict[str, tp.Any]:
+    """`copy_state(state, slice(r, r + 1))` for every row r of `index` at once: one gather per
+    tensor and ring cache, whatever the number of rows (`row_of` takes row i out of it). Each
+    copy is a launch on CUDA: one row at a time, the ~50 of a Mimi decoder's state cost the host
+    ~2 ms a row (H200, run 19), for ~4 rows a step at 64 calls."""
+    out: dict[str, tp.Any] = {}
+    for key, value in state_fields(state).items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.index_select(0, index)
+        elif isinstance(value, (bool, int, float)):
+            out[key] = value
+        elif is_ring_cache(value):
+            out[key] = {"cache": value.cache.index_select(1, index), "end_offset": value.end_offset.index_select(0, index)}
+    return out
+
+
+def row_of(gathered: dict[str, tp.Any], i: int) -> dict[str, tp.Any]:
+    """Row i of `gather_rows`'s output, as `copy_state` gives one row (views: no copy)."""
+    out: dict[str, tp.Any] = {}
+    for key, value in gathered.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[i:i + 1]
+        elif isinstance(value, dict):
+            out[key] = {"cache": value["cache"][:, i:i + 1], "end_offset": value["end_offset"][i:i + 1]}
+        else:
+            out[key] = value
+    return out
+
+
 def restore_state(state: tp.Any, saved: dict[str, tp.Any], rows: slice | None = None) -> None:
     """Copy `copy_state`'s output back in place (into `rows` when given)."""
     for key, value in saved.items():

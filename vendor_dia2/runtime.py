@@ -197,7 +197,7 @@ class FrameStepper:
 
     def position(self, call: int) -> int:
         """The position the call's next step runs (host mirror: no device read)."""
-        return self.slots.places[call].position
+        return int(self.slots.places.position[call])  # no SlotPlace: this is read per call per step
 
     def place(self, call: int) -> SlotPlace:
         """Where the call stands: position, teacher-forced prefix frames, cache offset."""

@@ -390,12 +390,15 @@ class Call:
         self._last_text = self.machine.process(self.position - 1, action)
         return self.frame_ready()
 
-    def mark_codec_if_due(self) -> None:
-        """Before the announced frame is decoded: every few frames, snapshot the call's Mimi row
-        (a rollback re-decodes from the last mark before the frame it goes back to)."""
-        frame = self.slot.ready_frame
-        if frame % CODEC_MARK_EVERY == 0:
-            self._codec_marks.append((frame, self.slot.codec_snapshot()))
+    def codec_mark_due(self) -> bool:
+        """Whether the call's Mimi row is to be marked before the announced frame is decoded:
+        every few frames (a rollback re-decodes from the last mark before the frame it goes
+        back to). The engine takes the marks due in a step together (`add_codec_mark`)."""
+        return self.slot.ready_frame % CODEC_MARK_EVERY == 0
+
+    def add_codec_mark(self, snapshot) -> None:
+        """A snapshot of the call's Mimi row before the announced frame is decoded."""
+        self._codec_marks.append((self.slot.ready_frame, snapshot))
 
     def deliver(self, pcm: np.ndarray) -> None:
         """The decoded frame `advance` announced: send it, with its words, unless it lies before

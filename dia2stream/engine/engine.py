@@ -503,8 +503,9 @@ class Engine:
         decode = [call for call in stepping if call.frame_ready()]
         pending = None
         if decode:
-            for call in decode:
-                call.mark_codec_if_due()
+            due = [call for call in decode if call.codec_mark_due()]
+            for call, snapshot in zip(due, self.runner.snapshot_codec_rows([call.slot.index for call in due])):
+                call.add_codec_mark(snapshot)
             pending = self.runner.decode_later([call.slot.index for call in decode])
         failed = set()
         for call in stepping:

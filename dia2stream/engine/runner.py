@@ -74,6 +74,11 @@ class Runner:
         pcm = self.codec.decode_frame_async(self.stepper.ready_codes[: self.rows], self._decode_rows)
         return PendingDecode(pcm, time.perf_counter() - t0)
 
+    def snapshot_codec_rows(self, slots: list[int]) -> list:
+        """Snapshots of the codec rows of `slots` (rollback marks), taken together: one copy per
+        state tensor for all of them (`MimiCodec.snapshot_rows`)."""
+        return self.codec.snapshot_rows(slots)
+
     def replay(self, slot: int, codes: torch.Tensor) -> float:
         """Decode one frame `codes` [Q] into `slot`'s codec row alone (a rollback's re-decode)."""
         self._decode_rows.zero_()

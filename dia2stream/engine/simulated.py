@@ -395,6 +395,9 @@ class SimulatedCodec:
     def snapshot_row(self, row: int) -> CodecStreamSnapshot:
         return CodecStreamSnapshot(1, {})
 
+    def snapshot_rows(self, rows: list[int]) -> list[CodecStreamSnapshot]:
+        return [CodecStreamSnapshot(1, {}) for _ in rows]
+
     def restore_row(self, row: int, snapshot: CodecStreamSnapshot) -> None:
         return None
 

@@ -86,6 +86,8 @@ def profile_engine(engine, calls: int, steps: int, warm_frames: int = 24, timeou
             if time.monotonic() > deadline:
                 raise SystemExit("timed out waiting for every call's audio")
             time.sleep(0.05)
+        print(f"{calls} calls: every call has audio; {steps} steps with no profiler, then {steps} profiled",
+              flush=True)  # a sampling profiler of the host (py-spy) can start here
         seen, t0 = engine.steps, time.perf_counter()  # the same steps with no profiler attached
         while engine.steps < seen + steps:
             time.sleep(0.002)
