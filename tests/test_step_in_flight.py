@@ -82,3 +82,139 @@ def test_the_frame_picks_by_the_previous_action_then_its_own():
     assert got[:, 1].tolist() == [0, -110, -201, -311]
     # actions other than 1 are pad, as upstream maps them
     assert pick_text(choices, torch.tensor([2, 2, 2, 2]), torch.tensor([5, 5, 5, 5]))[:, 0].tolist() == [0, 100, 200, 300]
+
+
+# -- the engine: the same tokens with a step in flight or not ----------------------------------------
+
+import queue  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from dia2stream.call.call import AudioFrame, Phase  # noqa: E402
+from dia2stream.engine.engine import Engine  # noqa: E402
+from dia2stream.wire import protocol as p  # noqa: E402
+
+from helpers import engine_config  # noqa: E402
+
+
+class Conversation:
+    """One call driven through a fixed script whose every command lands where the call stands
+    still (holding for text, or done), so its tokens depend on nothing but its seed: streamed
+    fragments and a hold, a flush, a next turn, a barge-in rollback and the turn after it."""
+
+    def __init__(self, engine: Engine, seed: int):
+        self.engine, self.seed = engine, seed
+        self.items: queue.Queue = queue.Queue()
+        self.log: list = []
+        self.call = engine.open_call(self.items.put)
+        assert self.call is not None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._script()
+        except BaseException as exc:  # reported by the test's thread
+            self.error = exc
+
+    def _script(self) -> None:
+        s = self.seed
+        self._send(p.Start(text="[S1] Hello there, my", final=False, seed=s, id="one"))
+        self._until_holding()
+        self._send(p.Inject(text=" friend, how are", final=False))
+        self._until_holding()
+        self._send(p.Inject(text=" you", final=False))
+        self._until_holding()
+        self._send(p.Flush())
+        self._until(p.Done)
+        self._send(p.Inject(text=" Good morning to you and yours.", id="two"))
+        self._until(p.Done)
+        self._send(p.Pause(played_ms=400))  # the caller heard 400 ms of it: roll back there
+        self._until(p.Paused)
+        self._send(p.Inject(text=" Sorry, one two three four.", id="three"))
+        self._until(p.Done)
+        self._send(p.Inject(text=" And a last turn to end with.", id="four"))
+        self._until(p.Done)
+
+    def _send(self, command) -> None:
+        self.engine.submit(self.call, command)
+
+    def _until(self, kind):
+        while True:
+            item = self.items.get(timeout=300)
+            self.log.append(item)
+            assert not isinstance(item, p.ErrorEvent), item
+            if isinstance(item, kind):
+                return item
+
+    def _until_holding(self) -> None:
+        deadline = time.monotonic() + 300
+        while self.call.phase is not Phase.HOLDING:  # a hold sends nothing: watch the phase
+            assert time.monotonic() < deadline, "never held"
+            time.sleep(0.005)
+        while not self.items.empty():
+            self.log.append(self.items.get())
+
+    def outcome(self) -> dict:
+        """What the caller got (words, audio, events) and the call's tokens (text inputs of every
+        step of its context, and its aligned codes)."""
+        events = [item for item in self.log if not isinstance(item, AudioFrame)]
+        call = self.call
+        return {"events": [_stable(item) for item in events],
+                "pcm": [item.pcm for item in self.log if isinstance(item, AudioFrame)],
+                "text": call.context_text(), "codes": call.slot.aligned_codes(0, call.position - 20).clone(),
+                "rollovers": call.rollovers}
+
+
+def _stable(event):
+    """An event without its wall-clock fields."""
+    fields = event.to_dict()
+    for name in ("wall_s", "ttfa_ms", "onset_ms", "prepare_ms", "prefill_ms"):
+        fields.pop(name, None)
+    return type(event).__name__, fields
+
+
+def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), **overrides) -> list[dict]:
+    engine = Engine(tts, engine_config(tts, max_calls=len(seeds), max_lead_ms=1e6, max_unsent_frames=10**9,
+                                       step_in_flight=step_in_flight, **overrides))
+    try:
+        conversations = [Conversation(engine, seed) for seed in seeds]
+        threads = [threading.Thread(target=c.run) for c in conversations]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for c in conversations:
+            if c.error is not None:
+                raise c.error
+        return [c.outcome() for c in conversations]
+    finally:
+        engine.close()
+
+
+def assert_same(on: list[dict], off: list[dict], pcm: bool = True) -> None:
+    """`pcm=False`: the simulated codec's PCM is a fixed hiss by row, not a decode of the codes."""
+    for a, b in zip(on, off):
+        assert a["events"] == b["events"]
+        assert np.array_equal(a["text"], b["text"])
+        assert torch.equal(a["codes"], b["codes"])
+        assert a["rollovers"] == b["rollovers"]
+        assert len(a["pcm"]) == len(b["pcm"]) > 0
+        for x, y in zip(a["pcm"], b["pcm"]) if pcm else ():
+            np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_seeded_calls_get_the_same_tokens_with_a_step_in_flight_or_not(tiny_dir):
+    """The tiny checkpoint's real frame (the device's two-level pick, eager on CPU), three calls
+    at once, on a small context so that the calls roll over."""
+    from vendor_dia2 import Dia2
+
+    tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
+    settings = dict(context_frames=150, rollover_frames=50, min_turn_frames=40)
+    off = run_conversations(tts, "off", **settings)
+    on = run_conversations(tts, "on", **settings)
+    assert any(o["rollovers"] for o in off), "the test means to cover a rollover"
+    assert_same(on, off)

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vendor_dia2.codec import CodecStreamSnapshot
@@ -160,10 +161,12 @@ class SimulatedStepper:
         self.text = [(0, 0)] * self.n  # (main, second) text inputs of each slot's next step
         self.seeds = [0] * self.n
         self.streams = list(range(self.n))  # what the action rule is keyed by besides seed and position: moves with the call
+        self.actions = [0] * self.n  # each slot's last sampled action (two-level text choices pick by it first)
         self._positions = [0] * self.n
         self._prefix_frames = [0] * self.n
         self._cache_offset = [0] * self.n
         self.last_batch, self.last_full = 0, True
+        self.launches = self.waits = 0  # steps launched, and action copies waited for (tests compare them)
         self.last_prefill = PrefillSpan(0, 0)
         self.compile_max_calls = 0
         self.kernels, self.weights = "simulated", "simulated"
@@ -223,10 +226,16 @@ class SimulatedStepper:
     # -- the step
 
     def step(self, choices, active=None) -> list[int]:
+        return self.launch(choices, active).wait()
+
+    def launch(self, choices, active=None) -> "SimulatedLaunch":
+        """As `FrameStepper.launch`: the step is queued on the simulated device and the host goes
+        on; `wait()` is the action copy's synchronisation. `choices[call]` holds a call's two
+        outcomes, or those two for each action of its step before (a step in flight)."""
         active = [True] * self.n if active is None else list(active)
         live = [call for call, on in enumerate(active) if on]
         if not live:
-            return [0] * self.n
+            return SimulatedLaunch([0] * self.n, None)
         b = self.batch_size_for(live[-1] + 1)
         full = any(self.needs_depformer(call) for call in live)
         self.device_clock.launch(self.profile.step_seconds(b, full))
@@ -235,12 +244,19 @@ class SimulatedStepper:
         out = [0] * self.n
         for call, position in zip(live, positions):
             action = int(_mix(self.seeds[call], position, self.streams[call]) % NEW_WORD_EVERY == 0)
-            self.text[call] = choices[call][action]
+            choice = choices[call]
+            if np.ndim(choice) == 3:
+                choice = choice[self.actions[call]]  # [previous action][action]: by the step before first
+            self.text[call] = tuple(int(t) for t in choice[action])
             self._positions[call] = position + 1
-            out[call] = action
+            self.actions[call] = out[call] = action
         self.last_batch, self.last_full = b, full
+        self.launches += 1
+        return SimulatedLaunch(out, self)
+
+    def action_copy_waited(self) -> None:
         self.device_clock.synchronize()  # the action copy to the host, as on the GPU
-        return out
+        self.waits += 1
 
     def _write_codes(self, live: list[int], positions: list[int]) -> None:
         """What a step writes, for every live slot in a few tensor operations (on the GPU this is
@@ -273,7 +289,8 @@ class SimulatedStepper:
         pair, crossed = [a, b], [b, a]
         self.buffer[pair] = self.buffer[crossed]
         self.ready_codes[pair] = self.ready_codes[crossed]
-        for per_slot in (self.text, self.seeds, self.streams, self._positions, self._prefix_frames, self._cache_offset):
+        for per_slot in (self.text, self.seeds, self.streams, self.actions, self._positions, self._prefix_frames,
+                         self._cache_offset):
             per_slot[a], per_slot[b] = per_slot[b], per_slot[a]
 
     # -- snapshots, rewinds, prefills
@@ -317,6 +334,20 @@ class SimulatedStepper:
         self._cache_offset[call] = 1 if boundary.repeat_last else (self._cache_offset[call] if start else 0)
         self.last_prefill = PrefillSpan(start, frames)
         self.device_clock.synchronize()
+
+
+@dataclass(frozen=True)
+class SimulatedLaunch:
+    """A simulated step in flight: its actions are known to the simulation at once, but the host
+    gets them only through `wait()`, which waits for the simulated device as the copy would."""
+
+    actions: list[int]
+    stepper: SimulatedStepper | None
+
+    def wait(self) -> list[int]:
+        if self.stepper is not None:
+            self.stepper.action_copy_waited()
+        return self.actions
 
 
 def _mix(seed: int, position: int, stream: int) -> int:
