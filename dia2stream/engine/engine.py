@@ -242,11 +242,20 @@ class Engine:
         return done.result(timeout=timeout)
 
     def health(self) -> dict:
+        """`step_ms`: the last step's time on the generation thread (its launch and its
+        application, device waits included; without a step in flight, the whole step). `host_ms`:
+        a moving average of that less the launches and the waits for the device. On the
+        simulated GPU also `simulated_gpu_busy_s`, the device's work so far (its idle share over
+        a window is 1 - the busy time's growth over the wall time's)."""
         calls = self.calls
-        return {"calls": calls, "max_calls": self.max_calls, "busy": calls >= self.max_calls or self.overloaded,
-                "overloaded": self.overloaded, "step_ms": round(self.last_step_ms, 2),
-                "step_calls": self.last_step_calls, "host_ms": round(self.host_ms, 2),
-                "stalled_s": round(self.stalled_s(), 2), "failure": self.failure_reason()}
+        out = {"calls": calls, "max_calls": self.max_calls, "busy": calls >= self.max_calls or self.overloaded,
+               "overloaded": self.overloaded, "step_ms": round(self.last_step_ms, 2),
+               "step_calls": self.last_step_calls, "host_ms": round(self.host_ms, 2),
+               "stalled_s": round(self.stalled_s(), 2), "failure": self.failure_reason()}
+        busy = getattr(self.tts, "device_busy_seconds", None)
+        if busy is not None:
+            out["simulated_gpu_busy_s"] = round(busy(), 4)
+        return out
 
     @property
     def max_prefix_frames(self) -> int:

@@ -478,6 +478,10 @@ class SimulatedDia2:
     def new_state_machine(self):
         return self._machine_factory(self)
 
+    def device_busy_seconds(self) -> float:
+        """Simulated GPU work queued so far (steps, decodes, prefills, swaps), in seconds."""
+        return self.device_clock.busy_seconds
+
     def new_stepper(self, *, n_calls: int = 1, cfg: bool, max_positions: int | None = None, **options):
         return SimulatedStepper(self.config, self.profile, self.device_clock, n_calls=n_calls, cfg=cfg,
                                 max_positions=max_positions, bos_token_id=self.bos_token_id,
