@@ -295,3 +295,22 @@ def test_on_the_simulated_gpu_the_next_step_is_launched_before_the_last_is_appli
             assert ahead == 0 and engine.steps_ahead == 0
     finally:
         engine.close()
+
+
+def test_waiting_for_a_simulated_steps_actions_does_not_wait_for_work_queued_after_it():
+    """As a CUDA event: the host waits for the step's own work, not for the next step, which the
+    host launched before it waited."""
+    from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedStepper, SimulatedDia2
+
+    now = [0.0]
+    device = SimulatedDevice(clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    profile = GpuProfile(gpu="test", preset="2b", full_step_ms={1: 10.0}, lite_step_ms={1: 4.0}, decode_ms={1: 2.0})
+    stepper = SimulatedStepper(SimulatedDia2(profile).config, profile, device, n_calls=1)
+    choice = ((5, 5), (6, 6))
+    first = stepper.launch([(choice, choice)])
+    second = stepper.launch([(choice, choice)])
+    assert now[0] == 0.0  # both queued, the host went on
+    first.wait()
+    assert now[0] == pytest.approx(0.004)  # the first step's end, not the second's
+    second.wait()
+    assert now[0] == pytest.approx(0.008)

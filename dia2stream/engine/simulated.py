@@ -125,6 +125,12 @@ class SimulatedDevice:
         while (left := self.busy_until - self._clock()) > 0:
             self._sleep(left)
 
+    def wait_until(self, done_at: float) -> None:
+        """Wait until the work that ends at `done_at` (from `launch`) is done, as a CUDA event
+        recorded after it would: work queued later does not hold the host up."""
+        while (left := done_at - self._clock()) > 0:
+            self._sleep(left)
+
     def stall_next(self, seconds: float) -> None:
         """Make the next piece of work this much slower (a test's injected hiccup)."""
         with self._lock:
@@ -235,10 +241,10 @@ class SimulatedStepper:
         active = [True] * self.n if active is None else list(active)
         live = [call for call, on in enumerate(active) if on]
         if not live:
-            return SimulatedLaunch([0] * self.n, None)
+            return SimulatedLaunch([0] * self.n, None, 0.0)
         b = self.batch_size_for(live[-1] + 1)
         full = any(self.needs_depformer(call) for call in live)
-        self.device_clock.launch(self.profile.step_seconds(b, full))
+        done_at = self.device_clock.launch(self.profile.step_seconds(b, full))
         positions = [self._positions[call] for call in live]
         self._write_codes(live, positions)
         out = [0] * self.n
@@ -252,10 +258,10 @@ class SimulatedStepper:
             self.actions[call] = out[call] = action
         self.last_batch, self.last_full = b, full
         self.launches += 1
-        return SimulatedLaunch(out, self)
+        return SimulatedLaunch(out, self, done_at)
 
-    def action_copy_waited(self) -> None:
-        self.device_clock.synchronize()  # the action copy to the host, as on the GPU
+    def action_copy_waited(self, done_at: float) -> None:
+        self.device_clock.wait_until(done_at)  # the action copy to the host, as on the GPU
         self.waits += 1
 
     def _write_codes(self, live: list[int], positions: list[int]) -> None:
@@ -343,10 +349,11 @@ class SimulatedLaunch:
 
     actions: list[int]
     stepper: SimulatedStepper | None
+    done_at: float  # when the simulated device finishes the step (SimulatedDevice.launch)
 
     def wait(self) -> list[int]:
         if self.stepper is not None:
-            self.stepper.action_copy_waited()
+            self.stepper.action_copy_waited(self.done_at)
         return self.actions
 
 
@@ -393,27 +400,27 @@ class SimulatedCodec:
         return self.batch_size
 
     def decode_frame(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        pcm = self._decode(codes, rows)
+        pcm, _ = self._decode(codes, rows)
         self.device_clock.synchronize()  # the PCM copy to the host, as on the GPU
         return pcm
 
-    def _decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """Queue a decode's time on the simulated device; the PCM it will give."""
+    def _decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """Queue a decode's time on the simulated device; the PCM it will give, and when."""
         batch = codes.shape[0] if codes.dim() == 2 else 1
         if self.batch_size is not None:
             # the real codec runs over the first rows only, up to the highest one decoding
             on = torch.as_tensor(rows, dtype=torch.bool).nonzero() if rows is not None else None
             batch = self.decode_size_for(int(on[-1]) + 1) if on is not None and len(on) else self.batch_size
-        self.device_clock.launch(self.profile.decode_seconds(batch))
+        done_at = self.device_clock.launch(self.profile.decode_seconds(batch))
         if self._hiss is None or self._hiss.shape[0] < batch:
             self._hiss = 0.01 * torch.randn(batch, FRAME_SAMPLES, generator=torch.Generator().manual_seed(0))
-        return self._hiss[:batch]
+        return self._hiss[:batch], done_at
 
     def decode_frame_async(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> "SimulatedPcm":
         """As `MimiCodec.decode_frame_async`: the decode is queued on the simulated device and the
         host goes on; `wait` is the PCM copy's synchronisation."""
-        pcm = self._decode(codes, rows)
-        return SimulatedPcm(pcm, self.device_clock)
+        pcm, done_at = self._decode(codes, rows)
+        return SimulatedPcm(pcm, self.device_clock, done_at)
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         frames = -(-wav.shape[-1] // FRAME_SAMPLES)
@@ -441,9 +448,10 @@ class SimulatedPcm:
 
     pcm: torch.Tensor
     device_clock: SimulatedDevice
+    done_at: float  # when the simulated decode is done (work queued after it does not delay the PCM)
 
     def wait(self):
-        self.device_clock.synchronize()
+        self.device_clock.wait_until(self.done_at)
         return self.pcm.numpy()
 
 
