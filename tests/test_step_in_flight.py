@@ -137,6 +137,8 @@ class Conversation:
         self._until(p.Done)
         self._send(p.Inject(text=" And a last turn to end with.", id="four"))
         self._until(p.Done)
+        self._send(p.Start(text="[S1] Now in another voice.", voice="v", seed=s, id="five"))  # a voice switch
+        self._until(p.Done)
 
     def _send(self, command) -> None:
         self.engine.submit(self.call, command)
@@ -176,10 +178,28 @@ def _stable(event):
     return type(event).__name__, fields
 
 
+def _tone_wav(seconds: float = 0.8) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    t = np.arange(int(seconds * 24000)) / 24000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000, format="WAV")
+    return buf.getvalue()
+
+
 def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), **overrides) -> list[dict]:
+    import tempfile
+
+    from dia2stream.voices.voice import VoiceRequest, VoiceSettings
+
     engine = Engine(tts, engine_config(tts, max_calls=len(seeds), max_lead_ms=1e6, max_unsent_frames=10**9,
-                                       step_in_flight=step_in_flight, **overrides))
+                                       step_in_flight=step_in_flight, voice=VoiceSettings(cache_dir=tempfile.mkdtemp()),
+                                       **overrides))
     try:
+        engine.preload_voice(VoiceRequest("base", audio=_tone_wav(0.4), transcript="[S1] Hi."), cache=False)
+        engine.preload_voice(VoiceRequest("v", audio=_tone_wav(), transcript="[S1] Hi there."), cache=False)
         conversations = [Conversation(engine, seed) for seed in seeds]
         threads = [threading.Thread(target=c.run) for c in conversations]
         for t in threads:
