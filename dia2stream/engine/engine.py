@@ -10,8 +10,11 @@ thread; each reaches its own device state through a `SlotHandle` only. The loop:
     plan    the scheduler picks the calls to step by deadline (engine/scheduler.py), and any
             planned model work (a caller's turn's prefill, a codec re-decode) when nothing is
             urgent; a call's commands behind its planned prefill wait for it
-    run     the runner steps those slots and decodes the ready frames (engine/runner.py)
-    apply   each call takes its action and its PCM row and emits frames and events
+    run     the runner launches a step for those slots and the decode of the ready frames
+            (engine/runner.py)
+    apply   each call takes its action and its PCM row and emits frames and events; with
+            `step_in_flight` a step is applied only once the next one is launched, so this host
+            work overlaps the device's next step (`_step_once`)
 
 Pacing is per call: a call runs at most `max_lead_ms` ahead of a client playing its audio in
 real time. When calls keep falling behind real time, or one more call would not fit the measured
@@ -572,11 +575,11 @@ class Engine:
         frames that are ready from positions alone, and the copy of its actions) and return it
         unapplied. A call in the step in flight gets the choices for either action of that step
         (`Call.preview_after`); the others' text state is known."""
-        t0 = time.perf_counter()
         flight = self._in_flight
         if flight is not None and any(call not in flight.entries and not call.context_left() for call in calls):
             self._drain()  # a rollover is model work on a call's context: none with a step in flight
             flight = None
+        t0 = time.perf_counter()
         stepping, choices = [], {}
         for call in calls:
             if flight is not None and call in flight.entries:
@@ -661,8 +664,7 @@ class Engine:
 
     def _release_held(self) -> None:
         """Dispatch the commands held for slots that no step in flight holds any more, in order."""
-        flight = self._in_flight
-        busy = set() if flight is None else {entry.slot for entry in flight.entries.values()}
+        busy = self._in_flight.slots if self._in_flight is not None else frozenset()
         for slot in [slot for slot in self._held if slot not in busy]:
             for envelope in self._held.pop(slot, []):  # a voice command among them may apply the next step
                 self._dispatch(envelope)
