@@ -47,7 +47,7 @@ def record_state_before(engine, call, target: int, monkeypatch) -> dict:
     """Wrap the stepper's and codec's public step/decode to take snapshots as the call runs:
     its slot and text state before step `target`, its Mimi row before frame `target` is decoded."""
     taken: dict = {}
-    step, decode = engine.stepper.step, engine.codec.decode_frame
+    step, decode = engine.stepper.launch, engine.codec.decode_frame
 
     def stepping(choices, active):
         if "stepper" not in taken and engine.stepper.position(call.slot.index) == target:
@@ -59,7 +59,7 @@ def record_state_before(engine, call, target: int, monkeypatch) -> dict:
             taken["codec"] = engine.codec.snapshot_row(call.slot.index)
         return decode(codes, rows)
 
-    monkeypatch.setattr(engine.stepper, "step", stepping)
+    monkeypatch.setattr(engine.stepper, "launch", stepping)
     monkeypatch.setattr(engine.codec, "decode_frame", decoding)
     return taken
 

@@ -73,12 +73,12 @@ class ServerRun:
 
 
 class FaultyStep:
-    """Wraps FrameStepper.step in this process (`--engine-process off`): once armed, the next step
+    """Wraps FrameStepper.launch in this process (`--engine-process off`): once armed, the next step
     raises `error` or blocks until released."""
 
     def __init__(self, monkeypatch, error: BaseException | None = None) -> None:
         self._armed, self._hit, self._released = threading.Event(), threading.Event(), threading.Event()
-        real = FrameStepper.step
+        real = FrameStepper.launch
 
         def step(stepper, *args, **kwargs):
             if self._armed.is_set():
@@ -88,7 +88,7 @@ class FaultyStep:
                 self._released.wait(60)  # a hung device
             return real(stepper, *args, **kwargs)
 
-        monkeypatch.setattr(FrameStepper, "step", step)
+        monkeypatch.setattr(FrameStepper, "launch", step)
 
     def arm(self) -> None:
         self._armed.set()
@@ -122,7 +122,7 @@ class FaultyStepInEngineProcess:
 
 def wrap_step_in_this_process(arm_file: str, error: str | None) -> None:
     """Run in the engine's process before its engine is built (`run(engine_init=...)`)."""
-    real = FrameStepper.step
+    real = FrameStepper.launch
 
     def step(stepper, *args, **kwargs):
         if os.path.exists(arm_file):
@@ -134,7 +134,7 @@ def wrap_step_in_this_process(arm_file: str, error: str | None) -> None:
                 time.sleep(0.05)
         return real(stepper, *args, **kwargs)
 
-    FrameStepper.step = step
+    FrameStepper.launch = step
 
 
 async def health_503(port: int, timeout: float = 30.0) -> tuple[float, dict]:

@@ -226,15 +226,15 @@ def wait_until(condition, timeout: float = 60.0) -> None:
 def record_steps(engine: Engine, watched: list[Listener]) -> list[tuple[bool, int]]:
     """From now on, for each step: whether only `watched` calls stepped, and its padded batch."""
     steps: list[tuple[bool, int]] = []
-    step = engine.stepper.step
+    launch = engine.stepper.launch
 
     def recording(choices, active=None):
-        out = step(choices, active)
+        out = launch(choices, active)
         rows = {row for row, on in enumerate(active) if on}
         steps.append((rows <= {listener.call.slot.index for listener in watched}, engine.stepper.last_batch))
         return out
 
-    engine.stepper.step = recording
+    engine.stepper.launch = recording
     return steps
 
 

@@ -245,11 +245,18 @@ class MimiCodec:
         if pcm.device.type != "cuda":
             return PendingPcm(pcm, None)
         b = pcm.shape[0]
-        if getattr(self, "_pinned_pcm", None) is None or self._pinned_pcm.shape[0] < b:
-            self._pinned_pcm = torch.empty(self._stream_batch, FRAME_SAMPLES, dtype=torch.float32, pin_memory=True)
-        host = self._pinned_pcm[:b]
+        # Two pinned buffers in turn: with a step in flight the next decode is queued before the
+        # host has waited for this one's PCM, and must not copy over it.
+        if getattr(self, "_pinned_pcm", None) is None or self._pinned_pcm[0].shape[0] < b:
+            self._pinned_pcm = [torch.empty(self._stream_batch, FRAME_SAMPLES, dtype=torch.float32, pin_memory=True)
+                                for _ in range(2)]
+            self._pinned_done = [None, None]
+        turn = self._pinned_turn = 1 - getattr(self, "_pinned_turn", 1)
+        if self._pinned_done[turn] is not None:
+            self._pinned_done[turn].synchronize()  # its PCM of two decodes ago is on the host
+        host = self._pinned_pcm[turn][:b]
         host.copy_(pcm, non_blocking=True)
-        done = torch.cuda.Event()
+        done = self._pinned_done[turn] = torch.cuda.Event()
         done.record()
         return PendingPcm(host, done)
 

@@ -114,6 +114,14 @@ def resolve_sampler(sampler: str, kernels: str, device: torch.device) -> str:
     return sampler
 
 
+def pick_text(choices: torch.Tensor, previous: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    """Each slot's (main, second) text tokens [N, 2] out of its candidates `choices` [N, 2, 2, 2]
+    (previous action, action, token): by the action its step before sampled (`previous` [N],
+    read before this step overwrites it), then by this step's `action` [N]."""
+    rows = torch.arange(choices.shape[0], device=choices.device)
+    return choices[rows, (previous == NEW_WORD_ACTION).long(), (action == NEW_WORD_ACTION).long()]
+
+
 class Frame:
     """The frame function of one stepper: its model, slot table, draw rule and (for the Triton
     depformer) its stage tables. Calling it runs one frame for slots 0..b-1 (`full=False`: the
@@ -151,7 +159,7 @@ class Frame:
                                      s.stream_temperature[:b], s.stream_top_k[:b])  # [N, 1 + Q, K], [N, 1 + Q]
         cfg_scale, top_k = s.cfg_scale[:b], s.stream_top_k[:b]
         action = self._draw(action_logits[:, 0], inv_temp[:, 0], noise[:, 0], cfg_scale, top_k[:, 0])
-        text = s.text_choices[:b][torch.arange(b, device=pos.device), (action == NEW_WORD_ACTION).long()]  # [N, 2]
+        text = pick_text(s.text_choices[:b], s.action[:b], action)  # [N, 2]
 
         write_pos = pos + 1  # step t fills delayed column t+1
         write_index = write_pos[:, None, None].expand(b, q, 1)
@@ -178,7 +186,7 @@ class Frame:
         per_call[:, :, 2:] = torch.where(active[:, None], next_audio, per_call[:, 0, 2:])[:, None, :]
         ready = (write_pos - self.max_delay)[:, None] + s.delays[None, :]  # [N, Q] delayed columns
         s.ready_codes[:b].copy_(buffer.gather(2, ready.clamp(min=0)[:, :, None])[:, :, 0])
-        s.action[:b].copy_(action)
+        s.action[:b].copy_(torch.where(active, action, s.action[:b]))  # a slot sitting out keeps its last action
         s.text_out[:b].copy_(text)
         s.codes[:b].copy_(codes_t)
         s.positions[:b].add_(active.long())

@@ -44,8 +44,27 @@ from .graphs import CACHE_BUCKETS, FrameGraphs, default_batch_sizes
 from .model import Dia2Model
 from .slots import NEW_WORD_ACTION, UNGENERATED, SamplingParams, SlotPlace, SlotTable, StepperSnapshot
 
-__all__ = ["CACHE_BUCKETS", "FrameFunctions", "FrameStepper", "NEW_WORD_ACTION", "PREFIX_BOUNDARIES", "PrefillSpan",
+__all__ = ["CACHE_BUCKETS", "FrameFunctions", "FrameStepper", "LaunchedFrame", "NEW_WORD_ACTION", "PREFIX_BOUNDARIES", "PrefillSpan",
            "PrefixBoundary", "SamplingParams", "SlotPlace", "StepperSnapshot", "UNGENERATED", "default_batch_sizes", "pick"]
+
+
+@dataclass(frozen=True)
+class LaunchedFrame:
+    """A frame launched on the device; `wait()` gives its sampled actions (0 pad, 1 new_word; 0
+    for slots that did not step), waiting for the device where it has not finished."""
+
+    actions: object  # slots.PendingActions, or None when no slot stepped
+    live: np.ndarray
+    n: int
+
+    def wait(self) -> list[int]:
+        out = [0] * self.n
+        if self.actions is None:
+            return out
+        sampled = self.actions.wait()
+        for call in self.live.tolist():
+            out[call] = int(sampled[call] == NEW_WORD_ACTION)
+        return out
 
 
 @dataclass(frozen=True)
@@ -223,20 +242,25 @@ class FrameStepper:
         action is pad, (main, second) if it is new_word); entries of inactive calls are ignored.
         `active` (default: all) lists which calls advance. Returns the sampled actions (0 pad,
         1 new_word; 0 for inactive calls)."""
+        return self.launch(choices, active).wait()
+
+    def launch(self, choices, active=None) -> "LaunchedFrame":
+        """`step`, queued: the frame and the copy of its actions are launched and this returns at
+        once (positions are advanced on the host mirror already); `wait()` gives the actions.
+        `choices[call]` may also hold both outcomes for each action of the call's step before
+        (`SlotTable.stage_step`): the next step can be launched before the host has applied the
+        actions of this one."""
         live = np.arange(self.n) if active is None else np.flatnonzero(np.asarray(active, dtype=bool))
         if not len(live):
-            return [0] * self.n
+            return LaunchedFrame(None, live, self.n)
         b = self.batch_size_for(int(live[-1]) + 1)
         full = not self.skip_unread_stages or self.slots.places.need_codes(live, self.first_stage_delay)
-        self.slots.stage_step(choices, live)
+        staging = self.slots.stage_step(choices, live)
         self.graphs.run(self.frame, b, full, self.cache_length_for(b))
-        actions = self.slots.read_actions()
+        actions = self.slots.read_actions_later(staging)
         self.slots.advanced(live)
         self.last_batch, self.last_full = b, full
-        out = [0] * self.n
-        for call in live.tolist():
-            out[call] = int(actions[call] == NEW_WORD_ACTION)
-        return out
+        return LaunchedFrame(actions, live, self.n)
 
     def ready_frame_index(self, call: int) -> int:
         """Aligned frame index whose codes are in `ready_codes[call]` after the last step."""

@@ -91,6 +91,45 @@ class StepperSnapshot:
     cache_offset: int = 0  # cache slot minus RoPE position (1 after an upstream-boundary prefill)
 
 
+@dataclass
+class HostStaging:
+    """One step's host side: the text choices and active mask it copies in, the actions it copies
+    out (pinned on CUDA, so the copies are asynchronous), and the event after its last copy."""
+
+    choices: torch.Tensor  # [n, 2, 2, 2] as `SlotTable.text_choices`
+    active: torch.Tensor  # [n] bool
+    action: torch.Tensor  # [n]
+    done: object = None  # a torch.cuda.Event once a copy was queued; None on CPU (copies are done at once)
+
+    @classmethod
+    def allocate(cls, n: int, device: torch.device) -> "HostStaging":
+        pinned = device.type == "cuda"
+        return cls(torch.zeros(n, 2, 2, 2, dtype=torch.long, pin_memory=pinned),
+                   torch.zeros(n, dtype=torch.bool, pin_memory=pinned),
+                   torch.zeros(n, dtype=torch.long, pin_memory=pinned))
+
+    def record(self) -> None:
+        if self.action.is_pinned():
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def wait(self) -> None:
+        if self.done is not None:
+            self.done.synchronize()
+            self.done = None
+
+
+@dataclass
+class PendingActions:
+    """A step's sampled actions on their way to the host; `wait()` gives them, one per slot."""
+
+    staging: HostStaging
+
+    def wait(self) -> list[int]:
+        self.staging.wait()
+        return self.staging.action.tolist()
+
+
 class SlotTable:
     """Inputs, outputs, caches and sampling settings of `n` slots, rows laid out `[slot, branch]`."""
 
@@ -115,7 +154,10 @@ class SlotTable:
         self.buffer = torch.full((n, d.num_codebooks, max_positions + 2), UNGENERATED, **long)
         self.prefix_frames = torch.zeros(n, **long)  # aligned frames teacher-forced (voice prefix, rollback)
         self.cache_offset = torch.zeros(n, **long)  # cache slot = position + offset (PrefixBoundary)
-        self.text_choices = torch.zeros(n, 2, 2, **long)  # [call, action is new_word, (main, second)]
+        # [call, previous action is new_word, action is new_word, (main, second)]: with a step in
+        # flight the host does not know a call's text state yet, so it previews both outcomes of
+        # the step before and the frame picks by that step's action (still in `action`) first
+        self.text_choices = torch.zeros(n, 2, 2, 2, **long)
         self.active = torch.zeros(n, device=dev, dtype=torch.bool)
         # sampling, per draw stream: column 0 the action (text sampling), columns 1..Q the codebooks
         self.seeds = torch.zeros(n, **long)
@@ -127,12 +169,11 @@ class SlotTable:
         self.text_out = torch.zeros(n, 2, **long)
         self.codes = torch.zeros(n, d.num_codebooks, **long)
         self.ready_codes = torch.zeros(n, d.num_codebooks, **long)  # aligned frame position + 1 - max_delay
-        # host side: the mirrors, and pinned staging for the one copy in and the one copy out
+        # host side: the mirrors, and pinned staging for the one copy in and the one copy out, two
+        # of each: while one step's copies may still be queued, the next step stages into the other
         self.places = SlotPlaces(n)
-        pinned = dev.type == "cuda"
-        self._host_choices = torch.zeros(n, 2, 2, dtype=torch.long, pin_memory=pinned)
-        self._host_active = torch.zeros(n, dtype=torch.bool, pin_memory=pinned)
-        self._host_action = torch.zeros(n, dtype=torch.long, pin_memory=pinned)
+        self._staging = [HostStaging.allocate(n, dev) for _ in range(2)]
+        self._next_staging = 0
 
     def row_slice(self, call: int) -> slice:
         return slice(call * self.branches, (call + 1) * self.branches)
@@ -179,21 +220,35 @@ class SlotTable:
             rows[1, 1] = d.text_pad_token_id
         rows[:, 2:] = d.audio_bos
 
-    def stage_step(self, choices, live: np.ndarray) -> None:
-        """Copy this step's text choices and active mask to the device (one copy each). The host
-        side is filled through numpy views in one assignment: five tensor element writes per call
-        were ~5 ms of host time a step at 64 calls (H200 trace, issue 18)."""
-        active = self._host_active.numpy()
+    def stage_step(self, choices, live: np.ndarray) -> "HostStaging":
+        """Copy this step's text choices and active mask to the device (one copy each), from the
+        pinned buffers the step before did not use. `choices[call]` is either the two outcomes of
+        the call's step ([action, (main, second)]: its text state is known) or those two for each
+        action of its step before ([previous action, action, (main, second)]: that step is still
+        in flight). The host side is filled through numpy views in one assignment: five tensor
+        element writes per call were ~5 ms of host time a step at 64 calls (H200 trace, issue 18)."""
+        staging = self._staging[self._next_staging]
+        self._next_staging = 1 - self._next_staging
+        staging.wait()  # its copies of two steps ago must have left before it is rewritten
+        active = staging.active.numpy()
         active[:] = False
         active[live] = True
-        self._host_choices.numpy()[live] = np.array([choices[call] for call in live], dtype=np.int64).reshape(-1, 2, 2)
-        self.text_choices.copy_(self._host_choices, non_blocking=True)
-        self.active.copy_(self._host_active, non_blocking=True)
+        picked = np.array([choices[call] for call in live], dtype=np.int64)
+        staging.choices.numpy()[live] = picked.reshape(len(live), -1, 2, 2)  # a known state fills both halves
+        self.text_choices.copy_(staging.choices, non_blocking=True)
+        self.active.copy_(staging.active, non_blocking=True)
+        return staging
+
+    def read_actions_later(self, staging: "HostStaging") -> "PendingActions":
+        """Queue the copy of the last step's sampled actions to the host (into `staging`, the
+        buffers that step was staged from) and return at once; `wait()` gives them."""
+        staging.action.copy_(self.action, non_blocking=True)
+        staging.record()
+        return PendingActions(staging)
 
     def read_actions(self) -> list[int]:
         """The sampled actions of the last step: the one device-to-host copy (synchronises)."""
-        self._host_action.copy_(self.action)
-        return self._host_action.tolist()
+        return self.read_actions_later(self._staging[1 - self._next_staging]).wait()
 
     # -- two slots, exchanged ---------------------------------------------------------------------
 

@@ -220,6 +220,21 @@ class TextStateMachine:
         off the state without changing it (every call does this every frame)."""
         return _outcome(self, self._cur, self._logs, ACTION_PAD), _outcome(self, self._cur, self._logs, ACTION_NEW_WORD)
 
+    def preview_after(self, step: int, action: int) -> tuple[tuple[int, int], tuple[int, int]]:
+        """`preview(step + 1)` as it would read after `process(step, action)`, with nothing
+        changed: the two outcomes of the step after one whose action the host does not know yet
+        (a step in flight). Runs `process` on a copy of the row and cuts back what it appended
+        to the logs (the transcript, the look-ahead)."""
+        logs = self._logs
+        words, ahead = len(logs.transcript), len(logs.ahead)
+        c = TextCursor(*_values(self._cur))
+        try:
+            _process(self, c, logs, int(step), int(action), False)
+            return _outcome(self, c, logs, ACTION_PAD), _outcome(self, c, logs, ACTION_NEW_WORD)
+        finally:
+            del logs.transcript[words:]
+            del logs.ahead[ahead:]
+
     # --- state ------------------------------------------------------------------------------
 
     def mark(self) -> tuple[int, ...]:

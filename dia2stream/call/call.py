@@ -374,21 +374,56 @@ class Call:
     def preview(self):
         """Both possible text answers of the next step (before it runs); records the step."""
         position = self.position
+        self.record_step_before(position)
+        return self.machine.preview(position)
+
+    def preview_after(self, step: int):
+        """The text answers of the step after `step`, which is in flight (its action not applied
+        yet): for each action `step` may have sampled, both answers of the next step. Records
+        nothing: the state before the next step is recorded once `step` is applied
+        (`record_step_before`), and no command reaches this call before then (the engine holds them)."""
+        return self.machine.preview_after(step, 0), self.machine.preview_after(step, 1)
+
+    def record_step_before(self, position: int) -> None:
+        """Keep the text state and inputs before step `position` (a rollback goes back to them,
+        a rollover prefills the text again)."""
         self._history.record(position, self._last_text, self.machine.mark())
         if position >= self._floor_frame:  # upstream's boundary runs step F - 1 again: keep the prefix's text
             self._text_log[position] = self._last_text
-        return self.machine.preview(position)
 
-    def frame_ready(self) -> bool:
+    def may_step_ahead(self) -> bool:
+        """Whether this call may be launched again while its last launched step is not applied:
+        nothing that step's actions can do (end the turn, put it on hold) may be due by its end
+        check, and the call must need nothing a known text state is needed for (a rollover, a
+        full context, draining). When in doubt, no: a call sitting out one step costs that call
+        one step; a wrong guess would change its tokens. `position` already stands after the
+        step in flight (the host mirror moves at launch)."""
+        turn, m = self.turn, self.machine
+        if self.draining or not self.generating or turn is None or not self.context_left():
+            return False
+        position, tail = self.position, self.settings.tail_frames
+        if m.end_step is not None:
+            return position < m.end_step + tail  # `check_end` after the step in flight would not end it
+        if m.remaining_entries:
+            return True  # a word is queued: the step in flight can neither end the turn nor starve it
+        if m.final:  # the step in flight may set the end at its own step, position - 1
+            return position < position - 1 + tail
+        # the step in flight may starve the call; the hold begins once every word is out
+        return position < _first(m.last_word_step, turn.start_position) + tail
+
+    def frame_ready(self, position: int | None = None) -> bool:
         """After a step: whether it made an aligned frame of this turn ready to decode (from the
-        position alone, so the decode can be queued before `advance`)."""
-        return self.slot.ready_frame >= self.turn.next_frame
+        position alone, so the decode can be queued before `advance`). `position`: where the step
+        left the call (default: where it stands now)."""
+        ready = (self.position if position is None else position) - self.slot.max_delay
+        return ready >= self.turn.next_frame
 
-    def advance(self, action: int) -> bool:
-        """Apply the step's sampled action (the step already advanced the position). True when an
-        aligned frame of this turn is ready to decode."""
-        self._last_text = self.machine.process(self.position - 1, action)
-        return self.frame_ready()
+    def advance(self, action: int, step: int | None = None) -> bool:
+        """Apply the sampled action of step `step` (default: the step just run; the host mirror
+        moved past it at launch). True when an aligned frame of this turn is ready to decode."""
+        step = self.position - 1 if step is None else step
+        self._last_text = self.machine.process(step, action)
+        return self.frame_ready(step + 1)
 
     def codec_mark_due(self) -> bool:
         """Whether the call's Mimi row is to be marked before the announced frame is decoded:
@@ -400,11 +435,12 @@ class Call:
         """A snapshot of the call's Mimi row before the announced frame is decoded."""
         self._codec_marks.append((self.slot.ready_frame, snapshot))
 
-    def deliver(self, pcm: np.ndarray) -> None:
-        """The decoded frame `advance` announced: send it, with its words, unless it lies before
-        the turn's first word (less the lead-in)."""
+    def deliver(self, pcm: np.ndarray, frame: int | None = None) -> None:
+        """The decoded frame `advance` announced (aligned frame `frame`; default: the one the
+        slot's last step made ready): send it, with its words, unless it lies before the turn's
+        first word (less the lead-in)."""
         turn = self.turn
-        frame = self.slot.ready_frame
+        frame = self.slot.ready_frame if frame is None else frame
         turn.next_frame = frame + 1
         if turn.send_from is None:
             first_word = self._first_word_frame()
@@ -422,8 +458,10 @@ class Call:
         turn.frames_sent += 1
         self.frames_emitted += 1
 
-    def check_end(self) -> None:
-        position = self.position
+    def check_end(self, position: int | None = None) -> None:
+        """After a step is applied: end the turn, or hold for more text, when due. `position`:
+        where that step left the call (default: where it stands now)."""
+        position = self.position if position is None else position
         m = self.machine
         if m.end_step is not None and position >= m.end_step + self.settings.tail_frames:
             turn = self.turn

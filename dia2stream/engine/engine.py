@@ -10,8 +10,11 @@ thread; each reaches its own device state through a `SlotHandle` only. The loop:
     plan    the scheduler picks the calls to step by deadline (engine/scheduler.py), and any
             planned model work (a caller's turn's prefill, a codec re-decode) when nothing is
             urgent; a call's commands behind its planned prefill wait for it
-    run     the runner steps those slots and decodes the ready frames (engine/runner.py)
-    apply   each call takes its action and its PCM row and emits frames and events
+    run     the runner launches a step for those slots and the decode of the ready frames
+            (engine/runner.py)
+    apply   each call takes its action and its PCM row and emits frames and events; with
+            `step_in_flight` a step is applied only once the next one is launched, so this host
+            work overlaps the device's next step (`_step_once`)
 
 Pacing is per call: a call runs at most `max_lead_ms` ahead of a client playing its audio in
 real time. When calls keep falling behind real time, or one more call would not fit the measured
@@ -72,6 +75,7 @@ class EngineConfig:
     voice: VoiceSettings
     overload_refusal_s: float  # refuse new calls this long after one fell behind real time; 0 = never
     max_user_turn_seconds: float  # longest caller's turn (user_turn audio)
+    step_in_flight: bool  # launch the next step before the last one's outputs are applied (see `_step_once`)
     max_unsent_frames: int = 250  # frames generated but not yet taken by a slow client, per call
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
@@ -119,6 +123,11 @@ class Engine:
         self._lock = threading.Lock()
         self._inbox: queue.Queue[Envelope] = queue.Queue()
         self._deferred: dict[Call, list[Envelope]] = {}  # a call's commands behind its planned prefill
+        # One step in flight (`step_in_flight`): the step launched and not applied yet, and the
+        # commands held for its slots until it is (a call's text state changes between two of its
+        # launched steps only by applying the first), by slot, in the order they came.
+        self._in_flight: LaunchedStep | None = None
+        self._held: dict[int, list[Envelope]] = {}
         self._closed = False
         # Liveness (issue 19): why the engine cannot serve any more (a sticky device error, the
         # thread gone), and the last moment it was known to keep up: a step or a command
@@ -132,6 +141,7 @@ class Engine:
         self.host_ms = 0.0  # moving average of a step's generation-thread work outside the stepper and codec
         self.steps = 0
         self.slot_moves = 0  # calls moved to a lower slot so that a step ran smaller
+        self.steps_ahead = 0  # calls launched while their step before was still in flight (step_in_flight)
         self.overloaded = False
         self._behind_since: float | None = None
         self._last_behind = 0.0
@@ -235,11 +245,20 @@ class Engine:
         return done.result(timeout=timeout)
 
     def health(self) -> dict:
+        """`step_ms`: the last step's time on the generation thread (its launch and its
+        application, device waits included; without a step in flight, the whole step). `host_ms`:
+        a moving average of that less the launches and the waits for the device. On the
+        simulated GPU also `simulated_gpu_busy_s`, the device's work so far (its idle share over
+        a window is 1 - the busy time's growth over the wall time's)."""
         calls = self.calls
-        return {"calls": calls, "max_calls": self.max_calls, "busy": calls >= self.max_calls or self.overloaded,
-                "overloaded": self.overloaded, "step_ms": round(self.last_step_ms, 2),
-                "step_calls": self.last_step_calls, "host_ms": round(self.host_ms, 2),
-                "stalled_s": round(self.stalled_s(), 2), "failure": self.failure_reason()}
+        out = {"calls": calls, "max_calls": self.max_calls, "busy": calls >= self.max_calls or self.overloaded,
+               "overloaded": self.overloaded, "step_ms": round(self.last_step_ms, 2),
+               "step_calls": self.last_step_calls, "host_ms": round(self.host_ms, 2),
+               "stalled_s": round(self.stalled_s(), 2), "failure": self.failure_reason()}
+        busy = getattr(self.tts, "device_busy_seconds", None)
+        if busy is not None:
+            out["simulated_gpu_busy_s"] = round(busy(), 4)
+        return out
 
     @property
     def max_prefix_frames(self) -> int:
@@ -296,7 +315,10 @@ class Engine:
             log.critical("engine failed, no call can be served any more: %s", self.failure, exc_info=True)
 
     def _next_envelope(self) -> "Envelope | None":
-        timeout = 0.0 if self._planned_work_waiting() else self.scheduler.wait_seconds(self._active_calls())
+        if self._in_flight is not None or self._planned_work_waiting():
+            timeout = 0.0  # a step in flight is applied (or the next one launched) before any wait
+        else:
+            timeout = self.scheduler.wait_seconds(self._active_calls())
         try:
             if not timeout:
                 return self._inbox.get_nowait()  # a step is due: what was emitted goes out after it
@@ -318,45 +340,84 @@ class Engine:
             return [c for c in self._calls if c is not None and c.generating]
 
     def _step_once(self) -> None:
-        """Plan, run, apply: one frame step if the scheduler wants one, else planned work."""
+        """Plan, run, apply: one frame step if the scheduler wants one, else planned work.
+
+        With `step_in_flight`, a step is applied (`_process`) only after the next one is launched
+        (`_launch`), so the host's work on its outputs overlaps the device's next step. A call in
+        the step in flight steps again only when nothing that step's actions can do would change
+        its next step (`Call.may_step_ahead`) and no command waits for it; anything that needs
+        the device idle or a call's text state known (planned work, slot moves, a rollover, a
+        step plan with nothing in it) applies the step in flight first."""
         calls = self._active_calls()
         self._watch_load(calls)
-        plan = self.scheduler.plan(calls)
+        plan = self.scheduler.plan([call for call in calls if not self._sits_out(call)])
         if plan is None:
             self._last_progress = time.monotonic()  # nothing is waiting for a step
         # Planned work goes before anything but a call running dry, and at least every few steps
         # even then: at 128 calls on the H200 the playing calls were short often enough to starve a
         # rollback's re-decode for seconds (run 14: 5 s after-barge-in onset at p95).
         if plan is None or plan.reason != "deadline":
+            if self._planned_work_waiting():
+                self._drain()
             if self._prefill_one() or self._replay_one_frame():
                 self._deadline_steps = 0
                 self._last_progress = time.monotonic()
                 return
-        elif self._deadline_steps >= PLANNED_WORK_EVERY and self._replay_one_frame():
-            self._deadline_steps = 0  # one re-decoded frame (a decode's cost), never a whole prefill
-            self._last_progress = time.monotonic()
+        elif self._deadline_steps >= PLANNED_WORK_EVERY and self._replay_waiting():
+            self._drain()
+            if self._replay_one_frame():
+                self._deadline_steps = 0  # one re-decoded frame (a decode's cost), never a whole prefill
+                self._last_progress = time.monotonic()
+                return
+        if plan is None:
+            self._drain()  # nothing to launch: apply the step in flight before waiting
             return
-        if plan is not None:
-            self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
-            if plan.reason == "starting" and self.config.move_slots:
-                self._compact(plan.calls)
-            with torch.profiler.record_function(STEP_MARK):  # a profile's frame steps (tools/gpu_idle.py)
-                self._step(list(plan.calls))
+        if plan.reason == "starting" and self.config.move_slots:
+            moves = self._compacting_moves(plan.calls)
+            if moves and self._in_flight is not None:
+                self._drain()  # slots move only with no step in flight; plan again with every step applied
+                return
+            self._compact(moves)
+        self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
+        with torch.profiler.record_function(STEP_MARK):  # a profile's frame steps (tools/gpu_idle.py)
+            self._step(list(plan.calls))
 
-    def _compact(self, calls) -> None:
-        """Move the starting calls about to step into the lowest slots: a step is padded to the
-        highest slot it runs, so a new turn on slot 50 would pay a 64-slot step for each of its
+    def _sits_out(self, call: Call) -> bool:
+        """A call in the step in flight that may not be launched again before that step is
+        applied: commands wait for it, or that step's actions may change what it does next."""
+        flight = self._in_flight
+        if flight is None or call not in flight.entries:
+            return False
+        return call.slot.index in self._held or not call.may_step_ahead()
+
+    def _drain(self) -> None:
+        """Apply the step in flight, if any (the device's work is waited for)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is not None:
+            self._process(flight)
+
+    def _replay_waiting(self) -> bool:
+        with self._lock:
+            return any(c is not None and c.slot.pending_replay is not None for c in self._calls)
+
+    def _compact(self, moves: list[tuple[int, int]]) -> None:
+        """Move the starting calls about to step into the lowest slots (`moves`, from
+        `_compacting_moves`): a step is padded to the highest slot it runs, so a new turn on slot 50 would pay a 64-slot step for each of its
         ~18 start-up steps while the playing calls coast. Each move swaps places with an attached
         call that does not step now (never with a free slot: a closed call's reset may still be
         queued for it), and costs one copy of both calls' state, not one per step. Steps of
         playing calls move nobody: a swap never changes which slots are taken, and moving them
         down would push the starting calls up again (one swap back and forth per step)."""
+        assert not moves or self._in_flight is None, "slots move only with no step in flight"
+        for high, low in moves:
+            self._swap_slots(high, low)
+
+    def _compacting_moves(self, calls) -> list[tuple[int, int]]:
         stepping = sorted(call.slot.index for call in calls)
         with self._lock:
             movable = [slot for slot, c in enumerate(self._calls)
                        if c is not None and c.attached and slot not in stepping]
-        for high, low in compacting_moves(stepping, movable, self.stepper.batch_sizes):
-            self._swap_slots(high, low)
+        return compacting_moves(stepping, movable, self.stepper.batch_sizes)
 
     def _swap_slots(self, a: int, b: int) -> None:
         with self._lock:
@@ -441,6 +502,8 @@ class Engine:
 
     def _dispatch(self, envelope: "Envelope") -> None:
         call, message = envelope.call, envelope.message
+        if isinstance(message, (PrepareVoice, ForgetVoices, BuildVoice)) and not self._holds(call):
+            self._drain()  # voice work runs on the spare slot and the codec: not beside a step in flight
         match message:
             case Wake():
                 return
@@ -450,6 +513,9 @@ class Engine:
             case ForgetVoices(names=names):
                 self.voices.forget(names)
                 return
+        if self._holds(call):
+            self._held.setdefault(call.slot.index, []).append(envelope)  # after the step in flight
+            return
         if call.slot.pending_prefill is not None and not isinstance(message, (Attach, Detach)):
             # the call's next commands wait for its planned prefill (they must see the caller's
             # turn in the context), which still waits for a moment no call is near running dry
@@ -485,61 +551,126 @@ class Engine:
         if call.draining:
             call.note_drained()
 
+    def _holds(self, call: Call | None) -> bool:
+        """Commands for `call` wait: its slot is in the step in flight (or has commands waiting)."""
+        if call is None:
+            return False
+        slot = call.slot.index
+        return slot in self._held or (self._in_flight is not None and slot in self._in_flight.slots)
+
     def _step(self, calls: list[Call]) -> None:
-        stepping = []
+        """Launch a step for `calls`; apply the step launched before it (with `step_in_flight`),
+        or this one at once."""
+        launched = self._launch(calls)
+        if launched is None:
+            return
+        previous, self._in_flight = self._in_flight, launched
+        if previous is not None:
+            self._process(previous)
+        if not self.config.step_in_flight:
+            self._drain()
+
+    def _launch(self, calls: list[Call]) -> "LaunchedStep | None":
+        """Queue a step on the device for `calls` (with its text choices, its decode of the
+        frames that are ready from positions alone, and the copy of its actions) and return it
+        unapplied. A call in the step in flight gets the choices for either action of that step
+        (`Call.preview_after`); the others' text state is known."""
+        flight = self._in_flight
+        if flight is not None and any(call not in flight.entries and not call.context_left() for call in calls):
+            self._drain()  # a rollover is model work on a call's context: none with a step in flight
+            flight = None
+        t0 = time.perf_counter()
+        stepping, choices = [], {}
         for call in calls:
-            if call.context_left() or call.roll_over():
-                stepping.append(call)
+            if flight is not None and call in flight.entries:
+                choices[call.slot.index] = call.preview_after(flight.entries[call].step)
+                self.steps_ahead += 1
+            elif call.context_left() or call.roll_over():
+                known = call.preview()
+                choices[call.slot.index] = (known, known)  # the same whichever action came before
             else:
                 call.context_full()
                 call.note_drained()
+                continue
+            stepping.append(call)
         if not stepping:
-            return
-        t0 = time.perf_counter()
-        result = self.runner.step({call.slot.index: call.preview() for call in stepping})
-        self.scheduler.costs.observe(result.batch, result.full, result.seconds)
+            return None
+        pending = self.runner.launch(choices)
+        device_s = pending.launch_seconds
         # Which calls have a frame is known from positions alone, before the text state machines
         # take the step's actions: the decode is queued first and runs while they do.
-        decode = [call for call in stepping if call.frame_ready()]
-        pending = None
-        if decode:
-            due = [call for call in decode if call.codec_mark_due()]
+        entries = {call: LaunchedCall(call.slot.index, call.position - 1, call.slot.ready_frame, call.frame_ready())
+                   for call in stepping}
+        decode = None
+        if any(entry.decodes for entry in entries.values()):
+            due = [call for call, entry in entries.items() if entry.decodes and call.codec_mark_due()]
             for call, snapshot in zip(due, self.runner.snapshot_codec_rows([call.slot.index for call in due])):
                 call.add_codec_mark(snapshot)
-            pending = self.runner.decode_later([call.slot.index for call in decode])
+            decode = self.runner.decode_later([entry.slot for entry in entries.values() if entry.decodes])
+            device_s += decode.launch_seconds
+        return LaunchedStep(entries, pending, decode, launched_at=t0,
+                            host_s=time.perf_counter() - t0 - device_s)
+
+    def _process(self, step: "LaunchedStep") -> None:
+        """Apply a launched step: each call takes its action (`Call.advance`) and its PCM row
+        (`Call.deliver`), then its end check; stats; the commands held for its slots go on."""
+        t0 = time.perf_counter()
+        result = step.pending.wait()
+        # The step's cost as the engine runs it: from its launch until its actions are here. With a
+        # step in flight that includes the host's work on the step before, done meanwhile.
+        self.scheduler.costs.observe(result.batch, result.full, time.perf_counter() - step.launched_at)
+        newer = self._in_flight  # launched after this one, with choices for either action of it
         failed = set()
-        for call in stepping:
+        for call, entry in step.entries.items():
             try:
-                call.advance(result.actions[call.slot.index])
+                call.advance(result.actions[entry.slot], entry.step)
+                if newer is not None and call in newer.entries:
+                    call.record_step_before(entry.step + 1)  # no command reached the call in between
             except Exception as exc:
                 if is_device_fault(exc):
                     raise
                 log.exception("call %d: error after a frame step", call.slot.index)
                 call.fail(exc)
                 failed.add(call)
-        device_s = result.seconds
-        if pending is not None:
-            pcm, seconds = pending.wait()
+        device_s = result.seconds - step.pending.launch_seconds  # the wait; the launch is counted in host_s
+        if step.decode is not None:
+            pcm, seconds = step.decode.wait()
             self.scheduler.costs.observe_decode(seconds)
-            device_s += seconds
-            for call in decode:
-                if call not in failed:
-                    self._guarded(call, call.deliver, pcm[call.slot.index])
-        for call in stepping:
-            if call.turn is not None:
-                self._guarded(call, call.check_end)
+            device_s += seconds - step.decode.launch_seconds
+            for call, entry in step.entries.items():
+                if entry.decodes and call not in failed and not self._guarded(call, call.deliver, pcm[entry.slot],
+                                                                              entry.frame):
+                    failed.add(call)
+        for call, entry in step.entries.items():
+            if call.turn is not None and call not in failed and not self._guarded(call, call.check_end, entry.step + 1):
+                failed.add(call)
             if call.draining:
                 call.note_drained()
+        if newer is not None:
+            newer.forget(failed)  # reset: whatever the newer step did for them is void
+            assert all(call.generating for call in newer.entries), "a call stepped ahead of its turn's end"
         elapsed = time.perf_counter() - t0
         self._last_progress = time.monotonic()  # the liveness watchdog's clock: a step completed
-        self.last_step_ms = elapsed * 1000
-        self.last_step_calls = len(stepping)
-        self.host_ms += 0.1 * ((elapsed - device_s) * 1000 - self.host_ms)
+        # A step's time on the generation thread: its launch and its application, device waits
+        # included (without a step in flight, the whole step as before); host_ms the same less
+        # the launches and the waits for the device.
+        self.last_step_ms = (step.host_s + step.device_launch_s + elapsed) * 1000
+        self.last_step_calls = len(step.entries)
+        self.host_ms += 0.1 * ((step.host_s + elapsed - device_s) * 1000 - self.host_ms)
         self.steps += 1
         if self.metrics is not None:
             self.metrics.frame_step_ms(self.last_step_ms, self.last_step_calls)
+        self._release_held()
 
-    def _guarded(self, call: Call, fn, *args) -> None:
+    def _release_held(self) -> None:
+        """Dispatch the commands held for slots that no step in flight holds any more, in order."""
+        busy = self._in_flight.slots if self._in_flight is not None else frozenset()
+        for slot in [slot for slot in self._held if slot not in busy]:
+            for envelope in self._held.pop(slot, []):  # a voice command among them may apply the next step
+                self._dispatch(envelope)
+
+    def _guarded(self, call: Call, fn, *args) -> bool:
+        """`fn(*args)`; an error fails the call alone (False)."""
         try:
             fn(*args)
         except Exception as exc:
@@ -547,6 +678,8 @@ class Engine:
                 raise
             log.exception("call %d: error in %s", call.slot.index, getattr(fn, "__name__", "frame"))
             call.fail(exc)
+            return False
+        return True
 
     # -- voices ----------------------------------------------------------------------------------
 
@@ -625,6 +758,44 @@ def is_device_fault(exc: BaseException) -> bool:
     if accelerator_error is not None and isinstance(exc, accelerator_error):
         return True
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in _DEVICE_FAULT_TEXT)
+
+
+# -- a launched step -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchedCall:
+    """One call's part of a launched step, as it stood at launch (its slot cannot move while the
+    step is in flight, and its position moves on at the next launch)."""
+
+    slot: int
+    step: int  # the position the step ran
+    frame: int  # the aligned frame the step made ready
+    decodes: bool  # that frame is decoded with the step
+
+
+@dataclass
+class LaunchedStep:
+    """A step on the device, not applied yet (`Engine._process`)."""
+
+    entries: dict  # Call -> LaunchedCall
+    pending: object  # runner.PendingStep
+    decode: object | None  # runner.PendingDecode
+    launched_at: float  # perf_counter at the launch's start
+    host_s: float  # the launch's host work, without the stepper's and the codec's launches
+    slots: frozenset = frozenset()  # the slots it runs (their commands wait until it is applied)
+
+    def __post_init__(self):
+        self.slots = frozenset(entry.slot for entry in self.entries.values())
+
+    @property
+    def device_launch_s(self) -> float:
+        return self.pending.launch_seconds + (self.decode.launch_seconds if self.decode is not None else 0.0)
+
+    def forget(self, calls) -> None:
+        """These calls were reset after the launch: their part of the step is not applied."""
+        for call in calls:
+            self.entries.pop(call, None)
 
 
 # -- the inbox: what the event loop hands the generation thread -----------------------------------

@@ -1,7 +1,8 @@
 """Runs what the scheduler planned on the stepper and the codec, and returns the results as data.
 
 The runner knows slots, not calls: a step takes each stepped slot's two possible text answers
-and returns its sampled action; a decode takes the slots whose frame is ready and returns their
+(or four, when the slot's step before is still in flight) and returns its sampled action,
+later (`launch` queues it and returns; `PendingStep.wait` gives the actions); a decode takes the slots whose frame is ready and returns their
 PCM rows (`decode_later` queues it and returns, so the host can work while the device decodes);
 a replay re-decodes one frame of a slot's rolled-back codec row. Timing of each piece feeds the
 scheduler's cost model.
@@ -21,7 +22,26 @@ class StepResult:
     actions: dict[int, int]  # slot -> sampled action (0 pad, 1 new word)
     batch: int  # the padded batch size it ran at
     full: bool  # the full lane (False: decoder-only)
-    seconds: float
+    seconds: float  # host time the step held the host up: its launch and the wait for its actions
+
+
+@dataclass
+class PendingStep:
+    """A step launched on the device, its actions on the way to the host."""
+
+    frame: object  # the stepper's launched frame (`wait()` -> the actions of every slot)
+    slots: tuple[int, ...]
+    batch: int
+    full: bool
+    launch_seconds: float  # host time the launch took
+
+    def wait(self) -> StepResult:
+        """The step's actions; `seconds` counts the launch and this wait, not the host's own work
+        between them."""
+        t0 = time.perf_counter()
+        actions = self.frame.wait()
+        seconds = self.launch_seconds + time.perf_counter() - t0
+        return StepResult({slot: actions[slot] for slot in self.slots}, self.batch, self.full, seconds)
 
 
 @dataclass(frozen=True)
@@ -49,17 +69,22 @@ class Runner:
 
     def step(self, choices: dict[int, object]) -> StepResult:
         """One frame step for the slots in `choices` (slot -> both text answers of its next step)."""
+        return self.launch(choices).wait()
+
+    def launch(self, choices: dict[int, object]) -> PendingStep:
+        """Queue one frame step for the slots in `choices` and return at once. `choices[slot]`:
+        both text answers of the slot's next step, or both for each action of its step before
+        when that one is still in flight (`SlotTable.stage_step`)."""
         for slot, choice in choices.items():
             self._choices[slot], self._active[slot] = choice, True
         t0 = time.perf_counter()
         try:
-            actions = self.stepper.step(self._choices, self._active)
+            frame = self.stepper.launch(self._choices, self._active)
         finally:
             for slot in choices:
                 self._choices[slot], self._active[slot] = None, False
-        seconds = time.perf_counter() - t0
-        return StepResult({slot: actions[slot] for slot in choices}, self.stepper.last_batch, self.stepper.last_full,
-                          seconds)
+        return PendingStep(frame, tuple(choices), self.stepper.last_batch, self.stepper.last_full,
+                           time.perf_counter() - t0)
 
     def decode(self, slots: list[int]) -> tuple[np.ndarray, float]:
         """One batched decode of the ready frame of `slots`; PCM rows [rows, samples] on the host."""

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vendor_dia2.codec import CodecStreamSnapshot
@@ -124,6 +125,12 @@ class SimulatedDevice:
         while (left := self.busy_until - self._clock()) > 0:
             self._sleep(left)
 
+    def wait_until(self, done_at: float) -> None:
+        """Wait until the work that ends at `done_at` (from `launch`) is done, as a CUDA event
+        recorded after it would: work queued later does not hold the host up."""
+        while (left := done_at - self._clock()) > 0:
+            self._sleep(left)
+
     def stall_next(self, seconds: float) -> None:
         """Make the next piece of work this much slower (a test's injected hiccup)."""
         with self._lock:
@@ -160,10 +167,12 @@ class SimulatedStepper:
         self.text = [(0, 0)] * self.n  # (main, second) text inputs of each slot's next step
         self.seeds = [0] * self.n
         self.streams = list(range(self.n))  # what the action rule is keyed by besides seed and position: moves with the call
+        self.actions = [0] * self.n  # each slot's last sampled action (two-level text choices pick by it first)
         self._positions = [0] * self.n
         self._prefix_frames = [0] * self.n
         self._cache_offset = [0] * self.n
         self.last_batch, self.last_full = 0, True
+        self.launches = self.waits = 0  # steps launched, and action copies waited for (tests compare them)
         self.last_prefill = PrefillSpan(0, 0)
         self.compile_max_calls = 0
         self.kernels, self.weights = "simulated", "simulated"
@@ -223,24 +232,37 @@ class SimulatedStepper:
     # -- the step
 
     def step(self, choices, active=None) -> list[int]:
+        return self.launch(choices, active).wait()
+
+    def launch(self, choices, active=None) -> "SimulatedLaunch":
+        """As `FrameStepper.launch`: the step is queued on the simulated device and the host goes
+        on; `wait()` is the action copy's synchronisation. `choices[call]` holds a call's two
+        outcomes, or those two for each action of its step before (a step in flight)."""
         active = [True] * self.n if active is None else list(active)
         live = [call for call, on in enumerate(active) if on]
         if not live:
-            return [0] * self.n
+            return SimulatedLaunch([0] * self.n, None, 0.0)
         b = self.batch_size_for(live[-1] + 1)
         full = any(self.needs_depformer(call) for call in live)
-        self.device_clock.launch(self.profile.step_seconds(b, full))
+        done_at = self.device_clock.launch(self.profile.step_seconds(b, full))
         positions = [self._positions[call] for call in live]
         self._write_codes(live, positions)
         out = [0] * self.n
         for call, position in zip(live, positions):
             action = int(_mix(self.seeds[call], position, self.streams[call]) % NEW_WORD_EVERY == 0)
-            self.text[call] = choices[call][action]
+            choice = choices[call]
+            if np.ndim(choice) == 3:
+                choice = choice[self.actions[call]]  # [previous action][action]: by the step before first
+            self.text[call] = tuple(int(t) for t in choice[action])
             self._positions[call] = position + 1
-            out[call] = action
+            self.actions[call] = out[call] = action
         self.last_batch, self.last_full = b, full
-        self.device_clock.synchronize()  # the action copy to the host, as on the GPU
-        return out
+        self.launches += 1
+        return SimulatedLaunch(out, self, done_at)
+
+    def action_copy_waited(self, done_at: float) -> None:
+        self.device_clock.wait_until(done_at)  # the action copy to the host, as on the GPU
+        self.waits += 1
 
     def _write_codes(self, live: list[int], positions: list[int]) -> None:
         """What a step writes, for every live slot in a few tensor operations (on the GPU this is
@@ -273,7 +295,8 @@ class SimulatedStepper:
         pair, crossed = [a, b], [b, a]
         self.buffer[pair] = self.buffer[crossed]
         self.ready_codes[pair] = self.ready_codes[crossed]
-        for per_slot in (self.text, self.seeds, self.streams, self._positions, self._prefix_frames, self._cache_offset):
+        for per_slot in (self.text, self.seeds, self.streams, self.actions, self._positions, self._prefix_frames,
+                         self._cache_offset):
             per_slot[a], per_slot[b] = per_slot[b], per_slot[a]
 
     # -- snapshots, rewinds, prefills
@@ -319,6 +342,21 @@ class SimulatedStepper:
         self.device_clock.synchronize()
 
 
+@dataclass(frozen=True)
+class SimulatedLaunch:
+    """A simulated step in flight: its actions are known to the simulation at once, but the host
+    gets them only through `wait()`, which waits for the simulated device as the copy would."""
+
+    actions: list[int]
+    stepper: SimulatedStepper | None
+    done_at: float  # when the simulated device finishes the step (SimulatedDevice.launch)
+
+    def wait(self) -> list[int]:
+        if self.stepper is not None:
+            self.stepper.action_copy_waited(self.done_at)
+        return self.actions
+
+
 def _mix(seed: int, position: int, stream: int) -> int:
     """A counter-based hash: the same draw for the same (seed, position, slot), in any batch."""
     x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB) & (2**64 - 1)
@@ -362,27 +400,27 @@ class SimulatedCodec:
         return self.batch_size
 
     def decode_frame(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        pcm = self._decode(codes, rows)
+        pcm, _ = self._decode(codes, rows)
         self.device_clock.synchronize()  # the PCM copy to the host, as on the GPU
         return pcm
 
-    def _decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-        """Queue a decode's time on the simulated device; the PCM it will give."""
+    def _decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        """Queue a decode's time on the simulated device; the PCM it will give, and when."""
         batch = codes.shape[0] if codes.dim() == 2 else 1
         if self.batch_size is not None:
             # the real codec runs over the first rows only, up to the highest one decoding
             on = torch.as_tensor(rows, dtype=torch.bool).nonzero() if rows is not None else None
             batch = self.decode_size_for(int(on[-1]) + 1) if on is not None and len(on) else self.batch_size
-        self.device_clock.launch(self.profile.decode_seconds(batch))
+        done_at = self.device_clock.launch(self.profile.decode_seconds(batch))
         if self._hiss is None or self._hiss.shape[0] < batch:
             self._hiss = 0.01 * torch.randn(batch, FRAME_SAMPLES, generator=torch.Generator().manual_seed(0))
-        return self._hiss[:batch]
+        return self._hiss[:batch], done_at
 
     def decode_frame_async(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> "SimulatedPcm":
         """As `MimiCodec.decode_frame_async`: the decode is queued on the simulated device and the
         host goes on; `wait` is the PCM copy's synchronisation."""
-        pcm = self._decode(codes, rows)
-        return SimulatedPcm(pcm, self.device_clock)
+        pcm, done_at = self._decode(codes, rows)
+        return SimulatedPcm(pcm, self.device_clock, done_at)
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
         frames = -(-wav.shape[-1] // FRAME_SAMPLES)
@@ -413,9 +451,10 @@ class SimulatedPcm:
 
     pcm: torch.Tensor
     device_clock: SimulatedDevice
+    done_at: float  # when the simulated decode is done (work queued after it does not delay the PCM)
 
     def wait(self):
-        self.device_clock.synchronize()
+        self.device_clock.wait_until(self.done_at)
         return self.pcm.numpy()
 
 
@@ -449,6 +488,10 @@ class SimulatedDia2:
 
     def new_state_machine(self):
         return self._machine_factory(self)
+
+    def device_busy_seconds(self) -> float:
+        """Simulated GPU work queued so far (steps, decodes, prefills, swaps), in seconds."""
+        return self.device_clock.busy_seconds
 
     def new_stepper(self, *, n_calls: int = 1, cfg: bool, max_positions: int | None = None, **options):
         return SimulatedStepper(self.config, self.profile, self.device_clock, n_calls=n_calls, cfg=cfg,

@@ -110,6 +110,8 @@ class ServerConfig:
     engine_stall_s: float = 5.0  # calls waiting for a frame step this long: the engine has failed; 0 = no watchdog
     # the engine in a process of its own (serve/engine_process.py): connection work cannot slow the frame loop
     engine_process: Switch = Switch.ON
+    # launch the next frame step before the host applies the last one's outputs (issue 18); off until measured
+    step_in_flight: Switch = Switch.OFF
 
     def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
@@ -136,7 +138,8 @@ class ServerConfig:
                       compile=config.compile is CompileMode.ON or (config.compile is CompileMode.AUTO
                                                                     and _is_cuda(device)),
                       kernels=resolve_kernels(config.kernels, device),
-                      voice=config.voice_settings(whisper_device=str(device)))
+                      voice=config.voice_settings(whisper_device=str(device)),
+                      step_in_flight=config.step_in_flight == Switch.ON)
         values.update({k: v for k, v in overrides.items() if k not in server_names})
         return EngineConfig(**values)
 
@@ -244,6 +247,9 @@ _FLAGS = [  # (name, type, help)
                               "(/health 503, calls get internal_error, the process exits 1); 0 = no watchdog"),
     ("engine_process", Switch, "run the engine in a process of its own, so connection work (parsing, floods, "
                                "encoding) cannot slow the frame loop: on, or off (one process: debugging)"),
+    ("step_in_flight", Switch, "launch each frame step before the host has applied the last one's actions, PCM and "
+                               "end checks, so host work overlaps the GPU: on, or off (each step applied before "
+                               "the next is launched); the tokens are the same either way"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 

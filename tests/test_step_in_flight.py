@@ -1,0 +1,336 @@
+"""One step in flight (issue 18, item 3): the next step is launched before the host applies the
+actions of the one before. What makes that safe: the text state machine previews the step after
+an unknown action without changing anything, and the frame picks its text by the previous
+step's action, then its own."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from vendor_dia2.frame import pick_text
+from vendor_dia2.script import ScriptEntry
+from vendor_dia2.state_machine import TextStateMachine
+
+PAD, NW = 0, 3
+
+
+def word(text, *tokens):
+    return ScriptEntry(text=text, tokens=tuple(tokens), padding=len(tokens))
+
+
+def pause(frames):
+    return ScriptEntry(text="", tokens=(), padding=frames)
+
+
+entry_st = st.one_of(
+    st.builds(lambda n, t: word(f"w{n}", *range(20, 20 + t)), st.integers(0, 99), st.integers(1, 4)),
+    st.builds(pause, st.integers(0, 5)))
+
+
+def fresh(ahead, max_padding, initial_padding):
+    return TextStateMachine(PAD, NW, second_stream_ahead=ahead, max_padding=max_padding,
+                            initial_padding=initial_padding)
+
+
+@settings(max_examples=200, deadline=None)
+@given(script=st.lists(entry_st, max_size=8), later=st.lists(entry_st, max_size=4),
+       actions=st.lists(st.integers(0, 1), min_size=1, max_size=60), ahead=st.integers(0, 2),
+       final=st.booleans(), push_at=st.integers(0, 60), finish_at=st.integers(0, 80),
+       rewind_at=st.integers(0, 80), drop_at=st.integers(0, 80),
+       max_padding=st.integers(0, 6), initial_padding=st.integers(0, 3))
+def test_preview_after_is_process_then_preview_on_a_copy(script, later, actions, ahead, final, push_at, finish_at,
+                                                         rewind_at, drop_at, max_padding, initial_padding):
+    m = fresh(ahead, max_padding, initial_padding)
+    m.push(script, final=final)
+    marks = []
+    step = 0
+    for i, action in enumerate(actions):
+        if i == push_at:
+            m.push(later, final=False)
+        if i == finish_at:
+            m.finish()
+        if i == drop_at:
+            m.drop_queued()  # the queue no longer ends at its log's end
+        if i == rewind_at and marks:
+            step, row = marks[len(marks) // 2]  # a barge-in: the logs now run past the live row
+            m.rewind(row)
+            del marks[len(marks) // 2:]
+        marks.append((step, m.mark()))
+        before, row, logs = m.snapshot(), m.mark(), (len(m.logs.transcript), len(m.logs.ahead), len(m.logs.tokens))
+        for guess in (0, 1):
+            got = m.preview_after(step, guess)
+            assert m.snapshot() == before and m.mark() == row
+            assert (len(m.logs.transcript), len(m.logs.ahead), len(m.logs.tokens)) == logs
+            copy = fresh(ahead, max_padding, initial_padding)
+            copy.restore(before)
+            copy.process(step, guess)
+            assert got == copy.preview(step + 1), (step, guess)
+        m.process(step, action)
+        step += 1
+
+
+def test_the_frame_picks_by_the_previous_action_then_its_own():
+    # choices[slot, previous, action] = a token pair unique to that cell
+    choices = torch.tensor([[[[100 * s + 10 * prev + a, -(100 * s + 10 * prev + a)] for a in (0, 1)]
+                             for prev in (0, 1)] for s in range(4)])
+    previous = torch.tensor([0, 1, 0, 1])
+    action = torch.tensor([0, 0, 1, 1])
+    got = pick_text(choices, previous, action)
+    assert got[:, 0].tolist() == [0, 110, 201, 311]
+    assert got[:, 1].tolist() == [0, -110, -201, -311]
+    # actions other than 1 are pad, as upstream maps them
+    assert pick_text(choices, torch.tensor([2, 2, 2, 2]), torch.tensor([5, 5, 5, 5]))[:, 0].tolist() == [0, 100, 200, 300]
+
+
+# -- the engine: the same tokens with a step in flight or not ----------------------------------------
+
+import queue  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from dia2stream.call.call import AudioFrame, Phase  # noqa: E402
+from dia2stream.engine.engine import Engine  # noqa: E402
+from dia2stream.wire import protocol as p  # noqa: E402
+
+from helpers import engine_config  # noqa: E402
+
+
+class Conversation:
+    """One call driven through a fixed script whose every command lands where the call stands
+    still (holding for text, or done), so its tokens depend on nothing but its seed: streamed
+    fragments and a hold, a flush, a next turn, a barge-in rollback and the turn after it."""
+
+    def __init__(self, engine: Engine, seed: int):
+        self.engine, self.seed = engine, seed
+        self.items: queue.Queue = queue.Queue()
+        self.log: list = []
+        self.call = engine.open_call(self.items.put)
+        assert self.call is not None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._script()
+        except BaseException as exc:  # reported by the test's thread
+            self.error = exc
+
+    def _script(self) -> None:
+        s = self.seed
+        self._send(p.Start(text="[S1] Hello there, my", final=False, seed=s, id="one"))
+        self._until_holding()
+        self._send(p.Inject(text=" friend, how are", final=False))
+        self._until_holding()
+        self._send(p.Inject(text=" you", final=False))
+        self._until_holding()
+        self._send(p.Flush())
+        self._until(p.Done)
+        self._send(p.Inject(text=" Good morning to you and yours.", id="two"))
+        self._until(p.Done)
+        self._send(p.Pause(played_ms=400))  # the caller heard 400 ms of it: roll back there
+        self._until(p.Paused)
+        self._send(p.Inject(text=" Sorry, one two three four.", id="three"))
+        self._until(p.Done)
+        self._send(p.Inject(text=" And a last turn to end with.", id="four"))
+        self._until(p.Done)
+        self._send(p.Start(text="[S1] Now in another voice.", voice="v", seed=s, id="five"))  # a voice switch
+        self._until(p.Done)
+
+    def _send(self, command) -> None:
+        self.engine.submit(self.call, command)
+
+    def _until(self, kind):
+        while True:
+            item = self.items.get(timeout=300)
+            self.log.append(item)
+            assert not isinstance(item, p.ErrorEvent), item
+            if isinstance(item, kind):
+                return item
+
+    def _until_holding(self) -> None:
+        deadline = time.monotonic() + 300
+        while self.call.phase is not Phase.HOLDING:  # a hold sends nothing: watch the phase
+            assert time.monotonic() < deadline, "never held"
+            time.sleep(0.005)
+        while not self.items.empty():
+            self.log.append(self.items.get())
+
+    def outcome(self) -> dict:
+        """What the caller got (words, audio, events) and the call's tokens (text inputs of every
+        step of its context, and its aligned codes)."""
+        events = [item for item in self.log if not isinstance(item, AudioFrame)]
+        call = self.call
+        return {"events": [_stable(item) for item in events],
+                "pcm": [item.pcm for item in self.log if isinstance(item, AudioFrame)],
+                "text": call.context_text(), "codes": call.slot.aligned_codes(0, call.position - 20).clone(),
+                "rollovers": call.rollovers}
+
+
+def _stable(event):
+    """An event without its wall-clock fields."""
+    fields = event.to_dict()
+    for name in ("wall_s", "ttfa_ms", "onset_ms", "prepare_ms", "prefill_ms"):
+        fields.pop(name, None)
+    return type(event).__name__, fields
+
+
+def _tone_wav(seconds: float = 0.8) -> bytes:
+    import io
+
+    import soundfile as sf
+
+    t = np.arange(int(seconds * 24000)) / 24000
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 24000, format="WAV")
+    return buf.getvalue()
+
+
+def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), **overrides) -> list[dict]:
+    import tempfile
+
+    from dia2stream.voices.voice import VoiceRequest, VoiceSettings
+
+    engine = Engine(tts, engine_config(tts, max_calls=len(seeds), max_lead_ms=1e6, max_unsent_frames=10**9,
+                                       step_in_flight=step_in_flight, voice=VoiceSettings(cache_dir=tempfile.mkdtemp()),
+                                       **overrides))
+    try:
+        engine.preload_voice(VoiceRequest("base", audio=_tone_wav(0.4), transcript="[S1] Hi."), cache=False)
+        engine.preload_voice(VoiceRequest("v", audio=_tone_wav(), transcript="[S1] Hi there."), cache=False)
+        conversations = [Conversation(engine, seed) for seed in seeds]
+        threads = [threading.Thread(target=c.run) for c in conversations]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for c in conversations:
+            if c.error is not None:
+                raise c.error
+        if step_in_flight == "on":
+            assert engine.steps_ahead > 0, "no call was ever launched with its step before in flight"
+        return [c.outcome() for c in conversations]
+    finally:
+        engine.close()
+
+
+def assert_same(on: list[dict], off: list[dict], pcm: bool = True) -> None:
+    """`pcm=False`: the simulated codec's PCM is a fixed hiss by row, not a decode of the codes."""
+    for a, b in zip(on, off):
+        assert a["events"] == b["events"]
+        assert np.array_equal(a["text"], b["text"])
+        assert torch.equal(a["codes"], b["codes"])
+        assert a["rollovers"] == b["rollovers"]
+        assert len(a["pcm"]) == len(b["pcm"]) > 0
+        for x, y in zip(a["pcm"], b["pcm"]) if pcm else ():
+            np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_seeded_calls_get_the_same_tokens_with_a_step_in_flight_or_not(tiny_dir):
+    """The tiny checkpoint's real frame (the device's two-level pick, eager on CPU), three calls
+    at once, on a small context so that the calls roll over."""
+    from vendor_dia2 import Dia2
+
+    tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
+    settings = dict(context_frames=80, rollover_frames=30, min_turn_frames=20)
+    off = run_conversations(tts, "off", **settings)
+    on = run_conversations(tts, "on", **settings)
+    assert all(o["rollovers"] for o in off), "the test means to cover a rollover"
+    assert_same(on, off)
+
+
+def test_seeded_calls_get_the_same_tokens_on_the_simulated_gpu_with_a_step_in_flight_or_not():
+    """The same conversations on the simulated GPU (its stepper picks by the step before's action
+    as the device does): quick enough to run with the fast tests."""
+    from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
+
+    tts = SimulatedDia2(GpuProfile.load("profiles/h200-2b.json"))
+    settings = dict(context_frames=150, rollover_frames=50, min_turn_frames=40)
+    off = run_conversations(tts, "off", **settings)
+    on = run_conversations(tts, "on", **settings)
+    assert all(o["rollovers"] for o in off), "the test means to cover a rollover"
+    assert_same(on, off, pcm=False)
+
+
+class StepOrder:
+    """The order in which the engine launches steps and waits for their actions."""
+
+    def __init__(self, stepper):
+        self.log: list[tuple[str, int]] = []
+        self._launch, self._count = stepper.launch, 0
+        stepper.launch = self.launch
+
+    def launch(self, choices, active=None):
+        launched = self._launch(choices, active)
+        number, self._count = self._count, self._count + 1
+        self.log.append(("launch", number))
+        order = self
+
+        class Waited:
+            def wait(self):
+                order.log.append(("wait", number))
+                return launched.wait()
+
+        return Waited()
+
+    def launched_before_waiting(self) -> int:
+        """How many steps were launched before the actions of the step before were waited for."""
+        where = {entry: i for i, entry in enumerate(self.log)}
+        return sum(1 for n in range(1, self._count)
+                   if ("wait", n - 1) in where and where[("launch", n)] < where[("wait", n - 1)])
+
+
+@pytest.mark.parametrize("step_in_flight", ["off", "on"])
+def test_on_the_simulated_gpu_the_next_step_is_launched_before_the_last_is_applied(step_in_flight):
+    """With a step in flight the host launches step k+1 (queued behind step k on the simulated
+    device) before it waits for step k's actions, and every call still gets all its audio, its
+    words and its done; without, never."""
+    from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
+
+    tts = SimulatedDia2(GpuProfile.load("profiles/h200-2b.json"))
+    engine = Engine(tts, engine_config(tts, max_calls=8, max_lead_ms=1e6, max_unsent_frames=10**9,
+                                       step_in_flight=step_in_flight))
+    try:
+        order = StepOrder(engine.stepper)
+        sinks = [queue.Queue() for _ in range(8)]
+        calls = [engine.open_call(sink.put) for sink in sinks]
+        texts = [f"[S1] Call {i} says hello and a few words more, then stops." for i in range(8)]
+        for i, call in enumerate(calls):
+            engine.submit(call, p.Start(text=texts[i], seed=i, id=i))
+        for i, sink in enumerate(sinks):
+            items = []
+            while not items or not isinstance(items[-1], p.Done):
+                items.append(sink.get(timeout=120))
+                assert not isinstance(items[-1], p.ErrorEvent), items[-1]
+            frames = [item for item in items if isinstance(item, AudioFrame)]
+            assert [f.index for f in frames] == list(range(len(frames))) and items[-1].frames == len(frames) > 0
+            assert [item.word for item in items if isinstance(item, p.Word)] == texts[i].removeprefix("[S1] ").split()
+        ahead = order.launched_before_waiting()
+        if step_in_flight == "on":
+            assert ahead > 0 and engine.steps_ahead > 0
+        else:
+            assert ahead == 0 and engine.steps_ahead == 0
+    finally:
+        engine.close()
+
+
+def test_waiting_for_a_simulated_steps_actions_does_not_wait_for_work_queued_after_it():
+    """As a CUDA event: the host waits for the step's own work, not for the next step, which the
+    host launched before it waited."""
+    from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedStepper, SimulatedDia2
+
+    now = [0.0]
+    device = SimulatedDevice(clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    profile = GpuProfile(gpu="test", preset="2b", full_step_ms={1: 10.0}, lite_step_ms={1: 4.0}, decode_ms={1: 2.0})
+    stepper = SimulatedStepper(SimulatedDia2(profile).config, profile, device, n_calls=1)
+    choice = ((5, 5), (6, 6))
+    first = stepper.launch([(choice, choice)])
+    second = stepper.launch([(choice, choice)])
+    assert now[0] == 0.0  # both queued, the host went on
+    first.wait()
+    assert now[0] == pytest.approx(0.004)  # the first step's end, not the second's
+    second.wait()
+    assert now[0] == pytest.approx(0.008)
