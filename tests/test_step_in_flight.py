@@ -334,3 +334,16 @@ def test_waiting_for_a_simulated_steps_actions_does_not_wait_for_work_queued_aft
     assert now[0] == pytest.approx(0.004)  # the first step's end, not the second's
     second.wait()
     assert now[0] == pytest.approx(0.008)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_seeded_calls_get_the_same_tokens_with_a_step_in_flight_or_not(tiny_dir):
+    """The same on a GPU: the two-level pick inside the captured graphs, the doubled pinned
+    staging and the queued action copy, with the host really running ahead of the device."""
+    from vendor_dia2 import Dia2
+
+    tts = Dia2.from_pretrained(str(tiny_dir), device="cuda", mimi="random-small")
+    settings = dict(context_frames=80, rollover_frames=30, min_turn_frames=20)
+    off = run_conversations(tts, "off", **settings)
+    on = run_conversations(tts, "on", **settings)
+    assert_same(on, off)

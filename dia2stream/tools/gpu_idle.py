@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulate-gpu", default=None, help="a GPU profile: the code path on CPU (no kernels: busy 0)")
     parser.add_argument("--pdl", default=None, choices=("auto", "on", "off"), help="as server.py's --pdl")
     parser.add_argument("--gpu-tilings", default=None, help="as server.py's --gpu-tilings")
+    parser.add_argument("--step-in-flight", default=None, choices=("on", "off"), help="as server.py's --step-in-flight")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--trace", help="a Chrome trace of the last call count's steps, host ops included")
     args = parser.parse_args(argv)
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     from dia2stream.serve.config import ServerConfig
 
     settings = {"checkpoint": args.checkpoint, "mimi": args.mimi, "device": args.device,
-                "simulate_gpu": args.simulate_gpu, "pdl": args.pdl, "gpu_tilings": args.gpu_tilings}
+                "simulate_gpu": args.simulate_gpu, "pdl": args.pdl, "gpu_tilings": args.gpu_tilings,
+                "step_in_flight": args.step_in_flight}
     config = ServerConfig(host="127.0.0.1", port=0, max_calls=max(counts), max_lead_ms=1e6, log_level="WARNING",
                           web=False, engine_process="off", overload_refusal_s=0.0,
                           **{k: v for k, v in settings.items() if v is not None})
