@@ -170,6 +170,41 @@ class Conversation:
                 "rollovers": call.rollovers}
 
 
+class MidTurn(Conversation):
+    """Commands that land while the call generates (so, with a step in flight, while its step is
+    in flight: they are held), placed so that its tokens still depend on nothing but its seed:
+    text pushed while many words are still queued, and a barge-in whose rollback goes to where
+    the caller's audio ended, wherever generation stood."""
+
+    LONG = " one two three four five six seven eight nine ten eleven twelve"
+
+    def _script(self) -> None:
+        s = self.seed
+        self._send(p.Start(text="[S1]" + self.LONG, final=False, seed=s, id="one"))
+        self._until(p.Word)  # generating, eleven words still queued
+        self._send(p.Inject(text=" and then a few more", final=False))
+        self._send(p.Flush())
+        self._until(p.Done)
+        self._send(p.Inject(text=self.LONG, id="two"))
+        for _ in range(3):
+            self._until(p.Word)
+        self._send(p.Pause(played_ms=160))  # the caller heard 160 ms of the turn: roll back there
+        self._until(p.Paused)
+        self.pause_at = len(self.log) - 1  # what came before it was sent before the pause was applied
+        self._send(p.Inject(text=" Sorry, the rest.", id="three"))
+        self._until(p.Done)
+
+    def outcome(self) -> dict:
+        """As `Conversation.outcome`, less what depends on when the pause landed: the frames and
+        words of the second turn sent before it (the rollback goes to the same place anyway)."""
+        keep = self.log[:self._second_turn_start()] + self.log[self.pause_at:]
+        self.log = keep
+        return super().outcome()
+
+    def _second_turn_start(self) -> int:
+        return next(i for i, item in enumerate(self.log) if isinstance(item, p.Done)) + 1
+
+
 def _stable(event):
     """An event without its wall-clock fields."""
     fields = event.to_dict()
@@ -189,7 +224,7 @@ def _tone_wav(seconds: float = 0.8) -> bytes:
     return buf.getvalue()
 
 
-def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), **overrides) -> list[dict]:
+def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), kind=Conversation, **overrides) -> list[dict]:
     import tempfile
 
     from dia2stream.voices.voice import VoiceRequest, VoiceSettings
@@ -200,7 +235,7 @@ def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), **overrides) 
     try:
         engine.preload_voice(VoiceRequest("base", audio=_tone_wav(0.4), transcript="[S1] Hi."), cache=False)
         engine.preload_voice(VoiceRequest("v", audio=_tone_wav(), transcript="[S1] Hi there."), cache=False)
-        conversations = [Conversation(engine, seed) for seed in seeds]
+        conversations = [kind(engine, seed) for seed in seeds]
         threads = [threading.Thread(target=c.run) for c in conversations]
         for t in threads:
             t.start()
@@ -211,6 +246,7 @@ def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), **overrides) 
                 raise c.error
         if step_in_flight == "on":
             assert engine.steps_ahead > 0, "no call was ever launched with its step before in flight"
+            assert engine.commands_held > 0 or kind is Conversation, "no command landed during a step in flight"
         return [c.outcome() for c in conversations]
     finally:
         engine.close()
@@ -253,6 +289,23 @@ def test_seeded_calls_get_the_same_tokens_on_the_simulated_gpu_with_a_step_in_fl
     on = run_conversations(tts, "on", **settings)
     assert all(o["rollovers"] for o in off), "the test means to cover a rollover"
     assert_same(on, off, pcm=False)
+
+
+@pytest.mark.parametrize("backend", ["simulated", pytest.param("tiny", marks=pytest.mark.slow)])
+def test_commands_that_land_while_a_step_is_in_flight_give_the_same_tokens(backend, tiny_dir):
+    """Text pushed mid-turn and a barge-in mid-turn: held while the call's step is in flight,
+    applied after it, with the tokens of an engine that applies each step before the next."""
+    if backend == "tiny":
+        from vendor_dia2 import Dia2
+
+        tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
+    else:
+        from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
+
+        tts = SimulatedDia2(GpuProfile.load("profiles/h200-2b.json"))
+    off = run_conversations(tts, "off", kind=MidTurn)
+    on = run_conversations(tts, "on", kind=MidTurn)
+    assert_same(on, off, pcm=backend == "tiny")
 
 
 class StepOrder:

@@ -142,6 +142,7 @@ class Engine:
         self.steps = 0
         self.slot_moves = 0  # calls moved to a lower slot so that a step ran smaller
         self.steps_ahead = 0  # calls launched while their step before was still in flight (step_in_flight)
+        self.commands_held = 0  # commands that waited for their call's step in flight to be applied
         self.overloaded = False
         self._behind_since: float | None = None
         self._last_behind = 0.0
@@ -515,6 +516,7 @@ class Engine:
                 return
         if self._holds(call):
             self._held.setdefault(call.slot.index, []).append(envelope)  # after the step in flight
+            self.commands_held += 1
             return
         if call.slot.pending_prefill is not None and not isinstance(message, (Attach, Detach)):
             # the call's next commands wait for its planned prefill (they must see the caller's
