@@ -411,6 +411,25 @@ class Call:
         # the step in flight may starve the call; the hold begins once every word is out
         return position < _first(m.last_word_step, turn.start_position) + tail
 
+    def takes_text_beside_step_in_flight(self, cmd: object) -> bool:
+        """Whether `cmd` may be applied while this call's last launched step is not applied yet,
+        with the result it would have after it: an `inject` of the same turn or a `flush`, while
+        that step cannot take a word (it emits the word being spoken or pads a forced pause, so
+        it never reads the queue, whichever action it samples) and its end check reads nothing
+        the command changes (no end and no hold under way). Streamed text then costs the call no
+        step of sitting out (a held command does), which matters most as a turn starts.
+        A command refused for its text answers one step sooner than it would after that step."""
+        if self.phase is not Phase.GENERATING or self._drop_unspoken or self.turn is None:
+            return False
+        if isinstance(cmd, p.Inject):
+            if cmd.id is not None and cmd.id != self.turn.id:
+                return False  # the turn's id is what that step's events carry
+        elif not isinstance(cmd, p.Flush):
+            return False
+        m = self.machine
+        c = m.cursor
+        return m.end_step is None and not m.starved and (c.pending_pos < c.pending_end or c.forced_padding > 0)
+
     def frame_ready(self, position: int | None = None) -> bool:
         """After a step: whether it made an aligned frame of this turn ready to decode (from the
         position alone, so the decode can be queued before `advance`). `position`: where the step

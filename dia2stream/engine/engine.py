@@ -143,6 +143,7 @@ class Engine:
         self.slot_moves = 0  # calls moved to a lower slot so that a step ran smaller
         self.steps_ahead = 0  # calls launched while their step before was still in flight (step_in_flight)
         self.commands_held = 0  # commands that waited for their call's step in flight to be applied
+        self.commands_beside = 0  # text applied beside its call's step in flight (it could not read it)
         self.overloaded = False
         self._behind_since: float | None = None
         self._last_behind = 0.0
@@ -514,7 +515,7 @@ class Engine:
             case ForgetVoices(names=names):
                 self.voices.forget(names)
                 return
-        if self._holds(call):
+        if self._holds(call, message):
             self._held.setdefault(call.slot.index, []).append(envelope)  # after the step in flight
             self.commands_held += 1
             return
@@ -553,12 +554,20 @@ class Engine:
         if call.draining:
             call.note_drained()
 
-    def _holds(self, call: Call | None) -> bool:
-        """Commands for `call` wait: its slot is in the step in flight (or has commands waiting)."""
+    def _holds(self, call: Call | None, message: object = None) -> bool:
+        """Commands for `call` wait: its slot is in the step in flight (or has commands waiting),
+        unless `message` is text that step cannot read (`Call.takes_text_beside_step_in_flight`)."""
         if call is None:
             return False
         slot = call.slot.index
-        return slot in self._held or (self._in_flight is not None and slot in self._in_flight.slots)
+        if slot in self._held:
+            return True
+        if self._in_flight is None or slot not in self._in_flight.slots:
+            return False
+        if message is not None and call.takes_text_beside_step_in_flight(message):
+            self.commands_beside += 1
+            return False
+        return True
 
     def _step(self, calls: list[Call]) -> None:
         """Launch a step for `calls`; apply the step launched before it (with `step_in_flight`),
