@@ -14,11 +14,13 @@ def _one_torch_thread_on_a_small_cpu() -> None:
     two spinning OpenMP threads fight everything else on the box). Tests that build an engine or
     run the model in this process do the same: with two threads beside a server, an engine
     process or another job, each step waits on a descheduled thread (test_rollover took 134 s
-    with two, 32 s with one, on a shared 2-core machine)."""
+    with two, 32 s with one, on a shared 2-core machine). The programs tests start (the CLI,
+    whose `generate` runs the model) inherit it through OMP_NUM_THREADS."""
     import torch
 
     if (os.cpu_count() or 1) <= 2 and not torch.cuda.is_available():
         torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 _one_torch_thread_on_a_small_cpu()
