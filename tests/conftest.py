@@ -9,6 +9,23 @@ os.environ.setdefault("DIA2_CACHE", tempfile.mkdtemp(prefix="dia2-test-cache-"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _one_torch_thread_on_a_small_cpu() -> None:
+    """The server runs torch on one thread on a CPU-only machine with <= 2 cores (serve/build.py:
+    two spinning OpenMP threads fight everything else on the box). Tests that build an engine or
+    run the model in this process do the same: with two threads beside a server, an engine
+    process or another job, each step waits on a descheduled thread (test_rollover took 134 s
+    with two, 32 s with one, on a shared 2-core machine). The programs tests start (the CLI,
+    whose `generate` runs the model) inherit it through OMP_NUM_THREADS."""
+    import torch
+
+    if (os.cpu_count() or 1) <= 2 and not torch.cuda.is_available():
+        torch.set_num_threads(1)
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+_one_torch_thread_on_a_small_cpu()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     from vendor_dia2.checkpoint import write_random_checkpoint
