@@ -34,11 +34,11 @@ def inject_fault(monkeypatch, slot: int, after_frames: int) -> list:
     real = Call.advance
     raised = []
 
-    def advance(self, action):
+    def advance(self, action, step=None):
         if self.slot.index == slot and not raised and self.position - self.turn.start_position > after_frames:
             raised.append(self.position)
             raise RuntimeError("injected fault")
-        return real(self, action)
+        return real(self, action, step)
 
     monkeypatch.setattr(Call, "advance", advance)
     return raised
