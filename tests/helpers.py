@@ -186,3 +186,17 @@ def http_call(port: int, method: str, path: str, headers: dict | None = None) ->
         return response.status, dict(response.getheaders()), response.read()
     finally:
         conn.close()
+
+
+def word(text: str, *tokens: int):
+    """A script entry for a word of these tokens (its padding is its token count, as parsed)."""
+    from vendor_dia2.script import ScriptEntry
+
+    return ScriptEntry(text=text, tokens=tuple(tokens), padding=len(tokens))
+
+
+def pause(frames: int):
+    """A script entry for a break of `frames` frames."""
+    from vendor_dia2.script import ScriptEntry
+
+    return ScriptEntry(text="", tokens=(), padding=frames)

@@ -8,18 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dia2stream.call.history import RollbackLog
-from vendor_dia2.script import ScriptEntry
 from vendor_dia2.state_machine import NO_STEP, ROW_END_STEP, ROW_FIELDS, TextState, TextStateMachine
 
+from helpers import pause, word  # noqa: E402
+
 PAD, NW = 0, 3
-
-
-def word(text, *tokens):
-    return ScriptEntry(text=text, tokens=tuple(tokens), padding=len(tokens))
-
-
-def pause(frames):
-    return ScriptEntry(text="", tokens=(), padding=frames)
 
 
 entry_st = st.one_of(
