@@ -406,8 +406,8 @@ class Call:
             return position < m.end_step + tail  # `check_end` after the step in flight would not end it
         if m.remaining_entries:
             return True  # a word is queued: the step in flight can neither end the turn nor starve it
-        if m.final:  # the step in flight may set the end at its own step, position - 1
-            return position < position - 1 + tail
+        if m.final:  # the step in flight may set the end at its own step, position - 1: due at position - 1 + tail
+            return tail > 1
         # the step in flight may starve the call; the hold begins once every word is out
         return position < _first(m.last_word_step, turn.start_position) + tail
 

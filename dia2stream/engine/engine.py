@@ -399,8 +399,12 @@ class Engine:
             self._process(flight)
 
     def _replay_waiting(self) -> bool:
+        return bool(self._calls_replaying())
+
+    def _calls_replaying(self) -> list[Call]:
+        """Calls whose rollback's codec re-decode is not done yet."""
         with self._lock:
-            return any(c is not None and c.slot.pending_replay is not None for c in self._calls)
+            return [c for c in self._calls if c is not None and c.slot.pending_replay is not None]
 
     def _compact(self, moves: list[tuple[int, int]]) -> None:
         """Move the starting calls about to step into the lowest slots (`moves`, from
@@ -462,9 +466,7 @@ class Engine:
 
     def _replay_one_frame(self) -> bool:
         """One frame of a rollback's codec re-decode, for the first slot that has one pending."""
-        with self._lock:
-            calls = [c for c in self._calls if c is not None and c.slot.pending_replay is not None]
-        for call in calls:
+        for call in self._calls_replaying():
             self._replay_frame(call)
             return True
         return False

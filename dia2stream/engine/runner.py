@@ -67,10 +67,6 @@ class Runner:
         self._decode_rows = torch.zeros(rows, dtype=torch.bool)
         self._replay_codes = torch.zeros(rows, stepper.num_codebooks, dtype=torch.long)
 
-    def step(self, choices: dict[int, object]) -> StepResult:
-        """One frame step for the slots in `choices` (slot -> both text answers of its next step)."""
-        return self.launch(choices).wait()
-
     def launch(self, choices: dict[int, object]) -> PendingStep:
         """Queue one frame step for the slots in `choices` and return at once. `choices[slot]`:
         both text answers of the slot's next step, or both for each action of its step before
