@@ -112,6 +112,8 @@ class MimiCodec:
         self.use_cuda_graph = True  # streaming decode as one CUDA graph on GPU (set before open_stream)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # decode size -> graph, its PCM
         self.decode_sizes: tuple[int, ...] = ()
+        self._side: torch.cuda.Stream | None = None  # the stream queued decodes run on (`open_stream(side_stream=)`)
+        self._side_done: tp.Any = None  # the event after the last decode queued there
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -176,10 +178,15 @@ class MimiCodec:
         return bool(self._stream_batch is not None and self._graphs)
 
     @torch.inference_mode()
-    def open_stream(self, batch_size: int = 1, decode_sizes: tp.Sequence[int] = ()) -> None:
+    def open_stream(self, batch_size: int = 1, decode_sizes: tp.Sequence[int] = (), side_stream: bool = False) -> None:
         """Start (or restart, from a fresh state) streaming decode for `batch_size` rows. A decode
         runs over the first rows only, padded to the smallest of `decode_sizes` (and
-        `batch_size`) that covers the highest row decoding (each size one CUDA graph on GPU)."""
+        `batch_size`) that covers the highest row decoding (each size one CUDA graph on GPU).
+
+        `side_stream` (graphed CUDA decodes only): `decode_frame_async` runs the decode on a CUDA
+        stream of its own, after the work queued before it on the caller's stream, so it overlaps
+        whatever the caller queues next (the next frame step). Every other use of the stream's
+        state waits for the decodes queued before it."""
         self.close_stream()
         self._decoder_side.start(batch_size)
         self._stream_batch = batch_size
@@ -197,10 +204,13 @@ class MimiCodec:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         if self.device.type == "cuda" and self.use_cuda_graph:
             self._capture_decodes(batch_size)
+        self._side = torch.cuda.Stream(self.device) if side_stream and self._graphs else None
+        self._side_done = None
 
     def close_stream(self) -> None:
         """Drop the streaming state (no-op when none is open)."""
         if self._stream_batch is not None:
+            self._join_side_stream()
             self._decoder_side.stop()
             self._stream_batch = None
             self._graphs = {}
@@ -215,11 +225,22 @@ class MimiCodec:
         bool mask `rows` [B], only those rows advance (the others' output is meaningless), and on
         the host the decode runs over the first `b = decode_size_for(highest row + 1)` rows only
         (b = B otherwise): row i of the PCM is row i of the stream."""
+        self._join_side_stream()  # the decodes queued beside run first, in order
+        b, codes = self._stage_decode(codes, rows)
+        graph = self._graphs.get(b)
+        if graph is not None:
+            graph[0].replay()
+            return graph[1].clone()
+        return self._decode_rows(codes[:b, :, None])
+
+    def _stage_decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> tuple[int, torch.Tensor]:
+        """Check a frame decode's input, set the rows that decode, and (graphed) copy the codes
+        into the graph's input, on the current stream; the rows it runs over and the codes."""
         codes = torch.as_tensor(codes)
         if codes.dim() == 1:
             codes = codes[None]
         codes = self._check_codes(codes, dims=2)
-        self._check_stream(codes.shape[0])
+        self._check_stream(codes.shape[0], join=False)  # `decode_frame` has joined; a decode beside must not
         b = self._stream_batch
         if rows is None:
             self._exec_mask.fill_(True)
@@ -229,21 +250,43 @@ class MimiCodec:
                 on = rows.nonzero()
                 b = self.decode_size_for(int(on[-1]) + 1) if len(on) else self.decode_sizes[0]
             self._exec_mask.copy_(rows, non_blocking=True)
-        graph = self._graphs.get(b)
-        if graph is not None:
+        if b in self._graphs:
             self._graph_codes[:b].copy_(codes[:b, :, None])
-            graph[0].replay()
-            return graph[1].clone()
-        return self._decode_rows(codes[:b, :, None])
+        return b, codes
 
     @torch.inference_mode()
     def decode_frame_async(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> "PendingPcm":
         """`decode_frame`, with the PCM on its way to the host: on CUDA the decode and a copy into
         pinned memory are queued and this returns at once (the host works on while they run);
-        `PendingPcm.wait` gives the PCM rows [b, 1920] as a host array of their own."""
+        `PendingPcm.wait` gives the PCM rows [b, 1920] as a host array of their own. With a side
+        stream (`open_stream`) the decode and the copy run there."""
+        if self._side is not None:
+            return self._decode_beside(codes, rows)
         pcm = self.decode_frame(codes, rows)
         if pcm.device.type != "cuda":
             return PendingPcm(pcm, None)
+        return self._to_host(pcm)
+
+    def _decode_beside(self, codes: torch.Tensor, rows: torch.Tensor | None) -> "PendingPcm":
+        """The decode on the side stream: it starts once the current stream has done what was
+        queued on it so far (the step that wrote `codes`, the copies into the graph's input), and
+        the current stream goes on at once."""
+        current = torch.cuda.current_stream(self.device)
+        if self._side_done is not None:
+            current.wait_event(self._side_done)  # the last decode reads the graph's input: copy over it after
+        b, _ = self._stage_decode(codes, rows)
+        staged = torch.cuda.Event()
+        staged.record(current)
+        self._side.wait_event(staged)
+        with torch.cuda.stream(self._side):
+            graph, pcm = self._graphs[b]
+            graph.replay()
+            pending = self._to_host(pcm)
+        self._side_done = pending.done
+        return pending
+
+    def _to_host(self, pcm: torch.Tensor) -> "PendingPcm":
+        """Queue the copy of PCM rows into pinned host memory on the current stream."""
         b = pcm.shape[0]
         # Two pinned buffers in turn: with a step in flight the next decode is queued before the
         # host has waited for this one's PCM, and must not copy over it.
@@ -259,6 +302,11 @@ class MimiCodec:
         done = self._pinned_done[turn] = torch.cuda.Event()
         done.record()
         return PendingPcm(host, done)
+
+    def _join_side_stream(self) -> None:
+        """Order the current stream after the decodes queued on the side stream (no host wait)."""
+        if self._side is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self._side)
 
     def _decode_rows(self, codes: torch.Tensor) -> torch.Tensor:
         """Decode codes [b, 32, 1] over the stream's first b rows."""
@@ -408,11 +456,16 @@ class MimiCodec:
             raise ValueError(f"codes must be {want}, got {tuple(codes.shape)}")
         return codes.to(self.device)
 
-    def _check_stream(self, batch_size: int | None) -> None:
+    def _check_stream(self, batch_size: int | None, join: bool = True) -> None:
+        """The stream is open (with `batch_size` rows, unless None). Every user of the stream's
+        state comes through here, and (`join`) its work is ordered after the decodes queued on the
+        side stream."""
         if self._stream_batch is None:
             raise RuntimeError("no stream open: call open_stream(batch_size) first")
         if batch_size is not None and batch_size != self._stream_batch:
             raise ValueError(f"stream has {self._stream_batch} rows, got {batch_size}")
+        if join:
+            self._join_side_stream()
 
     def _stream_detached(self) -> tp.ContextManager:
         if self._stream_batch is None:

@@ -42,6 +42,10 @@ UNGENERATED = -1  # a delayed-buffer cell no step has written
 # µs each to launch) and the filled decoder caches of two calls (~0.1 MB a position at 2b, cfg 2,
 # bf16: ~100 MB for two calls 500 frames in, ~0.05 ms at H100/H200 bandwidth). An ESTIMATE.
 SWAP_MS = 0.3
+# A decode on a stream of its own (`--decode-stream on`) shares the GPU with the frame step it
+# overlaps: the share of the decode's time that step is slowed by. An ESTIMATE until measured (the
+# H200's one-call step and decode both leave most SMs idle, so they should overlap well).
+SIDE_DECODE_SLOWDOWN = 0.5
 
 
 # -- the profile -------------------------------------------------------------------------------------
@@ -58,6 +62,7 @@ class GpuProfile:
     decode_ms: dict[int, float]  # one batched Mimi decode over that many stream rows
     prefill_ms_per_frame: float = 0.11
     swap_ms: float = SWAP_MS  # exchanging two slots' device state (caches, buffers, Mimi rows)
+    side_decode_slowdown: float = SIDE_DECODE_SLOWDOWN  # a step beside a decode is slowed by this share of it
     source: str = ""
 
     @classmethod
@@ -68,7 +73,9 @@ class GpuProfile:
                        full_step_ms=_by_size(raw["full_step_ms"]), lite_step_ms=_by_size(raw["lite_step_ms"]),
                        decode_ms=_by_size(raw["decode_ms"]),
                        prefill_ms_per_frame=float(raw.get("prefill_ms_per_frame", cls.prefill_ms_per_frame)),
-                       swap_ms=float(raw.get("swap_ms", cls.swap_ms)), source=raw.get("source", ""))
+                       swap_ms=float(raw.get("swap_ms", cls.swap_ms)),
+                       side_decode_slowdown=float(raw.get("side_decode_slowdown", cls.side_decode_slowdown)),
+                       source=raw.get("source", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{path}: not a GPU profile ({exc}); see profiles/README.md") from None
 
@@ -101,12 +108,14 @@ def _interpolate(table: dict[int, float], size: int) -> float:
 
 
 class SimulatedDevice:
-    """One GPU stream as the host sees it. Thread-safe; `clock` and `sleep` are injectable."""
+    """A GPU's main stream as the host sees it, and a side stream beside it (`launch_beside`).
+    Thread-safe; `clock` and `sleep` are injectable."""
 
     def __init__(self, clock=time.monotonic, sleep=time.sleep):
         self._clock, self._sleep = clock, sleep
         self._lock = threading.Lock()
         self.busy_until = 0.0
+        self.side_busy_until = 0.0
         self.busy_seconds = 0.0  # simulated GPU work so far (idle time = wall - busy)
         self._stall = 0.0
 
@@ -120,9 +129,25 @@ class SimulatedDevice:
             self.busy_seconds += seconds
             return self.busy_until
 
+    def launch_beside(self, seconds: float, slowdown: float = 0.0) -> float:
+        """Queue `seconds` of work on the side stream, after the main stream's work queued so far
+        (and the side stream's); the main stream goes on at once, its next piece of work slowed
+        by `slowdown` of this one (the two share the GPU). Returns when it will be done."""
+        with self._lock:
+            start = max(self._clock(), self.busy_until, self.side_busy_until)
+            self.side_busy_until = start + seconds
+            self.busy_seconds += seconds
+            self._stall += slowdown * seconds
+            return self.side_busy_until
+
+    def join_side(self) -> None:
+        """The main stream's next work waits for the side stream's (a stream wait, not the host's)."""
+        with self._lock:
+            self.busy_until = max(self.busy_until, self.side_busy_until)
+
     def synchronize(self) -> None:
         """Wait until every launched piece of work is done."""
-        while (left := self.busy_until - self._clock()) > 0:
+        while (left := max(self.busy_until, self.side_busy_until) - self._clock()) > 0:
             self._sleep(left)
 
     def wait_until(self, done_at: float) -> None:
@@ -379,18 +404,19 @@ class SimulatedCodec:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     batch_size: int | None = None
     decode_sizes: tuple[int, ...] = ()
+    side_stream: bool = False  # decodes queued on the side stream (`open_stream`)
     states: dict = field(default_factory=dict)
     _hiss: torch.Tensor | None = None  # the PCM every decode returns (computing none is the point)
 
-    def open_stream(self, batch_size: int = 1, decode_sizes=()) -> None:
-        self.batch_size = batch_size
+    def open_stream(self, batch_size: int = 1, decode_sizes=(), side_stream: bool = False) -> None:
+        self.batch_size, self.side_stream = batch_size, side_stream
         self.decode_sizes = tuple(sorted({b for b in decode_sizes if 0 < b < batch_size} | {batch_size}))
 
     def decode_size_for(self, rows: int) -> int:
         return next(b for b in self.decode_sizes if b >= rows)
 
     def swap_rows(self, a: int, b: int) -> None:
-        return None  # timed with the stepper's swap
+        self.device_clock.join_side()  # timed with the stepper's swap
 
     def close_stream(self) -> None:
         self.batch_size = None
@@ -400,18 +426,25 @@ class SimulatedCodec:
         return self.batch_size
 
     def decode_frame(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        self.device_clock.join_side()
         pcm, _ = self._decode(codes, rows)
         self.device_clock.synchronize()  # the PCM copy to the host, as on the GPU
         return pcm
 
-    def _decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, float]:
-        """Queue a decode's time on the simulated device; the PCM it will give, and when."""
+    def _decode(self, codes: torch.Tensor, rows: torch.Tensor | None,
+                beside: bool = False) -> tuple[torch.Tensor, float]:
+        """Queue a decode's time on the simulated device (`beside`: on the side stream, as
+        `MimiCodec` does with a side stream); the PCM it will give, and when."""
         batch = codes.shape[0] if codes.dim() == 2 else 1
         if self.batch_size is not None:
             # the real codec runs over the first rows only, up to the highest one decoding
             on = torch.as_tensor(rows, dtype=torch.bool).nonzero() if rows is not None else None
             batch = self.decode_size_for(int(on[-1]) + 1) if on is not None and len(on) else self.batch_size
-        done_at = self.device_clock.launch(self.profile.decode_seconds(batch))
+        seconds = self.profile.decode_seconds(batch)
+        if beside:
+            done_at = self.device_clock.launch_beside(seconds, self.profile.side_decode_slowdown)
+        else:
+            done_at = self.device_clock.launch(seconds)
         if self._hiss is None or self._hiss.shape[0] < batch:
             self._hiss = 0.01 * torch.randn(batch, FRAME_SAMPLES, generator=torch.Generator().manual_seed(0))
         return self._hiss[:batch], done_at
@@ -419,7 +452,9 @@ class SimulatedCodec:
     def decode_frame_async(self, codes: torch.Tensor, rows: torch.Tensor | None = None) -> "SimulatedPcm":
         """As `MimiCodec.decode_frame_async`: the decode is queued on the simulated device and the
         host goes on; `wait` is the PCM copy's synchronisation."""
-        pcm, done_at = self._decode(codes, rows)
+        if self.side_stream:
+            self.device_clock.join_side()  # as the real codec, a decode is staged after the last one ends
+        pcm, done_at = self._decode(codes, rows, beside=self.side_stream)
         return SimulatedPcm(pcm, self.device_clock, done_at)
 
     def encode(self, wav: torch.Tensor) -> torch.Tensor:
@@ -427,17 +462,21 @@ class SimulatedCodec:
         batch = wav.shape[0] if wav.dim() == 3 else 1
         return torch.arange(frames * 32).reshape(1, 32, frames).expand(batch, -1, -1) % 2048
 
+    # Every use of the stream's state waits for the decodes queued beside, as `MimiCodec`'s does.
+
     def reset_stream(self, mask: torch.Tensor | None = None) -> None:
-        return None
+        self.device_clock.join_side()
 
     def snapshot_row(self, row: int) -> CodecStreamSnapshot:
+        self.device_clock.join_side()
         return CodecStreamSnapshot(1, {})
 
     def snapshot_rows(self, rows: list[int]) -> list[CodecStreamSnapshot]:
+        self.device_clock.join_side()
         return [CodecStreamSnapshot(1, {}) for _ in rows]
 
     def restore_row(self, row: int, snapshot: CodecStreamSnapshot) -> None:
-        return None
+        self.device_clock.join_side()
 
     def warmed_row(self, codes: torch.Tensor) -> CodecStreamSnapshot:
         self.device_clock.launch(self.profile.decode_seconds(1) * codes.shape[-1])

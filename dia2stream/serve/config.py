@@ -112,6 +112,8 @@ class ServerConfig:
     engine_process: Switch = Switch.ON
     # launch the next frame step before the host applies the last one's outputs (issue 18); off until measured
     step_in_flight: Switch = Switch.OFF
+    # the Mimi decode on a CUDA stream of its own, beside the next frame step (issue 18); off until measured
+    decode_stream: Switch = Switch.OFF
 
     def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
@@ -139,7 +141,8 @@ class ServerConfig:
                                                                     and _is_cuda(device)),
                       kernels=resolve_kernels(config.kernels, device),
                       voice=config.voice_settings(whisper_device=str(device)),
-                      step_in_flight=config.step_in_flight == Switch.ON)
+                      step_in_flight=config.step_in_flight == Switch.ON,
+                      decode_stream=config.decode_stream == Switch.ON)
         values.update({k: v for k, v in overrides.items() if k not in server_names})
         return EngineConfig(**values)
 
@@ -250,6 +253,9 @@ _FLAGS = [  # (name, type, help)
     ("step_in_flight", Switch, "launch each frame step before the host has applied the last one's actions, PCM and "
                                "end checks, so host work overlaps the GPU: on, or off (each step applied before "
                                "the next is launched); the tokens are the same either way"),
+    ("decode_stream", Switch, "run each frame's Mimi decode on a CUDA stream of its own, so it overlaps the next "
+                              "frame step (that step must be launched first: with --step-in-flight on): on, or off "
+                              "(decodes and steps in one stream); no effect without CUDA graphs"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 

@@ -363,7 +363,7 @@ VOICE_TRANSCRIPT = ("[S1] Hello, this is the bench voice speaking for about ten 
 # -- through the real server --------------------------------------------------------------------
 
 def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: str = "torch",
-                 step_in_flight: str = "off"):
+                 step_in_flight: str = "off", decode_stream: str = "off"):
     """The real server on a free loopback port, in a thread with its own loop."""
     from websockets.asyncio.server import serve
 
@@ -374,7 +374,8 @@ def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: st
 
     sys.setswitchinterval(0.0005)  # as serve/build.py build_engine does
     config = ServerConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, kernels=KernelChoice(kernels),
-                          compile=CompileMode.ON if compile else CompileMode.OFF, step_in_flight=Switch(step_in_flight))
+                          compile=CompileMode.ON if compile else CompileMode.OFF, step_in_flight=Switch(step_in_flight),
+                          decode_stream=Switch(decode_stream))
     engine = Engine(tts, config.engine_config(tts.device))
     server = Dia2Server(engine, tts.name, str(tts.device), 60_000)
     ready: "asyncio.Future[int]"
@@ -589,7 +590,7 @@ def run_preset(name: str, args) -> dict:
     if not args.skip_server:
         compiled = args.compile and device.type == "cuda"
         port, stop = start_server(tts, cfg_scale=args.cfg_scale, compile=compiled, kernels=args.kernels,
-                                  step_in_flight=args.step_in_flight)
+                                  step_in_flight=args.step_in_flight, decode_stream=args.decode_stream)
         try:
             result["server"] = asyncio.run(bench_server(port, args.runs))
         finally:
@@ -598,6 +599,7 @@ def run_preset(name: str, args) -> dict:
         result["server"]["compiled"] = compiled
         result["server"]["kernels"] = args.kernels
         result["server"]["step_in_flight"] = args.step_in_flight
+        result["server"]["decode_stream"] = args.decode_stream
         print(f"[{name}] server: {result['server']}", flush=True)
     cfg_key = 2 if args.cfg_scale != 1 else 1
     timed = [v for k, v in steps.items() if k.endswith(f"cfg{cfg_key}") and "fp8" not in k and "p50" in v]
@@ -661,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure how often fp8 depformer weights change a greedy token (CUDA)")
     parser.add_argument("--batched", default="", help="comma-separated call counts for batched steps, e.g. 1,8,16,32,64")
     parser.add_argument("--step-in-flight", default="off", choices=["on", "off"], help="the server's, as server.py's")
+    parser.add_argument("--decode-stream", default="off", choices=["on", "off"], help="the server's, as server.py's")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--profile-out", default=None, metavar="FILE",
                         help="write a GPU profile for --simulate-gpu from the measured figures (profiles/README.md)")

@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pdl", default=None, choices=("auto", "on", "off"), help="as server.py's --pdl")
     parser.add_argument("--gpu-tilings", default=None, help="as server.py's --gpu-tilings")
     parser.add_argument("--step-in-flight", default=None, choices=("on", "off"), help="as server.py's --step-in-flight")
+    parser.add_argument("--decode-stream", default=None, choices=("on", "off"), help="as server.py's --decode-stream")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--trace", help="a Chrome trace of the last call count's steps, host ops included")
     args = parser.parse_args(argv)
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = {"checkpoint": args.checkpoint, "mimi": args.mimi, "device": args.device,
                 "simulate_gpu": args.simulate_gpu, "pdl": args.pdl, "gpu_tilings": args.gpu_tilings,
-                "step_in_flight": args.step_in_flight}
+                "step_in_flight": args.step_in_flight, "decode_stream": args.decode_stream}
     config = ServerConfig(host="127.0.0.1", port=0, max_calls=max(counts), max_lead_ms=1e6, log_level="WARNING",
                           web=False, engine_process="off", overload_refusal_s=0.0,
                           **{k: v for k, v in settings.items() if v is not None})
