@@ -246,7 +246,13 @@ def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), kind=Conversa
         engine.close()
 
 
-def assert_same(on: list[dict], off: list[dict], pcm: bool = True) -> None:
+# On CUDA the same codes decode to PCM a few 1e-6 apart from one run to the next, even with the
+# same settings twice: the decode's padded batch follows which calls decode together (H200, run 20:
+# 9.2e-6 at most between two identical runs, 1.6e-5 between these comparisons; the PCM peaks at 0.38).
+CUDA_PCM_ATOL = 1e-4
+
+
+def assert_same(on: list[dict], off: list[dict], pcm: bool = True, atol: float = 1e-5) -> None:
     """`pcm=False`: the simulated codec's PCM is a fixed hiss by row, not a decode of the codes."""
     for a, b in zip(on, off):
         assert a["events"] == b["events"]
@@ -255,7 +261,7 @@ def assert_same(on: list[dict], off: list[dict], pcm: bool = True) -> None:
         assert a["rollovers"] == b["rollovers"]
         assert len(a["pcm"]) == len(b["pcm"]) > 0
         for x, y in zip(a["pcm"], b["pcm"]) if pcm else ():
-            np.testing.assert_allclose(x, y, atol=1e-5)
+            np.testing.assert_allclose(x, y, atol=atol)
 
 
 @pytest.mark.slow
@@ -392,8 +398,9 @@ def test_on_cuda_seeded_calls_get_the_same_tokens_with_a_step_in_flight_or_not(t
     With the torch depformer, eager inside the graphs: a call's tokens then do not depend on the
     padded batch it steps in (test_gpu.py's moved-calls test). The Triton depformer's do (it
     runs at <= 4 model rows, cuBLAS above), and a step in flight changes which calls step
-    together: with it this comparison failed at a word one frame apart (H200, run 19), most
-    likely for that reason. This form has not run on a GPU yet (device time ran out)."""
+    together: with it this comparison failed at a word one frame apart (H200, run 19), and two
+    runs with the step in flight off differ too (run 20: batch composition alone). This form
+    gave equal tokens, words and events on the H200 in run 20, PCM within 1.6e-5 (docs/bench/run20-h200)."""
     from dia2stream.serve.config import CompileMode, KernelChoice
     from vendor_dia2 import Dia2
 
@@ -402,4 +409,4 @@ def test_on_cuda_seeded_calls_get_the_same_tokens_with_a_step_in_flight_or_not(t
                     compile=CompileMode.OFF)
     off = run_conversations(tts, "off", **settings)
     on = run_conversations(tts, "on", **settings)
-    assert_same(on, off)
+    assert_same(on, off, atol=CUDA_PCM_ATOL)

@@ -76,7 +76,7 @@ class EngineConfig:
     overload_refusal_s: float  # refuse new calls this long after one fell behind real time; 0 = never
     max_user_turn_seconds: float  # longest caller's turn (user_turn audio)
     step_in_flight: bool  # launch the next step before the last one's outputs are applied (see `_step_once`)
-    decode_stream: bool = False  # each frame's decode on a CUDA stream of its own, beside the next step
+    decode_stream: bool  # each frame's decode on a CUDA stream of its own, beside the next step
     max_unsent_frames: int = 250  # frames generated but not yet taken by a slow client, per call
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
