@@ -73,3 +73,16 @@ def test_operations_doc_table_matches_the_flags_and_defaults():
     for name, shown in documented.items():
         value = getattr(defaults, name)
         assert shown == ("none" if value is None else f"{value:g}" if isinstance(value, float) else str(value)), name
+
+
+@pytest.mark.parametrize("flag, device, simulated, expected", [
+    ("auto", "cpu", False, False),  # on a CPU the step runs in the host's thread: nothing to overlap
+    ("auto", "cpu", True, True),  # the simulated GPU runs apart from the host
+    ("auto", "cuda", False, True),
+    ("on", "cpu", False, True),
+    ("off", "cuda", False, False),
+])
+def test_a_step_in_flight_by_default_wherever_a_device_runs_apart_from_the_host(flag, device, simulated, expected):
+    config = parse_args(["--step-in-flight", flag] + (["--simulate-gpu", "profiles/h200-2b.json"] if simulated else []))
+    assert config.engine_config(device).step_in_flight is expected
+    assert config.engine_config(device).decode_stream is True  # on unless asked off (no effect without CUDA graphs)

@@ -22,7 +22,8 @@ from dia2stream.wire.protocol import MAX_TEXT_CHARS
 
 class CompileMode(enum.StrEnum):
     """A switch decided by the device when `auto`: torch.compile inside the frame's CUDA graphs (on
-    with CUDA), programmatic dependent launch between Triton kernels (on for Hopper and later)."""
+    with CUDA), programmatic dependent launch between Triton kernels (on for Hopper and later), one
+    step in flight (on where the device runs apart from the host: CUDA, the simulated GPU)."""
 
     AUTO = "auto"
     ON = "on"
@@ -112,7 +113,7 @@ class ServerConfig:
     engine_process: Switch = Switch.ON
     # launch the next frame step before the host applies the last one's outputs (issue 18; H200 run 20:
     # same tokens on CUDA, one call's new-turn onset 233 -> 211 ms with decode_stream, 64 calls' step 19.6 -> 16.4 ms)
-    step_in_flight: Switch = Switch.ON
+    step_in_flight: CompileMode = CompileMode.AUTO
     # the Mimi decode on a CUDA stream of its own, beside the next frame step (issue 18; measured with the above)
     decode_stream: Switch = Switch.ON
 
@@ -142,7 +143,8 @@ class ServerConfig:
                                                                     and _is_cuda(device)),
                       kernels=resolve_kernels(config.kernels, device),
                       voice=config.voice_settings(whisper_device=str(device)),
-                      step_in_flight=config.step_in_flight == Switch.ON,
+                      step_in_flight=config.step_in_flight == CompileMode.ON or (
+                          config.step_in_flight == CompileMode.AUTO and (_is_cuda(device) or bool(config.simulate_gpu))),
                       decode_stream=config.decode_stream == Switch.ON)
         values.update({k: v for k, v in overrides.items() if k not in server_names})
         return EngineConfig(**values)
@@ -251,9 +253,10 @@ _FLAGS = [  # (name, type, help)
                               "(/health 503, calls get internal_error, the process exits 1); 0 = no watchdog"),
     ("engine_process", Switch, "run the engine in a process of its own, so connection work (parsing, floods, "
                                "encoding) cannot slow the frame loop: on, or off (one process: debugging)"),
-    ("step_in_flight", Switch, "launch each frame step before the host has applied the last one's actions, PCM and "
-                               "end checks, so host work overlaps the GPU: on, or off (each step applied before "
-                               "the next is launched); the tokens are the same either way"),
+    ("step_in_flight", CompileMode, "launch each frame step before the host has applied the last one's actions, PCM "
+                                    "and end checks, so host work overlaps the GPU: auto (on with CUDA or a simulated "
+                                    "GPU; on a CPU nothing runs beside the host), on, or off (each step applied before "
+                                    "the next is launched); the tokens are the same either way"),
     ("decode_stream", Switch, "run each frame's Mimi decode on a CUDA stream of its own, so it overlaps the next "
                               "frame step (that step must be launched first: with --step-in-flight on): on, or off "
                               "(decodes and steps in one stream); no effect without CUDA graphs"),

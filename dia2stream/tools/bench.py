@@ -363,7 +363,7 @@ VOICE_TRANSCRIPT = ("[S1] Hello, this is the bench voice speaking for about ten 
 # -- through the real server --------------------------------------------------------------------
 
 def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: str = "torch",
-                 step_in_flight: str = "off", decode_stream: str = "off"):
+                 step_in_flight: str = "auto", decode_stream: str = "on"):
     """The real server on a free loopback port, in a thread with its own loop."""
     from websockets.asyncio.server import serve
 
@@ -374,7 +374,7 @@ def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: st
 
     sys.setswitchinterval(0.0005)  # as serve/build.py build_engine does
     config = ServerConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, kernels=KernelChoice(kernels),
-                          compile=CompileMode.ON if compile else CompileMode.OFF, step_in_flight=Switch(step_in_flight),
+                          compile=CompileMode.ON if compile else CompileMode.OFF, step_in_flight=CompileMode(step_in_flight),
                           decode_stream=Switch(decode_stream))
     engine = Engine(tts, config.engine_config(tts.device))
     server = Dia2Server(engine, tts.name, str(tts.device), 60_000)
@@ -662,8 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
                         help="also measure how often fp8 depformer weights change a greedy token (CUDA)")
     parser.add_argument("--batched", default="", help="comma-separated call counts for batched steps, e.g. 1,8,16,32,64")
-    parser.add_argument("--step-in-flight", default="off", choices=["on", "off"], help="the server's, as server.py's")
-    parser.add_argument("--decode-stream", default="off", choices=["on", "off"], help="the server's, as server.py's")
+    parser.add_argument("--step-in-flight", default="auto", choices=["auto", "on", "off"],
+                        help="the server's, as server.py's")
+    parser.add_argument("--decode-stream", default="on", choices=["on", "off"], help="the server's, as server.py's")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--profile-out", default=None, metavar="FILE",
                         help="write a GPU profile for --simulate-gpu from the measured figures (profiles/README.md)")

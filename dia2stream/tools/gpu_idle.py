@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--simulate-gpu", default=None, help="a GPU profile: the code path on CPU (no kernels: busy 0)")
     parser.add_argument("--pdl", default=None, choices=("auto", "on", "off"), help="as server.py's --pdl")
     parser.add_argument("--gpu-tilings", default=None, help="as server.py's --gpu-tilings")
-    parser.add_argument("--step-in-flight", default=None, choices=("on", "off"), help="as server.py's --step-in-flight")
+    parser.add_argument("--step-in-flight", default=None, choices=("auto", "on", "off"),
+                        help="as server.py's --step-in-flight")
     parser.add_argument("--decode-stream", default=None, choices=("on", "off"), help="as server.py's --decode-stream")
     parser.add_argument("--json", help="write the figures here")
     parser.add_argument("--trace", help="a Chrome trace of the last call count's steps, host ops included")
