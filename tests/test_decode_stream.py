@@ -129,3 +129,47 @@ def test_on_cuda_seeded_calls_get_the_same_tokens_and_pcm_with_the_decode_beside
     one = run_conversations(tts, "on", decode_stream="off", **settings)
     beside = run_conversations(tts, "on", decode_stream="on", **settings)
     assert_same(beside, one, atol=CUDA_PCM_ATOL)
+
+
+class _ReadyCodes:
+    """What the runner reads of a stepper for decodes: its ready codes, one row per slot."""
+
+    def __init__(self, rows: int):
+        self.n, self.num_codebooks = rows, 32
+        self.ready_codes = torch.zeros(rows, 32, dtype=torch.long)
+
+
+def test_a_rollback_re_decode_frame_taken_in_a_steps_decode_leaves_the_row_as_one_decoded_alone():
+    """A rolled-back call's codec row takes its re-decode frames in the decodes of steps the other
+    calls run (`Runner.decode_later(replays=)`), or in decodes of its own (`Runner.replay`): the
+    row ends the same either way, and so does its next frame's PCM."""
+    from dia2stream.engine.runner import Runner
+    from vendor_dia2.codec import MimiCodec
+
+    g = torch.Generator().manual_seed(1)
+    frames = [torch.randint(0, 2048, (4, 32), generator=g) for _ in range(9)]
+
+    def run(beside: bool) -> np.ndarray:
+        torch.manual_seed(0)
+        codec = MimiCodec.load("random-small")
+        codec.open_stream(4)
+        stepper = _ReadyCodes(4)
+        runner = Runner(stepper, codec, rows=4)
+        mark = None
+        for i in range(5):
+            if i == 2:
+                mark = codec.snapshot_row(1)
+            stepper.ready_codes.copy_(frames[i])
+            runner.decode_later([0, 1, 2, 3]).wait()
+        codec.restore_row(1, mark)  # rolled back to before frame 2: frames 2-4 are re-decoded
+        for i in range(2, 5):
+            if beside:  # while the others step on to frames 5-7
+                stepper.ready_codes.copy_(frames[i + 3])
+                runner.decode_later([0, 2, 3], {1: frames[i][1]}).wait()
+            else:
+                runner.replay(1, frames[i][1])
+        stepper.ready_codes.copy_(frames[8])
+        return runner.decode_later([1]).wait()[0][1]
+
+    np.testing.assert_allclose(run(True), run(False), atol=1e-5)
+    assert not np.allclose(run(True), 0)

@@ -143,6 +143,7 @@ class Engine:
         self.steps = 0
         self.slot_moves = 0  # calls moved to a lower slot so that a step ran smaller
         self.steps_ahead = 0  # calls launched while their step before was still in flight (step_in_flight)
+        self.replays_beside_steps = 0  # rollback re-decode frames decoded in a step's decode
         self.commands_held = 0  # commands that waited for their call's step in flight to be applied
         self.commands_beside = 0  # text applied beside its call's step in flight (it could not read it)
         self.overloaded = False
@@ -620,7 +621,14 @@ class Engine:
             due = [call for call, entry in entries.items() if entry.decodes and call.codec_mark_due()]
             for call, snapshot in zip(due, self.runner.snapshot_codec_rows([call.slot.index for call in due])):
                 call.add_codec_mark(snapshot)
-            decode = self.runner.decode_later([entry.slot for entry in entries.values() if entry.decodes])
+            # A rolled-back call's re-decode takes a frame in this decode too: under load its own
+            # decodes come only every few steps (PLANNED_WORK_EVERY), each a decode of its own.
+            replaying = [call for call in self._calls_replaying() if call not in entries]
+            decode = self.runner.decode_later([entry.slot for entry in entries.values() if entry.decodes],
+                                              {call.slot.index: call.slot.next_replay_codes() for call in replaying})
+            for call in replaying:
+                call.slot.replay_frame_done()
+            self.replays_beside_steps += len(replaying)
             device_s += decode.launch_seconds
         return LaunchedStep(entries, pending, decode, launched_at=t0,
                             host_s=time.perf_counter() - t0 - device_s)

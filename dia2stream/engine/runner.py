@@ -66,6 +66,9 @@ class Runner:
         self._active = [False] * stepper.n
         self._decode_rows = torch.zeros(rows, dtype=torch.bool)
         self._replay_codes = torch.zeros(rows, stepper.num_codebooks, dtype=torch.long)
+        # a step's ready codes with replaying rows' frames in their place (`decode_later(replays=)`)
+        self._mixed_codes = torch.zeros(rows, stepper.num_codebooks, dtype=torch.long,
+                                        device=stepper.ready_codes.device)
 
     def launch(self, choices: dict[int, object]) -> PendingStep:
         """Queue one frame step for the slots in `choices` and return at once. `choices[slot]`:
@@ -86,13 +89,22 @@ class Runner:
         """One batched decode of the ready frame of `slots`; PCM rows [rows, samples] on the host."""
         return self.decode_later(slots).wait()
 
-    def decode_later(self, slots: list[int]) -> "PendingDecode":
+    def decode_later(self, slots: list[int], replays: dict[int, torch.Tensor] | None = None) -> "PendingDecode":
         """Queue one batched decode of the ready frame of `slots` and return at once: the host
-        works on while the device decodes; `wait()` gives the PCM rows on the host."""
+        works on while the device decodes; `wait()` gives the PCM rows on the host. `replays`
+        (slot -> codes [Q]): slots outside the step whose rollback re-decode takes its next frame
+        in the same decode (their PCM is not wanted), instead of in one of its own."""
         self._decode_rows.zero_()
         self._decode_rows[slots] = True
+        codes = self.stepper.ready_codes[: self.rows]
         t0 = time.perf_counter()
-        pcm = self.codec.decode_frame_async(self.stepper.ready_codes[: self.rows], self._decode_rows)
+        if replays:
+            codes = self._mixed_codes
+            codes.copy_(self.stepper.ready_codes[: self.rows])
+            for slot, frame in replays.items():
+                codes[slot] = frame
+                self._decode_rows[slot] = True
+        pcm = self.codec.decode_frame_async(codes, self._decode_rows)
         return PendingDecode(pcm, time.perf_counter() - t0)
 
     def snapshot_codec_rows(self, slots: list[int]) -> list:
