@@ -97,6 +97,8 @@ def test_a_call_still_filling_its_buffer_rides_in_the_starting_step_not_with_eve
     new = FakeCall(9, starting=True)
     plan = s.plan(others + [fresh, new])
     assert plan.reason == "starting" and plan.calls == (fresh, new)
+    assert plan.urgent  # planned work (a re-decode) waits, as it does for a deadline step
+    assert not s.plan(others + [new]).urgent
     # above the coast floor it coasts like any playing call
     assert s.plan(others + [FakeCall(8, lead=floor + 0.01, peak=floor + 0.01), new]).calls == (new,)
     # a call whose buffer was full once and ran short still makes every call step

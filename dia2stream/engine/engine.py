@@ -355,10 +355,11 @@ class Engine:
         plan = self.scheduler.plan([call for call in calls if not self._sits_out(call)])
         if plan is None:
             self._last_progress = time.monotonic()  # nothing is waiting for a step
-        # Planned work goes before anything but a call running dry, and at least every few steps
-        # even then: at 128 calls on the H200 the playing calls were short often enough to starve a
-        # rollback's re-decode for seconds (run 14: 5 s after-barge-in onset at p95).
-        if plan is None or plan.reason != "deadline":
+        # Planned work goes before anything but a call running dry (`plan.urgent`: a deadline, or
+        # a short call riding in a starting step), and at least every few steps even then: at 128
+        # calls on the H200 the playing calls were short often enough to starve a rollback's
+        # re-decode for seconds (run 14: 5 s after-barge-in onset at p95).
+        if plan is None or not plan.urgent:
             if self._planned_work_waiting():
                 self._drain()
             if self._prefill_one() or self._replay_one_frame():
@@ -380,7 +381,7 @@ class Engine:
                 self._drain()  # slots move only with no step in flight; plan again with every step applied
                 return
             self._compact(moves)
-        self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
+        self._deadline_steps = self._deadline_steps + 1 if plan.urgent else 0
         with torch.profiler.record_function(STEP_MARK):  # a profile's frame steps (tools/gpu_idle.py)
             self._step(list(plan.calls))
 

@@ -78,6 +78,9 @@ class StepPlan:
 
     calls: tuple
     reason: str  # "starting", "deadline" or "top-up"
+    # a call in it is under the coast floor: planned work waits (a deadline plan, or a starting
+    # one with a call riding in it that is short)
+    urgent: bool = False
 
 
 @dataclass
@@ -130,9 +133,9 @@ class Scheduler:
         short = [call for call, lead in zip(playing, leads) if lead < floor]
         filling = self.riders(starting, short) if starting and self.ride_filling else []
         if len(short) > len(filling):
-            return StepPlan(tuple(sorted(eligible, key=_slot)), "deadline")
+            return StepPlan(tuple(sorted(eligible, key=_slot)), "deadline", urgent=True)
         if starting:
-            return StepPlan(tuple(sorted(starting + filling, key=_slot)), "starting")
+            return StepPlan(tuple(sorted(starting + filling, key=_slot)), "starting", urgent=bool(filling))
         refill = self.refill_below(len(eligible))
         if any(lead < refill for lead in leads):
             return StepPlan(tuple(sorted(playing, key=_slot)), "top-up")
