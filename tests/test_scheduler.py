@@ -119,6 +119,10 @@ def test_riders_keep_the_starting_step_small():
     more = fresh + [FakeCall(29, lead=0.05, peak=0.1)]
     plan = s.plan(others + more + [new])
     assert plan.reason == "deadline" and len(plan.calls) == 20 + RIDE_BATCH + 1
+    # four starting calls take a 4-slot step alone: up to four more ride, in an 8-slot step
+    starting = [FakeCall(30 + i, starting=True) for i in range(4)]
+    plan = s.plan(others + more + starting)
+    assert plan.reason == "starting" and len(plan.calls) == 8
 
 
 def test_with_nothing_starting_playing_calls_are_topped_up_together():
