@@ -19,7 +19,7 @@ rollover that must replay heard frames) is *starting*: its caller is waiting now
 - except a call whose buffer has not been full since its audio (re)started (a turn that has
   just sent its first frame has one frame buffered, under the floor at once): while others
   start, it rides in their small steps (up to `RIDE_BATCH` slots, or twice the starting calls'
-  padded size) instead, and planned work waits for that step as for a deadline. Each new turn's first
+  padded size) instead, and planned work alternates with such steps. Each new turn's first
   audio made every call step two or three times, in the middle of the other new turns' start-up
   (simulated H200, 64 calls: ~4 of a new turn's ~17 start-up steps were steps of every call);
 - with no call starting, the playing calls are kept topped up as before: they step together as
@@ -80,8 +80,8 @@ class StepPlan:
 
     calls: tuple
     reason: str  # "starting", "deadline" or "top-up"
-    # a call in it is under the coast floor: planned work waits (a deadline plan, or a starting
-    # one with a call riding in it that is short)
+    # a call in it is under the coast floor: a deadline plan (planned work waits), or a starting
+    # one with a short call riding in it (planned work alternates with such steps, one piece each)
     urgent: bool = False
 
 
