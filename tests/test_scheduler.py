@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from dia2stream.call.call import CODEC_MARK_EVERY, AudioFrame
-from dia2stream.engine.engine import Engine
-from dia2stream.engine.scheduler import RIDE_BATCH, URGENT_MARGIN_S, Scheduler, StepCosts, compacting_moves
+from dia2stream.engine.engine import PLANNED_WORK_EVERY, Engine
+from dia2stream.engine.scheduler import RIDE_BATCH, URGENT_MARGIN_S, Scheduler, StepCosts, StepPlan, compacting_moves
 from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedDia2, _interpolate
 from dia2stream.tools import playback
 from dia2stream.wire import protocol as p
@@ -379,6 +379,34 @@ def test_a_new_turns_first_audio_makes_no_step_of_every_call_while_another_turn_
     assert sum(listener.underruns() for listener in playing + [first]) == 0
     between = [only_two for only_two, audio, waiting in steps if audio and waiting]
     assert len(between) >= 5 and all(between), between
+
+
+def test_planned_work_alternates_with_steps_that_carry_a_short_rider(sim_engine):
+    """Planned work goes first before a starting step, but only one piece of it before a step
+    that carries a short call (a re-decode of 15 frames, one a loop, would drain a one-frame
+    buffer); before deadline steps it gets a piece every PLANNED_WORK_EVERY steps."""
+    engine = sim_engine(max_calls=4)
+    engine.close()  # the loop below is driven by hand: no generation thread
+    order: list[str] = []
+    engine._active_calls = lambda: []
+    engine._planned_work_waiting = engine._replay_waiting = lambda: True
+    engine._prefill_one = lambda: False
+    engine._replay_one_frame = lambda: order.append("work") or True
+    engine._compacting_moves = lambda calls: []
+    engine._step = lambda calls: order.append("step")
+
+    def run(plan: StepPlan, loops: int = 6) -> list[str]:
+        order.clear()
+        engine.scheduler.plan = lambda calls: plan
+        for _ in range(loops):
+            engine._step_once()
+        return order[:]
+
+    assert run(StepPlan((), "starting")) == ["work"] * 6
+    # planned work ran last (above): the rider's step goes first, then one piece each
+    assert run(StepPlan((), "starting", urgent=True)) == ["step", "work"] * 3
+    assert run(StepPlan((), "deadline", urgent=True), loops=8) == ["step"] * PLANNED_WORK_EVERY + ["work"] + \
+        ["step"] * PLANNED_WORK_EVERY + ["work"]
 
 
 @pytest.mark.slow
