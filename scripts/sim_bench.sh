@@ -5,6 +5,7 @@
 #
 #   PROFILE=profiles/h100-2b.json OUT=docs/bench/sim-h100 bash scripts/sim_bench.sh
 #   CALLS_CC="1 64 128" CALLS_LOCK="64" TURNS=4 WINDOW=20 bash scripts/sim_bench.sh
+#   SERVER_ARGS="--step-in-flight on" bash scripts/sim_bench.sh     # extra server flags
 set -u
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -15,7 +16,8 @@ mkdir -p "$OUT"
 health() { curl -sf "http://127.0.0.1:$PORT/health"; }
 serve() {
   local name=$1; shift
-  $PY server.py --simulate-gpu "$PROFILE" --port "$PORT" --log-level WARNING "$@" > "$OUT/server-$name.log" 2>&1 &
+  # shellcheck disable=SC2086  # SERVER_ARGS: extra server flags, word-split on purpose
+  $PY server.py --simulate-gpu "$PROFILE" --port "$PORT" --log-level WARNING "$@" ${SERVER_ARGS:-} > "$OUT/server-$name.log" 2>&1 &
   SERVER=$!
   for _ in $(seq 1 120); do health > /dev/null 2>&1 && return 0; sleep 0.5; done
   echo "server $name did not come up"; tail -20 "$OUT/server-$name.log"; return 1

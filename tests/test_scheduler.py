@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from dia2stream.call.call import CODEC_MARK_EVERY, AudioFrame
-from dia2stream.engine.engine import Engine
-from dia2stream.engine.scheduler import URGENT_MARGIN_S, Scheduler, StepCosts, compacting_moves
+from dia2stream.engine.engine import PLANNED_WORK_EVERY, Engine
+from dia2stream.engine.scheduler import RIDE_BATCH, URGENT_MARGIN_S, Scheduler, StepCosts, StepPlan, compacting_moves
 from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedDia2, _interpolate
 from dia2stream.tools import playback
 from dia2stream.wire import protocol as p
@@ -41,6 +41,7 @@ class FakeCall:
     lead: float = 0.0
     starting: bool = False
     unsent_frames: int = 0
+    peak: float = 1.0  # the most lead since its audio started: a full buffer unless a test says otherwise
     slot: FakeSlot = field(init=False)
 
     def __post_init__(self):
@@ -48,6 +49,9 @@ class FakeCall:
 
     def lead_seconds(self) -> float:
         return self.lead
+
+    def lead_peak_seconds(self) -> float:
+        return self.peak
 
     @property
     def awaiting_first_audio(self) -> bool:
@@ -83,6 +87,42 @@ def test_a_call_whose_buffer_is_short_steps_before_a_new_turns_next_step():
     plan = s.plan(others + [short, new])
     assert plan.reason == "deadline" and short in plan.calls and new in plan.calls
     assert [c.index for c in plan.calls] == [0, 1, 2, 3, 4]  # everyone below max_lead rides along
+
+
+def test_a_call_still_filling_its_buffer_rides_in_the_starting_step_not_with_everyone():
+    s = scheduler()
+    floor = s.coast_floor(10)
+    others = [FakeCall(i, lead=0.9) for i in range(8)]
+    fresh = FakeCall(8, lead=0.08, peak=0.08)  # its turn's first audio just went out
+    new = FakeCall(9, starting=True)
+    plan = s.plan(others + [fresh, new])
+    assert plan.reason == "starting" and plan.calls == (fresh, new)
+    assert plan.urgent  # planned work (a re-decode) waits, as it does for a deadline step
+    assert not s.plan(others + [new]).urgent
+    # above the coast floor it coasts like any playing call
+    assert s.plan(others + [FakeCall(8, lead=floor + 0.01, peak=floor + 0.01), new]).calls == (new,)
+    # a call whose buffer was full once and ran short still makes every call step
+    plan = s.plan(others + [FakeCall(8, lead=0.08, peak=0.9), new])
+    assert plan.reason == "deadline" and len(plan.calls) == 10
+    # with nothing starting, a short call tops every call up, as before
+    assert s.plan(others + [fresh]).reason == "deadline"
+
+
+def test_riders_keep_the_starting_step_small():
+    s = scheduler()
+    others = [FakeCall(i, lead=0.9) for i in range(20)]
+    new = FakeCall(30, starting=True)
+    fresh = [FakeCall(20 + i, lead=0.05 + 0.01 * i, peak=0.1) for i in range(RIDE_BATCH - 1)]
+    plan = s.plan(others + fresh + [new])
+    assert plan.reason == "starting" and [c.index for c in plan.calls] == [c.index for c in fresh + [new]]
+    # one filling call more than the step has room for: every call steps, the starting one included
+    more = fresh + [FakeCall(29, lead=0.05, peak=0.1)]
+    plan = s.plan(others + more + [new])
+    assert plan.reason == "deadline" and len(plan.calls) == 20 + RIDE_BATCH + 1
+    # four starting calls take a 4-slot step alone: up to four more ride, in an 8-slot step
+    starting = [FakeCall(30 + i, starting=True) for i in range(4)]
+    plan = s.plan(others + more + starting)
+    assert plan.reason == "starting" and len(plan.calls) == 8
 
 
 def test_with_nothing_starting_playing_calls_are_topped_up_together():
@@ -302,6 +342,71 @@ def test_calls_with_short_buffers_step_between_a_bursts_start_up_steps(sim_engin
     alone = [i for i, (only_burst, _) in enumerate(steps) if only_burst]
     together = [i for i, (only_burst, _) in enumerate(steps) if not only_burst]
     assert alone and together and min(together) < max(alone)  # the playing calls stepped in between
+
+
+@pytest.mark.slow
+def test_a_new_turns_first_audio_makes_no_step_of_every_call_while_another_turn_starts(sim_engine):
+    """A turn that has just sent its first frame has one frame buffered, under the coast floor:
+    it steps in the other starting turn's small steps until its buffer is full, and the 16
+    playing calls (full buffers) coast on without a step of everyone in between."""
+    engine = sim_engine(max_calls=20, max_lead_ms=1000)
+    playing = open_calls(engine, 16)
+    for i, listener in enumerate(playing):
+        engine.submit(listener.call, p.Start(text=LONG, seed=i))
+    wait_until(lambda: all(len(listener.frames) >= 20 for listener in playing))
+    first, second = open_calls(engine, 2)
+    steps: list[tuple[bool, bool, bool]] = []  # (only the two stepped, first's audio out, second still starting)
+    submitted: list[bool] = []
+    launch = engine.stepper.launch
+
+    def recording(choices, active=None):
+        # the second turn starts once the first is 8 steps in: it is still starting when the
+        # first turn's audio begins (~19 steps), whatever the speed of this machine
+        if first.call.position >= 8 and not submitted:
+            engine.submit(second.call, p.Start(text=LONG, seed=101))
+            submitted.append(True)
+        out = launch(choices, active)
+        rows = {row for row, on in enumerate(active) if on}
+        audio = first.call.turn is not None and first.call.turn.first_audio_at is not None
+        steps.append((rows <= {first.call.slot.index, second.call.slot.index}, audio,
+                      second.call.turn is None or second.call.awaiting_first_audio))
+        return out
+
+    engine.stepper.launch = recording
+    engine.submit(first.call, p.Start(text=LONG, seed=100))
+    wait_until(lambda: second.frames)
+    time.sleep(0.5)
+    assert sum(listener.underruns() for listener in playing + [first]) == 0
+    between = [only_two for only_two, audio, waiting in steps if audio and waiting]
+    assert len(between) >= 5 and all(between), between
+
+
+def test_planned_work_alternates_with_steps_that_carry_a_short_rider(sim_engine):
+    """Planned work goes first before a starting step, but only one piece of it before a step
+    that carries a short call (a re-decode of 15 frames, one a loop, would drain a one-frame
+    buffer); before deadline steps it gets a piece every PLANNED_WORK_EVERY steps."""
+    engine = sim_engine(max_calls=4)
+    engine.close()  # the loop below is driven by hand: no generation thread
+    order: list[str] = []
+    engine._active_calls = lambda: []
+    engine._planned_work_waiting = engine._replay_waiting = lambda: True
+    engine._prefill_one = lambda: False
+    engine._replay_one_frame = lambda: order.append("work") or True
+    engine._compacting_moves = lambda calls: []
+    engine._step = lambda calls: order.append("step")
+
+    def run(plan: StepPlan, loops: int = 6) -> list[str]:
+        order.clear()
+        engine.scheduler.plan = lambda calls: plan
+        for _ in range(loops):
+            engine._step_once()
+        return order[:]
+
+    assert run(StepPlan((), "starting")) == ["work"] * 6
+    # planned work ran last (above): the rider's step goes first, then one piece each
+    assert run(StepPlan((), "starting", urgent=True)) == ["step", "work"] * 3
+    assert run(StepPlan((), "deadline", urgent=True), loops=8) == ["step"] * PLANNED_WORK_EVERY + ["work"] + \
+        ["step"] * PLANNED_WORK_EVERY + ["work"]
 
 
 @pytest.mark.slow

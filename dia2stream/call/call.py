@@ -93,6 +93,9 @@ class Turn:
     first_word_frame: int | None = None  # aligned frame of the turn's first word
     frames_sent: int = 0
     first_audio_at: float | None = None
+    # The most lead the caller's buffer has had since pacing last (re)started (first audio, a
+    # resume, the end of a hold): the scheduler tops a buffer that was never full up first.
+    lead_peak: float = 0.0
     # Resumed after a pause: the caller hears nothing until the next frame, so pacing restarts
     # with that frame, and until then the turn is starting again, not behind real time.
     resumed: bool = False
@@ -174,6 +177,11 @@ class Call:
             return 0.0
         played = time.monotonic() - turn.pace_origin
         return (turn.frames_sent - turn.pace_frames) * FRAME_SECONDS - played
+
+    def lead_peak_seconds(self) -> float:
+        """The most lead this turn's audio has had since its pacing last (re)started."""
+        turn = self.turn
+        return 0.0 if turn is None else turn.lead_peak
 
     @property
     def awaiting_first_audio(self) -> bool:
@@ -474,8 +482,10 @@ class Call:
             now = time.monotonic()
             turn.first_audio_at = turn.first_audio_at or now
             turn.pace_origin, turn.pace_frames, turn.resumed = now, turn.frames_sent, False
+            turn.lead_peak = 0.0
         turn.frames_sent += 1
         self.frames_emitted += 1
+        turn.lead_peak = max(turn.lead_peak, self.lead_seconds())
 
     def check_end(self, position: int | None = None) -> None:
         """After a step is applied: end the turn, or hold for more text, when due. `position`:
@@ -832,6 +842,7 @@ class Call:
     def _restart_pacing(self, lead: float = 0.0) -> None:
         turn = self.turn
         turn.pace_origin, turn.pace_frames = time.monotonic() + lead, turn.frames_sent
+        turn.lead_peak = lead
 
     def _emit_words_up_to(self, frame: int) -> None:
         turn = self.turn

@@ -139,6 +139,7 @@ class Engine:
         self.last_step_ms = 0.0
         self.last_step_calls = 0
         self._deadline_steps = 0  # deadline steps in a row while planned work waited
+        self._planned_work_ran = False  # a piece of planned work ran since the last step
         self.host_ms = 0.0  # moving average of a step's generation-thread work outside the stepper and codec
         self.steps = 0
         self.slot_moves = 0  # calls moved to a lower slot so that a step ran smaller
@@ -359,15 +360,21 @@ class Engine:
             self._last_progress = time.monotonic()  # nothing is waiting for a step
         # Planned work goes before anything but a call running dry, and at least every few steps
         # even then: at 128 calls on the H200 the playing calls were short often enough to starve a
-        # rollback's re-decode for seconds (run 14: 5 s after-barge-in onset at p95).
-        if plan is None or plan.reason != "deadline":
+        # rollback's re-decode for seconds (run 14: 5 s after-barge-in onset at p95). A starting
+        # step with a short call riding in it (`plan.urgent`) alternates with planned work, one
+        # piece each: a whole re-decode first (15 frames, one a loop) drained a turn that had just
+        # sent its first frame; holding planned work back for such steps, which at 128 calls come
+        # one after another, starved it for seconds (simulated).
+        rider_waits = plan is not None and plan.urgent and self._planned_work_ran
+        if (plan is None or plan.reason != "deadline") and not rider_waits:
             if self._planned_work_waiting():
                 self._drain()
             if self._prefill_one() or self._replay_one_frame():
                 self._deadline_steps = 0
+                self._planned_work_ran = True
                 self._last_progress = time.monotonic()
                 return
-        elif self._deadline_steps >= PLANNED_WORK_EVERY and self._replay_waiting():
+        elif plan.reason == "deadline" and self._deadline_steps >= PLANNED_WORK_EVERY and self._replay_waiting():
             self._drain()
             if self._replay_one_frame():
                 self._deadline_steps = 0  # one re-decoded frame (a decode's cost), never a whole prefill
@@ -383,6 +390,7 @@ class Engine:
                 return
             self._compact(moves)
         self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
+        self._planned_work_ran = False
         with torch.profiler.record_function(STEP_MARK):  # a profile's frame steps (tools/gpu_idle.py)
             self._step(list(plan.calls))
 
