@@ -25,7 +25,8 @@ from dia2stream.tools.bystander import NoCall, measure, start_server_process
 
 from helpers import Client, http_call, speak
 
-pytestmark = pytest.mark.slow
+# The bystander's underruns are asserted: `make test` runs this file with no other test beside it.
+pytestmark = [pytest.mark.slow, pytest.mark.realtime]
 
 FLAGS = ["--host", "127.0.0.1", "--port", "0", "--checkpoint", "tiny", "--mimi", "random-small", "--device", "cpu",
          "--max-calls", "2", "--log-level", "ERROR"]
