@@ -25,10 +25,10 @@ PIPECAT_DEPS ?= aiofiles docstring_parser loguru loudness Markdown sentencex==1.
 
 # The suite in two runs. First every test but the `realtime` ones, on TEST_WORKERS processes
 # (pytest-xdist), a whole file to a worker (a file's module fixtures start its server once): most
-# tests wait on real-time audio or on servers starting, and two workers on a 2-core machine took
-# that part from ~680 to ~520 s; four had compatibility clients refused as busy by a server whose
-# previous call's slot was not yet freed. Then the `realtime` tests (a bystander's underruns are
-# asserted), alone on the machine.
+# tests wait on real-time audio or on servers starting, and with two workers on a 2-core machine
+# that part took ~480 s and the rest ~55 s, against ~800 s for the whole suite in one process (a
+# second helper's load tests on the box); four workers had compatibility clients refused as busy.
+# Then the `realtime` tests (a bystander's underruns are asserted), with no other test beside them.
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
