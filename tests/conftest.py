@@ -49,3 +49,14 @@ def server():
     srv = ServerThread(server_config(log_level="WARNING", engine_process="on")).start()  # as the product runs
     yield srv
     srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _shared_server_idle(request):
+    """A test that shares its module's `server` starts once the calls of the tests before it are
+    gone from the engine (helpers.wait_until_idle): with two test workers on a 2-core box, a
+    compatibility test's first request was refused as busy (503) by the previous test's call."""
+    if "server" in request.fixturenames:
+        from helpers import wait_until_idle
+
+        wait_until_idle(request.getfixturevalue("server").port)

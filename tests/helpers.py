@@ -188,6 +188,19 @@ def http_call(port: int, method: str, path: str, headers: dict | None = None) ->
         conn.close()
 
 
+def wait_until_idle(port: int, timeout_s: float = 30.0) -> None:
+    """Return once the server on `port` has no call (/health), or after `timeout_s` regardless: the
+    engine frees a hung-up call's slot a little after its socket closes (later on a busy machine),
+    and a test that shares its module's server must not be refused as busy by the calls of the
+    tests before it. Only a wait: what the test then sees is the test's to judge."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status, _, body = http_call(port, "GET", "/health")
+        if status == 200 and json.loads(body)["calls"] == 0:
+            return
+        time.sleep(0.05)
+
+
 def word(text: str, *tokens: int):
     """A script entry for a word of these tokens (its padding is its token count, as parsed)."""
     from vendor_dia2.script import ScriptEntry

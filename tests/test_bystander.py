@@ -18,11 +18,15 @@ import time
 
 import pytest
 
-from dia2stream.tools.bystander import measure, start_server_process
+from websockets.asyncio.server import serve
+from websockets.exceptions import ConnectionClosed
+
+from dia2stream.tools.bystander import NoCall, measure, start_server_process
 
 from helpers import Client, http_call, speak
 
-pytestmark = pytest.mark.slow
+# The bystander's underruns are asserted: `make test` runs this file with no other test beside it.
+pytestmark = [pytest.mark.slow, pytest.mark.realtime]
 
 FLAGS = ["--host", "127.0.0.1", "--port", "0", "--checkpoint", "tiny", "--mimi", "random-small", "--device", "cpu",
          "--max-calls", "2", "--log-level", "ERROR"]
@@ -116,3 +120,33 @@ def test_a_bystander_hears_no_underrun_through_five_seconds_of_flood_the_policy_
     assert result["flood"]["seconds"] >= 4.5
     assert result["newcomer"] == "ready"
     assert_bystander_kept_cadence(result)
+
+
+async def fake_server(handler):
+    """A websocket server on a free loopback port that answers every connection with `handler`."""
+    server = await serve(handler, "127.0.0.1", 0)
+    return server, f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+
+
+async def test_the_measurement_ends_when_the_bystander_gets_no_call():
+    """A bystander refused as busy (once, with no time to wait) ends the measurement with NoCall,
+    where it once waited for a first frame for ever (a whole suite run hung in this file)."""
+    async def refuse(ws):
+        await ws.send(json.dumps({"event": "error", "code": "busy", "message": "all 2 call slots are taken"}))
+        await ws.close(1013, "busy")
+
+    server, url = await fake_server(refuse)
+    async with server:
+        with pytest.raises(NoCall, match="busy"):
+            await asyncio.wait_for(measure(url, 0.1, 0.1, 0.1, call_wait_s=0.0), 30)
+
+
+async def test_the_measurement_ends_when_the_bystander_loses_its_call_before_a_frame():
+    async def hang_up(ws):
+        await ws.send(json.dumps({"event": "ready"}))
+        await ws.close()
+
+    server, url = await fake_server(hang_up)
+    async with server:
+        with pytest.raises((NoCall, ConnectionClosed)):
+            await asyncio.wait_for(measure(url, 0.1, 0.1, 0.1), 30)

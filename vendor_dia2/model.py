@@ -22,6 +22,7 @@ compiled graph serve all 24 layers and all 31 stages.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
@@ -189,7 +190,24 @@ class DecoderShape:
     activations: tuple[str, str]
 
 
-@torch.compiler.disable
+def kept_out_of_compile(fn):
+    """`torch.compiler.disable(fn)`, made on the first call instead of at import: the decorator
+    imports torch._dynamo (~1.3 s), which a process that imports this module but never runs a
+    model (the server's own process beside its engine process, `server.py --help`) need not pay.
+    Traced by torch.compile, the call still reaches the disabled function: a graph break."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def call(*args):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args)
+
+    return call
+
+
+@kept_out_of_compile
 def write_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
                 v: torch.Tensor) -> None:
     """Scatter k, v [B, Hkv, T, Dh] into the caches at `slots` [B, T], in place. Kept out of

@@ -93,9 +93,30 @@ def start_server_process(flags: list[str], cpus: set[int] | None = None):
     return port, stop
 
 
-async def bystander(url: str, stop: asyncio.Event, utterances: list[list[float]]) -> None:
-    async with connect(url, open_timeout=60, max_size=None) as ws:
-        json.loads(await ws.recv())
+class NoCall(Exception):
+    """The bystander got no call, or lost it before its first frame: nothing to measure."""
+
+
+CALL_WAIT_S = 30.0  # a hung-up call's slot is freed by the engine a little after its socket closes
+
+
+async def call_when_free(url: str, wait_s: float):
+    """A connection that got `ready`: refused as busy, try again until `wait_s` have passed."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        ws = await connect(url, open_timeout=60, max_size=None)
+        first = json.loads(await ws.recv())
+        if first["event"] == "ready":
+            return ws
+        await ws.close()
+        if time.monotonic() > deadline:
+            raise NoCall(f"the bystander got no call within {wait_s:.0f} s: {first}")
+        await asyncio.sleep(0.5)
+
+
+async def bystander(url: str, stop: asyncio.Event, utterances: list[list[float]],
+                    call_wait_s: float = CALL_WAIT_S) -> None:
+    async with await call_when_free(url, call_wait_s) as ws:
         n = 0
         while not stop.is_set():
             n += 1
@@ -212,10 +233,14 @@ def phase_figures(utterances: list[list[float]], start: float, end: float) -> di
 
 
 async def measure(url: str, before_s: float, flood_s: float, after_s: float, flooder_here: bool = False,
-                  flooder_nice: int = 0, attack: str = "ping", max_command_bytes: int = 64 * 1024) -> dict:
+                  flooder_nice: int = 0, attack: str = "ping", max_command_bytes: int = 64 * 1024,
+                  call_wait_s: float = CALL_WAIT_S) -> dict:
     stop, utterances = asyncio.Event(), []
-    speaker = asyncio.create_task(bystander(url, stop, utterances))
+    speaker = asyncio.create_task(bystander(url, stop, utterances, call_wait_s))
     while not any(utterances):
+        if speaker.done():  # it ended before its first frame: its error, not a wait without end
+            speaker.result()
+            raise NoCall(f"the bystander hung up before its first frame: {utterances}")
         await asyncio.sleep(0.05)
     t0 = time.monotonic()
     await asyncio.sleep(before_s)
