@@ -60,3 +60,15 @@ def _shared_server_idle(request):
         from helpers import wait_until_idle
 
         wait_until_idle(request.getfixturevalue("server").port)
+
+
+# The test files that take longest on a 2-core box (durations of a two-worker run), handed to the
+# workers first: `make test` gives each worker a whole file at a time in collection order, and a
+# long file left for last keeps one worker busy while the other idles.
+LONGEST_FILES_FIRST = ("test_longcalls.py", "test_rollover.py", "test_step_in_flight.py", "test_fleet.py",
+                       "test_engine_failure.py", "test_soak.py", "test_whisper_voice.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole and in order
