@@ -113,7 +113,6 @@ class MimiCodec:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # decode size -> graph, its PCM
         self.decode_sizes: tuple[int, ...] = ()
         self._side: torch.cuda.Stream | None = None  # the stream queued decodes run on (`open_stream(side_stream=)`)
-        self._side_done: tp.Any = None  # the event after the last decode queued there
 
     # ---- loading ---------------------------------------------------------------------------
 
@@ -205,7 +204,6 @@ class MimiCodec:
         if self.device.type == "cuda" and self.use_cuda_graph:
             self._capture_decodes(batch_size)
         self._side = torch.cuda.Stream(self.device) if side_stream and self._graphs else None
-        self._side_done = None
 
     def close_stream(self) -> None:
         """Drop the streaming state (no-op when none is open)."""
@@ -225,7 +223,6 @@ class MimiCodec:
         bool mask `rows` [B], only those rows advance (the others' output is meaningless), and on
         the host the decode runs over the first `b = decode_size_for(highest row + 1)` rows only
         (b = B otherwise): row i of the PCM is row i of the stream."""
-        self._join_side_stream()  # the decodes queued beside run first, in order
         b, codes = self._stage_decode(codes, rows)
         graph = self._graphs.get(b)
         if graph is not None:
@@ -235,12 +232,13 @@ class MimiCodec:
 
     def _stage_decode(self, codes: torch.Tensor, rows: torch.Tensor | None) -> tuple[int, torch.Tensor]:
         """Check a frame decode's input, set the rows that decode, and (graphed) copy the codes
-        into the graph's input, on the current stream; the rows it runs over and the codes."""
+        into the graph's input, on the current stream, after the decodes queued beside (the last
+        one reads that input); the rows it runs over and the codes."""
         codes = torch.as_tensor(codes)
         if codes.dim() == 1:
             codes = codes[None]
         codes = self._check_codes(codes, dims=2)
-        self._check_stream(codes.shape[0], join=False)  # `decode_frame` has joined; a decode beside must not
+        self._check_stream(codes.shape[0])
         b = self._stream_batch
         if rows is None:
             self._exec_mask.fill_(True)
@@ -271,19 +269,12 @@ class MimiCodec:
         """The decode on the side stream: it starts once the current stream has done what was
         queued on it so far (the step that wrote `codes`, the copies into the graph's input), and
         the current stream goes on at once."""
-        current = torch.cuda.current_stream(self.device)
-        if self._side_done is not None:
-            current.wait_event(self._side_done)  # the last decode reads the graph's input: copy over it after
         b, _ = self._stage_decode(codes, rows)
-        staged = torch.cuda.Event()
-        staged.record(current)
-        self._side.wait_event(staged)
+        self._side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._side):
             graph, pcm = self._graphs[b]
             graph.replay()
-            pending = self._to_host(pcm)
-        self._side_done = pending.done
-        return pending
+            return self._to_host(pcm)
 
     def _to_host(self, pcm: torch.Tensor) -> "PendingPcm":
         """Queue the copy of PCM rows into pinned host memory on the current stream."""
@@ -456,16 +447,15 @@ class MimiCodec:
             raise ValueError(f"codes must be {want}, got {tuple(codes.shape)}")
         return codes.to(self.device)
 
-    def _check_stream(self, batch_size: int | None, join: bool = True) -> None:
+    def _check_stream(self, batch_size: int | None) -> None:
         """The stream is open (with `batch_size` rows, unless None). Every user of the stream's
-        state comes through here, and (`join`) its work is ordered after the decodes queued on the
-        side stream."""
+        state comes through here, and its work is ordered after the decodes queued on the side
+        stream."""
         if self._stream_batch is None:
             raise RuntimeError("no stream open: call open_stream(batch_size) first")
         if batch_size is not None and batch_size != self._stream_batch:
             raise ValueError(f"stream has {self._stream_batch} rows, got {batch_size}")
-        if join:
-            self._join_side_stream()
+        self._join_side_stream()
 
     def _stream_detached(self) -> tp.ContextManager:
         if self._stream_batch is None:

@@ -144,7 +144,6 @@ class Engine:
         self.steps = 0
         self.slot_moves = 0  # calls moved to a lower slot so that a step ran smaller
         self.steps_ahead = 0  # calls launched while their step before was still in flight (step_in_flight)
-        self.replays_beside_steps = 0  # rollback re-decode frames decoded in a step's decode
         self.commands_held = 0  # commands that waited for their call's step in flight to be applied
         self.commands_beside = 0  # text applied beside its call's step in flight (it could not read it)
         self.overloaded = False
@@ -636,7 +635,6 @@ class Engine:
                                               {call.slot.index: call.slot.next_replay_codes() for call in replaying})
             for call in replaying:
                 call.slot.replay_frame_done()
-            self.replays_beside_steps += len(replaying)
             device_s += decode.launch_seconds
         return LaunchedStep(entries, pending, decode, launched_at=t0,
                             host_s=time.perf_counter() - t0 - device_s)

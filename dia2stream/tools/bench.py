@@ -363,7 +363,7 @@ VOICE_TRANSCRIPT = ("[S1] Hello, this is the bench voice speaking for about ten 
 # -- through the real server --------------------------------------------------------------------
 
 def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: str = "torch",
-                 step_in_flight: str = "auto", decode_stream: str = "on"):
+                 step_in_flight: str | None = None, decode_stream: str | None = None):
     """The real server on a free loopback port, in a thread with its own loop."""
     from websockets.asyncio.server import serve
 
@@ -373,9 +373,11 @@ def start_server(tts: Dia2, cfg_scale: float, compile: bool = False, kernels: st
     from dia2stream.serve.server import Dia2Server
 
     sys.setswitchinterval(0.0005)  # as serve/build.py build_engine does
+    # the server's own defaults for the switches not given
+    switches = {name: kind(value) for name, kind, value in (("step_in_flight", CompileMode, step_in_flight),
+                                                            ("decode_stream", Switch, decode_stream)) if value}
     config = ServerConfig(max_calls=1, max_lead_ms=60_000, cfg_scale=cfg_scale, kernels=KernelChoice(kernels),
-                          compile=CompileMode.ON if compile else CompileMode.OFF, step_in_flight=CompileMode(step_in_flight),
-                          decode_stream=Switch(decode_stream))
+                          compile=CompileMode.ON if compile else CompileMode.OFF, **switches)
     engine = Engine(tts, config.engine_config(tts.device))
     server = Dia2Server(engine, tts.name, str(tts.device), 60_000)
     ready: "asyncio.Future[int]"
@@ -598,8 +600,8 @@ def run_preset(name: str, args) -> dict:
         result["server"]["cfg_scale"] = args.cfg_scale
         result["server"]["compiled"] = compiled
         result["server"]["kernels"] = args.kernels
-        result["server"]["step_in_flight"] = args.step_in_flight
-        result["server"]["decode_stream"] = args.decode_stream
+        result["server"]["step_in_flight"] = args.step_in_flight or "server default"
+        result["server"]["decode_stream"] = args.decode_stream or "server default"
         print(f"[{name}] server: {result['server']}", flush=True)
     cfg_key = 2 if args.cfg_scale != 1 else 1
     timed = [v for k, v in steps.items() if k.endswith(f"cfg{cfg_key}") and "fp8" not in k and "p50" in v]
@@ -662,9 +664,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
                         help="also measure how often fp8 depformer weights change a greedy token (CUDA)")
     parser.add_argument("--batched", default="", help="comma-separated call counts for batched steps, e.g. 1,8,16,32,64")
-    parser.add_argument("--step-in-flight", default="auto", choices=["auto", "on", "off"],
-                        help="the server's, as server.py's")
-    parser.add_argument("--decode-stream", default="on", choices=["on", "off"], help="the server's, as server.py's")
+    parser.add_argument("--step-in-flight", default=None, choices=["auto", "on", "off"],
+                        help="the server's, as server.py's (default: its default)")
+    parser.add_argument("--decode-stream", default=None, choices=["on", "off"],
+                        help="the server's, as server.py's (default: its default)")
     parser.add_argument("--json", default=None, help="also write the results here")
     parser.add_argument("--profile-out", default=None, metavar="FILE",
                         help="write a GPU profile for --simulate-gpu from the measured figures (profiles/README.md)")
