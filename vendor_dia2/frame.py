@@ -95,9 +95,12 @@ def stage_and_pick(projected: torch.Tensor, stage: StageWeights, prev: torch.Ten
     return pick_forced(logits, draw_in, cfg_scale, branches=branches, filter_k=filter_k, max_top_k=max_top_k)
 
 
-def eager_functions(rule: PickRule, shape: StageShape) -> FrameFunctions:
+def eager_functions(rule: PickRule, shape: StageShape, decode_attend: Callable | None = None) -> FrameFunctions:
+    """The frame's functions, eager. `decode_attend`: the decoder's attention for one frame per row
+    (`decode_attention.attend`), else SDPA."""
     statics = dataclasses.asdict(rule)
-    return FrameFunctions(layer=decoder_layer, pick_stage=functools.partial(pick_forced, **statics),
+    layer = decoder_layer if decode_attend is None else functools.partial(decoder_layer, decode_attend=decode_attend)
+    return FrameFunctions(layer=layer, pick_stage=functools.partial(pick_forced, **statics),
                           stage=functools.partial(stage_and_pick, shape=shape, **statics),
                           stage_logits=functools.partial(depformer_stage, shape=shape))
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -219,9 +219,12 @@ def write_cache(cache_k: torch.Tensor, cache_v: torch.Tensor, slots: torch.Tenso
 
 
 def decoder_layer(x: torch.Tensor, weights: DecoderLayerWeights, cache: KVCache, cos: torch.Tensor, sin: torch.Tensor,
-                  positions: torch.Tensor, mask: torch.Tensor, shape: DecoderShape) -> torch.Tensor:
+                  positions: torch.Tensor, mask: torch.Tensor, shape: DecoderShape,
+                  decode_attend: Callable | None = None) -> torch.Tensor:
     """One pre-norm decoder layer over x [B, T, D] with the static cache: cos/sin carry the RoPE
-    positions, `positions` [B, T] are the cache slots the keys/values are written to."""
+    positions, `positions` [B, T] are the cache slots the keys/values are written to.
+    `decode_attend(q, cache_k, cache_v, last_slot)` replaces the masked SDPA for one frame per row
+    (`decode_attention.attend`: reads only the filled slots); a prefill always takes SDPA."""
     w = weights
     cache_k, cache_v = cache
     b, t, _ = x.shape
@@ -234,8 +237,11 @@ def decoder_layer(x: torch.Tensor, weights: DecoderLayerWeights, cache: KVCache,
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     write_cache(cache_k, cache_v, positions, k, v)
     # scale 1.0: the q/k norms take the place of 1/sqrt(Dh)
-    att = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=1.0,
-                                         enable_gqa=hq != hkv)  # [B, Hq, T, Dh]
+    if decode_attend is not None and t == 1:
+        att = decode_attend(q, cache_k, cache_v, positions[:, 0])
+    else:
+        att = F.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=1.0,
+                                             enable_gqa=hq != hkv)  # [B, Hq, T, Dh]
     x = x + F.linear(att.transpose(1, 2).reshape(b, t, hq * dh), w.o_proj)
     return x + gated_mlp(_rms(x, w.post_norm, shape.eps), w.wi, w.wo, shape.hidden, shape.activations)
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import decode_attention
 from .config import MAX_TOP_K, Dia2Config
 from .frame import Frame, FrameFunctions, PickRule, eager_functions, fused_stage_weights, pick, resolve_sampler
 from .graphs import CACHE_BUCKETS, FrameGraphs, default_batch_sizes
@@ -152,7 +153,11 @@ class FrameStepper:
         self.frame = Frame(model, self.slots, rule, fused, weights, self.sampler)
         if use_cuda_graph is None:
             use_cuda_graph = self.device.type == "cuda"
-        self.graphs = FrameGraphs(eager_functions(rule, model.depformer.shape), n_calls=self.n,
+        # the decoder's attention over each row's filled slots, where the Triton kernels run
+        self.decode_attention = decode_attention.wanted(kernels, self.device)
+        fns = eager_functions(rule, model.depformer.shape,
+                              decode_attend=decode_attention.attend if self.decode_attention else None)
+        self.graphs = FrameGraphs(fns, n_calls=self.n,
                                   cache_length=self.slots.decoder_caches[0].length, batch_sizes=batch_sizes,
                                   compile=compile, compile_max_calls=compile_max_calls,
                                   use_cuda_graph=use_cuda_graph, cache_buckets=cache_buckets)

@@ -71,6 +71,7 @@ class ServerConfig:
     weights: Weights = Weights.BF16
     pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
     persistent_stage: Switch = Switch.OFF  # each Triton depformer stage in one launch; off until measured faster
+    decode_attention: CompileMode = CompileMode.AUTO  # the decoder's attention over filled slots (Triton)
     gpu_tilings: GpuTilings = GpuTilings.AUTO  # the Triton kernels' tile table: the GPU's own, or a named model's
     log_level: str = "INFO"
     voice_dir: str | None = None
@@ -204,6 +205,9 @@ _FLAGS = [  # (name, type, help)
     ("persistent_stage", Switch, "run each Triton depformer stage (all its layers and the logits, at 1-4 rows) as one "
                                  "persistent launch with grid barriers instead of 21 launches: on, off "
                                  "(docs/benchmarks.md)"),
+    ("decode_attention", CompileMode, "the decoder's attention in a step: auto (a Triton kernel over each call's "
+                                      "filled cache slots where the triton kernels run, else SDPA over the whole "
+                                      "cache window), on, off (docs/benchmarks.md)"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),

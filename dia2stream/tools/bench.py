@@ -31,7 +31,7 @@ import torch
 from vendor_dia2 import Dia2
 from vendor_dia2 import fused_pick
 from vendor_dia2 import kernels as fused_kernels
-from vendor_dia2 import persistent_stage
+from vendor_dia2 import decode_attention, persistent_stage
 from vendor_dia2.checkpoint import write_random_checkpoint
 from vendor_dia2.config import preset
 from vendor_dia2.runtime import FrameStepper, SamplingParams
@@ -117,6 +117,7 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                  "kernels": kernels, "sampler": stepper.sampler, "pdl": fused_kernels.pdl_enabled(),
                  "tilings": fused_kernels.TILINGS_LOADED if kernels == "triton" else None,
                  "persistent_stage": stepper.frame.stage_counters is not None,
+                 "decode_attention": stepper.decode_attention,
                  "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
     codec.open_stream(n_max, decode_sizes=stepper.batch_sizes)
@@ -519,6 +520,8 @@ VARIANT_OPTIONS = {  # variant name parts that change a default, to time one cha
     "bits2": ("select_bits", 2),
     "bits4": ("select_bits", 4),
     "persist": ("persistent", True),
+    "sdpa": ("decode_attention", False),  # the decoder's attention by SDPA (`--decode-attention off`)
+    "decattn": ("decode_attention", True),  # the decoder's attention by `decode_attention` over filled slots
     "h100tiles": ("tilings", "H100"),  # the Triton kernels with the H100's tile table (default: this GPU's)
     "h200tiles": ("tilings", "H200"),  # each Triton stage as one persistent launch (`--persistent-stage on`)
 }
@@ -559,10 +562,12 @@ def run_preset(name: str, args) -> dict:
         frames = args.frames if graph else max(20, args.frames // 4)
         select_bits = fused_pick.SELECT_BITS
         persistent = persistent_stage.ENABLED
+        decoder_attention = decode_attention.ENABLED
         try:
             fused_kernels.PDL = options.get("pdl")  # None: the default (on where the GPU has it)
             fused_kernels.TILINGS_MODEL = options.get("tilings")  # None: this GPU's table
             persistent_stage.ENABLED = options.get("persistent", persistent)  # read as the stepper is built
+            decode_attention.ENABLED = options.get("decode_attention", decoder_attention)  # likewise
             fused_pick.SELECT_BITS = options.get("select_bits", select_bits)  # read when the graphs are captured
             steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
                                      weights=weights, sampler=options.get("sampler", "auto"),
@@ -574,6 +579,7 @@ def run_preset(name: str, args) -> dict:
             fused_kernels.TILINGS_MODEL = None
             fused_pick.SELECT_BITS = select_bits
             persistent_stage.ENABLED = persistent
+            decode_attention.ENABLED = decoder_attention
         print(f"[{name}] step {key}: {steps[key]}", flush=True)
     if args.fp8_agreement and device.type == "cuda":
         result["fp8_agreement"] = bench_fp8_agreement(tts, frames=args.fp8_agreement)
@@ -659,6 +665,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persistent-stage", default="off", choices=["on", "off"],
                         help="each Triton depformer stage as one persistent launch, for the batched steps and the "
                              "server runs (as the server's flag; the step variants take `_persist`)")
+    parser.add_argument("--decode-attention", default="auto", choices=["auto", "on", "off"],
+                        help="the decoder's attention over each row's filled slots (Triton) instead of SDPA, for "
+                             "the batched steps and the server runs (as the server's flag; step variants take "
+                             "`_sdpa` / `_decattn`)")
     parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
@@ -675,6 +685,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --profile-out: build the profile from this earlier run's --json, measure nothing")
     args = parser.parse_args(argv)
     persistent_stage.ENABLED = args.persistent_stage == "on"
+    decode_attention.ENABLED = {"auto": None, "on": True, "off": False}[args.decode_attention]
     command = "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.profile_from:
         if not args.profile_out:
