@@ -112,9 +112,9 @@ def _whole_frames(tiny_dir, monkeypatch, *, prefix: bool, frames: int, kernels: 
     return run(False), run(True)
 
 
-def test_frames_on_the_cpu_take_the_same_tokens(tiny_dir, monkeypatch):
-    """The stepper's path through the kernel (the decoder layer's hook, each row's last slot) on
-    the CPU under the interpreter: eager fp32, 30 frames."""
+def test_fp32_eager_frames_take_the_same_tokens(tiny_dir, monkeypatch):
+    """The stepper's path through the kernel (the decoder layer's hook, each row's last slot),
+    eager in fp32 (on the CPU under the interpreter, or on the GPU without TF32), 30 frames."""
     ref, new = _whole_frames(tiny_dir, monkeypatch, prefix=True, frames=30, kernels="torch", dtype=torch.float32)
     assert ref[0] == new[0]
     assert torch.equal(ref[1], new[1])

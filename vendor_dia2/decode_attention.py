@@ -54,7 +54,7 @@ if triton is not None:
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                         stride_lb, splits, group,
                         DH: tl.constexpr, GP: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr,
-                        F32_DOT: tl.constexpr):
+                        F32_DOT: tl.constexpr, BF16_P: tl.constexpr, PRECISION: tl.constexpr):
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -84,15 +84,15 @@ if triton is not None:
                 v = tl.load(v_base + n[:, None] * stride_vs + d[None, :], mask=filled[:, None], other=0.0)
                 if F32_DOT:
                     k, v = k.to(tl.float32), v.to(tl.float32)
-                s = tl.dot(q, tl.trans(k))  # [GP, BLOCK] fp32
+                s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # [GP, BLOCK] fp32
                 s = tl.where(filled[None, :], s, float("-inf"))
                 m_new = tl.maximum(m, tl.max(s, axis=1))
                 p = tl.exp(s - m_new[:, None])
                 rescale = tl.exp(m - m_new)
                 l = l * rescale + tl.sum(p, axis=1)
-                if F32_DOT:  # the probabilities meet the values in bf16 whichever way the product runs
-                    p = p.to(tl.bfloat16).to(tl.float32)
-                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v)
+                if BF16_P:  # with bf16 values the probabilities meet them in bf16, as in SDPA's kernels
+                    p = p.to(tl.bfloat16)
+                acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
                 m = m_new
         out = (b * splits + split) * (tl.num_programs(1) * group) + heads  # [B, splits, Hq] flattened
         tl.store(m_ptr + out, m, mask=real)
@@ -142,7 +142,9 @@ def attend(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, last: 
                                       cache_k.stride(2), cache_v.stride(0), cache_v.stride(1), cache_v.stride(2),
                                       last.stride(0), splits, group,
                                       DH=dh, GP=max(GROUP_ROWS, triton.next_power_of_2(group)), CHUNK=CHUNK,
-                                      BLOCK=BLOCK, F32_DOT=INTERPRETED)
+                                      BLOCK=BLOCK, F32_DOT=INTERPRETED, BF16_P=q.dtype == torch.bfloat16,
+                                      # fp32 products in full precision, not TF32 (an fp32 model's tokens)
+                                      PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     out = torch.empty(b, hq, 1, dh, device=q.device, dtype=q.dtype)
     _combine_kernel[(b, hq)](m, l, acc, out, out.stride(0), out.stride(1), splits, hq,
                              DH=dh, SP=max(2, triton.next_power_of_2(splits)))
