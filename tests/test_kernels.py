@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vendor_dia2 import kernels
 from vendor_dia2.model import (StageLayerWeights, StageShape, StageWeights, depformer_stage, depformer_stage_fused,
-                               gated_mlp)
+                               depformer_stage_kernel_attention, gated_mlp)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(not kernels.available(DEVICE), reason="needs CUDA, or triton with TRITON_INTERPRET=1")
@@ -126,3 +126,48 @@ def test_fused_stage_matches_eager_stage(slot, size, tiling):
         assert _rel(fv[:, :, slot], ev[:, :, slot]) < 1e-2
         others = [s for s in range(31) if s != slot]
         assert torch.equal(fk[:, :, others], ek[:, :, others])  # and nothing else is touched
+
+
+def _check_stage_against_eager(shape: StageShape, rows: int, dim: int, slot: int, stage_fn) -> None:
+    """`stage_fn` (a stage taking `index=`) against the eager torch stage: logits and the cache slot
+    written within bf16 tolerance, every other slot untouched."""
+    args = _stage_inputs(shape, rows=rows, dim=dim, stages=31, slot=slot, seed=slot + rows)
+    eager_caches = [(k.clone(), v.clone()) for k, v in args["caches"]]
+    new_caches = [(k.clone(), v.clone()) for k, v in args["caches"]]
+    ref = depformer_stage(args["projected"], args["stage"], args["prev"], eager_caches, shape)
+    out = stage_fn(args["projected"], args["stage"], args["prev"], new_caches, shape, index=slot)
+    assert out.shape == ref.shape == (rows, shape.real_codes) and out.dtype == ref.dtype
+    assert _rel(out, ref) < 2e-2
+    others = [s for s in range(31) if s != slot]
+    for (ek, ev), (nk, nv) in zip(eager_caches, new_caches):
+        assert _rel(nk[:, :, slot], ek[:, :, slot]) < 1e-2
+        assert _rel(nv[:, :, slot], ev[:, :, slot]) < 1e-2
+        assert torch.equal(nk[:, :, others], ek[:, :, others])
+        assert torch.equal(nv[:, :, others], ev[:, :, others])
+
+
+# The torch stage with its attention in one Triton launch a layer (`--batched-stage-attention`):
+# the batched rows, above FUSED_MAX_ROWS, where the projections stay cuBLAS
+@pytest.mark.parametrize("slot", [0, 6, 30])
+@pytest.mark.parametrize("rows", [16, 64])
+def test_kernel_attention_stage_matches_eager_stage(rows, slot):
+    shape, dim, _ = SMALL
+    _check_stage_against_eager(shape, rows, dim, slot, depformer_stage_kernel_attention)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="full size on the GPU only")
+@pytest.mark.parametrize("slot", [0, 6, 30])
+@pytest.mark.parametrize("rows", [16, 64, 256])
+def test_full_size_kernel_attention_stage_matches_eager_stage(rows, slot):
+    shape, dim, _ = FULL
+    _check_stage_against_eager(shape, rows, dim, slot, depformer_stage_kernel_attention)
+
+
+def test_kernel_attention_refuses_a_cache_whose_slots_are_not_rows_of_head_dims():
+    """The kernel steps slots by Dh: a cache laid out [R, S, H, Dh] (seen as [R, H, S, Dh]) is refused."""
+    shape, dim, _ = SMALL
+    args = _stage_inputs(shape, rows=16, dim=dim, stages=31, slot=3, seed=1)
+    interleaved = [(k.transpose(1, 2).contiguous().transpose(1, 2), v.transpose(1, 2).contiguous().transpose(1, 2))
+                   for k, v in args["caches"]]
+    with pytest.raises(ValueError, match="contiguous"):
+        depformer_stage_kernel_attention(args["projected"], args["stage"], args["prev"], interleaved, shape, index=3)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from . import fused_pick
 from . import kernels as fused_kernels
 from . import persistent_stage
-from .model import (Dia2Model, KVCache, StageShape, StageWeights, decoder_layer, depformer_stage, depformer_stage_fused,
+from .model import (Dia2Model, KVCache, StageShape, StageWeights, batched_stage_attention, decoder_layer,
+                    depformer_stage, depformer_stage_fused, depformer_stage_kernel_attention,
                     depformer_stage_logits_fused)
 from .sampling import draw, draw_noise, guided_candidates, gumbel_noise, top_candidates
 from .slots import NEW_WORD_ACTION, SlotTable
@@ -34,6 +35,10 @@ class FrameFunctions(NamedTuple):
     stage: Callable
     pick_stage: Callable
     stage_logits: Callable  # a torch depformer stage without its draw (the fused draw draws)
+    # `stage` and `stage_logits` with the attention in one Triton launch a layer (they take the
+    # stage's slot as `index=`): the torch path's stages under `--batched-stage-attention`
+    attn_stage: Callable
+    attn_stage_logits: Callable
 
 
 @dataclass(frozen=True)
@@ -88,10 +93,11 @@ def pick_forced(logits: torch.Tensor, draw_in: StageDraw, cfg_scale: torch.Tenso
 
 def stage_and_pick(projected: torch.Tensor, stage: StageWeights, prev: torch.Tensor, caches: Sequence[KVCache],
                    draw_in: StageDraw, cfg_scale: torch.Tensor, *, shape: StageShape, branches: int, filter_k: int,
-                   max_top_k: int) -> torch.Tensor:
+                   max_top_k: int, stage_fn: Callable = depformer_stage, **stage_args) -> torch.Tensor:
     """A depformer stage and its draw (teacher-forced where the prefix is known): codes [N];
-    prev [N] are the previous codebook's codes, shared by both CFG branches."""
-    logits = depformer_stage(projected, stage, prev.repeat_interleave(branches), caches, shape)
+    prev [N] are the previous codebook's codes, shared by both CFG branches. `stage_fn` (with
+    `stage_args`) runs the stage: `depformer_stage`, or `depformer_stage_kernel_attention` (index=)."""
+    logits = stage_fn(projected, stage, prev.repeat_interleave(branches), caches, shape, **stage_args)
     return pick_forced(logits, draw_in, cfg_scale, branches=branches, filter_k=filter_k, max_top_k=max_top_k)
 
 
@@ -102,7 +108,10 @@ def eager_functions(rule: PickRule, shape: StageShape, decode_attend: Callable |
     layer = decoder_layer if decode_attend is None else functools.partial(decoder_layer, decode_attend=decode_attend)
     return FrameFunctions(layer=layer, pick_stage=functools.partial(pick_forced, **statics),
                           stage=functools.partial(stage_and_pick, shape=shape, **statics),
-                          stage_logits=functools.partial(depformer_stage, shape=shape))
+                          stage_logits=functools.partial(depformer_stage, shape=shape),
+                          attn_stage=functools.partial(stage_and_pick, shape=shape,
+                                                       stage_fn=depformer_stage_kernel_attention, **statics),
+                          attn_stage_logits=functools.partial(depformer_stage_kernel_attention, shape=shape))
 
 
 def resolve_sampler(sampler: str, kernels: str, device: torch.device) -> str:
@@ -141,6 +150,9 @@ class Frame:
         self.stage_counters = None
         if persistent_stage.ENABLED and fused_stages:
             self.stage_counters = persistent_stage.StageCounters(len(fused_stages), slots.positions.device)
+        # the torch stages' attention as one Triton launch a layer (`--batched-stage-attention`),
+        # also read once here
+        self.kernel_attention = batched_stage_attention(bool(fused_stages), slots.positions.device)
 
     def _one_launch(self, stage: StageWeights, rows: int) -> bool:
         """Whether this stage runs as one persistent launch at this many rows."""
@@ -222,7 +234,10 @@ class Frame:
                 codes.append(code)
             return torch.stack(codes, dim=1)
         for s, stage in enumerate(dep.stage_weights):
-            code = fns.stage(projected[s], stage, code, caches, draws[s + 1], cfg_scale)
+            if self.kernel_attention:
+                code = fns.attn_stage(projected[s], stage, code, caches, draws[s + 1], cfg_scale, index=s)
+            else:
+                code = fns.stage(projected[s], stage, code, caches, draws[s + 1], cfg_scale)
             codes.append(code)
         return torch.stack(codes, dim=1)
 
@@ -250,6 +265,8 @@ class Frame:
                                                        counters=self.stage_counters.of(s))
             elif fused:
                 logits = depformer_stage_logits_fused(x, stage, caches, dep.shape, index=s)
+            elif self.kernel_attention:
+                logits = fns.attn_stage_logits(projected[s], stage, code.repeat_interleave(br), caches, index=s)
             else:
                 logits = fns.stage_logits(projected[s], stage, code.repeat_interleave(br), caches)
             following = None

@@ -118,5 +118,5 @@ def _compiled_functions(eager: FrameFunctions) -> FrameFunctions:
     Each batch size is another shape: let dynamo mark the batch dimension dynamic."""
     from torch import _dynamo
     _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
-    return FrameFunctions(layer=torch.compile(eager.layer), stage=torch.compile(eager.stage),
-                          pick_stage=torch.compile(eager.pick_stage), stage_logits=torch.compile(eager.stage_logits))
+    # torch.compile wraps lazily: a function the frame never calls is never compiled
+    return FrameFunctions(*(torch.compile(fn) for fn in eager))

@@ -407,6 +407,76 @@ def depformer_stage_logits_fused(x: torch.Tensor, stage: StageWeights, caches: S
     return kernels.linear(x, stage.logits, norm=stage.norm, eps=shape.eps, n=shape.real_codes, kind="logits")
 
 
+# Whether a stepper's torch depformer stages take their attention from one Triton launch a layer
+# (`depformer_stage_kernel_attention`, `--batched-stage-attention`): "auto" (where the Triton
+# depformer runs), "on" (wherever the kernels can run) or "off"; read when a stepper's frame is built.
+BATCHED_STAGE_ATTENTION = "auto"
+STAGE_ATTENTION_MODES = ("auto", "on", "off")
+
+
+def batched_stage_attention(triton_depformer: bool, device: torch.device | str) -> bool:
+    """Whether the torch depformer of a stepper on `device` takes its attention from the Triton
+    kernel, by `BATCHED_STAGE_ATTENTION`; `triton_depformer`: the stepper runs the Triton depformer
+    (`kernels="triton"`) at few rows. Never where the kernels cannot run (a CPU without Triton's
+    interpreter)."""
+    mode = BATCHED_STAGE_ATTENTION
+    if mode not in STAGE_ATTENTION_MODES:
+        raise ValueError(f"batched stage attention must be one of {STAGE_ATTENTION_MODES}, not {mode!r}")
+    if mode == "off" or not kernels.available(device):
+        return False
+    return mode == "on" or triton_depformer
+
+
+def depformer_stage_kernel_attention(projected: torch.Tensor, stage: StageWeights, prev: torch.Tensor,
+                                     caches: Sequence[KVCache], shape: StageShape, *, index: int) -> torch.Tensor:
+    """`depformer_stage` with each layer's attention in one Triton launch (`kernels.stage_attention`:
+    q/k RMS, the stage's map, the cache write at slot `index`, attention over slots 0..index)
+    where the torch stage spends ~6 (two norms, the map, two cache copies, SDPA, which pads the
+    single query to a tile); the projections stay cuBLAS GEMMs and the norms around them are
+    left to torch.compile. For the batched rows (more than `kernels.FUSED_MAX_ROWS`), where
+    the Triton matrix kernels lose to cuBLAS. Same arguments and result (within bf16
+    tolerance) as `depformer_stage_fused`: `index` is the stage's slot as a Python int.
+
+    The loop over layers stays outside torch.compile's reach on purpose: a graph break inside a
+    loop makes dynamo run the whole function eagerly, so each piece the loop calls (input, layer,
+    logits) is its own compiled frame, and only the launch inside a layer breaks its graph."""
+    x = _stage_input(projected, prev, stage.embed)
+    for w, (cache_k, cache_v) in zip(stage.layers, caches):
+        x = _kernel_attention_layer(x, w, cache_k, cache_v, shape, index)
+    return _stage_logits(x, stage.norm, stage.logits, shape)
+
+
+def _stage_input(projected: torch.Tensor, prev: torch.Tensor, embed: torch.Tensor) -> torch.Tensor:
+    return projected + F.embedding(prev, embed)  # [R, Dd]
+
+
+def _kernel_attention_layer(x: torch.Tensor, w: StageLayerWeights, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                            shape: StageShape, index: int) -> torch.Tensor:
+    """One depformer layer over rows x [R, Dd], its attention in one Triton launch."""
+    qkv = F.linear(_rms(x, w.pre_norm, shape.eps), w.in_proj)  # [R, 3 H Dh]
+    att = _stage_attention_launch(qkv, w.qk_map, cache_k, cache_v, index, shape.heads, shape.eps)  # [R, H Dh]
+    x = x + F.linear(att, w.out_proj)
+    return x + gated_mlp(_rms(x, w.post_norm, shape.eps), w.wi, w.wo, shape.hidden, shape.activations)
+
+
+def _stage_logits(x: torch.Tensor, norm: torch.Tensor, logits: torch.Tensor, shape: StageShape) -> torch.Tensor:
+    return F.linear(_rms(x, norm, shape.eps), logits)[:, : shape.real_codes].float()
+
+
+@kept_out_of_compile
+def _stage_attention_launch(qkv: torch.Tensor, qk_map: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
+                            index: int, heads: int, eps: float) -> torch.Tensor:
+    """`kernels.stage_attention`, kept out of torch.compile (Triton's launch is not traced; the
+    graph break costs nothing when the frame replays from a CUDA graph). The kernel steps a head's
+    slots by Dh: each `[S, Dh]` block of the cache must be rows of contiguous head dims (the
+    frame's row views are)."""
+    for cache in (cache_k, cache_v):
+        if cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
+            raise ValueError(f"the stage attention needs each row's [S, Dh] cache contiguous, not strides "
+                             f"{cache.stride()} for shape {tuple(cache.shape)}")
+    return kernels.stage_attention(qkv, qk_map, cache_k, cache_v, index, heads, eps)
+
+
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     if x.dtype == torch.float32:  # CPU's fused rms_norm is a slow composite; plain ops are not
         out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
