@@ -1,5 +1,6 @@
 """`--pdl` (programmatic dependent launch between the Triton kernels): validated, read from the
-environment, and never on without a GPU that has it."""
+environment, and never on without a GPU that has it. The other Triton switches beside it
+(`--persistent-stage`, `--batched-stage-attention`) likewise."""
 
 import pytest
 
@@ -79,3 +80,41 @@ def test_persistent_stage_needs_the_triton_depformer(tiny_tts, monkeypatch):
     monkeypatch.setattr(persistent_stage, "ENABLED", True)
     stepper = tiny_tts.new_stepper(cfg=True, max_positions=32, kernels="torch")
     assert stepper.frame.stage_counters is None
+
+
+def test_batched_stage_attention_flag_is_auto_by_default_validated_and_read_from_the_environment():
+    with pytest.raises(SystemExit):
+        parse_args(["--batched-stage-attention", "maybe"], environ={})
+    assert parse_args([], environ={}).batched_stage_attention == "auto"
+    assert parse_args([], environ={"DIA2_BATCHED_STAGE_ATTENTION": "off"}).batched_stage_attention == "off"
+    assert parse_args(["--batched-stage-attention", "on"],
+                      environ={"DIA2_BATCHED_STAGE_ATTENTION": "off"}).batched_stage_attention == "on"
+
+
+@pytest.mark.parametrize("mode", ["auto", "on", "off"])
+def test_batched_stage_attention_is_off_on_a_cpu_without_the_interpreter(tiny_tts, monkeypatch, mode):
+    """The CPU suite runs as before: without CUDA (or Triton's interpreter) no stage takes the kernel."""
+    from vendor_dia2 import model
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", mode)
+    stepper = tiny_tts.new_stepper(n_calls=4, cfg=True, max_positions=32, kernels="torch")
+    assert stepper.frame.kernel_attention is False
+
+
+def test_batched_stage_attention_auto_follows_the_triton_depformer(monkeypatch):
+    """auto: on where the stepper runs the Triton depformer (its torch stages are the batched
+    rows); on: wherever the kernels run; off: never."""
+    from vendor_dia2 import model
+
+    if kernels.triton is None:
+        pytest.skip("needs triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the kernels can run on this CPU
+    expected = {("auto", True): True, ("auto", False): False, ("on", True): True, ("on", False): True,
+                ("off", True): False, ("off", False): False}
+    for (mode, triton_depformer), on in expected.items():
+        monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", mode)
+        assert model.batched_stage_attention(triton_depformer, "cpu") is on
+    monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", "maybe")
+    with pytest.raises(ValueError, match="batched stage attention"):
+        model.batched_stage_attention(True, "cpu")

@@ -23,7 +23,8 @@ from dia2stream.wire.protocol import MAX_TEXT_CHARS
 class CompileMode(enum.StrEnum):
     """A switch decided by the device when `auto`: torch.compile inside the frame's CUDA graphs (on
     with CUDA), programmatic dependent launch between Triton kernels (on for Hopper and later), one
-    step in flight (on where the device runs apart from the host: CUDA, the simulated GPU)."""
+    step in flight (on where the device runs apart from the host: CUDA, the simulated GPU), the
+    batched depformer's attention in one Triton launch (on where the Triton depformer runs)."""
 
     AUTO = "auto"
     ON = "on"
@@ -72,6 +73,8 @@ class ServerConfig:
     pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
     persistent_stage: Switch = Switch.OFF  # each Triton depformer stage in one launch; off until measured faster
     decode_attention: CompileMode = CompileMode.AUTO  # the decoder's attention over filled slots (Triton)
+    # the torch depformer's attention (batched rows) as one Triton launch a layer: auto = with the Triton depformer
+    batched_stage_attention: CompileMode = CompileMode.AUTO
     gpu_tilings: GpuTilings = GpuTilings.AUTO  # the Triton kernels' tile table: the GPU's own, or a named model's
     log_level: str = "INFO"
     voice_dir: str | None = None
@@ -208,6 +211,11 @@ _FLAGS = [  # (name, type, help)
     ("decode_attention", CompileMode, "the decoder's attention in a step: auto (a Triton kernel over each call's "
                                       "filled cache slots where the triton kernels run, else SDPA over the whole "
                                       "cache window), on, off (docs/benchmarks.md)"),
+    ("batched_stage_attention", CompileMode, "the depformer's attention at more than 4 rows (the batched steps, which "
+                                             "run the compiled torch stages) as one Triton launch a layer (q/k norms, "
+                                             "RoPE map, cache write and attention) instead of ~6 kernels with "
+                                             "SDPA; the projections stay cuBLAS: auto (on where the Triton depformer "
+                                             "runs: CUDA with triton), on, off (SDPA)"),
     ("log_level", str, "DEBUG, INFO, WARNING"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
