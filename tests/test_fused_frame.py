@@ -1,5 +1,6 @@
 """Whole frames with the fused draw (and, on Hopper, programmatic dependent launch) against the
 sorted torch draw: the same tokens, greedy and sampled, fresh and after a voice prefix, cfg 1 and 2.
+And the batched rows' torch stages with their attention in one Triton launch against SDPA.
 
 100 frames of the tiny checkpoint in bf16 (the server's dtype, where tied logits are common),
 in CUDA graphs. GPU only: under Triton's interpreter one frame of the Triton depformer takes
@@ -109,3 +110,70 @@ def test_batched_frames_with_the_fused_draw_take_the_sorted_paths_tokens(tts, ca
     assert ref[0] == new[0]
     assert torch.equal(ref[1], new[1])
     assert sum(map(sum, ref[0])) > 0
+
+
+def _recorded_frames(tts, monkeypatch, mode: str, *, calls: int = 4, frames: int = 60):
+    """`calls` slots with CFG (8 rows: past FUSED_MAX_ROWS, so the Triton depformer's stepper runs
+    the torch stages), greedy, eager (the recorder below runs only outside CUDA graphs), with
+    `--batched-stage-attention` `mode`: actions, codes [frames, calls, Q], and per frame the
+    logits of each depformer stage's draw (none in decoder-only frames)."""
+    from vendor_dia2 import frame, model
+
+    monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", mode)
+    draws: list[torch.Tensor] = []
+    pick_forced = frame.pick_forced
+
+    def recording(logits, *args, **kwargs):
+        draws.append(logits.float().clone())
+        return pick_forced(logits, *args, **kwargs)
+
+    monkeypatch.setattr(frame, "pick_forced", recording)  # stage_and_pick looks it up at each call
+    stepper = tts.new_stepper(n_calls=calls, cfg=True, max_positions=frames + 40, use_cuda_graph=False,
+                              batch_sizes=(calls,), kernels="triton", sampler="torch")
+    assert stepper.frame.kernel_attention is (mode == "on")
+    machines = []
+    for call in range(calls):
+        stepper.set_sampling(call, SamplingParams(seed=call, cfg_scale=2.0, text_temperature=0.0,
+                                                  audio_temperature=0.0))
+        machine = tts.new_state_machine()
+        machine.push(parse_script(f"[S1] Call {call} says hello there, how are you doing today? " * 2, tts.tokenizer))
+        machines.append(machine)
+    actions, codes, logits = [], [], []
+    for _ in range(frames):
+        draws.clear()
+        got = stepper.step([m.preview(stepper.position(c)) for c, m in enumerate(machines)])
+        for c, m in enumerate(machines):
+            m.process(stepper.position(c) - 1, got[c])
+        actions.append(got)
+        codes.append(stepper.codes.clone())
+        logits.append(list(draws))
+    return actions, torch.stack(codes).cpu(), logits
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out.double() - ref.double()).norm() / ref.double().norm())
+
+
+def test_batched_stage_attention_frames_agree_with_sdpa_frames(tts, monkeypatch):
+    """Whole greedy frames at 8 rows with the torch stages' attention as one Triton launch a layer
+    against SDPA. The tokens may differ: the kernel rounds like the Triton depformer's (≤ 4 rows),
+    not like cuDNN's flash attention, so a near-tie in bf16 can be drawn the other way, and from
+    there on the two runs step different inputs. So: every frame up to the first differing code
+    had the same inputs, and there every stage's logits (up to the first differing stage) must
+    agree within the stage tests' bf16 tolerance (tests/test_kernels.py), with the same actions."""
+    ref_actions, ref_codes, ref_logits = _recorded_frames(tts, monkeypatch, "off")
+    new_actions, new_codes, new_logits = _recorded_frames(tts, monkeypatch, "on")
+    differing = (ref_codes != new_codes).any(dim=1)  # [frames, Q]: a code of some call differs
+    frames = differing.any(dim=1).nonzero()
+    last = int(frames[0]) if len(frames) else len(ref_codes) - 1
+    assert ref_actions[:last + 1] == new_actions[:last + 1]
+    compared = 0
+    for t in range(last + 1):
+        assert len(ref_logits[t]) == len(new_logits[t])
+        stages = len(ref_logits[t])
+        if differing[t].any():  # codebook k (k >= 1) is stage k - 1's draw: stages past it saw other codes
+            stages = min(stages, int(differing[t].nonzero()[0]))
+        for s in range(stages):
+            assert _rel(new_logits[t][s], ref_logits[t][s]) < 2e-2, f"frame {t}, stage {s}"
+            compared += 1
+    assert compared > 0

@@ -2,6 +2,8 @@
 environment, and never on without a GPU that has it. The other Triton switches beside it
 (`--persistent-stage`, `--batched-stage-attention`) likewise."""
 
+import argparse
+
 import pytest
 
 from dia2stream.serve.config import parse_args
@@ -118,3 +120,18 @@ def test_batched_stage_attention_auto_follows_the_triton_depformer(monkeypatch):
     monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", "maybe")
     with pytest.raises(ValueError, match="batched stage attention"):
         model.batched_stage_attention(True, "cpu")
+
+
+def test_bench_runs_the_batched_steps_once_in_each_stage_attention_mode_its_variants_name():
+    from dia2stream.tools.bench import batched_runs, parse_variant, variant_options
+
+    def runs(steps: str, flag: str = "auto"):
+        return batched_runs(argparse.Namespace(steps=steps, batched_stage_attention=flag))
+
+    assert runs("") == [("batched", "auto")]
+    assert runs("graph_compiled_triton_cfg2,graph_compiled_triton_sdpa_cfg2") == [("batched", "auto"),
+                                                                                  ("batched_sdpa", "off")]
+    assert runs("graph_compiled_triton_sdpa_cfg2,graph_compiled_triton_stageattn_cfg2", flag="off") == [
+        ("batched", "off"), ("batched_stageattn", "on")]
+    assert parse_variant("graph_compiled_triton_stageattn_cfg2") == (True, True, "triton", "bf16", True)
+    assert variant_options("graph_compiled_triton_sdpa_cfg2") == {"stage_attention": "off"}

@@ -32,6 +32,7 @@ from vendor_dia2 import Dia2
 from vendor_dia2 import fused_pick
 from vendor_dia2 import kernels as fused_kernels
 from vendor_dia2 import decode_attention, persistent_stage
+from vendor_dia2 import model as dia2_model
 from vendor_dia2.checkpoint import write_random_checkpoint
 from vendor_dia2.config import preset
 from vendor_dia2.runtime import FrameStepper, SamplingParams
@@ -118,6 +119,7 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                  "tilings": fused_kernels.TILINGS_LOADED if kernels == "triton" else None,
                  "persistent_stage": stepper.frame.stage_counters is not None,
                  "decode_attention": stepper.decode_attention,
+                 "batched_stage_attention": stepper.frame.kernel_attention,
                  "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
     codec.open_stream(n_max, decode_sizes=stepper.batch_sizes)
@@ -519,16 +521,36 @@ VARIANT_OPTIONS = {  # variant name parts that change a default, to time one cha
     "bits1": ("select_bits", 1),  # the fused draw's threshold select, 1, 2 or 4 bits a pass
     "bits2": ("select_bits", 2),
     "bits4": ("select_bits", 4),
-    "persist": ("persistent", True),
+    "persist": ("persistent", True),  # each Triton stage as one persistent launch (`--persistent-stage on`)
     "sdpa": ("decode_attention", False),  # the decoder's attention by SDPA (`--decode-attention off`)
     "decattn": ("decode_attention", True),  # the decoder's attention by `decode_attention` over filled slots
     "h100tiles": ("tilings", "H100"),  # the Triton kernels with the H100's tile table (default: this GPU's)
-    "h200tiles": ("tilings", "H200"),  # each Triton stage as one persistent launch (`--persistent-stage on`)
+    "h200tiles": ("tilings", "H200"),
+    # the torch stages' attention as one Triton launch a layer (`--batched-stage-attention on`), or
+    # SDPA (`off`); it acts on the torch path: the batched rows of the Triton depformer, or every
+    # row with the torch kernels. With --batched, the batched steps also run once in each mode a
+    # variant names (`batched_runs`)
+    "stageattn": ("stage_attention", "on"),
+    "stagesdpa": ("stage_attention", "off"),
 }
 
 
 def variant_options(key: str) -> dict:
     return dict(VARIANT_OPTIONS[p] for p in key.split("_") if p in VARIANT_OPTIONS)
+
+
+def batched_runs(args) -> list[tuple[str, str]]:
+    """(result key, stage attention mode) of each batched run: "batched" with
+    --batched-stage-attention, then "batched_<part>" for each other mode a step variant names
+    (`_stageattn`, `_sdpa`), so that `--steps ..._cfg2,..._stageattn_cfg2` compares the switch
+    where it acts, at the batched rows, in one process (the kernels, compile and draw as the flags)."""
+    runs = [("batched", args.batched_stage_attention)]
+    parts = {part for key in args.steps.split(",") for part in key.strip().split("_")}
+    for part in sorted(parts & VARIANT_OPTIONS.keys()):
+        option, mode = VARIANT_OPTIONS[part]
+        if option == "stage_attention" and mode not in {m for _, m in runs}:
+            runs.append((f"batched_{part}", mode))
+    return runs
 
 
 def parse_variant(key: str) -> tuple[bool, bool, str, str, bool]:
@@ -563,11 +585,13 @@ def run_preset(name: str, args) -> dict:
         select_bits = fused_pick.SELECT_BITS
         persistent = persistent_stage.ENABLED
         decoder_attention = decode_attention.ENABLED
+        stage_attention = dia2_model.BATCHED_STAGE_ATTENTION
         try:
             fused_kernels.PDL = options.get("pdl")  # None: the default (on where the GPU has it)
             fused_kernels.TILINGS_MODEL = options.get("tilings")  # None: this GPU's table
             persistent_stage.ENABLED = options.get("persistent", persistent)  # read as the stepper is built
             decode_attention.ENABLED = options.get("decode_attention", decoder_attention)  # likewise
+            dia2_model.BATCHED_STAGE_ATTENTION = options.get("stage_attention", stage_attention)  # likewise
             fused_pick.SELECT_BITS = options.get("select_bits", select_bits)  # read when the graphs are captured
             steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
                                      weights=weights, sampler=options.get("sampler", "auto"),
@@ -580,6 +604,7 @@ def run_preset(name: str, args) -> dict:
             fused_pick.SELECT_BITS = select_bits
             persistent_stage.ENABLED = persistent
             decode_attention.ENABLED = decoder_attention
+            dia2_model.BATCHED_STAGE_ATTENTION = stage_attention
         print(f"[{name}] step {key}: {steps[key]}", flush=True)
     if args.fp8_agreement and device.type == "cuda":
         result["fp8_agreement"] = bench_fp8_agreement(tts, frames=args.fp8_agreement)
@@ -587,10 +612,16 @@ def run_preset(name: str, args) -> dict:
     result["step_ms"] = steps
     if args.batched:
         sizes = [int(s) for s in args.batched.split(",")]
-        result["batched"] = bench_batched(tts, sizes=sizes, frames=max(20, args.frames // 4),
-                                          compile=args.compile and device.type == "cuda", kernels=args.kernels,
-                                          profile=args.profile and device.type == "cuda",
-                                          compile_max_calls=args.compile_max_calls, sampler=args.sampler)
+        for run_key, mode in batched_runs(args):
+            dia2_model.BATCHED_STAGE_ATTENTION = mode  # read as the stepper is built
+            print(f"[{name}] {run_key}: batched stage attention {mode}", flush=True)
+            try:
+                result[run_key] = bench_batched(tts, sizes=sizes, frames=max(20, args.frames // 4),
+                                                compile=args.compile and device.type == "cuda", kernels=args.kernels,
+                                                profile=args.profile and device.type == "cuda",
+                                                compile_max_calls=args.compile_max_calls, sampler=args.sampler)
+            finally:
+                dia2_model.BATCHED_STAGE_ATTENTION = args.batched_stage_attention
     result["mimi_decode_ms"] = bench_mimi(tts, args.frames)
     result["voice_prefill"] = bench_prefill(tts)
     print(f"[{name}] voice prefill: {result['voice_prefill']}", flush=True)
@@ -669,6 +700,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the decoder's attention over each row's filled slots (Triton) instead of SDPA, for "
                              "the batched steps and the server runs (as the server's flag; step variants take "
                              "`_sdpa` / `_decattn`)")
+    parser.add_argument("--batched-stage-attention", default="auto", choices=list(dia2_model.STAGE_ATTENTION_MODES),
+                        help="the torch stages' attention (the batched rows) as one Triton launch a layer instead "
+                             "of ~6 kernels with SDPA, for the batched steps and the server runs (as the server's "
+                             "flag; the step variants take `_stageattn` / `_sdpa`, and with --batched each mode "
+                             "they name gets batched steps of its own)")
     parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
@@ -686,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     persistent_stage.ENABLED = args.persistent_stage == "on"
     decode_attention.ENABLED = {"auto": None, "on": True, "off": False}[args.decode_attention]
+    dia2_model.BATCHED_STAGE_ATTENTION = args.batched_stage_attention
     command = "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.profile_from:
         if not args.profile_out:
