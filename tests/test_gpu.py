@@ -270,3 +270,19 @@ def test_a_decode_queued_with_its_pcm_on_the_way_gives_what_a_blocking_decode_gi
     for a, b in zip(blocking, queued):
         assert a.shape == b.shape == (2, 1920)
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_compiled_graphs_with_the_batched_stage_attention_match_eager(gpu_tts, monkeypatch):
+    """`--batched-stage-attention on`, the server's path: the 4-slot batch (8 rows, past
+    FUSED_MAX_ROWS) runs the torch stages with their attention as one Triton launch, compiled (a
+    graph break at the launch, the stage's slot a dynamic int) and captured in CUDA graphs; the
+    1- and 2-slot batches run the Triton depformer. The tokens of the same stages run eagerly."""
+    from vendor_dia2 import model
+
+    monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", "on")
+    pattern = [[True, True, True, True]] * 24 + [[True, False, False, False]] * 6 + [[True, True, True, True]] * 6
+    eager = _batched_run(gpu_tts, graph=False, pattern=pattern, kernels="triton")
+    graph = _batched_run(gpu_tts, graph=True, pattern=pattern, kernels="triton", compile=True)
+    assert eager[0] == graph[0]
+    assert torch.equal(eager[1], graph[1])
+    assert sum(map(sum, graph[0])) > 0  # words were taken

@@ -171,3 +171,36 @@ def test_kernel_attention_refuses_a_cache_whose_slots_are_not_rows_of_head_dims(
                    for k, v in args["caches"]]
     with pytest.raises(ValueError, match="contiguous"):
         depformer_stage_kernel_attention(args["projected"], args["stage"], args["prev"], interleaved, shape, index=3)
+
+
+def test_compiled_kernel_attention_stage_compiles_its_pieces_once_for_every_slot():
+    """Compiled as the frame compiles it (graphs._compiled_functions; aot_eager here, for speed):
+    the launch is a graph break, so the layer loop runs eagerly and each piece it calls is a
+    compiled graph, and the slot becomes a dynamic int: later slots reuse the graphs, no compile
+    per stage. The logits stay the eager stage's."""
+    import functools
+
+    from torch._dynamo.utils import counters
+
+    shape, dim, _ = SMALL
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(functools.partial(depformer_stage_kernel_attention, shape=shape), backend="aot_eager")
+
+    def run(slot: int) -> None:
+        args = _stage_inputs(shape, rows=16, dim=dim, stages=31, slot=slot, seed=slot)
+        eager_caches = [(k.clone(), v.clone()) for k, v in args["caches"]]
+        ref = depformer_stage(args["projected"], args["stage"], args["prev"], eager_caches, shape)
+        out = compiled(args["projected"], args["stage"], args["prev"], args["caches"], index=slot)
+        assert _rel(out, ref) < 2e-2
+        assert _rel(args["caches"][0][0][:, :, slot], eager_caches[0][0][:, :, slot]) < 1e-2
+
+    with torch.inference_mode():
+        for slot in range(3):  # 0 and 1 are specialised, then the slot turns dynamic
+            run(slot)
+        graphs = counters["stats"]["unique_graphs"]
+        for slot in (17, 30):
+            run(slot)
+    assert graphs > 0
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch._dynamo.reset()

@@ -468,12 +468,14 @@ def _stage_attention_launch(qkv: torch.Tensor, qk_map: torch.Tensor, cache_k: to
                             index: int, heads: int, eps: float) -> torch.Tensor:
     """`kernels.stage_attention`, kept out of torch.compile (Triton's launch is not traced; the
     graph break costs nothing when the frame replays from a CUDA graph). The kernel steps a head's
-    slots by Dh: each `[S, Dh]` block of the cache must be rows of contiguous head dims (the
-    frame's row views are)."""
+    slots by Dh and a row's qkv by one: each `[S, Dh]` block of the cache must be rows of
+    contiguous head dims (the frame's row views are), and each qkv row contiguous."""
     for cache in (cache_k, cache_v):
         if cache.stride(3) != 1 or cache.stride(2) != cache.shape[3]:
             raise ValueError(f"the stage attention needs each row's [S, Dh] cache contiguous, not strides "
                              f"{cache.stride()} for shape {tuple(cache.shape)}")
+    if qkv.stride(1) != 1:
+        raise ValueError(f"the stage attention needs contiguous qkv rows, not strides {qkv.stride()}")
     return kernels.stage_attention(qkv, qk_map, cache_k, cache_v, index, heads, eps)
 
 
