@@ -112,14 +112,14 @@ def test_batched_frames_with_the_fused_draw_take_the_sorted_paths_tokens(tts, ca
     assert sum(map(sum, ref[0])) > 0
 
 
-def _recorded_frames(tts, monkeypatch, mode: str, *, calls: int = 4, frames: int = 60):
+def _recorded_frames(tts, monkeypatch, on: bool, *, calls: int = 4, frames: int = 60):
     """`calls` slots with CFG (8 rows: past FUSED_MAX_ROWS, so the Triton depformer's stepper runs
     the torch stages), greedy, eager (the recorder below runs only outside CUDA graphs), with
-    `--batched-stage-attention` `mode`: actions, codes [frames, calls, Q], and per frame the
+    `--batched-stage-attention` on or off: actions, codes [frames, calls, Q], and per frame the
     logits of each depformer stage's draw (none in decoder-only frames)."""
     from vendor_dia2 import frame, model
 
-    monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", mode)
+    monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", on)
     draws: list[torch.Tensor] = []
     pick_forced = frame.pick_forced
 
@@ -130,7 +130,7 @@ def _recorded_frames(tts, monkeypatch, mode: str, *, calls: int = 4, frames: int
     monkeypatch.setattr(frame, "pick_forced", recording)  # stage_and_pick looks it up at each call
     stepper = tts.new_stepper(n_calls=calls, cfg=True, max_positions=frames + 40, use_cuda_graph=False,
                               batch_sizes=(calls,), kernels="triton", sampler="torch")
-    assert stepper.frame.kernel_attention is (mode == "on")
+    assert stepper.frame.kernel_attention is on
     machines = []
     for call in range(calls):
         stepper.set_sampling(call, SamplingParams(seed=call, cfg_scale=2.0, text_temperature=0.0,
@@ -161,8 +161,8 @@ def test_batched_stage_attention_frames_agree_with_sdpa_frames(tts, monkeypatch)
     there on the two runs step different inputs. So: every frame up to the first differing code
     had the same inputs, and there every stage's logits (up to the first differing stage) must
     agree within the stage tests' bf16 tolerance (tests/test_kernels.py), with the same actions."""
-    ref_actions, ref_codes, ref_logits = _recorded_frames(tts, monkeypatch, "off")
-    new_actions, new_codes, new_logits = _recorded_frames(tts, monkeypatch, "on")
+    ref_actions, ref_codes, ref_logits = _recorded_frames(tts, monkeypatch, False)
+    new_actions, new_codes, new_logits = _recorded_frames(tts, monkeypatch, True)
     differing = (ref_codes != new_codes).any(dim=1)  # [frames, Q]: a code of some call differs
     frames = differing.any(dim=1).nonzero()
     last = int(frames[0]) if len(frames) else len(ref_codes) - 1

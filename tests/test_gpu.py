@@ -279,7 +279,7 @@ def test_compiled_graphs_with_the_batched_stage_attention_match_eager(gpu_tts, m
     1- and 2-slot batches run the Triton depformer. The tokens of the same stages run eagerly."""
     from vendor_dia2 import model
 
-    monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", "on")
+    monkeypatch.setattr(model, "BATCHED_STAGE_ATTENTION", True)
     pattern = [[True, True, True, True]] * 24 + [[True, False, False, False]] * 6 + [[True, True, True, True]] * 6
     eager = _batched_run(gpu_tts, graph=False, pattern=pattern, kernels="triton")
     graph = _batched_run(gpu_tts, graph=True, pattern=pattern, kernels="triton", compile=True)

@@ -408,10 +408,9 @@ def depformer_stage_logits_fused(x: torch.Tensor, stage: StageWeights, caches: S
 
 
 # Whether a stepper's torch depformer stages take their attention from one Triton launch a layer
-# (`depformer_stage_kernel_attention`, `--batched-stage-attention`): "auto" (where the Triton
-# depformer runs), "on" (wherever the kernels can run) or "off"; read when a stepper's frame is built.
-BATCHED_STAGE_ATTENTION = "auto"
-STAGE_ATTENTION_MODES = ("auto", "on", "off")
+# (`depformer_stage_kernel_attention`, `--batched-stage-attention`), read when its frame is built:
+# None (auto) where the stepper runs the Triton depformer, True/False force it.
+BATCHED_STAGE_ATTENTION: bool | None = None
 
 
 def batched_stage_attention(triton_depformer: bool, device: torch.device | str) -> bool:
@@ -419,12 +418,8 @@ def batched_stage_attention(triton_depformer: bool, device: torch.device | str) 
     kernel, by `BATCHED_STAGE_ATTENTION`; `triton_depformer`: the stepper runs the Triton depformer
     (`kernels="triton"`) at few rows. Never where the kernels cannot run (a CPU without Triton's
     interpreter)."""
-    mode = BATCHED_STAGE_ATTENTION
-    if mode not in STAGE_ATTENTION_MODES:
-        raise ValueError(f"batched stage attention must be one of {STAGE_ATTENTION_MODES}, not {mode!r}")
-    if mode == "off" or not kernels.available(device):
-        return False
-    return mode == "on" or triton_depformer
+    use = triton_depformer if BATCHED_STAGE_ATTENTION is None else BATCHED_STAGE_ATTENTION
+    return bool(use) and kernels.available(device)
 
 
 def depformer_stage_kernel_attention(projected: torch.Tensor, stage: StageWeights, prev: torch.Tensor,

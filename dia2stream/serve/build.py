@@ -67,7 +67,8 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
         decode_attention.ENABLED = {"auto": None, "on": True, "off": False}[config.decode_attention]  # likewise
         from vendor_dia2 import model
 
-        model.BATCHED_STAGE_ATTENTION = str(config.batched_stage_attention)  # read as the engine's stepper is built
+        # likewise: auto follows the depformer kernels
+        model.BATCHED_STAGE_ATTENTION = {"auto": None, "on": True, "off": False}[config.batched_stage_attention]
     engine = Engine(tts, engine_config, metrics=metrics, flush=flush)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
              tts.name, tts.device, tts.dtype, time.perf_counter() - t0, engine_config.max_calls,

@@ -530,8 +530,8 @@ VARIANT_OPTIONS = {  # variant name parts that change a default, to time one cha
     # SDPA (`off`); it acts on the torch path: the batched rows of the Triton depformer, or every
     # row with the torch kernels. With --batched, the batched steps also run once in each mode a
     # variant names (`batched_runs`)
-    "stageattn": ("stage_attention", "on"),
-    "stagesdpa": ("stage_attention", "off"),
+    "stageattn": ("stage_attention", True),
+    "stagesdpa": ("stage_attention", False),
 }
 
 
@@ -539,12 +539,15 @@ def variant_options(key: str) -> dict:
     return dict(VARIANT_OPTIONS[p] for p in key.split("_") if p in VARIANT_OPTIONS)
 
 
-def batched_runs(args) -> list[tuple[str, str]]:
+SWITCH = {"auto": None, "on": True, "off": False}  # an auto|on|off flag as the switch it sets
+
+
+def batched_runs(args) -> list[tuple[str, bool | None]]:
     """(result key, stage attention mode) of each batched run: "batched" with
     --batched-stage-attention, then "batched_<part>" for each other mode a step variant names
-    (`_stageattn`, `_sdpa`), so that `--steps ..._cfg2,..._stageattn_cfg2` compares the switch
+    (`_stageattn`, `_stagesdpa`), so that `--steps ..._cfg2,..._stageattn_cfg2` compares the switch
     where it acts, at the batched rows, in one process (the kernels, compile and draw as the flags)."""
-    runs = [("batched", args.batched_stage_attention)]
+    runs = [("batched", SWITCH[args.batched_stage_attention])]
     parts = {part for key in args.steps.split(",") for part in key.strip().split("_")}
     for part in sorted(parts & VARIANT_OPTIONS.keys()):
         option, mode = VARIANT_OPTIONS[part]
@@ -614,14 +617,13 @@ def run_preset(name: str, args) -> dict:
         sizes = [int(s) for s in args.batched.split(",")]
         for run_key, mode in batched_runs(args):
             dia2_model.BATCHED_STAGE_ATTENTION = mode  # read as the stepper is built
-            print(f"[{name}] {run_key}: batched stage attention {mode}", flush=True)
             try:
                 result[run_key] = bench_batched(tts, sizes=sizes, frames=max(20, args.frames // 4),
                                                 compile=args.compile and device.type == "cuda", kernels=args.kernels,
                                                 profile=args.profile and device.type == "cuda",
                                                 compile_max_calls=args.compile_max_calls, sampler=args.sampler)
             finally:
-                dia2_model.BATCHED_STAGE_ATTENTION = args.batched_stage_attention
+                dia2_model.BATCHED_STAGE_ATTENTION = SWITCH[args.batched_stage_attention]
     result["mimi_decode_ms"] = bench_mimi(tts, args.frames)
     result["voice_prefill"] = bench_prefill(tts)
     print(f"[{name}] voice prefill: {result['voice_prefill']}", flush=True)
@@ -700,10 +702,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="the decoder's attention over each row's filled slots (Triton) instead of SDPA, for "
                              "the batched steps and the server runs (as the server's flag; step variants take "
                              "`_sdpa` / `_decattn`)")
-    parser.add_argument("--batched-stage-attention", default="auto", choices=list(dia2_model.STAGE_ATTENTION_MODES),
+    parser.add_argument("--batched-stage-attention", default="auto", choices=list(SWITCH),
                         help="the torch stages' attention (the batched rows) as one Triton launch a layer instead "
                              "of ~6 kernels with SDPA, for the batched steps and the server runs (as the server's "
-                             "flag; the step variants take `_stageattn` / `_sdpa`, and with --batched each mode "
+                             "flag; the step variants take `_stageattn` / `_stagesdpa`, and with --batched each mode "
                              "they name gets batched steps of its own)")
     parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
@@ -722,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     persistent_stage.ENABLED = args.persistent_stage == "on"
     decode_attention.ENABLED = {"auto": None, "on": True, "off": False}[args.decode_attention]
-    dia2_model.BATCHED_STAGE_ATTENTION = args.batched_stage_attention
+    dia2_model.BATCHED_STAGE_ATTENTION = SWITCH[args.batched_stage_attention]
     command = "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.profile_from:
         if not args.profile_out:
