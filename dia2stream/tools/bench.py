@@ -4,7 +4,10 @@ Writes random checkpoints of the requested presets locally (nothing is downloade
 and prints a table plus JSON:
 - ms per frame step (p50/p95), CUDA-graph and eager side by side, cfg 1 and cfg 2, for the full
   frame and for the decoder-only lane (steps whose depformer codes no output reads);
-- ms per batched step with 1, 8, 16, 32, 64 active calls, and the batched Mimi decode;
+- ms per batched step with 1, 8, 16, 32, 64 active calls, and the batched Mimi decode; once more
+  for each `--batched-stage-attention` mode a step variant names (`batched_runs`): e.g.
+  `--kernels triton --compile --batched 1,64,128 --steps graph_compiled_triton_cfg2,graph_compiled_triton_stagesdpa_cfg2`
+  times the batched stages' one-launch attention (auto) against SDPA in one process;
 - compute time of the first decodable frame (max_delay steps, the first ones decoder-only);
 - Mimi streaming decode ms per frame;
 - through the real server over loopback: time to first byte and **speech onset** (the moment a
