@@ -31,8 +31,11 @@ from .model import kept_out_of_compile
 __all__ = ["ENABLED", "CHUNK", "attend", "available", "attend_reference"]
 
 # Read as a stepper is built (like `persistent_stage.ENABLED`): None follows the depformer kernels
-# (on where the Triton kernels run), True/False force it.
-ENABLED: bool | None = None
+# (on where the Triton kernels run), True/False force it. Off by default: on the H200, compiled
+# CUDA graphs of the tiny checkpoint (fp32) drew other tokens than its eager steps with this kernel
+# on (from the step that moved to the next cache bucket), though graphs alone and compile alone
+# agree with eager; until that is understood, SDPA stays the default (docs/benchmarks.md, run 21).
+ENABLED: bool | None = False
 
 CHUNK = 128  # cache slots per program: 2 rows × 4 KV heads × 4 chunks of a 512-slot window = 32 programs
 BLOCK = 64  # slots per product inside a chunk

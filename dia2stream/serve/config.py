@@ -72,7 +72,7 @@ class ServerConfig:
     weights: Weights = Weights.BF16
     pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
     persistent_stage: Switch = Switch.OFF  # each Triton depformer stage in one launch; off until measured faster
-    decode_attention: CompileMode = CompileMode.AUTO  # the decoder's attention over filled slots (Triton)
+    decode_attention: CompileMode = CompileMode.OFF  # the decoder's attention over filled slots (Triton); off: run 21
     # the torch depformer's attention (batched rows) as one Triton launch a layer: auto = with the Triton depformer
     batched_stage_attention: CompileMode = CompileMode.AUTO
     gpu_tilings: GpuTilings = GpuTilings.AUTO  # the Triton kernels' tile table: the GPU's own, or a named model's
@@ -208,9 +208,10 @@ _FLAGS = [  # (name, type, help)
     ("persistent_stage", Switch, "run each Triton depformer stage (all its layers and the logits, at 1-4 rows) as one "
                                  "persistent launch with grid barriers instead of 21 launches: on, off "
                                  "(docs/benchmarks.md)"),
-    ("decode_attention", CompileMode, "the decoder's attention in a step: auto (a Triton kernel over each call's "
-                                      "filled cache slots where the triton kernels run, else SDPA over the whole "
-                                      "cache window), on, off (docs/benchmarks.md)"),
+    ("decode_attention", CompileMode, "the decoder's attention in a step: off (SDPA over the cache window, the "
+                                      "default), on (a Triton kernel over each call's filled cache slots), auto (on "
+                                      "where the triton kernels run); off by default until compiled CUDA graphs with "
+                                      "it draw eager's tokens (docs/benchmarks.md, run 21)"),
     ("batched_stage_attention", CompileMode, "the depformer's attention at more than 4 rows (the batched steps, which "
                                              "run the compiled torch stages) as one Triton launch a layer (q/k norms, "
                                              "RoPE map, cache write and attention) instead of ~6 kernels with "

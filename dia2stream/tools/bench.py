@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--persistent-stage", default="off", choices=["on", "off"],
                         help="each Triton depformer stage as one persistent launch, for the batched steps and the "
                              "server runs (as the server's flag; the step variants take `_persist`)")
-    parser.add_argument("--decode-attention", default="auto", choices=["auto", "on", "off"],
+    parser.add_argument("--decode-attention", default="off", choices=["auto", "on", "off"],
                         help="the decoder's attention over each row's filled slots (Triton) instead of SDPA, for "
                              "the batched steps and the server runs (as the server's flag; step variants take "
                              "`_sdpa` / `_decattn`)")
