@@ -210,16 +210,22 @@ MOVE_PATTERN = [[True, True, True, True]] * 8 + [[False, False, False, True]] * 
 MOVES = {8: (0, 3), 12: (1, 2), 14: (3, 0), 20: (0, 2)}
 
 
+@pytest.mark.parametrize("graphed_swaps", [False, True])
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_moved_calls_under_graphs_give_the_tokens_of_unmoved_calls_in_eager(gpu_tts, kernels):
+def test_moved_calls_under_graphs_give_the_tokens_of_unmoved_calls_in_eager(gpu_tts, kernels, graphed_swaps,
+                                                                           monkeypatch):
     """With the torch depformer a call's tokens do not depend on its slot: moved and graphed, it
     draws what it draws unmoved and eager. The Triton depformer runs at <= 4 model rows only
     (cuBLAS above), so its tokens follow the padded batch a call steps in, which a move changes
     (as its neighbours always did): there, moved under graphs equals moved in eager."""
     from stepping import step_with_moves
+    from vendor_dia2 import row_swap
+
+    monkeypatch.setattr(row_swap, "GRAPHED", graphed_swaps)
 
     def run(graph: bool, moves):
         stepper = gpu_tts.new_stepper(n_calls=4, cfg=True, max_positions=128, use_cuda_graph=graph, kernels=kernels)
+        assert stepper.slots.swap_graphed == (graph and graphed_swaps)
         return step_with_moves(gpu_tts, stepper, MOVE_PATTERN, moves)
 
     eager, graphed = run(False, {} if kernels == "torch" else MOVES), run(True, MOVES)
@@ -228,8 +234,12 @@ def test_moved_calls_under_graphs_give_the_tokens_of_unmoved_calls_in_eager(gpu_
     assert graphed[2] == eager[2]
 
 
-def test_graphed_mimi_decodes_of_leading_rows_and_swaps_match_the_whole_stream_eager():
+@pytest.mark.parametrize("graphed_swaps", [False, True])
+def test_graphed_mimi_decodes_of_leading_rows_and_swaps_match_the_whole_stream_eager(graphed_swaps, monkeypatch):
+    from vendor_dia2 import row_swap
     from vendor_dia2.codec import MimiCodec
+
+    monkeypatch.setattr(row_swap, "GRAPHED", graphed_swaps)
 
     codec = MimiCodec.load("random", device="cuda")
     codes = torch.randint(0, 2048, (8, 32, 6), generator=torch.Generator().manual_seed(0)).cuda()
@@ -238,7 +248,7 @@ def test_graphed_mimi_decodes_of_leading_rows_and_swaps_match_the_whole_stream_e
     whole = torch.stack([codec.decode_frame(codes[:, :, t]) for t in range(6)], 1)
     codec.use_cuda_graph = True
     codec.open_stream(8, decode_sizes=(1, 2, 4))
-    assert codec.stream_graphed
+    assert codec.stream_graphed and codec.swap_graphed == graphed_swaps
     low, high = torch.zeros(8, dtype=torch.bool), torch.zeros(8, dtype=torch.bool)
     low[:3], high[3:] = True, True
     out = torch.zeros_like(whole)

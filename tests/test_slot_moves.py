@@ -24,9 +24,12 @@ def small_tts(tiny_dir):
 
 
 @pytest.mark.parametrize("cfg", [False, True])
-def test_a_moved_call_steps_on_token_for_token(small_tts, cfg):
+@pytest.mark.parametrize("whole", [False, True])
+def test_a_moved_call_steps_on_token_for_token(small_tts, cfg, whole):
+    """`whole`: the swaps copy whole cache rows, as a graphed swap (`row_swap.GRAPHED`) does."""
     def run(moves):
         stepper = small_tts.new_stepper(n_calls=4, cfg=cfg, max_positions=64)
+        stepper.slots.capture_swap(graph=False, whole=whole)
         return step_with_moves(small_tts, stepper, PATTERN, moves, cfg)
 
     still, moved = run({}), run(MOVES)

@@ -38,7 +38,8 @@ import torch
 from moshi.models import loaders
 from moshi.modules.streaming import StreamingContainer
 
-from . import moshi_private
+from . import moshi_private, row_swap
+from .row_swap import RowSwap
 from .config import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 NUM_CODEBOOKS = 32
 CODEBOOK_SIZE = 2048
@@ -204,6 +205,13 @@ class MimiCodec:
         if self.device.type == "cuda" and self.use_cuda_graph:
             self._capture_decodes(batch_size)
         self._side = torch.cuda.Stream(self.device) if side_stream and self._graphs else None
+        self.capture_swap(graph=row_swap.GRAPHED)
+
+    def capture_swap(self, graph: bool) -> None:
+        """Set up `swap_rows` for the open stream: eager, or (`graph`, with graphed decodes) one
+        CUDA graph captured now over the stream's state tensors."""
+        self._check_stream(None)
+        self._row_swap = RowSwap(self._swap_state_rows, self.device, graph=graph and bool(self._graphs))
 
     def close_stream(self) -> None:
         """Drop the streaming state (no-op when none is open)."""
@@ -346,10 +354,18 @@ class MimiCodec:
         """Exchange rows `a` and `b` of the open stream's state (a call moved to another slot)."""
         self._check_stream(None)
         if a != b:
-            pair = torch.tensor([a, b], device=self.device)
-            crossed = pair.flip(0)
-            for state in self._decoder_side.get_streaming_state().values():
-                moshi_private.swap_rows(state, pair, crossed)
+            self._row_swap(a, b)
+
+    @property
+    def swap_graphed(self) -> bool:
+        """Whether the open stream swaps rows by one CUDA graph replay (`row_swap.GRAPHED`)."""
+        return self._stream_batch is not None and self._row_swap.graphed
+
+    def _swap_state_rows(self, pair: torch.Tensor, extent: int | None) -> None:
+        """Every state tensor's rows `pair` [a, b] exchanged (`RowSwap`'s body; whole rows)."""
+        crossed = pair.flip(0)
+        for state in self._decoder_side.get_streaming_state().values():
+            moshi_private.swap_rows(state, pair, crossed)
 
     @torch.inference_mode()
     def warm_stream(self, codes: torch.Tensor) -> None:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import decode_attention
+from . import decode_attention, row_swap
 from .config import MAX_TOP_K, Dia2Config
 from .frame import Frame, FrameFunctions, PickRule, eager_functions, fused_stage_weights, pick, resolve_sampler
 from .graphs import CACHE_BUCKETS, FrameGraphs, default_batch_sizes
@@ -169,6 +169,7 @@ class FrameStepper:
             self.reset_call(call)
         self.slots.active.zero_()  # the warm-up frames of a capture must not move any slot
         self.graphs.capture_all(self.frame)
+        self.slots.capture_swap(graph=use_cuda_graph and row_swap.GRAPHED)
 
     # -- what the stepper runs at ------------------------------------------------------------------
 

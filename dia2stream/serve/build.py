@@ -65,6 +65,9 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
         from vendor_dia2 import decode_attention
 
         decode_attention.ENABLED = {"auto": None, "on": True, "off": False}[config.decode_attention]  # likewise
+        from vendor_dia2 import row_swap
+
+        row_swap.GRAPHED = config.graphed_swaps == Switch.ON  # read as the stepper and the Mimi stream open
         from vendor_dia2 import model
 
         # likewise: auto follows the depformer kernels

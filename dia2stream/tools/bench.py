@@ -34,7 +34,7 @@ import torch
 from vendor_dia2 import Dia2
 from vendor_dia2 import fused_pick
 from vendor_dia2 import kernels as fused_kernels
-from vendor_dia2 import decode_attention, persistent_stage
+from vendor_dia2 import decode_attention, persistent_stage, row_swap
 from vendor_dia2 import model as dia2_model
 from vendor_dia2.checkpoint import write_random_checkpoint
 from vendor_dia2.config import preset
@@ -105,6 +105,20 @@ def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool
     return out
 
 
+def _timed_swaps(stepper, codec, device, n_max: int) -> list[float]:
+    """ms of 10 moves (after 2 untimed), each synchronised: the call on the top slot moves to slot
+    0 and back, as the engine moves a new turn."""
+    swaps = []
+    for _ in range(12):
+        _sync(device)
+        t0 = time.perf_counter()
+        stepper.swap_rows(0, n_max - 1)
+        codec.swap_rows(0, n_max - 1)
+        _sync(device)
+        swaps.append((time.perf_counter() - t0) * 1000)
+    return swaps[2:]
+
+
 def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, kernels: str = "torch",
                   profile: bool = False, compile_max_calls: int | None = None, sampler: str = "auto") -> dict:
     """One stepper with max(sizes) slots (as the server builds it); ms per step with the first N
@@ -167,15 +181,13 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                 [machines[c].preview(stepper.position(c)) if active[c] else None for c in range(n_max)], active))
         print(f"  batched {n} calls: step {out[str(n)]['step_ms']}, decoder-only {out[str(n)]['lite_step_ms']}, "
               f"decode {out[str(n)]['mimi_decode_ms']}", flush=True)
-    swaps = []
-    for _ in range(12):  # the call on the top slot moves to slot 0 and back, as the engine moves a new turn
-        _sync(tts.device)
-        t0 = time.perf_counter()
-        stepper.swap_rows(0, n_max - 1)
-        codec.swap_rows(0, n_max - 1)
-        _sync(tts.device)
-        swaps.append((time.perf_counter() - t0) * 1000)
-    out["swap_ms"] = stats(swaps[2:])
+    out["swap_ms"] = stats(_timed_swaps(stepper, codec, tts.device, n_max))
+    if tts.device.type == "cuda":  # the same moves as one graph replay each (`row_swap.GRAPHED`)
+        stepper.slots.capture_swap(graph=True)
+        codec.capture_swap(graph=True)
+        out["swap_graphed_ms"] = stats(_timed_swaps(stepper, codec, tts.device, n_max))
+        stepper.slots.capture_swap(graph=row_swap.GRAPHED)
+    print(f"  slot move (stepper and Mimi rows): {out['swap_ms']}, as graphs {out.get('swap_graphed_ms')}", flush=True)
     codec.close_stream()
     del stepper
     return out
