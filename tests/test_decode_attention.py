@@ -134,8 +134,9 @@ def test_whole_frames_take_the_same_tokens(tiny_dir, monkeypatch, prefix):
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="compiled CUDA graphs, on the GPU only")
 @pytest.mark.xfail(strict=True, reason="run 21 (H200): with this kernel on, compiled CUDA graphs of the fp32 tiny "
-                                       "checkpoint drew other codes than eager steps from the step that moved to the "
-                                       "next cache bucket on (graphs alone and compile alone agree); why is open, so "
+                                       "checkpoint drew other codes than eager steps from step ~30 on, once all four "
+                                       "calls stepped again after six steps of one alone (graphs alone and compile "
+                                       "alone agree); why is open, so "
                                        "the kernel is off by default. Strict: when this passes, turn it on again")
 def test_compiled_graphs_take_eager_tokens(tiny_dir, monkeypatch):
     from stepping import step_pattern

@@ -33,7 +33,7 @@ __all__ = ["ENABLED", "CHUNK", "attend", "available", "attend_reference"]
 # Read as a stepper is built (like `persistent_stage.ENABLED`): None follows the depformer kernels
 # (on where the Triton kernels run), True/False force it. Off by default: on the H200, compiled
 # CUDA graphs of the tiny checkpoint (fp32) drew other tokens than its eager steps with this kernel
-# on (from the step that moved to the next cache bucket), though graphs alone and compile alone
+# on (from step ~30, once four calls stepped again after one alone), though graphs alone and compile alone
 # agree with eager; until that is understood, SDPA stays the default (docs/benchmarks.md, run 21).
 ENABLED: bool | None = False
 
