@@ -163,6 +163,27 @@ def test_full_size_kernel_attention_stage_matches_eager_stage(rows, slot):
     _check_stage_against_eager(shape, rows, dim, slot, depformer_stage_kernel_attention)
 
 
+@pytest.mark.parametrize("rows_per_program", [2, 3, 8])
+@pytest.mark.parametrize("slot", [0, 17])
+def test_attention_of_several_rows_a_program_equals_one_row_a_program(rows_per_program, slot):
+    """`kernels.stage_attention(rows_per_program=n)` (the stage's maps read once for n rows):
+    the same outputs and cache writes as one row a program, bit for bit, with rows that do not
+    fill the last program (10 rows)."""
+    g = torch.Generator().manual_seed(slot)
+    rows, heads, dh, slots = 10, 4, 16, 32
+    qkv = _randn(rows, 3 * heads * dh, generator=g)
+    qk_map = _randn(2, dh, dh, scale=dh ** -0.5, generator=g)
+    cache = [_randn(rows, heads, slots, dh, generator=g) for _ in range(2)]
+    one = [c.clone() for c in cache]
+    several = [c.clone() for c in cache]
+    ref = kernels.stage_attention(qkv, qk_map, one[0], one[1], slot, heads, 1e-5)
+    out = kernels.stage_attention(qkv, qk_map, several[0], several[1], slot, heads, 1e-5,
+                                  rows_per_program=rows_per_program)
+    assert torch.equal(out, ref)
+    assert torch.equal(several[0], one[0]) and torch.equal(several[1], one[1])
+    assert not torch.equal(one[0], cache[0])  # the slot was written
+
+
 def test_kernel_attention_refuses_a_cache_whose_slots_are_not_rows_of_head_dims():
     """The kernel steps slots by Dh: a cache laid out [R, S, H, Dh] (seen as [R, H, S, Dh]) is refused."""
     shape, dim, _ = SMALL

@@ -248,6 +248,33 @@ if triton is not None:
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+        _stage_attention_row(qkv_ptr, ck_ptr, cv_ptr, out_ptr, r, h, q_map, k_map, slot, H, stride_qkv, stride_cr,
+                             stride_ch, stride_out, eps, DH, SP)
+
+    @triton.jit
+    def _stage_attention_rows_kernel(qkv_ptr, map_ptr, ck_ptr, cv_ptr, out_ptr, slot, H, R, stride_qkv, stride_cr,
+                                     stride_ch, stride_out, eps, DH: tl.constexpr, SP: tl.constexpr,
+                                     ROWS: tl.constexpr, PDL: tl.constexpr):
+        """`_stage_attention_kernel` for ROWS rows of one head: the stage's maps are read once for
+        all of them (at 512 rows one program a row reads them 8,192 times a launch)."""
+        first = tl.program_id(0) * ROWS
+        h = tl.program_id(1)
+        d = tl.arange(0, DH)
+        q_map = tl.load(map_ptr + d[:, None] * DH + d[None, :]).to(tl.float32)
+        k_map = tl.load(map_ptr + DH * DH + d[:, None] * DH + d[None, :]).to(tl.float32)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        for i in tl.static_range(ROWS):
+            if first + i < R:
+                _stage_attention_row(qkv_ptr, ck_ptr, cv_ptr, out_ptr, first + i, h, q_map, k_map, slot, H,
+                                     stride_qkv, stride_cr, stride_ch, stride_out, eps, DH, SP)
+
+    @triton.jit
+    def _stage_attention_row(qkv_ptr, ck_ptr, cv_ptr, out_ptr, r, h, q_map, k_map, slot, H, stride_qkv, stride_cr,
+                             stride_ch, stride_out, eps, DH: tl.constexpr, SP: tl.constexpr):
+        """Row r, head h of the stage's attention, with the maps already loaded (fp32 [DH, DH])."""
+        d = tl.arange(0, DH)
         base = qkv_ptr + r * stride_qkv + h * DH
         q = tl.load(base + d).to(tl.float32)
         k = tl.load(base + H * DH + d).to(tl.float32)
@@ -324,6 +351,9 @@ CONFIGS: dict[tuple[str, str], TileConfig] = dict(_H100)
 DEFAULT_CONFIG = TileConfig(bn=16, bk=256, warps=4, stages=3, dot=True)
 FUSED_MAX_ROWS = GPU_FUSED_MAX_ROWS[DEFAULT_GPU]
 ATTENTION_WARPS = 1  # one (row, head) per program, 64 dims over at most 32 slots: 3.2 us vs 4.2 with 4 warps
+# Rows of a head per program in the batched torch stages' attention (`model.depformer_stage_kernel_attention`):
+# 1 runs the one-row kernel; more share the stage's maps between rows. Not yet timed on a GPU, so 1.
+BATCHED_ATTENTION_ROWS = 1
 
 
 def gpu_model(device_name: str) -> str:
@@ -424,15 +454,21 @@ def gated_mlp_in(x: torch.Tensor, weight, norm: torch.Tensor, eps: float, hidden
 
 
 def stage_attention(qkv: torch.Tensor, qk_map: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, slot: int,
-                    heads: int, eps: float) -> torch.Tensor:
+                    heads: int, eps: float, rows_per_program: int = 1) -> torch.Tensor:
     """qkv [R, 3 H Dh] → attention output [R, H Dh]; writes k, v at cache slot `slot` of the
-    `[R, H, S, Dh]` caches (rows contiguous in their last two dims)."""
+    `[R, H, S, Dh]` caches (rows contiguous in their last two dims). `rows_per_program` > 1: each
+    program runs that many rows of a head, reading the stage's maps once for them."""
     r = qkv.shape[0]
     dh = qk_map.shape[-1]
     out = torch.empty(r, heads * dh, device=qkv.device, dtype=qkv.dtype)
     sp = triton.next_power_of_2(cache_k.shape[2])
-    _stage_attention_kernel[(r, heads)](qkv, qk_map, cache_k, cache_v, out, slot, heads, qkv.stride(0),
-                                        cache_k.stride(0), cache_k.stride(1), out.stride(0), eps, DH=dh, SP=sp,
-                                        PDL=pdl_enabled(), **({} if INTERPRETED else dict(
-                                            num_warps=ATTENTION_WARPS, launch_pdl=pdl_enabled())))
+    launch = {} if INTERPRETED else dict(num_warps=ATTENTION_WARPS, launch_pdl=pdl_enabled())
+    strides = (qkv.stride(0), cache_k.stride(0), cache_k.stride(1), out.stride(0))
+    if rows_per_program <= 1:
+        _stage_attention_kernel[(r, heads)](qkv, qk_map, cache_k, cache_v, out, slot, heads, *strides, eps, DH=dh,
+                                            SP=sp, PDL=pdl_enabled(), **launch)
+    else:
+        _stage_attention_rows_kernel[(triton.cdiv(r, rows_per_program), heads)](
+            qkv, qk_map, cache_k, cache_v, out, slot, heads, r, *strides, eps, DH=dh, SP=sp, ROWS=rows_per_program,
+            PDL=pdl_enabled(), **launch)
     return out

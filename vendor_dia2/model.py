@@ -471,7 +471,8 @@ def _stage_attention_launch(qkv: torch.Tensor, qk_map: torch.Tensor, cache_k: to
                              f"{cache.stride()} for shape {tuple(cache.shape)}")
     if qkv.stride(1) != 1:
         raise ValueError(f"the stage attention needs contiguous qkv rows, not strides {qkv.stride()}")
-    return kernels.stage_attention(qkv, qk_map, cache_k, cache_v, index, heads, eps)
+    return kernels.stage_attention(qkv, qk_map, cache_k, cache_v, index, heads, eps,
+                                   rows_per_program=kernels.BATCHED_ATTENTION_ROWS)
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:

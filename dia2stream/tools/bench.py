@@ -137,6 +137,7 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                  "persistent_stage": stepper.frame.stage_counters is not None,
                  "decode_attention": stepper.decode_attention,
                  "batched_stage_attention": stepper.frame.kernel_attention,
+                 "batched_attention_rows": fused_kernels.BATCHED_ATTENTION_ROWS,
                  "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
     codec.open_stream(n_max, decode_sizes=stepper.batch_sizes)
@@ -722,6 +723,9 @@ def main(argv: list[str] | None = None) -> int:
                              "of ~6 kernels with SDPA, for the batched steps and the server runs (as the server's "
                              "flag; the step variants take `_stageattn` / `_stagesdpa`, and with --batched each mode "
                              "they name gets batched steps of its own)")
+    parser.add_argument("--batched-attention-rows", type=int, default=fused_kernels.BATCHED_ATTENTION_ROWS,
+                        help="rows of a head per program in the batched stages' one-launch attention "
+                             "(kernels.BATCHED_ATTENTION_ROWS; more share the stage's maps between rows)")
     parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
@@ -739,6 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     persistent_stage.ENABLED = args.persistent_stage == "on"
     decode_attention.ENABLED = {"auto": None, "on": True, "off": False}[args.decode_attention]
+    if args.batched_attention_rows < 1:
+        parser.error("--batched-attention-rows must be 1 or more")
+    fused_kernels.BATCHED_ATTENTION_ROWS = args.batched_attention_rows
     dia2_model.BATCHED_STAGE_ATTENTION = SWITCH[args.batched_stage_attention]
     command = "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.profile_from:
