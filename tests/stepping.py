@@ -70,3 +70,31 @@ def step_with_moves(tts, stepper, pattern, moves, cfg: bool = True):
                 machines[call].process(stepper.position(row[call]) - 1, got[row[call]])
                 actions[call].append(got[row[call]])
     return actions, [stepper.written_codes(row[c]).clone() for c in range(4)], [stepper.position(row[c]) for c in range(4)]
+
+
+def prefill_voice(tts, stepper, frames: int = 12, seed: int = 4) -> None:
+    """A voice prefix of `frames` random frames on slot 0, at the published runtime's boundary."""
+    import torch
+
+    d = tts.config.data
+    delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay),
+                            generator=torch.Generator().manual_seed(seed))
+    for k, delay in enumerate(d.delay_pattern):
+        delayed[k, :delay] = d.audio_bos
+    stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary="upstream")
+
+
+def speak_frames(tts, stepper, frames: int):
+    """Step slot 0 `frames` times speaking SCRIPT four times over: (actions, codes [frames, ...] on the CPU)."""
+    import torch
+
+    machine = tts.new_state_machine()
+    machine.push(parse_script((SCRIPT + " ") * 4, tts.tokenizer))
+    actions, codes = [], []
+    for _ in range(frames):
+        t = stepper.position(0)
+        action = stepper.step([machine.preview(t)])[0]
+        machine.process(t, action)
+        actions.append(action)
+        codes.append(stepper.codes.clone())
+    return actions, torch.stack(codes).cpu()

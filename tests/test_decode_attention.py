@@ -80,9 +80,9 @@ def test_full_size_decoder_shape(rows):
 def _whole_frames(tiny_dir, monkeypatch, *, prefix: bool, frames: int, kernels: str, dtype: torch.dtype):
     """Greedy frames of the tiny checkpoint (cfg 2), the decoder attending through this kernel
     against SDPA: (actions, codes) of each."""
+    from stepping import prefill_voice, speak_frames
     from vendor_dia2 import Dia2
     from vendor_dia2.runtime import SamplingParams
-    from vendor_dia2.script import parse_script
 
     tts = Dia2.from_pretrained(str(tiny_dir), device=DEVICE, dtype=dtype)
 
@@ -92,22 +92,8 @@ def _whole_frames(tiny_dir, monkeypatch, *, prefix: bool, frames: int, kernels: 
         assert stepper.decode_attention is enabled
         stepper.set_sampling(0, SamplingParams(seed=5, cfg_scale=2.0, text_temperature=0.0, audio_temperature=0.0))
         if prefix:
-            d, known = tts.config.data, 12
-            delayed = torch.randint(0, 2048, (d.num_codebooks, known + d.max_delay),
-                                    generator=torch.Generator().manual_seed(4))
-            for k, delay in enumerate(d.delay_pattern):
-                delayed[k, :delay] = d.audio_bos
-            stepper.prefill(0, delayed, torch.full((known + 1, 2), d.text_pad_token_id), known, boundary="upstream")
-        machine = tts.new_state_machine()
-        machine.push(parse_script("[S1] Hello there, how are you doing today? " * 4, tts.tokenizer))
-        actions, codes = [], []
-        for _ in range(frames):
-            t = stepper.position(0)
-            action = stepper.step([machine.preview(t)])[0]
-            machine.process(t, action)
-            actions.append(action)
-            codes.append(stepper.codes.clone())
-        return actions, torch.stack(codes).cpu()
+            prefill_voice(tts, stepper)
+        return speak_frames(tts, stepper, frames)
 
     return run(False), run(True)
 

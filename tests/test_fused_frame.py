@@ -15,6 +15,8 @@ from vendor_dia2.frame import pick_forced
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import parse_script
 
+from stepping import prefill_voice, speak_frames
+
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda"
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not (CUDA and kernels.available(DEVICE)), reason="needs CUDA and triton")]
@@ -29,27 +31,12 @@ def tts(tiny_dir):
 
 
 def _run(tts, *, cfg: bool, prefix: bool, temperature: float, graph: bool, **options):
-    d = tts.config.data
     stepper = tts.new_stepper(cfg=cfg, max_positions=FRAMES + 40, use_cuda_graph=graph, **options)
     stepper.set_sampling(0, SamplingParams(seed=5, cfg_scale=2.0 if cfg else 1.0, text_temperature=temperature,
                                            audio_temperature=temperature))
     if prefix:  # a voice prefix, the published runtime's boundary
-        frames = 12
-        delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay),
-                                generator=torch.Generator().manual_seed(4))
-        for k, delay in enumerate(d.delay_pattern):
-            delayed[k, :delay] = d.audio_bos
-        stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary="upstream")
-    machine = tts.new_state_machine()
-    machine.push(parse_script("[S1] Hello there, how are you doing today? " * 4, tts.tokenizer))
-    actions, codes = [], []
-    for _ in range(FRAMES):
-        t = stepper.position(0)
-        action = stepper.step([machine.preview(t)])[0]
-        machine.process(t, action)
-        actions.append(action)
-        codes.append(stepper.codes.clone())
-    return actions, torch.stack(codes).cpu()
+        prefill_voice(tts, stepper)
+    return speak_frames(tts, stepper, FRAMES)
 
 
 @pytest.mark.parametrize("cfg", [False, True])

@@ -147,12 +147,11 @@ def test_full_size_stage_on_the_gpu_grid_matches_the_five_launch_stage(rows, slo
 def test_whole_greedy_frames_take_the_five_launch_stages_tokens(tiny_dir, monkeypatch, cfg, sampler):
     """100 graphed frames of the tiny checkpoint in bf16, greedy, after a voice prefix: the same
     actions and codes with each stage as one launch as with its 21 launches, under either draw."""
+    from stepping import prefill_voice, speak_frames
     from vendor_dia2 import Dia2
     from vendor_dia2.runtime import SamplingParams
-    from vendor_dia2.script import parse_script
 
     tts = Dia2.from_pretrained(str(tiny_dir), device=DEVICE, dtype=torch.bfloat16)
-    d = tts.config.data
 
     def run(one_launch: bool):
         monkeypatch.setattr(persistent_stage, "ENABLED", one_launch)
@@ -160,21 +159,8 @@ def test_whole_greedy_frames_take_the_five_launch_stages_tokens(tiny_dir, monkey
         assert (stepper.frame.stage_counters is not None) == one_launch
         stepper.set_sampling(0, SamplingParams(seed=5, cfg_scale=2.0 if cfg else 1.0, text_temperature=0.0,
                                                audio_temperature=0.0))
-        frames = 12
-        delayed = torch.randint(0, 2048, (d.num_codebooks, frames + d.max_delay), generator=torch.Generator().manual_seed(4))
-        for k, delay in enumerate(d.delay_pattern):
-            delayed[k, :delay] = d.audio_bos
-        stepper.prefill(0, delayed, torch.full((frames + 1, 2), d.text_pad_token_id), frames, boundary="upstream")
-        machine = tts.new_state_machine()
-        machine.push(parse_script("[S1] Hello there, how are you doing today? " * 4, tts.tokenizer))
-        actions, codes = [], []
-        for _ in range(100):
-            t = stepper.position(0)
-            action = stepper.step([machine.preview(t)])[0]
-            machine.process(t, action)
-            actions.append(action)
-            codes.append(stepper.codes.clone())
-        return actions, torch.stack(codes).cpu()
+        prefill_voice(tts, stepper)
+        return speak_frames(tts, stepper, 100)
 
     five, one = run(False), run(True)
     assert five[0] == one[0]

@@ -241,10 +241,7 @@ if triton is not None:
         attention of q over slots 0..slot (scale 1: the norms stand in for 1/sqrt(Dh))."""
         r = tl.program_id(0)
         h = tl.program_id(1)
-        d = tl.arange(0, DH)
-        # row i of a map holds input dim i: out[j] = sum_i x[i] * map[i, j]
-        q_map = tl.load(map_ptr + d[:, None] * DH + d[None, :]).to(tl.float32)
-        k_map = tl.load(map_ptr + DH * DH + d[:, None] * DH + d[None, :]).to(tl.float32)
+        q_map, k_map = _stage_maps(map_ptr, DH)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -259,9 +256,7 @@ if triton is not None:
         all of them (at 512 rows one program a row reads them 8,192 times a launch)."""
         first = tl.program_id(0) * ROWS
         h = tl.program_id(1)
-        d = tl.arange(0, DH)
-        q_map = tl.load(map_ptr + d[:, None] * DH + d[None, :]).to(tl.float32)
-        k_map = tl.load(map_ptr + DH * DH + d[:, None] * DH + d[None, :]).to(tl.float32)
+        q_map, k_map = _stage_maps(map_ptr, DH)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
@@ -269,6 +264,15 @@ if triton is not None:
             if first + i < R:
                 _stage_attention_row(qkv_ptr, ck_ptr, cv_ptr, out_ptr, first + i, h, q_map, k_map, slot, H,
                                      stride_qkv, stride_cr, stride_ch, stride_out, eps, DH, SP)
+
+    @triton.jit
+    def _stage_maps(map_ptr, DH: tl.constexpr):
+        """The stage's q and k maps, fp32 [DH, DH]: row i of a map holds input dim i, so
+        out[j] = sum_i x[i] * map[i, j]."""
+        d = tl.arange(0, DH)
+        q_map = tl.load(map_ptr + d[:, None] * DH + d[None, :]).to(tl.float32)
+        k_map = tl.load(map_ptr + DH * DH + d[:, None] * DH + d[None, :]).to(tl.float32)
+        return q_map, k_map
 
     @triton.jit
     def _stage_attention_row(qkv_ptr, ck_ptr, cv_ptr, out_ptr, r, h, q_map, k_map, slot, H, stride_qkv, stride_cr,
