@@ -39,7 +39,6 @@ from moshi.models import loaders
 from moshi.modules.streaming import StreamingContainer
 
 from . import moshi_private, row_swap
-from .row_swap import RowSwap
 from .config import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 NUM_CODEBOOKS = 32
 CODEBOOK_SIZE = 2048
@@ -211,7 +210,7 @@ class MimiCodec:
         """Set up `swap_rows` for the open stream: eager, or (`graph`, with graphed decodes) one
         CUDA graph captured now over the stream's state tensors."""
         self._check_stream(None)
-        self._row_swap = RowSwap(self._swap_state_rows, self.device, graph=graph and bool(self._graphs))
+        self._row_swap = row_swap.RowSwap(self._swap_state_rows, self.device, graph=graph and bool(self._graphs))
 
     def close_stream(self) -> None:
         """Drop the streaming state (no-op when none is open)."""

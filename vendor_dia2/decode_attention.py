@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .kernels import INTERPRETED, available, tl, triton
-from .model import kept_out_of_compile
+from .model import causal_mask, kept_out_of_compile
 
 __all__ = ["ENABLED", "CHUNK", "attend", "available", "attend_reference"]
 
@@ -157,6 +157,6 @@ def attend(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor, last: 
 def attend_reference(q: torch.Tensor, cache_k: torch.Tensor, cache_v: torch.Tensor,
                      last: torch.Tensor) -> torch.Tensor:
     """What `attend` computes, as the decoder layer's SDPA call with its causal mask (for tests)."""
-    mask = torch.arange(cache_k.shape[2], device=q.device)[None, None, None, :] <= last[:, None, None, None]
+    mask = causal_mask(last[:, None], cache_k.shape[2])
     return torch.nn.functional.scaled_dot_product_attention(q, cache_k, cache_v, attn_mask=mask, scale=1.0,
                                                             enable_gqa=q.shape[1] != cache_k.shape[1])

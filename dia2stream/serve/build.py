@@ -57,21 +57,21 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
         engine_config = config.engine_config(tts.device)
         from vendor_dia2 import kernels as fused_kernels
 
-        fused_kernels.PDL = {"auto": None, "on": True, "off": False}[config.pdl]  # read as the graphs are captured
+        fused_kernels.PDL = config.pdl.forced  # read as the graphs are captured
         fused_kernels.TILINGS_MODEL = None if config.gpu_tilings == GpuTilings.AUTO else str(config.gpu_tilings)  # read as the stepper is built
         from vendor_dia2 import persistent_stage
 
         persistent_stage.ENABLED = config.persistent_stage == Switch.ON  # read as the engine's stepper is built
         from vendor_dia2 import decode_attention
 
-        decode_attention.ENABLED = {"auto": None, "on": True, "off": False}[config.decode_attention]  # likewise
+        decode_attention.ENABLED = config.decode_attention.forced  # likewise
         from vendor_dia2 import row_swap
 
         row_swap.GRAPHED = config.graphed_swaps == Switch.ON  # read as the stepper and the Mimi stream open
         from vendor_dia2 import model
 
         # likewise: auto follows the depformer kernels
-        model.BATCHED_STAGE_ATTENTION = {"auto": None, "on": True, "off": False}[config.batched_stage_attention]
+        model.BATCHED_STAGE_ATTENTION = config.batched_stage_attention.forced
     engine = Engine(tts, engine_config, metrics=metrics, flush=flush)
     log.info("loaded %s on %s (%s) in %.1f s: %d call slots, step batch sizes %s, %s kernels, %s depformer weights",
              tts.name, tts.device, tts.dtype, time.perf_counter() - t0, engine_config.max_calls,

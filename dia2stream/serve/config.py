@@ -30,6 +30,11 @@ class CompileMode(enum.StrEnum):
     ON = "on"
     OFF = "off"
 
+    @property
+    def forced(self) -> bool | None:
+        """The runtime's switch for this mode: None (auto: the device decides), True or False."""
+        return None if self is CompileMode.AUTO else self is CompileMode.ON
+
 
 class KernelChoice(enum.StrEnum):
     """The depformer kernels asked for: `auto` picks Triton where it can run (CUDA with triton)."""

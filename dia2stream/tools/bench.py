@@ -42,6 +42,7 @@ from vendor_dia2.runtime import FrameStepper, SamplingParams
 from vendor_dia2.script import parse_script
 
 from dia2stream.clock import FRAME_RATE, SAMPLE_RATE
+from dia2stream.serve.config import CompileMode
 
 SCRIPT = ("[S1] Thanks for calling, this is the front desk. How can I help you today? "
           "We are open every day from nine to five, and we would be glad to help.")
@@ -555,7 +556,7 @@ def variant_options(key: str) -> dict:
     return dict(VARIANT_OPTIONS[p] for p in key.split("_") if p in VARIANT_OPTIONS)
 
 
-SWITCH = {"auto": None, "on": True, "off": False}  # an auto|on|off flag as the switch it sets
+SWITCH = {mode.value: mode.forced for mode in CompileMode}  # an auto|on|off flag as the switch it sets
 
 
 def batched_runs(args) -> list[tuple[str, bool | None]]:
@@ -742,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --profile-out: build the profile from this earlier run's --json, measure nothing")
     args = parser.parse_args(argv)
     persistent_stage.ENABLED = args.persistent_stage == "on"
-    decode_attention.ENABLED = {"auto": None, "on": True, "off": False}[args.decode_attention]
+    decode_attention.ENABLED = SWITCH[args.decode_attention]
     if args.batched_attention_rows < 1:
         parser.error("--batched-attention-rows must be 1 or more")
     fused_kernels.BATCHED_ATTENTION_ROWS = args.batched_attention_rows
