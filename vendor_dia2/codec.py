@@ -206,6 +206,7 @@ class MimiCodec:
         self._side = torch.cuda.Stream(self.device) if side_stream and self._graphs else None
         self.capture_swap(graph=row_swap.GRAPHED)
 
+    @torch.inference_mode()  # the stream's state is made under inference mode
     def capture_swap(self, graph: bool) -> None:
         """Set up `swap_rows` for the open stream: eager, or (`graph`, with graphed decodes) one
         CUDA graph captured now over the stream's state tensors."""

@@ -265,6 +265,7 @@ class SlotTable:
         self._row_swap(a, b, extent=max(self._filled(a), self._filled(b)))
         self.places.swap(a, b)
 
+    @torch.inference_mode()  # the slot tensors are made under inference mode
     def capture_swap(self, graph: bool, whole: bool = False) -> None:
         """Set up `swap`: eager, or (`graph`, on CUDA) one CUDA graph captured now; `whole`: eager
         swaps copy whole cache rows, as the graph does."""

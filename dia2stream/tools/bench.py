@@ -189,6 +189,7 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
         codec.capture_swap(graph=True)
         out["swap_graphed_ms"] = stats(_timed_swaps(stepper, codec, tts.device, n_max))
         stepper.slots.capture_swap(graph=row_swap.GRAPHED)
+        codec.capture_swap(graph=row_swap.GRAPHED)
     print(f"  slot move (stepper and Mimi rows): {out['swap_ms']}, as graphs {out.get('swap_graphed_ms')}", flush=True)
     codec.close_stream()
     del stepper
