@@ -77,7 +77,7 @@ class ServerConfig:
     weights: Weights = Weights.BF16
     pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
     persistent_stage: Switch = Switch.OFF  # each Triton depformer stage in one launch; off until measured faster
-    graphed_swaps: Switch = Switch.OFF  # slot moves as one CUDA graph replay each; off until run on a GPU
+    graphed_swaps: Switch = Switch.ON  # slot moves as one CUDA graph replay each (with CUDA graphs): run 22
     decode_attention: CompileMode = CompileMode.OFF  # the decoder's attention over filled slots (Triton); off: run 21
     # the torch depformer's attention (batched rows) as one Triton launch a layer: auto = with the Triton depformer
     batched_stage_attention: CompileMode = CompileMode.AUTO
@@ -215,8 +215,8 @@ _FLAGS = [  # (name, type, help)
                                  "persistent launch with grid barriers instead of 21 launches: on, off "
                                  "(docs/benchmarks.md)"),
     ("graphed_swaps", Switch, "move a call between slots (the stepper's and the Mimi stream's rows) as one CUDA "
-                              "graph replay instead of a few hundred launches: on, off (off until measured on a "
-                              "GPU; docs/benchmarks.md, run 21)"),
+                              "graph replay instead of a few hundred launches, where the steps run as CUDA graphs: on "
+                              "(the default), off (docs/benchmarks.md, run 22)"),
     ("decode_attention", CompileMode, "the decoder's attention in a step: off (SDPA over the cache window, the "
                                       "default), on (a Triton kernel over each call's filled cache slots), auto (on "
                                       "where the triton kernels run); off by default until compiled CUDA graphs with "
