@@ -383,7 +383,7 @@ def test_a_new_turns_first_audio_makes_no_step_of_every_call_while_another_turn_
 
 def test_planned_work_alternates_with_steps_that_carry_a_short_rider(sim_engine):
     """Planned work goes first before a starting step, but only one piece of it before a step
-    that carries a short call (a re-decode of 15 frames, one a loop, would drain a one-frame
+    that carries a short call (a re-decode of up to CODEC_MARK_EVERY - 1 frames, one a loop, would drain a one-frame
     buffer); before deadline steps it gets a piece every PLANNED_WORK_EVERY steps."""
     engine = sim_engine(max_calls=4)
     engine.close()  # the loop below is driven by hand: no generation thread
@@ -440,7 +440,7 @@ def test_a_rollback_while_16_calls_play_delays_none_of_their_frames(sim_engine):
     marks = [len(listener.frames) for listener in playing]
     heard = len(barge.frames) - 8
     while (barge.call.turn.send_from + heard) % CODEC_MARK_EVERY != CODEC_MARK_EVERY - 1:
-        heard -= 1  # the longest re-decode: from the last codec mark, 15 frames back
+        heard -= 1  # the longest re-decode: from the last codec mark, CODEC_MARK_EVERY - 1 frames back
     engine.submit(barge.call, p.Pause(played_ms=heard * 80.0))
     _, paused = barge.wait_for(p.Paused)
     assert paused.spoken is not None
