@@ -214,7 +214,7 @@ def test_a_one_call_stepper_runs_the_engines_turns_token_for_token_beside_anothe
         eng.submit(other, p.Start(text="[S1] Someone else is talking on the other slot, for quite a while.", id="o"))
         eng.submit(call, p.Start(text=AGENT, seed=3, id="a"))
         collect(got, p.Done)
-        mid = call.position
+        resume_at, mid = call.turn.next_frame, call.position
         eng.submit(call, p.Inject(text=ANSWER, id="b"))
         collect(got, p.Done)
         end = call.position - eng.stepper.max_delay
@@ -228,9 +228,14 @@ def test_a_one_call_stepper_runs_the_engines_turns_token_for_token_beside_anothe
     stepper.set_sampling(0, SamplingParams(cfg_scale=2.0, seed=3))
     machine = tts.new_state_machine()
     machine.push(parse_script(AGENT, tts.tokenizer, leading_speaker=None, keep_own_speaker=True), final=True)
-    generate(stepper, machine, 0, mid)
+    generate(stepper, machine, 0, resume_at)
+    state_at, text_in = machine.snapshot(), stepper.text_inputs(0)
+    generate(stepper, machine, resume_at, mid)  # the first turn's tail, which the next one takes back
+    machine.restore(state_at)
+    stepper.rewind(0, resume_at, text_in)
+    machine.hold_words(call.settings.lead_in_frames)
     machine.push(parse_script(ANSWER, tts.tokenizer, leading_speaker=None, keep_own_speaker=True), final=True)
-    generate(stepper, machine, mid, end + stepper.max_delay)
+    generate(stepper, machine, resume_at, end + stepper.max_delay)
     assert torch.equal(stepper.aligned_codes(0, 0, end).cpu(), engine_codes)
 
 

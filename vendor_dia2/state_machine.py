@@ -242,6 +242,11 @@ class TextStateMachine:
         `reset()` or `restore()`."""
         return _values(self._cur)
 
+    def hold_words(self, steps: int) -> None:
+        """Pads, not a new word, for at least the next `steps` steps, whatever the action (a
+        turn's lead-in before its first word, as `initial_padding` is before a script's)."""
+        self._cur.forced_padding = max(self._cur.forced_padding, int(steps))
+
     def rewind(self, row) -> None:
         """Back to the state `row` (from `mark()` since the last reset or restore, its steps
         moved by `shift_steps` as the machine's were): the transcript is cut back to its length."""

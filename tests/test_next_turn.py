@@ -1,0 +1,145 @@
+"""The next turn after `done` starts at the last frame the finished turn sent: the steps it ran
+past it (the delayed codebooks' silent tail) are taken back, so every frame before the new turn is
+teacher-forced and its first steps run decoder-only. In process on the tiny checkpoint (random
+weights: tokens and positions, not how it sounds)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import queue
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from vendor_dia2.runtime import SamplingParams
+from vendor_dia2.script import parse_script
+
+from dia2stream.call.call import AudioFrame
+from dia2stream.engine.engine import Engine
+from dia2stream.wire import protocol as p
+
+from helpers import engine_config
+
+pytestmark = pytest.mark.slow
+
+AGENT = "[S1] Hello there, how are you today?"
+ANSWER = " Fine, thank you."
+
+
+@pytest.fixture(scope="module")
+def tts(tiny_dir):
+    from vendor_dia2 import Dia2
+
+    return Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
+
+
+@pytest.fixture(scope="module")
+def engine(tts):
+    eng = Engine(tts, engine_config(tts, max_lead_ms=1e6))
+    yield eng
+    eng.close()
+
+
+@pytest.fixture
+def call(engine):
+    got = queue.Queue()
+    call = engine.open_call(got.put)
+    call.test_events = got
+    yield call
+    engine.close_call(call)
+
+
+def collect(got: queue.Queue, until, timeout=120.0) -> list:
+    items = []
+    while True:
+        item = got.get(timeout=timeout)
+        items.append(item)
+        assert not isinstance(item, p.ErrorEvent), item
+        if isinstance(item, until):
+            return items
+
+
+def generate(stepper, machine, start: int, stop: int) -> None:
+    """Steps start..stop - 1 of slot 0, the state machine answering each."""
+    for position in range(start, stop):
+        machine.process(position, stepper.step([machine.preview(position)])[0])
+
+
+def test_the_next_turn_starts_at_the_last_sent_frame(engine, call):
+    got = call.test_events
+    engine.submit(call, p.Start(text=AGENT, temperature=0.0, seed=3, id="a"))
+    collect(got, p.Done)
+    sent_until, ran_to = call.turn.next_frame, call.position
+    assert ran_to > sent_until  # the finished turn ran past its last sent frame
+    engine.submit(call, p.Inject(text=ANSWER, id="b"))
+    items = collect(got, p.Done)
+    started = next(item for item in items if isinstance(item, p.Started))
+    assert started.position == sent_until
+    assert call.turn.first_frame == sent_until
+    assert [item.word for item in items if isinstance(item, p.Word)] == ["Fine,", "thank", "you."]
+    assert any(isinstance(item, AudioFrame) for item in items)
+
+
+def test_the_next_turn_has_the_greedy_tokens_of_a_runtime_that_rewinds_to_the_last_sent_frame(engine, call, tts):
+    """Reference: a one-call stepper of its own generates the agent's turn greedily as far as the
+    engine ran it, goes back to the first frame the engine did not send (`FrameStepper.rewind`,
+    the state machine's state before that step), then generates the next turn greedily."""
+    got = call.test_events
+    engine.submit(call, p.Start(text=AGENT, temperature=0.0, seed=3, id="a"))
+    collect(got, p.Done)
+    resume_at, ran_to = call.turn.next_frame, call.position
+    engine.submit(call, p.Inject(text=ANSWER, id="b"))
+    collect(got, p.Done)
+    compare = call.position - resume_at - engine.stepper.max_delay  # complete frames of the answer
+    assert compare > 10
+    got_codes = engine.stepper.aligned_codes(call.slot.index, resume_at, resume_at + compare).cpu()
+    got_words = call.machine.transcript
+
+    stepper = tts.new_stepper(n_calls=1, cfg=True, max_positions=engine.context_frames)
+    stepper.set_sampling(0, SamplingParams(text_temperature=0.0, audio_temperature=0.0, cfg_scale=2.0, seed=3))
+    machine = tts.new_state_machine()
+    machine.push(parse_script(AGENT, tts.tokenizer, leading_speaker=None, keep_own_speaker=True), final=True)
+    generate(stepper, machine, 0, resume_at)
+    state_at, text_in = machine.snapshot(), stepper.text_inputs(0)
+    generate(stepper, machine, resume_at, ran_to)  # the tail, as the engine ran it
+    machine.restore(state_at)
+    stepper.rewind(0, resume_at, text_in)
+    machine.hold_words(call.settings.lead_in_frames)
+    assert not stepper.needs_depformer(0)  # every frame before resume_at is teacher-forced
+    machine.push(parse_script(ANSWER, tts.tokenizer, leading_speaker=None, keep_own_speaker=True), final=True)
+    generate(stepper, machine, resume_at, call.position)
+    assert torch.equal(stepper.aligned_codes(0, resume_at, resume_at + compare).cpu(), got_codes)
+    assert machine.transcript == got_words
+
+
+def test_after_a_callers_turn_the_next_turn_starts_where_it_ended(engine, call):
+    """The caller's turn already took the tail back and stands the slot at its own end."""
+    got = call.test_events
+    engine.submit(call, p.Start(text=AGENT, temperature=0.0, seed=3, id="a"))
+    collect(got, p.Done)
+    rate = 24_000
+    t = np.arange(int(2.0 * rate)) / rate
+    buf = io.BytesIO()
+    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_16")
+    cmd = p.UserTurn(audio_b64=base64.b64encode(buf.getvalue()).decode(), format="wav", transcript="yes please")
+    engine.submit_user_turn(call, cmd, engine.load_user_turn(cmd))
+    appended = collect(got, p.UserTurnDone)[-1]
+    engine.submit(call, p.Inject(text=ANSWER, id="b"))
+    started = next(item for item in collect(got, p.Done) if isinstance(item, p.Started))
+    assert started.position == appended.position
+
+
+def test_each_next_turn_starts_at_the_last_frame_the_turn_before_sent(engine, call):
+    got = call.test_events
+    engine.submit(call, p.Start(text=AGENT, temperature=0.0, seed=3, id="a"))
+    collect(got, p.Done)
+    for n in range(3):
+        sent_until = call.turn.next_frame
+        engine.submit(call, p.Inject(text=ANSWER, id=f"turn-{n}"))
+        items = collect(got, p.Done)
+        started = next(item for item in items if isinstance(item, p.Started))
+        assert started.position == sent_until
+        assert [item.word for item in items if isinstance(item, p.Word)] == ["Fine,", "thank", "you."]
