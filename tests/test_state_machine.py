@@ -66,6 +66,16 @@ def test_initial_padding():
     assert m.state.padding_budget == 6 and m.state.forced_padding == 2
 
 
+def test_hold_words_pads_before_the_next_word_whatever_the_action():
+    m = machine(initial_padding=0)
+    m.hold_words(3)
+    assert mains(run(m, [1] * 4)) == [0, 0, 0, NW]  # the model asked for a word at once
+    assert m.transcript == [("a", 3)]
+    m = machine(initial_padding=4)
+    m.hold_words(2)  # never shortens a longer hold
+    assert mains(run(m, [1] * 5)) == [0, 0, 0, 0, NW]
+
+
 def test_actions_other_than_one_are_pad():
     m = machine()
     run(m, [0, 0])
