@@ -4,8 +4,8 @@ Moving a call to another slot (the engine does it so that a new turn steps in a 
 exchanges that slot's rows in every buffer of the stepper and of the Mimi stream: ~60 tensors in
 the stepper and every tensor of Mimi's streaming state, one indexed copy each, a few hundred
 launches. The H200 bench timed a whole move at 5.85 ms (`swap_ms`, run 21b, synchronised, host
-launches included; 4.33 ms in run 22, the rows no longer set by a blocking copy), and the engine makes about two per new turn, with the step in flight drained
-first; on the simulated GPU a move of 5.85 ms instead of 0.3 ms added ~100 ms to the call-centre
+launches included; 4.33 ms in run 22, the rows no longer set by a blocking copy), and the engine
+makes about two per new turn, with the step in flight drained first; on the simulated GPU a move of 5.85 ms instead of 0.3 ms added ~100 ms to the call-centre
 onsets' p95 at 64 calls (docs/benchmarks.md, run 21).
 
 `RowSwap` runs a swap body over two row numbers held in a static device tensor. Graphed, the

@@ -361,7 +361,7 @@ class Engine:
         # even then: at 128 calls on the H200 the playing calls were short often enough to starve a
         # rollback's re-decode for seconds (run 14: 5 s after-barge-in onset at p95). A starting
         # step with a short call riding in it (`plan.urgent`) alternates with planned work, one
-        # piece each: a whole re-decode first (then up to 15 frames, one a loop) drained a turn that had just
+        # piece each: a whole re-decode first (15 frames, one a loop) drained a turn that had just
         # sent its first frame; holding planned work back for such steps, which at 128 calls come
         # one after another, starved it for seconds (simulated).
         rider_waits = plan is not None and plan.urgent and self._planned_work_ran
