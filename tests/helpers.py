@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import http.client
 import json
+import queue
 import threading
 import time
 import urllib.request
@@ -15,6 +16,7 @@ from websockets.asyncio.client import connect
 from dia2stream.clock import FRAME_SAMPLES
 from dia2stream.serve.config import ServerConfig
 from dia2stream.serve.server import run
+from dia2stream.wire import protocol as p
 
 
 def engine_config(tts, **overrides):
@@ -213,3 +215,15 @@ def pause(frames: int):
     from vendor_dia2.script import ScriptEntry
 
     return ScriptEntry(text="", tokens=(), padding=frames)
+
+
+def collect_events(got: queue.Queue, until, timeout: float = 120.0) -> list:
+    """A call's events from its queue, up to and including the first of type `until`; any
+    other error event fails the test."""
+    items = []
+    while True:
+        item = got.get(timeout=timeout)
+        items.append(item)
+        if isinstance(item, until):
+            return items
+        assert not isinstance(item, p.ErrorEvent), item

@@ -98,3 +98,9 @@ def speak_frames(tts, stepper, frames: int):
         actions.append(action)
         codes.append(stepper.codes.clone())
     return actions, torch.stack(codes).cpu()
+
+
+def run_steps(stepper, machine, start: int, stop: int) -> None:
+    """Steps start..stop - 1 of slot 0 of a one-call stepper, the state machine answering each."""
+    for position in range(start, stop):
+        machine.process(position, stepper.step([machine.preview(position)])[0])

@@ -21,7 +21,8 @@ from dia2stream.call.call import AudioFrame
 from dia2stream.engine.engine import Engine
 from dia2stream.wire import protocol as p
 
-from helpers import engine_config
+from helpers import collect_events as collect, engine_config
+from stepping import run_steps as generate
 
 pytestmark = pytest.mark.slow
 
@@ -50,22 +51,6 @@ def call(engine):
     call.test_events = got
     yield call
     engine.close_call(call)
-
-
-def collect(got: queue.Queue, until, timeout=120.0) -> list:
-    items = []
-    while True:
-        item = got.get(timeout=timeout)
-        items.append(item)
-        assert not isinstance(item, p.ErrorEvent), item
-        if isinstance(item, until):
-            return items
-
-
-def generate(stepper, machine, start: int, stop: int) -> None:
-    """Steps start..stop - 1 of slot 0, the state machine answering each."""
-    for position in range(start, stop):
-        machine.process(position, stepper.step([machine.preview(position)])[0])
 
 
 def test_the_next_turn_starts_at_the_last_sent_frame(engine, call):

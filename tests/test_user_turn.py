@@ -24,7 +24,8 @@ from dia2stream.engine.engine import Engine
 from dia2stream.wire import protocol as p
 from dia2stream.wire.formats import alaw_encode, ulaw_encode
 
-from helpers import Client, ServerThread, engine_config, server_config
+from helpers import Client, ServerThread, collect_events as collect, engine_config, server_config
+from stepping import run_steps as generate
 
 pytestmark = pytest.mark.slow
 
@@ -50,16 +51,6 @@ def b64(data: bytes) -> str:
 
 def user_turn(audio: bytes, fmt: str = "wav", transcript: str = CALLER, **fields) -> p.UserTurn:
     return p.UserTurn(audio_b64=b64(audio), format=fmt, transcript=transcript, **fields)
-
-
-def collect(got: queue.Queue, until, timeout=120.0) -> list:
-    items = []
-    while True:
-        item = got.get(timeout=timeout)
-        items.append(item)
-        if isinstance(item, until):
-            return items
-        assert not isinstance(item, p.ErrorEvent), item
 
 
 def words(items) -> list[str]:
@@ -191,12 +182,6 @@ def test_the_next_turn_has_the_greedy_tokens_of_a_reference_run_with_the_runtime
     generate(stepper, machine, start, call.position)
     assert torch.equal(stepper.aligned_codes(0, start, start + compare).cpu(), got_codes)
     assert machine.transcript == got_words  # the same words at the same steps, the agent's, the caller's, the answer's
-
-
-def generate(stepper, machine, start: int, stop: int) -> None:
-    """Steps start..stop - 1 of slot 0, the state machine answering each."""
-    for position in range(start, stop):
-        machine.process(position, stepper.step([machine.preview(position)])[0])
 
 
 def test_a_one_call_stepper_runs_the_engines_turns_token_for_token_beside_another_call(own_tts):
