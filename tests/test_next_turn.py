@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import io
 import queue
+import time
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ import torch
 from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import parse_script
 
-from dia2stream.call.call import AudioFrame
+from dia2stream.call.call import AudioFrame, Phase
 from dia2stream.engine.engine import Engine
 from dia2stream.wire import protocol as p
 
@@ -128,3 +129,22 @@ def test_each_next_turn_starts_at_the_last_frame_the_turn_before_sent(engine, ca
         started = next(item for item in items if isinstance(item, p.Started))
         assert started.position == sent_until
         assert [item.word for item in items if isinstance(item, p.Word)] == ["Fine,", "thank", "you."]
+
+
+def test_words_after_a_hold_follow_the_last_sent_frame_after_the_lead_in(engine, call):
+    """A turn whose text came slower than speech holds once its words are out; the next words
+    start right after the last frame it sent (and its lead-in), not after the 18 steps of silent
+    tail it made before holding."""
+    got = call.test_events
+    engine.submit(call, p.Start(text="[S1] Hello there,", final=False, temperature=0.0, seed=3, id="a"))
+    deadline = time.monotonic() + 120
+    while call.phase is not Phase.HOLDING:  # a hold sends nothing: watch the phase
+        assert time.monotonic() < deadline, "never held"
+        time.sleep(0.005)
+    sent_until, held_at = call.turn.next_frame, call.position
+    assert held_at > sent_until
+    heard = len(call.machine.words)
+    engine.submit(call, p.Inject(text=" my friend."))
+    engine.submit(call, p.Flush())
+    collect(got, p.Done)
+    assert call.machine.words[heard][1] == sent_until + call.settings.lead_in_frames

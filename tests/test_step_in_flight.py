@@ -284,7 +284,7 @@ def test_seeded_calls_get_the_same_tokens_on_the_simulated_gpu_with_a_step_in_fl
     from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
 
     tts = SimulatedDia2(GpuProfile.load("profiles/h200-2b.json"))
-    settings = dict(context_frames=150, rollover_frames=50, min_turn_frames=40)
+    settings = dict(context_frames=130, rollover_frames=50, min_turn_frames=40)  # small enough to roll over
     off = run_conversations(tts, "off", **settings)
     on = run_conversations(tts, "on", **settings)
     assert all(o["rollovers"] for o in off), "the test means to cover a rollover"

@@ -281,6 +281,10 @@ class Call:
             self._drop_words_not_heard()
         if self.phase is Phase.IDLE:
             self._begin_turn(cmd.id, first_frame=self._drop_undecoded_tail())  # the next turn, from the warm state
+        elif self.phase is Phase.HOLDING and any(e.tokens for e in entries):
+            # words after a hold (the text came slower than speech): without the drop, the 18
+            # steps of silent tail made before the hold would be decoded and sent before them
+            self._drop_undecoded_tail()
         elif self.phase is Phase.PAUSED:
             self.phase = self._resume_phase
             self._fresh_audio = True  # frames queued before the pause were dropped
@@ -799,9 +803,9 @@ class Call:
         self._rolled_over_at = self.position
 
     def _drop_undecoded_tail(self) -> int | None:
-        """Before the next turn: take back the steps the finished turn ran past its last decoded
-        frame (its silent tail, which nobody heard), as a rollback or a caller's turn does, and
-        return that frame, where the next turn starts. Every frame before it is then teacher-forced,
+        """Before the next turn, or the words after a hold: take back the steps the turn ran past
+        its last decoded frame (its silent tail, which nobody heard), as a rollback or a caller's
+        turn does, and return that frame, where the next turn starts. Every frame before it is then teacher-forced,
         so the next turn's first steps until a sampled code is read are decoder-only steps (2.1
         against 5.9 ms at one call on the H200, run 22), not full ones: a next turn's first word
         is heard as soon as a first turn's. None (nothing dropped) where the slot already stands
