@@ -338,13 +338,8 @@ class Call:
         if record is None or mark is None or target > self.position:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"played_ms: cannot roll back to {cmd.played_ms:g} ms "
                                   "(out of the range this call keeps)", cmd="pause", id=cmd.id)
-        self.slot.rewind(target, record.text_in)
-        self.machine.rewind(record.text)
+        self._take_back_to(target, record)
         self.slot.replay_codec(mark[1], self.slot.aligned_codes(mark[0], target))  # planned: decoded between frames
-        self._history.drop_from(target)
-        while self._codec_marks and self._codec_marks[-1][0] > target:
-            self._codec_marks.pop()
-        self._last_text = record.text_in
         turn.next_frame = target
         turn.frames_sent = heard
         transcript = self.machine.words
@@ -805,8 +800,8 @@ class Call:
     def _drop_undecoded_tail(self) -> int | None:
         """Before the next turn, or the words after a hold: take back the steps the turn ran past
         its last decoded frame (its silent tail, which nobody heard), as a rollback or a caller's
-        turn does, and return that frame, where the next turn starts. Every frame before it is then teacher-forced,
-        so the next turn's first steps until a sampled code is read are decoder-only steps (2.1
+        turn does, and return that frame, where the next turn starts. Every frame before it is then
+        teacher-forced, so the next turn's first steps until a sampled code is read are decoder-only steps (2.1
         against 5.9 ms at one call on the H200, run 22), not full ones: a next turn's first word
         is heard as soon as a first turn's. None (nothing dropped) where the slot already stands
         there (after a caller's turn or a rollover) or the history no longer reaches it."""
@@ -819,16 +814,22 @@ class Call:
         record = self._history.find(target)
         if record is None:
             return None
-        self.slot.rewind(target, record.text_in)
-        self.machine.rewind(record.text)
+        self._take_back_to(target, record)
         # the frames before `target` were sent with the finished turn: the next turn's lead-in
         # comes after them (its first word at `target` or later would otherwise have none)
         self.machine.hold_words(self.settings.lead_in_frames)
+        return target
+
+    def _take_back_to(self, target: int, record) -> None:
+        """Stand the call before step `target` again, as `record` (its history's) found it: the
+        slot rewound (frames before `target` teacher-forced), the text state, the history and
+        the codec marks past it dropped. The codec row is the caller's concern."""
+        self.slot.rewind(target, record.text_in)
+        self.machine.rewind(record.text)
         self._history.drop_from(target)
         while self._codec_marks and self._codec_marks[-1][0] > target:
             self._codec_marks.pop()
         self._last_text = record.text_in
-        return target
 
     def _begin_turn(self, client_id, first_frame: int | None = None) -> None:
         """`first_frame`: the first aligned frame this turn decodes, where known (a dropped
