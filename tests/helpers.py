@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import http.client
+import io
 import json
 import queue
 import threading
 import time
 import urllib.request
 
+import numpy as np
+import soundfile as sf
 from websockets.asyncio.client import connect
 
 from dia2stream.clock import FRAME_SAMPLES
@@ -227,3 +230,14 @@ def collect_events(got: queue.Queue, until, timeout: float = 120.0) -> list:
         if isinstance(item, until):
             return items
         assert not isinstance(item, p.ErrorEvent), item
+
+
+def tone(seconds: float, rate: int, freq: float = 220.0, level: float = 0.3) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    return (level * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    buf = io.BytesIO()
+    sf.write(buf, samples, rate, format=fmt, subtype=subtype)
+    return buf.getvalue()

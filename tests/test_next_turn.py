@@ -6,13 +6,10 @@ weights: tokens and positions, not how it sounds)."""
 from __future__ import annotations
 
 import base64
-import io
 import queue
 import time
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from vendor_dia2.runtime import SamplingParams
@@ -22,7 +19,7 @@ from dia2stream.call.call import AudioFrame, Phase
 from dia2stream.engine.engine import Engine
 from dia2stream.wire import protocol as p
 
-from helpers import collect_events as collect, engine_config
+from helpers import collect_events as collect, engine_config, tone, wav_bytes
 from stepping import run_steps as generate
 
 pytestmark = pytest.mark.slow
@@ -106,11 +103,8 @@ def test_after_a_callers_turn_the_next_turn_starts_where_it_ended(engine, call):
     got = call.test_events
     engine.submit(call, p.Start(text=AGENT, temperature=0.0, seed=3, id="a"))
     collect(got, p.Done)
-    rate = 24_000
-    t = np.arange(int(2.0 * rate)) / rate
-    buf = io.BytesIO()
-    sf.write(buf, (0.3 * np.sin(2 * np.pi * 220.0 * t)).astype(np.float32), rate, format="WAV", subtype="PCM_16")
-    cmd = p.UserTurn(audio_b64=base64.b64encode(buf.getvalue()).decode(), format="wav", transcript="yes please")
+    wav = wav_bytes(tone(2.0, 24_000), 24_000)
+    cmd = p.UserTurn(audio_b64=base64.b64encode(wav).decode(), format="wav", transcript="yes please")
     engine.submit_user_turn(call, cmd, engine.load_user_turn(cmd))
     appended = collect(got, p.UserTurnDone)[-1]
     engine.submit(call, p.Inject(text=ANSWER, id="b"))

@@ -5,12 +5,10 @@ check positions, order, tokens and errors; no one can hear a quality effect from
 from __future__ import annotations
 
 import base64
-import io
 import queue
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 
 from vendor_dia2.delays import delay_codes
@@ -24,7 +22,7 @@ from dia2stream.engine.engine import Engine
 from dia2stream.wire import protocol as p
 from dia2stream.wire.formats import alaw_encode, ulaw_encode
 
-from helpers import Client, ServerThread, collect_events as collect, engine_config, server_config
+from helpers import Client, ServerThread, collect_events as collect, engine_config, server_config, tone, wav_bytes
 from stepping import run_steps as generate
 
 pytestmark = pytest.mark.slow
@@ -32,17 +30,6 @@ pytestmark = pytest.mark.slow
 AGENT = "[S1] Hello there, how are you today?"
 CALLER = "yes, it's Smith, S-M-I-T-H"
 ANSWER = " Thank you, Mr Smith."
-
-
-def tone(seconds: float, rate: int, freq: float = 220.0, level: float = 0.3) -> np.ndarray:
-    t = np.arange(int(seconds * rate)) / rate
-    return (level * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
-
-
-def wav_bytes(samples: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
-    buf = io.BytesIO()
-    sf.write(buf, samples, rate, format=fmt, subtype=subtype)
-    return buf.getvalue()
 
 
 def b64(data: bytes) -> str:
