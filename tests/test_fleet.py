@@ -210,6 +210,21 @@ async def call(fleet: Fleet, attempts: int = 1) -> Caller:
     return Caller(ws, ws.response.headers[SERVER_HEADER])
 
 
+async def one_per_server(fleet: Fleet) -> list[Caller]:
+    """A call for each server, opened one after another: HAProxy's leastconn spreads calls that
+    are already connected, but calls arriving together may be picked before the first is counted
+    (seen with its two threads on a busy machine: two of three on one server)."""
+    callers: list[Caller] = []
+    try:
+        for _ in range(SERVERS):
+            callers.append(await call(fleet))
+        assert sorted(c.server for c in callers) == [s.name for s in fleet.servers]
+    except BaseException:
+        await hang_up(*callers)
+        raise
+    return callers
+
+
 async def speak(caller: Caller, text: str, turn: str) -> dict:
     """Start an utterance and read it to its `done`: every frame counted, no error."""
     await caller.ws.send(json.dumps({"cmd": "start", "text": text, "id": turn}))
@@ -272,10 +287,9 @@ async def test_six_calls_two_per_server_and_a_seventh_is_busy(fleet):
 
 async def test_a_killed_server_is_taken_out_and_its_caller_served_elsewhere(fleet):
     await until(lambda: all_ready(fleet), "every server UP at full weight")
-    callers = await asyncio.gather(*(call(fleet) for _ in range(SERVERS)))
+    callers = await one_per_server(fleet)
     survivors = []
     try:
-        assert sorted(c.server for c in callers) == [s.name for s in fleet.servers]
         victim = next(c for c in callers if c.server == "gpu0")
         survivors = [c for c in callers if c is not victim]
         await victim.ws.send(json.dumps({"cmd": "start", "text": LONG_TEXT, "id": "cut"}))
@@ -311,7 +325,7 @@ async def test_a_killed_server_is_taken_out_and_its_caller_served_elsewhere(flee
 
 async def test_sigterm_drains_a_server_while_it_speaks_and_a_new_one_rejoins(fleet):
     await until(lambda: all_ready(fleet), "every server UP at full weight")
-    callers = await asyncio.gather(*(call(fleet) for _ in range(SERVERS)))
+    callers = await one_per_server(fleet)
     newcomers: list[Caller] = []
     gpu1 = fleet.by_name("gpu1")
     try:
@@ -356,9 +370,8 @@ async def test_sigterm_drains_a_server_while_it_speaks_and_a_new_one_rejoins(fle
         await hang_up(*newcomers, *callers)
         newcomers, callers = [], []
         await until(lambda: all_ready(fleet), "the new gpu1 rejoins (UP, drain cleared by its agent)")
-        fresh = await asyncio.gather(*(call(fleet) for _ in range(SERVERS)))
+        fresh = await one_per_server(fleet)
         newcomers = list(fresh)
-        assert "gpu1" in {c.server for c in fresh}
         assert await speak(next(c for c in fresh if c.server == "gpu1"), "[S1] Back again.", "back")
     finally:
         await hang_up(*newcomers, *callers)
