@@ -295,20 +295,23 @@ class SimulatedStepper:
         device work, so it must cost the host little here too): codes land in delayed column
         position + 1 wherever a codebook is sampled there (not teacher-forced), and each slot's
         ready frame is gathered for the decode."""
-        slots = torch.tensor(live)
-        columns = torch.tensor(positions) + 1
-        forced = torch.tensor([self._prefix_frames[call] for call in live])
-        width = self.buffer.shape[2]
-        sampled = (self.delays[None, :] + forced[:, None] <= columns[:, None]) & (columns[:, None] < width)
-        codebooks = torch.arange(self.num_codebooks)[None, :]
-        cells = (slots[:, None], codebooks, columns.clamp(max=width - 1)[:, None])  # [L, Q] each, broadcast
-        values = (torch.tensor([self.seeds[c] for c in live])[:, None] * 7919 + columns[:, None] * 31 + codebooks) % 2048
-        self.buffer[cells] = torch.where(sampled, values, self.buffer[cells])
+        # numpy views of the same storage: a step's dozen small array operations cost a few µs
+        # each there, against ~20 µs each as torch operators (about 0.27 ms a 64-call step).
+        buffer, ready_codes, delays = self.buffer.numpy(), self.ready_codes.numpy(), self.delays.numpy()
+        slots = np.asarray(live)
+        columns = np.asarray(positions) + 1
+        forced = np.asarray([self._prefix_frames[call] for call in live])
+        width = buffer.shape[2]
+        sampled = (delays[None, :] + forced[:, None] <= columns[:, None]) & (columns[:, None] < width)
+        codebooks = np.arange(self.num_codebooks)[None, :]
+        cells = (slots[:, None], codebooks, np.minimum(columns, width - 1)[:, None])  # [L, Q] each, broadcast
+        values = (np.asarray([self.seeds[c] for c in live])[:, None] * 7919 + columns[:, None] * 31 + codebooks) % 2048
+        buffer[cells] = np.where(sampled, values, buffer[cells])
         frames = columns - self.max_delay
         ready = frames >= 0
         if ready.any():
-            index = (frames[ready][:, None] + self.delays[None, :]).clamp(max=width - 1)
-            self.ready_codes[slots[ready]] = self.buffer[slots[ready][:, None], codebooks, index]
+            index = np.minimum(frames[ready][:, None] + delays[None, :], width - 1)
+            ready_codes[slots[ready]] = buffer[slots[ready][:, None], codebooks, index]
 
     # -- moving calls between slots
 
