@@ -117,6 +117,33 @@ def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces
         engine.close_call(call)
 
 
+def test_inject_after_a_barge_in_mid_word_cuts_the_word_off_and_its_words_follow_the_lead_in(engine):
+    got = queue.Queue()
+    call = engine.open_call(got.put)
+    data, lead_in = engine.tts.config.data, engine.config.lead_in_frames
+    marks = (data.text_pad_token_id, data.text_new_word_token_id)
+    try:
+        engine.submit(call, p.Start(text=TEXT, seed=5, id="t"))
+        collect(got, p.Done)
+        sent_from, text = call.turn.send_from, call.context_text()[:, 0]
+        # a frame heard mid-word: its step emits one of a word's tokens, and so does the next
+        target = next(f for f in range(sent_from + 2, len(text) - 2)
+                      if text[f + 1] not in marks and text[f + 2] not in marks)
+        engine.submit(call, p.Pause(played_ms=(target - sent_from) * 80.0, id="barge"))
+        collect(got, p.Paused)
+        engine.submit(call, p.Inject(text=" Sorry, go ahead.", id="x"))
+        after = collect(got, p.Done)
+        assert words(after) == ["Sorry,", "go", "ahead."]
+        first_step = next(step for word, step in call.machine.words if word == "Sorry,")
+        assert first_step == target + lead_in  # the lead-in, then the word, whatever the model sampled
+        text = call.context_text()[:, 0]
+        # inputs of the steps after `target` up to the new word's: the pads of the hold, none of
+        # the cut word's tokens (without the cut they would continue it)
+        assert all(t == data.text_pad_token_id for t in text[target + 1:first_step + 1]), text[target:first_step + 2]
+    finally:
+        engine.close_call(call)
+
+
 def test_resume_after_rollback_speaks_the_unheard_words_again(engine):
     got = queue.Queue()
     call = engine.open_call(got.put)

@@ -76,6 +76,19 @@ def test_hold_words_pads_before_the_next_word_whatever_the_action():
     assert mains(run(m, [1] * 5)) == [0, 0, 0, 0, NW]
 
 
+def test_cut_word_drops_the_rest_of_the_word_and_its_pads_then_holds():
+    m = machine((ScriptEntry(text="c", tokens=(13, 14), padding=5), B), initial_padding=0)
+    assert mains(run(m, [1, 0])) == [NW, 13]  # 14 and three more pads are still to come
+    m.drop_queued()  # as after a barge-in: b was not heard
+    m.cut_word(2)
+    m.push([A], final=True)
+    assert mains(run(m, [0] * 3, start=2)) == [PAD, PAD, NW]  # no 14, no pads of c: the hold, then a
+    assert m.transcript == [("c", 0), ("a", 4)]  # ... even where the model would pad on
+    m = machine((A,), initial_padding=0)
+    m.cut_word(1)  # with nothing being spoken: the hold and the word after it
+    assert mains(run(m, [0, 0])) == [PAD, NW]
+
+
 def test_actions_other_than_one_are_pad():
     m = machine()
     run(m, [0, 0])

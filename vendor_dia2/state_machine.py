@@ -202,6 +202,15 @@ class TextStateMachine:
         """Forget the rest of the word being spoken (the caller cut it off)."""
         self._cur.pending_pos = self._cur.pending_end
 
+    def cut_word(self, hold_steps: int) -> None:
+        """The caller cut the word being spoken off: forget the rest of its tokens and the pads it
+        asked for, pad for `hold_steps` steps (a turn's lead-in), and start the next word queued
+        then, as a spent padding budget does, whatever the action."""
+        c = self._cur
+        c.pending_pos = c.pending_end
+        c.forced_padding = int(hold_steps)
+        c.padding_budget = 0
+
     def clear_lookahead(self) -> None:
         """Forget the second stream's look-ahead (words that must not leak into what follows)."""
         self._cur.ahead_pos = self._cur.ahead_end

@@ -868,8 +868,17 @@ class Call:
         self._restart_pacing(lead=max(0.0, self.lead_seconds()))
 
     def _drop_words_not_heard(self) -> None:
+        """After a barge-in, before the text that replaces what the caller did not hear: the
+        queued words go, and so do the rest of the word cut off and its pauses; the first new
+        word starts right after the lead-in from the frame the caller heard last. The frames
+        between are sent and played (the resumed utterance's frames stay contiguous, so a later
+        `played_ms` still maps to them), so every frame the model waited there was heard as
+        silence: finishing the cut word and then waiting for the model to start the next put
+        the first new word 0-7 frames later, spreading the onset after a barge-in from 60 to
+        600 ms (simulated, 64 calls)."""
         self._drop_unspoken = False
         self.machine.drop_queued()
+        self.machine.cut_word(self.settings.lead_in_frames)
         turn = self.turn
         kept = len(self.machine.words) - turn.words_before
         turn.word_marks = [(min(count, kept), owner) for count, owner in turn.word_marks]
