@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from dia2stream.call.call import CODEC_MARK_EVERY, AudioFrame
+from dia2stream.clock import FRAME_SECONDS
 from dia2stream.engine.engine import PLANNED_WORK_EVERY, Engine
 from dia2stream.engine.scheduler import RIDE_BATCH, URGENT_MARGIN_S, Scheduler, StepCosts, StepPlan, compacting_moves
 from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedDia2, _interpolate
@@ -106,6 +107,27 @@ def test_a_call_still_filling_its_buffer_rides_in_the_starting_step_not_with_eve
     assert plan.reason == "deadline" and len(plan.calls) == 10
     # with nothing starting, a short call tops every call up, as before
     assert s.plan(others + [fresh]).reason == "deadline"
+
+
+def test_a_filling_call_with_lead_to_spare_waits_out_a_decoder_only_starting_step():
+    s = scheduler()
+    others = [FakeCall(i, lead=0.9) for i in range(8)]
+    new = FakeCall(9, starting=True)
+    new.slot.depformer = False  # a new turn's first steps: the decoder-only lane, unless a rider joins
+    floor = s.ride_floor()
+    assert 0 < floor < FRAME_SECONDS
+    fresh = FakeCall(8, lead=floor + 0.01, peak=0.08)
+    plan = s.plan(others + [fresh, new])
+    assert plan.reason == "starting" and plan.calls == (new,) and not plan.urgent
+    # out of lead to spare it rides, as it does in a full step whatever its lead
+    fresh.lead = floor - 0.01
+    assert s.plan(others + [fresh, new]).calls == (fresh, new)
+    fresh.lead, new.slot.depformer = floor + 0.01, True
+    assert s.plan(others + [fresh, new]).calls == (fresh, new)
+    # a call whose buffer was full once is no rider: short, it makes every call step as before
+    new.slot.depformer = False
+    plan = s.plan(others + [FakeCall(8, lead=floor + 0.01, peak=0.9), new])
+    assert plan.reason == "deadline"
 
 
 def test_riders_keep_the_starting_step_small():
