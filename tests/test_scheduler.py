@@ -114,7 +114,7 @@ def test_a_filling_call_with_lead_to_spare_waits_out_a_decoder_only_starting_ste
     others = [FakeCall(i, lead=0.9) for i in range(8)]
     new = FakeCall(9, starting=True)
     new.slot.depformer = False  # a new turn's first steps: the decoder-only lane, unless a rider joins
-    floor = s.ride_floor()
+    floor = s.ride_floor(10)
     assert 0 < floor < FRAME_SECONDS
     fresh = FakeCall(8, lead=floor + 0.01, peak=0.08)
     plan = s.plan(others + [fresh, new])

@@ -108,13 +108,13 @@ class Scheduler:
         filling = sorted((c for c in short if self.filling(c)), key=lambda c: c.lead_seconds())
         return filling[:room]
 
-    def unable_to_wait(self, short: list) -> list:
+    def unable_to_wait(self, short: list, n_calls: int) -> list:
         """The short calls that may not wait out a decoder-only starting step: a rider would make
         it a full step (one call on the H100: 2.8 → 7.5 ms), and a new turn's first ~16 steps
         are decoder-only; a filling call with lead to spare rides in a later, full one instead.
         In the slowest tenth of new turns' start-ups, ~8 of their ~18 steps had been made full so
         (simulated H100, 64 calls)."""
-        floor = self.ride_floor()
+        floor = self.ride_floor(n_calls)
         return [c for c in short if not (self.filling(c) and c.lead_seconds() >= floor)]
 
     def filling(self, call) -> bool:
@@ -133,12 +133,13 @@ class Scheduler:
                 out.append(call)
         return out
 
-    def ride_floor(self) -> float:
+    def ride_floor(self, n_calls: int) -> float:
         """The lead below which a filling call rides in a decoder-only starting step (making it a
-        full one) rather than wait for the next: that step, one in flight before it, a full step
-        of its own and their decodes, with a margin."""
-        full = self.costs.estimate(RIDE_BATCH, True)  # a size measured above it, else the largest below
-        return RIDE_LITE_MARGIN_S + 2 * (full + self.costs.decode_seconds)
+        full one) rather than wait for the next: the step in flight before its own (at worst one
+        of every call), its own full step, both decodes, and a margin."""
+        own = self.costs.estimate(RIDE_BATCH, True)  # a size measured above it, else the largest below
+        ahead = self.costs.estimate(self.batch_size_for(max(1, n_calls)), True)
+        return RIDE_LITE_MARGIN_S + ahead + own + 2 * self.costs.decode_seconds
 
     def coast_floor(self, n_calls: int) -> float:
         """The lead below which a playing call must step even while others start."""
@@ -155,7 +156,7 @@ class Scheduler:
         floor = self.coast_floor(len(eligible))
         short = [call for call, lead in zip(playing, leads) if lead < floor]
         if starting and self.ride_filling and not any(c.slot.needs_depformer() for c in starting):
-            short = self.unable_to_wait(short)
+            short = self.unable_to_wait(short, len(eligible))
         filling = self.riders(starting, short) if starting and self.ride_filling else []
         if len(short) > len(filling):
             return StepPlan(tuple(sorted(eligible, key=_slot)), "deadline", urgent=True)
