@@ -71,6 +71,9 @@ def test_hold_words_pads_before_the_next_word_whatever_the_action():
     m.hold_words(3)
     assert mains(run(m, [1] * 4)) == [0, 0, 0, NW]  # the model asked for a word at once
     assert m.transcript == [("a", 3)]
+    m = machine(initial_padding=0)
+    m.hold_words(1)
+    assert mains(run(m, [0] * 2)) == [0, NW]  # ... or it would have padded on: the word starts after the hold
     m = machine(initial_padding=4)
     m.hold_words(2)  # never shortens a longer hold
     assert mains(run(m, [1] * 5)) == [0, 0, 0, 0, NW]

@@ -253,8 +253,10 @@ class TextStateMachine:
 
     def hold_words(self, steps: int) -> None:
         """Pads, not a new word, for at least the next `steps` steps, whatever the action (a
-        turn's lead-in before its first word, as `initial_padding` is before a script's)."""
+        turn's lead-in before its first word, as `initial_padding` is before a script's); then
+        the next word queued starts at once, as a spent padding budget does."""
         self._cur.forced_padding = max(self._cur.forced_padding, int(steps))
+        self._cur.padding_budget = 0
 
     def rewind(self, row) -> None:
         """Back to the state `row` (from `mark()` since the last reset or restore, its steps
