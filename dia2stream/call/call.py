@@ -16,6 +16,7 @@ first word `lead_in_frames` frames after the first byte.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -84,6 +85,9 @@ class Phase(Enum):
     IDLE = "idle"  # utterance done, warm
 
 
+_TURN_SERIALS = itertools.count()
+
+
 @dataclass
 class Turn:
     """Bookkeeping of the utterance being spoken."""
@@ -111,6 +115,7 @@ class Turn:
     words_emitted: int = 0
     pace_origin: float = 0.0  # wall time that frame `pace_frames` of playback corresponds to
     pace_frames: int = 0
+    serial: int = field(default_factory=lambda: next(_TURN_SERIALS))  # this process's turns in order (step traces)
 
 
 class Call:

@@ -43,6 +43,7 @@ from dia2stream.call.slot import CallSettings, SlotHandle
 from dia2stream.call.user_turn import LoadedUserTurn, load_user_turn
 from dia2stream.engine.runner import Runner
 from dia2stream.engine.scheduler import BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind, compacting_moves
+from dia2stream.engine.step_trace import StepTrace
 from dia2stream.wire.protocol import ErrorCode
 from dia2stream.voices.registry import VoiceRegistry
 from dia2stream.voices.voice import LoadedVoice, VoiceError, VoiceRequest, VoiceSettings, VoiceState
@@ -81,6 +82,7 @@ class EngineConfig:
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
     move_slots: bool = True  # move starting calls to the lowest slots before they step (off: to measure it)
+    step_trace: str | None = None  # a file: one JSON line per step, slot moves, planned work (engine/step_trace.py)
 
 
 class Engine:
@@ -110,6 +112,7 @@ class Engine:
         self.voices = VoiceRegistry(tts, self.stepper, self.codec, config.voice, spare_slot=self.spare_slot,
                                     max_prefix_frames=self.max_prefix_frames, boundary=config.prefix_boundary)
         self.runner = Runner(self.stepper, self.codec, config.max_calls)
+        self.trace = StepTrace.to_file(config.step_trace)
         self.scheduler = Scheduler(max_lead_s=config.max_lead_ms / 1000, max_unsent_frames=config.max_unsent_frames,
                                    batch_size_for=self.stepper.batch_size_for)
         self._call_settings = CallSettings(
@@ -273,6 +276,7 @@ class Engine:
         self._post(None, Wake())
         self._thread.join(timeout=5)
         self.codec.close_stream()
+        self.trace.close()
 
     def _warm_prefill(self) -> None:
         """One prefill of a rollover's size on the spare slot at start-up: the first use of those
@@ -390,8 +394,15 @@ class Engine:
             self._compact(moves)
         self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
         self._planned_work_ran = False
+        if self.trace.on:
+            self._trace_step(plan)
         with torch.profiler.record_function(STEP_MARK):  # a profile's frame steps (tools/gpu_idle.py)
             self._step(list(plan.calls))
+
+    def _trace_step(self, plan) -> None:
+        slots = max(call.slot.index for call in plan.calls) + 1
+        full = any(call.slot.needs_depformer() for call in plan.calls)
+        self.trace.step(plan.reason, plan.calls, self.stepper.batch_size_for(slots), full)
 
     def _sits_out(self, call: Call) -> bool:
         """A call in the step in flight that may not be launched again before that step is
@@ -426,6 +437,7 @@ class Engine:
         assert not moves or self._in_flight is None, "slots move only with no step in flight"
         for high, low in moves:
             self._swap_slots(high, low)
+        self.trace.moves(len(moves))
 
     def _compacting_moves(self, calls) -> list[tuple[int, int]]:
         stepping = sorted(call.slot.index for call in calls)
@@ -463,6 +475,7 @@ class Engine:
         work = call.slot.take_prefill()
         if work is None:
             return
+        self.trace.planned(work.what)
         try:
             work.run()
         except Exception as exc:
@@ -482,6 +495,7 @@ class Engine:
 
     def _replay_frame(self, call: Call) -> None:
         codes = call.slot.next_replay_codes()
+        self.trace.planned("replay")
         try:
             self.runner.replay(call.slot.index, codes)
             call.slot.replay_frame_done()

@@ -126,6 +126,7 @@ class ServerConfig:
     step_in_flight: CompileMode = CompileMode.AUTO
     # the Mimi decode on a CUDA stream of its own, beside the next frame step (issue 18; measured with the above)
     decode_stream: Switch = Switch.ON
+    step_trace: str | None = None  # one JSON line per frame step the engine runs (engine/step_trace.py)
 
     def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
         """Voice preparation's settings. Serving never downloads whisper weights (finding 11):
@@ -282,6 +283,9 @@ _FLAGS = [  # (name, type, help)
     ("decode_stream", Switch, "run each frame's Mimi decode on a CUDA stream of its own, so it overlaps the next "
                               "frame step (that step must be launched first: with --step-in-flight on): on, or off "
                               "(decodes and steps in one stream); no effect without CUDA graphs"),
+    ("step_trace", str, "write one JSON line per frame step, batch of slot moves and piece of planned work the "
+                        "engine runs to this file (why it ran, calls, padded batch, lane, the starting turns in it); "
+                        "read it with python -m dia2stream.tools.step_trace FILE"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
 

@@ -1,0 +1,54 @@
+"""A log of what the engine ran, one JSON line each (`--step-trace FILE`), to see where a new
+turn's start-up goes: every frame step (why, how many calls, how many of them starting, the
+padded batch, the lane, the starting turns it carried), every batch of slot moves, every piece of
+planned work. `python -m dia2stream.tools.step_trace FILE` reads it back.
+
+The engine writes it on the generation thread, so each line is small and buffered; with no file
+nothing is built (`StepTrace.off()` answers every call with nothing).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+
+
+class StepTrace:
+    """Appends one line per event to `out` (any text stream)."""
+
+    def __init__(self, out: io.TextIOBase | None):
+        self._out = out
+
+    @classmethod
+    def to_file(cls, path: str | None) -> "StepTrace":
+        return cls(open(path, "w", buffering=1 << 16) if path else None)  # noqa: SIM115 (closed by close())
+
+    @property
+    def on(self) -> bool:
+        return self._out is not None
+
+    def step(self, reason: str, calls: list, batch: int, full: bool) -> None:
+        """A frame step launched for `calls` (`Call`s) at padded size `batch` in the full lane or not."""
+        if self._out is None:
+            return
+        turns = [call.turn.serial for call in calls
+                 if call.turn is not None and (call.awaiting_first_audio or call.catching_up)]
+        self._write({"t": time.monotonic(), "kind": "step", "reason": reason, "calls": len(calls),
+                     "batch": batch, "full": full, "starting": turns})
+
+    def moves(self, count: int) -> None:
+        if self._out is not None and count:
+            self._write({"t": time.monotonic(), "kind": "moves", "count": count})
+
+    def planned(self, what: str) -> None:
+        if self._out is not None:
+            self._write({"t": time.monotonic(), "kind": "planned", "what": what})
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+    def _write(self, event: dict) -> None:
+        self._out.write(json.dumps(event, separators=(",", ":")) + "\n")

@@ -1,0 +1,97 @@
+"""The engine's step trace (`--step-trace`, engine/step_trace.py) and its reader (tools/step_trace.py)."""
+
+from __future__ import annotations
+
+import io
+import json
+import queue
+
+import pytest
+
+from dia2stream.engine.engine import Engine
+from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
+from dia2stream.engine.step_trace import StepTrace
+from dia2stream.tools import step_trace as tool
+from dia2stream.wire import protocol as p
+
+from helpers import engine_config
+
+PROFILE = GpuProfile(gpu="test", preset="2b", full_step_ms={1: 4.0, 64: 8.0}, lite_step_ms={1: 1.5, 64: 3.0},
+                     decode_ms={1: 1.0, 64: 2.0}, prefill_ms_per_frame=0.1)
+
+
+def line(t, kind="step", **fields) -> str:
+    return json.dumps({"t": t, "kind": kind, **fields})
+
+
+def step(t, reason, starting=(), full=False, calls=1, batch=1) -> str:
+    return line(t, reason=reason, calls=calls, batch=batch, full=full, starting=list(starting))
+
+
+def test_a_start_up_window_counts_its_own_steps_and_what_ran_beside_it(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join([
+        step(0.000, "starting", [7]),
+        line(0.001, "moves", count=2),
+        step(0.002, "deadline", full=True, calls=40, batch=64),  # turn 7 sat this one out
+        step(0.020, "starting", [7, 8], full=True, calls=2, batch=2),
+        line(0.021, "planned", what="replay"),
+        step(0.030, "starting", [7]),
+        step(0.900, "starting", [7]),  # much later: a second window of turn 7 (after a resume)
+        step(0.910, "top-up", full=True, calls=30, batch=64),
+    ]) + "\n")
+    events = tool.read_events(trace)
+    found = sorted(tool.windows(events), key=lambda w: (w.turn, w.first))
+    assert [(w.turn, w.first, w.last) for w in found] == [(7, 0, 5), (7, 6, 6), (8, 3, 3)]
+    first = found[0]
+    assert first.own == {"starting decoder-only": 2, "starting full": 1}
+    assert first.beside == {"moves": 2, "deadline full": 1, "planned": 1}
+    assert first.seconds(events) == pytest.approx(0.030)
+    s = tool.summary(events)
+    assert s["windows"] == 3 and s["moves"] == 2 and s["planned"] == 1
+    assert s["steps"]["starting"]["steps"] == 4 and s["steps"]["starting"]["full_share"] == 0.25
+    out = io.StringIO()
+    tool.print_summary(s, out)
+    assert "start-up windows: 3" in out.getvalue()
+
+
+def test_the_reader_names_a_line_that_is_not_a_trace_line(tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text(step(0.0, "starting", [1]) + "\nnot json\n")
+    with pytest.raises(SystemExit, match="trace.jsonl:2"):
+        tool.read_events(trace)
+    (tmp_path / "empty").write_text("")
+    assert tool.main([str(tmp_path / "empty")]) == 1
+
+
+def test_with_no_file_the_trace_writes_nothing():
+    trace = StepTrace.to_file(None)
+    assert not trace.on
+    trace.step("starting", [], 1, False)
+    trace.moves(3)
+    trace.planned("replay")
+    trace.close()
+
+
+@pytest.mark.slow
+def test_an_engine_traces_a_new_turns_steps_until_its_first_audio(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    tts = SimulatedDia2(PROFILE)
+    engine = Engine(tts, engine_config(tts, max_calls=4, step_trace=str(path)))
+    got = queue.Queue()
+    call = engine.open_call(got.put)
+    try:
+        engine.submit(call, p.Start(text="[S1] Hello there, how are you?", id="a"))
+        while not isinstance(got.get(timeout=60), p.Done):
+            pass
+    finally:
+        engine.close_call(call)
+        engine.close()  # flushes the trace
+    events = tool.read_events(path)
+    assert events and all(e["kind"] == "step" for e in events)
+    starting = [e for e in events if e["starting"]]
+    assert starting and all(e["reason"] == "starting" and e["batch"] == 1 for e in starting)
+    assert {turn for e in starting for turn in e["starting"]} == {call.turn.serial}
+    # a new turn's first steps read no codebook: the decoder-only lane, then full ones
+    assert not starting[0]["full"] and starting[-1]["full"]
+    assert tool.summary(events)["windows"] == 1
