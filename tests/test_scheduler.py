@@ -36,7 +36,7 @@ class FakeSlot:
         return self.depformer
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity, as a Call is
 class FakeCall:
     index: int
     lead: float = 0.0
@@ -88,6 +88,21 @@ def test_a_call_whose_buffer_is_short_steps_before_a_new_turns_next_step():
     plan = s.plan(others + [short, new])
     assert plan.reason == "deadline" and short in plan.calls and new in plan.calls
     assert [c.index for c in plan.calls] == [0, 1, 2, 3, 4]  # everyone below max_lead rides along
+
+
+def test_the_frame_a_step_in_flight_brings_counts_in_a_calls_lead():
+    s = scheduler()
+    short = FakeCall(3, lead=s.coast_floor(5) - 0.01)
+    others = [FakeCall(i, lead=0.9) for i in (0, 1, 2)]
+    new = FakeCall(4, starting=True)
+    assert s.plan(others + [short, new]).reason == "deadline"
+    # its step in flight brings it a frame: not short any more, and the new turn steps alone
+    plan = s.plan(others + [short, new], in_flight=frozenset({short}))
+    assert plan.reason == "starting" and plan.calls == (new,)
+    # nor does a top-up take a call past max_lead on a frame that is on its way
+    low, nearly_full = FakeCall(0, lead=0.5), FakeCall(1, lead=0.95)
+    assert s.plan([low, nearly_full]).calls == (low, nearly_full)
+    assert s.plan([low, nearly_full], in_flight=frozenset({nearly_full})).calls == (low,)
 
 
 def test_a_call_still_filling_its_buffer_rides_in_the_starting_step_not_with_everyone():
@@ -419,7 +434,7 @@ def test_planned_work_alternates_with_steps_that_carry_a_short_rider(sim_engine)
 
     def run(plan: StepPlan, loops: int = 6) -> list[str]:
         order.clear()
-        engine.scheduler.plan = lambda calls: plan
+        engine.scheduler.plan = lambda calls, in_flight=frozenset(): plan
         for _ in range(loops):
             engine._step_once()
         return order[:]

@@ -358,7 +358,9 @@ class Engine:
         step plan with nothing in it) applies the step in flight first."""
         calls = self._active_calls()
         self._watch_load(calls)
-        plan = self.scheduler.plan([call for call in calls if not self._sits_out(call)])
+        flight = self._in_flight
+        ahead = frozenset(call for call, entry in flight.entries.items() if entry.decodes) if flight else frozenset()
+        plan = self.scheduler.plan([call for call in calls if not self._sits_out(call)], ahead)
         if plan is None:
             self._last_progress = time.monotonic()  # nothing is waiting for a step
         # Planned work goes before anything but a call running dry, and at least every few steps

@@ -97,7 +97,7 @@ class Scheduler:
     costs: StepCosts = field(default_factory=StepCosts)
     ride_filling: bool = True  # calls filling their buffer ride in starting steps (False: to measure it)
 
-    def riders(self, starting: list, short: list) -> list:
+    def riders(self, starting: list, short: list, leads: dict) -> list:
         """The short calls still filling their buffer that ride in the starting calls' step:
         lowest lead first, while the step stays within RIDE_BATCH slots or twice the padded size
         the starting calls take alone (a step of every call costs more than either: on the H200
@@ -105,33 +105,41 @@ class Scheduler:
         room = max(RIDE_BATCH, RIDE_GROWTH * self.batch_size_for(len(starting))) - len(starting)
         if room <= 0:
             return []
-        filling = sorted((c for c in short if self.filling(c)), key=lambda c: c.lead_seconds())
+        filling = sorted((c for c in short if self.filling(c)), key=leads.__getitem__)
         return filling[:room]
 
-    def unable_to_wait(self, short: list, n_calls: int) -> list:
+    def unable_to_wait(self, short: list, n_calls: int, leads: dict) -> list:
         """The short calls that may not wait out a decoder-only starting step: a rider would make
         it a full step (one call on the H100: 2.8 → 7.5 ms), and a new turn's first ~16 steps
         are decoder-only; a filling call with lead to spare rides in a later, full one instead.
         In the slowest tenth of new turns' start-ups, ~8 of their ~18 steps had been made full so
         (simulated H100, 64 calls)."""
         floor = self.ride_floor(n_calls)
-        return [c for c in short if not (self.filling(c) and c.lead_seconds() >= floor)]
+        return [c for c in short if not (self.filling(c) and leads[c] >= floor)]
 
     def filling(self, call) -> bool:
         """A playing call whose buffer has not been full since its audio (re)started: it rides
         in the starting calls' small steps until it is, instead of making every call step."""
         return call.lead_peak_seconds() < self.max_lead_s - URGENT_MARGIN_S
 
-    def eligible(self, calls) -> list:
-        """Generating calls that may run ahead: below max_lead, read by their client, with no
-        codec replay pending."""
+    def eligible(self, calls, leads: dict | None = None) -> list:
+        """Generating calls that may run ahead: below max_lead (`leads`, else their own), read
+        by their client, with no codec replay pending."""
         out = []
         for call in calls:
             if call.unsent_frames > self.max_unsent_frames or call.slot.pending_replay is not None:
                 continue
-            if call.lead_seconds() < self.max_lead_s:
+            if (call.lead_seconds() if leads is None else leads[call]) < self.max_lead_s:
                 out.append(call)
         return out
+
+    @staticmethod
+    def leads(calls, in_flight: frozenset = frozenset()) -> dict:
+        """Each call's lead, with the frame its step in flight brings: not sent yet, so not in
+        its own lead, but on its way. Without it a deadline step was followed at once by another
+        for the same short calls (half of them, simulated 128 calls), two big steps in a row in
+        the middle of the new turns' start-ups."""
+        return {call: call.lead_seconds() + (FRAME_SECONDS if call in in_flight else 0.0) for call in calls}
 
     def ride_floor(self, n_calls: int) -> float:
         """The lead below which a filling call rides in a decoder-only starting step (making it a
@@ -146,18 +154,20 @@ class Scheduler:
         full = self.costs.estimate(self.batch_size_for(max(1, n_calls)), True)
         return URGENT_MARGIN_S + 2 * (full + self.costs.decode_seconds)
 
-    def plan(self, calls) -> StepPlan | None:
-        eligible = self.eligible(calls)
+    def plan(self, calls, in_flight: frozenset = frozenset()) -> StepPlan | None:
+        """`in_flight`: the calls whose step in flight brings them a frame."""
+        lead = self.leads(calls, in_flight)
+        eligible = self.eligible(calls, lead)
         if not eligible:
             return None
         starting = [c for c in eligible if c.awaiting_first_audio or c.catching_up]
         playing = [c for c in eligible if not (c.awaiting_first_audio or c.catching_up)]
-        leads = [c.lead_seconds() for c in playing]
+        leads = [lead[c] for c in playing]
         floor = self.coast_floor(len(eligible))
         short = [call for call, lead in zip(playing, leads) if lead < floor]
         if starting and self.ride_filling and not any(c.slot.needs_depformer() for c in starting):
-            short = self.unable_to_wait(short, len(eligible))
-        filling = self.riders(starting, short) if starting and self.ride_filling else []
+            short = self.unable_to_wait(short, len(eligible), lead)
+        filling = self.riders(starting, short, lead) if starting and self.ride_filling else []
         if len(short) > len(filling):
             return StepPlan(tuple(sorted(eligible, key=_slot)), "deadline", urgent=True)
         if starting:
