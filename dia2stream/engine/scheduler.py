@@ -156,18 +156,18 @@ class Scheduler:
 
     def plan(self, calls, in_flight: frozenset = frozenset()) -> StepPlan | None:
         """`in_flight`: the calls whose step in flight brings them a frame."""
-        lead = self.leads(calls, in_flight)
-        eligible = self.eligible(calls, lead)
+        lead_of = self.leads(calls, in_flight)
+        eligible = self.eligible(calls, lead_of)
         if not eligible:
             return None
         starting = [c for c in eligible if c.awaiting_first_audio or c.catching_up]
         playing = [c for c in eligible if not (c.awaiting_first_audio or c.catching_up)]
-        leads = [lead[c] for c in playing]
+        leads = [lead_of[c] for c in playing]
         floor = self.coast_floor(len(eligible))
         short = [call for call, lead in zip(playing, leads) if lead < floor]
         if starting and self.ride_filling and not any(c.slot.needs_depformer() for c in starting):
-            short = self.unable_to_wait(short, len(eligible), lead)
-        filling = self.riders(starting, short, lead) if starting and self.ride_filling else []
+            short = self.unable_to_wait(short, len(eligible), lead_of)
+        filling = self.riders(starting, short, lead_of) if starting and self.ride_filling else []
         if len(short) > len(filling):
             return StepPlan(tuple(sorted(eligible, key=_slot)), "deadline", urgent=True)
         if starting:
