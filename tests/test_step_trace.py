@@ -95,3 +95,12 @@ def test_an_engine_traces_a_new_turns_steps_until_its_first_audio(tmp_path):
     # a new turn's first steps read no codebook: the decoder-only lane, then full ones
     assert not starting[0]["full"] and starting[-1]["full"]
     assert tool.summary(events)["windows"] == 1
+
+
+def test_a_trace_file_in_a_folder_that_does_not_exist_is_refused_at_the_command_line(tmp_path, capsys):
+    from dia2stream.serve.config import parse_args
+
+    assert parse_args(["--step-trace", str(tmp_path / "steps.jsonl")], environ={}).step_trace.endswith("steps.jsonl")
+    with pytest.raises(SystemExit):
+        parse_args(["--step-trace", str(tmp_path / "nowhere" / "steps.jsonl")], environ={})
+    assert "--step-trace: the folder of" in capsys.readouterr().err

@@ -348,6 +348,9 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         parser.error("--agent-port must be a TCP port (0-65535)")
     if not values["drain_timeout_s"] >= 0:
         parser.error("--drain-timeout-s must be 0 or more")
+    trace = values["step_trace"]
+    if trace is not None and not os.path.isdir(os.path.dirname(os.path.abspath(trace))):
+        parser.error(f"--step-trace: the folder of {trace} does not exist")
     return ServerConfig(**values)
 
 
