@@ -84,6 +84,7 @@ def test_an_engine_traces_a_new_turns_steps_until_its_first_audio(tmp_path):
         engine.submit(call, p.Start(text="[S1] Hello there, how are you?", id="a"))
         while not isinstance(got.get(timeout=60), p.Done):
             pass
+        serial = call.turn.serial  # before the close: a closed call forgets its turn
     finally:
         engine.close_call(call)
         engine.close()  # flushes the trace
@@ -91,7 +92,7 @@ def test_an_engine_traces_a_new_turns_steps_until_its_first_audio(tmp_path):
     assert events and all(e["kind"] == "step" for e in events)
     starting = [e for e in events if e["starting"]]
     assert starting and all(e["reason"] == "starting" and e["batch"] == 1 for e in starting)
-    assert {turn for e in starting for turn in e["starting"]} == {call.turn.serial}
+    assert {turn for e in starting for turn in e["starting"]} == {serial}
     # a new turn's first steps read no codebook: the decoder-only lane, then full ones
     assert not starting[0]["full"] and starting[-1]["full"]
     assert tool.summary(events)["windows"] == 1
