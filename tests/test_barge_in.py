@@ -12,7 +12,7 @@ from dia2stream.wire import protocol as p
 from dia2stream.call.call import AudioFrame
 from dia2stream.engine.engine import Engine
 
-from helpers import engine_config
+from helpers import collect_events, engine_config
 
 pytestmark = pytest.mark.slow
 
@@ -28,15 +28,6 @@ def engine(tiny_dir):
     eng = Engine(tts, engine_config(tts, max_lead_ms=1e6))
     yield eng
     eng.close()
-
-
-def collect(got: queue.Queue, until, timeout=120.0) -> list:
-    items = []
-    while True:
-        item = got.get(timeout=timeout)
-        items.append(item)
-        if isinstance(item, until):
-            return items
 
 
 def words(items):
@@ -69,20 +60,20 @@ def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces
     call = engine.open_call(got.put)
     try:
         engine.submit(call, p.Start(text=TEXT, seed=5, id="t"))
-        collect(got, p.Done)
+        collect_events(got, p.Done)
         heard = 6
         target = call.turn.send_from + heard
         engine.submit(call, p.Reset())
-        collect(got, p.ResetDone)
+        collect_events(got, p.ResetDone)
         taken = record_state_before(engine, call, target, monkeypatch)
         engine.submit(call, p.Start(text=TEXT, seed=5, id="t"))
-        first = collect(got, p.Done)
+        first = collect_events(got, p.Done)
         monkeypatch.undo()
         assert call.turn.send_from + heard == target and {"stepper", "text", "codec"} <= set(taken)
         assert words(first) == WORDS
 
         engine.submit(call, p.Pause(played_ms=heard * 80.0 + 30, id="barge"))  # 6.4 frames: 6 whole ones heard
-        paused = collect(got, p.Paused)[-1]
+        paused = collect_events(got, p.Paused)[-1]
         assert paused.id == "barge"
         spoken, unspoken = [w["word"] for w in paused.spoken], paused.unspoken
         assert spoken + unspoken == WORDS  # every word of the turn, in order
@@ -109,7 +100,7 @@ def test_rollback_stands_exactly_where_the_heard_audio_ended_and_inject_replaces
                     assert all(torch.equal(value[k], other[k]) for k in value), (module, name)
 
         engine.submit(call, p.Inject(text=" Sorry, go ahead.", id="x"))
-        after = collect(got, p.Done)
+        after = collect_events(got, p.Done)
         assert isinstance(after[0], p.Resumed)
         assert words(after) == ["Sorry,", "go", "ahead."]  # the unheard words are gone
         assert all(w.id == "x" for w in after if isinstance(w, p.Word))
@@ -124,15 +115,15 @@ def test_inject_after_a_barge_in_mid_word_cuts_the_word_off_and_its_words_follow
     marks = (data.text_pad_token_id, data.text_new_word_token_id)
     try:
         engine.submit(call, p.Start(text=TEXT, seed=5, id="t"))
-        collect(got, p.Done)
+        collect_events(got, p.Done)
         sent_from, text = call.turn.send_from, call.context_text()[:, 0]
         # a frame heard mid-word: its step emits one of a word's tokens, and so does the next
         target = next(f for f in range(sent_from + 2, len(text) - 2)
                       if text[f + 1] not in marks and text[f + 2] not in marks)
         engine.submit(call, p.Pause(played_ms=(target - sent_from) * 80.0, id="barge"))
-        collect(got, p.Paused)
+        collect_events(got, p.Paused)
         engine.submit(call, p.Inject(text=" Sorry, go ahead.", id="x"))
-        after = collect(got, p.Done)
+        after = collect_events(got, p.Done)
         assert words(after) == ["Sorry,", "go", "ahead."]
         first_step = next(step for word, step in call.machine.words if word == "Sorry,")
         assert first_step == target + lead_in  # the lead-in, then the word, whatever the model sampled
@@ -149,12 +140,12 @@ def test_resume_after_rollback_speaks_the_unheard_words_again(engine):
     call = engine.open_call(got.put)
     try:
         engine.submit(call, p.Start(text=TEXT, seed=8, id="t"))
-        collect(got, p.Done)
+        collect_events(got, p.Done)
         engine.submit(call, p.Pause(played_ms=4 * 80.0))
-        paused = collect(got, p.Paused)[-1]
+        paused = collect_events(got, p.Paused)[-1]
         assert paused.unspoken
         engine.submit(call, p.Resume())
-        after = collect(got, p.Done)
+        after = collect_events(got, p.Done)
         assert not any(isinstance(i, p.ErrorEvent) for i in after)
         assert words(after) == paused.unspoken
         assert all(i.id == "t" for i in after if isinstance(i, p.Word))
@@ -175,7 +166,7 @@ def test_no_frame_after_paused_with_played_ms_while_generating(tiny_dir):
         while frames < 8:
             frames += isinstance(got.get(timeout=60), AudioFrame)
         eng.submit(call, p.Pause(played_ms=3 * 80.0))
-        items = collect(got, p.Paused)
+        items = collect_events(got, p.Paused)
         paused = items[-1]
         assert paused.spoken is not None and paused.unspoken
         late = []
@@ -208,15 +199,15 @@ def test_played_ms_past_what_was_sent_is_refused_and_the_call_goes_on(engine):
     call = engine.open_call(got.put)
     try:
         engine.submit(call, p.Pause(played_ms=80.0, id="early"))  # nothing started
-        error = collect(got, p.ErrorEvent)[-1]
+        error = collect_events(got, p.ErrorEvent)[-1]
         assert error.code == "invalid_field" and error.id == "early"
         engine.submit(call, p.Start(text="[S1] Hello there.", seed=1))
-        done = collect(got, p.Done)[-1]
+        done = collect_events(got, p.Done)[-1]
         engine.submit(call, p.Pause(played_ms=(done.frames + 5) * 80.0, id="far"))
-        error = collect(got, p.ErrorEvent)[-1]
+        error = collect_events(got, p.ErrorEvent)[-1]
         assert error.code == "invalid_field" and "sent" in error.message and error.id == "far"
         engine.submit(call, p.Inject(text=" And more.", id="more"))  # the call is intact: idle, warm
-        after = collect(got, p.Done)
+        after = collect_events(got, p.Done)
         assert words(after) == ["And", "more."]
     finally:
         engine.close_call(call)
