@@ -6,7 +6,6 @@ weights: tokens and positions, not how it sounds)."""
 from __future__ import annotations
 
 import base64
-import queue
 import time
 
 import pytest
@@ -16,39 +15,16 @@ from vendor_dia2.runtime import SamplingParams
 from vendor_dia2.script import parse_script
 
 from dia2stream.call.call import AudioFrame, Phase
-from dia2stream.engine.engine import Engine
 from dia2stream.wire import protocol as p
 
-from helpers import collect_events as collect, engine_config, tone, wav_bytes
+from helpers import collect_events as collect, tone, wav_bytes
+from engine_fixtures import call, engine, tts  # noqa: F401 (fixtures)
 from stepping import run_steps as generate
 
 pytestmark = pytest.mark.slow
 
 AGENT = "[S1] Hello there, how are you today?"
 ANSWER = " Fine, thank you."
-
-
-@pytest.fixture(scope="module")
-def tts(tiny_dir):
-    from vendor_dia2 import Dia2
-
-    return Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
-
-
-@pytest.fixture(scope="module")
-def engine(tts):
-    eng = Engine(tts, engine_config(tts, max_lead_ms=1e6))
-    yield eng
-    eng.close()
-
-
-@pytest.fixture
-def call(engine):
-    got = queue.Queue()
-    call = engine.open_call(got.put)
-    call.test_events = got
-    yield call
-    engine.close_call(call)
 
 
 def test_the_next_turn_starts_at_the_last_sent_frame(engine, call):

@@ -23,6 +23,7 @@ from dia2stream.wire import protocol as p
 from dia2stream.wire.formats import alaw_encode, ulaw_encode
 
 from helpers import Client, ServerThread, collect_events as collect, engine_config, server_config, tone, wav_bytes
+from engine_fixtures import call, engine, own_tts, tts  # noqa: F401 (fixtures)
 from stepping import run_steps as generate
 
 pytestmark = pytest.mark.slow
@@ -42,39 +43,6 @@ def user_turn(audio: bytes, fmt: str = "wav", transcript: str = CALLER, **fields
 
 def words(items) -> list[str]:
     return [i.word for i in items if isinstance(i, p.Word)]
-
-
-def load_tts(tiny_dir):
-    from vendor_dia2 import Dia2
-
-    return Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
-
-
-@pytest.fixture(scope="module")
-def tts(tiny_dir):
-    return load_tts(tiny_dir)
-
-
-@pytest.fixture
-def own_tts(tiny_dir):
-    """A model of its own, for a test that builds an engine of its own (an engine owns its codec's stream)."""
-    return load_tts(tiny_dir)
-
-
-@pytest.fixture(scope="module")
-def engine(tts):
-    eng = Engine(tts, engine_config(tts, max_lead_ms=1e6))
-    yield eng
-    eng.close()
-
-
-@pytest.fixture
-def call(engine):
-    got = queue.Queue()
-    call = engine.open_call(got.put)
-    call.test_events = got
-    yield call
-    engine.close_call(call)
 
 
 def send_user_turn(engine, call, cmd: p.UserTurn):
