@@ -55,6 +55,30 @@ def test_a_start_up_window_counts_its_own_steps_and_what_ran_beside_it(tmp_path)
     assert "start-up windows: 3" in out.getvalue()
 
 
+def test_applied_steps_give_costs_by_batch_and_lane_and_are_not_counted_beside_a_start_up(tmp_path):
+    def applied(t, batch, full, since):
+        return line(t, "applied", batch=batch, full=full, since_launch_ms=since, wait_ms=since / 2, host_ms=1.0)
+
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text("\n".join([
+        step(0.000, "starting", [3]),
+        applied(0.003, 1, False, 3.0),
+        step(0.004, "deadline", full=True, calls=40, batch=64),
+        step(0.005, "starting", [3]),
+        applied(0.012, 64, True, 8.0),
+        applied(0.013, 1, False, 9.0),
+    ]) + "\n")
+    events = tool.read_events(trace)
+    (window,) = tool.windows(events)
+    assert window.beside == {"deadline full": 1}
+    costs = tool.summary(events)["step_costs"]
+    assert costs["1 decoder-only"]["steps"] == 2 and costs["1 decoder-only"]["since_launch_ms_p95"] == 9.0
+    assert costs["64 full"]["wait_ms_p50"] == 4.0
+    out = io.StringIO()
+    tool.print_summary(tool.summary(events), out)
+    assert "64 full:      1 steps, 8.0 / 8.0, 4.0 / 4.0, 1.0 / 1.0" in out.getvalue()
+
+
 def test_the_reader_names_a_line_that_is_not_a_trace_line(tmp_path):
     trace = tmp_path / "trace.jsonl"
     trace.write_text(step(0.0, "starting", [1]) + "\nnot json\n")
@@ -70,6 +94,7 @@ def test_with_no_file_the_trace_writes_nothing():
     trace.step("starting", [], 1, False)
     trace.moves(3)
     trace.planned("replay")
+    trace.applied(1, True, 0.01, 0.005, 0.001)
     trace.close()
 
 
@@ -89,7 +114,10 @@ def test_an_engine_traces_a_new_turns_steps_until_its_first_audio(tmp_path):
         engine.close_call(call)
         engine.close()  # flushes the trace
     events = tool.read_events(path)
-    assert events and all(e["kind"] == "step" for e in events)
+    assert {e["kind"] for e in events} == {"step", "applied"}
+    assert len([e for e in events if e["kind"] == "applied"]) == len([e for e in events if e["kind"] == "step"])
+    assert all(e["since_launch_ms"] >= e["wait_ms"] >= 0 for e in events if e["kind"] == "applied")
+    events = [e for e in events if e["kind"] == "step"]
     starting = [e for e in events if e["starting"]]
     assert starting and all(e["reason"] == "starting" and e["batch"] == 1 for e in starting)
     assert {turn for e in starting for turn in e["starting"]} == {serial}

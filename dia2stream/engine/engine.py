@@ -704,7 +704,9 @@ class Engine:
         # the launches and the waits for the device.
         self.last_step_ms = (step.host_s + step.device_launch_s + elapsed) * 1000
         self.last_step_calls = len(step.entries)
-        self.host_ms += 0.1 * ((step.host_s + elapsed - device_s) * 1000 - self.host_ms)
+        host_s = step.host_s + elapsed - device_s
+        self.host_ms += 0.1 * (host_s * 1000 - self.host_ms)
+        self.trace.applied(result.batch, result.full, time.perf_counter() - step.launched_at, device_s, host_s)
         self.steps += 1
         if self.metrics is not None:
             self.metrics.frame_step_ms(self.last_step_ms, self.last_step_calls)

@@ -1,6 +1,7 @@
 """A log of what the engine ran, one JSON line each (`--step-trace FILE`), to see where a new
 turn's start-up goes: every frame step (why, how many calls, how many of them starting, the
-padded batch, the lane, the starting turns it carried), every batch of slot moves, every piece of
+padded batch, the lane, the starting turns it carried), every step's application (how long after
+its launch, the wait for the device, the host work: a real GPU's step costs under load), every batch of slot moves, every piece of
 planned work. `python -m dia2stream.tools.step_trace FILE` reads it back.
 
 The engine writes it on the generation thread, so each line is small and buffered; with no file
@@ -36,6 +37,14 @@ class StepTrace:
                  if call.turn is not None and (call.awaiting_first_audio or call.catching_up)]
         self._write({"t": time.monotonic(), "kind": "step", "reason": reason, "calls": len(calls),
                      "batch": batch, "full": full, "starting": turns})
+
+    def applied(self, batch: int, full: bool, since_launch_s: float, wait_s: float, host_s: float) -> None:
+        """A step's outputs taken: how long after its launch, how much of that the generation thread
+        waited for the device, and its host work (launch and application, waits excluded)."""
+        if self._out is not None:
+            self._write({"t": time.monotonic(), "kind": "applied", "batch": batch, "full": full,
+                         "since_launch_ms": round(since_launch_s * 1000, 3), "wait_ms": round(wait_s * 1000, 3),
+                         "host_ms": round(host_s * 1000, 3)})
 
     def moves(self, count: int) -> None:
         if self._out is not None and count:

@@ -66,6 +66,8 @@ def windows(events: list[dict]) -> list[Window]:
     done += open_.values()
     for window in done:
         for event in events[window.first:window.last + 1]:
+            if event["kind"] == "applied":
+                continue  # the step itself is counted at its launch
             mine = window.turn in event.get("starting", ())
             (window.own if mine else window.beside)[label(event)] += event.get("count", 1)  # moves count each
     return done
@@ -76,6 +78,25 @@ def _mean(counters: list[Counter]) -> dict[str, float]:
     for counter in counters:
         total.update(counter)
     return {key: round(value / max(1, len(counters)), 1) for key, value in sorted(total.items())}
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    ordered = sorted(values)
+    return {f"p{int(q * 100)}": round(ordered[round(q * (len(ordered) - 1))], 2) for q in (0.5, 0.95)} if ordered else {}
+
+
+def step_costs(events: list[dict]) -> dict[str, dict]:
+    """Applied steps by padded batch and lane: the time from launch to outputs, the device wait and
+    the host work, p50 / p95 (what a simulated profile should hold for a real GPU under load)."""
+    groups: dict[tuple[int, bool], list[dict]] = {}
+    for event in events:
+        if event["kind"] == "applied":
+            groups.setdefault((event["batch"], event["full"]), []).append(event)
+    return {f"{batch} {'full' if full else 'decoder-only'}": {
+                "steps": len(rows),
+                **{f"{name}_{q}": value for name in ("since_launch_ms", "wait_ms", "host_ms")
+                   for q, value in _percentiles([row[name] for row in rows]).items()}}
+            for (batch, full), rows in sorted(groups.items())}
 
 
 def summary(events: list[dict]) -> dict:
@@ -100,6 +121,7 @@ def summary(events: list[dict]) -> dict:
         "windows": len(found),
         "window_ms": {f"p{int(q * 100)}": round(lengths[int(q * (len(lengths) - 1))], 1)
                       for q in (0.5, 0.9, 0.95, 0.99)} if lengths else {},
+        "step_costs": step_costs(events),
         "slowest_tenth": {"own": _mean([w.own for w in tail]), "beside": _mean([w.beside for w in tail])},
         "fastest_half": {"own": _mean([w.own for w in head]), "beside": _mean([w.beside for w in head])},
     }
@@ -110,6 +132,12 @@ def print_summary(s: dict, out=sys.stdout) -> None:
     for reason, row in s["steps"].items():
         print(f"  {reason:>9} steps {row['steps']:>6} ({row['per_s']}/s), {row['mean_calls']} calls, padded "
               f"{row['mean_batch']}, {row['full_share']:.0%} full", file=out)
+    if s["step_costs"]:
+        print("applied steps, by padded batch and lane (ms, p50 / p95): launch to outputs, device wait, host",
+              file=out)
+    for key, row in s["step_costs"].items():
+        print(f"  {key:>18}: {row['steps']:>6} steps, {row['since_launch_ms_p50']} / {row['since_launch_ms_p95']}, "
+              f"{row['wait_ms_p50']} / {row['wait_ms_p95']}, {row['host_ms_p50']} / {row['host_ms_p95']}", file=out)
     print(f"start-up windows: {s['windows']}, length {s['window_ms']} ms", file=out)
     for name in ("slowest_tenth", "fastest_half"):
         print(f"  {name.replace('_', ' ')}: its steps {s[name]['own']}", file=out)
