@@ -299,11 +299,13 @@ def test_compiled_graphs_with_the_batched_stage_attention_match_eager(gpu_tts, m
     assert sum(map(sum, graph[0])) > 0  # words were taken
 
 
-def test_a_step_launch_its_decode_and_rollback_marks_never_wait_for_the_device(gpu_tts):
+def test_a_step_launch_its_decode_rollback_marks_and_a_calls_start_never_wait_for_the_device(gpu_tts):
     """With a step in flight the host works on the step before while the GPU runs: anything in the
-    launch path that blocks until the stream is done (a pageable copy, a `.item()`) makes the host
-    sit out a whole step. Run 35 (H200): the rollback marks' row index, a blocking copy, cost
-    ~10-14 ms of every 64-call step."""
+    launch path, or in a command handled between steps, that blocks until the stream is done (a
+    pageable copy, a `.item()`) makes the host sit out a whole step. Run 35 (H200): the rollback
+    marks' row index, a blocking copy, cost ~10-14 ms of every 64-call step; each call's start
+    waited on the step in flight three times (its codec row's reset mask, the voice snapshot's
+    position read back, the slot's text inputs read back)."""
     run_launch_path(gpu_tts, "cuda")
 
 
@@ -323,6 +325,9 @@ def run_launch_path(tts, device: str) -> None:
         runner.launch(choices).wait()
         runner.decode_later(list(range(n))).wait()
         runner.snapshot_codec_rows([0, 2])
+    voice = stepper.snapshot(0)  # a prepared voice's state, as a call's start restores it
+    reset_row = torch.zeros(n, dtype=torch.bool)
+    reset_row[2] = True
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
@@ -331,6 +336,11 @@ def run_launch_path(tts, device: str) -> None:
         second = runner.launch(choices)  # one in flight behind another, as the engine runs
         marks = runner.snapshot_codec_rows([1, 3])
         decode = runner.decode_later(list(range(n)))
+        # what a call's start and a rollback do meanwhile, between steps
+        stepper.reset_call(2)
+        codec.reset_stream(reset_row)
+        stepper.restore(voice, 2)
+        stepper.rewind(3, stepper.position(3) - 2, known[0])
     finally:
         if device == "cuda":
             torch.cuda.set_sync_debug_mode(0)

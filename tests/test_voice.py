@@ -270,6 +270,22 @@ def test_restore_is_a_copy(voiced_session):
         assert torch.equal(a, b)  # generation never writes into the prepared state
 
 
+def test_a_restored_voice_tells_the_slots_next_text_inputs_from_the_host(voiced_session, tmp_path):
+    """A call's start takes its next step's text inputs from the voice's host copy (row F of
+    `text_tokens`), not by reading the slot on the device, which would wait for the step in
+    flight; and the snapshot's place is on the host for the same reason."""
+    session, got, state = voiced_session
+    engine, call = session
+    state.save(tmp_path / "v")
+    for voice in (state, VoiceState.load(tmp_path / "v")):
+        assert voice.stepper.positions.device.type == voice.stepper.prefix_frames.device.type == "cpu"
+        assert voice.text_tokens.device.type == "cpu"
+        restore_voice(voice, engine.stepper, call.machine, engine.codec, call.slot.index)
+        assert tuple(int(t) for t in voice.text_tokens[voice.prefix_frames]) == \
+            engine.stepper.text_inputs(call.slot.index)
+        assert engine.stepper.position(call.slot.index) == int(voice.stepper.positions[0])
+
+
 def test_restore_time_and_save_load_round_trip(voiced_session, tmp_path, capsys):
     session, got, state = voiced_session
     state.save(tmp_path / "v")

@@ -90,6 +90,16 @@ def sanitize_codes(codes: torch.Tensor | tp.Sequence) -> torch.Tensor:
     return torch.where(valid, codes, torch.zeros_like(codes))
 
 
+def queued_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`, its copy queued on the stream like a kernel. Not
+    `.to(device)`: a copy from pageable memory blocks until the stream is done, and with a step
+    in flight the host sits out that whole step (H200 run 35: the rollback marks' row index
+    cost ~10-14 ms of every 64-call step's host time; a call's start waited likewise)."""
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 class MimiCodec:
     """moshi's Mimi with 32 codebooks; see the module docstring."""
 
@@ -380,7 +390,7 @@ class MimiCodec:
         """Reset all rows, or the rows where the bool `mask` [B] is True, to a fresh state."""
         self._check_stream(None)
         if mask is not None:
-            mask = torch.as_tensor(mask, dtype=torch.bool, device=self.device)
+            mask = queued_to_device(torch.as_tensor(mask, dtype=torch.bool), self.device)  # a call's start resets its row
             if mask.shape != (self._stream_batch,):
                 raise ValueError(f"mask must be [{self._stream_batch}], got {tuple(mask.shape)}")
         self._decoder_side.reset_streaming(mask)
@@ -425,12 +435,7 @@ class MimiCodec:
         self._check_stream(None)
         if not rows:
             return []
-        index = torch.tensor(rows, dtype=torch.long)
-        if self.device.type == "cuda":
-            # Not `torch.tensor(rows, device=...)`: that copy blocks until the stream is done, and
-            # with a step in flight the host sat out that whole step (H200 run 35: ~10-14 ms of
-            # every 64-call step's host time). A pinned copy is queued like the kernels.
-            index = index.pin_memory().to(self.device, non_blocking=True)
+        index = queued_to_device(torch.tensor(rows, dtype=torch.long), self.device)
         gathered = {name: moshi_private.gather_rows(state, index)
                     for name, state in self._decoder_side.get_streaming_state().items()}
         return [CodecStreamSnapshot(1, {name: moshi_private.row_of(saved, i) for name, saved in gathered.items()})

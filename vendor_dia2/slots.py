@@ -83,10 +83,10 @@ class StepperSnapshot:
     """Copies of one slot's device state (row-sized), restorable into any slot of a stepper with the
     same CFG mode and context size (`FrameStepper.restore`)."""
 
-    positions: torch.Tensor  # [1]
+    positions: torch.Tensor  # [1], on the host
     tokens: torch.Tensor  # [branches, C]
     buffer: torch.Tensor  # [1, Q, max_positions + 2]
-    prefix_frames: torch.Tensor  # [1]
+    prefix_frames: torch.Tensor  # [1], on the host
     caches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # per layer [branches, H, length, Dh]
     length: int = 0  # cache slots that hold data (0..length-1); only those are copied
     cache_offset: int = 0  # cache slot minus RoPE position (1 after an upstream-boundary prefill)
@@ -310,8 +310,9 @@ class SlotTable:
         length = place.position + place.cache_offset + 1
         rows = self.row_slice(call)
         caches = [(c.k[rows, :, :length].clone(), c.v[rows, :, :length].clone()) for c in self.decoder_caches]
-        return StepperSnapshot(self.positions[call:call + 1].clone(), self.tokens[rows].clone(),
-                               self.buffer[call:call + 1].clone(), self.prefix_frames[call:call + 1].clone(),
+        # position and prefix from the host mirror, on the host: `restore` reads them without a device read
+        return StepperSnapshot(torch.tensor([place.position]), self.tokens[rows].clone(),
+                               self.buffer[call:call + 1].clone(), torch.tensor([place.prefix_frames]),
                                caches, length, place.cache_offset)
 
     def restore(self, call: int, snap: StepperSnapshot) -> None:

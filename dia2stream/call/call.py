@@ -747,9 +747,11 @@ class Call:
         if state is not None:
             self.slot.restore_voice(state, self.machine)
             self._floor_frame = state.prefix_frames
-            self._last_text = self.slot.text_inputs()
             if state.text_tokens is not None:
-                self._text_log[: state.prefix_frames + 1] = state.text_tokens.cpu().numpy()
+                self._text_log[: state.prefix_frames + 1] = state.text_tokens.numpy()
+                self._last_text = tuple(int(t) for t in self._text_log[state.prefix_frames])  # no device read
+            else:
+                self._last_text = self.slot.text_inputs()
         self._prefix_codes = self.slot.aligned_codes(0, self._floor_frame).clone()
         self._codec_marks.append((self._floor_frame, self.slot.codec_snapshot()))
 

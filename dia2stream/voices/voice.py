@@ -134,6 +134,9 @@ class LoadedVoice:
         return h.hexdigest()
 
 
+HOST_FIELDS = ("positions", "prefix_frames")  # a StepperSnapshot's fields kept on the host
+
+
 @dataclass
 class VoiceState:
     """A prepared voice: restore `stepper`, `text` and `codec` to stand at the prefix end."""
@@ -148,7 +151,8 @@ class VoiceState:
     prepare_ms: float
     words: list[str] = field(default_factory=list)  # the prefix words the plan used
     key: str = ""
-    # the text inputs of prefix steps 0..F [F + 1, 2]: a context rollover prefills them again
+    # the text inputs of prefix steps 0..F [F + 1, 2], on the host: a context rollover prefills
+    # them again, and row F is what the slot's next step reads after a restore
     text_tokens: torch.Tensor | None = None
 
     def info(self) -> dict:
@@ -211,6 +215,8 @@ class VoiceState:
             if f.name == "caches":
                 n = meta["stepper"]["caches"]
                 kwargs["caches"] = [(tensors[f"stepper.caches.{i}.k"], tensors[f"stepper.caches.{i}.v"]) for i in range(n)]
+            elif f.name in HOST_FIELDS:  # read on every restore: on the host, no device read then
+                kwargs[f.name] = tensors[f"stepper.{f.name}"].cpu()
             elif f"stepper.{f.name}" in tensors:
                 kwargs[f.name] = tensors[f"stepper.{f.name}"]
             elif f.name in meta["stepper"]:  # entries saved before a field existed get its default
@@ -231,7 +237,8 @@ class VoiceState:
         return cls(name=meta["name"], stepper=StepperSnapshot(**kwargs), text=TextState(**text),
                    codec=CodecStreamSnapshot(meta["codec"]["batch_size"], states), prefix_frames=meta["prefix_frames"],
                    prefix_s=meta["prefix_s"], speakers=meta["speakers"], prepare_ms=meta["prepare_ms"],
-                   words=meta["words"], key=meta["key"], text_tokens=tensors.get("text_tokens"))
+                   words=meta["words"], key=meta["key"],
+                   text_tokens=tensors["text_tokens"].cpu() if "text_tokens" in tensors else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -591,7 +598,7 @@ class VoicePreparer:
                           codec=warmed, prefix_frames=plan.frames,
                           prefix_s=round(plan.frames / FRAME_RATE, 3), speakers=loaded.distinct,
                           prepare_ms=round(prepare_ms, 1), words=[e.text for e in plan.entries],
-                          text_tokens=text.clone())
+                          text_tokens=text.detach().cpu().clone())
 
 
 def restore_voice(state: VoiceState, stepper, machine, codec, slot: int = 0) -> None:
