@@ -156,3 +156,15 @@ def test_a_call_opened_after_moved_calls_closed_is_served():
         assert any(isinstance(i, p.Pong) for i in items)
     finally:
         engine.close()
+
+
+def test_a_recent_figure_is_read_again_only_once_it_is_old():
+    from dia2stream.serve.engine_process import Recent
+
+    now, reads = [0.0], []
+    figure = Recent(lambda: reads.append(now[0]) or len(reads), every_s=1.0, clock=lambda: now[0])
+    assert [figure(), figure()] == [1, 1]
+    now[0] = 0.99
+    assert figure() == 1 and reads == [0.0]
+    now[0] = 1.0
+    assert figure() == 2 and figure() == 2 and reads == [0.0, 1.0]
