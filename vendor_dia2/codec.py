@@ -265,7 +265,9 @@ class MimiCodec:
             if rows.device.type == "cpu":  # where each row decodes is known without a device read
                 on = rows.nonzero()
                 b = self.decode_size_for(int(on[-1]) + 1) if len(on) else self.decode_sizes[0]
-            self._exec_mask.copy_(rows, non_blocking=True)
+            # pinned: from pageable memory the driver may wait for the stream before the copy
+            pinned = self._exec_mask.is_cuda and rows.device.type == "cpu"
+            self._exec_mask.copy_(rows.pin_memory() if pinned else rows, non_blocking=True)
         if b in self._graphs:
             self._graph_codes[:b].copy_(codes[:b, :, None])
         return b, codes

@@ -327,7 +327,8 @@ class FrameStepper:
         column = s.buffer[call, :, position]  # aligned frames position - delay_k: all written
         audio = torch.where(s.delays > position, d.audio_bos, column)
         s.tokens[rows, 2:] = audio[None, :]
-        s.tokens[rows.start, 0], s.tokens[rows.start, 1] = int(text[0]), int(text[1])
+        s.tokens[rows.start, 0].fill_(int(text[0]))  # fills: an element assignment waits for the stream
+        s.tokens[rows.start, 1].fill_(int(text[1]))
         s.place(call, position, prefix_frames=position)
 
     # -- prefill (voice prefix) ------------------------------------------------------------------

@@ -191,9 +191,12 @@ class SlotTable:
         new = SlotPlace(position=int(position),
                         prefix_frames=old.prefix_frames if prefix_frames is None else int(prefix_frames),
                         cache_offset=old.cache_offset if cache_offset is None else int(cache_offset))
-        self.positions[call] = new.position
-        self.prefix_frames[call] = new.prefix_frames
-        self.cache_offset[call] = new.cache_offset
+        # One-element fills: `tensor[i] = number` copies the number from host memory and waits for
+        # the stream, the step in flight included (H200 run 35c, sync debug mode); `fill_` takes it
+        # as a kernel argument. Every start, rollback and next turn places its slot.
+        self.positions[call].fill_(new.position)
+        self.prefix_frames[call].fill_(new.prefix_frames)
+        self.cache_offset[call].fill_(new.cache_offset)
         self.places[call] = new
 
     def advanced(self, live: np.ndarray) -> None:
@@ -203,12 +206,13 @@ class SlotTable:
     # -- per-slot settings and inputs -----------------------------------------------------------
 
     def set_sampling(self, call: int, params: SamplingParams) -> None:
-        self.stream_temperature[call, 0] = params.text_temperature
-        self.stream_temperature[call, 1:] = params.audio_temperature
-        self.stream_top_k[call, 0] = params.text_top_k
-        self.stream_top_k[call, 1:] = params.audio_top_k
-        self.cfg_scale[call] = params.cfg_scale
-        self.seeds[call] = params.seed
+        # fills, not element assignments: those wait for the step in flight (`place`)
+        self.stream_temperature[call, 0].fill_(params.text_temperature)
+        self.stream_temperature[call, 1:].fill_(params.audio_temperature)
+        self.stream_top_k[call, 0].fill_(params.text_top_k)
+        self.stream_top_k[call, 1:].fill_(params.audio_top_k)
+        self.cfg_scale[call].fill_(params.cfg_scale)
+        self.seeds[call].fill_(params.seed)
 
     def reset(self, call: int, position: int = 0) -> None:
         """The step-0 inputs of DIA2_SPEC.md §5, an empty delayed buffer, nothing forced."""
@@ -216,12 +220,12 @@ class SlotTable:
         self.place(call, position, prefix_frames=0, cache_offset=0)
         self.buffer[call].fill_(UNGENERATED)
         rows = self.tokens[self.row_slice(call)]
-        rows[0, 0] = self.bos_token_id
-        rows[0, 1] = d.text_pad_token_id
+        rows[0, 0].fill_(self.bos_token_id)  # fills, not element assignments (`place`)
+        rows[0, 1].fill_(d.text_pad_token_id)
         if self.branches == 2:
-            rows[1, 0] = d.text_zero_token_id
-            rows[1, 1] = d.text_pad_token_id
-        rows[:, 2:] = d.audio_bos
+            rows[1, 0].fill_(d.text_zero_token_id)
+            rows[1, 1].fill_(d.text_pad_token_id)
+        rows[:, 2:].fill_(d.audio_bos)
 
     def stage_step(self, choices, live: np.ndarray) -> "HostStaging":
         """Copy this step's text choices and active mask to the device (one copy each), from the
