@@ -347,3 +347,91 @@ def run_launch_path(tts, device: str) -> None:
     assert len(first.wait().actions) == len(second.wait().actions) == n
     pcm, _ = decode.wait()
     assert pcm.shape[0] == n and len(marks) == 2
+
+
+def test_a_calls_commands_never_wait_for_the_device_between_steps(gpu_tts, tmp_path):
+    """Start (with and without a voice), a next turn, a barge-in and reset on four calls, with the
+    engine stepping: no synchronizing op on the generation thread (torch's sync debug mode). Each
+    would wait for the step in flight: run 35b's lock-step starts came in pairs of steps with
+    33-63 ms between them. Run 35c named SlotTable.place's and reset's element assignments."""
+    found = run_commands_counting_syncs(gpu_tts, tmp_path)
+    assert not found, "\n".join(f"{n} x [{phase}] {where}" for (phase, where), n in found.items())
+
+
+def run_commands_counting_syncs(tts, tmp_path) -> dict:
+    """The synchronizing ops (by phase and our innermost frames) the engine thread ran while four
+    calls took a start, a next turn, a barge-in and a reset, twice (on CPU: none, the scenario only)."""
+    import collections
+    import queue
+    import traceback
+    import warnings
+
+    from dia2stream.call.call import AudioFrame
+    from dia2stream.engine.engine import Engine
+    from dia2stream.serve.config import CompileMode
+    from dia2stream.voices.voice import VoiceRequest, VoiceSettings
+    from dia2stream.wire import protocol as p
+    from helpers import engine_config
+    from test_voice import tone, wav_bytes
+
+    cuda = tts.device.type == "cuda"
+    engine = Engine(tts, engine_config(tts, compile=CompileMode.OFF, max_calls=4, max_lead_ms=400,
+                                       max_unsent_frames=10**9, voice=VoiceSettings(cache_dir=str(tmp_path))))
+    found, phase = collections.Counter(), ["warm-up"]
+
+    def count(message, category, filename, lineno, file=None, line=None):
+        if "synchronizing CUDA operation" in str(message):
+            ours = [f for f in traceback.extract_stack()[:-1] if "dia2stream" in f.filename or "vendor_dia2" in f.filename]
+            found[(phase[0], " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in ours[::-1][:4]))] += 1
+
+    boxes = [queue.Queue() for _ in range(4)]
+    calls = [engine.open_call(box.put) for box in boxes]
+
+    def wait_all(kind):
+        for box in boxes:
+            while not isinstance(item := box.get(timeout=60), kind):
+                assert not isinstance(item, p.ErrorEvent), item
+
+    text = "[S1] One two three four five six seven eight nine ten."
+    try:
+        engine.preload_voice(VoiceRequest("v", audio=wav_bytes(tone(0.8)), transcript="[S1] Hi there."), cache=False)
+        for call in calls:  # every graph and lane once, before counting
+            engine.submit(call, p.Start(text=text, seed=1, id="w"))
+        wait_all(p.Done)
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = count
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for round_ in range(2):
+                    phase[0] = "start"
+                    for i, call in enumerate(calls):
+                        engine.submit(call, p.Start(text=text, seed=round_, id="s", voice="v" if i % 2 else None))
+                    wait_all(p.Done)
+                    phase[0] = "next turn"
+                    for call in calls:
+                        engine.submit(call, p.Inject(text=" Eleven twelve thirteen.", id="n"))
+                    wait_all(p.Done)
+                    phase[0] = "barge-in"
+                    for call in calls:
+                        engine.submit(call, p.Inject(text=" Fourteen fifteen sixteen seventeen.", id="b"))
+                    wait_all(AudioFrame)  # and one more, so that 120 ms were sent
+                    wait_all(AudioFrame)
+                    for call in calls:
+                        engine.submit(call, p.Pause(played_ms=120.0, id="barge"))
+                    wait_all(p.Paused)
+                    for call in calls:
+                        engine.submit(call, p.Inject(text=" Okay then.", id="a"))
+                    wait_all(p.Done)
+                    phase[0] = "reset"
+                    for call in calls:
+                        engine.submit(call, p.Reset())
+                    wait_all(p.ResetDone)
+            finally:
+                if cuda:
+                    torch.cuda.set_sync_debug_mode(0)
+    finally:
+        engine.close()
+    return found
