@@ -381,8 +381,9 @@ def run_commands_counting_syncs(tts, tmp_path) -> dict:
 
     def count(message, category, filename, lineno, file=None, line=None):
         if "synchronizing CUDA operation" in str(message):
-            ours = [f for f in traceback.extract_stack()[:-1] if "dia2stream" in f.filename or "vendor_dia2" in f.filename]
-            found[(phase[0], " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in ours[::-1][:4]))] += 1
+            ours = [f for f in traceback.extract_stack()[:-1]
+                    if "dia2stream" in f.filename or "vendor_dia2" in f.filename][::-1][:4]
+            found[(phase[0], " < ".join(f"{f.filename.rsplit('/', 1)[-1]}:{f.lineno} {f.name}" for f in ours))] += 1
 
     boxes = [queue.Queue() for _ in range(4)]
     calls = [engine.open_call(box.put) for box in boxes]

@@ -392,7 +392,8 @@ class MimiCodec:
         """Reset all rows, or the rows where the bool `mask` [B] is True, to a fresh state."""
         self._check_stream(None)
         if mask is not None:
-            mask = queued_to_device(torch.as_tensor(mask, dtype=torch.bool), self.device)  # a call's start resets its row
+            # every start resets its call's row: no wait for the step in flight
+            mask = queued_to_device(torch.as_tensor(mask, dtype=torch.bool), self.device)
             if mask.shape != (self._stream_batch,):
                 raise ValueError(f"mask must be [{self._stream_batch}], got {tuple(mask.shape)}")
         self._decoder_side.reset_streaming(mask)

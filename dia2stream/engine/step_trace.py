@@ -1,8 +1,8 @@
 """A log of what the engine ran, one JSON line each (`--step-trace FILE`), to see where a new
 turn's start-up goes: every frame step (why, how many calls, how many of them starting, the
 padded batch, the lane, the starting turns it carried), every step's application (how long after
-its launch, the wait for the device, the host work: a real GPU's step costs under load), every batch of slot moves, every piece of
-planned work. `python -m dia2stream.tools.step_trace FILE` reads it back.
+its launch, the wait for the device, the host work: a real GPU's step costs under load), every
+batch of slot moves, every piece of planned work. `python -m dia2stream.tools.step_trace FILE` reads it back.
 
 The engine writes it on the generation thread, so each line is small and buffered; with no file
 nothing is built (`StepTrace.off()` answers every call with nothing).

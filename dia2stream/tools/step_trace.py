@@ -82,7 +82,9 @@ def _mean(counters: list[Counter]) -> dict[str, float]:
 
 def _percentiles(values: list[float]) -> dict[str, float]:
     ordered = sorted(values)
-    return {f"p{int(q * 100)}": round(ordered[round(q * (len(ordered) - 1))], 2) for q in (0.5, 0.95)} if ordered else {}
+    if not ordered:
+        return {}
+    return {f"p{int(q * 100)}": round(ordered[round(q * (len(ordered) - 1))], 2) for q in (0.5, 0.95)}
 
 
 def step_costs(events: list[dict]) -> dict[str, dict]:
