@@ -1,5 +1,7 @@
 """CUDA-only checks of the graph path (skipped without a GPU; run on the GPU machine)."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -309,6 +311,21 @@ def test_a_step_launch_its_decode_rollback_marks_and_a_calls_start_never_wait_fo
     run_launch_path(gpu_tts, "cuda")
 
 
+@contextlib.contextmanager
+def device_syncs(mode: str, cuda: bool):
+    """torch's sync debug mode (`warn` or `error`) on CUDA while the block runs, from an idle
+    device; nothing on the CPU."""
+    if not cuda:
+        yield
+        return
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode(mode)
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def run_launch_path(tts, device: str) -> None:
     from dia2stream.engine.runner import Runner
     from vendor_dia2.codec import MimiCodec
@@ -328,10 +345,7 @@ def run_launch_path(tts, device: str) -> None:
     voice = stepper.snapshot(0)  # a prepared voice's state, as a call's start restores it
     reset_row = torch.zeros(n, dtype=torch.bool)
     reset_row[2] = True
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-    try:
+    with device_syncs("error", device == "cuda"):
         first = runner.launch(choices)
         second = runner.launch(choices)  # one in flight behind another, as the engine runs
         marks = runner.snapshot_codec_rows([1, 3])
@@ -341,9 +355,6 @@ def run_launch_path(tts, device: str) -> None:
         codec.reset_stream(reset_row)
         stepper.restore(voice, 2)
         stepper.rewind(3, stepper.position(3) - 2, known[0])
-    finally:
-        if device == "cuda":
-            torch.cuda.set_sync_debug_mode(0)
     assert len(first.wait().actions) == len(second.wait().actions) == n
     pcm, _ = decode.wait()
     assert pcm.shape[0] == n and len(marks) == 2
@@ -399,40 +410,33 @@ def run_commands_counting_syncs(tts, tmp_path) -> dict:
         for call in calls:  # every graph and lane once, before counting
             engine.submit(call, p.Start(text=text, seed=1, id="w"))
         wait_all(p.Done)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), device_syncs("warn", cuda):
             warnings.simplefilter("always")
             warnings.showwarning = count
-            if cuda:
-                torch.cuda.synchronize()
-                torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for round_ in range(2):
-                    phase[0] = "start"
-                    for i, call in enumerate(calls):
-                        engine.submit(call, p.Start(text=text, seed=round_, id="s", voice="v" if i % 2 else None))
-                    wait_all(p.Done)
-                    phase[0] = "next turn"
-                    for call in calls:
-                        engine.submit(call, p.Inject(text=" Eleven twelve thirteen.", id="n"))
-                    wait_all(p.Done)
-                    phase[0] = "barge-in"
-                    for call in calls:
-                        engine.submit(call, p.Inject(text=" Fourteen fifteen sixteen seventeen.", id="b"))
-                    wait_all(AudioFrame)  # and one more, so that 120 ms were sent
-                    wait_all(AudioFrame)
-                    for call in calls:
-                        engine.submit(call, p.Pause(played_ms=120.0, id="barge"))
-                    wait_all(p.Paused)
-                    for call in calls:
-                        engine.submit(call, p.Inject(text=" Okay then.", id="a"))
-                    wait_all(p.Done)
-                    phase[0] = "reset"
-                    for call in calls:
-                        engine.submit(call, p.Reset())
-                    wait_all(p.ResetDone)
-            finally:
-                if cuda:
-                    torch.cuda.set_sync_debug_mode(0)
+            for round_ in range(2):
+                phase[0] = "start"
+                for i, call in enumerate(calls):
+                    engine.submit(call, p.Start(text=text, seed=round_, id="s", voice="v" if i % 2 else None))
+                wait_all(p.Done)
+                phase[0] = "next turn"
+                for call in calls:
+                    engine.submit(call, p.Inject(text=" Eleven twelve thirteen.", id="n"))
+                wait_all(p.Done)
+                phase[0] = "barge-in"
+                for call in calls:
+                    engine.submit(call, p.Inject(text=" Fourteen fifteen sixteen seventeen.", id="b"))
+                wait_all(AudioFrame)  # and one more, so that 120 ms were sent
+                wait_all(AudioFrame)
+                for call in calls:
+                    engine.submit(call, p.Pause(played_ms=120.0, id="barge"))
+                wait_all(p.Paused)
+                for call in calls:
+                    engine.submit(call, p.Inject(text=" Okay then.", id="a"))
+                wait_all(p.Done)
+                phase[0] = "reset"
+                for call in calls:
+                    engine.submit(call, p.Reset())
+                wait_all(p.ResetDone)
     finally:
         engine.close()
     return found

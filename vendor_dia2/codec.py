@@ -90,14 +90,18 @@ def sanitize_codes(codes: torch.Tensor | tp.Sequence) -> torch.Tensor:
     return torch.where(valid, codes, torch.zeros_like(codes))
 
 
+def pinned_for(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor`, in pinned memory when it is a host tensor bound for a CUDA device, so that its
+    copy is queued on the stream like a kernel. A copy from pageable memory blocks until the
+    stream is done, and with a step in flight the host sits out that whole step (H200 run 35: the
+    rollback marks' row index cost ~10-14 ms of every 64-call step's host time; a call's start
+    waited likewise)."""
+    return tensor.pin_memory() if device.type == "cuda" and tensor.device.type == "cpu" else tensor
+
+
 def queued_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`, its copy queued on the stream like a kernel. Not
-    `.to(device)`: a copy from pageable memory blocks until the stream is done, and with a step
-    in flight the host sits out that whole step (H200 run 35: the rollback marks' row index
-    cost ~10-14 ms of every 64-call step's host time; a call's start waited likewise)."""
-    if device.type != "cuda" or tensor.device.type != "cpu":
-        return tensor.to(device)
-    return tensor.pin_memory().to(device, non_blocking=True)
+    """A small host tensor on `device`, its copy queued (`pinned_for`), not `.to(device)`."""
+    return pinned_for(tensor, device).to(device, non_blocking=True)
 
 
 class MimiCodec:
@@ -265,9 +269,7 @@ class MimiCodec:
             if rows.device.type == "cpu":  # where each row decodes is known without a device read
                 on = rows.nonzero()
                 b = self.decode_size_for(int(on[-1]) + 1) if len(on) else self.decode_sizes[0]
-            # pinned: from pageable memory the driver may wait for the stream before the copy
-            pinned = self._exec_mask.is_cuda and rows.device.type == "cpu"
-            self._exec_mask.copy_(rows.pin_memory() if pinned else rows, non_blocking=True)
+            self._exec_mask.copy_(pinned_for(rows, self.device), non_blocking=True)
         if b in self._graphs:
             self._graph_codes[:b].copy_(codes[:b, :, None])
         return b, codes
