@@ -217,14 +217,16 @@ def _tone_wav(seconds: float = 0.8) -> bytes:
     return buf.getvalue()
 
 
-def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), kind=Conversation, **overrides) -> list[dict]:
+def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), kind=Conversation, counts: dict | None = None,
+                      **overrides) -> list[dict]:
+    """`counts`: filled with the engine's counters of the run."""
     import tempfile
 
     from dia2stream.voices.voice import VoiceRequest, VoiceSettings
 
-    engine = Engine(tts, engine_config(tts, max_calls=len(seeds), max_lead_ms=1e6, max_unsent_frames=10**9,
-                                       step_in_flight=step_in_flight, voice=VoiceSettings(cache_dir=tempfile.mkdtemp()),
-                                       **overrides))
+    settings = dict(max_calls=len(seeds), max_lead_ms=1e6, max_unsent_frames=10**9, step_in_flight=step_in_flight,
+                    voice=VoiceSettings(cache_dir=tempfile.mkdtemp()))
+    engine = Engine(tts, engine_config(tts, **(settings | overrides)))
     try:
         engine.preload_voice(VoiceRequest("base", audio=_tone_wav(0.4), transcript="[S1] Hi."), cache=False)
         engine.preload_voice(VoiceRequest("v", audio=_tone_wav(), transcript="[S1] Hi there."), cache=False)
@@ -241,6 +243,8 @@ def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), kind=Conversa
             assert engine.steps_ahead > 0, "no call was ever launched with its step before in flight"
             landed = engine.commands_held + engine.commands_beside
             assert landed > 0 or kind is Conversation, "no command landed during a step in flight"
+        if counts is not None:
+            counts.update(slot_moves=engine.slot_moves, slot_moves_in_flight=engine.slot_moves_in_flight)
         return [c.outcome() for c in conversations]
     finally:
         engine.close()
@@ -308,6 +312,27 @@ def test_commands_that_land_while_a_step_is_in_flight_give_the_same_tokens(backe
     off = run_conversations(tts, "off", kind=MidTurn)
     on = run_conversations(tts, "on", kind=MidTurn)
     assert_same(on, off, pcm=backend == "tiny")
+
+
+@pytest.mark.parametrize("backend", ["simulated", pytest.param("tiny", marks=pytest.mark.slow)])
+def test_calls_moved_while_a_step_is_in_flight_get_the_tokens_of_calls_never_moved(backend, tiny_dir):
+    """Slot moves leave the step in flight in flight (its outputs are read by the slots it ran
+    on): every call's words, codes and audio are those of an engine that never moves a call."""
+    if backend == "tiny":
+        from vendor_dia2 import Dia2
+
+        tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
+    else:
+        from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
+
+        tts = SimulatedDia2(GpuProfile.load("profiles/h200-2b.json"))
+    counts: dict = {}
+    # a short lead: calls coast, so a new turn moves past calls whose top-up step is in flight
+    paced = dict(seeds=(3, 11, 42, 7, 5, 9), kind=Conversation, max_lead_ms=160)
+    moved = run_conversations(tts, "on", counts=counts, **paced)
+    assert counts["slot_moves_in_flight"] > 0, f"no call moved while its step was in flight: {counts}"
+    unmoved = run_conversations(tts, "on", move_slots=False, **paced)
+    assert_same(moved, unmoved, pcm=backend == "tiny")
 
 
 class StepOrder:
