@@ -145,6 +145,32 @@ def test_a_filling_call_with_lead_to_spare_waits_out_a_decoder_only_starting_ste
     assert plan.reason == "deadline"
 
 
+def test_new_turns_that_read_no_codes_yet_step_alone_between_full_steps():
+    s = scheduler()
+    playing = [FakeCall(i, lead=0.9) for i in range(8)]
+    early = [FakeCall(8 + i, starting=True) for i in range(3)]
+    for call in early:
+        call.slot.depformer = False  # in their first steps: the decoder-only lane
+    late = FakeCall(11, starting=True)  # its first codes are read: the full lane
+    calls = playing + early + [late]
+    assert s.plan(calls).calls == (*early, late)
+    assert s.plan(calls).calls == tuple(early)  # alone, after the full step
+    assert s.plan(calls).calls == (*early, late)  # then all of them again
+    assert s.lite_between_steps == 1
+    # all of them in the decoder-only lane: one step, as ever
+    assert s.plan(playing + early).calls == tuple(early) == s.plan(playing + early).calls
+    # a filling call that cannot wait for the full step after a lite one: no lite step between
+    fresh = FakeCall(20, lead=s.ride_floor(13) - 0.01, peak=0.08)
+    assert s.plan(calls + [fresh]).calls == (*early, late, fresh)
+    assert s.plan(calls + [fresh]).calls == (*early, late, fresh)
+    fresh.lead = s.ride_floor(13) + 0.01  # with lead to spare it waits a lite step, then rides
+    assert s.plan(calls + [fresh]).calls == tuple(early)
+    assert s.plan(calls + [fresh]).calls == (*early, late, fresh)
+    # switched off, every starting call steps in every starting step
+    s.split_lanes = False
+    assert s.plan(calls).calls == s.plan(calls).calls == (*early, late)
+
+
 def test_riders_keep_the_starting_step_small():
     s = scheduler()
     others = [FakeCall(i, lead=0.9) for i in range(20)]

@@ -244,7 +244,8 @@ def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), kind=Conversa
             landed = engine.commands_held + engine.commands_beside
             assert landed > 0 or kind is Conversation, "no command landed during a step in flight"
         if counts is not None:
-            counts.update(slot_moves=engine.slot_moves, slot_moves_in_flight=engine.slot_moves_in_flight)
+            counts.update(slot_moves=engine.slot_moves, slot_moves_in_flight=engine.slot_moves_in_flight,
+                          lite_between_steps=engine.scheduler.lite_between_steps)
         return [c.outcome() for c in conversations]
     finally:
         engine.close()
@@ -314,25 +315,45 @@ def test_commands_that_land_while_a_step_is_in_flight_give_the_same_tokens(backe
     assert_same(on, off, pcm=backend == "tiny")
 
 
-@pytest.mark.parametrize("backend", ["simulated", pytest.param("tiny", marks=pytest.mark.slow)])
-def test_calls_moved_while_a_step_is_in_flight_get_the_tokens_of_calls_never_moved(backend, tiny_dir):
-    """Slot moves leave the step in flight in flight (its outputs are read by the slots it ran
-    on): every call's words, codes and audio are those of an engine that never moves a call."""
+def _backend(backend: str, tiny_dir):
     if backend == "tiny":
         from vendor_dia2 import Dia2
 
-        tts = Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
-    else:
-        from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
+        return Dia2.from_pretrained(str(tiny_dir), device="cpu", mimi="random-small")
+    from dia2stream.engine.simulated import GpuProfile, SimulatedDia2
 
-        tts = SimulatedDia2(GpuProfile.load("profiles/h200-2b.json"))
-    counts: dict = {}
-    # a short lead: calls coast, so a new turn moves past calls whose top-up step is in flight
-    paced = dict(seeds=(3, 11, 42, 7, 5, 9), kind=Conversation, max_lead_ms=160)
-    moved = run_conversations(tts, "on", counts=counts, **paced)
-    assert counts["slot_moves_in_flight"] > 0, f"no call moved while its step was in flight: {counts}"
-    unmoved = run_conversations(tts, "on", move_slots=False, **paced)
-    assert_same(moved, unmoved, pcm=backend == "tiny")
+    return SimulatedDia2(GpuProfile.load("profiles/h200-2b.json"))
+
+
+# Six calls on a short lead: they coast, so new turns start beside calls whose top-up step is in
+# flight, and at different points of one another's start-up.
+PACED = dict(seeds=(3, 11, 42, 7, 5, 9), kind=Conversation, max_lead_ms=160)
+_paced_runs: dict = {}
+
+
+def paced_conversations(backend: str, tiny_dir, off: str | None = None) -> tuple[list[dict], dict]:
+    """`PACED` conversations with the engine setting `off` switched off, and the engine's
+    counters; each run once per test session."""
+    key = (backend, off)
+    if key not in _paced_runs:
+        counts: dict = {}
+        overrides = {off: False} if off else {}
+        outcomes = run_conversations(_backend(backend, tiny_dir), "on", counts=counts, **PACED, **overrides)
+        _paced_runs[key] = outcomes, counts
+    return _paced_runs[key]
+
+
+@pytest.mark.parametrize("backend", ["simulated", pytest.param("tiny", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("setting, counter", [("move_slots", "slot_moves_in_flight"),
+                                              ("split_start_lanes", "lite_between_steps")])
+def test_how_calls_are_batched_leaves_every_calls_tokens_as_they_were(backend, setting, counter, tiny_dir):
+    """Calls moved to other slots while their step is in flight (its outputs are read by the
+    slots it ran on), and new turns stepping alone in the decoder-only lane between full steps:
+    every call's words, codes and audio are those of an engine that does neither."""
+    on, counts = paced_conversations(backend, tiny_dir)
+    assert counts[counter] > 0, f"the run never did what {setting} does: {counts}"
+    off, _ = paced_conversations(backend, tiny_dir, off=setting)
+    assert_same(on, off, pcm=backend == "tiny")
 
 
 class StepOrder:

@@ -82,6 +82,7 @@ class EngineConfig:
     min_turn_frames: int = 125  # context a voice prefix must leave free for speech
     batch_sizes: tuple[int, ...] | None = None  # padded step sizes (default: powers of two, and max_calls)
     move_slots: bool = True  # move starting calls to the lowest slots before they step (off: to measure it)
+    split_start_lanes: bool = True  # starting calls in the decoder-only lane step alone between full steps
     step_trace: str | None = None  # a file: one JSON line per step, slot moves, planned work (engine/step_trace.py)
 
 
@@ -114,7 +115,7 @@ class Engine:
         self.runner = Runner(self.stepper, self.codec, config.max_calls)
         self.trace = StepTrace.to_file(config.step_trace)
         self.scheduler = Scheduler(max_lead_s=config.max_lead_ms / 1000, max_unsent_frames=config.max_unsent_frames,
-                                   batch_size_for=self.stepper.batch_size_for)
+                                   batch_size_for=self.stepper.batch_size_for, split_lanes=config.split_start_lanes)
         self._call_settings = CallSettings(
             context_frames=self.context_frames, max_lead_ms=config.max_lead_ms, lead_in_frames=config.lead_in_frames,
             rollover_frames=config.rollover_frames, min_turn_frames=config.min_turn_frames,

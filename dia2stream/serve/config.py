@@ -126,6 +126,8 @@ class ServerConfig:
     step_in_flight: CompileMode = CompileMode.AUTO
     # the Mimi decode on a CUDA stream of its own, beside the next frame step (issue 18; measured with the above)
     decode_stream: Switch = Switch.ON
+    # starting calls that read no codes yet step alone between full steps (issue 18; simulated, see docs/benchmarks.md)
+    split_start_lanes: Switch = Switch.ON
     step_trace: str | None = None  # one JSON line per frame step the engine runs (engine/step_trace.py)
 
     def voice_settings(self, allow_download: bool = False, whisper_device: str | None = None):
@@ -156,7 +158,8 @@ class ServerConfig:
                       voice=config.voice_settings(whisper_device=str(device)),
                       step_in_flight=config.step_in_flight == CompileMode.ON or (
                           config.step_in_flight == CompileMode.AUTO and (_is_cuda(device) or bool(config.simulate_gpu))),
-                      decode_stream=config.decode_stream == Switch.ON)
+                      decode_stream=config.decode_stream == Switch.ON,
+                      split_start_lanes=config.split_start_lanes == Switch.ON)
         values.update({k: v for k, v in overrides.items() if k not in server_names})
         return EngineConfig(**values)
 
@@ -283,6 +286,10 @@ _FLAGS = [  # (name, type, help)
     ("decode_stream", Switch, "run each frame's Mimi decode on a CUDA stream of its own, so it overlaps the next "
                               "frame step (that step must be launched first: with --step-in-flight on): on, or off "
                               "(decodes and steps in one stream); no effect without CUDA graphs"),
+    ("split_start_lanes", Switch, "while some new turns need the full frame step and others are still in their "
+                                  "first ~16 steps (which read no codes), step the latter alone in the cheaper "
+                                  "decoder-only lane between full steps: on, or off (all starting calls step "
+                                  "together); the tokens are the same either way"),
     ("step_trace", str, "write one JSON line per frame step, batch of slot moves and piece of planned work the "
                         "engine runs to this file (why it ran, calls, padded batch, lane, the starting turns in it); "
                         "read it with python -m dia2stream.tools.step_trace FILE"),
