@@ -447,8 +447,12 @@ class Engine:
     def _compacting_moves(self, calls) -> list[tuple[int, int]]:
         stepping = sorted(call.slot.index for call in calls)
         with self._lock:
-            movable = [slot for slot, c in enumerate(self._calls)
-                       if c is not None and c.attached and slot not in stepping]
+            others = [(slot, c) for slot, c in enumerate(self._calls)
+                      if c is not None and c.attached and slot not in stepping]
+        # Calls starting a turn themselves go up last: one moved up for a lite step of others is
+        # moved down again at the next full step (`Scheduler.lite_between`), two moves for nothing.
+        movable = [slot for slot, c in sorted(others, key=lambda sc: (sc[1].awaiting_first_audio or sc[1].catching_up,
+                                                                      sc[0]))]
         return compacting_moves(stepping, movable, self.stepper.batch_sizes)
 
     def _swap_slots(self, a: int, b: int) -> None:

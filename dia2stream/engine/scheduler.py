@@ -241,13 +241,12 @@ class Scheduler:
 
 def compacting_moves(stepping: list[int], movable: list[int], batch_sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     """Slot swaps (high, low) that bring the slots a step needs (`stepping`) under the smallest
-    padded batch size the moves can reach: each stepping slot at or above it goes to the lowest
-    `movable` slot below it (a slot whose call is not stepping and may go up instead). No moves
-    when none would shrink the step."""
+    padded batch size the moves can reach: each stepping slot at or above it goes to a `movable`
+    slot below it (a slot whose call is not stepping and may go up instead), the first ones of
+    `movable` first. No moves when none would shrink the step."""
     if not stepping:
         return []
     current = next(b for b in batch_sizes if b > max(stepping))
-    movable = sorted(movable)
     for target in batch_sizes:
         if target < len(stepping):
             continue
