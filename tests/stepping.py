@@ -5,6 +5,14 @@ from vendor_dia2.script import parse_script
 
 SCRIPT = "[S1] Hello there, how are you doing today?"
 
+# calls 0..3 for `step_with_moves`; the moves bring call 3 (a new turn) down to slot 0 and back
+# up, and swap a call with an idle slot's call mid-utterance
+MOVE_PATTERN = [[True, True, True, True]] * 8 + [[False, False, False, True]] * 6 + \
+               [[True, False, True, True]] * 8 + [[True, True, True, True]] * 6
+MOVES = {8: (0, 3), 12: (1, 2), 14: (3, 0), 20: (0, 2)}
+# several pairs in one swap (`swap_rows_many`)
+MOVES_TOGETHER = {8: [(0, 3), (1, 2)], 14: [(3, 1), (0, 2)], 20: [(0, 1), (2, 3)], 24: [(0, 2), (1, 3)]}
+
 
 def step_pattern(tts, stepper, pattern, cfg: bool = True):
     """Step `stepper` (four slots) once per entry of `pattern` (which slots are active), each
@@ -33,7 +41,7 @@ def step_with_moves(tts, stepper, pattern, moves, cfg: bool = True):
     """Four calls, each speaking SCRIPT with its own seed (call 2 with its own temperatures, call
     3 after a 6-frame prefix prefilled with the upstream boundary, so a cache offset of 1),
     stepped once per entry of `pattern` (which *calls* are active) while `moves[i]` (a pair of
-    slots) is swapped before step i. Returns, per call, its actions, its delayed codes and its
+    slots, or a list of pairs swapped in one go) is swapped before step i. Returns, per call, its actions, its delayed codes and its
     position, whatever slot it ended on."""
     import torch
 
@@ -54,10 +62,14 @@ def step_with_moves(tts, stepper, pattern, moves, cfg: bool = True):
     actions: list[list[int]] = [[] for _ in range(4)]
     for i, calls_on in enumerate(pattern):
         if i in moves:
-            a, b = moves[i]
-            stepper.swap_rows(a, b)
-            call_a, call_b = row.index(a), row.index(b)
-            row[call_a], row[call_b] = b, a
+            pairs = moves[i] if isinstance(moves[i], list) else [moves[i]]
+            if len(pairs) == 1:
+                stepper.swap_rows(*pairs[0])
+            else:
+                stepper.swap_rows_many(pairs)
+            for a, b in pairs:
+                call_a, call_b = row.index(a), row.index(b)
+                row[call_a], row[call_b] = b, a
         active = [False] * 4
         choices = [None] * 4
         for call, on in enumerate(calls_on):

@@ -207,30 +207,27 @@ def test_bucketed_cache_graphs_match_whole_cache_eager(gpu_tts, compile):
 
 # -- calls moved between slots (issue 18) --------------------------------------------------------
 
-MOVE_PATTERN = [[True, True, True, True]] * 8 + [[False, False, False, True]] * 6 + \
-               [[True, False, True, True]] * 8 + [[True, True, True, True]] * 6
-MOVES = {8: (0, 3), 12: (1, 2), 14: (3, 0), 20: (0, 2)}
-
-
+@pytest.mark.parametrize("together", [False, True])
 @pytest.mark.parametrize("graphed_swaps", [False, True])
 @pytest.mark.parametrize("kernels", ["torch", "triton"])
-def test_moved_calls_under_graphs_give_the_tokens_of_unmoved_calls_in_eager(gpu_tts, kernels, graphed_swaps,
+def test_moved_calls_under_graphs_give_the_tokens_of_unmoved_calls_in_eager(gpu_tts, kernels, graphed_swaps, together,
                                                                            monkeypatch):
     """With the torch depformer a call's tokens do not depend on its slot: moved and graphed, it
     draws what it draws unmoved and eager. The Triton depformer runs at <= 4 model rows only
     (cuBLAS above), so its tokens follow the padded batch a call steps in, which a move changes
     (as its neighbours always did): there, moved under graphs equals moved in eager."""
-    from stepping import step_with_moves
+    from stepping import MOVE_PATTERN, MOVES, MOVES_TOGETHER, step_with_moves
     from vendor_dia2 import row_swap
 
     monkeypatch.setattr(row_swap, "GRAPHED", graphed_swaps)
+    moves = MOVES_TOGETHER if together else MOVES  # `together`: several pairs in one swap (one replay)
 
     def run(graph: bool, moves):
         stepper = gpu_tts.new_stepper(n_calls=4, cfg=True, max_positions=128, use_cuda_graph=graph, kernels=kernels)
         assert stepper.slots.swap_graphed == (graph and graphed_swaps)
         return step_with_moves(gpu_tts, stepper, MOVE_PATTERN, moves)
 
-    eager, graphed = run(False, {} if kernels == "torch" else MOVES), run(True, MOVES)
+    eager, graphed = run(False, {} if kernels == "torch" else moves), run(True, moves)
     assert graphed[0] == eager[0]
     assert all(torch.equal(a, b) for a, b in zip(graphed[1], eager[1]))
     assert graphed[2] == eager[2]

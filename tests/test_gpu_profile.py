@@ -17,7 +17,8 @@ def _stats(p50: float) -> dict:
 
 
 def test_a_profile_from_a_run_that_measured_everything_estimates_nothing(tmp_path):
-    batched = {"batch_sizes": [1, 2, 4], "swap_ms": _stats(0.21)}
+    batched = {"batch_sizes": [1, 2, 4], "swap_ms": _stats(0.21),
+               "swap_pairs_ms": {"1": _stats(0.21), "2": _stats(0.3), "3": _stats(0.41)}}
     for n, full, lite, dec in ((1, 7.0, 2.5, 2.0), (4, 9.0, 3.0, 2.4)):
         batched[str(n)] = {"step_ms": _stats(full), "lite_step_ms": _stats(lite), "mimi_decode_ms": _stats(dec),
                            "padded_to": n, "decode_rows": n}
@@ -31,6 +32,7 @@ def test_a_profile_from_a_run_that_measured_everything_estimates_nothing(tmp_pat
     assert profile.full_step_ms == {1: 7.0, 4: 9.0} and profile.lite_step_ms == {1: 2.5, 4: 3.0}
     assert profile.decode_ms == {1: 2.0, 4: 2.4}
     assert profile.swap_ms == 0.21 and profile.prefill_ms_per_frame == 0.2
+    assert profile.swap_pair_ms == 0.1  # (0.41 - 0.21) / 2: a pair more in one swap
 
 
 def test_the_checked_in_h200_profile_is_what_run_13_gives(tmp_path):

@@ -7,13 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepping import step_with_moves
-
-# calls 0..3; the moves bring call 3 (a new turn) down to slot 0 and back up, and swap a call
-# with an idle slot's call mid-utterance
-PATTERN = [[True, True, True, True]] * 8 + [[False, False, False, True]] * 6 + [[True, False, True, True]] * 8 + \
-          [[True, True, True, True]] * 6
-MOVES = {8: (0, 3), 12: (1, 2), 14: (3, 0), 20: (0, 2)}
+from stepping import MOVE_PATTERN, MOVES, MOVES_TOGETHER, step_with_moves
 
 
 @pytest.fixture(scope="module")
@@ -30,12 +24,14 @@ def test_a_moved_call_steps_on_token_for_token(small_tts, cfg, whole):
     def run(moves):
         stepper = small_tts.new_stepper(n_calls=4, cfg=cfg, max_positions=64)
         stepper.slots.capture_swap(graph=False, whole=whole)
-        return step_with_moves(small_tts, stepper, PATTERN, moves, cfg)
+        return step_with_moves(small_tts, stepper, MOVE_PATTERN, moves, cfg)
 
-    still, moved = run({}), run(MOVES)
-    assert moved[0] == still[0]
-    assert all(torch.equal(a, b) for a, b in zip(moved[1], still[1]))
-    assert moved[2] == still[2]
+    still = run({})
+    for moves in (MOVES, MOVES_TOGETHER):
+        moved = run(moves)
+        assert moved[0] == still[0]
+        assert all(torch.equal(a, b) for a, b in zip(moved[1], still[1]))
+        assert moved[2] == still[2]
     assert still[2][3] > still[2][1]  # call 3 stepped alone in between (the point of moving it)
 
 
@@ -105,12 +101,13 @@ def test_the_simulated_gpu_moves_a_call_as_the_stepper_does():
         for call in range(4):
             stepper.set_sampling(call, SamplingParams(seed=call))
         row, actions = list(range(4)), [[] for _ in range(4)]
-        for i, calls_on in enumerate(PATTERN):
+        for i, calls_on in enumerate(MOVE_PATTERN):
             if i in moves:
-                a, b = moves[i]
-                stepper.swap_rows(a, b)
-                call_a, call_b = row.index(a), row.index(b)
-                row[call_a], row[call_b] = b, a
+                pairs = moves[i] if isinstance(moves[i], list) else [moves[i]]
+                stepper.swap_rows_many(pairs)
+                for a, b in pairs:
+                    call_a, call_b = row.index(a), row.index(b)
+                    row[call_a], row[call_b] = b, a
             active, choices = [False] * 4, [None] * 4
             for call, on in enumerate(calls_on):
                 if on:
@@ -122,6 +119,23 @@ def test_the_simulated_gpu_moves_a_call_as_the_stepper_does():
         return actions, [stepper.written_codes(row[c]).clone() for c in range(4)], [stepper.text_inputs(row[c])
                                                                                     for c in range(4)]
 
-    still, moved = run({}), run(MOVES)
-    assert moved[0] == still[0] and moved[2] == still[2]
-    assert all(torch.equal(a, b) for a, b in zip(moved[1], still[1]))
+    still = run({})
+    for moves in (MOVES, MOVES_TOGETHER):
+        moved = run(moves)
+        assert moved[0] == still[0] and moved[2] == still[2]
+        assert all(torch.equal(a, b) for a, b in zip(moved[1], still[1]))
+
+
+def test_a_simulated_swap_of_several_pairs_costs_one_swap_and_each_further_pairs_bytes():
+    from dia2stream.engine.simulated import GpuProfile, SimulatedDevice, SimulatedStepper
+    from vendor_dia2.config import preset
+
+    profile = GpuProfile(gpu="test", preset="tiny", full_step_ms={1: 0.0}, lite_step_ms={1: 0.0}, decode_ms={1: 0.0},
+                         swap_ms=1.0, swap_pair_ms=0.25)
+    device = SimulatedDevice()
+    stepper = SimulatedStepper(preset("tiny"), profile, device, n_calls=20)
+    before = device.busy_seconds
+    stepper.swap_rows_many([(0, 3), (1, 2), (4, 5)])
+    assert device.busy_seconds - before == pytest.approx((1.0 + 2 * 0.25) / 1000)
+    stepper.swap_rows_many([(i, 19 - i) for i in range(9)])  # nine pairs: a swap of eight, then one
+    assert device.busy_seconds - before == pytest.approx((1.5 + (1.0 + 7 * 0.25) + 1.0) / 1000)

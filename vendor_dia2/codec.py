@@ -39,6 +39,7 @@ from moshi.models import loaders
 from moshi.modules.streaming import StreamingContainer
 
 from . import moshi_private, row_swap
+from .transfers import pinned_for, queued_to_device
 from .config import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
 NUM_CODEBOOKS = 32
 CODEBOOK_SIZE = 2048
@@ -88,20 +89,6 @@ def sanitize_codes(codes: torch.Tensor | tp.Sequence) -> torch.Tensor:
     codes = codes.long()
     valid = (codes >= 0) & (codes < CODEBOOK_SIZE)
     return torch.where(valid, codes, torch.zeros_like(codes))
-
-
-def pinned_for(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """`tensor`, in pinned memory when it is a host tensor bound for a CUDA device, so that its
-    copy is queued on the stream like a kernel. A copy from pageable memory blocks until the
-    stream is done, and with a step in flight the host sits out that whole step (H200 run 35: the
-    rollback marks' row index cost ~10-14 ms of every 64-call step's host time; a call's start
-    waited likewise)."""
-    return tensor.pin_memory() if device.type == "cuda" and tensor.device.type == "cpu" else tensor
-
-
-def queued_to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`, its copy queued (`pinned_for`), not `.to(device)`."""
-    return pinned_for(tensor, device).to(device, non_blocking=True)
 
 
 class MimiCodec:
@@ -366,9 +353,15 @@ class MimiCodec:
     @torch.inference_mode()
     def swap_rows(self, a: int, b: int) -> None:
         """Exchange rows `a` and `b` of the open stream's state (a call moved to another slot)."""
+        self.swap_rows_many([(a, b)])
+
+    @torch.inference_mode()  # the stream's state is made under inference mode
+    def swap_rows_many(self, pairs: list[tuple[int, int]]) -> None:
+        """`swap_rows` of each pair (no row in two pairs), in one go (one replay with graphs)."""
         self._check_stream(None)
-        if a != b:
-            self._row_swap(a, b)
+        pairs = [(a, b) for a, b in pairs if a != b]
+        if pairs:
+            self._row_swap(pairs)
 
     @property
     def swap_graphed(self) -> bool:
@@ -376,8 +369,9 @@ class MimiCodec:
         return self._stream_batch is not None and self._row_swap.graphed
 
     def _swap_state_rows(self, pair: torch.Tensor, extent: int | None) -> None:
-        """Every state tensor's rows `pair` [a, b] exchanged (`RowSwap`'s body; whole rows)."""
-        crossed = pair.flip(0)
+        """Every state tensor's rows exchanged, for each pair in `pair` [a1, b1, ...] (`RowSwap`'s
+        body; whole rows)."""
+        crossed = row_swap.crossed(pair)
         for state in self._decoder_side.get_streaming_state().values():
             moshi_private.swap_rows(state, pair, crossed)
 

@@ -137,8 +137,8 @@ def restore_state(state: tp.Any, saved: dict[str, tp.Any], rows: slice | None = 
 
 
 def swap_rows(state: tp.Any, pair: torch.Tensor, crossed: torch.Tensor) -> None:
-    """Exchange rows `pair` = [a, b] and `crossed` = [b, a] (index tensors on the state's device)
-    of every tensor and ring cache of a state, in place."""
+    """Exchange rows `pair` = [a1, b1, ...] and `crossed` = [b1, a1, ...] (index tensors on the
+    state's device) of every tensor and ring cache of a state, in place."""
     for value in state_fields(state).values():
         if isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == state.batch_size:
             value[pair] = value[crossed]

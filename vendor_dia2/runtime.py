@@ -302,7 +302,12 @@ class FrameStepper:
         settings, last outputs): each call steps on as it would have on its old slot, token for
         token. A step runs over slots 0..b-1, so moving the calls a step needs to the lowest
         slots makes the step small (one copy per move, none per step)."""
-        self.slots.swap(a, b)
+        self.slots.swap([(a, b)])
+
+    @torch.inference_mode()
+    def swap_rows_many(self, pairs: list[tuple[int, int]]) -> None:
+        """`swap_rows` of each pair (no slot in two pairs), in one go (one replay with graphs)."""
+        self.slots.swap(pairs)
 
     # -- snapshots (one slot, row-sized copies) ----------------------------------------------------
 

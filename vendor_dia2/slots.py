@@ -17,6 +17,7 @@ import torch
 
 from .config import Dia2Config
 from .model import Dia2Model
+from . import row_swap
 from .row_swap import RowSwap
 
 UNGENERATED = -2  # delayed-buffer cell not written yet
@@ -259,15 +260,17 @@ class SlotTable:
 
     # -- two slots, exchanged ---------------------------------------------------------------------
 
-    def swap(self, a: int, b: int) -> None:
-        """Exchange everything slots `a` and `b` own, device and host, so a call keeps going on its
-        new row as it would have on its old one (the draws are keyed by seed and position, not
-        by row). One indexed copy per tensor (`_swap_rows`), or one replay of them all
-        (`row_swap.GRAPHED`)."""
-        if a == b:
+    def swap(self, pairs: list[tuple[int, int]]) -> None:
+        """Exchange everything the slots of each pair (a, b) own, device and host, so a call keeps
+        going on its new row as it would have on its old one (the draws are keyed by seed and
+        position, not by row). No slot may be in two pairs. One indexed copy per tensor for all
+        pairs (`_swap_rows`), or one replay of them all (`row_swap.GRAPHED`)."""
+        pairs = [(a, b) for a, b in pairs if a != b]
+        if not pairs:
             return
-        self._row_swap(a, b, extent=max(self._filled(a), self._filled(b)))
-        self.places.swap(a, b)
+        self._row_swap(pairs, extent=max(self._filled(slot) for pair in pairs for slot in pair))
+        for a, b in pairs:
+            self.places.swap(a, b)
 
     @torch.inference_mode()  # the slot tensors are made under inference mode
     def capture_swap(self, graph: bool, whole: bool = False) -> None:
@@ -280,13 +283,13 @@ class SlotTable:
         return self._row_swap.graphed
 
     def _swap_rows(self, pair: torch.Tensor, filled: int | None) -> None:
-        """The device side of `swap` for the slots in `pair` [a, b]: the decoder caches over the
+        """The device side of `swap` for the slot pairs in `pair` [a1, b1, ...]: the decoder caches over the
         `filled` slots either call has written (the rest of a cache row is never read: the causal
         mask stops at a slot's position), or whole in a graph (None: ~0.4 GB at 2b with a
         2,048-slot cache, a fraction of a millisecond). The depformer caches are not state:
         every frame writes them before reading."""
-        crossed = pair.flip(0)
-        rows = (pair[:, None] * self.branches + self._branch_rows).flatten()  # [a's rows, b's rows]
+        crossed = row_swap.crossed(pair)
+        rows = (pair[:, None] * self.branches + self._branch_rows).flatten()  # [a1's rows, b1's rows, ...]
         rows_crossed = (crossed[:, None] * self.branches + self._branch_rows).flatten()
         for t in self._per_slot_tensors():
             t[pair] = t[crossed]

@@ -439,10 +439,29 @@ class Engine:
         decode beside it: the codec's swap joins that stream), and the host reads its outputs by
         the slots it ran on (`LaunchedCall.slot`). Draining it first cost every move the step's
         whole latency: ~29 moves beside each of the slowest tenth of lock-step starts
-        (simulated H200, 64 calls)."""
-        for high, low in moves:
-            self._swap_slots(high, low)
-        self.trace.moves(len(moves))
+        (simulated H200, 64 calls).
+
+        The moves go to the device together (`swap_rows_many`: one graph replay for up to eight),
+        since a move's cost is mostly its launches."""
+        if not moves:
+            return
+        flight = self._in_flight
+        swapped = []
+        with self._lock:
+            for a, b in moves:
+                call_a, call_b = self._calls[a], self._calls[b]
+                if call_a is None or call_b is None:
+                    continue  # closed meanwhile: its reset is queued for the slot it held
+                self._calls[a], self._calls[b] = call_b, call_a
+                call_a.slot.moved_to(b)
+                call_b.slot.moved_to(a)
+                swapped.append((a, b))
+                self.slot_moves_in_flight += flight is not None and (call_a in flight.entries or call_b in flight.entries)
+        # after the bookkeeping: a close from now on queues its reset behind this thread's swaps
+        self.stepper.swap_rows_many(swapped)
+        self.codec.swap_rows_many(swapped)
+        self.slot_moves += len(swapped)
+        self.trace.moves(len(swapped))
 
     def _compacting_moves(self, calls) -> list[tuple[int, int]]:
         stepping = sorted(call.slot.index for call in calls)
@@ -454,21 +473,6 @@ class Engine:
         movable = [slot for slot, c in sorted(others, key=lambda sc: (sc[1].awaiting_first_audio or sc[1].catching_up,
                                                                       sc[0]))]
         return compacting_moves(stepping, movable, self.stepper.batch_sizes)
-
-    def _swap_slots(self, a: int, b: int) -> None:
-        with self._lock:
-            call_a, call_b = self._calls[a], self._calls[b]
-            if call_a is None or call_b is None:
-                return  # closed meanwhile: its reset is queued for the slot it held
-            self._calls[a], self._calls[b] = call_b, call_a
-            call_a.slot.moved_to(b)
-            call_b.slot.moved_to(a)
-        # after the bookkeeping: a close from now on queues its reset behind this thread's swap
-        self.stepper.swap_rows(a, b)
-        self.codec.swap_rows(a, b)
-        self.slot_moves += 1
-        flight = self._in_flight
-        self.slot_moves_in_flight += flight is not None and (call_a in flight.entries or call_b in flight.entries)
 
     def _prefill_one(self) -> bool:
         """One planned prefill (a caller's turn), for the first slot that has one."""

@@ -35,6 +35,7 @@ import torch
 from vendor_dia2.codec import CodecStreamSnapshot
 from vendor_dia2.config import FRAME_SAMPLES, MAX_TOP_K, Dia2Config, preset
 from vendor_dia2.runtime import PrefillSpan, PrefixBoundary, SamplingParams, StepperSnapshot, default_batch_sizes
+from vendor_dia2.row_swap import PAIR_GROUPS
 from vendor_dia2.slots import SlotPlace
 
 UNGENERATED = -1  # a delayed-buffer cell no step has written
@@ -42,6 +43,11 @@ UNGENERATED = -1  # a delayed-buffer cell no step has written
 # µs each to launch) and the filled decoder caches of two calls (~0.1 MB a position at 2b, cfg 2,
 # bf16: ~100 MB for two calls 500 frames in, ~0.05 ms at H100/H200 bandwidth). An ESTIMATE.
 SWAP_MS = 0.3
+# Each pair after the first in one swap (`FrameStepper.swap_rows_many`, one graph replay for up to
+# `row_swap.PAIR_GROUPS[-1]` pairs): its bytes, not launches. A
+# graphed swap copies whole decoder-cache rows, ~0.4 GB a slot at 2b (24 layers, cfg 2, 4 kv heads,
+# 2,050 positions, bf16), read and written for two slots at ~4 TB/s. An ESTIMATE, not measured.
+SWAP_PAIR_MS = 0.4
 # A decode on a stream of its own (`--decode-stream on`) shares the GPU with the frame step it
 # overlaps: the share of the decode's time that step is slowed by. H200 run 20 (`gpu_idle`, one
 # call, step in flight): the step went from 8.14 to 7.13 ms with the ~2.2 ms decode beside it, so
@@ -63,6 +69,7 @@ class GpuProfile:
     decode_ms: dict[int, float]  # one batched Mimi decode over that many stream rows
     prefill_ms_per_frame: float = 0.11
     swap_ms: float = SWAP_MS  # exchanging two slots' device state (caches, buffers, Mimi rows)
+    swap_pair_ms: float = SWAP_PAIR_MS  # each further pair exchanged in the same swap
     side_decode_slowdown: float = SIDE_DECODE_SLOWDOWN  # a step beside a decode is slowed by this share of it
     source: str = ""
 
@@ -75,6 +82,7 @@ class GpuProfile:
                        decode_ms=_by_size(raw["decode_ms"]),
                        prefill_ms_per_frame=float(raw.get("prefill_ms_per_frame", cls.prefill_ms_per_frame)),
                        swap_ms=float(raw.get("swap_ms", cls.swap_ms)),
+                       swap_pair_ms=float(raw.get("swap_pair_ms", cls.swap_pair_ms)),
                        side_decode_slowdown=float(raw.get("side_decode_slowdown", cls.side_decode_slowdown)),
                        source=raw.get("source", ""))
         except (KeyError, TypeError, ValueError) as exc:
@@ -316,11 +324,21 @@ class SimulatedStepper:
     # -- moving calls between slots
 
     def swap_rows(self, a: int, b: int) -> None:
-        """Exchange slots `a` and `b` whole, as `FrameStepper.swap_rows` does (the profile's
-        `swap_ms` on the device, Mimi rows included)."""
-        if a == b:
-            return
-        self.device_clock.launch(self.profile.swap_ms / 1000)
+        self.swap_rows_many([(a, b)])
+
+    def swap_rows_many(self, pairs: list[tuple[int, int]]) -> None:
+        """Exchange the slots of each pair whole, as `FrameStepper.swap_rows_many` does: the
+        profile's `swap_ms` on the device per group of pairs, plus `swap_pair_ms` for each pair
+        after the first in the padded group (Mimi rows included)."""
+        pairs = [(a, b) for a, b in pairs if a != b]
+        largest = max(PAIR_GROUPS)
+        for start in range(0, len(pairs), largest):
+            padded = next(size for size in PAIR_GROUPS if size >= len(pairs[start:start + largest]))
+            self.device_clock.launch((self.profile.swap_ms + (padded - 1) * self.profile.swap_pair_ms) / 1000)
+        for a, b in pairs:
+            self._swap_host(a, b)
+
+    def _swap_host(self, a: int, b: int) -> None:
         pair, crossed = [a, b], [b, a]
         self.buffer[pair] = self.buffer[crossed]
         self.ready_codes[pair] = self.ready_codes[crossed]
@@ -420,6 +438,9 @@ class SimulatedCodec:
         return next(b for b in self.decode_sizes if b >= rows)
 
     def swap_rows(self, a: int, b: int) -> None:
+        self.swap_rows_many([(a, b)])
+
+    def swap_rows_many(self, pairs: list[tuple[int, int]]) -> None:
         self.device_clock.join_side()  # timed with the stepper's swap
 
     def close_stream(self) -> None:

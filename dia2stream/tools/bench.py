@@ -106,18 +106,25 @@ def bench_steps(tts: Dia2, *, cfg: bool, graph: bool, frames: int, compile: bool
     return out
 
 
-def _timed_swaps(stepper, codec, device, n_max: int) -> list[float]:
-    """ms of 10 moves (after 2 untimed), each synchronised: the call on the top slot moves to slot
-    0 and back, as the engine moves a new turn."""
+def _timed_swaps(stepper, codec, device, n_max: int, pairs: int = 1) -> list[float]:
+    """ms of 10 swaps (after 2 untimed), each synchronised: the calls on the top `pairs` slots
+    move to the lowest ones and back, as the engine moves new turns (one swap for all of them)."""
+    moves = [(low, n_max - 1 - low) for low in range(pairs)]
     swaps = []
     for _ in range(12):
         _sync(device)
         t0 = time.perf_counter()
-        stepper.swap_rows(0, n_max - 1)
-        codec.swap_rows(0, n_max - 1)
+        stepper.swap_rows_many(moves)
+        codec.swap_rows_many(moves)
         _sync(device)
         swaps.append((time.perf_counter() - t0) * 1000)
     return swaps[2:]
+
+
+def _timed_swap_groups(stepper, codec, device, n_max: int) -> dict[str, dict]:
+    """`_timed_swaps` for each group size of one swap (`row_swap.PAIR_GROUPS`) the slots allow."""
+    return {str(k): stats(_timed_swaps(stepper, codec, device, n_max, pairs=k))
+            for k in row_swap.PAIR_GROUPS if 2 * k <= n_max}
 
 
 def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, kernels: str = "torch",
@@ -188,9 +195,11 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
         stepper.slots.capture_swap(graph=True)
         codec.capture_swap(graph=True)
         out["swap_graphed_ms"] = stats(_timed_swaps(stepper, codec, tts.device, n_max))
+        out["swap_pairs_ms"] = _timed_swap_groups(stepper, codec, tts.device, n_max)
         stepper.slots.capture_swap(graph=row_swap.GRAPHED)
         codec.capture_swap(graph=row_swap.GRAPHED)
-    print(f"  slot move (stepper and Mimi rows): {out['swap_ms']}, as graphs {out.get('swap_graphed_ms')}", flush=True)
+    print(f"  slot move (stepper and Mimi rows): {out['swap_ms']}, as graphs {out.get('swap_graphed_ms')}, "
+          f"several pairs in one graphed swap {out.get('swap_pairs_ms')}", flush=True)
     codec.close_stream()
     del stepper
     return out
@@ -236,6 +245,12 @@ def gpu_profile(result: dict, source: str) -> dict:
         profile["swap_ms"] = batched["swap_ms"]["p50"]
     else:
         notes.append("slot swap not measured: the simulator's estimate (engine.simulated.SWAP_MS)")
+    groups = {int(k): v["p50"] for k, v in batched.get("swap_pairs_ms", {}).items()}
+    if len(groups) > 1:
+        largest = max(groups)
+        profile["swap_pair_ms"] = round((groups[largest] - groups[1]) / (largest - 1), 4)
+    else:
+        notes.append("swaps of several pairs not measured: the simulator's estimate (engine.simulated.SWAP_PAIR_MS)")
     profile["source"] = "; ".join(notes)
     return {k: ({str(n): ms for n, ms in v.items()} if isinstance(v, dict) else v) for k, v in profile.items()}
 
