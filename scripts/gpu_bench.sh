@@ -7,6 +7,7 @@
 # nothing downloaded. Results land in $OUT (default .) as JSON and logs.
 #   scripts/gpu_bench.sh                  # everything
 #   STAGES=load scripts/gpu_bench.sh      # only the server under load
+#   STAGES=callcentre CALLS_CC="64 128" CALLS_LOCK=64 LOCK_FIRST=1 scripts/gpu_bench.sh   # issue 18's patterns
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-.}"
@@ -78,19 +79,24 @@ if [[ $STAGES == *callcentre* ]]; then  # issue 18's targets: the call-centre pa
   t0=$(date +%s)
   serve callcentre --max-calls "${MAX_CALLS:-128}" --compile "${COMPILE:-auto}" ${SERVER_ARGS:-} && \
     echo "server up in $(( $(date +%s) - t0 )) s: $(health)"
-  for n in ${CALLS_CC:-1 64 128}; do
-    sample "callcentre-$n" &
-    SAMPLER=$!
-    python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --pattern call-centre --calls "$n" --turns "${TURNS:-4}" \
-      --arrival-window "${WINDOW:-20}" --seed 1 --quiet --json "$OUT/callcentre-$n.json" > "$OUT/callcentre-$n.txt" 2>&1
-    kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null
-    echo "== call-centre, $n calls (health after: $(health))"; cat "$OUT/callcentre-$n.txt"; summarise "callcentre-$n"
-  done
-  for n in ${CALLS_LOCK:-64}; do
-    python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
-      --json "$OUT/lockstep-$n.json" > "$OUT/lockstep-$n.txt" 2>&1
-    echo "== lock-step, $n calls (health after: $(health))"; tail -12 "$OUT/lockstep-$n.txt"
-  done
+  call_centre() {
+    for n in ${CALLS_CC:-1 64 128}; do
+      sample "callcentre-$n" &
+      SAMPLER=$!
+      python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --pattern call-centre --calls "$n" --turns "${TURNS:-4}" \
+        --arrival-window "${WINDOW:-20}" --seed 1 --quiet --json "$OUT/callcentre-$n.json" > "$OUT/callcentre-$n.txt" 2>&1
+      kill "$SAMPLER" 2>/dev/null; wait "$SAMPLER" 2>/dev/null
+      echo "== call-centre, $n calls (health after: $(health))"; cat "$OUT/callcentre-$n.txt"; summarise "callcentre-$n"
+    done
+  }
+  lock_step() {
+    for n in ${CALLS_LOCK:-64}; do
+      python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
+        --json "$OUT/lockstep-$n.json" > "$OUT/lockstep-$n.txt" 2>&1
+      echo "== lock-step, $n calls (health after: $(health))"; tail -12 "$OUT/lockstep-$n.txt"
+    done
+  }
+  if [[ -n ${LOCK_FIRST:-} ]]; then lock_step; call_centre; else call_centre; lock_step; fi  # LOCK_FIRST: if cut short
   stop
 fi
 if [[ $STAGES == *rollover* ]]; then

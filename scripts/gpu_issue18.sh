@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 18's open checks on one lent GPU, in two device calls of under 10 minutes each (every server
+# start compiles and captures for ~75-120 s on the H200). Each part leaves its files in $OUT/all.tgz
+# (the device tool brings back only a few files). Not yet run on a GPU: written on the CPU in session
+# 36, its plumbing tried with EXTRA_SERVER_ARGS="--simulate-gpu profiles/h200-2b-run22.json" CKPT=tiny.
+#   PART=a: the GPU tests that no command or launch waits for the step in flight, and that moves of
+#           several pairs in one graph replay keep every call's tokens; then one server (default
+#           flags, --max-calls 128, a step trace) under lock-step 64 first (the target still
+#           missed), then call-centre 64 and 128.
+#   PART=b: lock-step 64 with --split-start-lanes off (the A/B of that switch); the moves bench
+#           (swap_pairs_ms: the cost of 1-8 pairs in one swap, for the profile's swap_pair_ms);
+#           GPU idle in 64- and 128-call steps (gpu_idle).
+set -u
+cd "$(dirname "$0")/.."
+T0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/dia2-site .whl/*.whl 2>&1 | tail -2
+export PYTHONPATH="/tmp/dia2-site:$PWD" PYTHONUNBUFFERED=1 DIA2_CACHE=/tmp/dia2cache
+D=/tmp/gpu18-${PART:-a}; rm -rf "$D"; mkdir -p "$D"
+since() { echo "== $1 ($(( $(date +%s) - T0 )) s)"; }
+pack() { gzip -f "$D"/server-*.log "$D"/steps.jsonl 2>/dev/null; rm -f "$D"/results.tgz; tar -czf "$OUT/all.tgz" -C "$D" . 2>/dev/null; }
+load_stage() {  # load_stage LIMIT_S ARGS...: gpu_bench.sh's call-centre stage (one server), filtered
+  local limit=$1; shift
+  env OUT="$D" STAGES=callcentre TURNS=3 WINDOW=15 MAX_CALLS=128 "$@" timeout "$limit" bash scripts/gpu_bench.sh 2>&1 \
+    | grep -v "random weights" | grep -E "==|onset|underrun|stall|samples|server up|rror|first|next|barge" | cut -c1-160
+}
+if [[ ${PART:-a} == a ]]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_row_swap.py \
+    -k "never_wait or moved_calls_under_graphs or graphed" -rf --tb=short 2>&1 | grep -v Warn | tail -12 | tee "$D/tests.txt"
+  since "tests done"
+  # lock-step first: the one target still missed, measured even if the limit cuts the rest
+  load_stage 420 CALLS_CC="64 128" CALLS_LOCK=64 LOCK_FIRST=1 SERVER_ARGS="${EXTRA_SERVER_ARGS:-} --step-trace $D/steps.jsonl"
+  since "loads done"; pack
+  gunzip -kf "$D/steps.jsonl.gz" && python3 -m dia2stream.tools.step_trace "$D/steps.jsonl" --json "$D/steps-summary.json" 2>&1 | tail -16
+  rm -f "$D/steps.jsonl"
+else
+  load_stage 200 CALLS_CC=" " CALLS_LOCK=64 SERVER_ARGS="${EXTRA_SERVER_ARGS:-} --split-start-lanes off"
+  since "lock-step, split off, done"; pack
+  [[ -f /tmp/dia2-bench/2b/model.safetensors ]] || python3 -m vendor_dia2 make-checkpoint --preset 2b /tmp/dia2-bench/2b > /dev/null
+  timeout 200 python3 -m dia2stream.tools.bench --presets 2b --mimi random --frames 20 --runs 2 --compile --kernels triton \
+    --batched 1,64,128 --skip-server --steps graph_compiled_triton_cfg2 --json "$D/bench-moves.json" > "$D/bench-moves.log" 2>&1
+  grep -E "slot move|batched" "$D/bench-moves.log" | cut -c1-300
+  since "moves bench done"; pack
+  timeout 150 python3 -m dia2stream.tools.gpu_idle --checkpoint /tmp/dia2-bench/2b --mimi random --calls 64,128 --steps 40 \
+    --json "$D/gpu-idle.json" > "$D/gpu-idle.log" 2>&1
+  tail -8 "$D/gpu-idle.log"
+fi
+pack
+since end
