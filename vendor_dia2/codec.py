@@ -39,8 +39,8 @@ from moshi.models import loaders
 from moshi.modules.streaming import StreamingContainer
 
 from . import moshi_private, row_swap
-from .transfers import pinned_for, queued_to_device
 from .config import FRAME_RATE, FRAME_SAMPLES, SAMPLE_RATE
+from .transfers import pinned_for, queued_to_device
 NUM_CODEBOOKS = 32
 CODEBOOK_SIZE = 2048
 

@@ -44,9 +44,9 @@ UNGENERATED = -1  # a delayed-buffer cell no step has written
 # bf16: ~100 MB for two calls 500 frames in, ~0.05 ms at H100/H200 bandwidth). An ESTIMATE.
 SWAP_MS = 0.3
 # Each pair after the first in one swap (`FrameStepper.swap_rows_many`, one graph replay for up to
-# `row_swap.PAIR_GROUPS[-1]` pairs): its bytes, not launches. A
-# graphed swap copies whole decoder-cache rows, ~0.4 GB a slot at 2b (24 layers, cfg 2, 4 kv heads,
-# 2,050 positions, bf16), read and written for two slots at ~4 TB/s. An ESTIMATE, not measured.
+# `row_swap.PAIR_GROUPS[-1]` pairs): its bytes, not launches. A graphed swap copies whole
+# decoder-cache rows, ~0.4 GB a slot at 2b (24 layers, cfg 2, 4 kv heads, 2,050 positions, bf16),
+# read and written for two slots at ~4 TB/s. An ESTIMATE, not measured.
 SWAP_PAIR_MS = 0.4
 # A decode on a stream of its own (`--decode-stream on`) shares the GPU with the frame step it
 # overlaps: the share of the decode's time that step is slowed by. H200 run 20 (`gpu_idle`, one
@@ -328,8 +328,8 @@ class SimulatedStepper:
 
     def swap_rows_many(self, pairs: list[tuple[int, int]]) -> None:
         """Exchange the slots of each pair whole, as `FrameStepper.swap_rows_many` does: the
-        profile's `swap_ms` on the device per group of pairs, plus `swap_pair_ms` for each pair
-        after the first in the padded group (Mimi rows included)."""
+        profile's `swap_ms` on the device per replay, plus `swap_pair_ms` for each pair after the
+        first in it (padded up to a group size; Mimi rows included)."""
         pairs = [(a, b) for a, b in pairs if a != b]
         largest = max(PAIR_GROUPS)
         for start in range(0, len(pairs), largest):
