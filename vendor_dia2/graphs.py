@@ -9,6 +9,8 @@ graph, never on a request; with `compile` the layer and stage functions inside a
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Callable
 
 import torch
@@ -20,6 +22,8 @@ from .frame import FrameFunctions
 CACHE_BUCKETS = (256, 512)
 
 FrameCall = Callable[[FrameFunctions, int, bool, int], None]  # (functions, batch size, full lane, cache length)
+
+log = logging.getLogger(__name__)
 
 
 def default_batch_sizes(n_calls: int) -> tuple[int, ...]:
@@ -90,7 +94,9 @@ class FrameGraphs:
         if not self.use_cuda_graph:
             return
         pool = torch.cuda.graph_pool_handle()
-        for b in self.batch_sizes:
+        started = time.perf_counter()
+        for i, b in enumerate(self.batch_sizes):
+            t0 = time.perf_counter()
             fns = self.functions_for(b)
             for full in (True, False):
                 for length in self.length_buckets:
@@ -104,7 +110,12 @@ class FrameGraphs:
                     with torch.inference_mode(), torch.cuda.graph(graph, pool=pool):
                         frame(fns, b, full, length)
                     self._graphs[(b, full, length)] = graph
-        torch.cuda.synchronize()
+            torch.cuda.synchronize()
+            # start-up takes minutes on a cold compile cache: say where it is, and what each size cost
+            log.info("frame graphs for batch %d captured (%d of %d sizes, %s): %.1f s", b, i + 1,
+                     len(self.batch_sizes), "compiled" if b <= self.compile_max_calls else "eager",
+                     time.perf_counter() - t0)
+        log.info("%d frame graphs captured in %.1f s", len(self._graphs), time.perf_counter() - started)
 
     @property
     def captured(self) -> int:

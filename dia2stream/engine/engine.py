@@ -102,14 +102,18 @@ class Engine:
         self.context_frames = min(config.context_frames or model_limit, model_limit)
         self.max_calls = config.max_calls
         self.spare_slot = config.max_calls  # voice preparation; never stepped
+        t0 = time.perf_counter()
         self.stepper = tts.new_stepper(n_calls=config.max_calls + 1, cfg=config.cfg_scale != 1.0,
                                        max_positions=self.context_frames, compile=config.compile,
                                        batch_sizes=config.batch_sizes or default_batch_sizes(config.max_calls),
                                        kernels=config.kernels, weights=config.weights,
                                        compile_max_calls=config.compile_max_calls)
+        log.info("frame stepper for %d slots ready in %.1f s", config.max_calls + 1, time.perf_counter() - t0)
         self.codec = tts.codec
+        t0 = time.perf_counter()
         # a decode runs over the stream's first rows, padded as a step is (the calls it needs sit lowest)
         self.codec.open_stream(config.max_calls, decode_sizes=self.stepper.batch_sizes, side_stream=config.decode_stream)
+        log.info("Mimi stream for %d rows open in %.1f s", config.max_calls, time.perf_counter() - t0)
         self.voices = VoiceRegistry(tts, self.stepper, self.codec, config.voice, spare_slot=self.spare_slot,
                                     max_prefix_frames=self.max_prefix_frames, boundary=config.prefix_boundary)
         self.runner = Runner(self.stepper, self.codec, config.max_calls)

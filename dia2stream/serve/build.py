@@ -51,6 +51,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
     else:
         checkpoint = checkpoint_for(config)
         tts = Dia2.from_pretrained(checkpoint, device=config.device, dtype=config.dtype, mimi=config.mimi)
+        log.info("weights and Mimi loaded in %.1f s", time.perf_counter() - t0)
         if is_random_preset(checkpoint):
             log.warning("checkpoint %s has random weights: its audio is noise, not speech (the published model: "
                         "--checkpoint %s, on a GPU)", checkpoint, PUBLISHED_CHECKPOINT)
