@@ -218,9 +218,9 @@ _FLAGS = [  # (name, type, help)
     ("persistent_stage", Switch, "run each Triton depformer stage (all its layers and the logits, at 1-4 rows) as one "
                                  "persistent launch with grid barriers instead of 21 launches: on, off "
                                  "(docs/benchmarks.md)"),
-    ("graphed_swaps", Switch, "move a call between slots (the stepper's and the Mimi stream's rows) as one CUDA "
-                              "graph replay instead of a few hundred launches, where the steps run as CUDA graphs: on "
-                              "(the default), off (docs/benchmarks.md, run 22)"),
+    ("graphed_swaps", Switch, "move calls between slots (the stepper's and the Mimi stream's rows) as one CUDA "
+                              "graph replay for up to 8 moves at once instead of a few hundred launches each, where "
+                              "the steps run as CUDA graphs: on (the default), off (docs/benchmarks.md, run 22)"),
     ("decode_attention", CompileMode, "the decoder's attention in a step: off (SDPA over the cache window, the "
                                       "default), on (a Triton kernel over each call's filled cache slots), auto (on "
                                       "where the triton kernels run); off by default until compiled CUDA graphs with "
