@@ -153,8 +153,10 @@ def test_new_turns_that_read_no_codes_yet_step_alone_between_full_steps():
         call.slot.depformer = False  # in their first steps: the decoder-only lane
     late = FakeCall(11, starting=True)  # its first codes are read: the full lane
     calls = playing + early + [late]
-    assert s.plan(calls).calls == (*early, late)
-    assert s.plan(calls).calls == tuple(early)  # alone, after the full step
+    first = s.plan(calls)
+    assert first.calls == (*early, late) and first.compact
+    lite = s.plan(calls)
+    assert lite.calls == tuple(early) and not lite.compact  # alone after the full step, where it compacted them
     assert s.plan(calls).calls == (*early, late)  # then all of them again
     assert s.lite_between_steps == 1
     # all of them in the decoder-only lane: one step, as ever

@@ -394,7 +394,7 @@ class Engine:
         if plan is None:
             self._drain()  # nothing to launch: apply the step in flight before waiting
             return
-        if plan.reason == "starting" and self.config.move_slots:
+        if plan.reason == "starting" and plan.compact and self.config.move_slots:
             self._compact(self._compacting_moves(plan.calls))
         self._deadline_steps = self._deadline_steps + 1 if plan.reason == "deadline" else 0
         self._planned_work_ran = False

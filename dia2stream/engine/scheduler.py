@@ -90,6 +90,9 @@ class StepPlan:
     # a call in it is under the coast floor: a deadline plan (planned work waits), or a starting
     # one with a short call riding in it (planned work alternates with such steps, one piece each)
     urgent: bool = False
+    # the calls are moved to the lowest slots first (`compacting_moves`); not for a lite step
+    # between full ones: its calls were compacted for the full step before it
+    compact: bool = True
 
 
 @dataclass
@@ -180,7 +183,7 @@ class Scheduler:
             lite = self.lite_between(starting, short, len(eligible), lead_of)
             if lite:
                 self.lite_between_steps += 1
-                return self._made(StepPlan(tuple(sorted(lite, key=_slot)), "starting"), full=False)
+                return self._made(StepPlan(tuple(sorted(lite, key=_slot)), "starting", compact=False), full=False)
             full = bool(filling) or any(c.slot.needs_depformer() for c in starting)
             return self._made(StepPlan(tuple(sorted(starting + filling, key=_slot)), "starting", urgent=bool(filling)),
                               full=full)
