@@ -37,6 +37,11 @@ def step_pattern(tts, stepper, pattern, cfg: bool = True):
     return actions, lengths
 
 
+def move_pairs(moves: dict, i: int) -> list[tuple[int, int]]:
+    """The slot pairs `moves` swaps before step i: one pair, or a list swapped in one go."""
+    return moves[i] if isinstance(moves[i], list) else [moves[i]]
+
+
 def step_with_moves(tts, stepper, pattern, moves, cfg: bool = True):
     """Four calls, each speaking SCRIPT with its own seed (call 2 with its own temperatures, call
     3 after a 6-frame prefix prefilled with the upstream boundary, so a cache offset of 1),
@@ -62,7 +67,7 @@ def step_with_moves(tts, stepper, pattern, moves, cfg: bool = True):
     actions: list[list[int]] = [[] for _ in range(4)]
     for i, calls_on in enumerate(pattern):
         if i in moves:
-            pairs = moves[i] if isinstance(moves[i], list) else [moves[i]]
+            pairs = move_pairs(moves, i)
             if len(pairs) == 1:
                 stepper.swap_rows(*pairs[0])
             else:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stepping import MOVE_PATTERN, MOVES, MOVES_TOGETHER, step_with_moves
+from stepping import MOVE_PATTERN, MOVES, MOVES_TOGETHER, move_pairs, step_with_moves
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_the_simulated_gpu_moves_a_call_as_the_stepper_does():
         row, actions = list(range(4)), [[] for _ in range(4)]
         for i, calls_on in enumerate(MOVE_PATTERN):
             if i in moves:
-                pairs = moves[i] if isinstance(moves[i], list) else [moves[i]]
+                pairs = move_pairs(moves, i)
                 stepper.swap_rows_many(pairs)
                 for a, b in pairs:
                     call_a, call_b = row.index(a), row.index(b)

@@ -350,7 +350,6 @@ class MimiCodec:
             self._graphs[b] = (graph, pcm)
         self.restore_stream(fresh)
 
-    @torch.inference_mode()
     def swap_rows(self, a: int, b: int) -> None:
         """Exchange rows `a` and `b` of the open stream's state (a call moved to another slot)."""
         self.swap_rows_many([(a, b)])

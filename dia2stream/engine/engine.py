@@ -42,7 +42,8 @@ from dia2stream.call.call import Call, CallModel, Phase, Sink
 from dia2stream.call.slot import CallSettings, SlotHandle
 from dia2stream.call.user_turn import LoadedUserTurn, load_user_turn
 from dia2stream.engine.runner import Runner
-from dia2stream.engine.scheduler import BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind, compacting_moves
+from dia2stream.engine.scheduler import (BEHIND_S, SUSTAINED_BEHIND_S, Scheduler, behind, compacting_moves,
+                                         is_starting)
 from dia2stream.engine.step_trace import StepTrace
 from dia2stream.wire.protocol import ErrorCode
 from dia2stream.voices.registry import VoiceRegistry
@@ -474,8 +475,7 @@ class Engine:
                       if c is not None and c.attached and slot not in stepping]
         # Calls starting a turn themselves go up last: one moved up for a lite step of others is
         # moved down again at the next full step (`Scheduler.lite_between`), two moves for nothing.
-        movable = [slot for slot, c in sorted(others, key=lambda sc: (sc[1].awaiting_first_audio or sc[1].catching_up,
-                                                                      sc[0]))]
+        movable = [slot for slot, c in sorted(others, key=lambda sc: (is_starting(sc[1]), sc[0]))]
         return compacting_moves(stepping, movable, self.stepper.batch_sizes)
 
     def _prefill_one(self) -> bool:

@@ -169,8 +169,8 @@ class Scheduler:
         eligible = self.eligible(calls, lead_of)
         if not eligible:
             return None
-        starting = [c for c in eligible if c.awaiting_first_audio or c.catching_up]
-        playing = [c for c in eligible if not (c.awaiting_first_audio or c.catching_up)]
+        starting = [c for c in eligible if is_starting(c)]
+        playing = [c for c in eligible if not is_starting(c)]
         leads = [lead_of[c] for c in playing]
         floor = self.coast_floor(len(eligible))
         short = [call for call, lead in zip(playing, leads) if lead < floor]
@@ -222,7 +222,7 @@ class Scheduler:
                 wait = min(wait, 0.02)  # the client is not reading: look again soon
         refill = self.refill_below(len(eligible))
         for call in eligible:
-            if call.awaiting_first_audio or call.catching_up:
+            if is_starting(call):
                 return 0.0
             wait = min(wait, call.lead_seconds() - refill)
         return max(0.0, wait)
@@ -262,10 +262,15 @@ def compacting_moves(stepping: list[int], movable: list[int], batch_sizes: tuple
     return []
 
 
+def is_starting(call) -> bool:
+    """A turn before its first audio, or catching up after a rollback: its caller waits now."""
+    return call.awaiting_first_audio or call.catching_up
+
+
 def behind(calls) -> list:
     """Playing calls whose caller is already waiting for audio. A call still starting its turn,
     or catching up after a rollback, is not: its caller hears the turn's onset, not an underrun."""
-    return [c for c in calls if not (c.awaiting_first_audio or c.catching_up) and c.lead_seconds() < -BEHIND_S]
+    return [c for c in calls if not is_starting(c) and c.lead_seconds() < -BEHIND_S]
 
 
 def _slot(call) -> int:

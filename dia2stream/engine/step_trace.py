@@ -14,6 +14,8 @@ import io
 import json
 import time
 
+from dia2stream.engine.scheduler import is_starting
+
 
 class StepTrace:
     """Appends one line per event to `out` (any text stream)."""
@@ -33,8 +35,7 @@ class StepTrace:
         """A frame step launched for `calls` (`Call`s) at padded size `batch` in the full lane or not."""
         if self._out is None:
             return
-        turns = [call.turn.serial for call in calls
-                 if call.turn is not None and (call.awaiting_first_audio or call.catching_up)]
+        turns = [call.turn.serial for call in calls if call.turn is not None and is_starting(call)]
         self._write({"t": time.monotonic(), "kind": "step", "reason": reason, "calls": len(calls),
                      "batch": batch, "full": full, "starting": turns})
 
