@@ -80,6 +80,7 @@ def test_the_frame_picks_by_the_previous_action_then_its_own():
 # -- the engine: the same tokens with a step in flight or not ----------------------------------------
 
 import queue  # noqa: E402
+import random  # noqa: E402
 import threading  # noqa: E402
 import time  # noqa: E402
 
@@ -89,6 +90,7 @@ import pytest  # noqa: E402
 from dia2stream.call.call import AudioFrame, Phase  # noqa: E402
 from dia2stream.engine.engine import Engine  # noqa: E402
 from dia2stream.wire import protocol as p  # noqa: E402
+from dia2stream.wire.protocol import ErrorCode  # noqa: E402
 
 from helpers import engine_config  # noqa: E402
 
@@ -218,8 +220,9 @@ def _tone_wav(seconds: float = 0.8) -> bytes:
 
 
 def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), kind=Conversation, counts: dict | None = None,
-                      **overrides) -> list[dict]:
-    """`counts`: filled with the engine's counters of the run."""
+                      neighbours: int = 0, report: dict | None = None, **overrides) -> list[dict]:
+    """`counts`: filled with the engine's counters of the run. `neighbours`: that many
+    `Neighbour` calls beside the conversations until they end; `report` gets what they saw."""
     import tempfile
 
     from dia2stream.voices.voice import VoiceRequest, VoiceSettings
@@ -231,14 +234,23 @@ def run_conversations(tts, step_in_flight: str, seeds=(3, 11, 42), kind=Conversa
         engine.preload_voice(VoiceRequest("base", audio=_tone_wav(0.4), transcript="[S1] Hi."), cache=False)
         engine.preload_voice(VoiceRequest("v", audio=_tone_wav(), transcript="[S1] Hi there."), cache=False)
         conversations = [kind(engine, seed) for seed in seeds]
+        stop = threading.Event()
+        crowd = [Neighbour(engine, 1000 + n, stop) for n in range(neighbours)]
+        crowd_threads = [threading.Thread(target=n.run) for n in crowd]
         threads = [threading.Thread(target=c.run) for c in conversations]
-        for t in threads:
+        for t in crowd_threads + threads:
             t.start()
         for t in threads:
             t.join()
-        for c in conversations:
+        stop.set()
+        for t in crowd_threads:
+            t.join()
+        for c in conversations + crowd:
             if c.error is not None:
                 raise c.error
+        if report is not None:
+            report.update(commands=sum(n.commands for n in crowd), running=engine.running,
+                          internal_errors=[e for n in crowd for e in n.internal_errors])
         if step_in_flight == "on":
             assert engine.steps_ahead > 0, "no call was ever launched with its step before in flight"
             landed = engine.commands_held + engine.commands_beside
@@ -354,6 +366,84 @@ def test_how_calls_are_batched_leaves_every_calls_tokens_as_they_were(backend, s
     assert counts[counter] > 0, f"the run never did what {setting} does: {counts}"
     off, _ = paced_conversations(backend, tiny_dir, off=setting)
     assert_same(on, off, pcm=backend == "tiny")
+
+
+# -- hostile neighbours -------------------------------------------------------------------------------
+
+NEIGHBOUR_TEXTS = ("[S1] Hi.", "[S1] One two three four five six seven eight nine ten.", "[S2] Who is this?",
+                   "", "   ", "[S1] ¿Qué tal? 你好 🙂", "no speaker tag at all", "[S1] " + "word " * 60)
+
+
+class Neighbour:
+    """A call that does anything a client may: any command at any moment, with any fields the
+    wire lets through (unknown voices, odd rollback points, empty text, a reset or a close in the
+    middle of a turn), then opens a new call. Its own audio is not checked, only that the engine
+    never answers it with an internal error."""
+
+    def __init__(self, engine: Engine, seed: int, stop: threading.Event):
+        self.engine, self.stop = engine, stop
+        self.rng = random.Random(seed)
+        self.sink: queue.Queue = queue.Queue()
+        self.internal_errors: list = []
+        self.commands = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            call = None
+            while not self.stop.is_set():
+                if call is None:
+                    call = self.engine.open_call(self.sink.put)
+                if call is not None:
+                    call = self._act(call)
+                time.sleep(self.rng.choice((0.0, 0.005, 0.02, 0.08, 0.2)))
+                self._read()
+            if call is not None:
+                self.engine.close_call(call)
+        except BaseException as exc:  # reported by the test's thread
+            self.error = exc
+
+    def _act(self, call):
+        rng = self.rng
+        self.commands += 1
+        kind = rng.choice(("start", "start", "inject", "inject", "flush", "pause", "resume", "reset", "close"))
+        if kind == "close":
+            self.engine.close_call(call)
+            return None
+        command = {
+            "start": lambda: p.Start(text=rng.choice(NEIGHBOUR_TEXTS), final=rng.random() < 0.6,
+                                     voice=rng.choice((None, "v", "base", "nobody")), seed=rng.randrange(100),
+                                     temperature=rng.choice((None, 0.0, 1.5)), top_k=rng.choice((None, 1, 50))),
+            "inject": lambda: p.Inject(text=rng.choice(NEIGHBOUR_TEXTS), final=rng.random() < 0.5),
+            "flush": p.Flush,
+            "pause": lambda: p.Pause(played_ms=rng.choice((None, 0.0, 40.0, 1234.5, 1e9))),
+            "resume": p.Resume,
+            "reset": lambda: p.Reset(voice=rng.choice((None, "v", "nobody"))),
+        }[kind]()
+        self.engine.submit(call, command)
+        return call
+
+    def _read(self) -> None:
+        while not self.sink.empty():
+            item = self.sink.get()
+            if isinstance(item, p.ErrorEvent) and item.code == ErrorCode.INTERNAL_ERROR:
+                self.internal_errors.append(item)
+
+
+@pytest.mark.parametrize("backend", ["simulated", pytest.param("tiny", marks=pytest.mark.slow)])
+def test_a_calls_tokens_do_not_depend_on_what_its_neighbours_do(backend, tiny_dir):
+    """Two seeded calls beside four neighbours that send any command at any moment (and close
+    and reopen): the two get the words, codes and audio they get alone, the neighbours never get
+    an internal error, and the engine is still running."""
+    tts = _backend(backend, tiny_dir)
+    settings = dict(seeds=(3, 11), max_lead_ms=160)
+    alone = run_conversations(tts, "on", max_calls=6, **settings)
+    report: dict = {}
+    crowded = run_conversations(tts, "on", max_calls=6, neighbours=4, report=report, **settings)
+    assert report["commands"] > 40, report
+    assert report["internal_errors"] == [], report
+    assert report["running"], report
+    assert_same(crowded, alone, pcm=backend == "tiny")
 
 
 class StepOrder:
