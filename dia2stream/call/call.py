@@ -16,12 +16,9 @@ first word `lead_in_frames` frames after the first byte.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -37,9 +34,11 @@ from dia2stream.wire import protocol as p
 from dia2stream.wire.frames import AudioFrame
 from dia2stream.wire.formats import DEFAULT_FORMAT, get_format
 from dia2stream.wire.protocol import ErrorCode
-from dia2stream.call.history import RollbackLog, StepBefore
+from dia2stream.call.history import CodecMarks, RollbackLog, StepBefore
 from dia2stream.call.slot import CallSettings, PlannedPrefill, SlotHandle
 from dia2stream.call.pending import check_turn_text
+from dia2stream.call.phases import Phase, PhaseEvent, PhaseMachine
+from dia2stream.call.turn import Turn
 
 if TYPE_CHECKING:
     from dia2stream.call.user_turn import LoadedUserTurn
@@ -77,47 +76,6 @@ class CallModel:
     data: object  # vendor_dia2.config.DataConfig
 
 
-class Phase(Enum):
-    NONE = "none"  # nothing started since connect/reset
-    GENERATING = "generating"
-    HOLDING = "holding"  # words ran out, more text of the turn is expected
-    PAUSED = "paused"
-    IDLE = "idle"  # utterance done, warm
-
-
-_TURN_SERIALS = itertools.count()
-
-
-@dataclass
-class Turn:
-    """Bookkeeping of the utterance being spoken."""
-
-    id: p.ClientId | None
-    start_position: int
-    first_frame: int  # first aligned frame index this turn may decode
-    started_at: float
-    next_frame: int  # next aligned frame index to decode
-    words_before: int  # transcript entries that belong to earlier turns
-    send_from: int | None = None  # first aligned frame sent (first word less the lead-in), once known
-    first_word_frame: int | None = None  # aligned frame of the turn's first word
-    frames_sent: int = 0
-    first_audio_at: float | None = None
-    # The most lead the caller's buffer has had since pacing last (re)started (first audio, a
-    # resume, the end of a hold): the scheduler tops a buffer that was never full up first.
-    lead_peak: float = 0.0
-    # Resumed after a pause: the caller hears nothing until the next frame, so pacing restarts
-    # with that frame, and until then the turn is starting again, not behind real time.
-    resumed: bool = False
-    # (words pushed by this turn's text commands up to and including one command, its id): the
-    # n-th word of the turn belongs to the first command whose count exceeds n
-    word_marks: list = field(default_factory=list)
-    words_pushed: int = 0
-    words_emitted: int = 0
-    pace_origin: float = 0.0  # wall time that frame `pace_frames` of playback corresponds to
-    pace_frames: int = 0
-    serial: int = field(default_factory=lambda: next(_TURN_SERIALS))  # this process's turns in order (step traces)
-
-
 class Call:
     """One conversation on one slot of an engine (see module docstring)."""
 
@@ -131,7 +89,7 @@ class Call:
         # stamped with it; the sender encodes them (wire/frames.FrameWriter), off this thread.
         self.format = DEFAULT_FORMAT
         self._fresh_audio = True  # the next frame does not continue the last one sent
-        self.phase = Phase.NONE
+        self.phases = PhaseMachine()
         self.turn: Turn | None = None
         self.last_turn: Turn | None = None
         # Raised by barrier commands (pause, reset) when they are submitted, on the event loop; the
@@ -143,7 +101,6 @@ class Call:
         self.attached = False  # set on the generation thread once the slot is reset for this call
         self.draining = False  # the server is draining: finish the utterance, begin none (generation thread)
         self._drained_sent = False
-        self._resume_phase = Phase.GENERATING
         self._floor_frame = 0  # aligned frames before this belong to the voice prefix (never decoded)
         self._rolled_over_at: int | None = None  # where the last planned rollover left the context
         self._prefix_codes: torch.Tensor | None = None  # its aligned codes as prepared (set by voice_reset)
@@ -153,7 +110,7 @@ class Call:
         # everything generated ahead of the caller.
         lead_frames = int(settings.max_lead_ms / 1000 * FRAME_RATE) + 1
         self._history = RollbackLog(min(MAX_HISTORY, lead_frames + slot.max_delay + HISTORY_MARGIN))
-        self._codec_marks: deque = deque(maxlen=self._history.capacity // CODEC_MARK_EVERY + 2)
+        self._codec_marks = CodecMarks(self._history.capacity // CODEC_MARK_EVERY + 2)
         self._last_text: tuple[int, int] = (0, 0)
         self._drop_unspoken = False  # after a rollback, an inject replaces the words not heard
         # Text inputs of every step in the context, for a rollover to prefill them again.
@@ -172,6 +129,10 @@ class Call:
         return self.slot.position
 
     @property
+    def phase(self) -> Phase:
+        return self.phases.phase
+
+    @property
     def generating(self) -> bool:
         return self.phase is Phase.GENERATING and self.attached
 
@@ -182,11 +143,7 @@ class Call:
 
     def lead_seconds(self) -> float:
         """How far the audio sent so far runs ahead of a client playing it in real time."""
-        turn = self.turn
-        if turn is None or turn.first_audio_at is None or turn.resumed:
-            return 0.0
-        played = time.monotonic() - turn.pace_origin
-        return (turn.frames_sent - turn.pace_frames) * FRAME_SECONDS - played
+        return 0.0 if self.turn is None else self.turn.lead_seconds(time.monotonic())
 
     def lead_peak_seconds(self) -> float:
         """The most lead this turn's audio has had since its pacing last (re)started."""
@@ -196,7 +153,7 @@ class Call:
     @property
     def awaiting_first_audio(self) -> bool:
         """The caller waits for this turn's first audio, or for its first after a resume."""
-        return self.turn is not None and (self.turn.first_audio_at is None or self.turn.resumed)
+        return self.turn is not None and self.turn.awaiting_first_audio
 
     @property
     def catching_up(self) -> bool:
@@ -217,7 +174,7 @@ class Call:
 
     def detach(self) -> None:
         self.attached = False
-        self.phase = Phase.NONE
+        self.phases.go(PhaseEvent.RESET)
         self.clean_reset()
 
     def drain(self) -> None:
@@ -291,7 +248,7 @@ class Call:
             # steps of silent tail made before the hold would be decoded and sent before them
             self._drop_undecoded_tail()
         elif self.phase is Phase.PAUSED:
-            self.phase = self._resume_phase
+            self.phases.go(PhaseEvent.RESUME)
             self._fresh_audio = True  # frames queued before the pause were dropped
             self.emit(p.Resumed(id=cmd.id if cmd.id is not None else self.turn.id))
             self.turn.resumed = True
@@ -305,17 +262,15 @@ class Call:
         self.machine.finish()
         if self.phase is Phase.HOLDING:
             self._leave_hold()  # speak the tail, then done
-        elif self.phase is Phase.PAUSED and self._resume_phase is Phase.HOLDING:
-            self._resume_phase = Phase.GENERATING  # else resume would hold forever, with no done
+        else:
+            self.phases.go(PhaseEvent.FINAL_TEXT)
 
     def _on_pause(self, cmd: p.Pause) -> None:
         spoken = unspoken = None
         if cmd.played_ms is not None:
             spoken, unspoken = self._roll_back(cmd)
         turn = self.turn or self.last_turn
-        if self.phase in (Phase.GENERATING, Phase.HOLDING):
-            self._resume_phase = self.phase
-            self.phase = Phase.PAUSED
+        self.phases.go(PhaseEvent.PAUSE)
         frames = turn.frames_sent if turn else 0
         self.emit(p.Paused(id=cmd.id if cmd.id is not None else (turn.id if turn else None), frames_sent=frames,
                            position=self.position, audio_s=round(frames * FRAME_SECONDS, 3),
@@ -339,7 +294,7 @@ class Call:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, "played_ms: the caller's turn came after this utterance; "
                                   "there is nothing of it to roll back", cmd="pause", id=cmd.id)
         record = self._history.find(target)
-        mark = next((m for m in reversed(self._codec_marks) if m[0] <= target), None)
+        mark = self._codec_marks.last_at_or_before(target)
         if record is None or mark is None or target > self.position:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"played_ms: cannot roll back to {cmd.played_ms:g} ms "
                                   "(out of the range this call keeps)", cmd="pause", id=cmd.id)
@@ -352,8 +307,7 @@ class Call:
         spoken = [{"word": word, "start_s": round(max(0, step - start) * FRAME_SECONDS, 3)}
                   for word, step in transcript[turn.words_before:]]
         unspoken = self.machine.queued_words()
-        if self.phase is Phase.IDLE:  # the caller was still playing a finished utterance
-            self.phase, self._resume_phase = Phase.PAUSED, Phase.GENERATING
+        self.phases.go(PhaseEvent.ROLLED_BACK)
         self._drop_unspoken = True
         log.info("call %d: rolled back to frame %d (%d heard), %d word(s) spoken, %d not", self.slot.index, target, heard,
                  len(spoken), len(unspoken))
@@ -365,7 +319,7 @@ class Call:
         if self.phase is not Phase.PAUSED:
             raise p.ProtocolError(ErrorCode.NOT_PAUSED, f"nothing is paused (the call is {self.phase.value})",
                                   cmd="resume", id=cmd.id)
-        self.phase = self._resume_phase
+        self.phases.go(PhaseEvent.RESUME)
         self._drop_unspoken = False  # speak the words the caller did not hear, from where they stopped
         self._fresh_audio = True  # frames queued before the pause were dropped
         self.turn.resumed = True
@@ -377,7 +331,7 @@ class Call:
             self.current_voice = cmd.voice
         self._set_format(cmd.format)
         self.voice_reset()
-        self.phase = Phase.NONE
+        self.phases.go(PhaseEvent.RESET)
         self.emit(p.ResetDone(voice=self.current_voice, id=cmd.id))
 
     def _on_list_voices(self, cmd: p.ListVoices) -> None:
@@ -469,7 +423,7 @@ class Call:
 
     def add_codec_mark(self, snapshot) -> None:
         """A snapshot of the call's Mimi row before the announced frame is decoded."""
-        self._codec_marks.append((self.slot.ready_frame, snapshot))
+        self._codec_marks.add(self.slot.ready_frame, snapshot)
 
     def deliver(self, pcm: np.ndarray, frame: int | None = None) -> None:
         """The decoded frame `advance` announced (aligned frame `frame`; default: the one the
@@ -487,35 +441,27 @@ class Call:
         self._emit_words_up_to(frame)
         self.emit(AudioFrame(pcm, self.out_epoch, turn.frames_sent, self.format, self._fresh_audio))
         self._fresh_audio = False
-        if turn.first_audio_at is None or turn.resumed:
-            now = time.monotonic()
-            turn.first_audio_at = turn.first_audio_at or now
-            turn.pace_origin, turn.pace_frames, turn.resumed = now, turn.frames_sent, False
-            turn.lead_peak = 0.0
-        turn.frames_sent += 1
+        turn.frame_sent(time.monotonic())
         self.frames_emitted += 1
-        turn.lead_peak = max(turn.lead_peak, self.lead_seconds())
 
     def check_end(self, position: int | None = None) -> None:
         """After a step is applied: end the turn, or hold for more text, when due. `position`:
         where that step left the call (default: where it stands now)."""
+        if self.phase is not Phase.GENERATING:
+            return  # a step is applied before any command that could change the phase: never here
         position = self.position if position is None else position
         m = self.machine
         if m.end_step is not None and position >= m.end_step + self.settings.tail_frames:
             turn = self.turn
             self._emit_words_up_to(1 << 60)
-            now = time.monotonic()
-            ttfa = onset = None
-            if turn.first_audio_at is not None:
-                ttfa = round((turn.first_audio_at - turn.started_at) * 1000, 1)
-                onset = round(ttfa + (turn.first_word_frame - turn.send_from) * FRAME_SECONDS * 1000, 1)
+            ttfa, onset = turn.timings_ms()
             self.emit(p.Done(id=turn.id, frames=turn.frames_sent, audio_s=round(turn.frames_sent * FRAME_SECONDS, 3),
-                             wall_s=round(now - turn.started_at, 3), ttfa_ms=ttfa, onset_ms=onset))
+                             wall_s=round(time.monotonic() - turn.started_at, 3), ttfa_ms=ttfa, onset_ms=onset))
             log.info("call %d: utterance done, %d frames, ttfa %s ms, onset %s ms", self.slot.index, turn.frames_sent,
                      ttfa, onset)
-            self.phase = Phase.IDLE
+            self.phases.go(PhaseEvent.TURN_ENDED)
         elif m.starved and position >= _first(m.last_word_step, self.turn.start_position) + self.settings.tail_frames:
-            self.phase = Phase.HOLDING  # every consumed word is out; wait for more text
+            self.phases.go(PhaseEvent.WORDS_RAN_OUT)  # every consumed word is out; wait for more text
 
     def context_full(self) -> None:
         turn_id = self.turn.id if self.turn else None
@@ -523,7 +469,7 @@ class Call:
                                message=f"the context limit of {self.settings.context_frames} frames was reached; "
                                        "the call was reset"))
         self.voice_reset()
-        self.phase = Phase.NONE
+        self.phases.go(PhaseEvent.RESET)
         self.emit(p.ResetDone(voice=self.current_voice))
 
     def roll_over(self) -> bool:
@@ -580,10 +526,7 @@ class Call:
         self._text_log[floor:total + 1] = text[floor:]
         self._last_text = tuple(int(t) for t in text[total])
         self._caller_until = max(0, self._caller_until + delta)
-        for name in ("start_position", "first_frame", "next_frame", "send_from", "first_word_frame"):
-            value = getattr(turn, name)
-            if value is not None:
-                setattr(turn, name, value + delta)
+        turn.shift(delta)
         return delta
 
     def _state_before(self, position: int) -> StepBefore | None:
@@ -675,14 +618,12 @@ class Call:
         # never decoded (never sent), and the next turn's first decoded frames are its unsent
         # lead-in. A rollback re-decodes from here, never over the caller's frames. (Running the
         # row over the caller's frames one by one, as planned work, starved 64 simulated calls.)
-        self._codec_marks.clear()
-        self._codec_marks.append((end, slot.codec_snapshot()))
+        self._codec_marks.restart_at(end, slot.codec_snapshot())
         self._caller_until = end
         turn.next_frame = end  # the slot stands before step `end`: the live text state is its state
         self._speaker_tag = "[S1]"  # the agent answers as speaker 1
         self._drop_unspoken = False
-        if self.phase is Phase.PAUSED:
-            self.phase = Phase.IDLE  # the paused utterance ended where the caller cut in
+        self.phases.go(PhaseEvent.CALLER_SPOKE)
         self.user_turns += 1
         prefill_ms = round((time.perf_counter() - t0) * 1000, 1)
         log.info("call %d: caller's turn of %d frames appended at frame %d (%d kept before it%s), %.1f ms",
@@ -707,8 +648,7 @@ class Call:
     def _rebase(self, delta: int, keep_from: int, upto: int) -> None:
         """Move the rollback history into the rebuilt context (what lies outside it is dropped)."""
         self._history.rebase(delta, keep_from, upto)
-        self._codec_marks = deque(((frame + delta, snap) for frame, snap in self._codec_marks
-                                   if keep_from <= frame <= upto), maxlen=self._codec_marks.maxlen)
+        self._codec_marks.rebase(delta, keep_from, upto)
 
     def fail(self, exc: BaseException) -> None:
         """A fault in this call's handling or frame: end its utterance, reset it; others go on."""
@@ -717,7 +657,7 @@ class Call:
         try:
             self.clean_reset()
         finally:
-            self.phase = Phase.NONE
+            self.phases.go(PhaseEvent.RESET)
 
     def emit(self, item: Item) -> None:
         if self.attached:
@@ -753,7 +693,7 @@ class Call:
             else:
                 self._last_text = self.slot.text_inputs()
         self._prefix_codes = self.slot.aligned_codes(0, self._floor_frame).clone()
-        self._codec_marks.append((self._floor_frame, self.slot.codec_snapshot()))
+        self._codec_marks.add(self._floor_frame, self.slot.codec_snapshot())
 
     def _check_voice(self, cmd) -> None:
         if cmd.voice is not None and cmd.voice not in self.voices:
@@ -834,8 +774,7 @@ class Call:
         self.slot.rewind(target, record.text_in)
         self.machine.rewind(record.text)
         self._history.drop_from(target)
-        while self._codec_marks and self._codec_marks[-1][0] > target:
-            self._codec_marks.pop()
+        self._codec_marks.drop_after(target)
         self._last_text = record.text_in
 
     def _begin_turn(self, client_id, first_frame: int | None = None) -> None:
@@ -849,7 +788,7 @@ class Call:
                          next_frame=first, words_before=len(self.machine.transcript))
         self.turn.words_emitted = self.turn.words_before
         self._fresh_audio = True  # the turn's first sent frame does not continue the last one sent
-        self.phase = Phase.GENERATING
+        self.phases.go(PhaseEvent.BEGIN_TURN)
         self.emit(p.Started(id=client_id, voice=self.current_voice if self._floor_frame else None, position=position))
 
     def _first_word_frame(self) -> int | None:
@@ -859,10 +798,7 @@ class Call:
         return max(transcript[self.turn.words_before][1], self.turn.first_frame)
 
     def _push(self, entries, final: bool, client_id) -> None:
-        words = sum(1 for e in entries if e.tokens)
-        if words:
-            self.turn.words_pushed += words
-            self.turn.word_marks.append((self.turn.words_pushed, client_id))
+        self.turn.add_words(sum(1 for e in entries if e.tokens), client_id)
         self.machine.push(entries, final=final)
         if self.phase is Phase.HOLDING and (entries or final):
             self._leave_hold()
@@ -871,8 +807,8 @@ class Call:
         # The client played on while we held: without re-pacing, the hold's duration would be
         # credited as lead and the generator could run that far ahead of real time. Keep only
         # the lead the client still has buffered (none after a long hold).
-        self.phase = Phase.GENERATING
-        self._restart_pacing(lead=max(0.0, self.lead_seconds()))
+        self.phases.go(PhaseEvent.TEXT_CAME)
+        self.turn.restart_pacing(time.monotonic(), lead=max(0.0, self.lead_seconds()))
 
     def _drop_words_not_heard(self) -> None:
         """After a barge-in, before the text that replaces what the caller did not hear: the
@@ -886,19 +822,11 @@ class Call:
         self._drop_unspoken = False
         self.machine.drop_queued()
         self.machine.cut_word(self.settings.lead_in_frames)
-        turn = self.turn
-        kept = len(self.machine.words) - turn.words_before
-        turn.word_marks = [(min(count, kept), owner) for count, owner in turn.word_marks]
-        turn.words_pushed = kept
+        self.turn.keep_words(len(self.machine.words) - self.turn.words_before)
 
     def _set_format(self, name: str | None) -> None:
         if name is not None:
             self.format = get_format(name).name
-
-    def _restart_pacing(self, lead: float = 0.0) -> None:
-        turn = self.turn
-        turn.pace_origin, turn.pace_frames = time.monotonic() + lead, turn.frames_sent
-        turn.lead_peak = lead
 
     def _emit_words_up_to(self, frame: int) -> None:
         turn = self.turn
@@ -908,15 +836,9 @@ class Call:
         while turn.words_emitted < len(transcript) and transcript[turn.words_emitted][1] <= frame:
             word, step = transcript[turn.words_emitted]
             index = max(0, step - turn.send_from)
-            owner = self._word_owner(turn.words_emitted - turn.words_before)
+            owner = turn.word_owner(turn.words_emitted - turn.words_before)
             self.emit(p.Word(id=owner, word=word, start_s=round(index * FRAME_SECONDS, 3), frame=index))
             turn.words_emitted += 1
-
-    def _word_owner(self, n: int):
-        for count, owner in self.turn.word_marks:
-            if n < count:
-                return owner
-        return self.turn.id
 
 
 def _first(*values):

@@ -1,6 +1,6 @@
 """A call's rollback history: for each of its last steps, what a rollback needs to stand before
 that step again (its position, its text inputs, the text state machine's row), in one
-preallocated ring of ints.
+preallocated ring of ints; and snapshots of the call's Mimi row (`CodecMarks`).
 
 A call steps 12.5 times a second for as long as it lives; a Python object per step (a record
 holding a copy of the text state's lists) made hundreds of live objects per call for the garbage
@@ -11,6 +11,7 @@ position with one vectorised add.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -95,3 +96,42 @@ class RollbackLog:
         if end <= self.capacity:
             return self._rows[self._head:end]
         return np.concatenate((self._rows[self._head:], self._rows[: end - self.capacity]))
+
+
+class CodecMarks:
+    """Snapshots of a call's Mimi row, each before the frame it was taken at, oldest first: a
+    rollback restores the last one at or before the frame it goes back to, then re-decodes the
+    frames between. At most `capacity` are kept (the oldest go)."""
+
+    def __init__(self, capacity: int):
+        self._marks: deque = deque(maxlen=capacity)  # (frame, snapshot)
+
+    def __len__(self) -> int:
+        return len(self._marks)
+
+    def add(self, frame: int, snapshot) -> None:
+        self._marks.append((frame, snapshot))
+
+    def last_at_or_before(self, frame: int) -> tuple[int, object] | None:
+        """(its frame, the snapshot) of the newest mark at or before `frame`, or None."""
+        return next((mark for mark in reversed(self._marks) if mark[0] <= frame), None)
+
+    def drop_after(self, frame: int) -> None:
+        """Forget the marks past `frame` (a rollback took those frames back)."""
+        while self._marks and self._marks[-1][0] > frame:
+            self._marks.pop()
+
+    def rebase(self, delta: int, keep_from: int, upto: int) -> None:
+        """Keep the marks of frames keep_from..upto, moved by `delta` (a context rebuilt at other
+        positions); the rest is dropped."""
+        kept = [(frame + delta, snapshot) for frame, snapshot in self._marks if keep_from <= frame <= upto]
+        self._marks.clear()
+        self._marks.extend(kept)
+
+    def restart_at(self, frame: int, snapshot) -> None:
+        """Only this mark stands (nothing before `frame` is ever decoded again)."""
+        self.clear()
+        self.add(frame, snapshot)
+
+    def clear(self) -> None:
+        self._marks.clear()

@@ -38,7 +38,8 @@ from vendor_dia2.config import Kernels, PrefixBoundaryName, Weights
 from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
 
 from dia2stream.wire import protocol as p
-from dia2stream.call.call import Call, CallModel, Phase, Sink
+from dia2stream.call.call import Call, CallModel, Sink
+from dia2stream.call.phases import Phase
 from dia2stream.call.slot import CallSettings, SlotHandle
 from dia2stream.call.user_turn import LoadedUserTurn, load_user_turn
 from dia2stream.engine.runner import Runner
