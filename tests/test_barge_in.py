@@ -153,6 +153,29 @@ def test_resume_after_rollback_speaks_the_unheard_words_again(engine):
         engine.close_call(call)
 
 
+def test_text_sent_after_the_point_rolled_back_to_is_not_lost(engine):
+    """A barge-in goes back to a step before the inject and the flush arrived: their words are
+    still unspoken, and a resume speaks them and ends the turn."""
+    got = queue.Queue()
+    call = engine.open_call(got.put)
+    try:
+        engine.submit(call, p.Start(text="[S1] One two three", final=False, seed=8, id="t"))
+        collect_events(got, p.Word)
+        engine.submit(call, p.Inject(text=" four five six.", final=False, id="i"))
+        engine.submit(call, p.Flush())
+        first = collect_events(got, p.Done)
+        assert words(first)[-3:] == ["four", "five", "six."]
+        engine.submit(call, p.Pause(played_ms=80.0))  # the first frame heard: before the inject's step
+        paused = collect_events(got, p.Paused)[-1]
+        assert [w["word"] for w in paused.spoken] + paused.unspoken == WORDS[:3] + ["four", "five", "six."]
+        assert paused.unspoken[-3:] == ["four", "five", "six."]
+        engine.submit(call, p.Resume())
+        after = collect_events(got, p.Done, timeout=60)  # with the flush lost, the turn would hold for text
+        assert words(after) == paused.unspoken
+    finally:
+        engine.close_call(call)
+
+
 def test_no_frame_after_paused_with_played_ms_while_generating(tiny_dir):
     from vendor_dia2 import Dia2
 

@@ -34,7 +34,7 @@ from dia2stream.wire import protocol as p
 from dia2stream.wire.frames import AudioFrame
 from dia2stream.wire.formats import DEFAULT_FORMAT, get_format
 from dia2stream.wire.protocol import ErrorCode
-from dia2stream.call.history import CodecMarks, RollbackLog, StepBefore
+from dia2stream.call.history import CodecMarks, RollbackLog, StepBefore, TextLog
 from dia2stream.call.slot import CallSettings, PlannedPrefill, SlotHandle
 from dia2stream.call.pending import check_turn_text
 from dia2stream.call.phases import Phase, PhaseEvent, PhaseMachine
@@ -111,6 +111,7 @@ class Call:
         lead_frames = int(settings.max_lead_ms / 1000 * FRAME_RATE) + 1
         self._history = RollbackLog(min(MAX_HISTORY, lead_frames + slot.max_delay + HISTORY_MARGIN))
         self._codec_marks = CodecMarks(self._history.capacity // CODEC_MARK_EVERY + 2)
+        self._text = TextLog()  # the client's text since the oldest step a rollback can go back to
         self._last_text: tuple[int, int] = (0, 0)
         self._drop_unspoken = False  # after a rollback, an inject replaces the words not heard
         # Text inputs of every step in the context, for a rollover to prefill them again.
@@ -259,7 +260,7 @@ class Call:
     def _on_flush(self, cmd: p.Flush) -> None:
         if self.phase is Phase.NONE:
             raise p.ProtocolError(ErrorCode.NOT_STARTED, "nothing to flush: send start first", cmd="flush", id=cmd.id)
-        self.machine.finish()
+        self._give_text((), final=True)
         if self.phase is Phase.HOLDING:
             self._leave_hold()  # speak the tail, then done
         else:
@@ -299,6 +300,8 @@ class Call:
             raise p.ProtocolError(ErrorCode.INVALID_FIELD, f"played_ms: cannot roll back to {cmd.played_ms:g} ms "
                                   "(out of the range this call keeps)", cmd="pause", id=cmd.id)
         self._take_back_to(target, record)
+        for pushed in self._text.since(record.text_seen):  # sent after that step: not taken back with it
+            self.machine.push(list(pushed.entries), final=pushed.final)
         self.slot.replay_codec(mark[1], self.slot.aligned_codes(mark[0], target))  # planned: decoded between frames
         turn.next_frame = target
         turn.frames_sent = heard
@@ -358,7 +361,7 @@ class Call:
     def record_step_before(self, position: int) -> None:
         """Keep the text state and inputs before step `position` (a rollback goes back to them,
         a rollover prefills the text again)."""
-        self._history.record(position, self._last_text, self.machine.mark())
+        self._history.record(position, self._last_text, self.machine.mark(), self._text.serial)
         if position >= self._floor_frame:  # upstream's boundary runs step F - 1 again: keep the prefix's text
             self._text_log[position] = self._last_text
 
@@ -533,7 +536,7 @@ class Call:
         """The text state and text inputs before step `position`: the live ones when the slot
         stands there (after a rollback), else the rollback history's (None if it is too old)."""
         if self.position == position:
-            return StepBefore(position, self.machine.mark(), self._last_text)
+            return StepBefore(position, self.machine.mark(), self._last_text, self._text.serial)
         return self._history.find(position)
 
     # -- the caller's turn (issue 21) ------------------------------------------------------------
@@ -675,6 +678,7 @@ class Call:
             self.last_turn = self.turn
         self.turn = None
         self._history.clear()
+        self._text.clear()
         self._codec_marks.clear()
         self._drop_unspoken = False
         self._last_text = (self.slot.bos_token_id, self.settings.text_pad_token_id)
@@ -799,9 +803,15 @@ class Call:
 
     def _push(self, entries, final: bool, client_id) -> None:
         self.turn.add_words(sum(1 for e in entries if e.tokens), client_id)
-        self.machine.push(entries, final=final)
+        self._give_text(entries, final)
         if self.phase is Phase.HOLDING and (entries or final):
             self._leave_hold()
+
+    def _give_text(self, entries, final: bool) -> None:
+        """The client's text to the text state machine, logged for a rollback to give again."""
+        self.machine.push(entries, final=final)
+        self._text.add(entries, final)
+        self._text.forget_up_to(self._history.oldest_text_seen())
 
     def _leave_hold(self) -> None:
         # The client played on while we held: without re-pacing, the hold's duration would be

@@ -1,6 +1,7 @@
 """A call's rollback history: for each of its last steps, what a rollback needs to stand before
-that step again (its position, its text inputs, the text state machine's row), in one
-preallocated ring of ints; and snapshots of the call's Mimi row (`CodecMarks`).
+that step again (its position, its text inputs, the text state machine's row, how much of the
+client's text it had seen), in one preallocated ring of ints; the client's text since
+(`TextLog`); and snapshots of the call's Mimi row (`CodecMarks`).
 
 A call steps 12.5 times a second for as long as it lives; a Python object per step (a record
 holding a copy of the text state's lists) made hundreds of live objects per call for the garbage
@@ -21,6 +22,8 @@ from vendor_dia2.state_machine import NO_STEP, ROW_END_STEP, ROW_FIELDS
 _POSITION, _TEXT_IN = 0, slice(1, 3)
 _TEXT = slice(3, 3 + len(ROW_FIELDS))
 _END_STEP = 3 + ROW_END_STEP
+_TEXT_SEEN = 3 + len(ROW_FIELDS)
+_COLUMNS = _TEXT_SEEN + 1
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class StepBefore:
     position: int
     text: tuple[int, ...]  # `TextStateMachine.mark()` before the step
     text_in: tuple[int, int]  # what the previous step gave
+    text_seen: int = 0  # the client's text the state had taken: `TextLog` serials up to this one
 
 
 class RollbackLog:
@@ -39,14 +43,14 @@ class RollbackLog:
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self.capacity = capacity
-        self._rows = np.zeros((capacity, 3 + len(ROW_FIELDS)), dtype=np.int64)  # [capacity, fields]
+        self._rows = np.zeros((capacity, _COLUMNS), dtype=np.int64)  # [capacity, fields]
         self._head = 0  # the oldest row
         self._count = 0
 
     def __len__(self) -> int:
         return self._count
 
-    def record(self, position: int, text_in: tuple[int, int], text: tuple[int, ...]) -> None:
+    def record(self, position: int, text_in: tuple[int, int], text: tuple[int, ...], text_seen: int = 0) -> None:
         """The state before step `position` (the oldest row goes when the ring is full)."""
         index = self._head + self._count
         if index >= self.capacity:
@@ -55,7 +59,7 @@ class RollbackLog:
             self._head = index + 1 if index + 1 < self.capacity else 0
         else:
             self._count += 1
-        self._rows[index] = (position, *text_in, *text)
+        self._rows[index] = (position, *text_in, *text, text_seen)
 
     def find(self, position: int) -> StepBefore | None:
         """The newest record of step `position`, or None if none is kept."""
@@ -64,7 +68,13 @@ class RollbackLog:
         if not len(hits):
             return None
         row = rows[hits[-1]].tolist()
-        return StepBefore(position=row[_POSITION], text=tuple(row[_TEXT]), text_in=tuple(row[_TEXT_IN]))
+        return StepBefore(position=row[_POSITION], text=tuple(row[_TEXT]), text_in=tuple(row[_TEXT_IN]),
+                          text_seen=row[_TEXT_SEEN])
+
+    def oldest_text_seen(self) -> int | None:
+        """The least client text any record had taken (None with no record): a rollback never
+        needs the client's text from before it again."""
+        return int(self._ordered()[:, _TEXT_SEEN].min()) if self._count else None
 
     def drop_from(self, position: int) -> None:
         """Forget the newest records back to the last one before step `position` (a rollback:
@@ -96,6 +106,42 @@ class RollbackLog:
         if end <= self.capacity:
             return self._rows[self._head:end]
         return np.concatenate((self._rows[self._head:], self._rows[: end - self.capacity]))
+
+
+@dataclass(frozen=True)
+class TextPushed:
+    """Text the client sent, as the call gave it to its text state machine: `push(entries,
+    final=final)` (a flush: no entries, final)."""
+
+    serial: int
+    entries: tuple
+    final: bool
+
+
+class TextLog:
+    """The client's text of the last steps, numbered: a rollback stands the text state machine
+    where it was before a step, and gives it again what came after (`since`), so that text sent
+    after the point rolled back to is not lost with the steps taken back."""
+
+    def __init__(self):
+        self._pushed: deque[TextPushed] = deque()
+        self.serial = 0  # of the last text logged
+
+    def add(self, entries, final: bool) -> None:
+        self.serial += 1
+        self._pushed.append(TextPushed(self.serial, tuple(entries), final))
+
+    def since(self, serial: int) -> list[TextPushed]:
+        """The text logged after `serial`, in order."""
+        return [pushed for pushed in self._pushed if pushed.serial > serial]
+
+    def forget_up_to(self, serial: int | None) -> None:
+        """Forget the text up to `serial` (no record needs it); None: all of it."""
+        while self._pushed and (serial is None or self._pushed[0].serial <= serial):
+            self._pushed.popleft()
+
+    def clear(self) -> None:
+        self._pushed.clear()
 
 
 class CodecMarks:
