@@ -156,6 +156,30 @@ async def test_pause_mid_utterance_sends_no_frame_after_paused(server):
     assert [w["word"] for w in client.events("word")] == LONG_TEXT[5:].split()
 
 
+async def test_after_a_barge_in_frames_are_counted_from_what_the_caller_heard(server):
+    """`paused.frames_sent` is what the caller heard (`played_ms`), and `done.frames` counts on
+    from there: every frame after the resume, numbered as its words are."""
+    client, _ = await Client.open(server.url)
+    try:
+        await client.send(cmd="start", text=LONG_TEXT, id="u")
+        await client.until("done", id="u")
+        await client.send(cmd="pause", played_ms=400.0, id="p")
+        paused = await client.until("paused", id="p")
+        assert paused["frames_sent"] == 5 and paused["audio_s"] == pytest.approx(0.4)
+        before = client.count("frame")
+        await client.send(cmd="resume", id="r")
+        done = await client.until("done", id="u")
+        await client.send(cmd="pause", played_ms=0.0, id="again")
+        again = await client.until("paused", id="again")
+    finally:
+        await client.close()
+    resumed_frames = client.count("frame") - before
+    assert resumed_frames > 0
+    assert done["frames"] == 5 + resumed_frames
+    assert done["audio_s"] == pytest.approx(done["frames"] * 0.08)
+    assert again["frames_sent"] == 0
+
+
 async def test_word_by_word_turn_holds_until_flush(server):
     client, _ = await Client.open(server.url)
     try:

@@ -301,6 +301,10 @@ class Dia2Server:
                     continue
                 if isinstance(item, p.Started):
                     sent_in_turn = 0
+                elif isinstance(item, p.Paused) and item.spoken is not None:
+                    # a barge-in: the frames past what the caller heard were taken back, and the
+                    # utterance goes on from there (its next frame and word are numbered from it)
+                    sent_in_turn = item.frames_sent
                 elif isinstance(item, p.Paused) and item.frames_sent:
                     item = dataclasses.replace(item, frames_sent=sent_in_turn, audio_s=round(sent_in_turn / FRAME_RATE, 3))
                 elif isinstance(item, p.Done):
