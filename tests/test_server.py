@@ -271,6 +271,7 @@ BAD_MESSAGES = [  # (message, code, cmd echoed, id echoed)
     ('{"cmd": "start", "text": "[S1] hi", "id": [1]}', "invalid_field", "start", None),
     ('{"cmd": "start", "text": "", "id": "m10"}', "empty_text", "start", "m10"),
     ('{"cmd": "inject", "text": "   ", "id": "m11"}', "empty_text", "inject", "m11"),
+    ('{"cmd": "start", "text": "[S1] [S2]", "id": "m17"}', "empty_text", "start", "m17"),  # no word to speak
     (json.dumps({"cmd": "start", "text": "[S1] " + "a" * 4096, "id": "m12"}), "text_too_long", "start", "m12"),
     (b"\x00\x01binary", "binary_not_supported", None, None),
     ('{"cmd": "inject", "text": " hello", "id": "m13"}', "not_started", "inject", "m13"),

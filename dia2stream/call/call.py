@@ -224,6 +224,10 @@ class Call:
         self._check_voice(cmd)
         params = self._sampling(cmd)
         entries = self._parse(cmd.text, cmd, leading_speaker="[S1]")
+        if cmd.final and not any(entry.tokens for entry in entries):
+            raise p.ProtocolError(ErrorCode.EMPTY_TEXT, "text: no word to speak (only speaker tags or markup); "
+                                  "stream a turn's first words with final: false if they come later",
+                                  cmd="start", id=cmd.id)
         if cmd.voice is not None:
             self.current_voice = cmd.voice
         self._set_format(cmd.format)
@@ -723,6 +727,9 @@ class Call:
         return params
 
     def _parse(self, text: str, cmd, leading_speaker: str | None):
+        if not p.is_encodable(text):  # the native parser refuses these; other doors (HTTP, adapters) may not
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, "text: holds a lone UTF-16 surrogate (such as \\ud800), "
+                                  "which UTF-8 cannot encode; send valid Unicode", cmd=cmd.cmd, id=cmd.id)
         try:
             # a turn that opens with [S2] keeps its own speaker (our fix of an upstream quirk, docs/parity.md)
             return parse_script(text, self.model.tokenizer, leading_speaker=leading_speaker, keep_own_speaker=True)
