@@ -513,6 +513,7 @@ def test_unreadable_and_empty_are_bad_audio():
         with pytest.raises(VoiceError) as info:
             read_audio(data, 30.0)
         assert info.value.code == "bad_audio"
+        assert "object at 0x" not in info.value.message, info.value.message  # no Python repr for a client
 
 
 # --- VoiceCache ---------------------------------------------------------------------------

@@ -87,9 +87,10 @@ def test_a_websocket_upgrade_to_the_playground_path_is_still_the_websocket():
     g = web_gate()
     assert g.respond(get("/", upgrade=True)) is None
     assert web_gate(token=TOKEN).respond(get("/", upgrade=True)).status_code == 401
-    # Other methods on a page path are what they always were: 405, GET only.
+    # Other methods on a page path: 405, naming the methods that path answers (HEAD is the page's).
     response = g.respond(get("/", "POST"))
-    assert response.status_code == 405 and response.headers["Allow"] == "GET"
+    assert response.status_code == 405 and response.headers["Allow"] == "GET, HEAD"
+    assert g.respond(get("/", "HEAD")).status_code == 200
 
 
 def test_no_web_answers_404_for_both_pages_and_keeps_the_websocket():

@@ -28,7 +28,8 @@ from vendor_dia2.prefix import TimedWord, turn_word_steps
 from vendor_dia2.script import ScriptEntry
 
 from dia2stream.clock import FRAME_SAMPLES, SAMPLE_RATE
-from dia2stream.voices.voice import SILENCE_PEAK, VoiceError, align_transcript, read_audio, resample, transcript_words
+from dia2stream.voices.voice import (SILENCE_PEAK, VoiceError, align_transcript, audio_error_reason, read_audio, resample,
+                                     transcript_words)
 from dia2stream.wire import protocol as p
 from dia2stream.wire.formats import FORMATS, decode_samples
 from dia2stream.wire.protocol import ErrorCode
@@ -109,7 +110,7 @@ def _check_container(raw: bytes, fmt: str) -> None:
     try:
         found = sf.info(io.BytesIO(raw)).format
     except Exception as exc:  # libsndfile's errors vary by format and version
-        raise VoiceError(ErrorCode.BAD_AUDIO, f"user_turn audio: unreadable or corrupt audio ({exc})") from None
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"user_turn audio: unreadable or corrupt audio ({audio_error_reason(exc)})") from None
     if found != _CONTAINERS[fmt]:
         raise VoiceError(ErrorCode.BAD_AUDIO, f"user_turn audio: format says {fmt} but the file is {found}")
 

@@ -136,7 +136,9 @@ class HttpGate:
         # token check; refuse first so a wrong method never learns whether the token was right.
         if method != "GET":
             self._refused(REFUSED_METHOD)
-            return _method_not_allowed(("GET",))
+            # a web page's path answers HEAD too (and "/" is a page and the websocket at once)
+            page = self._pages is not None and web_pages.is_web_path(path)
+            return _method_not_allowed(READ_METHODS if page else ("GET",))
         return self._refusal(request)
 
     def authorized(self, request: Request) -> bool:

@@ -311,8 +311,8 @@ def misfit_error(kind: Offence, limits: Limits) -> p.ErrorEvent:
     if kind is Offence.BINARY:
         return p.ErrorEvent(code=p.ErrorCode.BINARY_NOT_SUPPORTED,
                             message="binary messages are not accepted; send JSON text")
-    voice = ("this server takes no inline voice audio: use set_voice 'path'" if limits.max_voice_message_bytes == 0
-             else "only set_voice with audio may exceed it")
+    voice = ("this server takes no inline audio: use set_voice 'path', and keep user_turn audio within it"
+             if limits.max_voice_message_bytes == 0 else "only set_voice or user_turn with audio may exceed it")
     return p.ErrorEvent(code=p.ErrorCode.MESSAGE_TOO_LARGE,
                         message=f"messages are limited to {limits.max_command_bytes} bytes; {voice}")
 

@@ -33,8 +33,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import re
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -374,6 +374,14 @@ def resolve_path(path: str, voice_dir: str | None) -> Path:
     return real
 
 
+_IN_MEMORY_FILE = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def audio_error_reason(exc: BaseException) -> str:
+    """libsndfile's reason, without the in-memory file's Python repr it names the file by."""
+    return _IN_MEMORY_FILE.sub("the audio", str(exc))
+
+
 def read_audio(source: bytes | Path, max_seconds: float, what: str = "audio", *,
                max_channels: int = MAX_CHANNELS) -> np.ndarray:
     """Decode a file (bytes or path) → float32 mono 24 kHz; `bad_audio` for anything unusable.
@@ -390,7 +398,7 @@ def read_audio(source: bytes | Path, max_seconds: float, what: str = "audio", *,
     try:
         header = sf.info(opened())
     except Exception as exc:  # libsndfile's errors vary by format and version
-        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: unreadable or corrupt audio ({exc})") from None
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: unreadable or corrupt audio ({audio_error_reason(exc)})") from None
     rate, channels = int(header.samplerate), int(header.channels)
     if not 1 <= channels <= max_channels:
         raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: {channels} channels; at most {max_channels} are accepted")
@@ -404,7 +412,7 @@ def read_audio(source: bytes | Path, max_seconds: float, what: str = "audio", *,
     try:
         data, rate = sf.read(opened(), frames=limit + 1, dtype="float32", always_2d=True)
     except Exception as exc:
-        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: unreadable or corrupt audio ({exc})") from None
+        raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: unreadable or corrupt audio ({audio_error_reason(exc)})") from None
     if data.shape[0] == 0:
         raise VoiceError(ErrorCode.BAD_AUDIO, f"{what}: the audio has no samples")
     if data.shape[0] > limit:
