@@ -237,3 +237,213 @@ def test_long_text_goes_out_in_commands_the_call_accepts_and_a_refused_start_is_
     assert err["error"] == "pending_text_full" and err["contextId"] == "c"
     (again,) = commands(b.receive(json.dumps({"text": "Hello. ", "context_id": "c"})))
     assert isinstance(again, p.Start)
+
+
+# -- lone surrogates, call resets, idle contexts ----------------------------------------------------
+
+SURROGATE = '"Hello \\ud800 there. "'  # JSON text with a lone surrogate escape, as a client may write it
+CARTESIA_FIELDS = {"voice": {"mode": "id", "id": "default"},
+                   "output_format": {"container": "raw", "encoding": "pcm_s16le", "sample_rate": 24000}}
+
+
+def cartesia():
+    from dia2stream.wire.compat.cartesia import CartesiaAdapter
+
+    return CartesiaAdapter({}, [])
+
+
+def cartesia_msg(cid: str, transcript: str = "", more: bool = True, **fields) -> str:
+    return json.dumps({"context_id": cid, "transcript": transcript, "continue": more, **CARTESIA_FIELDS, **fields})
+
+
+def deepgram():
+    return DeepgramAdapter({"encoding": "linear16", "sample_rate": "16000"}, [])
+
+
+def test_a_lone_surrogate_is_refused_as_a_bad_message_and_the_connection_speaks_on():
+    cases = [  # (adapter, message holding a surrogate, what its error must look like, a good message after)
+        (el(), '{"text": %s, "context_id": "s"}' % SURROGATE,
+         lambda e: e["error"] == "invalid_message" and e["contextId"] == "s",
+         json.dumps({"text": "Fine. ", "context_id": "s"})),
+        (el(single=True), '{"text": %s}' % SURROGATE, lambda e: e["error"] == "invalid_message",
+         json.dumps({"text": "Fine. "})),
+        (cartesia(), cartesia_msg("s").replace('"transcript": ""', '"transcript": ' + SURROGATE),
+         lambda e: e["type"] == "error" and e["title"] == "invalid_message" and e["context_id"] == "s",
+         cartesia_msg("s", "Fine. ")),
+        (deepgram(), '{"type": "Speak", "text": %s}' % SURROGATE,
+         lambda e: e["type"] == "Error" and e["err_code"] == "INVALID_MESSAGE",
+         json.dumps({"type": "Speak", "text": "Fine."})),
+        (el(), '{"text": "Hi. ", "context_id": "\\udc00"}',  # anywhere in the message, ids included
+         lambda e: e["error"] == "invalid_message" and "contextId" not in e,
+         json.dumps({"text": "Hi. ", "context_id": "c"})),
+    ]
+    for adapter, bad, is_refusal, good in cases:
+        acts = adapter.receive(bad)
+        (err,) = sent(acts)
+        assert commands(acts) == [] and is_refusal(err), (bad, err)
+        assert "surrogate" in json.dumps(err) and run(acts)[0].payload.encode("utf-8")  # it can be sent
+        (start,) = commands(adapter.receive(good))
+        assert isinstance(start, p.Start), bad
+
+
+def test_a_call_reset_ends_its_context_and_the_next_one_starts_a_fresh_utterance():
+    for code in ("internal_error", "context_full"):
+        a = el()
+        (start,) = commands(a.receive(json.dumps({"text": "One two. ", "context_id": "a"})))
+        a.translate(p.Started(id=start.id, position=0))
+        sent(a.translate(frame()))
+        out = sent(a.translate(p.ErrorEvent(code=code, message="reset", id=start.id)))
+        assert out[0]["error"] == code and out[0]["contextId"] == "a" and out[-1] == {"isFinal": True, "contextId": "a"}
+        (again,) = commands(a.receive(json.dumps({"text": "Three. ", "context_id": "b"})))
+        assert isinstance(again, p.Start), code  # an inject would be refused: the call has no utterance
+        assert commands(a.receive(json.dumps({"text": "Four. ", "context_id": "a"}))) == []
+        assert a.contexts["a"].waiting == ["Four. "]  # `a` had ended: its id opens a new context, behind `b`
+
+
+def test_a_call_reset_names_the_context_speaking_not_the_one_that_started_the_turn():
+    a = cartesia()
+    start, _ = commands(a.receive(cartesia_msg("first", "Hello. ", more=False)))
+    assert run(a.translate(p.Done(id=start.id, frames=3, audio_s=0.24, wall_s=0.3)))  # `first` is done
+    inject, flush = commands(a.receive(cartesia_msg("second", "More words. ", more=False)))
+    assert isinstance(inject, p.Inject)
+    # the engine's error names its turn, which `first` started; the words lost were `second`'s
+    out = sent(a.translate(p.ErrorEvent(code="internal_error", message="boom", id=start.id)))
+    assert [m["type"] for m in out] == ["error", "done"] and {m["context_id"] for m in out} == {"second"}
+    assert sent(a.translate(p.ErrorEvent(code="not_started", message="nothing to flush", cmd="flush",
+                                         id=flush.id))) == []  # ours, sent before we knew of the reset
+    assert isinstance(commands(a.receive(cartesia_msg("third", "Again. ", more=False)))[0], p.Start)
+
+
+def test_deepgram_after_a_call_reset_answers_its_flush_speaks_again_and_close_closes():
+    a = deepgram()
+    (start,) = commands(a.receive(json.dumps({"type": "Speak", "text": "Hello."})))
+    (flush,) = commands(a.receive(json.dumps({"type": "Flush"})))
+    out = sent(a.translate(p.ErrorEvent(code="internal_error", message="boom", id=start.id)))
+    assert out[0]["err_code"] == "internal_error" and out[-1] == {"type": "Flushed", "sequence_id": 1}
+    assert sent(a.translate(p.ErrorEvent(code="not_started", message="x", cmd="flush", id=flush.id))) == []
+    (again,) = commands(a.receive(json.dumps({"type": "Speak", "text": "Alive?"})))
+    assert isinstance(again, p.Start)
+    (flush2,) = commands(a.receive(json.dumps({"type": "Flush"})))
+    a.translate(p.ErrorEvent(code="context_full", message="full", id=again.id))
+    acts = a.receive(json.dumps({"type": "Close"}))
+    assert isinstance(run(acts)[-1], Close) and commands(acts) == []  # no flush to a call with nothing to flush
+
+
+def test_every_cartesia_error_names_a_context_as_pipecat_reads_them():
+    a = cartesia()
+    assert json.loads(a.refuse("busy", "all slots taken"))["context_id"] == ""  # before any context
+    for bad in ("{bad", b"\x01\x02", json.dumps({"transcript": "hi"})):
+        (err,) = sent(a.receive(bad))
+        assert err["type"] == "error" and err["context_id"] == "", bad
+    (start,) = commands(a.receive(cartesia_msg("c", "Speaking now. ")))
+    for bad in ("{bad", b"\x01\x02", json.dumps({"transcript": "hi"})):
+        (err,) = sent(a.receive(bad))
+        assert err["context_id"] == "c", bad  # the context that has the floor
+    assert json.loads(a.refuse("shutting_down", "bye"))["context_id"] == "c"
+    (err,) = sent(a.receive(cartesia_msg("d", 5)))
+    assert err["context_id"] == "d"  # the message's own
+
+
+def test_pipecats_cartesia_receive_loop_takes_every_error_we_send():
+    pytest.importorskip("pipecat.services.cartesia.tts")
+    import asyncio
+
+    from pipecat.services.cartesia.tts import CartesiaTTSService
+
+    a = cartesia()
+    errors = [a.refuse("busy", "all slots taken")] + [run(a.receive(bad))[0].payload
+                                                       for bad in ("{bad", b"\x01", json.dumps({"transcript": "x"}))]
+    service = CartesiaTTSService(api_key="k", url="ws://127.0.0.1:1/tts/websocket", sample_rate=24000,
+                                 settings=CartesiaTTSService.Settings(voice="default"))
+
+    class Socket:  # what `_process_messages` iterates
+        async def __aiter__(self):
+            for message in errors:
+                yield message
+
+    service._websocket = Socket()
+    asyncio.run(service._process_messages())  # pipecat 1.14.0 reads msg["context_id"] first: a KeyError before
+
+
+def test_a_flush_or_close_for_a_context_never_opened_opens_nothing():
+    a = el()
+    for msg in ({"context_id": "ghost", "flush": True}, {"context_id": "ghost", "text": "", "flush": True},
+                {"context_id": "ghost", "close_context": True}, {"context_id": "ghost", "text": ""}):
+        assert run(a.receive(json.dumps(msg))) == [], msg
+    assert a.contexts == {}
+    assert isinstance(commands(a.receive(json.dumps({"text": "Hello. ", "context_id": "real", "flush": True})))[0],
+                      p.Start)
+
+
+def test_a_context_given_no_text_does_not_hold_up_the_next():
+    a = el()
+    assert commands(a.receive(json.dumps({"text": " ", "context_id": "init-only"}))) == []
+    (start,) = commands(a.receive(json.dumps({"text": "Hello there. ", "context_id": "ok"})))
+    assert isinstance(start, p.Start) and start.id == a.contexts["ok"].serial
+    a.receive(json.dumps({"context_id": "ok", "flush": True}))
+    a.receive(json.dumps({"context_id": "ok", "close_context": True}))
+    out = sent(a.translate(p.Done(id=start.id, frames=1, audio_s=0.08, wall_s=0.1)))
+    assert out[-1] == {"isFinal": True, "contextId": "ok"}
+    (inject,) = commands(a.receive(json.dumps({"text": "Later. ", "context_id": "init-only"})))
+    assert isinstance(inject, p.Inject)  # it takes the floor once it has text
+
+
+def test_an_idle_context_gives_up_the_floor_after_the_inactivity_timeout():
+    now = [100.0]
+    a = el("output_format=pcm_24000&inactivity_timeout=5")
+    a.clock = lambda: now[0]
+    assert a.tick_s and a.tick() == []
+    (start,) = commands(a.receive(json.dumps({"text": "Hello. ", "context_id": "a"})))
+    a.translate(p.Started(id=start.id, position=0))
+    a.translate(frame())
+    now[0] += 30
+    assert a.tick() == []  # idle, but nobody waits for the floor
+    assert commands(a.receive(json.dumps({"text": "Next one. ", "context_id": "b"}))) == []  # waits behind `a`
+    now[0] += 4.9
+    a.translate(frame())  # `a` still speaking: its audio keeps it from being idle
+    now[0] += 4.9
+    assert a.tick() == []
+    now[0] += 0.2
+    (flush,) = commands(a.tick())  # idle 5 s with `b` waiting: finished as if closed after a flush
+    assert isinstance(flush, p.Flush) and flush.id == start.id
+    out = run(a.translate(p.Done(id=start.id, frames=2, audio_s=0.16, wall_s=0.2)))
+    assert {"isFinal": True, "contextId": "a"} in [json.loads(x.payload) for x in out if isinstance(x, Send)]
+    (inject,) = commands(out)
+    assert isinstance(inject, p.Inject) and inject.text == "Next one. "
+
+
+def test_cartesia_contexts_follow_the_same_floor_rules():
+    now = [0.0]
+    a = cartesia()
+    a.clock = lambda: now[0]
+    assert commands(a.receive(cartesia_msg("empty"))) == []  # opened with no text: holds nothing up
+    (start,) = commands(a.receive(cartesia_msg("a", "Hello. ")))
+    assert a.active.id == "a"
+    a.receive(cartesia_msg("b", "Then this. "))
+    now[0] += 1.5  # the hosted service expires a context a second after its last audio
+    (flush,) = commands(a.tick())
+    out = run(a.translate(p.Done(id=start.id, frames=1, audio_s=0.08, wall_s=0.1)))
+    assert json.loads([x for x in out if isinstance(x, Send)][-1].payload)["type"] == "done"
+    assert [c.text for c in commands(out)] == ["Then this. "]
+
+
+def test_audio_message_sizes_are_the_docs():
+    """docs/compat.md's *Audio message sizes* table is what a stream of 80 ms frames becomes."""
+    import re
+    from pathlib import Path
+
+    from dia2stream.wire.compat.audio import PCM_RATES, PCM_S16LE, StreamFormat
+
+    table = (Path(__file__).parents[1] / "docs" / "compat.md").read_text().split("## Audio message sizes", 1)[1]
+    rows = [tuple(map(int, row)) for row in re.findall(r"^\| (\d+) \| (\d+) \| (\d+) \| (\d+) \|$", table, re.M)]
+    assert [rate for rate, *_ in rows] == list(PCM_RATES)
+    n = 10
+    for rate, first, later, tail in rows:
+        enc = StreamEncoder(StreamFormat(PCM_S16LE, rate))
+        chunks = [enc.encode(np.sin(np.arange(1920) / 7).astype(np.float32)) for _ in range(n)] + [enc.finish()]
+
+        def ms(data: bytes) -> int:
+            return round(len(data) / 2 * 1000 / rate)
+
+        assert (ms(chunks[0]), {ms(c) for c in chunks[1:-1]}, ms(chunks[-1])) == (first, {later}, tail), rate
+        assert sum(map(len, chunks)) == n * rate * 80 // 1000 * 2, rate  # the frames' audio, to the sample

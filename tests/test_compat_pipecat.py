@@ -117,6 +117,48 @@ def _elevenlabs(port: int):
                                 settings=ElevenLabsTTSService.Settings(voice="default"))
 
 
+def _deepgram(port: int):
+    from pipecat.services.deepgram.tts import DeepgramTTSService
+
+    return DeepgramTTSService(api_key="any-key", base_url=f"ws://127.0.0.1:{port}", sample_rate=24000,
+                              settings=DeepgramTTSService.Settings(voice="aura-2-thalia-en"))
+
+
+# First in the module, so that its own server is the only one running (the module's `server`
+# fixture starts with the first test that asks for it).
+async def test_after_the_engine_resets_the_call_the_next_turn_speaks(monkeypatch):
+    """A call whose context fills with no rollover is reset by the engine (`context_full`) in
+    the middle of a turn: the plugin hears the turn end (ElevenLabs `isFinal`, Deepgram
+    `Flushed`), and its next turn speaks on the same connection (a fresh `start`, where an
+    `inject` would be refused and every later turn would be silent)."""
+    from dia2stream.wire import protocol as p
+    from dia2stream.wire.compat.contexts import ContextAdapter
+
+    errors = []
+    translate = ContextAdapter.translate
+
+    def noting_errors(adapter, item):
+        if isinstance(item, p.ErrorEvent):
+            errors.append(item.code)
+        return translate(adapter, item)
+
+    monkeypatch.setattr(ContextAdapter, "translate", noting_errors)
+    srv = start_server(context_frames=100, rollover_frames=0)
+    try:
+        for make in (_elevenlabs, _deepgram):
+            errors.clear()
+            async with Harness(make(srv.port)) as h:
+                await h.say(LONG_TOKENS)  # longer than 100 frames
+                await h.collector.until(lambda: h.collector.of(TTSStoppedFrame))
+                assert errors == ["context_full"], make.__name__
+                before = h.audio_bytes()
+                await h.say(TOKENS)
+                await h.collector.until(lambda: len(h.collector.of(TTSStoppedFrame)) >= 2)
+            assert h.audio_bytes() > before and errors == ["context_full"], make.__name__
+    finally:
+        srv.stop()
+
+
 async def test_elevenlabs_words_and_audio(server):
     log = ServerLog.install()
     try:

@@ -73,6 +73,7 @@ class CompatSession:
         log.info("%s client %s connected (call %d)", adapter.api, ws.remote_address, call.slot.index)
         sender = self.sender = asyncio.create_task(self._send_loop())
         watchdog = asyncio.create_task(self._idle_watch()) if idle_s else None
+        ticker = asyncio.create_task(self._tick_loop(adapter.tick_s)) if adapter.tick_s else None
         try:
             await self._carry_out_now(opening)
             async for message in ws:
@@ -96,18 +97,18 @@ class CompatSession:
             self.engine.close_call(call)
             if self.closing and self.closer is not None:
                 await asyncio.gather(self.closer, return_exceptions=True)
-            for task in (sender, watchdog):
+            for task in (sender, watchdog, ticker):
                 if task is not None:
                     task.cancel()
             self.meter.flush()
             server.metrics.calls_active(self.engine.calls)
             log.info("%s client %s disconnected (call %d)", adapter.api, ws.remote_address, call.slot.index)
 
-    def _guarded(self, step, arg) -> list:
+    def _guarded(self, step, *args) -> list:
         """An adapter fault answers this message with an internal error; the call and the
         server go on."""
         try:
-            return step(arg)
+            return step(*args)
         except Exception as exc:
             log.exception("%s call %d: adapter fault", self.adapter.api, self.call.slot.index)
             self.server.metrics.error(p.ErrorCode.INTERNAL_ERROR)
@@ -186,6 +187,14 @@ class CompatSession:
             pass
         if self.ws.state is not State.CLOSED:
             self.ws.transport.abort()
+
+    async def _tick_loop(self, every_s: float) -> None:
+        """The adapter's timed rules (a context left idle gives up the floor), carried out as a
+        client message's actions are."""
+        while not self.closing:
+            await asyncio.sleep(every_s)
+            if not self.closing:
+                self._carry_out(self._guarded(self.adapter.tick))
 
     # -- closing from the server's side --------------------------------------------------------------
 

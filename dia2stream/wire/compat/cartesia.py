@@ -9,6 +9,17 @@ input (finish: `done` after its audio); `cancel` is a barge-in (`contexts.py`).
 Server messages: `chunk` (base64 audio), `timestamps` (words with start/end in seconds from the
 context's first audio; each word is given an equal share of the frame it starts in), `flush_done`,
 `done`, `error`. LiveKit reads the `done` boolean, pipecat the `type`.
+
+Every message carries a `context_id`, errors included: pipecat reads `msg["context_id"]` from
+every message before anything else (a message without one raises in its receive loop, and it
+drops the connection), LiveKit skips messages naming a context other than its own. An error
+names the context of the message it refuses, else the context that has the floor, else "" (which
+both plugins skip as no context of theirs; the hosted API sends `context_id` on errors "when
+available").
+
+A context that holds the floor with no input and no audio for `CONTEXT_IDLE_S` while another
+waits to speak is finished (`done`): the hosted service expires a context a second after its
+last audio (`contexts.py`).
 """
 
 from __future__ import annotations
@@ -17,11 +28,13 @@ import base64
 
 from dia2stream.wire.compat.audio import ALAW, PCM_F32LE, PCM_RATES, PCM_S16LE, ULAW, StreamFormat
 from dia2stream.clock import SAMPLE_RATE
-from dia2stream.wire.compat.base import MAX_CONTEXT_ID_CHARS, IgnoredFields, Send, parse_known, to_json
+from dia2stream.wire.compat.base import (MAX_CONTEXT_ID_CHARS, IgnoredFields, Send, parse_known, refused_context_id,
+                                         to_json)
 from dia2stream.wire.compat.contexts import FRAME_MS, Context, ContextAdapter
 
 ENCODINGS = {"pcm_s16le": PCM_S16LE, "pcm_f32le": PCM_F32LE, "pcm_mulaw": ULAW, "pcm_alaw": ALAW}
 DEFAULT_VOICE_ID = "default"
+CONTEXT_IDLE_S = 1.0  # the hosted service expires a context this long after its last audio
 KNOWN_FIELDS = {"context_id", "transcript", "continue", "model_id", "voice", "output_format", "add_timestamps",
                 "add_phoneme_timestamps", "use_normalized_timestamps", "flush", "cancel", "max_buffer_delay_ms",
                 "language", "generation_config", "pronunciation_dict_id", "duration", "speed",
@@ -48,6 +61,7 @@ def parse_output(value) -> StreamFormat:
 class CartesiaAdapter(ContextAdapter):
     api = "cartesia"
     max_contexts = 5
+    context_idle_s = CONTEXT_IDLE_S
 
     def __init__(self, query: dict[str, str], voices: list[str]):
         super().__init__(voice=None, output=StreamFormat(PCM_S16LE, SAMPLE_RATE))
@@ -60,7 +74,7 @@ class CartesiaAdapter(ContextAdapter):
         try:
             msg = parse_known(message, KNOWN_FIELDS, self.ignored)
         except ValueError as exc:
-            return [Send(self.error("invalid_message", str(exc)))]
+            return [Send(self.error("invalid_message", str(exc), refused_context_id(exc)))]
         cid = msg.get("context_id")
         if not isinstance(cid, str) or not cid or len(cid) > MAX_CONTEXT_ID_CHARS:
             return [Send(self.error("invalid_message", "context_id must be a non-empty string of at most "
@@ -132,8 +146,8 @@ class CartesiaAdapter(ContextAdapter):
         return actions + [Send(to_json({"type": "done", "done": True, "status_code": 200, "context_id": ctx.id}))]
 
     def error(self, code: str, message: str, context_id: str | None = None) -> str:
-        msg = {"type": "error", "done": True, "status_code": 400, "error": message, "title": code}
-        if context_id is not None:
-            msg["context_id"] = context_id
-        return to_json(msg)
+        if context_id is None:  # a connection-level error (busy, bad JSON, shutting down, ...)
+            context_id = self.active.id if self.active is not None else ""
+        return to_json({"type": "error", "context_id": context_id, "done": True, "status_code": 400,
+                        "error": message, "title": code})
 

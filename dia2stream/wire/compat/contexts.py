@@ -2,17 +2,26 @@
 Deepgram's one stream): several contexts on one call, speaking one at a time in the order they
 were opened.
 
-The call is one conversation; each context is a stretch of it. The first open context's text is
-fed to the call (`start`, then `inject`s with `final: false`); later contexts wait in the
-adapter. A flush is the call's `flush`; more text after it is a further utterance of the same
-context. A context ends in one of two ways:
+The call is one conversation; each context is a stretch of it. One context at a time has the
+floor: its text is fed to the call (`start`, then `inject`s with `final: false`); the others wait
+in the adapter. The floor goes to the first open context that has something to say (text, a
+flush, or its end): a context that was opened and given nothing waits without blocking the ones
+behind it. A flush is the call's `flush`; more text after it is a further utterance of the same
+context. A context ends in one of four ways:
 - finishing (`finish_context`): its audio is completed, then the API's end-of-context message
   (`final_messages`); then the next context speaks;
 - barge-in (`cancel_context`): a `pause` with `played_ms` = the audio sent so far of the call's
   utterance (the APIs do not say what the caller heard, so what was sent counts as heard): the
   call stops within a frame, the words not sent are dropped (the next context's text replaces
   them), and nothing more goes out for that context. If the call cannot roll back that far it
-  is reset to the voice instead (the next text starts afresh).
+  is reset to the voice instead (the next text starts afresh);
+- timing out (`tick`, where the API has `context_idle_s`): while another context waits to speak,
+  the one with the floor that has had no input and sent no audio for that long is finished as if
+  its client had ended it (the hosted services time idle contexts out; here one would otherwise
+  hold the floor for ever);
+- the engine resetting the call (an `internal_error` or `context_full` error): the error, then
+  its end-of-context message; its words not yet spoken are lost, and the next text starts a
+  fresh utterance (`start`).
 Each native command carries the context's serial number as its id, so `word` and `done` events
 name their context.
 
@@ -25,6 +34,7 @@ from __future__ import annotations
 import abc
 import itertools
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -37,6 +47,9 @@ from dia2stream.wire.compat.base import Adapter, Later, Send, Submit
 log = logging.getLogger("dia2stream.compat")
 
 NATIVE_FORMAT = "pcm_24000"  # what the call encodes; adapters re-encode its float frames themselves
+# The call's own errors after which it has no utterance: the engine ended it and reset the call.
+CALL_RESET_CODES = frozenset({p.ErrorCode.INTERNAL_ERROR, p.ErrorCode.CONTEXT_FULL})
+TICK_S = 0.5  # how often a context's idle time is checked
 
 
 @dataclass
@@ -54,14 +67,22 @@ class Context:
     words: list[str] = field(default_factory=list)  # words waiting for their frame
     words_sent: int = 0
     unaligned_ms: int = 0  # for the subclass's clock
+    last_activity: float = 0.0  # the adapter's clock at its last input or audio (its idle time counts from here)
     extra: dict = field(default_factory=dict)  # the subclass's own per-context state
+
+    @property
+    def wants_floor(self) -> bool:
+        """It has something for the call or the client: text, a flush to answer, or its end."""
+        return bool(self.waiting) or self.flush_waiting or self.closing
 
 
 class ContextAdapter(Adapter):
     max_contexts = 5
+    context_idle_s: float | None = None  # the API's idle time after which a context gives up the floor
 
-    def __init__(self, voice: str | None, output: StreamFormat):
+    def __init__(self, voice: str | None, output: StreamFormat, clock=time.monotonic):
         self.voice, self.output = voice, output
+        self.clock = clock
         self.contexts: OrderedDict[str, Context] = OrderedDict()  # open, in speaking order
         self.active: Context | None = None  # the one fed to the call
         self.by_serial: dict[int, Context] = {}
@@ -91,18 +112,24 @@ class ContextAdapter(Adapter):
     def refuse(self, code: str, message: str) -> str:
         return self.error(code, message)
 
+    @property
+    def tick_s(self) -> float | None:
+        return TICK_S if self.context_idle_s is not None else None
+
     # -- contexts (receiving side) ------------------------------------------------------------------
 
     def open_context(self, cid: str, output: StreamFormat | None = None) -> Context | None:
         """A new context (in `output`, else the connection's format), or None when too many are open."""
         if len(self.contexts) >= self.max_contexts:
             return None
-        ctx = Context(id=cid, serial=next(self._serials), encoder=StreamEncoder(output or self.output))
+        ctx = Context(id=cid, serial=next(self._serials), encoder=StreamEncoder(output or self.output),
+                      last_activity=self.clock())
         self.contexts[cid] = ctx
         self.by_serial[ctx.serial] = ctx
         return ctx
 
     def add_text(self, ctx: Context, text: str) -> list:
+        ctx.last_activity = self.clock()  # even an empty text: the API's keep-alive for a context
         if not text:
             return []
         if not text.strip():
@@ -116,6 +143,7 @@ class ContextAdapter(Adapter):
         return self._feed(ctx, text)
 
     def flush(self, ctx: Context) -> list:
+        ctx.last_activity = self.clock()
         ctx.flushed = True
         if ctx is not self.active or self.barrier is not None:
             ctx.flush_waiting = True
@@ -144,12 +172,15 @@ class ContextAdapter(Adapter):
         return actions + self.advance()
 
     def advance(self) -> list:
-        """Start feeding the next context when none is active; finish the active one when it is
-        closing and all its audio is out."""
+        """Give the floor to the first context with something to say when none has it; finish the
+        active one when it is closing and all its audio is out."""
         if self.barrier is not None:
             return []
-        if self.active is None and self.contexts:
-            ctx = self.active = next(iter(self.contexts.values()))
+        if self.active is None:
+            ctx = self.active = next((c for c in self.contexts.values() if c.wants_floor), None)
+            if ctx is None:
+                return []
+            ctx.last_activity = self.clock()  # its idle time counts from here: waiting for the floor is not idling
             actions = []
             for text in ctx.waiting:
                 actions += self._feed(ctx, text)
@@ -179,10 +210,31 @@ class ContextAdapter(Adapter):
     def _finish(self, ctx: Context) -> list:
         if self.active is not ctx or ctx.open_utterance:
             return []  # interrupted meanwhile, or its text reopened it
+        return self._end(ctx) + self.advance()
+
+    def _end(self, ctx: Context) -> list:
+        """The active context is over: the rest of its audio and its end-of-context message."""
         self.active = None
         self.contexts.pop(ctx.id, None)
         words, ctx.words = ctx.words, []
-        return self.final_messages(ctx, ctx.encoder.finish(), words) + self.advance()
+        return self.final_messages(ctx, ctx.encoder.finish(), words)
+
+    # -- timed rules ----------------------------------------------------------------------------------
+
+    def tick(self) -> list:
+        """Finish the context that has the floor if it has been idle `context_idle_s` while
+        another context waits to speak (see the module docstring)."""
+        ctx = self.active
+        if ctx is None or ctx.closing or self.barrier is not None or self.context_idle_s is None:
+            return []
+        if not any(other.wants_floor for other in self.contexts.values() if other is not ctx):
+            return []
+        idle_s = self.clock() - ctx.last_activity
+        if idle_s < self.context_idle_s:
+            return []
+        log.info("%s: context %r idle for %.1f s while another waits to speak; finishing it", self.api, ctx.id,
+                 idle_s)
+        return self.finish_context(ctx)
 
     # -- call → client ------------------------------------------------------------------------------
 
@@ -192,6 +244,7 @@ class ContextAdapter(Adapter):
             self.utterance_frames += 1
             if ctx is None:
                 return []
+            ctx.last_activity = self.clock()  # speaking: not idle, however long its client is silent
             audio = ctx.encoder.encode(item.pcm)
             words, ctx.words = ctx.words, []
             actions = self.audio_messages(ctx, audio, words)
@@ -223,7 +276,11 @@ class ContextAdapter(Adapter):
             self.barrier = None
             self.call_started = False
             return [Submit(p.Reset(format=NATIVE_FORMAT))] + self.advance()
+        if event.code in CALL_RESET_CODES:
+            return self._call_was_reset(event)
         owner = self.by_serial.get(event.id) if isinstance(event.id, int) else None
+        if event.code == p.ErrorCode.NOT_STARTED:
+            return self._no_utterance(owner)
         actions = [Send(self.error(event.code, event.message, owner.id if owner is not None else None))]
         if event.cmd == "start":  # refused: no utterance began, and the next text must start one
             self.call_started = False
@@ -231,6 +288,36 @@ class ContextAdapter(Adapter):
                 owner.open_utterance = False
             actions += self.advance()
         return actions
+
+    def _call_was_reset(self, event: p.ErrorEvent) -> list:
+        """The engine ended the call's utterance and reset the call. The error belongs to the
+        context with the floor (its id names the turn, which another context may have started),
+        and ends it; the next text starts a fresh utterance, where `inject` or `flush` would be
+        refused (`not_started`) and the connection would never speak again."""
+        self.call_started = False
+        self.utterance_frames = 0
+        ctx = self.active
+        log.info("%s: the call was reset (%s) while context %r spoke", self.api, event.code, ctx and ctx.id)
+        actions = [Send(self.error(event.code, event.message, ctx.id if ctx is not None else None))]
+        if ctx is not None:
+            if ctx.open_utterance:
+                ctx.open_utterance = False
+                actions += self.utterance_done(ctx)  # a flush it was waiting on is answered: nothing more comes
+            actions += self._end(ctx)
+        return actions + self.advance()
+
+    def _no_utterance(self, owner: Context | None) -> list:
+        """`not_started`: a command of ours reached the call after the engine had reset it. The
+        reset's own error told the client; this one is ours, not theirs."""
+        log.debug("%s: a command for context %r came after the call was reset", self.api, owner and owner.id)
+        if owner is None or owner is not self.active:
+            return []  # a context the reset already ended
+        self.call_started = False  # it has the floor and no utterance: its next text starts one
+        actions = []
+        if owner.open_utterance:
+            owner.open_utterance = False
+            actions += self.utterance_done(owner)
+        return actions + self.advance()
 
 
 def _pieces(text: str, limit: int) -> list[str]:

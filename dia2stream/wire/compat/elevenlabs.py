@@ -12,6 +12,11 @@ call's `flush`; more text after it is a further utterance of the same context. A
   counts as heard): the call stops within a frame, the words not sent are dropped, and nothing
   more goes out for that context. Both pipecat and LiveKit end every normal turn with flush +
   close_context long before its audio has played, and interrupt with a (second) close_context.
+A context opens with its first text (the init `{"text": " "}` included); a flush, a close or an
+empty keep-alive for a context that is not open opens nothing. A context that was given no text
+does not hold up the others, and one that holds the floor but has had no message and sent no
+audio for `inactivity_timeout` seconds is finished (`isFinal`) once another context waits to
+speak, as the hosted service times out idle contexts (`contexts.py`).
 
 Alignment. Every audio message (one per 80 ms frame) carries `alignment` and the same
 `normalizedAlignment`: the words whose first frame it is, each spread over an equal share of the
@@ -31,7 +36,7 @@ from dataclasses import dataclass
 
 from dia2stream.wire.compat.audio import StreamFormat, parse_elevenlabs_format
 from dia2stream.wire.compat.base import (CLOSE_NORMAL, CLOSE_POLICY, MAX_CONTEXT_ID_CHARS, Close, IgnoredFields, Send,
-                                         parse_known, to_json)
+                                         parse_known, refused_context_id, to_json)
 from dia2stream.wire.compat.contexts import FRAME_MS, Context, ContextAdapter
 
 
@@ -91,6 +96,7 @@ class ElevenLabsAdapter(ContextAdapter):
                                              DEFAULT_INACTIVITY_S, single)
         super().__init__(self.request.voice, self.request.output)
         self.idle_timeout_s = self.request.inactivity_s
+        self.context_idle_s = self.request.inactivity_s  # the hosted service's per-context timeout too
         self.ignored = IgnoredFields(self.api)
         self.ignored.note(k for k in query if k not in ("output_format", "inactivity_timeout", "sync_alignment"))
         self.single_done = False
@@ -107,7 +113,7 @@ class ElevenLabsAdapter(ContextAdapter):
         try:
             msg = parse_known(message, KNOWN_FIELDS, self.ignored)
         except ValueError as exc:
-            return [Send(self.error("invalid_message", str(exc)))]
+            return [Send(self.error("invalid_message", str(exc), refused_context_id(exc)))]
         text = msg.get("text")
         if text is not None and not isinstance(text, str):
             return [Send(self.error("invalid_message", "text must be a string"))]
@@ -137,8 +143,10 @@ class ElevenLabsAdapter(ContextAdapter):
                 return self.finish_context(ctx)
             return self.cancel_context(ctx)  # no flush before it, or a second close: barge-in
         if ctx is None:
-            if text == "" and not msg.get("flush"):
-                return []  # keep-alive for a context that is gone (after isFinal)
+            if not text:
+                # a keep-alive or a flush for a context that is gone (after isFinal) or was never
+                # opened: opening one here would hold the floor with nothing to say
+                return []
             ctx = self.open_context(cid)
             if ctx is None:
                 return [Send(self.error("max_active_conversations", f"at most {MAX_CONTEXTS} contexts may be open "
