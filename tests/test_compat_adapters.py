@@ -18,6 +18,7 @@ from dia2stream.wire import protocol as p
 from dia2stream.wire.compat import adapter_for
 from dia2stream.wire.compat.audio import StreamEncoder, parse_elevenlabs_format
 from dia2stream.wire.compat.base import Close, Later, Send, Submit
+from dia2stream.wire.compat.contexts import KEEP_ENDED_CONTEXTS
 from dia2stream.wire.compat.deepgram import DeepgramAdapter
 from dia2stream.wire.compat.elevenlabs import ElevenLabsAdapter
 
@@ -447,3 +448,12 @@ def test_audio_message_sizes_are_the_docs():
 
         assert (ms(chunks[0]), {ms(c) for c in chunks[1:-1]}, ms(chunks[-1])) == (first, {later}, tail), rate
         assert sum(map(len, chunks)) == n * rate * 80 // 1000 * 2, rate  # the frames' audio, to the sample
+
+
+def test_a_long_call_does_not_keep_every_context_it_ever_had():
+    a = el()
+    for i in range(100):
+        run(a.receive(json.dumps({"text": " ", "context_id": f"c{i}"})))
+        run(a.receive(json.dumps({"context_id": f"c{i}", "close_context": True})))
+    assert not a.contexts
+    assert len(a.by_serial) <= KEEP_ENDED_CONTEXTS + 1

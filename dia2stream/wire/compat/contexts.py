@@ -50,6 +50,7 @@ NATIVE_FORMAT = "pcm_24000"  # what the call encodes; adapters re-encode its flo
 # The call's own errors after which it has no utterance: the engine ended it and reset the call.
 CALL_RESET_CODES = frozenset({p.ErrorCode.INTERNAL_ERROR, p.ErrorCode.CONTEXT_FULL})
 TICK_S = 0.5  # how often a context's idle time is checked
+KEEP_ENDED_CONTEXTS = 16  # ended contexts whose late events are still recognised
 
 
 @dataclass
@@ -126,7 +127,18 @@ class ContextAdapter(Adapter):
                       last_activity=self.clock())
         self.contexts[cid] = ctx
         self.by_serial[ctx.serial] = ctx
+        self._forget_ended_contexts(ctx.serial)
         return ctx
+
+    def _forget_ended_contexts(self, newest: int) -> None:
+        """A context's late events (its `done`, words of a cut turn) come soon after it ends:
+        keep the last few ended ones for them, not every context a long call ever had (each holds
+        an encoder: a resampler, or LAME's buffers)."""
+        current = {ctx.serial for ctx in self.contexts.values()}
+        if self.active is not None:
+            current.add(self.active.serial)
+        for serial in [s for s in self.by_serial if s <= newest - KEEP_ENDED_CONTEXTS and s not in current]:
+            del self.by_serial[serial]
 
     def add_text(self, ctx: Context, text: str) -> list:
         ctx.last_activity = self.clock()  # even an empty text: the API's keep-alive for a context
