@@ -728,8 +728,7 @@ class Call:
 
     def _parse(self, text: str, cmd, leading_speaker: str | None):
         if not p.is_encodable(text):  # the native parser refuses these; other doors (HTTP, adapters) may not
-            raise p.ProtocolError(ErrorCode.INVALID_FIELD, "text: holds a lone UTF-16 surrogate (such as \\ud800), "
-                                  "which UTF-8 cannot encode; send valid Unicode", cmd=cmd.cmd, id=cmd.id)
+            raise p.ProtocolError(ErrorCode.INVALID_FIELD, p.unencodable_message("text"), cmd=cmd.cmd, id=cmd.id)
         try:
             # a turn that opens with [S2] keeps its own speaker (our fix of an upstream quirk, docs/parity.md)
             return parse_script(text, self.model.tokenizer, leading_speaker=leading_speaker, keep_own_speaker=True)

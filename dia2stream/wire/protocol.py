@@ -490,7 +490,7 @@ def parse_command(message: str | bytes | bytearray | memoryview) -> Command:
     if not isinstance(name, str):
         raise ProtocolError(ErrorCode.INVALID_MESSAGE, "'cmd' must be a string", id=client_id)
     if not is_encodable(name):
-        raise ProtocolError(ErrorCode.INVALID_FIELD, _UNENCODABLE_MESSAGE.format(key="cmd"), id=client_id)
+        raise ProtocolError(ErrorCode.INVALID_FIELD, unencodable_message("cmd"), id=client_id)
     spec = _COMMANDS.get(name)
     if spec is None:
         shown = name[:64]
@@ -559,10 +559,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-_UNENCODABLE_MESSAGE = (
-    "field {key!r} holds a code point that UTF-8 cannot encode (a lone UTF-16 surrogate such as "
-    "\\ud800); send text as valid Unicode"
-)
+def unencodable_message(key: str) -> str:
+    """The refusal of a string UTF-8 cannot encode, in field `key` (one wording for every door)."""
+    return (f"field {key!r} holds a code point that UTF-8 cannot encode (a lone UTF-16 surrogate such as "
+            "\\ud800); send text as valid Unicode")
 
 
 def _check_str(key: str, value: Any, expected: str = "a string") -> str:
@@ -570,7 +570,7 @@ def _check_str(key: str, value: Any, expected: str = "a string") -> str:
     if not isinstance(value, str):
         raise _type_error(key, expected, value)
     if not is_encodable(value):
-        raise _FieldError(ErrorCode.INVALID_FIELD, _UNENCODABLE_MESSAGE.format(key=key))
+        raise _FieldError(ErrorCode.INVALID_FIELD, unencodable_message(key))
     return value
 
 

@@ -96,8 +96,7 @@ class UnencodableField(ValueError):
     object, so an adapter can still name the context the refusal belongs to."""
 
     def __init__(self, field: str, message: dict[str, Any]) -> None:
-        super().__init__(f"{field} holds a code point that UTF-8 cannot encode (a lone UTF-16 surrogate "
-                         "such as \\ud800); send text as valid Unicode")
+        super().__init__(p.unencodable_message(field))
         self.message = message
 
 
