@@ -79,6 +79,10 @@ def test_user_turn_appends_the_callers_frames_as_s2_and_the_next_turn_answers_as
     second = collect(got, p.Done)
     assert isinstance(second[0], p.Started) and second[0].position == resume_at + frames
     assert words(second) == ANSWER.split()
+    lead_in = call.settings.lead_in_frames
+    first_word = next(i for i in second if isinstance(i, p.Word))
+    assert first_word.frame == lead_in, first_word  # the answer's lead-in, as after any turn
+    assert second[-1].onset_ms == pytest.approx(second[-1].ttfa_ms + lead_in * 80, abs=0.2)
     transcript = call.machine.transcript
     assert [w for w, _ in transcript] == agent_words + CALLER.split() + ANSWER.split()
     assert [s for _, s in transcript] == sorted(s for _, s in transcript)
@@ -133,6 +137,7 @@ def test_the_next_turn_has_the_greedy_tokens_of_a_reference_run_with_the_runtime
     stepper.prefill(0, grid[:, resume_at:], torch.cat([torch.tensor([text_in]), said]), loaded.frames,
                     boundary="clean", start=resume_at)
     assert stepper.last_prefill == PrefillSpan(resume_at, loaded.frames)
+    machine.hold_words(call.settings.lead_in_frames)  # the answer's lead-in
     machine.push(parse_script(ANSWER, tts.tokenizer, leading_speaker="[S1]", keep_own_speaker=True), final=True)
     generate(stepper, machine, start, call.position)
     assert torch.equal(stepper.aligned_codes(0, start, start + compare).cpu(), got_codes)

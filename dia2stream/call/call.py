@@ -760,14 +760,18 @@ class Call:
         turn does, and return that frame, where the next turn starts. Every frame before it is then
         teacher-forced, so the next turn's first steps until a sampled code is read are decoder-only steps (2.1
         against 5.9 ms at one call on the H200, run 22), not full ones: a next turn's first word
-        is heard as soon as a first turn's. None (nothing dropped) where the slot already stands
-        there (after a caller's turn or a rollover) or the history no longer reaches it."""
+        is heard as soon as a first turn's. Where the slot already stands there (after a caller's
+        turn, or a rollover between turns) nothing is taken back, but the lead-in comes first all
+        the same. None where the history no longer reaches the frame."""
         turn = self.turn
         if turn is None:
             return None
         target = turn.next_frame
-        if not (max(self._floor_frame, self._caller_until) <= target < self.position):
+        if target < max(self._floor_frame, self._caller_until) or target > self.position:
             return None
+        if target == self.position:
+            self.machine.hold_words(self.settings.lead_in_frames)
+            return target
         record = self._history.find(target)
         if record is None:
             return None
