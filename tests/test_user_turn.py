@@ -338,6 +338,10 @@ HOSTILE = [
     ("words not the transcript's", raw_user_turn(b64(wav_bytes(tone(2.0, 16_000), 16_000)), transcript="one two",
                                                   words=[{"word": "one", "start_s": 0.1, "end_s": 0.5}]),
      "invalid_field", "transcript has 2"),
+    ("words of other speech", raw_user_turn(b64(wav_bytes(tone(2.0, 16_000), 16_000)), transcript="yes it's Smith",
+                                            words=[{"word": w, "start_s": 0.1 + 0.5 * k, "end_s": 0.5 + 0.5 * k}
+                                                   for k, w in enumerate(["No,", "it's", "Smith."])]),
+     "invalid_field", "not the transcript's word 1"),
     ("words past the audio", raw_user_turn(b64(wav_bytes(tone(1.0, 16_000), 16_000)), transcript="one",
                                            words=[{"word": "one", "start_s": 0.1, "end_s": 9.0}]),
      "invalid_field", "after the end"),

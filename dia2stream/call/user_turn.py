@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import time
 from dataclasses import dataclass
 
@@ -37,6 +38,7 @@ from dia2stream.wire.protocol import ErrorCode
 CALLER_TAG = "[S2]"  # the caller is speaker 2; the agent speaks as [S1]
 WORD_TIME_SLACK_S = 0.25  # STT word times may run this far past the audio's end (rounding, padding)
 _CONTAINERS = {"wav": "WAV", "flac": "FLAC"}  # user_turn format -> soundfile's name for the container
+_NOT_SPELLING = re.compile(r"[^\w']")  # what `_spelling` ignores: punctuation, symbols, spaces
 
 
 @dataclass(frozen=True)
@@ -115,12 +117,22 @@ def _check_container(raw: bytes, fmt: str) -> None:
         raise VoiceError(ErrorCode.BAD_AUDIO, f"user_turn audio: format says {fmt} but the file is {found}")
 
 
+def _spelling(word: str) -> str:
+    """A word as an STT and a transcript of the same speech both spell it: STTs give words
+    without punctuation and case (Deepgram's `word` beside its `punctuated_word`)."""
+    return _NOT_SPELLING.sub("", word.replace("\u2019", "'").casefold())
+
+
 def _stt_words(cmd: p.UserTurn, seconds: float, refuse) -> list[TimedWord]:
     """The STT's word times, checked against the transcript and the audio's length."""
     said = transcript_words(cmd.transcript)
     if len(cmd.words) != len(said):
         raise refuse(ErrorCode.INVALID_FIELD, f"words: {len(cmd.words)} words but the transcript has {len(said)}; "
                      "send the STT's words for this transcript, or leave 'words' out to spread them over the audio")
+    for i, (want, got) in enumerate(zip(said, cmd.words)):
+        if _spelling(want) != _spelling(got.word):
+            raise refuse(ErrorCode.INVALID_FIELD, f"words[{i}]: {got.word!r} is not the transcript's word {i + 1}, "
+                         f"{want!r}; send the STT's words for this transcript, in its order")
     last = cmd.words[-1]
     if last.end_s > seconds + WORD_TIME_SLACK_S:
         raise refuse(ErrorCode.INVALID_FIELD, f"words: {last.word!r} ends at {last.end_s:g} s, after the end of the "
