@@ -33,6 +33,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 import numpy as np
 import soundfile as sf
@@ -439,6 +440,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "--inject is then the agent's answer")
     ap.add_argument("--quiet", action="store_true", help="print only ready, errors and summary")
     args = ap.parse_args(argv)
+    url = urlsplit(args.url)
+    if url.scheme not in ("ws", "wss") or not url.hostname:
+        ap.error(f"--url: not a websocket URL (ws://host:port/ or wss://...): {args.url!r}")
+    if not args.timeout > 0 or args.timeout == float("inf"):
+        ap.error("--timeout must be a number of seconds more than 0")
     if args.busy_retries < 0:
         ap.error("--busy-retries must be 0 or more")
     if args.resume_at is not None and (args.pause_at is None or args.resume_at <= args.pause_at):

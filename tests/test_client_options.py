@@ -55,6 +55,15 @@ def test_utterance_onset_word_times_and_played_ms():
     assert u.played_ms(20.0) == pytest.approx(400)
 
 
+def test_a_bad_url_or_timeout_is_a_usage_error_not_a_traceback(capsys):
+    for bad, says in ((["--url", "notaurl"], "not a websocket URL"), (["--url", "http://h:1/"], "not a websocket URL"),
+                      (["--timeout", "-1"], "--timeout"), (["--timeout", "nan"], "--timeout")):
+        with pytest.raises(SystemExit) as exit_:
+            tc.parse_args(["[S1] Hi.", *bad])
+        assert exit_.value.code == 2 and says in capsys.readouterr().err
+    assert tc.parse_args(["[S1] Hi.", "--url", "wss://example.org/tts"]).url == "wss://example.org/tts"
+
+
 def test_busy_retries_option():
     assert tc.parse_args(["[S1] Hi."]).busy_retries == 3
     assert tc.parse_args(["[S1] Hi.", "--busy-retries", "0"]).busy_retries == 0

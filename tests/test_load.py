@@ -38,10 +38,27 @@ def test_turn_metrics_and_summary_from_a_hand_made_timeline():
 def test_arguments_are_bounded():
     for bad in (["--calls", "0"], ["--calls", "100000"], ["--turns", "0"], ["http://127.0.0.1:1/"],
                 ["--duration-limit", "0"], ["--user-turn-file", "caller.mp3", "hi"],
-                ["--user-turn-file", "missing.wav", "hi"]):
+                ["--user-turn-file", "missing.wav", "hi"], ["--pattern", "call-centre", "--arrival-window", "-1"]):
         with pytest.raises(SystemExit):
             load.parse_args(bad)
     assert load.parse_args([]).url == "ws://127.0.0.1:8765/"
+
+
+def test_call_centre_options_are_refused_with_the_lock_step_pattern(capsys):
+    for option in (["--arrival-window", "5"], ["--barge-in-every", "0"], ["--user-turn-seconds", "2"]):
+        with pytest.raises(SystemExit):
+            load.parse_args(option)
+        assert f"{option[0]}: only with --pattern call-centre" in capsys.readouterr().err
+        args = load.parse_args(["--pattern", "call-centre", *option])
+        assert getattr(args, option[0][2:].replace("-", "_")) == float(option[1])
+    defaults = load.parse_args(["--pattern", "call-centre"])
+    assert (defaults.arrival_window, defaults.barge_in_every, defaults.user_turn_seconds) == (20.0, 5, 0.0)
+
+
+def test_a_missing_caller_file_is_named_missing(capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        load.parse_args(["--pattern", "call-centre", "--user-turn-file", str(tmp_path / "nobody.wav"), "hi"])
+    assert "does not exist" in capsys.readouterr().err
 
 
 def max_calls(port: int) -> int:

@@ -347,6 +347,13 @@ def format_table(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+# The call-centre pattern's own options (flag: attribute), and their defaults: given with the
+# lock-step pattern they would do nothing, so they are refused there.
+CALL_CENTRE_ONLY = {"--arrival-window": "arrival_window", "--barge-in-every": "barge_in_every",
+                    "--user-turn-seconds": "user_turn_seconds", "--user-turn-file": "user_turn_file"}
+CALL_CENTRE_DEFAULTS = {"arrival_window": 20.0, "barge_in_every": 5, "user_turn_seconds": 0.0}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m dia2stream.tools.load", description=__doc__.split("\n\n")[0])
     ap.add_argument("url", nargs="?", default=DEFAULT_URL, help=f"server websocket URL (default {DEFAULT_URL})")
@@ -373,11 +380,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="lock-step (default: every call at once, turn after turn, the worst case) or call-centre "
                          "(Poisson arrivals, streamed text, the caller speaking between turns, barge-ins; "
                          "dia2stream/tools/callcentre.py)")
-    ap.add_argument("--arrival-window", type=float, default=20.0, metavar="S",
+    ap.add_argument("--arrival-window", type=float, metavar="S",
                     help="call-centre: calls arrive at random over S seconds (default 20)")
-    ap.add_argument("--barge-in-every", type=int, default=5, metavar="N",
+    ap.add_argument("--barge-in-every", type=int, metavar="N",
                     help="call-centre: about one turn in N is interrupted (default 5; 0: never)")
-    ap.add_argument("--user-turn-seconds", type=float, default=0.0, metavar="S",
+    ap.add_argument("--user-turn-seconds", type=float, metavar="S",
                     help="call-centre: send S seconds of synthetic caller audio as a user_turn before each agent "
                          "turn after the first (default 0: none)")
     ap.add_argument("--user-turn-file", nargs=2, metavar=("FILE", "TRANSCRIPT"),
@@ -404,6 +411,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error("--busy-retries must be 0 or more")
     if args.pause_every < 0 or args.ramp < 0 or args.duration_limit <= 0 or args.step_timeout <= 0:
         ap.error("--pause-every and --ramp must be >= 0, --duration-limit and --step-timeout > 0")
+    given = [flag for flag, name in CALL_CENTRE_ONLY.items() if getattr(args, name) is not None]
+    if given and args.pattern != "call-centre":
+        ap.error(f"{', '.join(given)}: only with --pattern call-centre")
+    for name, default in CALL_CENTRE_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     if args.arrival_window < 0 or args.barge_in_every < 0:
         ap.error("--arrival-window and --barge-in-every must be >= 0")
     if not 0 <= args.user_turn_seconds <= 30:
@@ -412,8 +425,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         path = Path(args.user_turn_file[0])
         if args.user_turn_seconds:
             ap.error("--user-turn-file and --user-turn-seconds: give one of them")
-        if path.suffix.lower() not in (".wav", ".flac") or not path.is_file():
+        if path.suffix.lower() not in (".wav", ".flac"):
             ap.error(f"--user-turn-file: {path} is not a .wav or .flac file")
+        if not path.is_file():
+            ap.error(f"--user-turn-file: {path} does not exist (or is not a file)")
     if args.plot:
         try:  # before any call is made, not after the run
             import matplotlib  # noqa: F401
