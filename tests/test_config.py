@@ -86,3 +86,151 @@ def test_a_step_in_flight_by_default_wherever_a_device_runs_apart_from_the_host(
     config = parse_args(["--step-in-flight", flag] + (["--simulate-gpu", "profiles/h200-2b.json"] if simulated else []))
     assert config.engine_config(device).step_in_flight is expected
     assert config.engine_config(device).decode_stream is True  # on unless asked off (no effect without CUDA graphs)
+
+
+# --- every value checked at parse time (audit 2) ---------------------------------------------------
+
+
+def parse_error(argv: list[str], environ: dict | None = None, capsys=None) -> str:
+    """The one-line error parse_args ends with (exit status 2, argparse's for a bad flag)."""
+    with pytest.raises(SystemExit) as exited:
+        parse_args(argv, environ or {})
+    assert exited.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("server.py: error: ")
+    return line
+
+
+def test_every_number_flag_has_a_range():
+    from dia2stream.serve.config import _BOUNDS, _FLAGS
+
+    numbers = {name for name, kind, _ in _FLAGS if kind in (int, float)}
+    assert numbers - set(_BOUNDS) == set(), "a number flag without a range"
+    assert set(_BOUNDS) - numbers == set()
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--max-lead-ms", "-100"), ("--max-lead-ms", "0"), ("--max-lead-ms", "nan"), ("--max-lead-ms", "inf"),
+    ("--port", "-1"), ("--port", "70000"), ("--http-port", "70000"), ("--http-port", "-1"), ("--agent-port", "70000"),
+    ("--threads", "-2"), ("--context-frames", "-5"), ("--commands-per-second", "0"), ("--commands-per-second", "nan"),
+    ("--command-burst", "0"), ("--max-command-bytes", "0"), ("--max-command-bytes", "1023"),
+    ("--max-voice-message-bytes", "-1"), ("--max-voice-message-bytes", str(10**9)),
+    ("--idle-timeout-s", "-1"), ("--ping-interval-s", "-1"), ("--max-voice-seconds", "-1"),
+    ("--max-voice-seconds", "0"), ("--max-voices-per-connection", "-1"), ("--voice-cache-mb", "-1"),
+    ("--ping-timeout-s", "0"), ("--ping-timeout-s", "-1"), ("--cfg-scale", "-1"), ("--cfg-scale", "nan"),
+    ("--seed", "-1"), ("--overload-refusal-s", "nan"), ("--engine-stall-s", "nan"), ("--flood-close-s", "nan"),
+    ("--max-user-turn-seconds", "inf"), ("--max-user-turn-seconds", "0"), ("--drain-timeout-s", "inf"),
+    ("--lead-in-frames", "-1"), ("--rollover-frames", "-1"), ("--max-calls", "0"), ("--compile-max-calls", "0"),
+    ("--max-pending-text-chars", "10"),
+])
+def test_a_value_out_of_range_is_a_one_line_error_naming_the_flag(flag, value, capsys):
+    line = parse_error([flag, value], capsys=capsys)
+    assert line.startswith(f"server.py: error: {flag} ") and "must be" in line, line
+    if value in ("nan", "inf"):
+        assert "finite" in line
+
+
+def test_an_environment_variable_out_of_range_is_named_as_such(capsys):
+    line = parse_error([], {"DIA2_MAX_LEAD_MS": "-100"}, capsys)
+    assert line.startswith("server.py: error: DIA2_MAX_LEAD_MS -100.0: must be more than 0"), line
+    assert parse_args(["--max-lead-ms", "500"], {"DIA2_MAX_LEAD_MS": "-100"}).max_lead_ms == 500.0  # the flag wins
+
+
+@pytest.mark.parametrize("argv", [
+    ["--context-frames", "0"], ["--threads", "0"], ["--idle-timeout-s", "0"], ["--ping-interval-s", "0"],
+    ["--flood-close-s", "0"], ["--overload-refusal-s", "0"], ["--engine-stall-s", "0"], ["--drain-timeout-s", "0"],
+    ["--rollover-frames", "0"], ["--voice-cache-mb", "0"], ["--max-voices-per-connection", "0"],
+    ["--max-voice-message-bytes", "0"], ["--port", "0"], ["--port", "65535"], ["--http-port", "0"],
+    ["--agent-port", "0"], ["--max-lead-ms", "1e6"], ["--lead-in-frames", "0"], ["--cfg-scale", "1"],
+    ["--context-frames", "100000"],  # more than the model's limit: clamped with a warning once it is loaded
+])
+def test_documented_special_values_still_work(argv):
+    parse_args(argv, {})
+
+
+@pytest.mark.parametrize("argv, env, listed", [
+    (["--compile", "bogus"], {}, "expected one of auto, on, off"),
+    ([], {"DIA2_COMPILE": "bogus"}, "expected one of auto, on, off"),
+    (["--log-level", "LOUD"], {}, "expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    ([], {"DIA2_LOG_LEVEL": "LOUD"}, "expected one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
+    (["--dtype", "fp64"], {}, "expected one of bf16, bfloat16, fp32, float32, fp16, float16"),
+    (["--device", "tpu"], {}, "expected cpu, cuda or cuda:N"),
+    (["--kernels", "cuda"], {}, "expected one of auto, torch, triton"),
+])
+def test_an_invalid_choice_lists_the_valid_ones(argv, env, listed, capsys):
+    line = parse_error(argv, env, capsys)
+    assert listed in line, line
+
+
+def test_choices_that_are_accepted():
+    config = parse_args(["--log-level", "debug", "--dtype", "fp16", "--device", "cuda:1"], {})
+    assert (config.log_level, config.dtype, config.device) == ("DEBUG", "fp16", "cuda:1")
+    assert parse_args([], {}).log_level == "INFO"
+
+
+def test_the_dtype_choices_are_the_ones_the_model_loader_takes():
+    from vendor_dia2.api import _parse_dtype
+
+    from dia2stream.serve.config import Dtype
+
+    for name in Dtype:
+        _parse_dtype(str(name))
+    with pytest.raises(ValueError):
+        _parse_dtype("fp64")
+
+
+@pytest.mark.parametrize("argv, env, said", [
+    (["--simulate-gpu", "missing.json"], {}, "--simulate-gpu missing.json: no such file"),
+    (["--auth-token-file", "/nonexist"], {}, "--auth-token-file /nonexist: no such file"),
+    (["--auth-token", ""], {}, "--auth-token is empty"),
+    (["--auth-token", "  "], {}, "--auth-token is empty"),
+    ([], {"DIA2_AUTH_TOKEN": ""}, "DIA2_AUTH_TOKEN is empty"),
+    (["--tls-cert", "/etc/hostname"], {}, "--tls-cert and --tls-key go together"),
+    (["--tls-cert", "/etc/hostname", "--tls-key", "/nonexist"], {}, "--tls-key /nonexist: no such file"),
+    (["--voice", "bad"], {}, "--voice 'bad': expected NAME=PATH[,TRANSCRIPT]"),
+    (["--voice", "a b=x.wav"], {}, "the name must be"),
+    ([], {"DIA2_VOICE": "=x.wav"}, "expected NAME=PATH[,TRANSCRIPT]"),
+])
+def test_files_and_specs_are_checked_at_parse_time(argv, env, said, capsys):
+    line = parse_error(argv, env, capsys)
+    assert said in line, line
+
+
+def test_a_token_flag_overrides_the_other_token_env_var(tmp_path, capsys):
+    """The environment gives the flags' defaults (docs/operations.md): `--auth-token-file` on the
+    command line replaces a DIA2_AUTH_TOKEN from the environment, and the other way round; both
+    on the command line, or both in the environment, stays an error."""
+    secret = tmp_path / "token"
+    secret.write_text("from-file\n")
+    config = parse_args(["--auth-token-file", str(secret)], {"DIA2_AUTH_TOKEN": "from-env"})
+    assert (config.auth_token, config.auth_token_file) == (None, str(secret))
+    assert HttpPolicy.from_config(config).auth_token == "from-file"
+    config = parse_args(["--auth-token", "from-flag"], {"DIA2_AUTH_TOKEN_FILE": str(secret)})
+    assert (config.auth_token, config.auth_token_file) == ("from-flag", None)
+    assert HttpPolicy.from_config(config).auth_token == "from-flag"
+    line = parse_error(["--auth-token", "a", "--auth-token-file", str(secret)], {}, capsys)
+    assert "give --auth-token or --auth-token-file, not both" in line
+    line = parse_error([], {"DIA2_AUTH_TOKEN": "a", "DIA2_AUTH_TOKEN_FILE": str(secret)}, capsys)
+    assert "give DIA2_AUTH_TOKEN or DIA2_AUTH_TOKEN_FILE, not both" in line
+
+
+def test_an_unreadable_token_file_is_one_line(tmp_path):
+    from dia2stream.serve.http import load_auth_token
+
+    with pytest.raises(ValueError, match=r"^--auth-token-file .*: Is a directory$"):
+        load_auth_token(None, str(tmp_path))
+
+
+def help_text() -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        parse_args(["--help"], {})
+    return " ".join(out.getvalue().split())
+
+
+def test_help_says_what_each_size_limit_covers_and_what_context_frames_0_means():
+    text = help_text()
+    assert "largest message other than a set_voice or user_turn with audio" in text
+    assert "largest set_voice or user_turn message with base64 audio" in text
+    context = text.split("--context-frames CONTEXT_FRAMES")[-1].split("--threads THREADS")[0]  # the flag, not usage
+    assert "0 = the model's limit" in context and "clamped" in context

@@ -12,12 +12,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import enum
+import math
 import os
+import re
 from dataclasses import dataclass, field
 
 from vendor_dia2.config import Kernels, PrefixBoundaryName, Weights
 
-from dia2stream.wire.protocol import MAX_TEXT_CHARS
+from dia2stream.wire.protocol import CFG_SCALE_RANGE, MAX_MESSAGE_BYTES, MAX_TEXT_CHARS, SEED_RANGE, VOICE_NAME_RE
+
+MIN_COMMAND_BYTES = 1024  # the smallest --max-command-bytes (limits.Limits refuses less)
 
 
 class CompileMode(enum.StrEnum):
@@ -55,6 +59,31 @@ class GpuTilings(enum.StrEnum):
 class Switch(enum.StrEnum):
     ON = "on"
     OFF = "off"
+
+
+class LogLevel(enum.StrEnum):
+    """`--log-level`: a name `logging` knows, in any case."""
+
+    DEBUG = "DEBUG"
+    INFO = "INFO"
+    WARNING = "WARNING"
+    ERROR = "ERROR"
+    CRITICAL = "CRITICAL"
+
+    @classmethod
+    def _missing_(cls, value):
+        return cls.__members__.get(value.upper()) if isinstance(value, str) else None
+
+
+class Dtype(enum.StrEnum):
+    """`--dtype`: the names the model loader takes (vendor_dia2/api.py `_parse_dtype`)."""
+
+    BF16 = "bf16"
+    BFLOAT16 = "bfloat16"
+    FP32 = "fp32"
+    FLOAT32 = "float32"
+    FP16 = "fp16"
+    FLOAT16 = "float16"
 
 
 @dataclass(frozen=True)
@@ -186,22 +215,35 @@ def _is_cuda(device) -> bool:
     return str(device).startswith("cuda")
 
 
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def device_name(text: str) -> str:
+    """`--device`: cpu, cuda or cuda:N (ValueError for anything else: the model runs on nothing else)."""
+    if not _DEVICE.match(text):
+        raise ValueError(text)
+    return text
+
+
 _FLAGS = [  # (name, type, help)
     ("host", str, "address to listen on"),
-    ("port", int, "port to listen on (0 picks a free one)"),
+    ("port", int, "port to listen on, 0-65535 (0 picks a free one)"),
     ("checkpoint", str, "preset (tiny, 1b, 2b: random weights), local directory or Hugging Face repo id "
                         "(default: nari-labs/Dia2-2B on a GPU, tiny on CPU)"),
-    ("device", str, "cpu, cuda, cuda:N (default: cuda if available)"),
-    ("dtype", str, "bf16 or fp32 (default: bf16 on cuda, fp32 on cpu)"),
+    ("device", device_name, "cpu, cuda, cuda:N (default: cuda if available)"),
+    ("dtype", Dtype, "bf16, fp16 or fp32 (or bfloat16, float16, float32; default: bf16 on cuda, fp32 on cpu)"),
     ("mimi", str, "codec source: random, random-small, a path or repo id (default: the checkpoint's)"),
     ("simulate_gpu", str, "run on a simulated GPU timed by this profile (e.g. profiles/h100-2b.json): the whole "
                           "server is real except the frame step and the Mimi decode, which compute nothing and "
                           "take the profile's time; for measuring scheduling on a CPU (figures are simulated)"),
-    ("max_lead_ms", float, "how far generation may run ahead of real-time playback"),
-    ("seed", int, "default sampling seed"),
-    ("cfg_scale", float, "default CFG scale; 1 runs a single branch (faster, no per-request CFG)"),
-    ("context_frames", int, "frames before context_full (default: the model's limit, 1500)"),
-    ("threads", int, "torch CPU threads (default: 1 on a CPU-only machine with <= 2 cores, else torch's choice)"),
+    ("max_lead_ms", float, "how far generation may run ahead of real-time playback, ms (more than 0)"),
+    ("seed", int, f"default sampling seed ({SEED_RANGE[0]}-{SEED_RANGE[1]})"),
+    ("cfg_scale", float, f"default CFG scale ({CFG_SCALE_RANGE[0]:g}-{CFG_SCALE_RANGE[1]:g}, as a start's cfg_scale); "
+                         "1 runs a single branch (faster, no per-request CFG)"),
+    ("context_frames", int, "frames before context_full (default: the model's limit, 1500 for Dia2); 0 = the "
+                            "model's limit; more than the model's limit is clamped to it (a warning in the log)"),
+    ("threads", int, "torch CPU threads; 0 = torch's own choice (default: 1 on a CPU-only machine with <= 2 "
+                     "cores, else torch's choice)"),
     ("compile", CompileMode, "torch.compile inside the frame's CUDA graph: auto (on with cuda), on, off; "
                      "costs ~30 s once at start-up"),
     ("compile_max_calls", int, "with --compile: the largest padded batch (calls) that runs compiled; larger ones "
@@ -230,16 +272,18 @@ _FLAGS = [  # (name, type, help)
                                              "RoPE map, cache write and attention) instead of ~6 kernels with "
                                              "SDPA; the projections stay cuBLAS: auto (on where the Triton depformer "
                                              "runs: CUDA with triton), on, off (SDPA)"),
-    ("log_level", str, "DEBUG, INFO, WARNING"),
+    ("log_level", LogLevel, "DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
-    ("max_voice_seconds", float, "longest prefix audio per speaker, seconds"),
-    ("max_user_turn_seconds", float, "longest caller's turn (user_turn audio), seconds"),
+    ("max_voice_seconds", float, "longest prefix audio per speaker, seconds (more than 0)"),
+    ("max_user_turn_seconds", float, "longest caller's turn (user_turn audio), seconds (more than 0)"),
     ("whisper_model", str, "openai-whisper model name or checkpoint path for voice transcripts"),
     ("max_calls", int, "concurrent calls, one engine slot each; more get 'busy' (default: 1 on CPU, 64 on a GPU)"),
-    ("lead_in_frames", int, "frames (80 ms each) sent before a turn's first word; silence before them is not sent"),
+    ("lead_in_frames", int, "frames (80 ms each) sent before a turn's first word; silence before them is not sent; "
+                            "0 or more and less than half the context (checked once the model is loaded)"),
     ("rollover_frames", int, "recent conversation (frames) kept when a full context is rebuilt; 0 = no rollover "
-                             "(context_full and a reset instead)"),
+                             "(context_full and a reset instead); at most half the context is kept (a larger "
+                             "value is clamped to it, with a warning in the log)"),
     ("prefix_boundary", PrefixBoundaryName, "how a turn continues a voice prefix: upstream (as the published runtime: repeats the "
                              "last prefix position, samples over the prefix's delayed tail) or clean (continues "
                              "after it, teacher-forcing the known codes); docs/parity.md P5-P6"),
@@ -251,28 +295,32 @@ _FLAGS = [  # (name, type, help)
     ("auth_token_file", str, "read the token from this file instead (keeps it out of the process list)"),
     ("allowed_origins", str, "comma list of browser origins allowed to connect, or *; without it browsers are "
                              "refused when there is no token"),
-    ("max_command_bytes", int, "largest message other than a set_voice with audio, bytes"),
-    ("max_voice_message_bytes", int, "largest set_voice message with base64 audio, bytes; 0 = voices by server "
-                                     "path only"),
-    ("commands_per_second", float, "commands per second a connection may send (excess: rate_limited)"),
-    ("command_burst", int, "commands a connection may send at once before the rate applies"),
+    ("max_command_bytes", int, f"largest message other than a set_voice or user_turn with audio, bytes (at least "
+                               f"{MIN_COMMAND_BYTES})"),
+    ("max_voice_message_bytes", int, f"largest set_voice or user_turn message with base64 audio, bytes (at most "
+                                     f"{MAX_MESSAGE_BYTES}); 0 = no inline audio: voices by server path only, and a "
+                                     "user_turn must fit --max-command-bytes"),
+    ("commands_per_second", float, "commands per second a connection may send (excess: rate_limited); more than 0"),
+    ("command_burst", int, "commands a connection may send at once before the rate applies; at least 1"),
     ("flood_close_s", float, "close a connection (1008) that stays over the command rate this long, or sends 10x "
                              "the burst over it, or keeps sending binary or oversize messages; 0 = only refuse, "
                              "never close"),
     ("max_pending_text_chars", int, "text queued on a call but not yet spoken (excess: pending_text_full)"),
     ("idle_timeout_s", float, "close a connection with no command and nothing generating after this; 0 = never"),
     ("ping_interval_s", float, "websocket keepalive ping interval, seconds; 0 = no pings"),
-    ("ping_timeout_s", float, "drop a connection whose pong is this late, seconds"),
-    ("max_voices_per_connection", int, "distinct voices one connection may create (excess: too_many_voices)"),
+    ("ping_timeout_s", float, "drop a connection whose pong is this late, seconds; more than 0 (--ping-interval-s "
+                              "0 turns the pings off)"),
+    ("max_voices_per_connection", int, "distinct voices one connection may create (excess: too_many_voices); 0 = "
+                                       "none (only the --voice preloads)"),
     ("voice_cache_mb", int, "disk for cached prepared voices, MiB; least recently used evicted; 0 = no limit"),
     ("web", bool, "serve the playground (/) and dashboard (/dashboard) pages; --no-web answers 404 for them"),
     # -- a fleet behind a balancer (issue 22); see docs/deploy.md
-    ("agent_port", int, "answer HAProxy agent checks on this TCP port (free capacity as 'up ready N%%', 'drain', "
-                        "'down'); 0 picks a free one; off when unset"),
+    ("agent_port", int, "answer HAProxy agent checks on this TCP port, 0-65535 (free capacity as 'up ready N%%', "
+                        "'drain', 'down'); 0 picks a free one; off when unset"),
     ("drain_timeout_s", float, "on SIGTERM, how long calls may finish the utterance they are speaking before "
                                "they are closed (a second SIGTERM ends at once); 0 = close at once"),
-    ("http_port", int, "port for the POST endpoints (ElevenLabs REST text-to-speech, /v1/speech; aiohttp, "
-                       "the [compat] extra); 0 picks a free one; unset = none (docs/compat.md)"),
+    ("http_port", int, "port for the POST endpoints, 0-65535 (ElevenLabs REST text-to-speech, /v1/speech; "
+                       "aiohttp, the [compat] extra); 0 picks a free one; unset = none (docs/compat.md)"),
     ("tls_cert", str, "PEM certificate (chain) file: the websocket port speaks wss:// (with --tls-key)"),
     ("tls_key", str, "PEM private key file of --tls-cert"),
     ("engine_stall_s", float, "no frame step for this long while calls wait for one: the engine has failed "
@@ -295,6 +343,117 @@ _FLAGS = [  # (name, type, help)
                         "read it with python -m dia2stream.tools.step_trace FILE"),
 ]
 _SECRETS = {"auth_token"}  # never echoed by --help, even when set through the environment
+_ONE_OF = ("auth_token", "auth_token_file")  # one token source: a flag on the command line overrides the other's env
+
+
+@dataclass(frozen=True)
+class Bound:
+    """The values a number flag may take: `low` (inclusive, or excluded with `above`) to `high`
+    (inclusive); a float must be finite too. `note`: what a special value means, for the message."""
+
+    low: float | None = None
+    high: float | None = None
+    above: bool = False
+    port: bool = False
+    note: str = ""
+
+    def refusal(self, value: float) -> str | None:
+        """Why `value` is out of range (the end of a sentence about the flag), or None."""
+        finite = not isinstance(value, float) or math.isfinite(value)
+        if finite and (self.low is None or value > self.low or (value == self.low and not self.above)) \
+                and (self.high is None or value <= self.high):
+            return None
+        if self.port:
+            wanted = "a TCP port (0-65535)"
+        elif self.high is not None:
+            wanted = f"between {_number(self.low)} and {_number(self.high)}"
+        elif self.above:
+            wanted = f"more than {_number(self.low)}"
+        elif self.low is not None:
+            wanted = "0 or more" if self.low == 0 else f"at least {_number(self.low)}"
+        else:
+            wanted = "a number"
+        return f"must be {'' if finite else 'a finite number, '}{wanted}" + (f" ({self.note})" if self.note else "")
+
+
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+_PORT = Bound(0, 65535, port=True)
+# Every int and float flag's range (tests/test_config.py checks that none is missing), from what
+# the code does with it: a value outside would fail later with a traceback, or silently do nothing.
+_BOUNDS: dict[str, Bound] = {
+    "port": _PORT,
+    "http_port": _PORT,
+    "agent_port": _PORT,
+    "max_lead_ms": Bound(0, above=True, note="a call steps only while its lead is below it"),
+    "seed": Bound(*SEED_RANGE),
+    "cfg_scale": Bound(*CFG_SCALE_RANGE),
+    "context_frames": Bound(0, note="0 = the model's limit"),
+    "threads": Bound(0, note="0 = torch's own choice"),
+    "compile_max_calls": Bound(1),
+    "max_voice_seconds": Bound(0, above=True),
+    "max_user_turn_seconds": Bound(0, above=True),
+    "max_calls": Bound(1),
+    "lead_in_frames": Bound(0),
+    "rollover_frames": Bound(0, note="0 = no rollover"),
+    "overload_refusal_s": Bound(0, note="0 = never refuse for that reason"),
+    "max_command_bytes": Bound(MIN_COMMAND_BYTES),
+    "max_voice_message_bytes": Bound(0, MAX_MESSAGE_BYTES),
+    "commands_per_second": Bound(0, above=True),
+    "command_burst": Bound(1),
+    "flood_close_s": Bound(0, note="0 = never close"),
+    "max_pending_text_chars": Bound(MAX_TEXT_CHARS, note="one text"),
+    "idle_timeout_s": Bound(0, note="0 = never"),
+    "ping_interval_s": Bound(0, note="0 = no pings"),
+    "ping_timeout_s": Bound(0, above=True, note="--ping-interval-s 0 turns the pings off"),
+    "max_voices_per_connection": Bound(0),
+    "voice_cache_mb": Bound(0, note="0 = no limit"),
+    "drain_timeout_s": Bound(0, note="0 = close at once"),
+    "engine_stall_s": Bound(0, note="0 = no watchdog"),
+}
+
+def _expected(kind) -> str:
+    """What a flag's value must look like, for an error message."""
+    if isinstance(kind, enum.EnumMeta):
+        return "one of " + ", ".join(kind)
+    return {int: "an integer", float: "a number", device_name: "cpu, cuda or cuda:N",
+            bool: "1 or 0 (on or off)"}.get(kind, f"a valid {getattr(kind, '__name__', kind)}")
+
+
+def _convert(kind, text: str):
+    """A flag's value from its text (ValueError if it is not one)."""
+    return _env_bool(text) if kind is bool else kind(text)
+
+
+def _argument_type(kind):
+    """argparse's `type` for a flag: the value, or an error that says what was expected (argparse's
+    own says only "invalid CompileMode value")."""
+    def convert(text: str):
+        try:
+            return _convert(kind, text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}: expected {_expected(kind)}") from None
+
+    convert.__name__ = getattr(kind, "__name__", str(kind))
+    return convert
+
+
+class _Store(argparse.Action):
+    """`store`, remembering that the flag was given on the command line (`parser.given`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        parser.given.add(self.dest)
+
+
+class _StoreBool(argparse.BooleanOptionalAction):
+    """`--web` / `--no-web`, remembering it was given likewise."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        super().__call__(parser, namespace, values, option_string)
+        parser.given.add(self.dest)
 
 
 def _env_bool(value: str) -> bool:
@@ -307,54 +466,79 @@ def _env_bool(value: str) -> bool:
 
 
 def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
+    """The configuration from the command line, over the environment's `DIA2_<FLAG>` defaults.
+    Every value is checked here, where it can be (ranges, choices, files that must exist): a bad
+    one is `server.py: error: ...` and exit status 2, never a traceback at start-up. What only the
+    model can decide (the context, and the lead-in and rollover against it) is checked once it is
+    loaded (`serve/server.py` run())."""
     environ = os.environ if environ is None else environ
     defaults = ServerConfig()
     parser = argparse.ArgumentParser(prog="server.py", description="dia2stream: streaming Dia2 TTS over websockets. "
-                                     "Every flag can also be set by the environment variable DIA2_<FLAG>.")
+                                     "Every flag can also be set by the environment variable DIA2_<FLAG>; a flag on "
+                                     "the command line wins over the environment.")
+    parser.given = set()  # the flags given on the command line (_Store)
     for name, kind, text in _FLAGS:
         env = "DIA2_" + name.upper()
         default = getattr(defaults, name)
         choices = list(kind) if isinstance(kind, enum.EnumMeta) else None
         if env in environ:
             try:
-                default = _env_bool(environ[env]) if kind is bool else kind(environ[env])
+                default = _convert(kind, environ[env])
             except ValueError:
-                expected = " or ".join(choices) if choices else f"a valid {kind.__name__}"
-                parser.error(f"{env}={environ[env]!r}: expected {expected}")
+                parser.error(f"{env}={environ[env]!r}: expected {_expected(kind)}")
         shown = "(set)" if name in _SECRETS and default else default
         if kind is bool:  # --web / --no-web
-            parser.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+            parser.add_argument("--" + name.replace("_", "-"), action=_StoreBool,
                                 default=default, help=f"{text} [env {env}=1|0, default {shown}]")
             continue
-        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, choices=choices,
-                            help=f"{text} [env {env}, default {shown}]")
+        parser.add_argument("--" + name.replace("_", "-"), action=_Store, type=_argument_type(kind), default=default,
+                            choices=choices, help=f"{text} [env {env}, default {shown}]")
     env_voices = tuple(v.strip() for v in environ.get("DIA2_VOICE", "").split(";") if v.strip())
     parser.add_argument("--voice", dest="voices", action="append", default=None, metavar="NAME=PATH[,TRANSCRIPT]",
                         help="preload a voice at start-up (repeatable; the first is the default voice; the transcript "
                              "may be @FILE) [env DIA2_VOICE, ';'-separated]")
     args = parser.parse_args(argv)
     values = vars(args)
+    voices_from = "--voice" if values["voices"] else "DIA2_VOICE"
     values["voices"] = tuple(values["voices"]) if values["voices"] else env_voices
-    if values["max_calls"] is not None and values["max_calls"] < 1:
-        parser.error("--max-calls must be at least 1")
-    if values["rollover_frames"] < 0:
-        parser.error("--rollover-frames must be 0 or more")
-    if values["overload_refusal_s"] < 0:
-        parser.error("--overload-refusal-s must be 0 or more")
-    if values["engine_stall_s"] < 0 or values["flood_close_s"] < 0:
-        parser.error("--engine-stall-s and --flood-close-s must be 0 or more")
-    if values["lead_in_frames"] < 0:
-        parser.error("--lead-in-frames must be 0 or more")
-    if not values["max_user_turn_seconds"] > 0:
-        parser.error("--max-user-turn-seconds must be more than 0")
-    if values["max_pending_text_chars"] < MAX_TEXT_CHARS:
-        parser.error(f"--max-pending-text-chars must be at least one text ({MAX_TEXT_CHARS})")
-    if values["compile_max_calls"] is not None and values["compile_max_calls"] < 1:
-        parser.error("--compile-max-calls must be at least 1")
-    if values["agent_port"] is not None and not 0 <= values["agent_port"] <= 65535:
-        parser.error("--agent-port must be a TCP port (0-65535)")
-    if not values["drain_timeout_s"] >= 0:
-        parser.error("--drain-timeout-s must be 0 or more")
+
+    def source(name: str) -> str:
+        """Where a value came from, as the user wrote it: the flag, or the environment variable."""
+        env = "DIA2_" + name.upper()
+        return env if name not in parser.given and env in environ else "--" + name.replace("_", "-")
+
+    for name, kind, _ in _FLAGS:
+        value = values[name]
+        if kind in (int, float) and value is not None:
+            bound = _BOUNDS.get(name, Bound())
+            why = bound.refusal(value)
+            if why is not None:
+                parser.error(f"{source(name)} {value!r}: {why}")
+    # One token source. A flag on the command line overrides the other's environment variable
+    # (the environment only gives the flags' defaults); both on the command line, or both in the
+    # environment, is a mistake to say, not to resolve.
+    given = [name for name in _ONE_OF if name in parser.given]
+    for name in _ONE_OF:
+        if given and name not in given:
+            values[name] = None
+    if all(values[name] is not None for name in _ONE_OF):
+        parser.error(f"give {source('auth_token')} or {source('auth_token_file')}, not both")
+    token, token_file = values["auth_token"], values["auth_token_file"]
+    if token is not None and not token.strip():
+        parser.error(f"{source('auth_token')} is empty (leave it unset for no token)")
+    if token_file is not None and not os.path.exists(token_file):  # read at start-up (a pipe is fine)
+        parser.error(f"{source('auth_token_file')} {token_file}: no such file")
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        parser.error("--tls-cert and --tls-key go together")
+    for name in ("tls_cert", "tls_key", "simulate_gpu"):
+        if values[name] is not None and not os.path.exists(values[name]):
+            parser.error(f"{source(name)} {values[name]}: no such file")
+    for spec in values["voices"]:  # the format only: the files are read as the engine is built
+        voice_name, sep, rest = spec.partition("=")
+        if not sep or not voice_name or not rest:
+            parser.error(f"{voices_from} {spec!r}: expected NAME=PATH[,TRANSCRIPT]")
+        if not VOICE_NAME_RE.match(voice_name):
+            parser.error(f"{voices_from} {spec!r}: the name must be 1-64 characters of A-Z a-z 0-9 _ . -")
     trace = values["step_trace"]
     if trace is not None and not os.path.isdir(os.path.dirname(os.path.abspath(trace))):
         parser.error(f"--step-trace: the folder of {trace} does not exist")

@@ -61,6 +61,7 @@ HEARTBEAT_S = 0.25  # the engine process publishes its figures at least this oft
 GPU_MEMORY_EVERY_S = 1.0  # the allocator's figures are read at most this often (each read builds its whole stats dict)
 ACK_EVERY_S = 0.05  # frames taken by clients go back to the engine at most this late (it paces at 250 frames)
 CLOSE_TIMEOUT_S = 15.0  # a closing engine process that has not exited by then is killed (its thread joins in 5)
+FAILED_EXIT_S = 5.0  # an engine process that could not build its engine exits by itself (at once); else killed
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -268,10 +269,17 @@ class EngineProxy:
             command_writer.send(Build(config, engine_init))
             first = _first_message(process, event_reader, timeout_s)
         except BaseException:
-            _end(process)
+            _end(process, quiet=True)  # still building (a timeout, an interrupt), or gone: the error says why
             command_writer.close()
             event_reader.close()
             raise
+        if isinstance(first, StartFailed):
+            # It said why and exits by itself: no warning that it had to be killed before that reason
+            # (a checkpoint that does not exist is one line, not a warning and then the line).
+            _end(process, FAILED_EXIT_S, quiet=True)
+            command_writer.close()
+            event_reader.close()
+            raise first.error
         log.info("engine process %d ready in %.1f s", first.pid, time.perf_counter() - t0)
         return cls(process, command_writer, event_reader, first, config, metrics)
 
@@ -448,7 +456,7 @@ class EngineProxy:
             handle.sink(item)
 
 
-def _first_message(process, events, timeout_s: float | None) -> Hello:
+def _first_message(process, events, timeout_s: float | None) -> Hello | StartFailed:
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while not events.poll(0.2):
         if process.poll() is not None:
@@ -461,16 +469,16 @@ def _first_message(process, events, timeout_s: float | None) -> Hello:
     except EOFError:
         raise RuntimeError(f"the engine process exited ({_exit_description(process.wait(timeout=5))}) before "
                            "its engine was built") from None
-    if isinstance(message, StartFailed):
-        raise message.error
     return message
 
 
-def _end(process: subprocess.Popen, timeout_s: float = 0.0) -> None:
+def _end(process: subprocess.Popen, timeout_s: float = 0.0, quiet: bool = False) -> None:
+    """Wait `timeout_s` for the engine process to exit, then kill it: with a warning, unless the
+    caller has said why already (`quiet`: a start-up that failed)."""
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        log.warning("the engine process %d did not exit; killing it", process.pid)
+        (log.debug if quiet else log.warning)("the engine process %d did not exit; killing it", process.pid)
         process.kill()
         process.wait(timeout=5)
 
@@ -513,17 +521,21 @@ def engine_main(command_fd: int, event_fd: int) -> None:
     except BaseException as exc:  # noqa: BLE001 - the server raises it
         events.send(StartFailed(_picklable(exc)))
         events.close()
-        return
+        _exit_now(1)  # the server waits for this exit (FAILED_EXIT_S): no teardown of torch first
     events.send(Hello(pid=os.getpid(), model_name=side.tts.name, device=str(side.tts.device),
                       max_calls=side.engine.max_calls, context_frames=side.engine.context_frames,
                       tokenizer=side.tts.tokenizer, figures=side.figures()))
     side.serve(commands)
-    # Everything is closed and flushed: skip the interpreter's teardown (over a second with torch
-    # loaded), which a stopping server would wait for.
+    _exit_now(0)
+
+
+def _exit_now(status: int) -> None:
+    """Everything is closed: flush and skip the interpreter's teardown (over a second with torch
+    loaded), which the server would wait for."""
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(status)
 
 
 class EngineSide:
@@ -682,8 +694,29 @@ def _gpu_memory() -> tuple[float, float] | None:
 def _picklable(exc: BaseException) -> BaseException:
     import pickle
 
+    from dia2stream.voices.voice import VoiceError
+
+    if isinstance(exc, VoiceError):  # a --voice preload; its (code, message) constructor does not unpickle
+        exc = _PicklableVoiceError(exc.code, exc.message)
     try:
         pickle.loads(pickle.dumps(exc))
         return exc
     except Exception:  # noqa: BLE001
         return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _voice_error(code: str, message: str) -> BaseException:
+    from dia2stream.voices.voice import VoiceError
+
+    return VoiceError(code, message)
+
+
+class _PicklableVoiceError(Exception):
+    """A VoiceError on its way to the server, where it is a VoiceError again."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+    def __reduce__(self):
+        return _voice_error, (self.code, self.message)

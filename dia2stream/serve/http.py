@@ -264,11 +264,15 @@ def _method_not_allowed(allowed: tuple[str, ...]) -> Response:
 def load_auth_token(token: str | None, token_file: str | None) -> str | None:
     """The token from `--auth-token` or `--auth-token-file` (the file is for secrets: not in the
     process list or the environment). Refuses both at once and an empty token, which would
-    otherwise silently mean 'no authentication'."""
+    otherwise silently mean 'no authentication' (ValueError, one line; `config.parse_args` already
+    refuses both and an empty --auth-token, and lets a flag override the other's env var)."""
     if token is not None and token_file is not None:
         raise ValueError("give --auth-token or --auth-token-file, not both")
     if token_file is not None:
-        token = Path(token_file).read_text(encoding="utf-8").strip()
+        try:
+            token = Path(token_file).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:  # one line for the operator, not a traceback
+            raise ValueError(f"--auth-token-file {token_file}: {getattr(exc, 'strerror', None) or exc}") from None
         if not token:
             raise ValueError(f"--auth-token-file {token_file}: the file holds no token")
         return token

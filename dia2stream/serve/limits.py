@@ -47,7 +47,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from dia2stream.serve.config import ServerConfig
+from dia2stream.serve.config import MIN_COMMAND_BYTES, ServerConfig
 from dia2stream.wire import protocol as p
 
 Clock = Callable[[], float]
@@ -58,9 +58,9 @@ _SERVER = ServerConfig()  # the one home of the flag-backed defaults below
 
 @dataclass(frozen=True)
 class Limits:
-    max_command_bytes: int = _SERVER.max_command_bytes  # any message but a set_voice with audio
-    # A set_voice with base64 audio: 8 MiB holds ~6 MiB of file, e.g. 30 s of 48 kHz stereo
-    # 16-bit WAV, or both speakers as mono WAV. 0: no inline audio (server-side paths only).
+    max_command_bytes: int = _SERVER.max_command_bytes  # any message but a set_voice or user_turn with audio
+    # A set_voice or user_turn with base64 audio: 8 MiB holds ~6 MiB of file, e.g. 30 s of 48 kHz
+    # stereo 16-bit WAV, or both speakers as mono WAV. 0: no inline audio (server-side paths only).
     max_voice_message_bytes: int = _SERVER.max_voice_message_bytes
     max_parallel_large: int = 2  # large messages parsed at once, server-wide
     commands_per_second: float = _SERVER.commands_per_second  # sustained, per connection
@@ -80,8 +80,8 @@ class Limits:
     bad_messages_per_second: float = 1.0  # ...and sustained
 
     def __post_init__(self) -> None:
-        if self.max_command_bytes < 1024:
-            raise ValueError("max_command_bytes must be at least 1024")
+        if self.max_command_bytes < MIN_COMMAND_BYTES:
+            raise ValueError(f"max_command_bytes must be at least {MIN_COMMAND_BYTES}")
         if not 0 <= self.max_voice_message_bytes <= p.MAX_MESSAGE_BYTES:
             raise ValueError(f"max_voice_message_bytes must be in [0, {p.MAX_MESSAGE_BYTES}]")
         if self.commands_per_second <= 0 or self.command_burst < 1 or self.refusals_per_second <= 0:

@@ -13,7 +13,9 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
+import socket
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -59,6 +61,16 @@ SHUTDOWN_CLOSE_S = 0.5
 MAX_PARALLEL_VOICE_LOADS = 2  # set_voice / user_turn audio decodes and transcriptions at once, server-wide
 
 
+class StartupError(Exception):
+    """The server could not start, for a reason its message says in one line (a port in use, a
+    setting this model cannot take): `server.py` prints it, no traceback. `usage`: a bad setting
+    (exit status 2, as for a bad flag), not a failure of the machine (1)."""
+
+    def __init__(self, message: str, usage: bool = False):
+        super().__init__(message)
+        self.usage = usage
+
+
 @dataclass(eq=False)
 class Connection:
     """What the server keeps per connection (the call itself lives on the engine)."""
@@ -102,6 +114,7 @@ class Dia2Server:
         self._no_connections = asyncio.Event()  # set whenever `connections` is empty
         self._no_connections.set()
         self.draining = False
+        self.starting = False  # run(): until every port is bound and the websocket is served
         self.compat_sessions: set = set()  # serve.compat_session.CompatSession, one per compatible-API connection
         self.stopping = False
         self.http_port: int | None = None  # where the POST endpoints listen, when --http-port is set
@@ -121,6 +134,8 @@ class Dia2Server:
     def status(self) -> str:
         if self.failure is not None or not self.engine.running:
             return "failed"
+        if self.starting:
+            return "starting"
         if self.stopping:
             return "stopping"
         return "draining" if self.draining else "ok"
@@ -452,7 +467,9 @@ async def close_within(ws: ServerConnection, code: int, reason: str, timeout: fl
 
 def tls_context(cert: str | None, key: str | None):
     """An SSL context for wss:// when a certificate is given (clients such as the ElevenLabs SDK
-    only speak wss://), else None. ValueError when only one of the two files is given."""
+    only speak wss://), else None. ValueError when only one of the two files is given;
+    StartupError when they cannot be loaded (missing, unreadable, not PEM, a key of another
+    certificate)."""
     if cert is None and key is None:
         return None
     if cert is None or key is None:
@@ -460,8 +477,40 @@ def tls_context(cert: str | None, key: str | None):
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"--tls-cert {cert} / --tls-key {key}: cannot load them: "
+                           f"{getattr(exc, 'strerror', None) or exc}", usage=True) from exc
     return context
+
+
+def check_against_model(config: ServerConfig, context_frames: int) -> None:
+    """The settings only the model can judge, once it is loaded (`context_frames`: the engine's
+    context, the model's limit or less): a context asked beyond the model's limit, and a rollover
+    beyond half the context, are clamped (as the engine does) with a warning; a lead-in of half
+    the context or more is refused (StartupError): a turn's first word could not follow it in the
+    room a rollover leaves."""
+    if config.context_frames and config.context_frames > context_frames:
+        log.warning("--context-frames %d is more than this model's limit: its %d frames are used",
+                    config.context_frames, context_frames)
+    half = context_frames // 2
+    if config.rollover_frames > half and config.rollover_frames != ServerConfig.rollover_frames:  # (default: in --help)
+        log.warning("--rollover-frames %d is more than half the context (%d frames): a rollover keeps at most %d",
+                    config.rollover_frames, context_frames, half)
+    if config.lead_in_frames >= half:
+        raise StartupError(f"--lead-in-frames {config.lead_in_frames}: must be less than half the context "
+                           f"({half} of {context_frames} frames), the room a rollover leaves a turn", usage=True)
+
+
+def _cannot_listen(flag: str, host: str, port: int, exc: OSError) -> StartupError:
+    """A bind that failed (a port in use, an address not on this machine, a name that does not
+    resolve), as one line that names the flag."""
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        reason = exc.strerror or str(exc)
+    else:
+        reason = os.strerror(exc.errno).lower()
+    return StartupError(f"{flag} {port}: cannot listen on {host}:{port}: {reason}")
 
 
 async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.Future | None = None,
@@ -484,54 +533,77 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
     stop = stop or asyncio.Event()
     drain = drain or asyncio.Event()
     engine = None
+    server: Dia2Server | None = None
     try:
         limits = limits or Limits.from_config(config)
         policy = HttpPolicy.from_config(config)
+        tls = tls_context(config.tls_cert, config.tls_key)
         warning = unprotected_bind_warning(config.host, policy.auth_token)
         if warning:
             log.warning(warning)
         metrics = Metrics()
-        if config.engine_process == Switch.ON:
-            engine = await asyncio.to_thread(EngineProxy.start, config, metrics, engine_init)
-            metrics.gpu_memory_from(engine.gpu_memory)  # the engine process's allocator, as it last said
-            metrics.engine_process(engine.pid)
-            model_name, device = engine.model_name, engine.device
-            freeze_startup_objects()  # this process sends every frame: its full GC passes stall them too
-        else:
-            tts, engine = await asyncio.to_thread(_build_here, config, metrics, engine_init)
-            use_device(str(tts.device))  # /metrics reads the allocator's figures on this thread
-            model_name, device = tts.name, str(tts.device)
-        server = Dia2Server(engine, model_name, device, config.max_lead_ms, limits=limits, policy=policy,
-                            metrics=metrics, web=config.web, engine_stall_s=config.engine_stall_s)
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, _first_drain_then_stop, sig, drain, stop)
-            except (NotImplementedError, RuntimeError, ValueError) as exc:
-                # not the main thread (tests), or a platform without loop signal handlers
-                log.debug("no %s handler on this loop: %s", sig.name, exc)
-        tls = tls_context(config.tls_cert, config.tls_key)
-        scheme = "wss" if tls is not None else "ws"
         async with contextlib.AsyncExitStack() as stack:
+            # Every port is bound before anything is announced or served (audit 2: `ready` was
+            # printed and /health said 200, then the HTTP API's bind failed). The websocket's first,
+            # not yet served: a port in use is said at once, not after the model has loaded.
+            try:
+                ws_server = await stack.enter_async_context(
+                    serve(lambda ws: server.handle(ws), config.host, config.port,
+                          process_request=lambda conn, request: server.process_request(conn, request),
+                          ssl=tls, start_serving=False, **limits.websocket_settings()))
+            except OSError as exc:
+                raise _cannot_listen("--port", config.host, config.port, exc) from exc
+            if config.engine_process == Switch.ON:
+                engine = await asyncio.to_thread(EngineProxy.start, config, metrics, engine_init)
+                metrics.gpu_memory_from(engine.gpu_memory)  # the engine process's allocator, as it last said
+                metrics.engine_process(engine.pid)
+                model_name, device = engine.model_name, engine.device
+                freeze_startup_objects()  # this process sends every frame: its full GC passes stall them too
+            else:
+                tts, engine = await asyncio.to_thread(_build_here, config, metrics, engine_init)
+                use_device(str(tts.device))  # /metrics reads the allocator's figures on this thread
+                model_name, device = tts.name, str(tts.device)
+            check_against_model(config, engine.context_frames)
+            server = Dia2Server(engine, model_name, device, config.max_lead_ms, limits=limits, policy=policy,
+                                metrics=metrics, web=config.web, engine_stall_s=config.engine_stall_s)
+            server.starting = True  # the agent, bound next, says `down #starting` until the websocket is served
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                try:
+                    loop.add_signal_handler(sig, _first_drain_then_stop, sig, drain, stop)
+                except (NotImplementedError, RuntimeError, ValueError) as exc:
+                    # not the main thread (tests), or a platform without loop signal handlers
+                    log.debug("no %s handler on this loop: %s", sig.name, exc)
+            scheme = "wss" if tls is not None else "ws"
+            agent = None
             if config.agent_port is not None:
-                agent = await stack.enter_async_context(AgentResponder(server.health, config.host, config.agent_port))
-                print(f"dia2stream agent-check on {config.host}:{agent.port}", flush=True)
-                if agent_ready is not None:
-                    agent_ready.set_result(agent.port)
-            ws_server = await stack.enter_async_context(
-                serve(server.handle, config.host, config.port, process_request=server.process_request,
-                      ssl=tls, **limits.websocket_settings()))
+                try:
+                    agent = await stack.enter_async_context(AgentResponder(server.health, config.host,
+                                                                           config.agent_port))
+                except OSError as exc:
+                    raise _cannot_listen("--agent-port", config.host, config.agent_port, exc) from exc
+            if config.http_port is not None:
+                try:
+                    from dia2stream.serve.http_api import start_http_api  # aiohttp: the [compat] extra
+                except ImportError as exc:
+                    raise StartupError(f"--http-port needs aiohttp, the [compat] extra ({exc})") from exc
+                try:
+                    http_api, server.http_port = await start_http_api(server, config.host, config.http_port)
+                except OSError as exc:
+                    raise _cannot_listen("--http-port", config.host, config.http_port, exc) from exc
+                stack.push_async_callback(http_api.cleanup)
+            await ws_server.start_serving()
+            server.starting = False
             port = ws_server.sockets[0].getsockname()[1]
             log.info("listening on %s://%s:%d/%s", scheme, config.host, port,
                      f" (playground http://{config.host}:{port}/, dashboard /dashboard)" if config.web else "")
+            if agent is not None:
+                print(f"dia2stream agent-check on {config.host}:{agent.port}", flush=True)
             print(f"dia2stream ready on {scheme}://{config.host}:{port}/", flush=True)
-            http_api = None
-            if config.http_port is not None:
-                from dia2stream.serve.http_api import start_http_api  # aiohttp: the [compat] extra
-
-                http_api, server.http_port = await start_http_api(server, config.host, config.http_port)
             if ready is not None:
                 ready.set_result(port)
+            if agent_ready is not None and agent is not None:
+                agent_ready.set_result(agent.port)
             watchdog = asyncio.create_task(server.watch_engine())
             stack.callback(watchdog.cancel)
             await _first_set(drain, stop, server.failed)
@@ -541,8 +613,6 @@ async def run(config: ServerConfig, ready: asyncio.Future | concurrent.futures.F
                 await asyncio.sleep(FAILED_EXIT_DELAY_S)  # /health says why to a probe on its way
             ws_server.close(close_connections=False)  # stop accepting; our own close tells each call why
             await server.shut_down()
-            if http_api is not None:
-                await http_api.cleanup()
             return EXIT_ENGINE_FAILED if server.failure is not None else 0
     except BaseException as exc:
         for future in (ready, agent_ready):
