@@ -4,8 +4,14 @@
     session = AgentSession(tts=TTS(url="ws://127.0.0.1:8765/", voice="alice"), ...)
 
 One websocket per `TTS` is one call, shared by its streams one at a time, so the conversation
-stays warm across turns. A stream's text goes out as `start` (the first ever) or `inject` with
-`final: false`, its end as `flush`; frames become PCM (24 kHz) and our `word` events timed
+stays warm across turns. A stream's text goes out as `start` (when the call has no utterance: the
+first turn, or after a refused `start`, a `reset` or an error that reset the call) or `inject`
+with `final: false`, its end as `flush`. The LLM's pieces are buffered and sent as whole words
+(up to the last whitespace; the server does not join a word across fragments), at most one
+command every 50 ms. While a stream's input is open the server may hold silently for more text,
+so the connection timeout counts only once the input has ended. Server errors are `APIError`s
+(`retryable` for transient ones such as `busy`, not for `unknown_voice`), a lost connection an
+`APIConnectionError`; frames become PCM (24 kHz) and our `word` events timed
 words (each ends where the next begins). A stream closed while it is speaking (an interruption)
 sends `pause` with `played_ms` = the audio of the turn it received (the plugin does not see
 playback, so that is what it knows): the call rolls back to it and the next turn's `inject`
@@ -34,19 +40,25 @@ import json
 import logging
 import struct
 
-from livekit.agents import APIConnectionError, APIConnectOptions, tts, utils
+from livekit.agents import APIConnectionError, APIConnectOptions, APIError, tts, utils
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS
 from livekit.agents.voice.io import AudioInput, TimedString
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
 from dia2stream.clock import FRAME_SECONDS, SAMPLE_RATE
 from dia2stream.integrations.caller import CallerSpeech
-from dia2stream.integrations.native import answers_pause
+from dia2stream.integrations.native import WholeWords, answers_pause, still_started
 
 log = logging.getLogger(__name__)
 
 _HEADER = struct.Struct("<I")
+SEND_INTERVAL_S = 0.05  # at most one text command this often (the server allows 50 a second, 100 at once)
+# Errors worth another attempt (LiveKit retries an `APIError` with `retryable` before any audio
+# went out); the others (`unknown_voice`, `invalid_field`, ...) would fail the same way again.
+_RETRYABLE = frozenset({"busy", "rate_limited", "internal_error", "context_full", "not_started", "draining",
+                        "shutting_down", "pending_text_full"})
 
 
 class TTS(tts.TTS):
@@ -126,7 +138,8 @@ class _Call:
         self.caller_turns_done: list[dict] = []
         self.ws: ClientConnection | None = None
         self.lock = asyncio.Lock()
-        self.started = False
+        self.started = False  # the call has an utterance: a turn `inject`s (see `native.still_started`)
+        self.turns = 0
         self.turn_frames = 0  # frames of the call's utterance (it spans a resumed barge-in)
         # An interruption's `pause` went out: until its `paused` comes back, what arrives is the
         # interrupted turn's tail (frames and words generated before the server took the pause).
@@ -139,44 +152,88 @@ class _Call:
         try:
             self.ws = await connect(self.url, additional_headers=headers, open_timeout=timeout)
             ready = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
             raise APIConnectionError(f"dia2stream at {self.url}: {exc}") from exc
         if ready.get("event") != "ready":
-            raise APIConnectionError(f"dia2stream refused the call: {ready.get('code')}: {ready.get('message')}")
+            raise APIConnectionError(f"dia2stream refused the call: {ready.get('code')}: {ready.get('message')}",
+                                     retryable=ready.get("code") in _RETRYABLE)
         self.started, self.turn_frames, self.pause_pending = False, 0, False
         return self.ws
 
     async def speak(self, texts, emitter: tts.AudioEmitter, timeout: float) -> None:
         async with self.lock:
             ws = await self._connection(timeout)
+            self.turns += 1
+            turn = f"lk-{self.turns}"  # every command of the turn carries it: errors of an earlier turn's are stale
             sent = asyncio.Event()  # some text went out: a `done` will come
-            sender = asyncio.create_task(self._send(ws, texts, sent))
+            sender = asyncio.create_task(self._send(ws, texts, sent, turn))
             try:
-                await self._receive(ws, emitter, sender, sent, timeout)
-            except asyncio.CancelledError:
+                await self._receive(ws, emitter, sender, sent, timeout, turn)
+            except (asyncio.CancelledError, APIError):
                 if self.started and ws.state is State.OPEN:  # interrupted mid-turn: roll back to what we got
-                    await ws.send(json.dumps({"cmd": "pause", "played_ms": self.turn_frames * FRAME_SECONDS * 1000}))
-                    self.pause_pending = True
+                    try:
+                        await ws.send(json.dumps({"cmd": "pause", "played_ms": self.turn_frames * FRAME_SECONDS * 1000,
+                                                  "id": turn}))
+                        self.pause_pending = True
+                    except (ConnectionClosed, OSError):
+                        pass
                 raise
+            except (ConnectionClosed, OSError) as exc:  # LiveKit reports (and retries) only its own errors
+                raise APIConnectionError(f"dia2stream at {self.url}: the connection was lost: {exc}") from exc
             finally:
                 await utils.aio.gracefully_cancel(sender)
 
-    async def _send(self, ws: ClientConnection, texts, sent: asyncio.Event) -> None:
-        async for text in texts:
-            if not self.started:
-                self.started = True
-                self.caller.clear()  # said before the conversation existed: nowhere to put it
-                command = {"cmd": "start", "text": text, "final": False}
-                if self.voice:
-                    command["voice"] = self.voice
-            else:
-                if not sent.is_set():  # the turn's first text: the caller's turn goes before it
-                    await self._send_caller_turn(ws)
-                command = {"cmd": "inject", "text": text, "final": False}
-            await ws.send(json.dumps(command))
-            sent.set()
+    async def _send(self, ws: ClientConnection, texts, sent: asyncio.Event, turn: str) -> None:
+        """The turn's text as whole words (`WholeWords`), at most one command per `SEND_INTERVAL_S`
+        (what came in between goes out together), then `flush`."""
+        words, more = WholeWords(), asyncio.Event()
+        ended = False
+
+        async def read() -> None:
+            nonlocal ended
+            try:
+                async for text in texts:
+                    words.add(text)
+                    more.set()
+            finally:
+                ended = True
+                more.set()
+
+        reader = asyncio.create_task(read())
+        loop = asyncio.get_running_loop()
+        last = -SEND_INTERVAL_S
+        try:
+            while True:
+                await more.wait()
+                if not ended and (wait := last + SEND_INTERVAL_S - loop.time()) > 0:
+                    await asyncio.sleep(wait)  # coalesce: a fast LLM's tokens go out together
+                more.clear()
+                final = ended
+                text = words.take(final=final)
+                if text:
+                    await self._send_text(ws, text, sent, turn)
+                    last = loop.time()
+                if final:
+                    break
+            await reader  # its error, if any
+        finally:
+            await utils.aio.gracefully_cancel(reader)
         if sent.is_set():
-            await ws.send(json.dumps({"cmd": "flush"}))
+            await ws.send(json.dumps({"cmd": "flush", "id": turn}))
+
+    async def _send_text(self, ws: ClientConnection, text: str, sent: asyncio.Event, turn: str) -> None:
+        if not sent.is_set() and not self.started:  # the call has no utterance: this turn begins one
+            self.started = True  # until the server refuses it (see `still_started`)
+            self.caller.clear()  # said before the conversation existed: nowhere to put it
+            command = {"cmd": "start", "text": text, "final": False, "id": turn}
+            if self.voice:
+                command["voice"] = self.voice
+        else:
+            if not sent.is_set():  # the turn's first text: the caller's turn goes before it
+                await self._send_caller_turn(ws)
+            command = {"cmd": "inject", "text": text, "final": False, "id": turn}
+        await ws.send(json.dumps(command))
+        sent.set()
 
     async def _send_caller_turn(self, ws: ClientConnection) -> None:
         command = self.caller.take_turn(f"caller-{self.caller_turns_sent + 1}")
@@ -184,29 +241,36 @@ class _Call:
             self.caller_turns_sent += 1
             await ws.send(json.dumps(command))
 
-    async def _receive(self, ws, emitter, sender: asyncio.Task, sent: asyncio.Event, timeout: float) -> None:
+    async def _receive(self, ws, emitter, sender: asyncio.Task, sent: asyncio.Event, timeout: float,
+                       turn: str) -> None:
         origin = None  # utterance frames before this turn's first frame
         last: tuple[str, float] | None = None
         while True:
-            if sender.done() and not sent.is_set():
-                sender.result()
+            if sender.done() and (not sent.is_set() or sender.exception() is not None):
+                sender.result()  # the sender's error (a lost connection), if any
                 return  # no text: nothing to speak
+            # While the turn's input is open the server holds silently for more text (an LLM
+            # pausing): the timeout counts only once the input is finished.
             try:
-                message = await asyncio.wait_for(ws.recv(), timeout)
+                message = await asyncio.wait_for(ws.recv(), timeout if sender.done() else min(timeout, 0.5))
             except asyncio.TimeoutError:
-                if sender.done() and not sent.is_set():
+                if not sender.done():
+                    continue
+                if not sent.is_set():
                     return
                 raise APIConnectionError("dia2stream sent nothing for the timeout") from None
+            event = None if isinstance(message, bytes) else json.loads(message)
+            if event is not None:
+                self.started = still_started(event, self.started)
             if self.pause_pending:
                 self.pause_pending = not answers_pause(message)
                 continue
-            if isinstance(message, bytes):
+            if event is None:
                 if origin is None:
                     origin = self.turn_frames
                 self.turn_frames += 1
                 emitter.push(message[_HEADER.size:])
                 continue
-            event = json.loads(message)
             kind = event.get("event")
             if kind == "started":
                 self.turn_frames = 0
@@ -226,8 +290,12 @@ class _Call:
                 self.caller_turns_done.append(event)
             elif kind == "error" and event.get("cmd") == "user_turn":  # the agent's turn goes on without it
                 log.warning("the caller's turn was refused: %s: %s", event.get("code"), event.get("message"))
+            elif kind == "error" and event.get("cmd") in ("start", "inject", "flush") and event.get("id") != turn:
+                log.debug("dia2stream error for an earlier turn: %s", event)  # e.g. after a refused start
             elif kind == "error":
-                raise APIConnectionError(f"dia2stream {event.get('code')}: {event.get('message')}")
+                code = event.get("code")
+                raise APIError(f"dia2stream {code}: {event.get('message')}", body=event,
+                               retryable=code in _RETRYABLE)
 
     async def close(self) -> None:
         if self.ws is not None:
