@@ -12,10 +12,9 @@ import time
 
 from dia2stream.engine.engine import Engine
 from dia2stream.serve.config import (CompileMode, GpuTilings, KernelChoice, ServerConfig, Switch, checkpoint_for,
-                                     default_max_calls)
+                                     default_max_calls, split_voice_spec)
 from dia2stream.serve.metrics import Metrics
 from dia2stream.voices.voice import VoiceRequest
-from dia2stream.wire import protocol as p
 
 log = logging.getLogger("dia2stream")
 
@@ -116,12 +115,10 @@ def use_device(device: str | None) -> None:
 def parse_voice_spec(spec: str) -> VoiceRequest:
     """`NAME=PATH[,TRANSCRIPT]` (the transcript is everything after the first comma; a transcript
     starting with @ names a text file)."""
-    name, sep, rest = spec.partition("=")
-    if not sep or not name or not rest:
-        raise ValueError(f"--voice {spec!r}: expected NAME=PATH[,TRANSCRIPT]")
-    if not p.VOICE_NAME_RE.match(name):
-        raise ValueError(f"--voice {spec!r}: the name must be 1-64 characters of A-Z a-z 0-9 _ . -")
-    path, _, transcript = rest.partition(",")
+    try:
+        name, path, transcript = split_voice_spec(spec)
+    except ValueError as exc:
+        raise ValueError(f"--voice {exc}") from None
     transcript = transcript.strip() or None
     if transcript and transcript.startswith("@"):
         with open(transcript[1:], encoding="utf-8") as f:

@@ -534,15 +534,26 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
         if values[name] is not None and not os.path.exists(values[name]):
             parser.error(f"{source(name)} {values[name]}: no such file")
     for spec in values["voices"]:  # the format only: the files are read as the engine is built
-        voice_name, sep, rest = spec.partition("=")
-        if not sep or not voice_name or not rest:
-            parser.error(f"{voices_from} {spec!r}: expected NAME=PATH[,TRANSCRIPT]")
-        if not VOICE_NAME_RE.match(voice_name):
-            parser.error(f"{voices_from} {spec!r}: the name must be 1-64 characters of A-Z a-z 0-9 _ . -")
+        try:
+            split_voice_spec(spec)
+        except ValueError as exc:
+            parser.error(f"{voices_from} {exc}")
     trace = values["step_trace"]
     if trace is not None and not os.path.isdir(os.path.dirname(os.path.abspath(trace))):
         parser.error(f"--step-trace: the folder of {trace} does not exist")
     return ServerConfig(**values)
+
+
+def split_voice_spec(spec: str) -> tuple[str, str, str]:
+    """`--voice NAME=PATH[,TRANSCRIPT]` as (name, path, transcript: everything after the first
+    comma, "" when none); ValueError naming the spec when it is not of that form."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"{spec!r}: expected NAME=PATH[,TRANSCRIPT]")
+    if not VOICE_NAME_RE.match(name):
+        raise ValueError(f"{spec!r}: the name must be 1-64 characters of A-Z a-z 0-9 _ . -")
+    path, _, transcript = rest.partition(",")
+    return name, path, transcript
 
 
 def checkpoint_for(config: ServerConfig) -> str:
