@@ -190,6 +190,7 @@ def test_the_dtype_choices_are_the_ones_the_model_loader_takes():
     (["--voice", "bad"], {}, "--voice 'bad': expected NAME=PATH[,TRANSCRIPT]"),
     (["--voice", "a b=x.wav"], {}, "the name must be"),
     ([], {"DIA2_VOICE": "=x.wav"}, "expected NAME=PATH[,TRANSCRIPT]"),
+    (["--voice-dir", "/nonexist/voices"], {}, "--voice-dir /nonexist/voices: no such folder"),
 ])
 def test_files_and_specs_are_checked_at_parse_time(argv, env, said, capsys):
     line = parse_error(argv, env, capsys)

@@ -113,7 +113,7 @@ def test_server_voice_spec_and_flags(tmp_path):
     assert parse_voice_spec("bob=/v/b.wav").transcript is None
     cfg = parse_args(["--voice", "a=x.wav", "--voice", "b=y.wav,Yo.", "--voice-dir", str(tmp_path)], environ={})
     assert cfg.voices == ("a=x.wav", "b=y.wav,Yo.") and cfg.voice_dir == str(tmp_path)
-    assert parse_args([], environ={"DIA2_VOICE": "a=x.wav;b=y.wav", "DIA2_VOICE_DIR": "/v"}).voices == ("a=x.wav", "b=y.wav")
+    assert parse_args([], environ={"DIA2_VOICE": "a=x.wav;b=y.wav", "DIA2_VOICE_DIR": str(tmp_path)}).voices == ("a=x.wav", "b=y.wav")
     assert parse_args([], environ={}).prefix_boundary == "upstream"
     assert parse_args(["--prefix-boundary", "clean"], environ={}).prefix_boundary == "clean"
     assert parse_args([], environ={"DIA2_PREFIX_BOUNDARY": "clean"}).prefix_boundary == "clean"

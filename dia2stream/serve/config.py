@@ -533,6 +533,8 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
     for name in ("tls_cert", "tls_key", "simulate_gpu"):
         if values[name] is not None and not os.path.exists(values[name]):
             parser.error(f"{source(name)} {values[name]}: no such file")
+    if values["voice_dir"] is not None and not os.path.isdir(values["voice_dir"]):
+        parser.error(f"{source('voice_dir')} {values['voice_dir']}: no such folder")
     for spec in values["voices"]:  # the format only: the files are read as the engine is built
         try:
             split_voice_spec(spec)
