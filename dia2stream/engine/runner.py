@@ -65,7 +65,10 @@ class Runner:
         self._choices: list = [None] * stepper.n
         self._active = [False] * stepper.n
         self._decode_rows = torch.zeros(rows, dtype=torch.bool)
-        self._replay_codes = torch.zeros(rows, stepper.num_codebooks, dtype=torch.long)
+        # on the device, as the codes a replay takes (a slot's aligned codes): a host buffer made
+        # each replayed frame two host waits (the copy out, and the decode's copy back; H200 run 37)
+        self._replay_codes = torch.zeros(rows, stepper.num_codebooks, dtype=torch.long,
+                                         device=stepper.ready_codes.device)
         # a step's ready codes with replaying rows' frames in their place (`decode_later(replays=)`)
         self._mixed_codes = torch.zeros(rows, stepper.num_codebooks, dtype=torch.long,
                                         device=stepper.ready_codes.device)
