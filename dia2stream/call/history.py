@@ -152,9 +152,6 @@ class CodecMarks:
     def __init__(self, capacity: int):
         self._marks: deque = deque(maxlen=capacity)  # (frame, snapshot)
 
-    def __len__(self) -> int:
-        return len(self._marks)
-
     def add(self, frame: int, snapshot) -> None:
         self._marks.append((frame, snapshot))
 
