@@ -161,13 +161,16 @@ def test_new_turns_that_read_no_codes_yet_step_alone_between_full_steps():
     assert s.lite_between_steps == 1
     # all of them in the decoder-only lane: one step, as ever
     assert s.plan(playing + early).calls == tuple(early) == s.plan(playing + early).calls
-    # a filling call that cannot wait for the full step after a lite one: no lite step between
-    fresh = FakeCall(20, lead=s.ride_floor(13) - 0.01, peak=0.08)
-    assert s.plan(calls + [fresh]).calls == (*early, late, fresh)
-    assert s.plan(calls + [fresh]).calls == (*early, late, fresh)
-    fresh.lead = s.ride_floor(13) + 0.01  # with lead to spare it waits a lite step, then rides
+    # a playing call below the coast floor, even one with lead to wait out a lite step, has lite
+    # steps yield: it rides in every full starting step, with no lite step between
+    floor = s.coast_floor(13)
+    for lead in (s.ride_floor(13) - 0.01, s.ride_floor(13) + 0.01, floor - 0.01):
+        fresh = FakeCall(20, lead=lead, peak=0.08)
+        assert s.plan(calls + [fresh]).calls == (*early, late, fresh)
+        assert s.plan(calls + [fresh]).calls == (*early, late, fresh)
+    fresh.lead = floor + 0.01  # above the coast floor it coasts, and lite steps come back
     assert s.plan(calls + [fresh]).calls == tuple(early)
-    assert s.plan(calls + [fresh]).calls == (*early, late, fresh)
+    assert s.plan(calls + [fresh]).calls == (*early, late)
     # switched off, every starting call steps in every starting step
     s.split_lanes = False
     assert s.plan(calls).calls == s.plan(calls).calls == (*early, late)
