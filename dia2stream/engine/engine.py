@@ -340,6 +340,8 @@ class Engine:
                 return self._inbox.get_nowait()  # a step is due: what was emitted goes out after it
             if self._flush is not None:
                 self._flush()  # nothing is due: what the commands answered goes out before the wait
+            if not self._active_calls():
+                self.trace.flush()  # idle: the trace so far can be read (and copied) while the server runs
             return self._inbox.get(timeout=timeout)
         except queue.Empty:
             return None

@@ -55,6 +55,10 @@ class StepTrace:
         if self._out is not None:
             self._write({"t": time.monotonic(), "kind": "planned", "what": what})
 
+    def flush(self) -> None:
+        if self._out is not None:
+            self._out.flush()
+
     def close(self) -> None:
         if self._out is not None:
             self._out.close()
