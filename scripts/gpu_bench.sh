@@ -89,12 +89,16 @@ if [[ $STAGES == *callcentre* ]]; then  # issue 18's targets: the call-centre pa
       echo "== call-centre, $n calls (health after: $(health))"; cat "$OUT/callcentre-$n.txt"; summarise "callcentre-$n"
     done
   }
-  lock_step() {
+  lock_step() {  # LOCK_RUNS: runs of each size ("0, in every run"); LOCK_TAG: in the file names; AFTER_LOCK: a command after them
     for n in ${CALLS_LOCK:-64}; do
-      python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
-        --json "$OUT/lockstep-$n.json" > "$OUT/lockstep-$n.txt" 2>&1
-      echo "== lock-step, $n calls (health after: $(health))"; tail -12 "$OUT/lockstep-$n.txt"
+      for r in $(seq 1 "${LOCK_RUNS:-1}"); do
+        local name="lockstep-$n${LOCK_TAG:+-$LOCK_TAG}"; [[ ${LOCK_RUNS:-1} == 1 ]] || name="$name-run$r"
+        python3 -m dia2stream.tools.load ws://127.0.0.1:8765/ --calls "$n" --turns 3 --pause-every 3 --ramp 1 --quiet \
+          --json "$OUT/$name.json" > "$OUT/$name.txt" 2>&1
+        echo "== lock-step, $n calls, run $r (health after: $(health))"; tail -12 "$OUT/$name.txt"
+      done
     done
+    eval "${AFTER_LOCK:-}"
   }
   if [[ -n ${LOCK_FIRST:-} ]]; then lock_step; call_centre; else call_centre; lock_step; fi  # LOCK_FIRST: if cut short
   stop

@@ -23,7 +23,36 @@ load_stage() {  # load_stage LIMIT_S ARGS...: gpu_bench.sh's call-centre stage (
   env OUT="$D" STAGES=callcentre TURNS=3 WINDOW=15 MAX_CALLS=128 "$@" timeout "$limit" bash scripts/gpu_bench.sh 2>&1 \
     | grep -v "random weights" | grep -E "==|onset|underrun|stall|samples|server up|rror|first|next|barge" | cut -c1-160
 }
-if [[ ${PART:-a} == a ]]; then
+if [[ ${PART:-a} == d ]]; then
+  # session 38, second call: lock-step 64 three times at the default flags (kept apart by name),
+  # then --compile-dynamic on from fresh compile caches (issue 24's cold start) under lock-step and
+  # call-centre 64, its steps traced for their costs against the default's
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "every_shape_dynamic or compiled_graph_matches" \
+    -rf --tb=short 2>&1 | grep -v Warn | tail -4 | tee "$D/tests.txt"
+  since "tests done"
+  load_stage 200 CALLS_CC=" " CALLS_LOCK=64 LOCK_RUNS=3 LOCK_TAG=default
+  since "default done"; pack; mv "$D/server-callcentre.log.gz" "$D/server-default.log.gz"
+  load_stage 260 TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-dynamic TRITON_CACHE_DIR=/tmp/triton-dynamic TORCH_LOGS=recompiles \
+    CALLS_CC=64 CALLS_LOCK=64 LOCK_RUNS=3 LOCK_TAG=dynamic LOCK_FIRST=1 \
+    SERVER_ARGS="${EXTRA_SERVER_ARGS:-} --compile-dynamic on --step-trace $D/steps.jsonl"
+  since "compile-dynamic done"; pack
+  gunzip -kf "$D/steps.jsonl.gz" && python3 -m dia2stream.tools.step_trace "$D/steps.jsonl" --json "$D/steps-summary.json" 2>&1 | grep -E "full|decoder-only" | head -14
+  rm -f "$D/steps.jsonl"; mv "$D/server-callcentre.log.gz" "$D/server-dynamic.log.gz"
+elif [[ ${PART:-a} == c ]]; then
+  # session 38: lite steps yield to every short call. Lock-step 64 three times with the default
+  # (its steps traced apart from the call-centre loads after it), then three with the switch off;
+  # the second server's start-up is a warm compile cache's (issue 24)
+  # TORCH_LOGS=recompiles: why each batch size compiles again (issue 24's cold start), in the server log
+  load_stage 330 TORCH_LOGS=recompiles CALLS_CC="64 128" CALLS_LOCK=64 LOCK_RUNS=3 LOCK_FIRST=1 \
+    SERVER_ARGS="${EXTRA_SERVER_ARGS:-} --step-trace $D/steps.jsonl" AFTER_LOCK="sleep 1; cp $D/steps.jsonl $D/steps-lock.jsonl"
+  since "default flags done"; pack
+  python3 -m dia2stream.tools.step_trace "$D/steps-lock.jsonl" --json "$D/steps-lock-summary.json" 2>&1 | tail -16
+  gzip -f "$D/steps-lock.jsonl"; rm -f "$D"/steps.jsonl*; mv "$D/server-callcentre.log.gz" "$D/server-default.log.gz"; pack
+  load_stage 200 CALLS_CC=" " CALLS_LOCK=64 LOCK_RUNS=3 SERVER_ARGS="${EXTRA_SERVER_ARGS:-} --split-start-lanes off"
+  since "split off done"; pack
+  timeout 110 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_row_swap.py \
+    -k "never_wait or moved_calls_under_graphs or graphed" -rf --tb=short 2>&1 | grep -v Warn | tail -8 | tee "$D/tests.txt"
+elif [[ ${PART:-a} == a ]]; then
   timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_row_swap.py \
     -k "never_wait or moved_calls_under_graphs or graphed" -rf --tb=short 2>&1 | grep -v Warn | tail -12 | tee "$D/tests.txt"
   since "tests done"
