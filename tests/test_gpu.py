@@ -205,6 +205,23 @@ def test_bucketed_cache_graphs_match_whole_cache_eager(gpu_tts, compile):
     assert torch.equal(eager[1], graph[1])
 
 
+def test_graphs_compiled_with_every_shape_dynamic_match_whole_cache_eager(gpu_tts, monkeypatch):
+    """`--compile-dynamic on`: one compile serves every batch size and cache bucket, and draws
+    what eager draws."""
+    from vendor_dia2 import graphs
+
+    monkeypatch.setattr(graphs, "DYNAMIC_SHAPES", True)
+    torch._dynamo.reset()  # no code compiled with automatic shapes serves this stepper
+    try:
+        pattern = [[True, False, False, False]] * 10 + [[True, True, True, True]] * 12 + [[False, True, False, False]] * 4
+        eager = _batched_run(gpu_tts, graph=False, pattern=pattern, cache_buckets=())
+        graph = _batched_run(gpu_tts, graph=True, pattern=pattern, cache_buckets=(8, 16), compile=True)
+    finally:
+        torch._dynamo.reset()
+    assert eager[0] == graph[0]
+    assert torch.equal(eager[1], graph[1])
+
+
 # -- calls moved between slots (issue 18) --------------------------------------------------------
 
 @pytest.mark.parametrize("together", [False, True])

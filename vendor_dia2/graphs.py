@@ -21,6 +21,12 @@ from .frame import FrameFunctions
 # 20 s, 41 s, then everything.
 CACHE_BUCKETS = (256, 512)
 
+# torch.compile's shapes (set before the stepper is built). False: torch's automatic dynamic
+# shapes, which compile each function again for a second batch size and cache length before
+# marking them dynamic (H200, run 38: a cold start spent 63 s in graphs, batch 1-8 ~15 s each).
+# True: every shape dynamic from the first compile, one compile serving every size.
+DYNAMIC_SHAPES = False
+
 FrameCall = Callable[[FrameFunctions, int, bool, int], None]  # (functions, batch size, full lane, cache length)
 
 log = logging.getLogger(__name__)
@@ -130,4 +136,5 @@ def _compiled_functions(eager: FrameFunctions) -> FrameFunctions:
     from torch import _dynamo
     _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
     # torch.compile wraps lazily: a function the frame never calls is never compiled
-    return FrameFunctions(*(torch.compile(fn) for fn in eager))
+    dynamic = True if DYNAMIC_SHAPES else None
+    return FrameFunctions(*(torch.compile(fn, dynamic=dynamic) for fn in eager))

@@ -68,6 +68,9 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
         from vendor_dia2 import row_swap
 
         row_swap.GRAPHED = config.graphed_swaps == Switch.ON  # read as the stepper and the Mimi stream open
+        from vendor_dia2 import graphs
+
+        graphs.DYNAMIC_SHAPES = config.compile_dynamic == Switch.ON  # read as the stepper compiles
         from vendor_dia2 import model
 
         # likewise: auto follows the depformer kernels
