@@ -3,6 +3,7 @@ and the objects the server builds from them."""
 
 import contextlib
 import io
+import os
 
 import pytest
 
@@ -235,3 +236,20 @@ def test_help_says_what_each_size_limit_covers_and_what_context_frames_0_means()
     assert "largest set_voice or user_turn message with base64 audio" in text
     context = text.split("--context-frames CONTEXT_FRAMES")[-1].split("--threads THREADS")[0]  # the flag, not usage
     assert "0 = the model's limit" in context and "clamped" in context
+
+
+def test_compiled_kernels_are_kept_under_the_cache_folder_unless_torch_or_triton_is_told_otherwise(
+        monkeypatch, tmp_path):
+    from dia2stream.serve.build import use_compile_cache
+
+    monkeypatch.setenv("DIA2_CACHE", str(tmp_path / "dia2"))
+    for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    use_compile_cache(None)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "dia2" / "compile" / "inductor")
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "dia2" / "compile" / "triton")
+    monkeypatch.delenv("TRITON_CACHE_DIR")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    use_compile_cache(str(tmp_path / "kept"))  # the flag names the folder; torch's own variable still wins
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"
+    assert os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "kept" / "triton")

@@ -115,6 +115,7 @@ class ServerConfig:
     log_level: str = "INFO"
     voice_dir: str | None = None
     voice_cache: str | None = None
+    compile_cache: str | None = None
     max_voice_seconds: float = 30.0
     max_user_turn_seconds: float = 30.0
     whisper_model: str = "turbo"
@@ -279,6 +280,9 @@ _FLAGS = [  # (name, type, help)
     ("log_level", LogLevel, "DEBUG, INFO, WARNING, ERROR or CRITICAL (any case)"),
     ("voice_dir", str, "folder that set_voice 'path' must lie in (default: no server-side paths)"),
     ("voice_cache", str, "where transcripts and prepared voices are cached (default: $DIA2_CACHE/voices)"),
+    ("compile_cache", str, "where torch.compile and Triton keep compiled kernels (default: $DIA2_CACHE/compile; "
+                           "TORCHINDUCTOR_CACHE_DIR and TRITON_CACHE_DIR, when set, win): keep it across restarts "
+                           "for a warm start (docs/benchmarks.md, run 38)"),
     ("max_voice_seconds", float, "longest prefix audio per speaker, seconds (more than 0)"),
     ("max_user_turn_seconds", float, "longest caller's turn (user_turn audio), seconds (more than 0)"),
     ("whisper_model", str, "openai-whisper model name or checkpoint path for voice transcripts"),
