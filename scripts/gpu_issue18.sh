@@ -23,7 +23,21 @@ load_stage() {  # load_stage LIMIT_S ARGS...: gpu_bench.sh's call-centre stage (
   env OUT="$D" STAGES=callcentre TURNS=3 WINDOW=15 MAX_CALLS=128 "$@" timeout "$limit" bash scripts/gpu_bench.sh 2>&1 \
     | grep -v "random weights" | grep -E "==|onset|underrun|stall|samples|server up|rror|first|next|barge" | cut -c1-160
 }
-if [[ ${PART:-a} == d ]]; then
+if [[ ${PART:-a} == e ]]; then
+  # session 38: the compile caches kept under $DIA2_CACHE/compile (--compile-cache): the same
+  # server started twice; the second start reads what the first compiled
+  [[ -f /tmp/dia2-bench/2b/model.safetensors ]] || python3 -m vendor_dia2 make-checkpoint --preset 2b /tmp/dia2-bench/2b > /dev/null
+  for start in cold warm; do
+    t0=$(date +%s)
+    python3 server.py --checkpoint /tmp/dia2-bench/2b --mimi random --max-calls 128 --port 8765 > "$D/server-$start.log" 2>&1 &
+    pid=$!
+    for _ in $(seq 1 200); do python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8765/health', timeout=2)" 2>/dev/null && break; sleep 1; done
+    echo "$start start: ready in $(( $(date +%s) - t0 )) s; $(grep -o 'engine process [0-9]* ready in [0-9.]* s' "$D/server-$start.log")"
+    kill -TERM $pid; wait $pid
+    du -sh "$DIA2_CACHE/compile"/* 2>&1 | tr '\n' ' '; echo; ls ~/.triton/cache 2>/dev/null | wc -l
+  done
+  grep -hE "captured in|ready in|open in" "$D"/server-*.log | cut -c1-160
+elif [[ ${PART:-a} == d ]]; then
   # session 38, second call: lock-step 64 three times at the default flags (kept apart by name),
   # then --compile-dynamic on from fresh compile caches (issue 24's cold start) under lock-step and
   # call-centre 64, its steps traced for their costs against the default's
