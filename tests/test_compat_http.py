@@ -121,3 +121,29 @@ async def test_errors_in_each_shape_and_busy_is_503():
             assert r.status == 200
     finally:
         srv.stop()
+
+
+async def test_a_port_in_use_fails_the_start_and_leaves_no_runner_behind(monkeypatch):
+    import socket
+
+    from aiohttp import web
+
+    from dia2stream.serve.http_api import start_http_api
+
+    cleaned = []
+    real_cleanup = web.AppRunner.cleanup
+
+    async def cleanup(runner):
+        cleaned.append(runner)
+        await real_cleanup(runner)
+
+    monkeypatch.setattr(web.AppRunner, "cleanup", cleanup)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(OSError):
+            await start_http_api(object(), "127.0.0.1", taken.getsockname()[1])
+    assert len(cleaned) == 1
+    runner, port = await start_http_api(object(), "127.0.0.1", 0)  # a free port still starts
+    assert port > 0
+    await runner.cleanup()

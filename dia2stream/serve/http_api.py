@@ -278,8 +278,11 @@ async def start_http_api(server, host: str, port: int) -> tuple[web.AppRunner, i
     # a streaming request in flight must not hold a stopping server (aiohttp waits 60 s by default)
     runner = web.AppRunner(HttpApi(server).app, access_log=None, shutdown_timeout=SHUTDOWN_S)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()  # a port in use: the runner set up must not outlive the failed start
+        raise
     bound = runner.addresses[0][1]
     log.info("HTTP API on http://%s:%d/", host, bound)
     return runner, bound
