@@ -23,7 +23,7 @@ log = logging.getLogger("dia2stream")
 def use_compile_cache(directory: str | None) -> None:
     """Keep torch.compile's and Triton's compiled kernels under `directory` (default
     $DIA2_CACHE/compile): one folder to keep across restarts. A cold start compiles for 74-103 s,
-    one with the caches kept 35 s (H200, run 38). Their own variables, when set, win. Both are
+    one with the caches kept 35-41 s (H200, run 38). Their own variables, when set, win. Both are
     read when the first kernel compiles, so setting them here, before the model loads, is in time."""
     from vendor_dia2.checkpoint import cache_dir
 
