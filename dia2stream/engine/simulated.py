@@ -44,10 +44,11 @@ UNGENERATED = -1  # a delayed-buffer cell no step has written
 # bf16: ~100 MB for two calls 500 frames in, ~0.05 ms at H100/H200 bandwidth). An ESTIMATE.
 SWAP_MS = 0.3
 # Each pair after the first in one swap (`FrameStepper.swap_rows_many`, one graph replay for up to
-# `row_swap.PAIR_GROUPS[-1]` pairs): its bytes, not launches. A graphed swap copies whole
-# decoder-cache rows, ~0.4 GB a slot at 2b (24 layers, cfg 2, 4 kv heads, 2,050 positions, bf16),
-# read and written for two slots at ~4 TB/s. An ESTIMATE, not measured.
-SWAP_PAIR_MS = 0.4
+# `row_swap.PAIR_GROUPS[-1]` pairs), for a profile that has no figure of its own: a graphed swap
+# copies whole decoder-cache rows, ~0.4 GB a slot at 2b. Measured on the H200 (run 37, the moves
+# bench): 1 to 8 pairs in one swap took 1.24 to 6.95 ms, 0.82 ms a further pair (the estimate
+# from bytes alone had been 0.4).
+SWAP_PAIR_MS = 0.82
 # A decode on a stream of its own (`--decode-stream on`) shares the GPU with the frame step it
 # overlaps: the share of the decode's time that step is slowed by. H200 run 20 (`gpu_idle`, one
 # call, step in flight): the step went from 8.14 to 7.13 ms with the ~2.2 ms decode beside it, so
