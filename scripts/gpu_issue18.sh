@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Issue 18's open checks on one lent GPU, in two device calls of under 10 minutes each (every server
-# start compiles and captures for ~75-120 s on the H200). Each part leaves its files in $OUT/all.tgz
-# (the device tool brings back only a few files). Not yet run on a GPU: written on the CPU in session
-# 36, its plumbing tried with EXTRA_SERVER_ARGS="--simulate-gpu profiles/h200-2b-run22.json" CKPT=tiny.
+# Issue 18's checks on one lent GPU, one device call of under 10 minutes a part (every server start
+# compiles and captures for ~75-100 s on the H200, ~35-41 s with the compile caches kept). Each
+# part leaves its files in $OUT/all.tgz (the device tool brings back only a few files). Parts a and
+# b ran as run 37, c, d and e as run 38 (docs/benchmarks.md); the plumbing can be tried on a CPU
+# with EXTRA_SERVER_ARGS="--simulate-gpu profiles/h200-2b-run22.json" CKPT=tiny.
 #   PART=a: the GPU tests that no command or launch waits for the step in flight, and that moves of
 #           several pairs in one graph replay keep every call's tokens; then one server (default
 #           flags, --max-calls 128, a step trace) under lock-step 64 first (the target still
@@ -10,6 +11,11 @@
 #   PART=b: lock-step 64 with --split-start-lanes off (the A/B of that switch); the moves bench
 #           (swap_pairs_ms: the cost of 1-8 pairs in one swap, for the profile's swap_pair_ms);
 #           GPU idle in 64- and 128-call steps (gpu_idle).
+#   PART=c: lock-step 64 three times at the default flags (its steps traced), call-centre 64 and
+#           128, then lock-step 64 three times with --split-start-lanes off; the sync tests.
+#   PART=d: lock-step 64 three times at the default flags, then --compile-dynamic on from fresh
+#           compile caches under lock-step and call-centre 64 (its start-up, recompiles logged).
+#   PART=e: the same server started twice: a cold start, then one from $DIA2_CACHE/compile.
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
