@@ -192,6 +192,8 @@ def test_the_dtype_choices_are_the_ones_the_model_loader_takes():
     (["--voice", "a b=x.wav"], {}, "the name must be"),
     ([], {"DIA2_VOICE": "=x.wav"}, "expected NAME=PATH[,TRANSCRIPT]"),
     (["--voice-dir", "/nonexist/voices"], {}, "--voice-dir /nonexist/voices: no such folder"),
+    (["--compile-cache", "/etc/hostname"], {}, "--compile-cache /etc/hostname: not a folder"),
+    ([], {"DIA2_COMPILE_CACHE": "/etc/hostname/sub"}, "DIA2_COMPILE_CACHE /etc/hostname/sub: cannot be made (/etc/hostname is not a folder)"),
 ])
 def test_files_and_specs_are_checked_at_parse_time(argv, env, said, capsys):
     line = parse_error(argv, env, capsys)

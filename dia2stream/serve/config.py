@@ -548,10 +548,29 @@ def parse_args(argv: list[str] | None = None, environ: dict[str, str] | None = N
             split_voice_spec(spec)
         except ValueError as exc:
             parser.error(f"{voices_from} {exc}")
+    problem = _unwritable_folder(values["compile_cache"])
+    if problem:
+        parser.error(f"{source('compile_cache')} {values['compile_cache']}: {problem}")
     trace = values["step_trace"]
     if trace is not None and not os.path.isdir(os.path.dirname(os.path.abspath(trace))):
         parser.error(f"--step-trace: the folder of {trace} does not exist")
     return ServerConfig(**values)
+
+
+def _unwritable_folder(path: str | None) -> str | None:
+    """Why `path` cannot be a folder this process writes into (made if missing), or None."""
+    if path is None:
+        return None
+    if os.path.exists(path):
+        if not os.path.isdir(path):
+            return "not a folder"
+        return None if os.access(path, os.W_OK | os.X_OK) else "cannot be written"
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        return f"cannot be made ({parent} is not a folder)"
+    return None if os.access(parent, os.W_OK | os.X_OK) else f"cannot be made ({parent} cannot be written)"
 
 
 def split_voice_spec(spec: str) -> tuple[str, str, str]:
