@@ -132,3 +132,22 @@ def test_bench_runs_the_batched_steps_once_in_each_stage_attention_mode_its_vari
         ("batched", False), ("batched_stageattn", True)]
     assert parse_variant("graph_compiled_triton_stageattn_cfg2") == (True, True, "triton", "bf16", True)
     assert variant_options("graph_compiled_triton_stagesdpa_cfg2") == {"stage_attention": False}
+
+
+def test_compile_dynamic_is_off_by_default_and_asks_torch_compile_for_dynamic_shapes(monkeypatch):
+    import torch
+
+    from vendor_dia2 import graphs
+    from vendor_dia2.frame import FrameFunctions
+
+    assert parse_args([], environ={}).compile_dynamic == "off"
+    assert parse_args([], environ={"DIA2_COMPILE_DYNAMIC": "on"}).compile_dynamic == "on"
+    asked = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: asked.append(options) or fn)
+    eager = FrameFunctions(*(lambda *a: None for _ in FrameFunctions._fields))
+    for dynamic, expected in ((False, None), (True, True)):
+        monkeypatch.setattr(graphs, "DYNAMIC_SHAPES", dynamic)
+        asked.clear()
+        graphs.FrameGraphs(eager, n_calls=2, cache_length=64, batch_sizes=None, compile=True, compile_max_calls=None,
+                           use_cuda_graph=False, cache_buckets=None)
+        assert asked and all(options == {"dynamic": expected} for options in asked)

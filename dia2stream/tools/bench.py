@@ -34,7 +34,7 @@ import torch
 from vendor_dia2 import Dia2
 from vendor_dia2 import fused_pick
 from vendor_dia2 import kernels as fused_kernels
-from vendor_dia2 import decode_attention, persistent_stage, row_swap
+from vendor_dia2 import decode_attention, graphs, persistent_stage, row_swap
 from vendor_dia2 import model as dia2_model
 from vendor_dia2.checkpoint import write_random_checkpoint
 from vendor_dia2.config import preset
@@ -146,6 +146,7 @@ def bench_batched(tts: Dia2, *, sizes: list[int], frames: int, compile: bool, ke
                  "decode_attention": stepper.decode_attention,
                  "batched_stage_attention": stepper.frame.kernel_attention,
                  "batched_attention_rows": fused_kernels.BATCHED_ATTENTION_ROWS,
+                 "compile_dynamic": graphs.DYNAMIC_SHAPES,
                  "compiled_up_to_calls": stepper.compile_max_calls}
     codec = tts.codec
     codec.open_stream(n_max, decode_sizes=stepper.batch_sizes)
@@ -743,6 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batched-attention-rows", type=int, default=fused_kernels.BATCHED_ATTENTION_ROWS,
                         help="rows of a head per program in the batched stages' one-launch attention "
                              "(kernels.BATCHED_ATTENTION_ROWS; more share the stage's maps between rows)")
+    parser.add_argument("--compile-dynamic", default="off", choices=["on", "off"],
+                        help="every shape dynamic from torch.compile's first compile (as the server's flag)")
     parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
@@ -763,6 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batched_attention_rows < 1:
         parser.error("--batched-attention-rows must be 1 or more")
     fused_kernels.BATCHED_ATTENTION_ROWS = args.batched_attention_rows
+    graphs.DYNAMIC_SHAPES = args.compile_dynamic == "on"
     dia2_model.BATCHED_STAGE_ATTENTION = SWITCH[args.batched_stage_attention]
     command = "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.profile_from:
