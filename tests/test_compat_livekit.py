@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 
 from compat_clients import need, start_server
+from livekit_streams import speak
 
 need("livekit.plugins.elevenlabs", "livekit.plugins.cartesia", "aiohttp")
 
 import aiohttp  # noqa: E402
 from livekit.agents import APIConnectOptions  # noqa: E402
-from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT  # noqa: E402
 from livekit.plugins import cartesia, elevenlabs  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -35,17 +35,8 @@ def server():
 
 
 async def _speak(tts) -> tuple[list, list]:
-    """Push text as an LLM would, end the input, read every frame; (frames, timed words)."""
-    frames, words = [], []
-    async with tts.stream(conn_options=OPTIONS) as stream:
-        for piece in PIECES:
-            stream.push_text(piece)
-        stream.end_input()
-        async with asyncio.timeout(WAIT_S * 2):
-            async for ev in stream:
-                frames.append(ev.frame)
-                words.extend(ev.frame.userdata.get(USERDATA_TIMED_TRANSCRIPT) or [])
-    return frames, words
+    """`PIECES` as an LLM would send them; (frames, timed words)."""
+    return await speak(tts, PIECES, OPTIONS, WAIT_S * 2)
 
 
 def _seconds(frames) -> float:

@@ -13,11 +13,11 @@ import json
 import pytest
 
 from compat_clients import need, start_server
+from livekit_streams import speak
 
 need("livekit.agents", "websockets")
 
 from livekit.agents import APIConnectionError, APIConnectOptions, APIError  # noqa: E402
-from livekit.agents.types import USERDATA_TIMED_TRANSCRIPT  # noqa: E402
 
 from dia2stream.integrations import livekit as plugin  # noqa: E402
 
@@ -60,18 +60,8 @@ def wire(monkeypatch):
 
 
 async def _speak(tts, tokens, *, options=OPTIONS, gap_at: int | None = None, gap_s: float = 0.0):
-    """Push tokens as an LLM would (optionally pausing), end the input, read every frame."""
-    frames, words = [], []
-    async with tts.stream(conn_options=options) as stream:
-        for i, token in enumerate(tokens):
-            if i == gap_at:
-                await asyncio.sleep(gap_s)
-            stream.push_text(token)
-        stream.end_input()
-        async with asyncio.timeout(WAIT_S * 2):
-            async for ev in stream:
-                frames.append(ev.frame)
-                words.extend(ev.frame.userdata.get(USERDATA_TIMED_TRANSCRIPT) or [])
+    """`tokens` as an LLM would send them (optionally pausing); (frames, the words stripped)."""
+    frames, words = await speak(tts, tokens, options, WAIT_S * 2, gap_at=gap_at, gap_s=gap_s)
     return frames, [w.strip() for w in words]
 
 
