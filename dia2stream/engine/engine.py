@@ -331,16 +331,18 @@ class Engine:
             log.critical("engine failed, no call can be served any more: %s", self.failure, exc_info=True)
 
     def _next_envelope(self) -> "Envelope | None":
+        active = None
         if self._in_flight is not None or self._planned_work_waiting():
             timeout = 0.0  # a step in flight is applied (or the next one launched) before any wait
         else:
-            timeout = self.scheduler.wait_seconds(self._active_calls())
+            active = self._active_calls()
+            timeout = self.scheduler.wait_seconds(active)
         try:
             if not timeout:
                 return self._inbox.get_nowait()  # a step is due: what was emitted goes out after it
             if self._flush is not None:
                 self._flush()  # nothing is due: what the commands answered goes out before the wait
-            if not self._active_calls():
+            if not active:
                 self.trace.flush()  # idle: the trace so far can be read (and copied) while the server runs
             return self._inbox.get(timeout=timeout)
         except queue.Empty:
