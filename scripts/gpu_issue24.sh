@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Issue 24's levers that were built but not yet timed, in one device call of under 10 minutes:
 # the batched frame step (2b, cfg 2, compiled, Triton depformer) at 1, 64, 128 and 256 calls
-#   1. at the default flags;
-#   2. with --compile-dynamic on (a shorter cold start? run 38 could not tell; is the step slower?);
-#   3. with --batched-attention-rows 8 (the batched stages' attention reading each stage's maps
-#      once for eight rows; built on the CPU after run 21, never timed).
+#   1. with the sorted torch draw (`--sampler torch`: the server's default);
+#   2. with the fused draw (`--sampler triton`, 8 warps and 2 bits a pass since run 15: the bench's
+#      default with the Triton kernels, and its run 21 figures; never timed against 1. in a frame);
+#   3. the fused draw with --batched-attention-rows 8 (the batched stages' attention reading each
+#      stage's maps once for eight rows; built on the CPU after run 21, never timed).
 # Each variant builds its own stepper (compile and capture: ~50-90 s cold); the log says how long.
-# Usage, after `make gpu-wheels` (carry .whl): OUT=$OUT bash scripts/gpu_issue24.sh
+# PART=startup instead: where a cold start's time goes (scripts/startup_profile.py: the server's
+# engine built under cProfile, fresh compile caches), then the same start again with the caches kept.
+# Usage, after `make gpu-wheels` (carry .whl): OUT=$OUT [PART=startup] bash scripts/gpu_issue24.sh
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -22,8 +25,19 @@ bench() {  # bench NAME LIMIT_S EXTRA_ARGS...: the batched steps only, one JSON 
   grep -E "batched|build" "$OUT/$name.log" | cut -c1-200 | tail -8
   since "$name done"
 }
-bench default 170
-bench compile-dynamic 170 --compile-dynamic on
-bench attention-rows-8 170 --batched-attention-rows 8
+if [ "${PART:-steps}" = startup ]; then
+  python3 -c "from vendor_dia2 import Dia2; Dia2.from_pretrained('2b', device='cuda', mimi='random')" 2>&1 | tail -1  # writes it
+  since "checkpoint written"
+  for start in cold warm; do
+    timeout 280 python3 scripts/startup_profile.py --out "$OUT/startup-$start" -- --checkpoint 2b --mimi random --max-calls 128 > "$OUT/startup-$start.log" 2>&1
+    grep -E "captured|ready in|under the profiler|^ {0,2}[a-zA-Z(].* s +[0-9]+ calls" "$OUT/startup-$start.log" | cut -c1-160
+    since "$start start done"
+  done
+  tar -czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null
+  exit 0
+fi
+bench sorted-draw 170 --sampler torch
+bench fused-draw 170 --sampler triton
+bench fused-attention-rows-8 170 --sampler triton --batched-attention-rows 8
 tar -czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null
 since end
