@@ -8,7 +8,7 @@
 #      stage's maps once for eight rows; built on the CPU after run 21, never timed).
 # Each variant builds its own stepper (compile and capture: ~50-90 s cold); the log says how long.
 # PART=startup instead: where a cold start's time goes (scripts/startup_profile.py: the server's
-# engine built under cProfile, fresh compile caches), then the same start again with the caches kept.
+# engine built under cProfile, fresh compile caches, recompiles logged), default and --compile-dynamic on.
 # Usage, after `make gpu-wheels` (carry .whl): OUT=$OUT [PART=startup] bash scripts/gpu_issue24.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -28,10 +28,14 @@ bench() {  # bench NAME LIMIT_S EXTRA_ARGS...: the batched steps only, one JSON 
 if [ "${PART:-steps}" = startup ]; then
   python3 -c "from vendor_dia2 import Dia2; Dia2.from_pretrained('2b', device='cuda', mimi='random')" 2>&1 | tail -1  # writes it
   since "checkpoint written"
-  for start in cold warm; do
-    timeout 280 python3 scripts/startup_profile.py --out "$OUT/startup-$start" -- --checkpoint 2b --mimi random --max-calls 128 > "$OUT/startup-$start.log" 2>&1
+  for start in default dynamic; do  # each cold: its own empty compile caches
+    flag=off; [ $start = dynamic ] && flag=on
+    TORCH_LOGS=recompiles timeout 270 python3 scripts/startup_profile.py --out "$OUT/startup-$start" -- \
+      --checkpoint 2b --mimi random --max-calls 128 --compile-dynamic $flag --compile-cache /tmp/compile-$start \
+      > "$OUT/startup-$start.log" 2>&1
     grep -E "captured|ready in|under the profiler|^ {0,2}[a-zA-Z(].* s +[0-9]+ calls" "$OUT/startup-$start.log" | cut -c1-160
-    since "$start start done"
+    echo "recompiles: $(grep -c 'Recompiling function' "$OUT/startup-$start.log")"
+    since "$start cold start done"
   done
   tar -czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null
   exit 0
