@@ -142,55 +142,12 @@ def test_compile_dynamic_is_off_by_default_and_asks_torch_compile_for_dynamic_sh
 
     assert parse_args([], environ={}).compile_dynamic == "off"
     assert parse_args([], environ={"DIA2_COMPILE_DYNAMIC": "on"}).compile_dynamic == "on"
-    assert parse_args(["--compile-dynamic", "marked"], environ={}).compile_dynamic == "marked"
     asked = []
     monkeypatch.setattr(torch, "compile", lambda fn, **options: asked.append(options) or fn)
     eager = FrameFunctions(*(lambda *a: None for _ in FrameFunctions._fields))
-    for dynamic, expected in (("off", None), ("marked", None), ("on", True)):
+    for dynamic, expected in ((False, None), (True, True)):
         monkeypatch.setattr(graphs, "DYNAMIC_SHAPES", dynamic)
         asked.clear()
         graphs.FrameGraphs(eager, n_calls=2, cache_length=64, batch_sizes=None, compile=True, compile_max_calls=None,
                            use_cuda_graph=False, cache_buckets=None)
         assert asked and all(options == {"dynamic": expected} for options in asked)
-    monkeypatch.setattr(graphs, "DYNAMIC_SHAPES", "sometimes")
-    with pytest.raises(ValueError, match="DYNAMIC_SHAPES"):
-        graphs.FrameGraphs(eager, n_calls=2, cache_length=64, batch_sizes=None, compile=True, compile_max_calls=None,
-                           use_cuda_graph=False, cache_buckets=None)
-
-
-def test_marked_shapes_mark_rows_above_one_call_and_the_cache_length_before_the_first_compile(monkeypatch):
-    """`--compile-dynamic marked`: the one-call functions see only the decoder cache's length
-    marked; larger batches see every per-row argument's first dim marked too, the weights not."""
-    import torch
-
-    from vendor_dia2 import graphs
-    from vendor_dia2.frame import FrameFunctions, StageDraw
-    from vendor_dia2.model import KVCache
-
-    marked = []
-    monkeypatch.setattr(torch._dynamo, "maybe_mark_dynamic", lambda t, d: marked.append((t, d)))
-    monkeypatch.setattr(torch, "compile", lambda fn, **options: fn)
-    monkeypatch.setattr(graphs, "DYNAMIC_SHAPES", "marked")
-    eager = FrameFunctions(*(lambda *a, **k: None for _ in FrameFunctions._fields))
-    fg = graphs.FrameGraphs(eager, n_calls=4, cache_length=64, batch_sizes=(1, 2, 4), compile=True,
-                            compile_max_calls=None, use_cuda_graph=False, cache_buckets=None)
-    x, k, v = torch.zeros(2, 1, 8), torch.zeros(2, 2, 16, 4), torch.zeros(2, 2, 16, 4)
-    mask = torch.zeros(2, 1, 1, 16, dtype=torch.bool)
-    weights = object()
-
-    def dims(tensor):
-        return sorted(d for t, d in marked if t is tensor)
-
-    fg.functions_for(1).layer(x, weights, KVCache(k, v), mask)
-    assert (dims(x), dims(k), dims(v), dims(mask)) == ([], [2], [2], [3])
-    marked.clear()
-    fg.functions_for(2).layer(x, weights, KVCache(k, v), mask)
-    assert (dims(x), dims(k), dims(v), dims(mask)) == ([0], [0, 2], [0, 2], [0, 3])
-    marked.clear()
-    draw = StageDraw(*(torch.zeros(2) for _ in range(5)))
-    code = torch.zeros(2)
-    fg.functions_for(4).stage(x, weights, code, (KVCache(k, v),), draw, torch.ones(2))
-    assert dims(code) == [0] and dims(draw.noise) == [0] and dims(k) == [0]  # a stage cache keeps its slots
-    marked.clear()
-    fg.functions_for(1).stage(x, weights, code, (KVCache(k, v),), draw, torch.ones(2))
-    assert marked == []

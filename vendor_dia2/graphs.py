@@ -9,31 +9,23 @@ graph, never on a request; with `compile` the layer and stage functions inside a
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 import time
 from typing import Callable
 
 import torch
 
-from .frame import FrameFunctions, StageDraw
-from .model import KVCache
+from .frame import FrameFunctions
 
 # Decoder cache lengths a bucketed batch may attend over (plus the whole cache): a turn's first
 # 20 s, 41 s, then everything.
 CACHE_BUCKETS = (256, 512)
 
-# torch.compile's shapes (set before the stepper is built).
-# "off": torch's automatic dynamic shapes, which compile each function again for a second batch
-#   size and cache length before marking them dynamic (H200, run 38: a cold start spent 55-80 s in
-#   graphs, batch 1-8 7-22 s each).
-# "marked": batch 1 (the one-call step, the onset) compiled for its own shape; every larger batch
-#   compiled once, with its rows marked dynamic from its first compile, and the decoder cache's
-#   length marked dynamic everywhere: no compile for a second size or length.
-# "on": every shape dynamic from the first compile (the weights' storage offsets too: ~16 recompiles).
-DYNAMIC_SHAPES = "off"
-DYNAMIC_MODES = ("off", "marked", "on")
+# torch.compile's shapes (set before the stepper is built). False: torch's automatic dynamic
+# shapes, which compile each function again for a second batch size and cache length before
+# marking them dynamic (H200, run 38: a cold start spent 63 s in graphs, batch 1-8 ~15 s each).
+# True: every shape dynamic from the first compile, one compile serving every size.
+DYNAMIC_SHAPES = False
 
 FrameCall = Callable[[FrameFunctions, int, bool, int], None]  # (functions, batch size, full lane, cache length)
 
@@ -70,18 +62,13 @@ class FrameGraphs:
         # their CUDA graphs; compiled ones were measured faster at every size once the cache write
         # stayed out of the compiled code (model.write_cache; docs/benchmarks.md, runs 8-10).
         self.compile_max_calls = (compile_max_calls or n_calls) if compile else 0
-        self._eager = self._compiled = self._compiled_batches = eager
+        self._eager = self._compiled = eager
         if compile:
-            self._compiled = self._compiled_batches = _compiled_functions(eager)
-            if DYNAMIC_SHAPES == "marked":
-                self._compiled = _marking(self._compiled, rows=False)
-                self._compiled_batches = _marking(self._compiled_batches, rows=True)
+            self._compiled = _compiled_functions(eager)
         self._graphs: dict[tuple[int, bool, int], torch.cuda.CUDAGraph] = {}
 
     def functions_for(self, b: int) -> FrameFunctions:
-        if b > self.compile_max_calls:
-            return self._eager
-        return self._compiled if b == 1 else self._compiled_batches
+        return self._compiled if b <= self.compile_max_calls else self._eager
 
     def batch_size_for(self, slots: int) -> int:
         """The padded batch size a step over slots 0..slots-1 runs at."""
@@ -147,48 +134,7 @@ def _compiled_functions(eager: FrameFunctions) -> FrameFunctions:
     fusing the elementwise work between matmuls; compiled at capture time, never per request.
     Each batch size is another shape: let dynamo mark the batch dimension dynamic."""
     from torch import _dynamo
-    if DYNAMIC_SHAPES not in DYNAMIC_MODES:
-        raise ValueError(f"DYNAMIC_SHAPES must be one of {DYNAMIC_MODES}, not {DYNAMIC_SHAPES!r}")
     _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
     # torch.compile wraps lazily: a function the frame never calls is never compiled
-    dynamic = True if DYNAMIC_SHAPES == "on" else None
+    dynamic = True if DYNAMIC_SHAPES else None
     return FrameFunctions(*(torch.compile(fn, dynamic=dynamic) for fn in eager))
-
-
-def _marking(compiled: FrameFunctions, rows: bool) -> FrameFunctions:
-    """`compiled`, each call first marking its dynamic dimensions (`maybe_mark_dynamic`: a compile
-    that must specialise one still may), so that the first compile is already the general one:
-    the decoder cache's length in the layer (its keys' and values' dim 2, the mask's last) and,
-    with `rows`, the first dimension of every per-row argument. The weights, inside their own
-    objects, stay static. Only the calls that compile pay for it: a captured graph replays."""
-    layer = functools.partial(_marked_call, compiled.layer, rows, True)
-    return FrameFunctions(layer, *(functools.partial(_marked_call, fn, rows, False) for fn in compiled[1:]))
-
-
-def _marked_call(fn: Callable, rows: bool, lengths: bool, *args, **kwargs):
-    for arg in args:
-        _mark(arg, rows, lengths)
-    return fn(*args, **kwargs)
-
-
-def _mark(value, rows: bool, lengths: bool) -> None:
-    """Mark the per-row tensors in `value` (a tensor, a tuple or list of them, a dataclass of
-    them such as a stage's draw), and with `lengths` a cache's slots and a mask's last dim."""
-    from torch._dynamo import maybe_mark_dynamic
-
-    if isinstance(value, torch.Tensor):
-        if rows and value.dim():
-            maybe_mark_dynamic(value, 0)
-        if lengths and value.dim() == 4 and value.dtype == torch.bool:  # the attention mask [B, 1, T, L]
-            maybe_mark_dynamic(value, 3)
-    elif isinstance(value, KVCache):  # [B, H, L, Dh]
-        for tensor in (value.k, value.v):
-            _mark(tensor, rows, False)
-            if lengths:
-                maybe_mark_dynamic(tensor, 2)
-    elif isinstance(value, (tuple, list)):
-        for item in value:
-            _mark(item, rows, lengths)
-    elif isinstance(value, StageDraw):
-        for field in dataclasses.fields(value):
-            _mark(getattr(value, field.name), rows, lengths)

@@ -84,7 +84,7 @@ def build_engine(config: ServerConfig, metrics: Metrics | None = None, flush=Non
         row_swap.GRAPHED = config.graphed_swaps == Switch.ON  # read as the stepper and the Mimi stream open
         from vendor_dia2 import graphs
 
-        graphs.DYNAMIC_SHAPES = str(config.compile_dynamic)  # read as the stepper compiles
+        graphs.DYNAMIC_SHAPES = config.compile_dynamic == Switch.ON  # read as the stepper compiles
         from vendor_dia2 import model
 
         # likewise: auto follows the depformer kernels

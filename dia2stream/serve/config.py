@@ -61,16 +61,6 @@ class Switch(enum.StrEnum):
     OFF = "off"
 
 
-class DynamicShapes(enum.StrEnum):
-    """torch.compile's shapes (`vendor_dia2.graphs.DYNAMIC_SHAPES`): off (torch's automatic dynamic
-    shapes), marked (batch 1 its own shape, larger batches and cache lengths dynamic from their
-    first compile), on (every shape dynamic)."""
-
-    OFF = "off"
-    MARKED = "marked"
-    ON = "on"
-
-
 class LogLevel(enum.StrEnum):
     """`--log-level`: a name `logging` knows, in any case."""
 
@@ -116,7 +106,7 @@ class ServerConfig:
     weights: Weights = Weights.BF16
     pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
     persistent_stage: Switch = Switch.OFF  # each Triton depformer stage in one launch; off until measured faster
-    compile_dynamic: DynamicShapes = DynamicShapes.OFF  # fewer compiles for a cold start; off until measured
+    compile_dynamic: Switch = Switch.OFF  # every shape dynamic from torch.compile's first compile: cold start
     graphed_swaps: Switch = Switch.ON  # slot moves as one CUDA graph replay each (with CUDA graphs): run 22
     decode_attention: CompileMode = CompileMode.OFF  # the decoder's attention over filled slots (Triton); off: run 21
     # the torch depformer's attention (batched rows) as one Triton launch a layer: auto = with the Triton depformer
@@ -272,11 +262,9 @@ _FLAGS = [  # (name, type, help)
     ("persistent_stage", Switch, "run each Triton depformer stage (all its layers and the logits, at 1-4 rows) as one "
                                  "persistent launch with grid barriers instead of 21 launches: on, off "
                                  "(docs/benchmarks.md)"),
-    ("compile_dynamic", DynamicShapes, "with --compile, torch.compile's shapes: off (torch's automatic dynamic "
-                                       "shapes: each function compiled again for a second batch size and cache "
-                                       "length), marked (batch 1 compiled for its own shape; larger batches and cache "
-                                       "lengths dynamic from their first compile), on (every shape dynamic from the "
-                                       "first compile); fewer compiles, a shorter cold start (docs/benchmarks.md)"),
+    ("compile_dynamic", Switch, "with --compile: every shape (batch, cache length) dynamic from the first compile, "
+                                "one compile serving every batch size (a shorter cold start); off: torch's automatic "
+                                "dynamic shapes, a compile per size until it marks them dynamic (docs/benchmarks.md)"),
     ("graphed_swaps", Switch, "move calls between slots (the stepper's and the Mimi stream's rows) as one CUDA "
                               "graph replay for up to 8 moves at once instead of a few hundred launches each, where "
                               "the steps run as CUDA graphs: on (the default), off (docs/benchmarks.md, run 22)"),

@@ -744,8 +744,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batched-attention-rows", type=int, default=fused_kernels.BATCHED_ATTENTION_ROWS,
                         help="rows of a head per program in the batched stages' one-launch attention "
                              "(kernels.BATCHED_ATTENTION_ROWS; more share the stage's maps between rows)")
-    parser.add_argument("--compile-dynamic", default="off", choices=list(graphs.DYNAMIC_MODES),
-                        help="torch.compile's shapes (as the server's flag)")
+    parser.add_argument("--compile-dynamic", default="off", choices=["on", "off"],
+                        help="every shape dynamic from torch.compile's first compile (as the server's flag)")
     parser.add_argument("--compile-max-calls", type=int, default=None,
                         help="batched steps: largest padded batch that runs compiled (as the server's flag)")
     parser.add_argument("--fp8-agreement", type=int, default=0, metavar="FRAMES",
@@ -766,7 +766,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.batched_attention_rows < 1:
         parser.error("--batched-attention-rows must be 1 or more")
     fused_kernels.BATCHED_ATTENTION_ROWS = args.batched_attention_rows
-    graphs.DYNAMIC_SHAPES = args.compile_dynamic
+    graphs.DYNAMIC_SHAPES = args.compile_dynamic == "on"
     dia2_model.BATCHED_STAGE_ATTENTION = SWITCH[args.batched_stage_attention]
     command = "python -m dia2stream.tools.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.profile_from:
