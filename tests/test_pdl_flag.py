@@ -151,3 +151,20 @@ def test_compile_dynamic_is_off_by_default_and_asks_torch_compile_for_dynamic_sh
         graphs.FrameGraphs(eager, n_calls=2, cache_length=64, batch_sizes=None, compile=True, compile_max_calls=None,
                            use_cuda_graph=False, cache_buckets=None)
         assert asked and all(options == {"dynamic": expected} for options in asked)
+
+
+def test_sampler_flag_reaches_the_engine_and_auto_follows_the_kernels():
+    """`--sampler auto` (the default) is the fused draw with the Triton kernels, the sorted draw
+    with torch's; the engine hands the choice to its stepper."""
+    import torch
+
+    from vendor_dia2.frame import resolve_sampler
+
+    assert parse_args([], environ={}).sampler == "auto"
+    assert parse_args([], environ={"DIA2_SAMPLER": "torch"}).sampler == "torch"
+    assert parse_args([], environ={}).engine_config("cpu").sampler == "auto"
+    assert resolve_sampler("auto", "torch", torch.device("cpu")) == "torch"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        resolve_sampler("triton", "torch", torch.device("cpu"))
+    with pytest.raises(SystemExit):
+        parse_args(["--sampler", "fastest"], environ={})

@@ -35,6 +35,16 @@ class Weights(enum.StrEnum):
     FP8 = "fp8"
 
 
+class Sampler(enum.StrEnum):
+    """How each draw (CFG, top-k, the draw) runs: auto (the fused kernel with the Triton kernels,
+    torch elsewhere), torch (sorted candidates), triton (one fused kernel a draw, CUDA). The same
+    tokens either way."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    TRITON = "triton"
+
+
 class PrefixBoundaryName(enum.StrEnum):
     """How a turn continues a voice prefix (`runtime.PrefixBoundary`; docs/parity.md P5-P6)."""
 

@@ -34,7 +34,7 @@ from typing import Callable
 import torch
 
 from vendor_dia2 import Dia2
-from vendor_dia2.config import Kernels, PrefixBoundaryName, Weights
+from vendor_dia2.config import Kernels, PrefixBoundaryName, Sampler, Weights
 from vendor_dia2.runtime import PrefixBoundary, default_batch_sizes
 
 from dia2stream.wire import protocol as p
@@ -75,6 +75,7 @@ class EngineConfig:
     compile_max_calls: int | None  # largest padded batch run compiled (None: all); larger ones run eager
     kernels: Kernels
     weights: Weights
+    sampler: Sampler
     voice: VoiceSettings
     overload_refusal_s: float  # refuse new calls this long after one fell behind real time; 0 = never
     max_user_turn_seconds: float  # longest caller's turn (user_turn audio)
@@ -108,7 +109,7 @@ class Engine:
         self.stepper = tts.new_stepper(n_calls=config.max_calls + 1, cfg=config.cfg_scale != 1.0,
                                        max_positions=self.context_frames, compile=config.compile,
                                        batch_sizes=config.batch_sizes or default_batch_sizes(config.max_calls),
-                                       kernels=config.kernels, weights=config.weights,
+                                       kernels=config.kernels, weights=config.weights, sampler=config.sampler,
                                        compile_max_calls=config.compile_max_calls)
         log.info("frame stepper for %d slots ready in %.1f s", config.max_calls + 1, time.perf_counter() - t0)
         self.codec = tts.codec

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from vendor_dia2.config import Kernels, PrefixBoundaryName, Weights
+from vendor_dia2.config import Kernels, PrefixBoundaryName, Sampler, Weights
 
 from dia2stream.wire.protocol import CFG_SCALE_RANGE, MAX_MESSAGE_BYTES, MAX_TEXT_CHARS, SEED_RANGE, VOICE_NAME_RE
 
@@ -104,6 +104,7 @@ class ServerConfig:
     compile_max_calls: int | None = None
     kernels: KernelChoice = KernelChoice.AUTO
     weights: Weights = Weights.BF16
+    sampler: Sampler = Sampler.AUTO  # the fused draw with the Triton kernels: faster at every batch size (run 39)
     pdl: CompileMode = CompileMode.AUTO  # programmatic dependent launch between Triton kernels
     persistent_stage: Switch = Switch.OFF  # each Triton depformer stage in one launch; off until measured faster
     compile_dynamic: Switch = Switch.OFF  # every shape dynamic from torch.compile's first compile: cold start
@@ -253,6 +254,9 @@ _FLAGS = [  # (name, type, help)
                                "fastest: docs/benchmarks.md)"),
     ("kernels", KernelChoice, "depformer kernels: auto (triton on cuda when triton is installed, else torch), torch, "
                      "triton (fused Triton kernels, five launches a layer; docs/benchmarks.md)"),
+    ("sampler", Sampler, "how each draw (CFG, top-k, the draw) runs: auto (one fused Triton kernel a draw with the "
+                         "triton kernels, else torch), torch (sorted candidates), triton; the same tokens either "
+                         "way (H200: 0.7-1.0 ms a step faster fused, docs/benchmarks.md run 39)"),
     ("weights", Weights, "depformer projection weights: bf16, or fp8 (e4m3, one scale per row; needs the triton "
                      "kernels; changes some greedy tokens, measured in docs/benchmarks.md)"),
     ("pdl", CompileMode, "programmatic dependent launch between the triton kernels: auto (on for Hopper and later), on, "
