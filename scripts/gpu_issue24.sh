@@ -10,7 +10,9 @@
 # Each variant builds its own stepper (compile and capture: ~50-90 s cold); the log says how long.
 # PART=startup instead: where a cold start's time goes (scripts/startup_profile.py: the server's
 # engine built under cProfile, fresh compile caches, recompiles logged), default and --compile-dynamic on.
-# Usage, after `make gpu-wheels` (carry .whl): OUT=$OUT [PART=startup] bash scripts/gpu_issue24.sh
+# PART=verify: the server's defaults since run 39 (the fused draw): a cold start, one call through
+# the server, the fused draw's whole-frame token tests (as many as fit).
+# Usage, after `make gpu-wheels` (carry .whl): OUT=$OUT [PART=startup|verify] bash scripts/gpu_issue24.sh
 set -u
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
@@ -26,6 +28,20 @@ bench() {  # bench NAME LIMIT_S EXTRA_ARGS...: the batched steps only, one JSON 
   grep -E "batched|build" "$OUT/$name.log" | cut -c1-200 | tail -8
   since "$name done"
 }
+if [ "${PART:-steps}" = verify ]; then  # the server's defaults after run 39: a cold start, one call, the draw's tests
+  python3 -c "from vendor_dia2 import Dia2; Dia2.from_pretrained('2b', device='cuda', mimi='random')" 2>&1 | tail -1
+  since "checkpoint written"
+  timeout 200 python3 scripts/startup_profile.py --out "$OUT/startup-verify" -- --checkpoint 2b --mimi random \
+    --max-calls 128 > "$OUT/startup-verify.log" 2>&1
+  grep -E "captured|ready in|open in|under the profiler" "$OUT/startup-verify.log" | cut -c1-160; since "cold start done"
+  timeout 150 python3 -m dia2stream.tools.bench --presets 2b --mimi random --frames 60 --compile --kernels triton \
+    --steps graph_compiled_triton_cfg2 --runs 10 --json "$OUT/server.json" > "$OUT/server.log" 2>&1
+  grep -E "first byte|rror" "$OUT/server.log" | cut -c1-200 | tail -4; since "server done"
+  timeout "${TESTS_S:-120}" python3 -m pytest -v tests/test_fused_frame.py > "$OUT/tests-fused.txt" 2>&1
+  grep -cE "PASSED" "$OUT/tests-fused.txt"; grep -E "FAILED|ERROR|passed|failed" "$OUT/tests-fused.txt" | tail -5; since "tests done"
+  tar -czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null
+  exit 0
+fi
 if [ "${PART:-steps}" = startup ]; then
   python3 -c "from vendor_dia2 import Dia2; Dia2.from_pretrained('2b', device='cuda', mimi='random')" 2>&1 | tail -1  # writes it
   since "checkpoint written"
