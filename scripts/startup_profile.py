@@ -4,8 +4,8 @@ code), under cProfile, then the time split into the parts a cold start pays for.
     python scripts/startup_profile.py [--out DIR] -- [server flags...]
 
 The profiler slows Python-heavy parts (dynamo's tracing) more than compiler subprocesses and GPU
-work, so read the split as proportions of a slower run; the wall time without it is the server's
-own log line. Writes DIR/startup.prof (pstats) and DIR/startup.txt."""
+work, so read the split as proportions of a slower run (`--no-profile` times the build alone).
+Writes DIR/startup.prof (pstats) and DIR/startup.txt."""
 
 from __future__ import annotations
 
@@ -20,41 +20,42 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-# The parts, as functions whose cumulative time is that part. Nested parts (inductor inside
-# dynamo) are listed inside-out, so each line reads as "of which".
-PARTS = (
-    ("model and Mimi load", ("vendor_dia2/api.py", "from_pretrained")),
-    ("frame graphs: compile and capture, every batch size", ("vendor_dia2/graphs.py", "capture_all")),
-    ("dynamo: trace and compile a frame (all of torch.compile)", ("convert_frame.py", "_compile")),
-    ("  inductor: lower and generate code", ("compile_fx.py", "fx_codegen_and_compile")),
-    ("  inductor: wait for its parallel kernel compiles", ("async_compile.py", "wait")),
-    ("  inductor: autotune", ("select_algorithm.py", "__call__")),
-    ("Triton: compile a kernel in this process (ours and inductor's)", ("compiler/compiler.py", "compile")),
-    ("CUDA graph capture", ("torch/cuda/graphs.py", "capture_end")),
-    ("the Mimi stream opens", ("codec.py", "open_stream")),
+# Where the time is spent, by the code that spends it (its own time, not its callees'): dynamo
+# replaces Python frames while it compiles, and the profiler's cumulative times come out wrong
+# under it, so the split is by area, each function's own time added to the first area whose
+# path fragment (or built-in name) it matches.
+AREAS = (
+    ("waiting for inductor's compile workers (Triton kernels compiled in subprocesses)",
+     ("concurrent/futures/_base.py", "compile_worker/", "method 'read' of '_io.BufferedReader'",
+      "method 'acquire' of '_thread.lock'")),
+    ("a subprocess's end (Triton's ptxas for our kernels)", ("posix.waitpid",)),
+    ("Triton's compiler, in this process", ("triton/", "libtriton")),
+    ("inductor: lowering, code generation, autotuning", ("torch/_inductor/",)),
+    ("dynamo: tracing and guards", ("torch/_dynamo/", "torch._C._dynamo")),
+    ("symbolic shapes (sympy, torch.fx)", ("sympy/", "torch/fx/", "torch/_subclasses/")),
+    ("generated code loaded (Python's compile)", ("builtins.compile",)),
+    ("torch ops run (warm-up steps, the Mimi stream, the weights)", ("torch._ops", "torch._C", "torch.conv",
+                                                                     "torch.mm", "torch.addmm", "<_launch_kernel>")),
+    ("our code", ("vendor_dia2/", "dia2stream/")),
 )
 
 
-def part_seconds(stats: pstats.Stats, where: str, name: str) -> tuple[float, int]:
-    """Cumulative seconds and calls of every profiled function named `name` in a file whose path
-    ends with `where`; a recursive function counts once (pstats' cumulative already does)."""
-    seconds, calls = 0.0, 0
-    for (path, _, function), (_, primitive, _, cumulative, _) in stats.stats.items():
-        if function == name and path.replace(os.sep, "/").endswith(where):
-            seconds += cumulative
-            calls += primitive
-    return seconds, calls
+def area_seconds(profiler: cProfile.Profile) -> list[tuple[str, float]]:
+    """Seconds of own time per area (AREAS), then the rest."""
+    totals = dict.fromkeys([label for label, _ in AREAS] + ["the rest"], 0.0)
+    for (path, _, function), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():
+        where = f"{path.replace(os.sep, '/')} {function}"
+        label = next((label for label, parts in AREAS if any(part in where for part in parts)), "the rest")
+        totals[label] += own
+    return list(totals.items())
 
 
 def report(profiler: cProfile.Profile, wall: float) -> str:
+    lines = [f"engine built in {wall:.1f} s under the profiler; its own time by area:", ""]
+    lines += [f"  {seconds:7.1f} s  {label}" for label, seconds in area_seconds(profiler)]
     top = io.StringIO()
-    stats = pstats.Stats(profiler, stream=top)
-    lines = [f"engine built in {wall:.1f} s under the profiler", ""]
-    for label, (where, name) in PARTS:
-        seconds, calls = part_seconds(stats, where, name)
-        lines.append(f"{label:<66} {seconds:7.1f} s  {calls:6d} calls")
-    stats.sort_stats("cumulative").print_stats(60)
-    lines += ["", "the 60 functions of most cumulative time:", top.getvalue()]
+    pstats.Stats(profiler, stream=top).sort_stats("tottime").print_stats(40)
+    lines += ["", "the 40 functions of most own time:", top.getvalue()]
     return "\n".join(lines)
 
 
