@@ -148,7 +148,7 @@ class FrameStepper:
                                bos_token_id=self.bos_token_id)
         rule = PickRule(branches=self.branches, filter_k=cfg_filter_k, max_top_k=max_top_k)
         # The fused draw (`sampler="triton"`, or "auto" with the Triton kernels) takes the sorted
-        # draw's tokens (GPU tests, runs 22 and 39); the server asks for "auto" (`--sampler`).
+        # draw's tokens (GPU tests, run 22); the server asks for "auto" (`--sampler`).
         self.sampler = resolve_sampler(sampler, kernels, self.device)
         self.frame = Frame(model, self.slots, rule, fused, weights, self.sampler)
         if use_cuda_graph is None:
