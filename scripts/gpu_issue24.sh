@@ -10,8 +10,8 @@
 # Each variant builds its own stepper (compile and capture: ~50-90 s cold); the log says how long.
 # PART=startup instead: where a cold start's time goes (scripts/startup_profile.py: the server's
 # engine built under cProfile, fresh compile caches, recompiles logged), default and --compile-dynamic on.
-# PART=verify: the server's defaults since run 39 (the fused draw): a cold start, one call through
-# the server, the fused draw's whole-frame token tests (as many as fit).
+# PART=verify: the server's defaults since run 39 (the fused draw): the fused draw's whole-frame token
+# tests, one call through the server, 8-32 calls, a cold start (VERIFY="tests server small cold").
 # Usage, after `make gpu-wheels` (carry .whl): OUT=$OUT [PART=startup|verify] bash scripts/gpu_issue24.sh
 set -u
 cd "$(dirname "$0")/.."
@@ -28,19 +28,27 @@ bench() {  # bench NAME LIMIT_S EXTRA_ARGS...: the batched steps only, one JSON 
   grep -E "batched|build" "$OUT/$name.log" | cut -c1-200 | tail -8
   since "$name done"
 }
-if [ "${PART:-steps}" = verify ]; then  # the server's defaults after run 39: a cold start, one call, the draw's tests
-  python3 -c "from vendor_dia2 import Dia2; Dia2.from_pretrained('2b', device='cuda', mimi='random')" 2>&1 | tail -1
-  since "checkpoint written"
-  timeout 200 python3 scripts/startup_profile.py --no-profile -- --checkpoint 2b --mimi random \
-    --max-calls 128 > "$OUT/startup-verify.log" 2>&1
-  grep -E "captured|ready in|open in|engine built" "$OUT/startup-verify.log" | cut -c1-160; since "cold start done"
-  timeout 150 python3 -m dia2stream.tools.bench --presets 2b --mimi random --frames 60 --compile --kernels triton \
-    --steps graph_compiled_triton_cfg2 --runs 10 --json "$OUT/server.json" > "$OUT/server.log" 2>&1
-  grep -E "first byte|rror" "$OUT/server.log" | cut -c1-200 | tail -4; since "server done"
-  timeout "${TESTS_S:-120}" python3 -m pytest -v tests/test_fused_frame.py > "$OUT/tests-fused.txt" 2>&1
-  grep -cE "PASSED" "$OUT/tests-fused.txt"; grep -E "FAILED|ERROR|passed|failed" "$OUT/tests-fused.txt" | tail -5; since "tests done"
-  CALLS=8,16,32 bench batched-small 110 --sampler auto   # issue 24's 32-call target, not measured since run 13
-  tar -czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null
+if [ "${PART:-steps}" = verify ]; then  # the server's defaults after run 39; VERIFY picks and orders the parts
+  for part in ${VERIFY:-tests server small cold}; do
+    case $part in
+      tests)  # the fused draw's whole-frame token tests, as many as fit
+        timeout "${TESTS_S:-120}" python3 -m pytest -v tests/test_fused_frame.py > "$OUT/tests-fused.txt" 2>&1
+        grep -cE "PASSED" "$OUT/tests-fused.txt"; grep -E "FAILED|ERROR|passed|failed" "$OUT/tests-fused.txt" | tail -5 ;;
+      server)  # one call through the server at its defaults (the fused draw)
+        timeout 150 python3 -m dia2stream.tools.bench --presets 2b --mimi random --frames 60 --compile --kernels triton \
+          --steps graph_compiled_triton_cfg2 --runs 10 --json "$OUT/server.json" > "$OUT/server.log" 2>&1
+        grep -E "first byte|rror" "$OUT/server.log" | cut -c1-200 | tail -4 ;;
+      small)  # issue 24's 32-call target, not measured since run 13
+        CALLS=8,16,32 bench batched-small 110 --sampler auto ;;
+      cold)  # a cold start of the server's engine, no profiler
+        python3 -c "from vendor_dia2 import Dia2; Dia2.from_pretrained('2b', device='cuda', mimi='random')" 2>&1 | tail -1
+        timeout 200 python3 scripts/startup_profile.py --no-profile -- --checkpoint 2b --mimi random \
+          --max-calls 128 > "$OUT/startup-verify.log" 2>&1
+        grep -E "captured|ready in|open in|engine built" "$OUT/startup-verify.log" | cut -c1-160 ;;
+    esac
+    since "$part done"
+    tar -czf "$OUT/all.tgz" -C "$OUT" --exclude all.tgz . 2>/dev/null
+  done
   exit 0
 fi
 if [ "${PART:-steps}" = startup ]; then
