@@ -631,7 +631,7 @@ def run_preset(name: str, args) -> dict:
             dia2_model.BATCHED_STAGE_ATTENTION = options.get("stage_attention", stage_attention)  # likewise
             fused_pick.SELECT_BITS = options.get("select_bits", select_bits)  # read when the graphs are captured
             steps[key] = bench_steps(tts, cfg=cfg, graph=graph, frames=frames, compile=compile, kernels=kernels,
-                                     weights=weights, sampler=options.get("sampler", "auto"),
+                                     weights=weights, sampler=options.get("sampler", args.sampler),
                                      profile=args.profile and graph and cfg and key != "graph_cfg2")
         except Exception as exc:  # a variant that fails (compile, triton) is reported, not fatal to the run
             steps[key] = {"error": f"{type(exc).__name__}: {exc}"[:300]}
@@ -728,7 +728,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                         help="depformer kernels of the batched steps and the server runs")
     parser.add_argument("--sampler", default="auto", choices=["auto", "torch", "triton"],
-                        help="batched steps: the draw (auto: the fused one with the triton kernels)")
+                        help="the draw of the steps timed, where a variant name does not set it (auto: the fused one with the triton kernels)")
     parser.add_argument("--persistent-stage", default="off", choices=["on", "off"],
                         help="each Triton depformer stage as one persistent launch, for the batched steps and the "
                              "server runs (as the server's flag; the step variants take `_persist`)")
