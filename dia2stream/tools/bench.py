@@ -728,7 +728,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                         help="depformer kernels of the batched steps and the server runs")
     parser.add_argument("--sampler", default="auto", choices=["auto", "torch", "triton"],
-                        help="the draw of the steps timed, where a variant name does not set it (auto: the fused one with the triton kernels)")
+                        help="the draw of the steps timed where a variant name does not set it "
+                             "(auto: the fused one with the triton kernels)")
     parser.add_argument("--persistent-stage", default="off", choices=["on", "off"],
                         help="each Triton depformer stage as one persistent launch, for the batched steps and the "
                              "server runs (as the server's flag; the step variants take `_persist`)")
