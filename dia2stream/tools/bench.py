@@ -37,7 +37,7 @@ from vendor_dia2 import kernels as fused_kernels
 from vendor_dia2 import decode_attention, graphs, persistent_stage, row_swap
 from vendor_dia2 import model as dia2_model
 from vendor_dia2.checkpoint import write_random_checkpoint
-from vendor_dia2.config import preset
+from vendor_dia2.config import Sampler, preset
 from vendor_dia2.runtime import FrameStepper, SamplingParams
 from vendor_dia2.script import parse_script
 
@@ -727,7 +727,7 @@ def main(argv: list[str] | None = None) -> int:
                         "graph_compiled_triton_cfg2 (default: eager/graph at cfg 1 and 2, compiled with --compile)")
     parser.add_argument("--kernels", default="torch", choices=["torch", "triton"],
                         help="depformer kernels of the batched steps and the server runs")
-    parser.add_argument("--sampler", default="auto", choices=["auto", "torch", "triton"],
+    parser.add_argument("--sampler", default=Sampler.AUTO.value, choices=[m.value for m in Sampler],
                         help="the draw of the steps timed where a variant name does not set it "
                              "(auto: the fused one with the triton kernels)")
     parser.add_argument("--persistent-stage", default="off", choices=["on", "off"],
