@@ -40,10 +40,10 @@ AREAS = (
 )
 
 
-def area_seconds(profiler: cProfile.Profile) -> list[tuple[str, float]]:
+def area_seconds(stats: pstats.Stats) -> list[tuple[str, float]]:
     """Seconds of own time per area (AREAS), then the rest."""
     totals = dict.fromkeys([label for label, _ in AREAS] + ["the rest"], 0.0)
-    for (path, _, function), (_, _, own, _, _) in pstats.Stats(profiler).stats.items():
+    for (path, _, function), (_, _, own, _, _) in stats.stats.items():
         where = f"{path.replace(os.sep, '/')} {function}"
         label = next((label for label, parts in AREAS if any(part in where for part in parts)), "the rest")
         totals[label] += own
@@ -51,10 +51,11 @@ def area_seconds(profiler: cProfile.Profile) -> list[tuple[str, float]]:
 
 
 def report(profiler: cProfile.Profile, wall: float) -> str:
-    lines = [f"engine built in {wall:.1f} s under the profiler; its own time by area:", ""]
-    lines += [f"  {seconds:7.1f} s  {label}" for label, seconds in area_seconds(profiler)]
     top = io.StringIO()
-    pstats.Stats(profiler, stream=top).sort_stats("tottime").print_stats(40)
+    stats = pstats.Stats(profiler, stream=top)
+    lines = [f"engine built in {wall:.1f} s under the profiler; its own time by area:", ""]
+    lines += [f"  {seconds:7.1f} s  {label}" for label, seconds in area_seconds(stats)]
+    stats.sort_stats("tottime").print_stats(40)
     lines += ["", "the 40 functions of most own time:", top.getvalue()]
     return "\n".join(lines)
 
